@@ -1,0 +1,349 @@
+"""Tests for surgery_edge.merging: hand-computed merges, AdaMerging, registry, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from surgery_edge.errors import ConfigError, MergeError
+from surgery_edge.merging import (
+    MERGE_METHODS,
+    AdaMergingContext,
+    MergeResult,
+    available,
+    check_compatible,
+    get,
+    register,
+    task_vectors,
+)
+
+ALL_METHODS = [
+    "adamerging_layerwise",
+    "adamerging_taskwise",
+    "task_arithmetic",
+    "ties_merging",
+    "weight_averaging",
+]
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def assert_state_close(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], msg=lambda m, k=key: f"{k}: {m}")
+
+
+# --- weight averaging / task arithmetic -------------------------------------------------------
+
+# pretrained w = [1, 2], b = [0]
+# task vectors: A w=[2, 0] b=[1];  B w=[0, 4] b=[-1];  C w=[1, 3] b=[3]
+# sum: w=[3, 7] b=[3];  mean: w=[1, 7/3] b=[1]
+PRE = {"w": t(1, 2), "b": t(0)}
+EXPERTS = {
+    "A": {"w": t(3, 2), "b": t(1)},
+    "B": {"w": t(1, 6), "b": t(-1)},
+    "C": {"w": t(2, 5), "b": t(3)},
+}
+
+
+def test_weight_averaging_averages_all_experts() -> None:
+    result = get("weight_averaging")(PRE, EXPERTS)
+    # pretrained + mean = w [2, 2 + 7/3], b [1]. Dropping the last task (the reference's zip bug)
+    # would give w [2, 4], b [0].
+    assert_state_close(result.state_dict, {"w": t(2, 13 / 3), "b": t(1)})
+    assert result.recipe == {"method": "weight_averaging"}
+
+
+def test_task_arithmetic_default_and_custom_lambda() -> None:
+    result = get("task_arithmetic")(PRE, EXPERTS)
+    # 0.3 * sum = w [0.9, 2.1], b [0.9]
+    assert_state_close(result.state_dict, {"w": t(1.9, 4.1), "b": t(0.9)})
+    assert result.recipe == {"method": "task_arithmetic", "lam": 0.3}
+    result = get("task_arithmetic")(PRE, EXPERTS, lam=0.5)
+    assert_state_close(result.state_dict, {"w": t(2.5, 5.5), "b": t(1.5)})
+    assert result.recipe["lam"] == 0.5
+
+
+# --- ties merging ------------------------------------------------------------------------------
+
+
+def test_ties_trim_elect_disjoint_mean() -> None:
+    # P = 6 entries (w: 4, b: 2), k = 0.5 -> keep the top 3 magnitudes of each whole task vector.
+    pre = {"w": t(1, 1, 1, 1), "b": t(0, 0)}
+    tvs = {
+        "A": {"w": t(3, -1, 0.5, 2), "b": t(1.5, 0)},  # top 3: 3, 2, 1.5
+        "B": {"w": t(-2, -4, 1, 0.5), "b": t(2.5, 0.1)},  # top 3: 4, 2.5, 2
+        "C": {"w": t(1, 5, 0.2, -3), "b": t(0.5, 0.3)},  # top 3: 5, 3, 1
+    }
+    experts = {n: {k: pre[k] + v[k] for k in pre} for n, v in tvs.items()}
+    # trimmed: A w=[3, 0, 0, 2] b=[1.5, 0];  B w=[-2, -4, 0, 0] b=[2.5, 0]
+    #          C w=[1, 5, 0, -3] b=[0, 0]
+    # w0: sum 3-2+1=2 -> +, agreeing A 3, C 1 -> mean 2 (B's -2 conflicts and is dropped)
+    # w1: sum -4+5=1 -> +, only C 5 -> 5
+    # w2: everything trimmed (0.5, 1, 0.2) -> 0
+    # w3: sum 2-3=-1 -> -, only C -3 -> -3
+    # b0: sum 1.5+2.5=4 -> +, A 1.5, B 2.5 -> 2 (C's 0.5 trimmed)
+    # b1: everything trimmed -> 0
+    merged_tv = {"w": t(2, 5, 0, -3), "b": t(2, 0)}
+    result = get("ties_merging")(pre, experts, k=0.5, lam=1.0)
+    assert_state_close(result.state_dict, {k: pre[k] + merged_tv[k] for k in pre})
+    result = get("ties_merging")(pre, experts, k=0.5)  # lam 0.3
+    assert_state_close(result.state_dict, {"w": t(1.6, 2.5, 1, 0.1), "b": t(0.6, 0)})
+    assert result.recipe == {"method": "ties_merging", "k": 0.5, "lam": 0.3}
+
+
+def test_ties_zero_sum_takes_majority_sign() -> None:
+    # k = 1 keeps everything. A = [1, 2, -1], B = [-1, 3, 2].
+    # sums: 0, 5, 1 -> signs 0, +, +; majority (sum of signs) is + so entry 0 is +: A's 1.
+    pre = {"w": torch.zeros(3)}
+    experts = {"A": {"w": t(1, 2, -1)}, "B": {"w": t(-1, 3, 2)}}
+    result = get("ties_merging")(pre, experts, k=1.0, lam=1.0)
+    assert_state_close(result.state_dict, {"w": t(1, 2.5, 2)})
+
+
+def test_ties_keeps_ties_at_threshold_and_default_k() -> None:
+    # k = 0.34 of P = 3 -> n_keep = 1; threshold = 2; both 2s are >= it and kept.
+    pre = {"w": torch.zeros(3)}
+    result = get("ties_merging")(pre, {"A": {"w": t(2, -2, 1)}}, k=0.34, lam=1.0)
+    assert_state_close(result.state_dict, {"w": t(2, -2, 0)})
+    # default k = 0.2 of P = 10 -> keep the 2 largest magnitudes (9 and -8).
+    tv = t(1, -8, 3, 9, -2, 0.5, 4, -7, 6, 5)
+    result = get("ties_merging")({"w": torch.zeros(10)}, {"A": {"w": tv}}, lam=1.0)
+    assert_state_close(result.state_dict, {"w": t(0, -8, 0, 9, 0, 0, 0, 0, 0, 0)})
+
+
+def test_ties_scalar_tensor_and_undecided_entry() -> None:
+    # a 0-dim tensor whose trimmed values cancel: sign 0 -> majority sign.
+    # P = 3 (s, v[0], v[1]), k = 1. A: s=1, v=[1, 1]; B: s=-1, v=[1, 1].
+    # s: sum 0 -> majority: signs (0, +, +) -> + -> A's 1. v: mean 1.
+    pre = {"s": torch.tensor(0.0), "v": torch.zeros(2)}
+    experts = {
+        "A": {"s": torch.tensor(1.0), "v": t(1, 1)},
+        "B": {"s": torch.tensor(-1.0), "v": t(1, 1)},
+    }
+    result = get("ties_merging")(pre, experts, k=1.0, lam=1.0)
+    assert_state_close(result.state_dict, {"s": torch.tensor(1.0), "v": t(1, 1)})
+
+
+# --- AdaMerging --------------------------------------------------------------------------------
+
+TASKS = ["cars", "dogs"]
+
+
+def make_context(**overrides) -> tuple[dict, dict, AdaMergingContext]:
+    torch.manual_seed(0)
+    encoder = nn.Linear(4, 3)
+    pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    experts = {
+        task: {k: v + 0.5 * torch.randn_like(v) for k, v in pretrained.items()} for task in TASKS
+    }
+    heads = {task: nn.Linear(3, 2) for task in TASKS}
+    images = {task: torch.randn(32, 4) for task in TASKS}
+    settings = {"steps": 40, "batch_size": 16, "lr": 0.05, "seed": 0, **overrides}
+    return pretrained, experts, AdaMergingContext(encoder, heads, images, **settings)
+
+
+def total_entropy(state_dict: dict, context: AdaMergingContext) -> float:
+    """sum over tasks of the mean entropy on all of that task's images."""
+    encoder = copy.deepcopy(context.encoder)
+    encoder.load_state_dict(state_dict)
+    total = 0.0
+    with torch.no_grad():
+        for task in TASKS:
+            logits = context.heads[task](encoder(context.images[task]))
+            p = logits.softmax(-1)
+            total += float(-(p * p.log()).sum(-1).mean())
+    return total
+
+
+@pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
+def test_adamerging_lowers_entropy_and_records_coefficients(method: str) -> None:
+    pretrained, experts, context = make_context()
+    steps_seen: list[int] = []
+    context.progress = lambda step, loss: steps_seen.append(step)
+    weights_before = copy.deepcopy(context.encoder.state_dict())
+    result = get(method)(pretrained, experts, context=context)
+
+    # Coefficients all 0.3 is exactly task arithmetic with lam 0.3: that is the starting point.
+    start = get("task_arithmetic")(pretrained, experts, lam=0.3).state_dict
+    assert total_entropy(result.state_dict, context) < total_entropy(start, context) - 1e-3
+    assert steps_seen == list(range(40))
+
+    coefficients = result.recipe["coefficients"]
+    assert list(coefficients) == TASKS
+    if method == "adamerging_taskwise":
+        values = list(coefficients.values())
+        assert all(isinstance(v, float) for v in values)
+        assert "keys" not in result.recipe
+    else:
+        assert result.recipe["keys"] == ["weight", "bias"]
+        assert all(len(v) == 2 for v in coefficients.values())
+        values = [x for v in coefficients.values() for x in v]
+    assert max(abs(v - 0.3) for v in values) > 0.05
+    json.dumps(result.recipe)
+
+    # The merged weights are pretrained + sum_t lambda_t tau_t with the recorded coefficients.
+    tvs = task_vectors(pretrained, experts)
+    for i, key in enumerate(["weight", "bias"]):
+        expected = pretrained[key].clone()
+        for task in TASKS:
+            c = coefficients[task] if method == "adamerging_taskwise" else coefficients[task][i]
+            expected += c * tvs[task][key]
+        torch.testing.assert_close(result.state_dict[key], expected)
+
+    # The context's modules are left as they were: weights, grads, training mode.
+    assert_state_close(context.encoder.state_dict(), weights_before)
+    assert context.encoder.training
+    assert all(p.grad is None for h in context.heads.values() for p in h.parameters())
+
+
+@pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
+def test_adamerging_is_deterministic(method: str) -> None:
+    recipes = []
+    for seed in (0, 0, 1):
+        pretrained, experts, context = make_context(steps=10, seed=seed)
+        recipes.append(get(method)(pretrained, experts, context=context).recipe)
+    assert recipes[0] == recipes[1]
+    assert recipes[0]["coefficients"] != recipes[2]["coefficients"]
+
+
+def test_adamerging_zero_steps_is_task_arithmetic() -> None:
+    pretrained, experts, context = make_context(steps=0)
+    result = get("adamerging_taskwise")(pretrained, experts, context=context)
+    assert result.recipe["coefficients"] == {"cars": pytest.approx(0.3), "dogs": pytest.approx(0.3)}
+    expected = get("task_arithmetic")(pretrained, experts).state_dict
+    assert_state_close(result.state_dict, expected)
+
+
+@pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
+def test_adamerging_needs_a_context(method: str) -> None:
+    pretrained, experts, _ = make_context()
+    with pytest.raises(ConfigError, match="unlabelled.*context"):
+        get(method)(pretrained, experts)
+
+
+def test_adamerging_context_missing_task_and_bad_values() -> None:
+    pretrained, experts, context = make_context()
+    del context.heads["dogs"]
+    with pytest.raises(ConfigError, match="heads for task.*'dogs'"):
+        get("adamerging_taskwise")(pretrained, experts, context=context)
+    pretrained, experts, context = make_context(lr=-1.0)
+    with pytest.raises(ConfigError, match="context.lr.*-1.0"):
+        get("adamerging_taskwise")(pretrained, experts, context=context)
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+def test_registry_lists_all_methods() -> None:
+    assert available() == ALL_METHODS
+    assert set(MERGE_METHODS) == set(ALL_METHODS)
+    assert all(callable(get(name)) for name in ALL_METHODS)
+
+
+def test_registry_unknown_name_lists_known_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        get("nope")
+    message = str(info.value)
+    assert "'nope'" in message
+    assert ", ".join(ALL_METHODS) in message
+
+
+def test_register_function_and_class() -> None:
+    @register("_test_class_method")
+    class Identity:
+        def __call__(self, pretrained, experts, *, context=None, **params):
+            return MergeResult(dict(pretrained), {"method": "_test_class_method"})
+
+    try:
+        assert isinstance(get("_test_class_method"), Identity)
+        assert get("_test_class_method")(PRE, EXPERTS).state_dict["w"] is PRE["w"]
+        with pytest.raises(ValueError, match="already registered"):
+            register("_test_class_method")(lambda *a, **k: None)
+    finally:
+        del MERGE_METHODS["_test_class_method"]
+
+
+# --- bad input, dtypes, no mutation ------------------------------------------------------------
+
+
+def broken(change) -> dict:
+    experts = copy.deepcopy(EXPERTS)
+    change(experts["B"])
+    return experts
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        (lambda e: e.pop("b"), r"Expert 'B'.*missing 1 key.*'b'"),
+        (lambda e: e.update(extra=t(1)), r"Expert 'B'.*unexpected 1 key.*'extra'"),
+        (lambda e: e.update(w=torch.zeros(3)), r"Expert 'B'.*\(3,\).*'w'.*\(2,\)"),
+        (lambda e: e.update(w=torch.zeros(2, dtype=torch.long)), r"Expert 'B'.*'w'"),
+    ],
+    ids=["missing", "extra", "shape", "dtype"],
+)
+def test_incompatible_expert_raises(method: str, change, pattern: str) -> None:
+    with pytest.raises(MergeError, match=pattern):
+        get(method)(PRE, broken(change))
+
+
+def test_many_missing_keys_are_listed_up_to_five() -> None:
+    pre = {f"k{i}": t(0) for i in range(8)}
+    with pytest.raises(MergeError, match=r"missing 7 key\(s\): 'k1'.*'k5' \(and 2 more\)"):
+        check_compatible(pre, {"A": {"k0": t(1)}})
+
+
+def test_no_experts_raises() -> None:
+    with pytest.raises(MergeError, match="at least one"):
+        get("task_arithmetic")(PRE, {})
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "pattern"),
+    [
+        ("task_arithmetic", {"lamda": 0.3}, r"'lamda'.*accepts: lam"),
+        ("task_arithmetic", {"lam": float("nan")}, r"'lam'.*finite.*nan"),
+        ("ties_merging", {"k": 0.0}, r"'k'.*\(0, 1\].*0.0"),
+        ("ties_merging", {"k": 20}, r"'k'.*\(0, 1\].*20"),
+        ("weight_averaging", {"lam": 1.0}, r"'lam'.*no parameters"),
+    ],
+)
+def test_bad_parameters_raise_config_error(method: str, params: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        get(method)(PRE, EXPERTS, **params)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties_merging", "weight_averaging"])
+def test_integer_buffers_copied_and_dtype_kept(method: str) -> None:
+    pre = {"w": t(1, 2).half(), "n": torch.tensor([7])}
+    experts = {"A": {"w": t(3, 2).half(), "n": torch.tensor([7])}}
+    result = get(method)(pre, experts)
+    assert result.state_dict["w"].dtype == torch.float16
+    assert torch.equal(result.state_dict["n"], torch.tensor([7]))
+    result.state_dict["n"] += 1  # the result does not alias the input
+    assert pre["n"].item() == 7
+    experts["A"]["n"] = torch.tensor([8])
+    with pytest.raises(MergeError, match=r"Expert 'A'.*'n'.*must be equal"):
+        get(method)(pre, experts)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_inputs_not_modified(method: str) -> None:
+    pretrained, experts, context = make_context(steps=3)
+    pre_copy, experts_copy = copy.deepcopy(pretrained), copy.deepcopy(experts)
+    result = get(method)(pretrained, experts, context=context)
+    assert_state_close(pretrained, pre_copy)
+    for task in TASKS:
+        assert_state_close(experts[task], experts_copy[task])
+    for key, value in result.state_dict.items():
+        assert value.data_ptr() != pretrained[key].data_ptr()
+        assert value.shape == pretrained[key].shape and value.dtype == pretrained[key].dtype
