@@ -114,8 +114,8 @@ def composite(canvas: Array, mask: Array, rgb) -> Array:
 
 
 def background(size: int, rng: np.random.Generator, noise: float = 0.04) -> Array:
-    """A plain random colour with a gentle gradient and pixel noise."""
-    base = random_colour(rng, 0.0, 1.0)
+    """A dark random colour with a gentle gradient and pixel noise (objects are drawn bright)."""
+    base = random_colour(rng, 0.0, 0.4)
     y, x = grid(size)
     g = rng.normal(0, 0.08, 3).astype(np.float32)
     grad = (x / size - 0.5)[..., None] * g
@@ -124,8 +124,9 @@ def background(size: int, rng: np.random.Generator, noise: float = 0.04) -> Arra
 
 
 def contrasting_colour(bg_mean: Array, rng: np.random.Generator, min_dist: float = 0.45) -> Array:
+    """A bright random colour at least ``min_dist`` (mean absolute difference) from ``bg_mean``."""
     for _ in range(50):
-        c = random_colour(rng)
+        c = random_colour(rng, 0.35, 1.0)
         if np.abs(c - bg_mean).sum() >= min_dist * 3 / 2:
             return c
     return (1.0 - bg_mean).astype(np.float32)

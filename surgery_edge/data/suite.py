@@ -78,10 +78,10 @@ def _place(size: int, glyph: np.ndarray, top: int, left: int) -> np.ndarray:
 
 def _render_digits(rng, label, size, pool):
     bg = R.background(size, rng)
-    px = int(rng.integers(int(size * 0.55), int(size * 0.85) + 1))
+    px = int(rng.integers(int(size * 0.75), int(size * 0.9) + 1))
     glyph = _digit_glyph(pool, label, rng, px)
-    top, left = (int(rng.integers(0, size - px + 1)) for _ in range(2))
-    fg = R.contrasting_colour(bg.mean((0, 1)), rng)
+    top, left = ((size - px) // 2 + int(rng.integers(-2, 3)) for _ in range(2))
+    fg = R.contrasting_colour(bg.mean((0, 1)), rng, 0.6)
     return R.composite(bg, _place(size, glyph, top, left), fg)
 
 
@@ -91,17 +91,17 @@ def _render_cluttered_digits(rng, label, size, pool):
     img = R.composite(img, R.stripes(size, rng.uniform(0, math.pi), rng.uniform(3, 8), rng.uniform())
                       * rng.uniform(0.15, 0.35), R.random_colour(rng))
     for _ in range(2):
-        px = int(size * 0.6)
+        px = int(size * 0.7)
         g = _digit_glyph(pool, int(rng.integers(10)), rng, px)
         side = rng.integers(2)
-        left = -int(px * 0.65) if side == 0 else size - int(px * 0.35)
+        left = -int(px * 0.75) if side == 0 else size - int(px * 0.25)
         img = R.composite(img, _place(size, g, int(rng.integers(-4, size - px + 4)), left) * 0.8,
                           R.random_colour(rng))
     for _ in range(int(rng.integers(1, 4))):
         m = R.rect_mask(size, rng.uniform(0, size), rng.uniform(0, size), 0.6, rng.uniform(3, 8),
                         rng.uniform(0, math.pi))
         img = R.composite(img, m, R.random_colour(rng))
-    px = int(rng.integers(int(size * 0.5), int(size * 0.65) + 1))
+    px = int(rng.integers(int(size * 0.7), int(size * 0.8) + 1))
     glyph = _digit_glyph(pool, label, rng, px)
     c = (size - px) // 2
     top, left = c + int(rng.integers(-2, 3)), c + int(rng.integers(-2, 3))
@@ -109,7 +109,7 @@ def _render_cluttered_digits(rng, label, size, pool):
     return R.composite(img, _place(size, glyph, top, left), fg)
 
 
-SHAPES = ("circle", "triangle", "square", "pentagon", "star", "cross")
+SHAPES = ("circle", "triangle", "square", "ring", "star", "cross")
 
 
 def _draw_shape(kind: str, size, cy, cx, radius, rot):
@@ -119,16 +119,19 @@ def _draw_shape(kind: str, size, cy, cx, radius, rot):
         return R.star_mask(size, cy, cx, radius * 1.1, 5, rot)
     if kind == "cross":
         return R.cross_mask(size, cy, cx, radius, rot)
-    sides = {"triangle": 3, "square": 4, "pentagon": 5}[kind]
+    if kind == "ring":
+        outer = R.polygon_mask(size, cy, cx, radius, 0, rot)
+        return outer * (1 - R.polygon_mask(size, cy, cx, radius * 0.55, 0, rot))
+    sides = {"triangle": 3, "square": 4}[kind]
     return R.polygon_mask(size, cy, cx, radius * (1.15 if sides == 3 else 1.0), sides, rot)
 
 
 def _render_shapes(rng, label, size, pool):
     bg = R.background(size, rng)
-    radius = rng.uniform(0.2, 0.34) * size
-    cy, cx = (rng.uniform(radius, size - radius) for _ in range(2))
+    radius = rng.uniform(0.3, 0.4) * size
+    cy, cx = (size / 2 + rng.uniform(-2, 2) for _ in range(2))
     mask = _draw_shape(SHAPES[label], size, cy, cx, radius, rng.uniform(0, 2 * math.pi))
-    return R.composite(bg, mask, R.contrasting_colour(bg.mean((0, 1)), rng))
+    return R.composite(bg, mask, R.contrasting_colour(bg.mean((0, 1)), rng, 0.6))
 
 
 TEXTURES = ("horizontal", "vertical", "diagonal", "checkered", "dotted", "blotchy")
@@ -179,17 +182,17 @@ def _render_colours(rng, label, size, pool):
     return R.composite(bg, mask, rgb)
 
 
-COUNTS = ("one", "two", "three", "four", "five", "six")
+COUNTS = ("one", "two", "three", "four")
 
 
 def _render_counting(rng, label, size, pool):
     bg = R.background(size, rng)
-    fg = R.contrasting_colour(bg.mean((0, 1)), rng)
-    n, radius = label + 1, size * 0.075
+    fg = R.contrasting_colour(bg.mean((0, 1)), rng, 0.6)
+    n, radius = label + 1, size * 0.1
     centres: list[tuple[float, float]] = []
     while len(centres) < n:
         c = tuple(rng.uniform(radius + 1, size - radius - 1, 2))
-        if all(math.hypot(c[0] - p[0], c[1] - p[1]) > 2.6 * radius for p in centres):
+        if all(math.hypot(c[0] - p[0], c[1] - p[1]) > 2.4 * radius for p in centres):
             centres.append(c)
     img = bg
     for cy, cx in centres:
@@ -258,7 +261,7 @@ TASKS: tuple[TaskDef, ...] = (
     TaskDef("shapes", SHAPES, _render_shapes, "Which of six filled shapes, any colour/pose."),
     TaskDef("textures", TEXTURES, _render_textures, "Which of six textures fills the image."),
     TaskDef("colours", COLOURS, _render_colours, "The hue of the one object on a grey field."),
-    TaskDef("counting", COUNTS, _render_counting, "How many dots (1-6)."),
+    TaskDef("counting", COUNTS, _render_counting, "How many dots (1-4)."),
     TaskDef("orientation", DIRECTIONS, _render_orientation, "Which of 8 ways the arrow points."),
     TaskDef("signs", SIGNS, _render_signs,
             "Sign-like glyphs: border shape x inner mark (rim colour is a nuisance)."),
@@ -342,36 +345,58 @@ def generate_suite(
     return Suite(SUITE_NAME, seed, size, out)
 
 
-def pretraining_corpus(seed: int, n_per_source: int, size: int = 32):
-    """Images for pretraining, with pretext labels only; the eight tasks' labels are never used.
+LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
-    Two kinds of pretext target come back:
-    - ``sources``: which renderer drew the image (every image);
-    - ``exemplars``: for images that re-render one training-pool digit scan under random colour,
-      size and position, the index of that scan (-1 elsewhere). Telling scans apart across
-      renderings is exemplar-style instance discrimination: it teaches shape features that are
-      invariant to the nuisances, without ever being told which digit a scan shows.
-    Digit scans come only from the training pool; images use their own seed stream.
 
-    Returns:
-        images (N, size, size, 3) uint8, sources (N,) int64, exemplars (N,) int64.
+def _render_letter(rng, label, size):
+    """A letter in Pillow's built-in scalable font, random size, pose and colours."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=int(rng.integers(int(size * 0.5), int(size * 0.8) + 1)))
+    glyph = Image.new("L", (size, size))
+    centre = tuple(size / 2 + rng.uniform(-size * 0.12, size * 0.12, 2))
+    ImageDraw.Draw(glyph).text(centre, LETTERS[label], font=font, fill=255, anchor="mm")
+    glyph = glyph.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR)
+    bg = R.background(size, rng)
+    fg = R.contrasting_colour(bg.mean((0, 1)), rng)
+    return R.composite(bg, np.asarray(glyph, np.float32) / 255.0, fg)
+
+
+@dataclass
+class PretrainingCorpus:
+    """Images with pretext and auxiliary targets only; -1 marks "no target of this kind".
+
+    - ``sources``: which renderer drew the image (every image; the trainer adds a rotation
+      pretext on top);
+    - ``letters``: the letter shown (52 classes) for the letters source: a supervised task with
+      its own label space, the stand-in for the broad supervision CLIP pretrains on.
+    The eight tasks' labels are never used; digit scans come only from the training pool.
     """
-    images, sources, exemplars = [], [], []
-    pool_x, pool_y = _digit_pools()["train"]
+
+    images: np.ndarray  # (N, size, size, 3) uint8
+    sources: np.ndarray  # (N,)
+    letters: np.ndarray  # (N,)
+
+
+def pretraining_corpus(
+    seed: int, n_per_source: int, size: int = 32, n_letters: int | None = None
+) -> PretrainingCorpus:
+    """Generate the pretraining corpus (see :class:`PretrainingCorpus`) on its own seed stream."""
+    n_letters = n_letters if n_letters is not None else 2 * n_per_source
+    images, sources, letters = [], [], []
+    pool = _digit_pools()["train"]
     for i, task in enumerate(TASKS):
         rng = np.random.default_rng(np.random.SeedSequence([seed, 10_000 + i]))
-        hidden = rng.integers(0, len(task.classes), n_per_source)
-        images += [R.to_uint8(task.render(rng, int(y), size, (pool_x, pool_y))) for y in hidden]
+        hidden = rng.integers(0, len(task.classes), n_per_source)  # drawn, never returned
+        images += [R.to_uint8(task.render(rng, int(y), size, pool)) for y in hidden]
         sources.append(np.full(n_per_source, i, np.int64))
-        exemplars.append(np.full(n_per_source, -1, np.int64))
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 20_000]))
-    scans = rng.integers(0, len(pool_x), n_per_source * 2)
-    for j in scans:  # one-scan pool: the renderer must draw scan j
-        one = (pool_x[j:j + 1], pool_y[j:j + 1])
-        images.append(R.to_uint8(_render_digits(rng, int(pool_y[j]), size, one)))
-    sources.append(np.full(len(scans), TASK_NAMES.index("digits"), np.int64))
-    exemplars.append(scans.astype(np.int64))
-    return np.stack(images), np.concatenate(sources), np.concatenate(exemplars)
+        letters.append(np.full(n_per_source, -1, np.int64))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 30_000]))
+    chars = rng.integers(0, len(LETTERS), n_letters)
+    images += [R.to_uint8(_render_letter(rng, int(c), size)) for c in chars]
+    sources.append(np.full(n_letters, len(TASKS), np.int64))
+    letters.append(chars.astype(np.int64))
+    return PretrainingCorpus(np.stack(images), np.concatenate(sources), np.concatenate(letters))
 
 
 # --- cache on disk ---------------------------------------------------------------------------

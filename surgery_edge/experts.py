@@ -1,0 +1,222 @@
+"""Pretraining the small backbone and fine-tuning one expert per task.
+
+Pretraining uses pretext labels only (which renderer drew an image, and by how much it was
+rotated), never the eight tasks' labels: the stand-in for CLIP's broad pretraining. Each expert
+then fine-tunes the whole encoder plus its own head, initialised from the class prototypes of
+the pretrained features (the stand-in for a CLIP zero-shot head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery_edge.data.suite import Suite, TaskData, pretraining_corpus
+from surgery_edge.data.transforms import to_model_input
+from surgery_edge.errors import CheckpointError
+from surgery_edge.models import (ArchSpec, ClassificationHead, ImageEncoder, build_encoder,
+                                 load_encoder, load_head, prototype_head, save_encoder, save_head)
+from surgery_edge.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    n_per_source: int = 1000
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    logit_scale: float = 20.0
+    seed: int = 0
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def encode(
+    encoder: ImageEncoder, images: np.ndarray, batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:  # (N, embed_dim) on CPU
+    """Features of uint8 images (N, H, W, 3) through ``encoder`` in eval mode."""
+    encoder.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(encoder(to_model_input(images[i:i + batch_size], encoder.arch, device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, encoder.arch.embed_dim)
+
+
+@torch.no_grad()
+def accuracy(
+    encoder: ImageEncoder, head: nn.Module, images: np.ndarray, labels: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Top-1 accuracy in percent."""
+    feats = encode(encoder, images, device=device)
+    pred = head.to("cpu")(feats).argmax(-1).numpy()
+    return float((pred == labels).mean() * 100.0)
+
+
+def _rotate_batch(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    for r in range(1, 4):
+        sel = k == r
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], r, dims=(2, 3))
+    return out
+
+
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the rows that have a target (target >= 0); 0 when none do."""
+    keep = target >= 0
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep], target[keep])
+
+
+def pretrain(arch: ArchSpec, cfg: PretrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pretrain an encoder on the task-label-free pretext mixture; return its state dict."""
+    torch.manual_seed(cfg.seed)
+    corpus = pretraining_corpus(cfg.seed, cfg.n_per_source, arch.image_size)
+    images = corpus.images
+    encoder = build_encoder(arch).to(device)
+    # one linear read-out per target kind: sources | rotation | letters
+    sizes = [int(corpus.sources.max()) + 1, 4, int(corpus.letters.max()) + 1]
+    pretext = nn.Linear(arch.embed_dim, sum(sizes)).to(device)
+    params = list(encoder.parameters()) + list(pretext.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(images) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, total // 20))
+    g = torch.Generator().manual_seed(cfg.seed)
+    sources, letters = torch.from_numpy(corpus.sources), torch.from_numpy(corpus.letters)
+    encoder.train()
+    with progress_bar(total, "pretraining") as bar:
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(images), generator=g)
+            for s in range(steps_per_epoch):
+                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                rot = torch.randint(0, 4, (len(idx),), generator=g)
+                x = _rotate_batch(to_model_input(images[idx.numpy()], arch, device), rot.to(device))
+                outs = pretext(encoder(x)).split(sizes, dim=1)
+                wanted = [sources[idx], rot, letters[idx]]
+                loss = sum(_masked_ce(o, y.to(device)) for o, y in zip(outs, wanted))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                bar.advance(loss=loss.item())
+    return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+
+
+def finetune_expert(
+    arch: ArchSpec, pretrained: dict[str, torch.Tensor], task: TaskData, cfg: FinetuneConfig,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], ClassificationHead]:
+    """Fine-tune the whole encoder and a prototype-initialised head on ``task``'s train split."""
+    torch.manual_seed(cfg.seed)
+    encoder = build_encoder(arch)
+    encoder.load_state_dict(pretrained)
+    encoder.to(device)
+    feats = encode(encoder, task.train_x, device=device)
+    head = prototype_head(feats, torch.from_numpy(task.train_y), task.num_classes,
+                          cfg.logit_scale).to(device)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(task.train_x) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, total // 10))
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels = torch.from_numpy(task.train_y)
+    encoder.train()
+    with progress_bar(total, f"expert {task.name}") as bar:
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(task.train_x), generator=g)
+            for s in range(steps_per_epoch):
+                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                x = to_model_input(task.train_x[idx.numpy()], arch, device)
+                loss = F.cross_entropy(head(encoder(x)), labels[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                bar.advance(loss=loss.item())
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    return state, head.cpu().eval()
+
+
+@dataclass
+class ExpertSet:
+    """Paths of the pretrained checkpoint and of every task's expert and head."""
+
+    pretrained: Path
+    experts: dict[str, Path]
+    heads: dict[str, Path]
+
+
+def _cached(path: Path, arch: ArchSpec, config: dict, loader) -> bool:
+    """True when ``path`` holds a valid checkpoint made with ``config`` for ``arch``."""
+    if not path.exists():
+        return False
+    try:
+        ckpt = loader(path, arch)
+    except CheckpointError:
+        return False
+    return ckpt.meta.get("train_config") == config if hasattr(ckpt, "meta") else True
+
+
+def build_experts(
+    out_dir: str | Path, suite: Suite, arch: ArchSpec, device: torch.device,
+    pretrain_cfg: PretrainConfig = PretrainConfig(), finetune_cfg: FinetuneConfig = FinetuneConfig(),
+    log=print,
+) -> ExpertSet:
+    """Pretrain and fine-tune every task's expert into ``out_dir``; finished work is reused.
+
+    Layout: ``pretrained.safetensors``, ``experts/<task>.safetensors``, ``heads/<task>.safetensors``.
+    A checkpoint is reused only when its recorded training config equals the requested one.
+    """
+    out = Path(out_dir)
+    pre_path = out / "pretrained.safetensors"
+    pre_cfg = {"pretrain": asdict(pretrain_cfg)}
+    if _cached(pre_path, arch, pre_cfg, load_encoder):
+        pretrained = load_encoder(pre_path, arch).state_dict
+        log(f"reusing {pre_path}")
+    else:
+        pretrained = pretrain(arch, pretrain_cfg, device)
+        save_encoder(pre_path, arch, pretrained, task=None, train_config=pre_cfg)
+    experts, heads = {}, {}
+    ft_cfg = {"pretrain": asdict(pretrain_cfg), "finetune": asdict(finetune_cfg)}
+    for task in suite.tasks:
+        e_path, h_path = out / "experts" / f"{task.name}.safetensors", out / "heads" / f"{task.name}.safetensors"
+        if _cached(e_path, arch, ft_cfg, load_encoder) and h_path.exists():
+            log(f"reusing expert {task.name}")
+        else:
+            state, head = finetune_expert(arch, pretrained, task, finetune_cfg, device)
+            save_head(h_path, arch, task.name, task.class_names, head)
+            save_encoder(e_path, arch, state, task=task.name, train_config=ft_cfg)
+        experts[task.name], heads[task.name] = e_path, h_path
+    return ExpertSet(pre_path, experts, heads)
+
+
+def load_heads(heads: dict[str, Path], arch: ArchSpec) -> dict[str, ClassificationHead]:
+    return {t: load_head(p, arch).head.eval() for t, p in heads.items()}

@@ -1,0 +1,287 @@
+"""The whole flow on a run directory: suite -> experts -> merges -> surgery -> evaluation.
+
+Layout of a run directory::
+
+    suite.npz                              the generated built-in suite
+    checkpoints/pretrained.safetensors     pretrained backbone
+    checkpoints/experts/<task>.safetensors one fine-tuned encoder per task
+    checkpoints/heads/<task>.safetensors   one head per task
+    merged/<method>.safetensors            merged backbones (recipe in the metadata)
+    adapters/<merge>/<surgery>.safetensors surgery adapters
+    cache/                                 expert representations (memory-mapped .npy)
+    report.json, report.md, *.png
+
+Every stage writes its artefact atomically with a fingerprint of its inputs and settings in the
+metadata; a re-run reuses an artefact whose fingerprint matches and redoes only what changed.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from surgery_edge.config import RunConfig
+from surgery_edge.data.suite import Suite, load_or_generate_suite
+from surgery_edge.device import resolve_device
+from surgery_edge.errors import CheckpointError, ConfigError
+from surgery_edge.experts import (ExpertSet, FinetuneConfig, PretrainConfig, build_experts,
+                                  load_heads)
+from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
+from surgery_edge.models.checkpoint import load_tensors
+from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.model import MultiTaskModel
+from surgery_edge.surgery.targets import cached_representations, file_fingerprint, fingerprint
+from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
+
+
+@dataclass
+class Run:
+    """A run directory plus what the stages have produced so far."""
+
+    out: Path
+    config: RunConfig
+    device: torch.device
+    arch: ArchSpec
+    log: callable = print
+    suite: Suite | None = None
+    experts: ExpertSet | None = None
+    merged: dict[str, Path] = field(default_factory=dict)
+    adapters: dict[tuple[str, str], Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, out: str | Path, config: RunConfig, log=print) -> Run:
+        return cls(Path(out), config, resolve_device(config.device), get_arch(config.arch), log)
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.suite.task_names
+
+
+def prepare_suite(run: Run) -> Suite:
+    s = run.config.suite
+    with run.stage("suite"):
+        run.suite = load_or_generate_suite(
+            run.out / "suite.npz", seed=s.seed, n_train=s.n_train, n_adapt=s.n_adapt,
+            n_test=s.n_test, size=32, tasks=s.tasks)
+    return run.suite
+
+
+def prepare_experts(run: Run) -> ExpertSet:
+    e = run.config.experts
+    with run.stage("experts"):
+        run.experts = build_experts(
+            run.out / "checkpoints", run.suite, run.arch, run.device,
+            PretrainConfig(n_per_source=e.pretrain_n_per_source, epochs=e.pretrain_epochs,
+                           lr=e.pretrain_lr, seed=run.config.seed),
+            FinetuneConfig(epochs=e.finetune_epochs, lr=e.finetune_lr,
+                           batch_size=e.finetune_batch_size, seed=run.config.seed),
+            log=run.log)
+    return run.experts
+
+
+def _experts_fingerprint(run: Run) -> str:
+    paths = [run.experts.pretrained, *run.experts.experts.values(), *run.experts.heads.values()]
+    return fingerprint(*(file_fingerprint(p) for p in paths))
+
+
+def _meta_fingerprint(path: Path) -> str | None:
+    try:
+        return load_tensors(path)[1].get("fingerprint")
+    except CheckpointError:
+        return None
+
+
+def merge_params(config: RunConfig, method: str) -> dict:
+    m = config.merge
+    return {"task_arithmetic": {"lam": m.task_arithmetic_lam},
+            "ties_merging": {"k": m.ties_k, "lam": m.ties_lam}}.get(method, {})
+
+
+def run_merges(run: Run) -> dict[str, Path]:
+    """Merge the experts with every configured method (reusing up-to-date merges)."""
+    from surgery_edge import merging
+    from surgery_edge.merging import AdaMergingContext
+
+    for name in run.config.merge.methods:
+        merging.get(name)  # unknown names fail before any work
+    pre = load_encoder(run.experts.pretrained, run.arch)
+    experts = {t: load_encoder(p, run.arch).state_dict for t, p in run.experts.experts.items()}
+    m = run.config.merge
+    for name in m.methods:
+        path = run.out / "merged" / f"{name}.safetensors"
+        params = merge_params(run.config, name)
+        ada = name.startswith("adamerging")
+        fp = fingerprint(_experts_fingerprint(run), name, params,
+                         (m.adamerging_steps, m.adamerging_batch_size, m.adamerging_lr,
+                          run.config.seed) if ada else None)
+        if path.exists() and _meta_fingerprint(path) == fp:
+            run.log(f"reusing merge {name}")
+            run.merged[name] = path
+            continue
+        with run.stage(f"merge:{name}"):
+            context = None
+            if ada:
+                from surgery_edge.data.transforms import to_model_input
+
+                context = AdaMergingContext(
+                    encoder=pre.build(run.device),
+                    heads={t: h.to(run.device) for t, h in
+                           load_heads(run.experts.heads, run.arch).items()},
+                    images={t: to_model_input(run.suite.task(t).adapt_x, run.arch, run.device)
+                            for t in run.tasks},
+                    steps=m.adamerging_steps, batch_size=m.adamerging_batch_size,
+                    lr=m.adamerging_lr, seed=run.config.seed, device=run.device)
+            result = merging.get(name)(pre.state_dict, experts, context=context, **params)
+            save_encoder(path, run.arch, result.state_dict, task=None, recipe=result.recipe,
+                         fingerprint=fp)
+        run.merged[name] = path
+    return run.merged
+
+
+def expert_representations(run: Run, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The expert of ``task``'s (final, block means) on that task's ``split`` images, cached."""
+    path = run.experts.experts[task]
+    images = _split_images(run.suite, task, split)
+    key = f"{task}-{split}-{fingerprint(file_fingerprint(path), run.suite.seed, len(images))}"
+    return cached_representations(run.out / "cache", key,
+                                  lambda: load_encoder(path, run.arch).build(run.device),
+                                  images, run.device)
+
+
+def _split_images(suite: Suite, task: str, split: str) -> np.ndarray:
+    data = suite.task(task)
+    return {"adapt": data.adapt_x, "test": data.test_x, "train": data.train_x}[split]
+
+
+def surgery_config(run: Run, method: str) -> SurgeryConfig:
+    s = run.config.surgery
+    return SurgeryConfig(method=method, rank=s.rank,
+                         steps=s.steps_v1 if method == "surgery" else s.steps_v2,
+                         batch_size=s.batch_size, lr=s.lr, seed=run.config.seed)
+
+
+def run_surgery(run: Run, resume: bool = True) -> dict[tuple[str, str], Path]:
+    """Train every configured surgery method on top of every merge (reusing finished ones)."""
+    s = run.config.surgery
+    split = "test" if s.transductive else "adapt"
+    heads = load_heads(run.experts.heads, run.arch)
+    targets = None
+    for merge_name, merged_path in run.merged.items():
+        for method in s.methods:
+            cfg = surgery_config(run, method)
+            path = run.out / "adapters" / merge_name / f"{method}.safetensors"
+            fp = fingerprint(file_fingerprint(merged_path), _experts_fingerprint(run), cfg, split)
+            if path.exists() and _meta_fingerprint(path) == fp:
+                run.log(f"reusing {method} adapters on {merge_name}")
+                run.adapters[(merge_name, method)] = path
+                continue
+            if targets is None:
+                with run.stage("surgery:targets"):
+                    targets = {}
+                    for t in run.tasks:
+                        final, blocks = expert_representations(run, t, split)
+                        targets[t] = TaskTargets(_split_images(run.suite, t, split), final, blocks)
+            merged = load_encoder(merged_path, run.arch)
+            recipe = dict(merged.meta.get("recipe", {}))
+            with run.stage(f"surgery:{method}"):
+                train_surgery(merged.build(run.device), [heads[t] for t in run.tasks], run.tasks,
+                              targets, cfg, path, run.device,
+                              merge_recipe={**recipe, "fingerprint": fp}, resume=resume)
+            _stamp_fingerprint(path, fp)
+            run.adapters[(merge_name, method)] = path
+    return run.adapters
+
+
+def _stamp_fingerprint(path: Path, fp: str) -> None:
+    from surgery_edge.models.checkpoint import save_tensors
+
+    tensors, meta = load_tensors(path)
+    meta.pop("format_version", None)
+    save_tensors(path, tensors, {**meta, "fingerprint": fp})
+
+
+def build_model(run: Run, merged_path: Path, adapters: Path | None = None) -> MultiTaskModel:
+    """The multi-task model of a merged backbone (+ adapters) with the experts' heads."""
+    heads = load_heads(run.experts.heads, run.arch)
+    encoder = load_encoder(merged_path, run.arch).build(run.device)
+    bank = None
+    if adapters is not None:
+        bank, _ = AdapterBank.load(adapters, arch=run.arch, tasks=run.tasks)
+    names = [run.suite.task(t).class_names for t in run.tasks]
+    return MultiTaskModel(encoder, [heads[t] for t in run.tasks], run.tasks, bank,
+                          names).to(run.device).eval()
+
+
+def evaluate(run: Run) -> dict:
+    """Accuracy rows for pretrained, experts, merges and surgeries, plus representation bias."""
+    from surgery_edge.evaluation.accuracy import average, routed_accuracy
+    from surgery_edge.evaluation.bias import representation_bias
+
+    rows = []
+
+    def row(method, surgery, per_task):
+        rows.append({"method": method, "surgery": surgery, "per_task": per_task,
+                     "avg": average(per_task)})
+
+    with run.stage("evaluation"):
+        row("pretrained", "none", routed_accuracy(build_model(run, run.experts.pretrained),
+                                                  run.suite, run.device))
+        row("individual", "none", {t: _expert_accuracy(run, t) for t in run.tasks})
+        bias: dict[str, dict[str, dict[str, float]]] = {}
+        test_images = {t: run.suite.task(t).test_x for t in run.tasks}
+        expert_test = {t: expert_representations(run, t, "test") for t in run.tasks}
+        for merge_name, merged_path in run.merged.items():
+            model = build_model(run, merged_path)
+            row(merge_name, "none", routed_accuracy(model, run.suite, run.device))
+            bias[merge_name] = {"none": representation_bias(model, test_images, expert_test,
+                                                            run.device)}
+            for method in run.config.surgery.methods:
+                path = run.adapters.get((merge_name, method))
+                if path is None:
+                    continue
+                model = build_model(run, merged_path, path)
+                row(merge_name, method, routed_accuracy(model, run.suite, run.device))
+                bias[merge_name][method] = representation_bias(model, test_images, expert_test,
+                                                               run.device)
+    return {"rows": rows, "bias": bias}
+
+
+def _expert_accuracy(run: Run, task: str) -> float:
+    """An expert on its own task, with its own head."""
+    from surgery_edge.evaluation.accuracy import routed_accuracy
+
+    encoder = load_encoder(run.experts.experts[task], run.arch).build(run.device)
+    head = load_heads({task: run.experts.heads[task]}, run.arch)[task]
+    model = MultiTaskModel(encoder, [head], [task]).to(run.device)
+    return routed_accuracy(model, run.suite.select([task]), run.device)[task]
+
+
+def report_dict(run: Run, evaluation: dict, notes: list[str] | None = None) -> dict:
+    from surgery_edge import __version__
+
+    return {
+        "suite": run.suite.name, "arch": run.arch.name, "tasks": run.tasks,
+        "results": evaluation["rows"], "representation_bias": evaluation["bias"],
+        "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
+        "config": run.config.model_dump(), "device": str(run.device),
+        "version": __version__, "notes": notes or [],
+    }
+
+
+def check_tasks(run: Run, names: list[str] | None) -> None:
+    if names:
+        unknown = [n for n in names if n not in run.tasks]
+        if unknown:
+            raise ConfigError(f"Unknown task(s) {unknown}; this run has {run.tasks}.")

@@ -1,0 +1,193 @@
+"""Surgery adapters and the AdapterBank that stacks every task's adapters per site.
+
+The adapter is ``z_hat = z - W_up · ReLU(W_down · z)`` with no biases, ``W_down`` (r, d)
+Kaiming-uniform (torch's ``nn.Linear`` default, a = sqrt(5)) and ``W_up`` (d, r) zero, so an
+untrained adapter is the identity.
+
+The bank keeps one tensor per site for all T tasks, ``down[site]: (T, r, d)`` and
+``up[site]: (T, d, r)``: routing a batch with one task id per image is a gather, and the fused
+Triton kernel reads the same tensors. On disk an adapter file is safetensors with keys
+``"{task}/{site}/down"`` (r, d) and ``"{task}/{site}/up"`` (d, r).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery_edge.errors import AdapterError
+from surgery_edge.models.archs import ArchSpec
+
+METHODS = ("surgery", "surgeryv2")
+
+
+def surgery_adapter(
+    z: torch.Tensor,  # (..., d)
+    down: torch.Tensor,  # (r, d)
+    up: torch.Tensor,  # (d, r)
+) -> torch.Tensor:  # (..., d)
+    """One task's correction: ``z - up · relu(down · z)``."""
+    return z - F.relu(z @ down.transpose(-1, -2)) @ up.transpose(-1, -2)
+
+
+def routed_correction(
+    z: torch.Tensor,  # (B, N, d) or (B, d); row b belongs to task task_ids[b]
+    task_ids: torch.Tensor,  # (B,) int64
+    down: torch.Tensor,  # (T, r, d)
+    up: torch.Tensor,  # (T, d, r)
+) -> torch.Tensor:
+    """Apply each image's own task adapter (the pure-PyTorch reference of the fused kernel)."""
+    squeeze = z.ndim == 2
+    x = z.unsqueeze(1) if squeeze else z
+    d_b, u_b = down[task_ids], up[task_ids]  # (B, r, d), (B, d, r)
+    h = F.relu(torch.bmm(x, d_b.transpose(1, 2)))  # (B, N, r)
+    out = x - torch.bmm(h, u_b.transpose(1, 2))
+    return out.squeeze(1) if squeeze else out
+
+
+def sites_for(method: str, arch: ArchSpec) -> tuple[str, ...]:
+    """V1 corrects the final feature only; V2 every block output and the final feature."""
+    if method == "surgery":
+        return ("final",)
+    if method == "surgeryv2":
+        return arch.sites
+    raise AdapterError(f"Unknown surgery method {method!r}; use one of {list(METHODS)}.")
+
+
+def _key(site: str) -> str:
+    return site.replace(".", "_")
+
+
+class AdapterBank(nn.Module):
+    """Every task's adapters, stacked per site.
+
+    Args:
+        tasks: task names, in the order task ids refer to.
+        arch: the backbone architecture (gives each site's width).
+        method: ``surgery`` (final site) or ``surgeryv2`` (every block and final).
+        rank: r.
+    """
+
+    def __init__(self, tasks: Sequence[str], arch: ArchSpec, method: str, rank: int = 16):
+        super().__init__()
+        if rank < 1:
+            raise AdapterError(f"Adapter rank must be at least 1, got {rank}.")
+        self.tasks, self.arch, self.method, self.rank = list(tasks), arch, method, rank
+        self.sites = sites_for(method, arch)
+        T = len(self.tasks)
+        self.down = nn.ParameterDict()
+        self.up = nn.ParameterDict()
+        for site in self.sites:
+            d = arch.site_dim(site)
+            down = torch.empty(T, rank, d)
+            for t in range(T):  # nn.Linear(d, r).weight's default init, per task
+                nn.init.kaiming_uniform_(down[t], a=math.sqrt(5))
+            self.down[_key(site)] = nn.Parameter(down)
+            self.up[_key(site)] = nn.Parameter(torch.zeros(T, d, rank))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def weights(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down (T, r, d), up (T, d, r))`` of ``site``."""
+        return self.down[_key(site)], self.up[_key(site)]
+
+    def has(self, site: str) -> bool:
+        return _key(site) in self.down
+
+    def correct(self, site: str, z: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Routed correction at ``site``; identity for sites this bank does not correct."""
+        if not self.has(site):
+            return z
+        down, up = self.weights(site)
+        return routed_correction(z, task_ids, down, up)
+
+    def correct_all_tasks(self, site: str, z: torch.Tensor) -> torch.Tensor:
+        """Every task's correction of the same rows: (B, d) -> (T, B, d)."""
+        down, up = self.weights(site)
+        h = F.relu(torch.einsum("bd,trd->tbr", z, down))
+        return z.unsqueeze(0) - torch.einsum("tbr,tdr->tbd", h, up)
+
+    # --- files -----------------------------------------------------------------------------
+
+    def metadata(self, merge_recipe: dict | None = None) -> dict:
+        return {"kind": "adapters", "method": self.method, "rank": self.rank,
+                "arch": self.arch.to_dict(), "tasks": self.tasks, "sites": list(self.sites),
+                "merge_recipe": merge_recipe or {}}
+
+    def save(self, path: str | os.PathLike, merge_recipe: dict | None = None) -> Path:
+        """Write the per-task adapter file (atomically)."""
+        from surgery_edge.models.checkpoint import save_tensors
+
+        tensors = {}
+        for site in self.sites:
+            down, up = self.weights(site)
+            for t, task in enumerate(self.tasks):
+                tensors[f"{task}/{site}/down"] = down[t]
+                tensors[f"{task}/{site}/up"] = up[t]
+        return save_tensors(path, tensors, self.metadata(merge_recipe))
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, arch: ArchSpec | None = None,
+        tasks: Sequence[str] | None = None, method: str | None = None, rank: int | None = None,
+    ) -> tuple[AdapterBank, dict]:
+        """Read an adapter file; every expectation given is checked with a clear error.
+
+        Returns the bank and the file's metadata (which carries the merge recipe).
+        """
+        from surgery_edge.models.checkpoint import load_tensors
+
+        path = Path(path)
+        try:
+            tensors, meta = load_tensors(path)
+        except Exception as e:  # CheckpointError -> AdapterError with the same message
+            raise AdapterError(str(e)) from None
+        if meta.get("kind") != "adapters":
+            raise AdapterError(f"{path} holds a {meta.get('kind')!r} file, not surgery adapters.")
+        found_arch = ArchSpec.from_dict(meta["arch"])
+        if arch is not None and found_arch != arch:
+            raise AdapterError(
+                f"Adapters {path} were trained for architecture {found_arch.name!r} "
+                f"(width {found_arch.width}, {found_arch.layers} blocks, embed {found_arch.embed_dim}) "
+                f"but the model is {arch.name!r} (width {arch.width}, {arch.layers} blocks, "
+                f"embed {arch.embed_dim}). Train adapters for this model."
+            )
+        if tasks is not None and list(tasks) != meta["tasks"]:
+            raise AdapterError(
+                f"Adapters {path} are for tasks {meta['tasks']} but the model has tasks "
+                f"{list(tasks)}. Use adapters trained for exactly these tasks, in this order."
+            )
+        if method is not None and method != meta["method"]:
+            raise AdapterError(f"Adapters {path} are {meta['method']!r}, not {method!r}.")
+        if rank is not None and rank != meta["rank"]:
+            raise AdapterError(f"Adapters {path} have rank {meta['rank']}, expected {rank}.")
+        bank = cls(meta["tasks"], found_arch, meta["method"], int(meta["rank"]))
+        expected = {f"{t}/{s}/{w}" for t in bank.tasks for s in bank.sites for w in ("down", "up")}
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise AdapterError(
+                f"Adapter file {path} does not match its metadata: missing {missing[:4]}, "
+                f"unexpected {extra[:4]}."
+            )
+        with torch.no_grad():
+            for site in bank.sites:
+                down, up = bank.weights(site)
+                for t, task in enumerate(bank.tasks):
+                    for w, target in (("down", down[t]), ("up", up[t])):
+                        src = tensors[f"{task}/{site}/{w}"]
+                        if src.shape != target.shape:
+                            raise AdapterError(
+                                f"Adapter {path}: {task}/{site}/{w} has shape {tuple(src.shape)}, "
+                                f"expected {tuple(target.shape)} (rank {bank.rank}, width "
+                                f"{found_arch.site_dim(site)})."
+                            )
+                        target.copy_(src)
+        return bank, meta
