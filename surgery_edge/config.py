@@ -32,8 +32,13 @@ class ExpertSettings(_Frozen):
 
 
 class MergeSettings(_Frozen):
-    methods: list[str] = ["weight_averaging", "task_arithmetic", "ties_merging",
-                          "adamerging_taskwise", "adamerging_layerwise"]
+    methods: list[str] = [
+        "weight_averaging",
+        "task_arithmetic",
+        "ties_merging",
+        "adamerging_taskwise",
+        "adamerging_layerwise",
+    ]
     task_arithmetic_lam: float = 0.3
     ties_k: float = 0.2
     ties_lam: float = 0.3
@@ -46,7 +51,7 @@ class SurgerySettings(_Frozen):
     methods: list[Literal["surgery", "surgeryv2"]] = ["surgery", "surgeryv2"]
     rank: int = Field(16, ge=1)
     steps_v1: int = Field(1000, ge=1)
-    steps_v2: int = Field(200, ge=1)
+    steps_v2: int = Field(500, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = 1e-3
     transductive: bool = False

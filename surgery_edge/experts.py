@@ -20,8 +20,17 @@ from torch import nn
 from surgery_edge.data.suite import Suite, TaskData, pretraining_corpus
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.errors import CheckpointError
-from surgery_edge.models import (ArchSpec, ClassificationHead, ImageEncoder, build_encoder,
-                                 load_encoder, load_head, prototype_head, save_encoder, save_head)
+from surgery_edge.models import (
+    ArchSpec,
+    ClassificationHead,
+    ImageEncoder,
+    build_encoder,
+    load_encoder,
+    load_head,
+    prototype_head,
+    save_encoder,
+    save_head,
+)
 from surgery_edge.progress import progress_bar
 
 
@@ -53,20 +62,25 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 @torch.no_grad()
 def encode(
-    encoder: ImageEncoder, images: np.ndarray, batch_size: int = 512,
+    encoder: ImageEncoder,
+    images: np.ndarray,
+    batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:  # (N, embed_dim) on CPU
     """Features of uint8 images (N, H, W, 3) through ``encoder`` in eval mode."""
     encoder.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        out.append(encoder(to_model_input(images[i:i + batch_size], encoder.arch, device)).cpu())
+        out.append(encoder(to_model_input(images[i : i + batch_size], encoder.arch, device)).cpu())
     return torch.cat(out) if out else torch.zeros(0, encoder.arch.embed_dim)
 
 
 @torch.no_grad()
 def accuracy(
-    encoder: ImageEncoder, head: nn.Module, images: np.ndarray, labels: np.ndarray,
+    encoder: ImageEncoder,
+    head: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
     device: torch.device | str = "cpu",
 ) -> float:
     """Top-1 accuracy in percent."""
@@ -113,7 +127,7 @@ def pretrain(arch: ArchSpec, cfg: PretrainConfig, device: torch.device) -> dict[
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(images), generator=g)
             for s in range(steps_per_epoch):
-                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
                 rot = torch.randint(0, 4, (len(idx),), generator=g)
                 x = _rotate_batch(to_model_input(images[idx.numpy()], arch, device), rot.to(device))
                 outs = pretext(encoder(x)).split(sizes, dim=1)
@@ -129,7 +143,10 @@ def pretrain(arch: ArchSpec, cfg: PretrainConfig, device: torch.device) -> dict[
 
 
 def finetune_expert(
-    arch: ArchSpec, pretrained: dict[str, torch.Tensor], task: TaskData, cfg: FinetuneConfig,
+    arch: ArchSpec,
+    pretrained: dict[str, torch.Tensor],
+    task: TaskData,
+    cfg: FinetuneConfig,
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor], ClassificationHead]:
     """Fine-tune the whole encoder and a prototype-initialised head on ``task``'s train split."""
@@ -138,8 +155,9 @@ def finetune_expert(
     encoder.load_state_dict(pretrained)
     encoder.to(device)
     feats = encode(encoder, task.train_x, device=device)
-    head = prototype_head(feats, torch.from_numpy(task.train_y), task.num_classes,
-                          cfg.logit_scale).to(device)
+    head = prototype_head(
+        feats, torch.from_numpy(task.train_y), task.num_classes, cfg.logit_scale
+    ).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(task.train_x) // cfg.batch_size
@@ -152,7 +170,7 @@ def finetune_expert(
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(task.train_x), generator=g)
             for s in range(steps_per_epoch):
-                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
                 x = to_model_input(task.train_x[idx.numpy()], arch, device)
                 loss = F.cross_entropy(head(encoder(x)), labels[idx].to(device))
                 opt.zero_grad(set_to_none=True)
@@ -186,13 +204,18 @@ def _cached(path: Path, arch: ArchSpec, config: dict, loader) -> bool:
 
 
 def build_experts(
-    out_dir: str | Path, suite: Suite, arch: ArchSpec, device: torch.device,
-    pretrain_cfg: PretrainConfig = PretrainConfig(), finetune_cfg: FinetuneConfig = FinetuneConfig(),
+    out_dir: str | Path,
+    suite: Suite,
+    arch: ArchSpec,
+    device: torch.device,
+    pretrain_cfg: PretrainConfig = PretrainConfig(),
+    finetune_cfg: FinetuneConfig = FinetuneConfig(),
     log=print,
 ) -> ExpertSet:
     """Pretrain and fine-tune every task's expert into ``out_dir``; finished work is reused.
 
-    Layout: ``pretrained.safetensors``, ``experts/<task>.safetensors``, ``heads/<task>.safetensors``.
+    Layout: ``pretrained.safetensors``, ``experts/<task>.safetensors`` and
+    ``heads/<task>.safetensors``.
     A checkpoint is reused only when its recorded training config equals the requested one.
     """
     out = Path(out_dir)
@@ -207,7 +230,10 @@ def build_experts(
     experts, heads = {}, {}
     ft_cfg = {"pretrain": asdict(pretrain_cfg), "finetune": asdict(finetune_cfg)}
     for task in suite.tasks:
-        e_path, h_path = out / "experts" / f"{task.name}.safetensors", out / "heads" / f"{task.name}.safetensors"
+        e_path, h_path = (
+            out / "experts" / f"{task.name}.safetensors",
+            out / "heads" / f"{task.name}.safetensors",
+        )
         if _cached(e_path, arch, ft_cfg, load_encoder) and h_path.exists():
             log(f"reusing expert {task.name}")
         else:

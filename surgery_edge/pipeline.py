@@ -29,10 +29,16 @@ from surgery_edge.config import RunConfig
 from surgery_edge.data.suite import Suite, load_or_generate_suite
 from surgery_edge.device import resolve_device
 from surgery_edge.errors import CheckpointError, ConfigError
-from surgery_edge.experts import (ExpertSet, FinetuneConfig, PretrainConfig, build_experts,
-                                  load_heads)
+from surgery_edge.experts import (
+    ExpertSet,
+    FinetuneConfig,
+    PretrainConfig,
+    build_experts,
+    load_heads,
+)
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
 from surgery_edge.models.checkpoint import load_tensors
+from surgery_edge.progress import progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import cached_representations, file_fingerprint, fingerprint
@@ -56,7 +62,60 @@ class Run:
 
     @classmethod
     def create(cls, out: str | Path, config: RunConfig, log=print) -> Run:
-        return cls(Path(out), config, resolve_device(config.device), get_arch(config.arch), log)
+        """Start (or continue) a run in ``out`` with ``config``; the config is saved there."""
+        from surgery_edge.io import write_json_atomic
+
+        run = cls(Path(out), config, resolve_device(config.device), get_arch(config.arch), log)
+        write_json_atomic(run.out / "config.json", config.model_dump())
+        return run
+
+    @classmethod
+    def open(cls, out: str | Path, log=print, device: str | None = None) -> Run:
+        """Re-open a run directory made by ``surgery-edge experts`` or ``demo``."""
+        import json
+
+        out = Path(out)
+        path = out / "config.json"
+        if not path.is_file():
+            raise ConfigError(
+                f"{out} is not a surgery-edge run directory (no config.json). Create one with "
+                f"`surgery-edge experts --out {out}` or `surgery-edge demo --out {out}`."
+            )
+        config = RunConfig.model_validate(json.loads(path.read_text()))
+        if device is not None:
+            config = config.model_copy(update={"device": device})
+        return cls(out, config, resolve_device(config.device), get_arch(config.arch), log)
+
+    def require_experts(self) -> ExpertSet:
+        """Load the suite and the (existing) experts; never trains."""
+        prepare_suite(self)
+        ckpt = self.out / "checkpoints"
+        experts = {t: ckpt / "experts" / f"{t}.safetensors" for t in self.tasks}
+        heads = {t: ckpt / "heads" / f"{t}.safetensors" for t in self.tasks}
+        for p in [ckpt / "pretrained.safetensors", *experts.values(), *heads.values()]:
+            if not p.is_file():
+                raise CheckpointError(
+                    f"Checkpoint {p} does not exist. Run `surgery-edge experts --out {self.out}` "
+                    "first, or restore the file."
+                )
+        self.experts = ExpertSet(ckpt / "pretrained.safetensors", experts, heads)
+        return self.experts
+
+    def find_merges(self) -> dict[str, Path]:
+        folder = self.out / "merged"
+        self.merged = (
+            {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+        )
+        return self.merged
+
+    def find_adapters(self) -> dict[tuple[str, str], Path]:
+        self.adapters = {}
+        for merge in self.merged:
+            for method in ("surgery", "surgeryv2"):
+                p = self.out / "adapters" / merge / f"{method}.safetensors"
+                if p.is_file():
+                    self.adapters[(merge, method)] = p
+        return self.adapters
 
     @contextmanager
     def stage(self, name: str):
@@ -73,8 +132,14 @@ def prepare_suite(run: Run) -> Suite:
     s = run.config.suite
     with run.stage("suite"):
         run.suite = load_or_generate_suite(
-            run.out / "suite.npz", seed=s.seed, n_train=s.n_train, n_adapt=s.n_adapt,
-            n_test=s.n_test, size=32, tasks=s.tasks)
+            run.out / "suite.npz",
+            seed=s.seed,
+            n_train=s.n_train,
+            n_adapt=s.n_adapt,
+            n_test=s.n_test,
+            size=32,
+            tasks=s.tasks,
+        )
     return run.suite
 
 
@@ -82,12 +147,24 @@ def prepare_experts(run: Run) -> ExpertSet:
     e = run.config.experts
     with run.stage("experts"):
         run.experts = build_experts(
-            run.out / "checkpoints", run.suite, run.arch, run.device,
-            PretrainConfig(n_per_source=e.pretrain_n_per_source, epochs=e.pretrain_epochs,
-                           lr=e.pretrain_lr, seed=run.config.seed),
-            FinetuneConfig(epochs=e.finetune_epochs, lr=e.finetune_lr,
-                           batch_size=e.finetune_batch_size, seed=run.config.seed),
-            log=run.log)
+            run.out / "checkpoints",
+            run.suite,
+            run.arch,
+            run.device,
+            PretrainConfig(
+                n_per_source=e.pretrain_n_per_source,
+                epochs=e.pretrain_epochs,
+                lr=e.pretrain_lr,
+                seed=run.config.seed,
+            ),
+            FinetuneConfig(
+                epochs=e.finetune_epochs,
+                lr=e.finetune_lr,
+                batch_size=e.finetune_batch_size,
+                seed=run.config.seed,
+            ),
+            log=run.log,
+        )
     return run.experts
 
 
@@ -105,27 +182,43 @@ def _meta_fingerprint(path: Path) -> str | None:
 
 def merge_params(config: RunConfig, method: str) -> dict:
     m = config.merge
-    return {"task_arithmetic": {"lam": m.task_arithmetic_lam},
-            "ties_merging": {"k": m.ties_k, "lam": m.ties_lam}}.get(method, {})
+    return {
+        "task_arithmetic": {"lam": m.task_arithmetic_lam},
+        "ties_merging": {"k": m.ties_k, "lam": m.ties_lam},
+    }.get(method, {})
 
 
-def run_merges(run: Run) -> dict[str, Path]:
-    """Merge the experts with every configured method (reusing up-to-date merges)."""
+def run_merges(
+    run: Run, methods: list[str] | None = None, overrides: dict | None = None
+) -> dict[str, Path]:
+    """Merge the experts with every configured method (reusing up-to-date merges).
+
+    Args:
+        methods: merge only these (default: the config's list).
+        overrides: parameter overrides, e.g. ``{"lam": 0.5}``, for every method that takes them.
+    """
     from surgery_edge import merging
     from surgery_edge.merging import AdaMergingContext
 
-    for name in run.config.merge.methods:
+    methods = methods or run.config.merge.methods
+    for name in methods:
         merging.get(name)  # unknown names fail before any work
     pre = load_encoder(run.experts.pretrained, run.arch)
     experts = {t: load_encoder(p, run.arch).state_dict for t, p in run.experts.experts.items()}
     m = run.config.merge
-    for name in m.methods:
+    for name in methods:
         path = run.out / "merged" / f"{name}.safetensors"
         params = merge_params(run.config, name)
+        params.update({k: v for k, v in (overrides or {}).items() if k in params})
         ada = name.startswith("adamerging")
-        fp = fingerprint(_experts_fingerprint(run), name, params,
-                         (m.adamerging_steps, m.adamerging_batch_size, m.adamerging_lr,
-                          run.config.seed) if ada else None)
+        fp = fingerprint(
+            _experts_fingerprint(run),
+            name,
+            params,
+            (m.adamerging_steps, m.adamerging_batch_size, m.adamerging_lr, run.config.seed)
+            if ada
+            else None,
+        )
         if path.exists() and _meta_fingerprint(path) == fp:
             run.log(f"reusing merge {name}")
             run.merged[name] = path
@@ -137,15 +230,29 @@ def run_merges(run: Run) -> dict[str, Path]:
 
                 context = AdaMergingContext(
                     encoder=pre.build(run.device),
-                    heads={t: h.to(run.device) for t, h in
-                           load_heads(run.experts.heads, run.arch).items()},
-                    images={t: to_model_input(run.suite.task(t).adapt_x, run.arch, run.device)
-                            for t in run.tasks},
-                    steps=m.adamerging_steps, batch_size=m.adamerging_batch_size,
-                    lr=m.adamerging_lr, seed=run.config.seed, device=run.device)
-            result = merging.get(name)(pre.state_dict, experts, context=context, **params)
-            save_encoder(path, run.arch, result.state_dict, task=None, recipe=result.recipe,
-                         fingerprint=fp)
+                    heads={
+                        t: h.to(run.device)
+                        for t, h in load_heads(run.experts.heads, run.arch).items()
+                    },
+                    images={
+                        t: to_model_input(run.suite.task(t).adapt_x, run.arch, run.device)
+                        for t in run.tasks
+                    },
+                    steps=m.adamerging_steps,
+                    batch_size=m.adamerging_batch_size,
+                    lr=m.adamerging_lr,
+                    seed=run.config.seed,
+                    device=run.device,
+                )
+            if context is None:
+                result = merging.get(name)(pre.state_dict, experts, **params)
+            else:
+                with progress_bar(context.steps, name) as bar:
+                    context.progress = lambda step, loss: bar.advance(entropy=loss)
+                    result = merging.get(name)(pre.state_dict, experts, context=context, **params)
+            save_encoder(
+                path, run.arch, result.state_dict, task=None, recipe=result.recipe, fingerprint=fp
+            )
         run.merged[name] = path
     return run.merged
 
@@ -155,9 +262,13 @@ def expert_representations(run: Run, task: str, split: str) -> tuple[np.ndarray,
     path = run.experts.experts[task]
     images = _split_images(run.suite, task, split)
     key = f"{task}-{split}-{fingerprint(file_fingerprint(path), run.suite.seed, len(images))}"
-    return cached_representations(run.out / "cache", key,
-                                  lambda: load_encoder(path, run.arch).build(run.device),
-                                  images, run.device)
+    return cached_representations(
+        run.out / "cache",
+        key,
+        lambda: load_encoder(path, run.arch).build(run.device),
+        images,
+        run.device,
+    )
 
 
 def _split_images(suite: Suite, task: str, split: str) -> np.ndarray:
@@ -167,49 +278,83 @@ def _split_images(suite: Suite, task: str, split: str) -> np.ndarray:
 
 def surgery_config(run: Run, method: str) -> SurgeryConfig:
     s = run.config.surgery
-    return SurgeryConfig(method=method, rank=s.rank,
-                         steps=s.steps_v1 if method == "surgery" else s.steps_v2,
-                         batch_size=s.batch_size, lr=s.lr, seed=run.config.seed)
+    return SurgeryConfig(
+        method=method,
+        rank=s.rank,
+        steps=s.steps_v1 if method == "surgery" else s.steps_v2,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=run.config.seed,
+    )
+
+
+def training_targets(run: Run, split: str) -> dict[str, TaskTargets]:
+    return {
+        t: TaskTargets(_split_images(run.suite, t, split), *expert_representations(run, t, split))
+        for t in run.tasks
+    }
+
+
+def train_one(
+    run: Run,
+    merge_name: str,
+    cfg: SurgeryConfig,
+    out_path: Path | None = None,
+    transductive: bool = False,
+    resume: bool = True,
+    targets: dict[str, TaskTargets] | None = None,
+) -> Path:
+    """Train one surgery method on one merged backbone (reused when already up to date)."""
+    if merge_name not in run.merged:
+        raise ConfigError(
+            f"No merged model {merge_name!r} in {run.out / 'merged'}; found {sorted(run.merged)}. "
+            f"Create it with `surgery-edge merge --run {run.out} --method {merge_name}`."
+        )
+    merged_path = run.merged[merge_name]
+    split = "test" if transductive else "adapt"
+    path = out_path or run.out / "adapters" / merge_name / f"{cfg.method}.safetensors"
+    fp = fingerprint(file_fingerprint(merged_path), _experts_fingerprint(run), cfg, split)
+    if path.exists() and _meta_fingerprint(path) == fp:
+        run.log(f"reusing {cfg.method} adapters on {merge_name}")
+        return path
+    if targets is None:
+        with run.stage("surgery:targets"):
+            targets = training_targets(run, split)
+    heads = load_heads(run.experts.heads, run.arch)
+    merged = load_encoder(merged_path, run.arch)
+    recipe = dict(merged.meta.get("recipe", {}))
+    with run.stage(f"surgery:{cfg.method}"):
+        train_surgery(
+            merged.build(run.device),
+            [heads[t] for t in run.tasks],
+            run.tasks,
+            targets,
+            cfg,
+            path,
+            run.device,
+            merge_recipe=recipe,
+            resume=resume,
+            extra_meta={"fingerprint": fp, "split": split},
+        )
+    return path
 
 
 def run_surgery(run: Run, resume: bool = True) -> dict[tuple[str, str], Path]:
     """Train every configured surgery method on top of every merge (reusing finished ones)."""
     s = run.config.surgery
-    split = "test" if s.transductive else "adapt"
-    heads = load_heads(run.experts.heads, run.arch)
-    targets = None
-    for merge_name, merged_path in run.merged.items():
+    with run.stage("surgery:targets"):
+        targets = training_targets(run, "test" if s.transductive else "adapt")
+    for merge_name in run.merged:
         for method in s.methods:
-            cfg = surgery_config(run, method)
-            path = run.out / "adapters" / merge_name / f"{method}.safetensors"
-            fp = fingerprint(file_fingerprint(merged_path), _experts_fingerprint(run), cfg, split)
-            if path.exists() and _meta_fingerprint(path) == fp:
-                run.log(f"reusing {method} adapters on {merge_name}")
-                run.adapters[(merge_name, method)] = path
-                continue
-            if targets is None:
-                with run.stage("surgery:targets"):
-                    targets = {}
-                    for t in run.tasks:
-                        final, blocks = expert_representations(run, t, split)
-                        targets[t] = TaskTargets(_split_images(run.suite, t, split), final, blocks)
-            merged = load_encoder(merged_path, run.arch)
-            recipe = dict(merged.meta.get("recipe", {}))
-            with run.stage(f"surgery:{method}"):
-                train_surgery(merged.build(run.device), [heads[t] for t in run.tasks], run.tasks,
-                              targets, cfg, path, run.device,
-                              merge_recipe={**recipe, "fingerprint": fp}, resume=resume)
-            _stamp_fingerprint(path, fp)
-            run.adapters[(merge_name, method)] = path
+            run.adapters[(merge_name, method)] = train_one(
+                run,
+                merge_name,
+                surgery_config(run, method),
+                transductive=s.transductive,
+                resume=resume,
+                targets=targets,
+            )
     return run.adapters
-
-
-def _stamp_fingerprint(path: Path, fp: str) -> None:
-    from surgery_edge.models.checkpoint import save_tensors
-
-    tensors, meta = load_tensors(path)
-    meta.pop("format_version", None)
-    save_tensors(path, tensors, {**meta, "fingerprint": fp})
 
 
 def build_model(run: Run, merged_path: Path, adapters: Path | None = None) -> MultiTaskModel:
@@ -220,8 +365,11 @@ def build_model(run: Run, merged_path: Path, adapters: Path | None = None) -> Mu
     if adapters is not None:
         bank, _ = AdapterBank.load(adapters, arch=run.arch, tasks=run.tasks)
     names = [run.suite.task(t).class_names for t in run.tasks]
-    return MultiTaskModel(encoder, [heads[t] for t in run.tasks], run.tasks, bank,
-                          names).to(run.device).eval()
+    return (
+        MultiTaskModel(encoder, [heads[t] for t in run.tasks], run.tasks, bank, names)
+        .to(run.device)
+        .eval()
+    )
 
 
 def evaluate(run: Run) -> dict:
@@ -232,12 +380,16 @@ def evaluate(run: Run) -> dict:
     rows = []
 
     def row(method, surgery, per_task):
-        rows.append({"method": method, "surgery": surgery, "per_task": per_task,
-                     "avg": average(per_task)})
+        rows.append(
+            {"method": method, "surgery": surgery, "per_task": per_task, "avg": average(per_task)}
+        )
 
     with run.stage("evaluation"):
-        row("pretrained", "none", routed_accuracy(build_model(run, run.experts.pretrained),
-                                                  run.suite, run.device))
+        row(
+            "pretrained",
+            "none",
+            routed_accuracy(build_model(run, run.experts.pretrained), run.suite, run.device),
+        )
         row("individual", "none", {t: _expert_accuracy(run, t) for t in run.tasks})
         bias: dict[str, dict[str, dict[str, float]]] = {}
         test_images = {t: run.suite.task(t).test_x for t in run.tasks}
@@ -245,16 +397,18 @@ def evaluate(run: Run) -> dict:
         for merge_name, merged_path in run.merged.items():
             model = build_model(run, merged_path)
             row(merge_name, "none", routed_accuracy(model, run.suite, run.device))
-            bias[merge_name] = {"none": representation_bias(model, test_images, expert_test,
-                                                            run.device)}
+            bias[merge_name] = {
+                "none": representation_bias(model, test_images, expert_test, run.device)
+            }
             for method in run.config.surgery.methods:
                 path = run.adapters.get((merge_name, method))
                 if path is None:
                     continue
                 model = build_model(run, merged_path, path)
                 row(merge_name, method, routed_accuracy(model, run.suite, run.device))
-                bias[merge_name][method] = representation_bias(model, test_images, expert_test,
-                                                               run.device)
+                bias[merge_name][method] = representation_bias(
+                    model, test_images, expert_test, run.device
+                )
     return {"rows": rows, "bias": bias}
 
 
@@ -272,11 +426,16 @@ def report_dict(run: Run, evaluation: dict, notes: list[str] | None = None) -> d
     from surgery_edge import __version__
 
     return {
-        "suite": run.suite.name, "arch": run.arch.name, "tasks": run.tasks,
-        "results": evaluation["rows"], "representation_bias": evaluation["bias"],
+        "suite": run.suite.name,
+        "arch": run.arch.name,
+        "tasks": run.tasks,
+        "results": evaluation["rows"],
+        "representation_bias": evaluation["bias"],
         "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
-        "config": run.config.model_dump(), "device": str(run.device),
-        "version": __version__, "notes": notes or [],
+        "config": run.config.model_dump(),
+        "device": str(run.device),
+        "version": __version__,
+        "notes": notes or [],
     }
 
 
@@ -285,3 +444,26 @@ def check_tasks(run: Run, names: list[str] | None) -> None:
         unknown = [n for n in names if n not in run.tasks]
         if unknown:
             raise ConfigError(f"Unknown task(s) {unknown}; this run has {run.tasks}.")
+
+
+def run_demo(out: str | Path, config: RunConfig, log=print) -> Path:
+    """Suite, experts, every merge, every surgery, evaluation and report; returns report.md."""
+    from surgery_edge.evaluation.report import write_report
+
+    t0 = time.perf_counter()
+    run = Run.create(out, config, log)
+    log(f"device: {run.device}; arch: {run.arch.name}; run directory: {run.out}")
+    prepare_suite(run)
+    prepare_experts(run)
+    run_merges(run)
+    run_surgery(run)
+    evaluation = evaluate(run)
+    run.timings["total"] = time.perf_counter() - t0
+    s = config.surgery
+    notes = [
+        f"Surgery: rank {s.rank}, batch {s.batch_size} per task, lr {s.lr}; V1 {s.steps_v1} "
+        f"steps, V2 {s.steps_v2} steps; trained on the "
+        f"{'test (transductive)' if s.transductive else 'adaptation'} split, evaluated on test.",
+        "Timings are wall-clock seconds of this invocation; cached stages take ~0 s.",
+    ]
+    return write_report(run.out, report_dict(run, evaluation, notes))["md"]

@@ -13,8 +13,9 @@ class _Bar:
 
     def advance(self, n: int = 1, **fields) -> None:
         if self._progress is not None:
-            desc = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in fields.items())
+            desc = "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+            )
             self._progress.update(self._task, advance=n, info=desc)
 
 
@@ -24,10 +25,22 @@ def progress_bar(total: int, description: str) -> Iterator[_Bar]:
     if os.environ.get("SURGERY_EDGE_QUIET") == "1":
         yield _Bar(None, None)
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     with Progress(*columns, transient=False) as progress:
         yield _Bar(progress, progress.add_task(description, total=total, info=""))

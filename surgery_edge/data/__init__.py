@@ -12,6 +12,12 @@ from surgery_edge.data.suite import (
 from surgery_edge.data.transforms import to_model_input
 
 __all__ = [
-    "TASKS", "TASK_NAMES", "Suite", "TaskData", "generate_suite", "load_or_generate_suite",
-    "pretraining_corpus", "to_model_input",
+    "TASKS",
+    "TASK_NAMES",
+    "Suite",
+    "TaskData",
+    "generate_suite",
+    "load_or_generate_suite",
+    "pretraining_corpus",
+    "to_model_input",
 ]

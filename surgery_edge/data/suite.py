@@ -88,18 +88,31 @@ def _render_digits(rng, label, size, pool):
 def _render_cluttered_digits(rng, label, size, pool):
     # Textured background, distractor digit fragments cut at the borders, clutter strokes.
     img = R.background(size, rng, noise=0.10)
-    img = R.composite(img, R.stripes(size, rng.uniform(0, math.pi), rng.uniform(3, 8), rng.uniform())
-                      * rng.uniform(0.15, 0.35), R.random_colour(rng))
+    img = R.composite(
+        img,
+        R.stripes(size, rng.uniform(0, math.pi), rng.uniform(3, 8), rng.uniform())
+        * rng.uniform(0.15, 0.35),
+        R.random_colour(rng),
+    )
     for _ in range(2):
         px = int(size * 0.7)
         g = _digit_glyph(pool, int(rng.integers(10)), rng, px)
         side = rng.integers(2)
         left = -int(px * 0.75) if side == 0 else size - int(px * 0.25)
-        img = R.composite(img, _place(size, g, int(rng.integers(-4, size - px + 4)), left) * 0.8,
-                          R.random_colour(rng))
+        img = R.composite(
+            img,
+            _place(size, g, int(rng.integers(-4, size - px + 4)), left) * 0.8,
+            R.random_colour(rng),
+        )
     for _ in range(int(rng.integers(1, 4))):
-        m = R.rect_mask(size, rng.uniform(0, size), rng.uniform(0, size), 0.6, rng.uniform(3, 8),
-                        rng.uniform(0, math.pi))
+        m = R.rect_mask(
+            size,
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            0.6,
+            rng.uniform(3, 8),
+            rng.uniform(0, math.pi),
+        )
         img = R.composite(img, m, R.random_colour(rng))
     px = int(rng.integers(int(size * 0.7), int(size * 0.8) + 1))
     glyph = _digit_glyph(pool, label, rng, px)
@@ -149,11 +162,14 @@ def _render_textures(rng, label, size, pool):
     elif kind == "vertical":
         m = R.stripes(size, rng.normal(0, 0.08), period, phase)
     elif kind == "diagonal":
-        m = R.stripes(size, rng.choice([math.pi / 4, 3 * math.pi / 4]) + rng.normal(0, 0.08),
-                      period, phase)
+        m = R.stripes(
+            size, rng.choice([math.pi / 4, 3 * math.pi / 4]) + rng.normal(0, 0.08), period, phase
+        )
     elif kind == "checkered":
-        m = (R.stripes(size, 0, period * 2, phase) != R.stripes(size, math.pi / 2, period * 2,
-                                                                   rng.uniform())).astype(np.float32)
+        m = (
+            R.stripes(size, 0, period * 2, phase)
+            != R.stripes(size, math.pi / 2, period * 2, rng.uniform())
+        ).astype(np.float32)
     elif kind == "dotted":
         gy, gx = (np.mod(v + rng.uniform(0, period), period * 1.2) - period * 0.6 for v in (y, x))
         m = R._soft(period * rng.uniform(0.22, 0.32) - np.hypot(gy, gx))
@@ -172,8 +188,9 @@ COLOURS = tuple(R.HUES)
 
 def _render_colours(rng, label, size, pool):
     grey = rng.uniform(0.15, 0.85)
-    bg = np.clip(np.full((size, size, 3), grey, np.float32)
-                 + rng.normal(0, 0.03, (size, size, 3)), 0, 1)
+    bg = np.clip(
+        np.full((size, size, 3), grey, np.float32) + rng.normal(0, 0.03, (size, size, 3)), 0, 1
+    )
     radius = rng.uniform(0.22, 0.38) * size
     cy, cx = (rng.uniform(radius, size - radius) for _ in range(2))
     kind = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -201,8 +218,16 @@ def _render_counting(rng, label, size, pool):
     return img
 
 
-DIRECTIONS = ("east", "north-east", "north", "north-west", "west", "south-west", "south",
-              "south-east")
+DIRECTIONS = (
+    "east",
+    "north-east",
+    "north",
+    "north-west",
+    "west",
+    "south-west",
+    "south",
+    "south-east",
+)
 
 
 def _render_orientation(rng, label, size, pool):
@@ -210,8 +235,9 @@ def _render_orientation(rng, label, size, pool):
     length = rng.uniform(0.55, 0.8) * size
     cy, cx = (size / 2 + rng.uniform(-3, 3) for _ in range(2))
     angle = label * math.pi / 4 + rng.normal(0, 0.06)
-    return R.composite(bg, R.arrow_mask(size, cy, cx, length, angle),
-                       R.contrasting_colour(bg.mean((0, 1)), rng))
+    return R.composite(
+        bg, R.arrow_mask(size, cy, cx, length, angle), R.contrasting_colour(bg.mean((0, 1)), rng)
+    )
 
 
 SIGN_BORDERS = ("round", "triangular", "octagonal", "diamond")
@@ -224,14 +250,19 @@ def _render_signs(rng, label, size, pool):
     img = R.background(size, rng, noise=0.06)
     radius = rng.uniform(0.34, 0.44) * size
     cy, cx = (size / 2 + rng.uniform(-2.5, 2.5) for _ in range(2))
-    sides, rot = {"round": (0, 0.0), "triangular": (3, -math.pi / 2), "octagonal": (8, math.pi / 8),
-                  "diamond": (4, 0.0)}[border]
+    sides, rot = {
+        "round": (0, 0.0),
+        "triangular": (3, -math.pi / 2),
+        "octagonal": (8, math.pi / 8),
+        "diamond": (4, 0.0),
+    }[border]
     rot += rng.normal(0, 0.05)
     scale = 1.2 if sides == 3 else 1.0
     rim = R.jitter_colour(R.HUES[str(rng.choice(["red", "blue", "yellow"]))], rng)
     outer = R.polygon_mask(size, cy, cx, radius * scale, sides, rot)
-    inner = R.polygon_mask(size, cy + (radius * 0.15 if sides == 3 else 0), cx,
-                           radius * scale * 0.62, sides, rot)
+    inner = R.polygon_mask(
+        size, cy + (radius * 0.15 if sides == 3 else 0), cx, radius * scale * 0.62, sides, rot
+    )
     img = R.composite(img, outer, rim)
     img = R.composite(img, inner, R.jitter_colour((0.95, 0.95, 0.95), rng))
     ink = R.jitter_colour((0.08, 0.08, 0.08), rng)
@@ -254,17 +285,29 @@ class TaskDef:
 
 
 TASKS: tuple[TaskDef, ...] = (
-    TaskDef("digits", tuple(str(i) for i in range(10)), _render_digits,
-            "Real handwritten digit scans (scikit-learn), random size, position and colours."),
-    TaskDef("cluttered_digits", tuple(str(i) for i in range(10)), _render_cluttered_digits,
-            "The centred digit among cut-off distractor digits, stripes and strokes."),
+    TaskDef(
+        "digits",
+        tuple(str(i) for i in range(10)),
+        _render_digits,
+        "Real handwritten digit scans (scikit-learn), random size, position and colours.",
+    ),
+    TaskDef(
+        "cluttered_digits",
+        tuple(str(i) for i in range(10)),
+        _render_cluttered_digits,
+        "The centred digit among cut-off distractor digits, stripes and strokes.",
+    ),
     TaskDef("shapes", SHAPES, _render_shapes, "Which of six filled shapes, any colour/pose."),
     TaskDef("textures", TEXTURES, _render_textures, "Which of six textures fills the image."),
     TaskDef("colours", COLOURS, _render_colours, "The hue of the one object on a grey field."),
     TaskDef("counting", COUNTS, _render_counting, "How many dots (1-4)."),
     TaskDef("orientation", DIRECTIONS, _render_orientation, "Which of 8 ways the arrow points."),
-    TaskDef("signs", SIGNS, _render_signs,
-            "Sign-like glyphs: border shape x inner mark (rim colour is a nuisance)."),
+    TaskDef(
+        "signs",
+        SIGNS,
+        _render_signs,
+        "Sign-like glyphs: border shape x inner mark (rim colour is a nuisance).",
+    ),
 )
 TASK_NAMES = tuple(t.name for t in TASKS)
 
@@ -329,7 +372,11 @@ def _render_split(task: TaskDef, task_index: int, split: str, n: int, seed: int,
 
 
 def generate_suite(
-    seed: int = 0, n_train: int = 2000, n_adapt: int = 400, n_test: int = 500, size: int = 32,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_adapt: int = 400,
+    n_test: int = 500,
+    size: int = 32,
     tasks: list[str] | None = None,
 ) -> Suite:
     """Generate the suite deterministically from ``seed`` (same seed -> identical arrays)."""
@@ -340,8 +387,9 @@ def generate_suite(
         train_x, train_y = _render_split(task, i, "train", n_train, seed, size)
         adapt_x, _ = _render_split(task, i, "adapt", n_adapt, seed, size)
         test_x, test_y = _render_split(task, i, "test", n_test, seed, size)
-        out.append(TaskData(task.name, list(task.classes), train_x, train_y, adapt_x, test_x,
-                            test_y))
+        out.append(
+            TaskData(task.name, list(task.classes), train_x, train_y, adapt_x, test_x, test_y)
+        )
     return Suite(SUITE_NAME, seed, size, out)
 
 
@@ -424,12 +472,21 @@ def load_suite(path: str | Path) -> Suite:
         name, seed, size = (str(v) for v in z["__meta__"])
         names = sorted({k.split("/")[0] for k in z.files if "/" in k}, key=_task_order)
         tasks = [
-            TaskData(n, [str(c) for c in z[f"{n}/class_names"]], z[f"{n}/train_x"],
-                     z[f"{n}/train_y"], z[f"{n}/adapt_x"], z[f"{n}/test_x"], z[f"{n}/test_y"])
+            TaskData(
+                n,
+                [str(c) for c in z[f"{n}/class_names"]],
+                z[f"{n}/train_x"],
+                z[f"{n}/train_y"],
+                z[f"{n}/adapt_x"],
+                z[f"{n}/test_x"],
+                z[f"{n}/test_y"],
+            )
             for n in names
         ]
     except (OSError, KeyError, ValueError) as e:
-        raise SurgeryEdgeError(f"Suite cache {path} is unreadable ({e}); delete it to regenerate.")
+        raise SurgeryEdgeError(
+            f"Suite cache {path} is unreadable ({e}); delete it to regenerate."
+        ) from None
     return Suite(name, int(seed), int(size), tasks)
 
 
@@ -437,12 +494,21 @@ def _task_order(name: str) -> int:
     return TASK_NAMES.index(name) if name in TASK_NAMES else len(TASK_NAMES)
 
 
+def _matches(suite: Suite, n_train=2000, n_adapt=400, n_test=500, size=32, tasks=None) -> bool:
+    sizes = {(len(t.train_x), len(t.adapt_x), len(t.test_x)) for t in suite.tasks}
+    return (
+        sizes == {(n_train, n_adapt, n_test)}
+        and suite.image_size == size
+        and suite.task_names == list(tasks or TASK_NAMES)
+    )
+
+
 def load_or_generate_suite(cache: str | Path, seed: int = 0, **kwargs) -> Suite:
     """Load the cached suite at ``cache`` if it was made with ``seed``, else generate and save."""
     cache = Path(cache)
     if cache.exists():
         suite = load_suite(cache)
-        if suite.seed == seed and (not kwargs.get("tasks") or suite.task_names == kwargs["tasks"]):
+        if suite.seed == seed and _matches(suite, **kwargs):
             return suite
     suite = generate_suite(seed=seed, **kwargs)
     save_suite(suite, cache)

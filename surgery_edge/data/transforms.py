@@ -20,8 +20,13 @@ def to_model_input(
         raise ValueError(f"expected images of shape (N, H, W, 3), got {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != arch.image_size or x.shape[-2] != arch.image_size:
-        x = F.interpolate(x, size=(arch.image_size, arch.image_size), mode="bilinear",
-                          antialias=True, align_corners=False)
+        x = F.interpolate(
+            x,
+            size=(arch.image_size, arch.image_size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
     mean = torch.tensor(arch.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(arch.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

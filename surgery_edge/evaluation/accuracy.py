@@ -12,7 +12,10 @@ from surgery_edge.surgery.model import MultiTaskModel
 
 @torch.no_grad()
 def routed_accuracy(
-    model: MultiTaskModel, suite: Suite, device: torch.device, batch_size: int = 256,
+    model: MultiTaskModel,
+    suite: Suite,
+    device: torch.device,
+    batch_size: int = 256,
     split: str = "test",
 ) -> dict[str, float]:
     """Per-task top-1 accuracy (percent), each image routed to its own task."""
@@ -20,13 +23,15 @@ def routed_accuracy(
     out = {}
     for t, task in enumerate(model.tasks):
         data = suite.task(task)
-        x_all, y_all = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
+        x_all, y_all = (
+            (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
+        )
         correct = 0
         for i in range(0, len(x_all), batch_size):
-            x = to_model_input(x_all[i:i + batch_size], model.encoder.arch, device)
+            x = to_model_input(x_all[i : i + batch_size], model.encoder.arch, device)
             ids = torch.full((len(x),), t, dtype=torch.long, device=device)
             pred = model(x, ids).argmax(-1).cpu().numpy()
-            correct += int((pred == y_all[i:i + batch_size]).sum())
+            correct += int((pred == y_all[i : i + batch_size]).sum())
         out[task] = 100.0 * correct / len(x_all)
     return out
 

@@ -33,13 +33,13 @@ def representation_bias(
         final_e, blocks_e = expert_reps[task]
         task_sum = np.zeros(arch.layers + 1)
         for i in range(0, len(x_all), batch_size):
-            x = to_model_input(x_all[i:i + batch_size], arch, device)
+            x = to_model_input(x_all[i : i + batch_size], arch, device)
             ids = torch.full((len(x),), t, dtype=torch.long, device=device)
             final, means = model.representations(x, ids)
             for layer, m in enumerate(means):
-                ref = torch.from_numpy(np.asarray(blocks_e[i:i + batch_size, layer])).to(device)
+                ref = torch.from_numpy(np.array(blocks_e[i : i + batch_size, layer])).to(device)
                 task_sum[layer] += (m - ref).abs().mean(-1).sum().item()
-            ref = torch.from_numpy(np.asarray(final_e[i:i + batch_size])).to(device)
+            ref = torch.from_numpy(np.array(final_e[i : i + batch_size])).to(device)
             task_sum[-1] += (final - ref).abs().mean(-1).sum().item()
         sums += task_sum / len(x_all)
     sums /= len(model.tasks)

@@ -16,37 +16,56 @@ def gap_closed(rows: list[dict], base: str = "task_arithmetic") -> dict[str, flo
     ind, b = avg.get(("individual", "none")), avg.get((base, "none"))
     if ind is None or b is None or ind == b:
         return {}
-    return {s: (avg[(base, s)] - b) / (ind - b) for s in ("surgery", "surgeryv2")
-            if (base, s) in avg}
+    return {
+        s: (avg[(base, s)] - b) / (ind - b) for s in ("surgery", "surgeryv2") if (base, s) in avg
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
     tasks = report["tasks"]
-    lines = [f"# surgery-edge report: {report['suite']} suite, {report['arch']}", "",
-             "Top-1 accuracy (%) on the test split.", "",
-             "| method | " + " | ".join(tasks) + " | avg |",
-             "|---" * (len(tasks) + 2) + "|"]
+    lines = [
+        f"# surgery-edge report: {report['suite']} suite, {report['arch']}",
+        "",
+        "Top-1 accuracy (%) on the test split.",
+        "",
+        "| method | " + " | ".join(tasks) + " | avg |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
     for r in report["results"]:
         name = r["method"] + SURGERY_LABELS.get(r["surgery"], f" w/ {r['surgery']}")
         cells = " | ".join(f"{r['per_task'][t]:.1f}" for t in tasks)
         lines.append(f"| {name} | {cells} | {r['avg']:.1f} |")
     gap = report.get("gap_closed")
     if gap:
-        lines += ["", "Gap to the experts closed, with task arithmetic as the base: " + ", ".join(
-            f"{s} {100 * v:.0f}%" for s, v in gap.items()) + "."]
+        lines += [
+            "",
+            "Gap to the experts closed, with task arithmetic as the base: "
+            + ", ".join(f"{s} {100 * v:.0f}%" for s, v in gap.items())
+            + ".",
+        ]
     bias = report.get("representation_bias")
     if bias:
         sites = list(next(iter(next(iter(bias.values())).values())))
-        lines += ["", "Representation bias (mean L1 distance to the experts' representations, "
-                  "test split, mean over tasks).", "",
-                  "| merge | surgery | " + " | ".join(sites) + " |", "|---" * (len(sites) + 2) + "|"]
+        lines += [
+            "",
+            "Representation bias (mean L1 distance to the experts' representations, "
+            "test split, mean over tasks).",
+            "",
+            "| merge | surgery | " + " | ".join(sites) + " |",
+            "|---" * (len(sites) + 2) + "|",
+        ]
         for merge, by_s in bias.items():
             for s, vals in by_s.items():
-                lines.append(f"| {merge} | {s} | " + " | ".join(f"{vals[k]:.4f}" for k in sites)
-                             + " |")
+                lines.append(
+                    f"| {merge} | {s} | " + " | ".join(f"{vals[k]:.4f}" for k in sites) + " |"
+                )
     if report.get("timings_s"):
-        lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}"
-                                                  for k, v in report["timings_s"].items()) + "."]
+        lines += [
+            "",
+            "Timings (s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items())
+            + ".",
+        ]
     for key in ("notes", "plots"):
         if report.get(key):
             lines += ["", f"{key.capitalize()}:"] + [f"- {n}" for n in report[key]]
@@ -70,8 +89,12 @@ def plot_accuracy(report: dict, path: Path) -> Path:
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         label = r["method"] + SURGERY_LABELS.get(r["surgery"], "")
-        ax.bar(np.arange(len(tasks)) + i * width, [r["per_task"][t] for t in tasks], width,
-               label=f"{label} ({r['avg']:.1f})")
+        ax.bar(
+            np.arange(len(tasks)) + i * width,
+            [r["per_task"][t] for t in tasks],
+            width,
+            label=f"{label} ({r['avg']:.1f})",
+        )
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
@@ -90,8 +113,9 @@ def plot_bias(report: dict, path: Path) -> Path:
 
     bias = report["representation_bias"]
     merges = list(bias)
-    fig, axes = plt.subplots(1, len(merges), figsize=(3.2 * len(merges), 3.2), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(merges), figsize=(3.2 * len(merges), 3.2), sharey=True, squeeze=False
+    )
     for ax, merge in zip(axes[0], merges):
         for s, vals in bias[merge].items():
             ax.plot(list(vals), list(vals.values()), marker="o", label=s)

@@ -68,13 +68,25 @@ class ArchSpec:
 TINY_ARCHS: dict[str, ArchSpec] = {
     # The built-in suite's model: 32x32 RGB, 4x4 grid of 8-px patches (17 tokens), 4 blocks.
     "tiny-vit-32": ArchSpec(
-        name="tiny-vit-32", image_size=32, patch_size=8, width=128, layers=4, heads=4,
-        mlp_ratio=4.0, embed_dim=128,
+        name="tiny-vit-32",
+        image_size=32,
+        patch_size=8,
+        width=128,
+        layers=4,
+        heads=4,
+        mlp_ratio=4.0,
+        embed_dim=128,
     ),
     # A smaller one for unit tests.
     "micro-vit-16": ArchSpec(
-        name="micro-vit-16", image_size=16, patch_size=8, width=32, layers=2, heads=2,
-        mlp_ratio=2.0, embed_dim=24,
+        name="micro-vit-16",
+        image_size=16,
+        patch_size=8,
+        width=32,
+        layers=2,
+        heads=2,
+        mlp_ratio=2.0,
+        embed_dim=24,
     ),
 }
 

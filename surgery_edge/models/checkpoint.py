@@ -70,7 +70,9 @@ def _arch_of(path: Path, meta: dict) -> ArchSpec:
     try:
         return ArchSpec.from_dict(meta["arch"])
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"Checkpoint {path} has no valid architecture in its metadata ({e}).")
+        raise CheckpointError(
+            f"Checkpoint {path} has no valid architecture in its metadata ({e})."
+        ) from None
 
 
 def check_state_dict(
@@ -135,9 +137,7 @@ def load_encoder(path: str | os.PathLike, arch: ArchSpec | None = None) -> Encod
     found = _arch_of(path, meta)
     if arch is not None and found != arch:
         diff = {
-            k: (v, getattr(arch, k))
-            for k, v in found.to_dict().items()
-            if v != arch.to_dict()[k]
+            k: (v, getattr(arch, k)) for k, v in found.to_dict().items() if v != arch.to_dict()[k]
         }
         raise CheckpointError(
             f"{path} was saved for architecture {found.name!r}, but {arch.name!r} was expected "
@@ -149,11 +149,17 @@ def load_encoder(path: str | os.PathLike, arch: ArchSpec | None = None) -> Encod
 
 
 def save_head(
-    path: str | os.PathLike, arch: ArchSpec, task: str, class_names: list[str],
+    path: str | os.PathLike,
+    arch: ArchSpec,
+    task: str,
+    class_names: list[str],
     head: ClassificationHead,
 ) -> Path:
     meta = {
-        "kind": "head", "arch": arch.to_dict(), "task": task, "class_names": list(class_names),
+        "kind": "head",
+        "arch": arch.to_dict(),
+        "task": task,
+        "class_names": list(class_names),
         "normalize": head.normalize,
     }
     return save_tensors(path, {"weight": head.weight, "bias": head.bias}, meta)
@@ -179,7 +185,9 @@ def load_head(path: str | os.PathLike, arch: ArchSpec | None = None) -> HeadChec
             f"{arch.name} produces {arch.embed_dim}-d features."
         )
     if set(tensors) != {"weight", "bias"}:
-        raise CheckpointError(f"Head {path} must hold 'weight' and 'bias', found {sorted(tensors)}.")
+        raise CheckpointError(
+            f"Head {path} must hold 'weight' and 'bias', found {sorted(tensors)}."
+        )
     weight, bias = tensors["weight"], tensors["bias"]
     names = meta.get("class_names") or []
     if weight.ndim != 2 or weight.shape[1] != found.embed_dim or bias.shape != (weight.shape[0],):

@@ -61,7 +61,8 @@ class ImageEncoder(nn.Module):
         return self.pool_project(x)
 
     def forward_with_blocks(
-        self, images: torch.Tensor  # (B, 3, H, W)
+        self,
+        images: torch.Tensor,  # (B, 3, H, W)
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Return the final feature (B, embed) and every block's output (B, N, width)."""
         x = self.embed(images)

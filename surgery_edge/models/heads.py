@@ -8,7 +8,7 @@ from torch import nn
 
 
 class ClassificationHead(nn.Module):
-    """``logits = W · normalize(z) + b``; ``W`` absorbs the logit scale (as CLIP zero-shot heads do).
+    """``logits = W · normalize(z) + b``; ``W`` absorbs the logit scale, as in CLIP zero-shot heads.
 
     Args:
         weight: (C, embed_dim).

@@ -117,12 +117,21 @@ class AdapterBank(nn.Module):
 
     # --- files -----------------------------------------------------------------------------
 
-    def metadata(self, merge_recipe: dict | None = None) -> dict:
-        return {"kind": "adapters", "method": self.method, "rank": self.rank,
-                "arch": self.arch.to_dict(), "tasks": self.tasks, "sites": list(self.sites),
-                "merge_recipe": merge_recipe or {}}
+    def metadata(self, merge_recipe: dict | None = None, extra: dict | None = None) -> dict:
+        return {
+            **(extra or {}),
+            "kind": "adapters",
+            "method": self.method,
+            "rank": self.rank,
+            "arch": self.arch.to_dict(),
+            "tasks": self.tasks,
+            "sites": list(self.sites),
+            "merge_recipe": merge_recipe or {},
+        }
 
-    def save(self, path: str | os.PathLike, merge_recipe: dict | None = None) -> Path:
+    def save(
+        self, path: str | os.PathLike, merge_recipe: dict | None = None, extra: dict | None = None
+    ) -> Path:
         """Write the per-task adapter file (atomically)."""
         from surgery_edge.models.checkpoint import save_tensors
 
@@ -132,12 +141,16 @@ class AdapterBank(nn.Module):
             for t, task in enumerate(self.tasks):
                 tensors[f"{task}/{site}/down"] = down[t]
                 tensors[f"{task}/{site}/up"] = up[t]
-        return save_tensors(path, tensors, self.metadata(merge_recipe))
+        return save_tensors(path, tensors, self.metadata(merge_recipe, extra))
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, arch: ArchSpec | None = None,
-        tasks: Sequence[str] | None = None, method: str | None = None, rank: int | None = None,
+        cls,
+        path: str | os.PathLike,
+        arch: ArchSpec | None = None,
+        tasks: Sequence[str] | None = None,
+        method: str | None = None,
+        rank: int | None = None,
     ) -> tuple[AdapterBank, dict]:
         """Read an adapter file; every expectation given is checked with a clear error.
 
@@ -156,7 +169,8 @@ class AdapterBank(nn.Module):
         if arch is not None and found_arch != arch:
             raise AdapterError(
                 f"Adapters {path} were trained for architecture {found_arch.name!r} "
-                f"(width {found_arch.width}, {found_arch.layers} blocks, embed {found_arch.embed_dim}) "
+                f"(width {found_arch.width}, {found_arch.layers} blocks, "
+                f"embed {found_arch.embed_dim}) "
                 f"but the model is {arch.name!r} (width {arch.width}, {arch.layers} blocks, "
                 f"embed {arch.embed_dim}). Train adapters for this model."
             )

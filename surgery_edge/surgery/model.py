@@ -36,8 +36,12 @@ class MultiTaskModel(nn.Module):
     """
 
     def __init__(
-        self, encoder: ImageEncoder, heads: Sequence[ClassificationHead], tasks: Sequence[str],
-        bank: AdapterBank | None = None, class_names: Sequence[Sequence[str]] | None = None,
+        self,
+        encoder: ImageEncoder,
+        heads: Sequence[ClassificationHead],
+        tasks: Sequence[str],
+        bank: AdapterBank | None = None,
+        class_names: Sequence[Sequence[str]] | None = None,
     ):
         super().__init__()
         if bank is not None and list(bank.tasks) != list(tasks):
@@ -70,7 +74,9 @@ class MultiTaskModel(nn.Module):
         return z if self.bank is None else self.bank.correct(site, z, task_ids)
 
     def representations(
-        self, images: torch.Tensor, task_ids: torch.Tensor  # (B, 3, H, W), (B,)
+        self,
+        images: torch.Tensor,
+        task_ids: torch.Tensor,  # (B, 3, H, W), (B,)
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Corrected final feature (B, e) and every corrected block output's token mean (B, d)."""
         x = self.encoder.embed(images)
@@ -107,12 +113,19 @@ class MultiTaskModel(nn.Module):
         """Every task for every image: a list of T tensors (B, C_t)."""
         B, T = images.shape[0], self.num_tasks
         if self.bank is None or self.bank.sites == ("final",):
-            z = self.features(images, torch.zeros(B, dtype=torch.long, device=images.device)) \
-                if self.bank is None else self._backbone_final(images)
-            zt = z.unsqueeze(0).expand(T, B, -1) if self.bank is None \
-                else self.bank.correct_all_tasks("final", z)  # (T, B, e)
-            logits = torch.einsum("tbe,tce->tbc", self._prep(zt), self.head_weight) \
-                + self.head_bias.unsqueeze(1)
+            z = (
+                self.features(images, torch.zeros(B, dtype=torch.long, device=images.device))
+                if self.bank is None
+                else self._backbone_final(images)
+            )
+            zt = (
+                z.unsqueeze(0).expand(T, B, -1)
+                if self.bank is None
+                else self.bank.correct_all_tasks("final", z)
+            )  # (T, B, e)
+            logits = torch.einsum(
+                "tbe,tce->tbc", self._prep(zt), self.head_weight
+            ) + self.head_bias.unsqueeze(1)
             return [logits[t, :, : self.class_counts[t]] for t in range(T)]
         task_ids = torch.arange(T, device=images.device).repeat_interleave(B)
         logits = self(images.repeat(T, 1, 1, 1), task_ids).view(T, B, -1)

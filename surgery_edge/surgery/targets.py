@@ -26,7 +26,7 @@ def representations(
     encoder.eval()
     finals, blocks = [], []
     for i in range(0, len(images), batch_size):
-        x = to_model_input(images[i:i + batch_size], encoder.arch, device)
+        x = to_model_input(images[i : i + batch_size], encoder.arch, device)
         final, outs = encoder.forward_with_blocks(x)
         finals.append(final.float().cpu())
         blocks.append(torch.stack([o.mean(dim=1) for o in outs], dim=1).float().cpu())

@@ -68,8 +68,15 @@ def _state_path(out_path: Path) -> Path:
 
 def _save_state(path: Path, bank: AdapterBank, opt, step: int, cfg: SurgeryConfig) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"bank": bank.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "config": asdict(cfg)}, tmp)
+        torch.save(
+            {
+                "bank": bank.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "config": asdict(cfg),
+            },
+            tmp,
+        )
 
 
 def train_surgery(
@@ -84,6 +91,7 @@ def train_surgery(
     resume: bool = False,
     merged_finals: dict[str, np.ndarray] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    extra_meta: dict | None = None,
 ) -> AdapterBank:
     """Train an AdapterBank for ``tasks`` and save it to ``out_path``.
 
@@ -97,6 +105,7 @@ def train_surgery(
         merged_finals: for V1, the merged model's cached final features per task (same order as
             ``targets[t].images``); computed here when missing.
         resume: continue from the ``.state.pt`` checkpoint if present.
+        extra_meta: added to the adapter file's metadata (e.g. a cache fingerprint).
 
     Raises:
         TrainingError: if the loss becomes NaN/inf; the last good adapters are saved first.
@@ -129,26 +138,40 @@ def train_surgery(
         with torch.no_grad():
             for t in tasks:
                 imgs = targets[t].images
-                merged_finals[t] = torch.cat([
-                    model._backbone_final(to_model_input(imgs[i:i + 256], encoder.arch, device))
-                    .cpu() for i in range(0, len(imgs), 256)]).numpy()
+                merged_finals[t] = torch.cat(
+                    [
+                        model._backbone_final(
+                            to_model_input(imgs[i : i + 256], encoder.arch, device)
+                        ).cpu()
+                        for i in range(0, len(imgs), 256)
+                    ]
+                ).numpy()
     task_ids = torch.arange(T, device=device).repeat_interleave(cfg.batch_size)
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = [_batch_indices(cfg.seed, step, i, len(targets[t].images), cfg.batch_size).numpy()
-               for i, t in enumerate(tasks)]
-        tgt_final = torch.cat([torch.from_numpy(np.asarray(targets[t].final[j]))
-                               for t, j in zip(tasks, idx)]).to(device)
+        idx = [
+            _batch_indices(cfg.seed, step, i, len(targets[t].images), cfg.batch_size).numpy()
+            for i, t in enumerate(tasks)
+        ]
+        tgt_final = torch.cat(
+            [torch.from_numpy(np.asarray(targets[t].final[j])) for t, j in zip(tasks, idx)]
+        ).to(device)
         if v1:
-            z = torch.cat([torch.from_numpy(np.asarray(merged_finals[t][j]))
-                           for t, j in zip(tasks, idx)]).to(device)
+            z = torch.cat(
+                [torch.from_numpy(np.asarray(merged_finals[t][j])) for t, j in zip(tasks, idx)]
+            ).to(device)
             final, block_means, tgt_blocks = bank.correct("final", z, task_ids), [], None
         else:
-            images = torch.cat([to_model_input(targets[t].images[j], encoder.arch, device)
-                                for t, j in zip(tasks, idx)])
+            images = torch.cat(
+                [
+                    to_model_input(targets[t].images[j], encoder.arch, device)
+                    for t, j in zip(tasks, idx)
+                ]
+            )
             final, block_means = model.representations(images, task_ids)
-            tgt_blocks = torch.cat([torch.from_numpy(np.asarray(targets[t].blocks[j]))
-                                    for t, j in zip(tasks, idx)]).to(device)
+            tgt_blocks = torch.cat(
+                [torch.from_numpy(np.asarray(targets[t].blocks[j])) for t, j in zip(tasks, idx)]
+            ).to(device)
         # per-task mean L1, summed over tasks (and over sites for V2)
         per_row = (final - tgt_final).abs().mean(dim=-1)
         for layer, m in enumerate(block_means):
@@ -160,11 +183,12 @@ def train_surgery(
             loss = loss_at(step)
             value = loss.item()
             if not math.isfinite(value):
-                bank.save(out_path, merge_recipe)
+                bank.save(out_path, merge_recipe, extra_meta)
+                last = f"after step {step - 1}" if step else "the untrained initial ones"
                 raise TrainingError(
-                    f"Surgery loss became {value} at step {step}. The last good adapters (after "
-                    f"step {step - 1}) were saved to {out_path}. Lower the learning rate "
-                    f"(--lr, now {cfg.lr}) or check the expert checkpoints for NaNs."
+                    f"Surgery loss became {value} at step {step}. The last good adapters "
+                    f"({last}) were saved to {out_path}. Lower the learning rate (--lr, now "
+                    f"{cfg.lr}) or check the expert checkpoints and images for NaNs."
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -175,9 +199,7 @@ def train_surgery(
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 _save_state(state_path, bank, opt, done, cfg)
-    bank.save(out_path, merge_recipe)
+    bank.save(out_path, merge_recipe, extra_meta)
     if state_path.exists():
         state_path.unlink()
     return bank
-
-

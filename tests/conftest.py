@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny run (micro ViT, three tasks, a few steps) made once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("SURGERY_EDGE_QUIET", "1")
+torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
+
+TINY_YAML = """\
+arch: micro-vit-16
+seed: 0
+device: cpu
+suite: {n_train: 40, n_adapt: 16, n_test: 16, tasks: [digits, shapes, colours]}
+experts: {pretrain_n_per_source: 16, pretrain_epochs: 1, finetune_epochs: 1,
+          finetune_batch_size: 16}
+merge: {adamerging_steps: 3, adamerging_batch_size: 4}
+surgery: {steps_v1: 6, steps_v2: 3, batch_size: 4, rank: 4}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_config_path):
+    """A finished tiny demo run: returns (run directory, report path)."""
+    from surgery_edge.config import load_config
+    from surgery_edge.pipeline import run_demo
+
+    out = tmp_path_factory.mktemp("run")
+    report = run_demo(out, load_config(tiny_config_path), log=lambda *a: None)
+    return out, report

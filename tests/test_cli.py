@@ -1,0 +1,176 @@
+"""The command line: help, a tiny end-to-end run, caching, and bad input (exit 2, no traceback)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from surgery_edge.cli.app import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+COMMANDS = ["experts", "merge", "train", "eval", "demo"]
+MERGES = [
+    "weight_averaging",
+    "task_arithmetic",
+    "ties_merging",
+    "adamerging_taskwise",
+    "adamerging_layerwise",
+]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help(command):
+    result = runner.invoke(app, [command, "--help"] if command else ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_help_is_lean():
+    code = (
+        "import sys; from typer.testing import CliRunner; from surgery_edge.cli.app import app;"
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0;"
+        "bad = [m for m in ('triton', 'torch') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_report_shape(tiny_run):
+    out, report_md = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["suite"] == "builtin-8" and report["arch"] == "micro-vit-16"
+    assert report["tasks"] == ["digits", "shapes", "colours"]
+    rows = {(r["method"], r["surgery"]): r for r in report["results"]}
+    assert ("individual", "none") in rows and ("pretrained", "none") in rows
+    for m in MERGES:
+        for s in ("none", "surgery", "surgeryv2"):
+            row = rows[(m, s)]
+            assert set(row["per_task"]) == set(report["tasks"])
+            assert row["avg"] == pytest.approx(sum(row["per_task"].values()) / 3)
+    bias = report["representation_bias"]["task_arithmetic"]
+    assert set(bias) == {"none", "surgery", "surgeryv2"}
+    assert list(bias["none"]) == ["block.0", "block.1", "final"]
+    assert {"suite", "experts", "evaluation", "total"} <= set(report["timings_s"])
+    assert (out / "accuracy.png").stat().st_size > 1000 and (out / "bias.png").exists()
+    assert "| task_arithmetic w/ SurgeryV2 |" in report_md.read_text()
+
+
+def test_second_run_reuses_everything(tiny_run, tiny_config_path):
+    out, _ = tiny_run
+    watched = [
+        out / "checkpoints/experts/digits.safetensors",
+        out / "merged/adamerging_layerwise.safetensors",
+        out / "adapters/ties_merging/surgeryv2.safetensors",
+    ]
+    before = [p.stat().st_mtime_ns for p in watched]
+    result = runner.invoke(app, ["demo", "--out", str(out), "--config", str(tiny_config_path)])
+    assert result.exit_code == 0, result.output
+    assert [p.stat().st_mtime_ns for p in watched] == before
+    timings = json.loads((out / "report.json").read_text())["timings_s"]
+    assert not any(k.startswith(("merge:", "surgery:surgery")) for k in timings)
+
+
+def test_merge_train_eval_commands(tiny_run, tmp_path):
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    r = runner.invoke(
+        app, ["merge", "--run", str(run), "--method", "task_arithmetic", "--lam", "0.5"]
+    )
+    assert r.exit_code == 0, r.output
+    from surgery_edge.models.checkpoint import load_tensors
+
+    assert load_tensors(run / "merged/task_arithmetic.safetensors")[1]["recipe"]["lam"] == 0.5
+    adapters = tmp_path / "v1.safetensors"
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--run",
+            str(run),
+            "--method",
+            "surgery",
+            "--steps",
+            "3",
+            "--rank",
+            "2",
+            "--out",
+            str(adapters),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert adapters.exists()
+    r = runner.invoke(app, ["eval", "--run", str(run)])
+    assert r.exit_code == 0, r.output
+    assert (run / "report.md").exists()
+
+
+def _bad(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return result.output
+
+
+def test_unknown_method_and_task(tiny_run, tmp_path):
+    out, _ = tiny_run
+    msg = _bad(["merge", "--run", str(out), "--method", "nope"])
+    assert "nope" in msg and "task_arithmetic" in msg
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("suite: {tasks: [digits, sudoku]}\n")
+    msg = _bad(["experts", "--out", str(tmp_path / "x"), "--config", str(cfg)])
+    assert "sudoku" in msg and "digits" in msg
+    msg = _bad(["train", "--run", str(out), "--merge", "nope"])
+    assert "nope" in msg
+    msg = _bad(["eval", "--run", str(tmp_path / "empty")])
+    assert "not a surgery-edge run directory" in msg
+
+
+def _copy_without_merges(out, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("merged", "adapters"))
+    return run
+
+
+def test_missing_checkpoint(tiny_run, tmp_path):
+    run = _copy_without_merges(tiny_run[0], tmp_path)
+    (run / "checkpoints/experts/shapes.safetensors").unlink()
+    msg = _bad(["merge", "--run", str(run), "--method", "task_arithmetic"])
+    assert "shapes.safetensors" in msg and "does not exist" in msg
+    assert not (run / "merged").exists() or not any((run / "merged").iterdir())
+
+
+def test_corrupt_checkpoint_leaves_no_partial_output(tiny_run, tmp_path):
+    run = _copy_without_merges(tiny_run[0], tmp_path)
+    path = run / "checkpoints/experts/digits.safetensors"
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    msg = _bad(["merge", "--run", str(run), "--method", "ties_merging"])
+    assert "digits.safetensors" in msg and "corrupt" in msg
+    assert not list(run.rglob("*.tmp")) and not (run / "merged/ties_merging.safetensors").exists()
+
+
+def test_expert_of_another_architecture(tiny_run, tmp_path):
+    from surgery_edge.models import build_encoder, get_arch, save_encoder
+
+    run = _copy_without_merges(tiny_run[0], tmp_path)
+    other = get_arch("tiny-vit-32")
+    save_encoder(
+        run / "checkpoints/experts/colours.safetensors",
+        other,
+        build_encoder(other).state_dict(),
+        task="colours",
+    )
+    msg = _bad(["merge", "--run", str(run), "--method", "weight_averaging"])
+    assert "colours.safetensors" in msg and "tiny-vit-32" in msg and "micro-vit-16" in msg
+
+
+def test_errors_in_a_real_process_have_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery_edge.cli.app", "eval", "--run", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "not a surgery-edge run directory" in proc.stderr

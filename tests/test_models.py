@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from surgery_edge.errors import CheckpointError, ConfigError
+from surgery_edge.models import (
+    ClassificationHead,
+    build_encoder,
+    get_arch,
+    load_encoder,
+    load_head,
+    save_encoder,
+    save_head,
+)
+
+
+def test_open_clip_configs_are_read_not_hard_coded():
+    b32, l14 = get_arch("ViT-B-32"), get_arch("ViT-L-14")
+    assert (b32.width, b32.layers, b32.embed_dim, b32.num_tokens) == (768, 12, 512, 50)
+    assert (l14.width, l14.layers, l14.embed_dim, l14.num_tokens) == (1024, 24, 768, 257)
+    assert b32.sites[-1] == "final" and len(b32.sites) == 13
+
+
+def test_unknown_arch_names_the_value():
+    with pytest.raises(ConfigError, match="ViT-Q-99"):
+        get_arch("ViT-Q-99")
+
+
+def test_encoder_matches_open_clip_forward():
+    arch = get_arch("micro-vit-16")
+    enc = build_encoder(arch).eval()
+    x = torch.randn(3, 3, arch.image_size, arch.image_size)
+    with torch.no_grad():
+        ours, blocks = enc.forward_with_blocks(x)
+        theirs = enc.visual(x)  # open_clip's own VisionTransformer.forward
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert len(blocks) == arch.layers and blocks[0].shape == (3, arch.num_tokens, arch.width)
+
+
+def test_state_dict_keys_are_open_clip_visual_keys():
+    keys = build_encoder(get_arch("micro-vit-16")).state_dict().keys()
+    assert "visual.conv1.weight" in keys and "visual.proj" in keys
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in keys
+
+
+def test_checkpoint_round_trip(tmp_path):
+    arch = get_arch("micro-vit-16")
+    sd = build_encoder(arch).state_dict()
+    path = save_encoder(tmp_path / "e.safetensors", arch, sd, task="digits")
+    ckpt = load_encoder(path, arch)
+    assert ckpt.meta["task"] == "digits" and ckpt.arch == arch
+    for k, v in sd.items():
+        assert torch.equal(ckpt.state_dict[k], v)
+    head = ClassificationHead(torch.randn(4, arch.embed_dim), torch.randn(4))
+    hp = save_head(tmp_path / "h.safetensors", arch, "t", ["a", "b", "c", "d"], head)
+    loaded = load_head(hp, arch)
+    assert loaded.class_names == ["a", "b", "c", "d"]
+    assert torch.equal(loaded.head.weight, head.weight)
+
+
+def test_wrong_architecture_is_refused_with_the_difference(tmp_path):
+    micro, tiny = get_arch("micro-vit-16"), get_arch("tiny-vit-32")
+    path = save_encoder(tmp_path / "e.safetensors", micro, build_encoder(micro).state_dict())
+    with pytest.raises(CheckpointError, match="micro-vit-16.*tiny-vit-32.*width"):
+        load_encoder(path, tiny)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_encoder(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CheckpointError, match="bad.safetensors.*corrupt"):
+        load_encoder(bad)
+
+
+def test_shape_mismatch_is_listed(tmp_path):
+    arch = get_arch("micro-vit-16")
+    sd = build_encoder(arch).state_dict()
+    sd["visual.proj"] = torch.zeros(3, 3)
+    del sd["visual.ln_post.bias"]
+    path = save_encoder(tmp_path / "e.safetensors", arch, sd)
+    with pytest.raises(CheckpointError, match=r"missing keys.*ln_post.bias.*visual.proj: \(3, 3\)"):
+        load_encoder(path)

@@ -1,0 +1,190 @@
+import numpy as np
+import pytest
+import torch
+
+from surgery_edge.errors import AdapterError, TrainingError
+from surgery_edge.models import ClassificationHead, build_encoder, get_arch
+from surgery_edge.surgery.adapters import AdapterBank, routed_correction, surgery_adapter
+from surgery_edge.surgery.model import MultiTaskModel
+from surgery_edge.surgery.targets import representations
+from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
+
+ARCH = get_arch("micro-vit-16")
+TASKS = ["a", "b", "c"]
+
+
+def test_adapter_math_by_hand():
+    z = torch.tensor([[1.0, -2.0]])
+    down = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # relu(down z) = relu([1, -2]) = [1, 0]
+    up = torch.tensor([[2.0, 5.0], [3.0, 7.0]])  # up @ [1, 0] = [2, 3]
+    assert torch.equal(surgery_adapter(z, down, up), torch.tensor([[-1.0, -5.0]]))
+
+
+def test_bank_init_and_layout():
+    bank = AdapterBank(TASKS, ARCH, "surgeryv2", rank=4)
+    assert bank.sites == tuple(f"block.{i}" for i in range(ARCH.layers)) + ("final",)
+    down, up = bank.weights("block.0")
+    assert down.shape == (3, 4, ARCH.width) and up.shape == (3, ARCH.width, 4)
+    assert torch.count_nonzero(up) == 0 and torch.count_nonzero(down) > 0
+    bound = 1 / ARCH.width**0.5  # kaiming_uniform(a=sqrt(5)) on (r, d) => U(-1/sqrt(d), 1/sqrt(d))
+    assert down.abs().max() <= bound
+    assert AdapterBank(TASKS, ARCH, "surgery", 4).sites == ("final",)
+
+
+def test_routed_correction_uses_each_images_task():
+    torch.manual_seed(0)
+    down, up = torch.randn(3, 2, 5), torch.randn(3, 5, 2)
+    z, ids = torch.randn(4, 7, 5), torch.tensor([2, 0, 1, 2])
+    out = routed_correction(z, ids, down, up)
+    for b, t in enumerate(ids.tolist()):
+        torch.testing.assert_close(out[b], surgery_adapter(z[b], down[t], up[t]))
+
+
+def _model(method, seed=0, nonzero_up=True):
+    torch.manual_seed(seed)
+    enc = build_encoder(ARCH).eval()
+    heads = [ClassificationHead(torch.randn(c, ARCH.embed_dim), torch.randn(c)) for c in (2, 5, 3)]
+    bank = None
+    if method != "none":
+        bank = AdapterBank(TASKS, ARCH, method, rank=4)
+        if nonzero_up:
+            for p in bank.up.values():
+                torch.nn.init.normal_(p, std=0.3)
+    return MultiTaskModel(enc, heads, TASKS, bank).eval()
+
+
+def test_zero_up_gives_exactly_the_merged_models_logits():
+    x, ids = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 2, 1, 0])
+    plain = _model("none")
+    with torch.no_grad():
+        ref = plain(x, ids)
+        for method in ("surgery", "surgeryv2"):
+            m = _model(method, nonzero_up=False)
+            assert torch.equal(m(x, ids), ref)  # bit-for-bit, not approximately
+
+
+@pytest.mark.parametrize("method", ["surgery", "surgeryv2", "none"])
+def test_routed_and_all_tasks_agree(method):
+    m = _model(method)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        all_tasks = m.forward_all_tasks(x)
+        for t in range(3):
+            routed = m(x, torch.full((5,), t))
+            assert all_tasks[t].shape == (5, m.class_counts[t])
+            torch.testing.assert_close(
+                all_tasks[t], routed[:, : m.class_counts[t]], rtol=1e-5, atol=1e-5
+            )
+            assert torch.isinf(routed[:, m.class_counts[t] :]).all()
+
+
+def _targets(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, t in enumerate(TASKS):
+        torch.manual_seed(100 + i)
+        expert = build_encoder(ARCH)
+        images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+        final, blocks = representations(expert, images, torch.device("cpu"))
+        out[t] = TaskTargets(images, final, blocks)
+    return out
+
+
+def _train(tmp_path, method, steps, name="a.safetensors", **kw):
+    torch.manual_seed(0)
+    merged = build_encoder(ARCH)
+    heads = [ClassificationHead(torch.randn(2, ARCH.embed_dim)) for _ in TASKS]
+    cfg = SurgeryConfig(
+        method=method,
+        rank=4,
+        steps=steps,
+        batch_size=4,
+        lr=1e-2,
+        checkpoint_every=kw.pop("checkpoint_every", 2),
+    )
+    losses = []
+    bank = train_surgery(
+        merged,
+        heads,
+        TASKS,
+        kw.pop("targets", None) or _targets(),
+        cfg,
+        tmp_path / name,
+        torch.device("cpu"),
+        on_step=lambda s, v: losses.append(v),
+        **kw,
+    )
+    return bank, losses
+
+
+@pytest.mark.parametrize("method", ["surgery", "surgeryv2"])
+def test_trainer_lowers_the_loss(tmp_path, method):
+    _, losses = _train(tmp_path, method, steps=25)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_resume_gives_the_same_adapters(tmp_path):
+    targets = _targets()
+    full, _ = _train(tmp_path, "surgeryv2", 6, "full.safetensors", targets=targets)
+    # An interrupted run: stop after 4 steps (checkpoint at step 4), then resume to 6.
+    part_path = tmp_path / "part.safetensors"
+    _interrupt_after(tmp_path, targets, part_path, stop_at=4)
+    assert (tmp_path / "part.safetensors.state.pt").exists()
+    resumed, _ = _train(tmp_path, "surgeryv2", 6, "part.safetensors", targets=targets, resume=True)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not (tmp_path / "part.safetensors.state.pt").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupt_after(tmp_path, targets, path, stop_at):
+    def stop(step, value):
+        if step + 1 == stop_at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        torch.manual_seed(0)
+        merged = build_encoder(ARCH)
+        heads = [ClassificationHead(torch.randn(2, ARCH.embed_dim)) for _ in TASKS]
+        cfg = SurgeryConfig(
+            method="surgeryv2", rank=4, steps=6, batch_size=4, lr=1e-2, checkpoint_every=2
+        )
+        train_surgery(merged, heads, TASKS, targets, cfg, path, torch.device("cpu"), on_step=stop)
+    assert not path.exists()  # nothing half-written
+
+
+def test_nan_loss_stops_and_keeps_last_good_adapters(tmp_path):
+    targets = _targets()
+    targets["b"].final = np.full_like(np.asarray(targets["b"].final), np.nan)
+    with pytest.raises(TrainingError, match="loss became nan at step 0"):
+        _train(tmp_path, "surgery", 5, targets=targets)
+    bank, _ = AdapterBank.load(tmp_path / "a.safetensors")
+    assert all(torch.isfinite(p).all() for p in bank.parameters())
+
+
+def test_adapter_file_round_trip_and_keys(tmp_path):
+    from safetensors import safe_open
+
+    bank = AdapterBank(TASKS, ARCH, "surgeryv2", rank=4)
+    path = bank.save(tmp_path / "b.safetensors", merge_recipe={"method": "task_arithmetic"})
+    with safe_open(str(path), "pt") as f:
+        assert f.get_tensor("b/block.1/down").shape == (4, ARCH.width)
+        assert f.get_tensor("c/final/up").shape == (ARCH.embed_dim, 4)
+    back, meta = AdapterBank.load(path, arch=ARCH, tasks=TASKS, method="surgeryv2", rank=4)
+    assert meta["merge_recipe"] == {"method": "task_arithmetic"}
+    assert all(torch.equal(a, b) for a, b in zip(bank.parameters(), back.parameters()))
+
+
+def test_bad_adapter_files_are_refused(tmp_path):
+    path = AdapterBank(TASKS, ARCH, "surgeryv2", rank=4).save(tmp_path / "b.safetensors")
+    with pytest.raises(AdapterError, match="rank 4, expected 16"):
+        AdapterBank.load(path, rank=16)
+    with pytest.raises(AdapterError, match=r"tasks \['a', 'b', 'c'\].*\['a', 'b'\]"):
+        AdapterBank.load(path, tasks=["a", "b"])
+    with pytest.raises(AdapterError, match="micro-vit-16.*tiny-vit-32"):
+        AdapterBank.load(path, arch=get_arch("tiny-vit-32"))
+    with pytest.raises(AdapterError, match="does not exist"):
+        AdapterBank.load(tmp_path / "missing.safetensors")
