@@ -9,6 +9,10 @@ Two ways to call it:
   (T x B) rows that share one set of weights.
 
 ``method="none"`` gives the plain merged model with the same interface (the baseline rows).
+
+``fused=True`` (see :mod:`surgery_edge.surgery.fused`) swaps in the Triton kernels: each block's
+correction is fused with the LayerNorm that follows it, and V1's all-tasks final site runs in
+one launch. Both paths read the same parameters, so they share one state-dict layout.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class MultiTaskModel(nn.Module):
         self.register_buffer("head_bias", bias)  # (T, C_max), -inf beyond each class count
         self.class_counts = counts
         self.normalize = all(h.normalize for h in heads)
+        self.fused = False  # inference only: the kernels have no backward
 
     @property
     def method(self) -> str:
@@ -88,6 +93,9 @@ class MultiTaskModel(nn.Module):
         return final, block_means
 
     def features(self, images: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Routed final feature (B, e), after every correction."""
+        if self.fused:
+            return self._fused_features(images, task_ids)
         x = self.encoder.embed(images)
         for i, block in enumerate(self.encoder.blocks):
             x = self._correct(f"block.{i}", block(x), task_ids)
@@ -112,6 +120,15 @@ class MultiTaskModel(nn.Module):
     def forward_all_tasks(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every task for every image: a list of T tensors (B, C_t)."""
         B, T = images.shape[0], self.num_tasks
+        if self.fused and self.normalize and self.bank is not None and \
+                self.bank.sites == ("final",):
+            from surgery_edge import kernels
+
+            down, up = self.bank.weights("final")
+            _, logits = kernels.final_site_all_tasks(
+                self._backbone_final(images).contiguous(), down, up, self.head_weight,
+                self.head_bias)
+            return [logits[t, :, : self.class_counts[t]] for t in range(T)]
         if self.bank is None or self.bank.sites == ("final",):
             z = (
                 self.features(images, torch.zeros(B, dtype=torch.long, device=images.device))
@@ -130,6 +147,27 @@ class MultiTaskModel(nn.Module):
         task_ids = torch.arange(T, device=images.device).repeat_interleave(B)
         logits = self(images.repeat(T, 1, 1, 1), task_ids).view(T, B, -1)
         return [logits[t, :, : self.class_counts[t]] for t in range(T)]
+
+    def _fused_features(self, images: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Blocks run on pre-normalised input: the kernel that corrects block i's output also
+        computes the next LayerNorm (block i+1's ``ln_1``, or ``ln_post`` after the last)."""
+        from surgery_edge import kernels
+
+        enc, blocks = self.encoder, self.encoder.blocks
+        x = enc.embed(images)
+        h = blocks[0].ln_1(x)
+        for i, block in enumerate(blocks):
+            x = x + block.ls_1(block.attention(q_x=h))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            norm = blocks[i + 1].ln_1 if i + 1 < len(blocks) else enc.visual.ln_post
+            site = f"block.{i}"
+            if self.bank is not None and self.bank.has(site):
+                down, up = self.bank.weights(site)
+                x, h = kernels.surgery_correct_layernorm(
+                    x.contiguous(), task_ids, down, up, norm.weight, norm.bias, norm.eps)
+            else:
+                h = norm(x)
+        return self._correct("final", h[:, 0] @ enc.visual.proj, task_ids)
 
     def _backbone_final(self, images: torch.Tensor) -> torch.Tensor:
         x = self.encoder.embed(images)
