@@ -38,3 +38,14 @@ def tiny_run(tmp_path_factory, tiny_config_path):
     out = tmp_path_factory.mktemp("run")
     report = run_demo(out, load_config(tiny_config_path), log=lambda *a: None)
     return out, report
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``slow`` tests unless RUN_SLOW=1, and ``gpu`` tests when CUDA is absent."""
+    skip_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and os.environ.get("RUN_SLOW") != "1":
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
