@@ -78,6 +78,7 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def plot_accuracy(report: dict, path: Path) -> Path:
+    """One panel per merge method: merged / w/ Surgery / w/ SurgeryV2 per task, experts marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,21 +86,31 @@ def plot_accuracy(report: dict, path: Path) -> Path:
     import numpy as np
 
     tasks, rows = report["tasks"], report["results"]
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(tasks)), 4.2))
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        label = r["method"] + SURGERY_LABELS.get(r["surgery"], "")
-        ax.bar(
-            np.arange(len(tasks)) + i * width,
-            [r["per_task"][t] for t in tasks],
-            width,
-            label=f"{label} ({r['avg']:.1f})",
-        )
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=6, ncol=3, loc="lower left")
-    ax.set_title("Accuracy per task and method")
+    by = {(r["method"], r["surgery"]): r for r in rows}
+    merges = [m for m in dict.fromkeys(r["method"] for r in rows)
+              if m not in ("individual", "pretrained")]
+    variants = [s for s in ("none", "surgery", "surgeryv2") if any((m, s) in by for m in merges)]
+    fig, axes = plt.subplots(len(merges), 1, figsize=(max(7, 1.1 * len(tasks)), 2.1 * len(merges)),
+                             sharex=True, squeeze=False)
+    x, width = np.arange(len(tasks)), 0.8 / max(1, len(variants))
+    experts = by.get(("individual", "none"))
+    for ax, merge in zip(axes[:, 0], merges):
+        for i, s in enumerate(variants):
+            r = by.get((merge, s))
+            if r is not None:
+                ax.bar(x + (i - (len(variants) - 1) / 2) * width,
+                       [r["per_task"][t] for t in tasks], width,
+                       label=f"{('merged', 'w/ Surgery', 'w/ SurgeryV2')[i]} ({r['avg']:.1f})")
+        if experts:
+            ax.scatter(x, [experts["per_task"][t] for t in tasks], marker="_", s=300, c="k",
+                       label=f"experts ({experts['avg']:.1f})", zorder=3)
+        ax.set_ylim(0, 118)
+        ax.set_yticks([0, 25, 50, 75, 100])
+        ax.set_ylabel(merge, fontsize=8)
+        ax.legend(fontsize=6, ncol=4, loc="upper left", frameon=False)
+    axes[-1, 0].set_xticks(x, tasks, rotation=20)
+    fig.suptitle("Test accuracy (%) per task: each merge, before and after surgery")
+    fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)
     return path
