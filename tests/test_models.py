@@ -81,3 +81,15 @@ def test_shape_mismatch_is_listed(tmp_path):
     path = save_encoder(tmp_path / "e.safetensors", arch, sd)
     with pytest.raises(CheckpointError, match=r"missing keys.*ln_post.bias.*visual.proj: \(3, 3\)"):
         load_encoder(path)
+
+
+def test_atomic_writes_have_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from surgery_edge.io import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
