@@ -1,0 +1,120 @@
+"""The engine benchmark (benchmarks/bench_engine.py): result structure, weight bytes, FLOPs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_engine", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def results(bench):
+    config = bench.EngineBenchConfig(
+        archs=("tiny-vit-32",),
+        batches=(2,),
+        paths=("eager", "fused"),
+        device="cpu",
+        rank=16,
+        rank_v2=4,  # a tiny width makes rank-16 V2 adapters ~20% of the backbone
+        warmup=1,
+        iters=2,
+        min_iters=1,
+    )
+    return config, bench.run_engine_bench(config)
+
+
+def test_every_configuration_is_measured_eagerly(bench, results):
+    config, rows = results
+    eager = {(r.config, r.mode) for r in rows if r.path == "eager" and r.status == "ok"}
+    assert eager == {(c, m) for c in bench.CONFIGS for m in bench.CONFIG_MODES[c]}
+    for r in rows:
+        assert r.arch == "tiny-vit-32" and r.batch == 2 and r.dtype == "fp32"
+        if r.path == "fused":  # engines only, and never timed on the CPU
+            assert r.config in ("surgery", "surgeryv2")
+            assert r.status == "unavailable" and "CUDA" in r.reason
+            continue
+        assert r.median_ms > 0 and r.p90_ms >= r.median_ms and r.iters >= 1
+        assert r.answers_per_call == (2 * 8 if r.mode == "all-tasks" else 2)
+        assert r.answers_per_s == pytest.approx(r.answers_per_call / (r.median_ms * 1e-3))
+        assert r.tflops == pytest.approx(r.flops_per_call / (r.median_ms * 1e-3) / 1e12)
+        assert r.peak_fraction is None and r.peak_mem_bytes is None  # CPU
+        assert r.timer == "perf_counter"
+
+
+def test_weight_bytes(bench, results):
+    config, rows = results
+    arch = bench.get_arch("tiny-vit-32")
+    one = bench.one_expert_bytes(arch, bench.DTYPES["fp32"], bench.task_classes(arch, 8)[0])
+    held = {r.config: r.weight_bytes for r in rows}
+    assert held["experts"] / one == pytest.approx(8.0, rel=0.02)
+    for engine in ("merged", "surgery", "surgeryv2"):
+        assert held[engine] <= 1.1 * one, engine
+    derived = bench.derive_ratios(rows, one)
+    assert derived["weight_ratio_vs_one_expert"]["experts"] == pytest.approx(8.0, rel=0.02)
+    assert [x["batch"] for x in derived["v1_all_tasks_throughput_over_experts"]] == [2]
+
+
+def test_flops_by_hand(bench):
+    # micro-vit-16: 16 px, 8-px patches -> P = 4, N = 5; d = 32, m = 64, L = 2, e = 24
+    arch = bench.get_arch("micro-vit-16")
+    patch_embed = 2 * 4 * (3 * 8 * 8) * 32  # 49,152
+    block = 2 * 5 * (4 * 32 * 32 + 2 * 32 * 64) + 2 * 2 * 5 * 5 * 32  # 81,920 + 3,200
+    backbone = patch_embed + 2 * block + 2 * 32 * 24
+    assert backbone == 220_928 == bench.backbone_flops(arch)
+    v2_adapters = 2 * (4 * 2 * 32 * 5) + 4 * 2 * 24  # rank 2: two block sites, then final
+    assert bench.adapter_flops(arch, "surgeryv2", 2) == v2_adapters
+    heads = [2 * 24 * c for c in (10, 6)]
+    assert bench.workload_flops(arch, "surgeryv2", "routed", [0, 1, 1], [10, 6], 2) == (
+        3 * (backbone + v2_adapters) + heads[0] + 2 * heads[1]
+    )
+    assert bench.workload_flops(arch, "experts", "all-tasks", [0, 0], [10, 6], 2) == 2 * (
+        2 * backbone + sum(heads)
+    )
+    assert bench.workload_flops(arch, "surgery", "all-tasks", [0], [10, 6], 2) == (
+        backbone + 2 * 4 * 2 * 24 + sum(heads)
+    )
+    # the published profile numbers (GFLOPs per image at 224 px)
+    assert bench.backbone_flops(bench.get_arch("ViT-B-32")) / 1e9 == pytest.approx(8.82, rel=0.01)
+    assert bench.backbone_flops(bench.get_arch("ViT-L-14")) / 1e9 == pytest.approx(162.03, rel=0.01)
+
+
+def test_outputs(bench, results, tmp_path):
+    config, rows = results
+    written = bench.write_outputs(config, rows, tmp_path, "bench_engine.main test", plots=False)
+    record = json.loads((tmp_path / "engine-tiny-vit-32.json").read_text())
+    assert record["note"] == "random weights: timing only"
+    assert record["command"] == "bench_engine.main test"
+    assert record["device"] == "cpu" and record["torch"]
+    assert len(record["results"]) == len(rows)
+    assert set(record["derived"]) >= {
+        "weight_ratio_vs_one_expert",
+        "v1_all_tasks_throughput_over_experts",
+        "v2_batch1_latency_over_experts",
+        "v2_routed_overhead_over_merged",
+    }
+    assert "| experts | all-tasks | eager | 2 |" in (tmp_path / "engine-tiny-vit-32.md").read_text()
+    assert len(written) == 2
+
+
+def test_merge_keeps_earlier_rows(bench, results, tmp_path):
+    config, rows = results
+    bench.write_outputs(config, rows, tmp_path, "first", plots=False)
+    again = [r for r in rows if r.config == "merged"]
+    bench.write_outputs(config, again, tmp_path, "second", plots=False, merge=True)
+    record = json.loads((tmp_path / "engine-tiny-vit-32.json").read_text())
+    assert len(record["results"]) == len(rows)
+    assert [run["command"] for run in record["runs"]] == ["first", "second"]
