@@ -86,7 +86,9 @@ def expand_all_tasks(
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
     batch = x.shape[0]
-    task_ids = torch.arange(num_tasks, device=x.device).repeat_interleave(batch)
+    task_ids = (
+        torch.arange(num_tasks, device=x.device)[:, None].expand(num_tasks, batch).reshape(-1)
+    )
     return x.repeat(num_tasks, *([1] * (x.dim() - 1))), task_ids
 
 

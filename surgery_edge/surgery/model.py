@@ -120,14 +120,22 @@ class MultiTaskModel(nn.Module):
     def forward_all_tasks(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every task for every image: a list of T tensors (B, C_t)."""
         B, T = images.shape[0], self.num_tasks
-        if self.fused and self.normalize and self.bank is not None and \
-                self.bank.sites == ("final",):
+        if (
+            self.fused
+            and self.normalize
+            and self.bank is not None
+            and self.bank.sites == ("final",)
+        ):
             from surgery_edge import kernels
 
             down, up = self.bank.weights("final")
             _, logits = kernels.final_site_all_tasks(
-                self._backbone_final(images).contiguous(), down, up, self.head_weight,
-                self.head_bias)
+                self._backbone_final(images).contiguous(),
+                down,
+                up,
+                self.head_weight,
+                self.head_bias,
+            )
             return [logits[t, :, : self.class_counts[t]] for t in range(T)]
         if self.bank is None or self.bank.sites == ("final",):
             z = (
@@ -144,7 +152,9 @@ class MultiTaskModel(nn.Module):
                 "tbe,tce->tbc", self._prep(zt), self.head_weight
             ) + self.head_bias.unsqueeze(1)
             return [logits[t, :, : self.class_counts[t]] for t in range(T)]
-        task_ids = torch.arange(T, device=images.device).repeat_interleave(B)
+        # expand+reshape, not repeat_interleave: the ONNX exporter gets the latter wrong for a
+        # dynamic batch
+        task_ids = torch.arange(T, device=images.device)[:, None].expand(T, B).reshape(-1)
         logits = self(images.repeat(T, 1, 1, 1), task_ids).view(T, B, -1)
         return [logits[t, :, : self.class_counts[t]] for t in range(T)]
 
@@ -164,7 +174,8 @@ class MultiTaskModel(nn.Module):
             if self.bank is not None and self.bank.has(site):
                 down, up = self.bank.weights(site)
                 x, h = kernels.surgery_correct_layernorm(
-                    x.contiguous(), task_ids, down, up, norm.weight, norm.bias, norm.eps)
+                    x.contiguous(), task_ids, down, up, norm.weight, norm.bias, norm.eps
+                )
             else:
                 h = norm(x)
         return self._correct("final", h[:, 0] @ enc.visual.proj, task_ids)
