@@ -1,0 +1,283 @@
+"""ONNX export: the merged backbone, every task's adapters and heads in one graph.
+
+One set of backbone weights serves every task: routing is a gather of each row's adapters and
+head by its task id (``Gather``/``GatherND`` on the stacked ``(T, r, d)`` adapter tensors), so
+the file holds the backbone once, plus the small per-task tensors.
+
+Exporter: the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``), the
+default since torch 2.9. It traces ``nn.MultiheadAttention`` and the task-id gathers into plain
+ONNX ops, carries the dynamic batch dimension as a checked ``torch.export.Dim`` and emits opset
+18+. If it fails on a given torch version, the export falls back to the TorchScript exporter
+(``dynamo=False``, deprecated upstream) and records which one was used in the metadata.
+
+Inputs and outputs are float32 in both precisions: an fp16 engine casts the images to half
+inside the graph, runs the backbone, adapters and heads with half weights, and casts the logits
+back to float32 before the softmax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery_edge.errors import ExportError
+from surgery_edge.export.metadata import META_KEY, check_mode, engine_metadata, io_names
+from surgery_edge.export.modules import engine_module, example_inputs
+from surgery_edge.io import atomic_path
+from surgery_edge.surgery.model import MultiTaskModel
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the lowest opset the torch.export-based exporter emits
+# Above this many bytes of weights the tensors go to "<file>.data" (protobuf's 2 GiB limit).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def export_onnx(
+    model: MultiTaskModel,
+    path: str | os.PathLike,
+    mode: str = "routed",
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, Any] | None = None,
+    check: bool = True,
+) -> Path:
+    """Export ``model`` as one multi-task ONNX engine (written atomically).
+
+    Args:
+        model: the multi-task model (merged backbone + adapters + heads) on its reference path.
+        path: the ``.onnx`` file to write; weights over ~1.8 GB go to ``<path>.data`` beside it.
+        mode: ``routed`` (inputs ``images`` (B, 3, H, W) float32 and ``task_ids`` (B,) int64;
+            outputs ``logits`` and ``probs`` (B, C_max), ``-inf`` / 0 beyond a task's classes)
+            or ``all-tasks`` (input ``images``; one output ``logits_<task>`` (B, C_task) per task).
+        fp16: half weights and compute; inputs and outputs stay float32 (cast inside the graph).
+        opset: ONNX opset, at least 18.
+        metadata: extra engine metadata (e.g. ``{"merge_recipe": ...}``) merged into the
+            generated one, which is stored as JSON under ``metadata_props["surgery_edge"]``.
+        check: run the engine in ONNX Runtime on a few random images and compare with PyTorch.
+
+    Returns:
+        ``path``.
+    """
+    import onnx
+
+    path = Path(path)
+    check_mode(mode)
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ExportError(
+            f"ONNX opset {opset} is not supported: use {MIN_OPSET} to "
+            f"{onnx.defs.onnx_opset_version()} (TensorRT 10 and ONNX Runtime read opset 18)."
+        )
+    module = engine_module(model, mode, fp16, device="cpu")
+    args = example_inputs(model, mode)
+    inputs, outputs = io_names(mode, model.tasks)
+    proto, exporter = _trace(module, args, inputs, outputs, opset)
+    meta = engine_metadata(
+        model,
+        mode,
+        "fp16" if fp16 else "fp32",
+        {**(metadata or {}), "format": "onnx", "exporter": exporter, "opset": opset},
+    )
+    _finalise(proto, meta)
+    _save(proto, path, verify=(lambda tmp: _smoke_check(model, tmp, fp16)) if check else None)
+    return path
+
+
+def _smoke_check(model: MultiTaskModel, tmp: Path, fp16: bool) -> None:
+    from surgery_edge.export.parity import smoke_check
+    from surgery_edge.runtime import Predictor
+    from surgery_edge.runtime.backends import OnnxBackend
+
+    smoke_check(model, Predictor(OnnxBackend(tmp, device="cpu")), fp16)
+
+
+# --- tracing ---------------------------------------------------------------------------------
+
+
+def _trace(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    inputs: list[str],
+    outputs: list[str],
+    opset: int,
+):
+    """Trace ``module`` to an ``onnx.ModelProto``; returns it and the exporter's name."""
+    try:
+        return _trace_dynamo(module, args, inputs, outputs, opset), "torch.onnx (dynamo)"
+    except Exception as e:  # exporter failures come as many exception types
+        warnings.warn(
+            f"The torch.export-based ONNX exporter failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); using the TorchScript exporter.",
+            stacklevel=3,
+        )
+    try:
+        return _trace_torchscript(module, args, inputs, outputs, opset), "torch.onnx (torchscript)"
+    except Exception as e:
+        raise ExportError(
+            f"Neither ONNX exporter could trace the model ({type(e).__name__}: {e}). Make sure "
+            "the model is on its reference (non-fused) path."
+        ) from e
+
+
+def _trace_dynamo(module, args, inputs, outputs, opset):
+    batch = torch.export.Dim("batch", min=1)
+    dynamic_shapes = {name: {0: batch} for name in inputs}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def _trace_torchscript(module, args, inputs, outputs, opset):
+    import onnx
+
+    # Traced with autograd on: under no_grad, nn.MultiheadAttention takes its fused fast path
+    # (aten::_native_multi_head_attention), which the TorchScript exporter cannot export.
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            module,
+            args,
+            str(f),
+            dynamo=False,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in inputs + outputs},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+        return onnx.load(str(f))
+
+
+# --- finishing and saving --------------------------------------------------------------------
+
+
+def _graphs(graph):
+    """``graph`` and every subgraph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for g in attr.graphs:
+                yield from _graphs(g)
+
+
+def _finalise(proto, meta: dict[str, Any]) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces with local paths: several
+    times the size of a small model's weights) and store the engine metadata."""
+    for graph in _graphs(proto.graph):
+        graph.doc_string = ""
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+        for items in (graph.value_info, graph.input, graph.output, graph.initializer):
+            for item in items:
+                del item.metadata_props[:]
+    for function in proto.functions:
+        for node in function.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
+    proto.producer_name = "surgery-edge"
+    proto.producer_version = str(meta.get("package_version", ""))
+    proto.doc_string = (
+        f"surgery-edge multi-task engine ({meta['mode']}, {meta['precision']}, method "
+        f"{meta['method']}); tasks: {', '.join(meta['tasks'])}."
+    )
+
+
+def _weight_bytes(proto) -> int:
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for t in proto.graph.initializer:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def _save(proto, path: Path, verify=None) -> None:
+    """Write ``proto`` to ``path`` atomically; it must pass the checker (and ``verify(tmp)``)
+    before it replaces ``path``."""
+    import onnx
+
+    if _weight_bytes(proto) <= EXTERNAL_DATA_BYTES:
+        with atomic_path(path) as tmp:
+            onnx.save_model(proto, str(tmp))
+            check_onnx(tmp)
+            if verify is not None:
+                verify(tmp)
+        return
+    # Two files: write both in a private folder beside ``path``, check, then move them in.
+    data_name = f"{path.name}.data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
+        tmp = Path(tmp_dir) / path.name
+        onnx.save_model(
+            proto,
+            str(tmp),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        check_onnx(tmp)
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp.with_name(data_name), path.with_name(data_name))
+        os.replace(tmp, path)
+
+
+def check_onnx(path: str | os.PathLike):
+    """Run ``onnx.checker`` (full check) and strict shape inference on ``path``.
+
+    Returns the model (without external weights loaded); raises ExportError naming the file.
+    """
+    import onnx
+
+    path = Path(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as e:  # ValidationError, InferenceError, DecodeError, ...
+        raise ExportError(
+            f"{path} is not a valid ONNX model ({type(e).__name__}: {e}). Re-export it with "
+            "`surgery-edge export`."
+        ) from None
+    return proto
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The engine metadata stored in an ONNX file."""
+    import onnx
+
+    from surgery_edge.export.metadata import parse_metadata
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ExportError(
+            f"{path} is not a readable ONNX file ({type(e).__name__}: {e})."
+        ) from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    return parse_metadata(props.get(META_KEY), path)

@@ -1,0 +1,197 @@
+"""TensorRT: build a serialized engine from the exported ONNX (TensorRT 10 Python API).
+
+The pure parts run anywhere and are tested without TensorRT: :func:`profile_shapes` turns the
+batch flags into an optimization profile (with clear errors), and :func:`builder_input` checks
+the ONNX handed to the builder (``onnx.checker`` full check, strict shape inference, engine
+metadata, dynamic batch). :func:`build_engine` then needs ``tensorrt`` and an NVIDIA GPU: it
+parses the ONNX (explicit batch: the only mode in TensorRT 10), sets the workspace pool, FP16,
+the profile and the timing cache, builds, and writes the engine and its metadata sidecar
+``<engine>.json`` atomically. ``tensorrt`` is imported only there; nothing is ever written when
+it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from surgery_edge.errors import ConfigError, ExportError
+
+TRT_INSTALL = (
+    "Install it with `pip install 'surgery-edge[trt]'` (the `tensorrt` package, version 10 or "
+    "newer) on a machine with an NVIDIA GPU and CUDA; or serve the ONNX engine with ONNX Runtime."
+)
+
+Shape = tuple[int, ...]
+
+
+def import_tensorrt():
+    """``import tensorrt`` (version 10+), or ExportError saying how to install it."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as e:  # OSError: an install whose CUDA libraries are missing
+        raise ExportError(f"TensorRT is not available ({e}). {TRT_INSTALL}") from None
+    major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
+    if major < 10:
+        raise ExportError(f"TensorRT {trt.__version__} is too old; {TRT_INSTALL}")
+    return trt
+
+
+def profile_shapes(
+    image_size: int,
+    mode: str,
+    min_batch: int = 1,
+    opt_batch: int = 8,
+    max_batch: int = 32,
+) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """The optimization profile: ``{input name: (min shape, opt shape, max shape)}``.
+
+    Args:
+        image_size: the engine's square input size.
+        mode: ``routed`` (inputs ``images`` and ``task_ids``) or ``all-tasks`` (``images``).
+        min_batch, opt_batch, max_batch: batch sizes, ``1 <= min <= opt <= max``; TensorRT
+            tunes its kernels for ``opt``.
+    """
+    from surgery_edge.export.metadata import check_mode
+
+    check_mode(mode)
+    flags = (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch))
+    for name, value in flags:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}.")
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}.")
+    if not min_batch <= opt_batch <= max_batch:
+        raise ConfigError(
+            f"Batch sizes must satisfy min <= opt <= max, got --min-batch {min_batch}, "
+            f"--opt-batch {opt_batch}, --max-batch {max_batch}."
+        )
+    s = int(image_size)
+    shapes = {"images": tuple((b, 3, s, s) for b in (min_batch, opt_batch, max_batch))}
+    if mode == "routed":
+        shapes["task_ids"] = tuple((b,) for b in (min_batch, opt_batch, max_batch))
+    return shapes
+
+
+def builder_input(onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """Check the ONNX that the TensorRT builder will parse; return its engine metadata.
+
+    It must pass ``onnx.checker`` (full check) and strict shape inference, carry surgery-edge
+    metadata, and have a dynamic batch dimension on every input.
+    """
+    from surgery_edge.export.metadata import META_KEY, parse_metadata
+    from surgery_edge.export.onnx import check_onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file {path} does not exist; export it first.")
+    proto = check_onnx(path)
+    meta = parse_metadata({p.key: p.value for p in proto.metadata_props}.get(META_KEY), path)
+    names = [i.name for i in proto.graph.input]
+    if names != meta["inputs"]:
+        raise ExportError(f"{path} has inputs {names}, but its metadata says {meta['inputs']}.")
+    for graph_input in proto.graph.input:
+        batch = graph_input.type.tensor_type.shape.dim[0]
+        if not batch.dim_param:
+            raise ExportError(
+                f"Input {graph_input.name!r} of {path} has a fixed batch size "
+                f"({batch.dim_value}); re-export it (surgery-edge exports a dynamic batch)."
+            )
+    return meta
+
+
+def check_workspace(workspace_gb: float) -> int:
+    """``--workspace-gb`` -> bytes (must be positive)."""
+    if not workspace_gb > 0:
+        raise ConfigError(f"--workspace-gb must be positive, got {workspace_gb}.")
+    return int(workspace_gb * (1 << 30))
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    fp16: bool = True,
+    min_batch: int = 1,
+    opt_batch: int = 8,
+    max_batch: int = 32,
+    workspace_gb: float = 4.0,
+    timing_cache: str | os.PathLike | None = None,
+) -> Path:
+    """Build a TensorRT engine from a surgery-edge ONNX engine.
+
+    Args:
+        onnx_path: the ONNX file (from :func:`~surgery_edge.export.onnx.export_onnx`).
+        engine_path: the serialized engine to write; its metadata goes to ``<engine>.json``.
+        fp16: allow FP16 kernels (``BuilderFlag.FP16``); TensorRT keeps FP32 where it is faster
+            or needed.
+        min_batch, opt_batch, max_batch: the optimization profile's batch sizes.
+        workspace_gb: the builder's workspace memory pool limit.
+        timing_cache: a timing-cache file, read if it exists and written back after the build
+            (reuses kernel timings across builds on the same GPU and TensorRT version).
+
+    Returns:
+        ``engine_path``.
+    """
+    from surgery_edge.export.metadata import write_sidecar
+    from surgery_edge.io import atomic_path
+
+    engine_path = Path(engine_path)
+    meta = builder_input(onnx_path)
+    image_size = int(meta["preprocessing"]["image_size"])
+    shapes = profile_shapes(image_size, meta["mode"], min_batch, opt_batch, max_batch)
+    workspace = check_workspace(workspace_gb)
+    trt = import_tensorrt()
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch: the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = None
+    if timing_cache is not None:
+        timing_cache = Path(timing_cache)
+        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(
+            f"TensorRT failed to build an engine from {onnx_path} (see its log above); try a "
+            "larger --workspace-gb or a smaller --max-batch."
+        )
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    if cache is not None:
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_sidecar(
+        engine_path,
+        {
+            **meta,
+            "format": "tensorrt",
+            "precision": "fp16" if fp16 else meta["precision"],
+            "onnx": Path(onnx_path).name,
+            "tensorrt": {
+                "version": trt.__version__,
+                "fp16": fp16,
+                "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
+                "min_batch": min_batch,
+                "opt_batch": opt_batch,
+                "max_batch": max_batch,
+                "workspace_gb": workspace_gb,
+            },
+        },
+    )
+    return engine_path

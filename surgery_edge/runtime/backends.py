@@ -1,0 +1,250 @@
+"""Engine backends: ONNX Runtime, TensorRT and AOTInductor packages behind one ``run`` call.
+
+A backend loads one artefact, reads its metadata and runs a batch:
+``run(images (B, 3, S, S) float32, task_ids (B,) int64 | None) -> [outputs in metadata order]``.
+Routed engines take ``task_ids``; all-tasks engines ignore it. Every failure to open an artefact
+raises ExportError naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surgery_edge.errors import ExportError
+from surgery_edge.export.metadata import META_KEY, parse_metadata, read_sidecar
+from surgery_edge.export.onnx import read_onnx_metadata
+
+ONNX_SUFFIXES = (".onnx",)
+AOTI_SUFFIXES = (".pt2",)
+TRT_SUFFIXES = (".engine", ".plan", ".trt")
+DEFAULT_BATCH = 64
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise ExportError(f"Engine file {path} does not exist. Check the path.")
+
+
+class Backend:
+    """One loaded engine. ``meta`` is its metadata; ``max_batch`` the most rows per ``run``."""
+
+    kind = ""
+    path: Path
+    meta: dict[str, Any]
+    max_batch: int = DEFAULT_BATCH
+    device: str = "cpu"
+
+    def run(self, images: np.ndarray, task_ids: np.ndarray | None) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def feeds(self, images: np.ndarray, task_ids: np.ndarray | None) -> dict[str, np.ndarray]:
+        feeds = {"images": np.ascontiguousarray(images, np.float32)}
+        if self.meta["mode"] == "routed":
+            feeds["task_ids"] = np.ascontiguousarray(task_ids, np.int64)
+        return feeds
+
+
+class OnnxBackend(Backend):
+    """ONNX Runtime: CPUExecutionProvider, or CUDA (with IO binding) when available.
+
+    Args:
+        path: the ``.onnx`` file.
+        device: ``auto`` (CUDA when onnxruntime has the CUDA provider), ``cpu`` or ``cuda``.
+    """
+
+    kind = "onnx"
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto"):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        _require_file(self.path)
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device.startswith("cuda") and not has_cuda:
+            raise ExportError(
+                "CUDA was requested but this onnxruntime has no CUDA provider; install "
+                "`pip install 'surgery-edge[gpu]'` (onnxruntime-gpu), or use --device cpu."
+            )
+        use_cuda = has_cuda and device != "cpu"
+        providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
+        self.meta = read_onnx_metadata(self.path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.meta["precision"] == "fp16" and not use_cuda:
+            # onnxruntime's CPU fusions (e.g. Transpose+MatMul -> FusedMatMul) strand fp16 nodes
+            # without a CPU kernel; 1.23 even crashes creating the session. Basic
+            # optimisations only: fp16 engines are meant for GPUs anyway.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            raise ExportError(
+                f"Engine {self.path} is not a readable ONNX model ({_first_line(e)}). It may be "
+                "truncated or corrupt: re-export it with `surgery-edge export`."
+            ) from None
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self._outputs = list(self.meta["outputs"])  # the order the Predictor reads them in
+        if {o.name for o in self.session.get_outputs()} != set(self._outputs):
+            raise ExportError(f"Engine {self.path}: its outputs do not match its metadata.")
+
+    def run(self, images: np.ndarray, task_ids: np.ndarray | None) -> list[np.ndarray]:
+        feeds = self.feeds(images, task_ids)
+        if self.device != "cuda":
+            return self.session.run(self._outputs, feeds)
+        binding = self.session.io_binding()  # outputs stay on the GPU until copied once
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in self._outputs:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+class AotiBackend(Backend):
+    """An AOTInductor ``.pt2`` package, loaded with ``torch._inductor.aoti_load_package``."""
+
+    kind = "pt2"
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto"):
+        import torch
+
+        self.path = Path(path)
+        _require_file(self.path)
+        try:
+            self.model = torch._inductor.aoti_load_package(str(self.path))
+            stored = self.model.get_metadata()
+        except Exception as e:
+            raise ExportError(
+                f"Engine {self.path} is not a loadable AOTInductor package ({_first_line(e)}). "
+                "It may be corrupt, compiled for another device, or made by another torch "
+                "version: re-export it with `surgery-edge export --aoti`."
+            ) from None
+        self.meta = parse_metadata(stored.get(META_KEY), self.path)
+        self.device = self.meta.get("device", "cpu")
+        if device != "auto" and device.split(":")[0] != self.device.split(":")[0]:
+            raise ExportError(
+                f"Engine {self.path} was compiled for {self.device!r}; it cannot run on "
+                f"{device!r}. Re-export it on that device."
+            )
+        self._torch = torch
+
+    def run(self, images: np.ndarray, task_ids: np.ndarray | None) -> list[np.ndarray]:
+        torch = self._torch
+        args = [torch.from_numpy(v).to(self.device) for v in self.feeds(images, task_ids).values()]
+        with torch.inference_mode():
+            out = self.model(*args)
+        return [o.float().cpu().numpy() for o in out]
+
+
+class TensorRTBackend(Backend):
+    """A serialized TensorRT engine plus its metadata sidecar ``<engine>.json``."""
+
+    kind = "tensorrt"
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto"):
+        from surgery_edge.export.tensorrt import import_tensorrt
+
+        self.path = Path(path)
+        _require_file(self.path)
+        self.meta = read_sidecar(self.path)
+        if device == "cpu":
+            raise ExportError(f"TensorRT engine {self.path} runs on an NVIDIA GPU only, not cpu.")
+        trt = import_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExportError(f"TensorRT engine {self.path} needs a CUDA GPU; none is available.")
+        self._trt, self._torch, self.device = trt, torch, "cuda"
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        try:
+            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        except Exception as e:
+            raise ExportError(f"Engine {self.path} is not a TensorRT engine ({e}).") from None
+        if self.engine is None:
+            raise ExportError(
+                f"TensorRT could not deserialize {self.path}: it is corrupt, or was built by "
+                "another TensorRT version or for another GPU. Rebuild it with "
+                "`surgery-edge export --trt` on this machine."
+            )
+        self.context = self.engine.create_execution_context()
+        profile = self.meta.get("tensorrt", {})
+        self.min_batch = int(profile.get("min_batch", 1))
+        self.max_batch = int(profile.get("max_batch", DEFAULT_BATCH))
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._outputs = [
+            n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
+        ]
+
+    def _torch_dtype(self, name: str):
+        trt, torch = self._trt, self._torch
+        return {
+            trt.DataType.FLOAT: torch.float32,
+            trt.DataType.HALF: torch.float16,
+            trt.DataType.INT64: torch.int64,
+            trt.DataType.INT32: torch.int32,
+        }[self.engine.get_tensor_dtype(name)]
+
+    def run(self, images: np.ndarray, task_ids: np.ndarray | None) -> list[np.ndarray]:
+        torch = self._torch
+        n = len(images)
+        feeds = self.feeds(images, task_ids)
+        if n < self.min_batch:  # below the profile's range: pad with copies of the last row
+            feeds = {
+                k: np.concatenate([v, np.repeat(v[-1:], self.min_batch - n, 0)])
+                for k, v in feeds.items()
+            }
+        keep = []  # device buffers must outlive the launch
+        for name, value in feeds.items():
+            t = torch.from_numpy(value).to("cuda", self._torch_dtype(name)).contiguous()
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+        outputs = []
+        for name in self._outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            t = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+            self.context.set_tensor_address(name, t.data_ptr())
+            outputs.append(t)
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise ExportError(f"TensorRT failed to run {self.path} on a batch of {n}.")
+        stream.synchronize()
+        by_name = dict(zip(self._outputs, outputs))
+        return [by_name[name][:n].float().cpu().numpy() for name in self.meta["outputs"]]
+
+
+def engine_kind(path: str | os.PathLike) -> str:
+    """``onnx``, ``pt2`` or ``tensorrt`` from the suffix (or, failing that, the file's bytes)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return "onnx"
+    if suffix in AOTI_SUFFIXES:
+        return "pt2"
+    if suffix in TRT_SUFFIXES:
+        return "tensorrt"
+    _require_file(p)
+    with p.open("rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        return "pt2"
+    if Path(str(p) + ".json").is_file():
+        return "tensorrt"
+    return "onnx"
+
+
+def open_backend(path: str | os.PathLike, device: str = "auto") -> Backend:
+    """Open the engine at ``path`` with the backend its kind needs."""
+    kind = engine_kind(path)
+    cls = {"onnx": OnnxBackend, "pt2": AotiBackend, "tensorrt": TensorRTBackend}[kind]
+    return cls(path, device=device)

@@ -1,0 +1,286 @@
+"""The Predictor: one multi-task engine, any backend, images in, labels and probabilities out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surgery_edge.errors import ExportError
+from surgery_edge.runtime.backends import Backend, open_backend
+from surgery_edge.runtime.preprocess import ImageLike, describe, load_image, normalise
+
+TaskRef = str | int
+
+
+@dataclass(frozen=True)
+class TaskPrediction:
+    """One task's answer for one image."""
+
+    task: str
+    index: int  # the predicted class index
+    label: str  # its class name
+    probs: tuple[float, ...]  # one per class of this task
+
+    @property
+    def score(self) -> float:
+        return self.probs[self.index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "index": self.index,
+            "label": self.label,
+            "score": self.score,
+            "probs": list(self.probs),
+        }
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Every requested task's answer for one input image, or why it could not be answered."""
+
+    source: str
+    predictions: list[TaskPrediction] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __getitem__(self, task: str) -> TaskPrediction:
+        for p in self.predictions:
+            if p.task == task:
+                return p
+        raise KeyError(task)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": self.source}
+        if self.error is not None:
+            out["error"] = self.error
+        else:
+            out["predictions"] = {p.task: p.to_dict() for p in self.predictions}
+        return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:  # (B, C) -> (B, C), -inf -> 0
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Predictor:
+    """Serves a multi-task engine made by ``surgery-edge export``.
+
+    Any engine answers any request: a routed engine answers "every task" by routing each image
+    once per task; an all-tasks engine answers one task by running all and keeping that one.
+
+    Args:
+        backend: a loaded engine (see :func:`load`).
+    """
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.meta = backend.meta
+        self.tasks: list[str] = list(self.meta["tasks"])
+        self.class_names: list[list[str]] = [list(c) for c in self.meta["class_names"]]
+        self.class_counts = [len(c) for c in self.class_names]
+        pre = self.meta["preprocessing"]
+        self.image_size, self.mean, self.std = int(pre["image_size"]), pre["mean"], pre["std"]
+
+    @property
+    def mode(self) -> str:
+        return self.meta["mode"]
+
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    @property
+    def path(self) -> Path:
+        return self.backend.path
+
+    def __repr__(self) -> str:
+        return (
+            f"Predictor({self.path}, {self.kind}, {self.mode}, {self.meta['precision']}, "
+            f"method={self.meta['method']}, tasks={self.tasks})"
+        )
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    def task_index(self, task: TaskRef) -> int:
+        """A task name or id -> its id; ExportError listing the tasks when it is neither."""
+        known = ", ".join(f"{i}={t}" for i, t in enumerate(self.tasks))
+        if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
+            if not 0 <= int(task) < len(self.tasks):
+                raise ExportError(
+                    f"Task id {int(task)} is out of range: this engine has {len(self.tasks)} "
+                    f"tasks ({known})."
+                )
+            return int(task)
+        if isinstance(task, str):
+            if task in self.tasks:
+                return self.tasks.index(task)
+            if task.strip().lstrip("-").isdigit():
+                return self.task_index(int(task))
+        raise ExportError(f"Unknown task {task!r}; this engine serves {known}.")
+
+    # --- raw logits ------------------------------------------------------------------------
+
+    def _check_batch(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, s, s):
+            raise ExportError(
+                f"engine input must be (B, 3, {s}, {s}) float32, got {tuple(images.shape)}; "
+                "use predict() for raw images."
+            )
+        return images
+
+    def _chunks(self, n: int):
+        step = max(1, int(self.backend.max_batch))
+        for i in range(0, n, step):
+            yield slice(i, min(i + step, n))
+
+    def routed_logits(
+        self,
+        images: np.ndarray,  # (B, 3, S, S) float32, preprocessed
+        task_ids: np.ndarray,  # (B,) int
+    ) -> np.ndarray:  # (B, C_max) float32, -inf beyond each task's classes
+        """Each image answered for its own task."""
+        images = self._check_batch(images)
+        ids = np.asarray(task_ids, np.int64).reshape(-1)
+        if len(ids) != len(images):
+            raise ExportError(f"{len(images)} images but {len(ids)} task ids.")
+        for t in np.unique(ids):
+            self.task_index(int(t))
+        if self.mode == "routed":
+            parts = [self.backend.run(images[s], ids[s])[0] for s in self._chunks(len(ids))]
+            return np.concatenate(parts) if parts else np.zeros((0, max(self.class_counts)))
+        per_task = self.all_task_logits(images)
+        out = np.full((len(ids), max(self.class_counts)), -np.inf, np.float32)
+        for t, logits in enumerate(per_task):
+            rows = ids == t
+            out[rows, : logits.shape[1]] = logits[rows]
+        return out
+
+    def all_task_logits(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every image answered for every task: a list of T arrays (B, C_t)."""
+        images = self._check_batch(images)
+        B, T = len(images), len(self.tasks)
+        if self.mode == "all-tasks":
+            parts = [self.backend.run(images[s], None) for s in self._chunks(B)]
+            return [
+                np.concatenate([p[t] for p in parts])
+                if parts
+                else np.zeros((0, self.class_counts[t]), np.float32)
+                for t in range(T)
+            ]
+        # A routed engine: every image once per task, in one (chunked) pass.
+        ids = np.repeat(np.arange(T, dtype=np.int64), B)
+        logits = self.routed_logits(np.concatenate([images] * T), ids).reshape(T, B, -1)
+        return [logits[t, :, : self.class_counts[t]] for t in range(T)]
+
+    # --- images in, answers out ------------------------------------------------------------
+
+    def predict(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        task: TaskRef | Sequence[TaskRef] | None = None,
+        all_tasks: bool = False,
+    ) -> list[ImageResult]:
+        """Classify images.
+
+        Args:
+            images: one image or a sequence: file paths, PIL images, or (H, W, 3) uint8 arrays
+                (any size; grey or RGBA is converted to RGB). An (N, H, W, 3) array is N images.
+            task: the task (name or id) to answer, or one task per image. ``None`` with a
+                single-task engine means that task.
+            all_tasks: answer every task for every image.
+
+        Returns:
+            One :class:`ImageResult` per image, in order. An image that cannot be read gets
+            a result with ``error`` set; the others are still answered.
+        """
+        items = _as_list(images)
+        if not items:
+            raise ExportError("No images to predict.")
+        task_ids = self._resolve_tasks(task, all_tasks, len(items))
+        names, arrays, errors = [], [], {}
+        for i, image in enumerate(items):
+            names.append(describe(image, i))
+            try:
+                arrays.append(load_image(image))
+            except ExportError as e:
+                errors[i] = str(e)
+        good = [i for i in range(len(items)) if i not in errors]
+        x = normalise(arrays, self.image_size, self.mean, self.std)  # (len(good), 3, S, S)
+        answers: dict[int, list[TaskPrediction]] = {}
+        if good and task_ids is None:
+            per_task = self.all_task_logits(x)
+            for k, i in enumerate(good):
+                answers[i] = [self._answer(t, per_task[t][k]) for t in range(len(self.tasks))]
+        elif good:
+            ids = task_ids[good]
+            logits = self.routed_logits(x, ids)
+            for k, i in enumerate(good):
+                t = int(ids[k])
+                answers[i] = [self._answer(t, logits[k, : self.class_counts[t]])]
+        return [
+            ImageResult(names[i], error=errors[i])
+            if i in errors
+            else ImageResult(names[i], answers[i])
+            for i in range(len(items))
+        ]
+
+    def _resolve_tasks(
+        self, task: TaskRef | Sequence[TaskRef] | None, all_tasks: bool, n: int
+    ) -> np.ndarray | None:
+        """Per-image task ids, or None for every task."""
+        if all_tasks:
+            if task is not None:
+                raise ExportError("Ask for one task or for all tasks, not both.")
+            return None
+        if task is None:
+            if len(self.tasks) == 1:
+                return np.zeros(n, np.int64)
+            raise ExportError(
+                f"This engine serves {len(self.tasks)} tasks ({', '.join(self.tasks)}): choose "
+                "one (task=... / --task) or ask for all of them (all_tasks=True / --all-tasks)."
+            )
+        if isinstance(task, (str, int, np.integer)):
+            return np.full(n, self.task_index(task), np.int64)
+        refs = list(task)
+        if len(refs) != n:
+            raise ExportError(f"{n} images but {len(refs)} tasks; give one task per image.")
+        return np.array([self.task_index(t) for t in refs], np.int64)
+
+    def _answer(self, t: int, logits: np.ndarray) -> TaskPrediction:
+        probs = softmax(np.asarray(logits, np.float64)[None])[0]
+        index = int(np.argmax(logits))
+        return TaskPrediction(
+            self.tasks[t], index, self.class_names[t][index], tuple(float(p) for p in probs)
+        )
+
+
+def _as_list(images) -> list:
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
+def load(path: str | os.PathLike, device: str = "auto") -> Predictor:
+    """Open an engine made by ``surgery-edge export``: ``.onnx`` (ONNX Runtime), ``.pt2``
+    (AOTInductor) or ``.engine`` / ``.plan`` / ``.trt`` (TensorRT, with its ``.json`` sidecar).
+
+    Args:
+        path: the engine file.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+    return Predictor(open_backend(path, device=device))
