@@ -27,8 +27,11 @@ Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N.")]
 
 def _err(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
 
 
 def user_errors(fn):
@@ -80,9 +83,7 @@ def experts(
 def merge(
     run_dir: RunDir,
     method: Annotated[list[str], typer.Option(help="Merge method (repeatable).")],
-    lam: Annotated[
-        float | None, typer.Option(help="Scaling for task arithmetic / Ties.")
-    ] = None,
+    lam: Annotated[float | None, typer.Option(help="Scaling for task arithmetic / Ties.")] = None,
     k: Annotated[
         float | None, typer.Option(help="Ties: fraction of each task vector kept.")
     ] = None,
@@ -177,6 +178,140 @@ def demo(
 
     report = run_demo(out, _config(config, device))
     typer.echo(f"report: {report}")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: RunDir,
+    merge_name: Annotated[str, typer.Option("--merge", help="Merged model to export.")] = (
+        "task_arithmetic"
+    ),
+    surgery: Annotated[str, typer.Option(help="none | surgery | surgeryv2.")] = "surgeryv2",
+    mode: Annotated[
+        str, typer.Option(help="routed (images + task ids) | all-tasks (every task per image).")
+    ] = "routed",
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="ONNX file (default: RUN/engines/<merge>-<surgery>-<mode>.onnx)."),
+    ] = None,
+    fp16: Annotated[bool, typer.Option(help="Half weights and compute; float32 I/O.")] = False,
+    aoti: Annotated[Path | None, typer.Option(help="AOTInductor package (.pt2).")] = None,
+    trt: Annotated[
+        Path | None, typer.Option(help="TensorRT engine, built from the exported ONNX.")
+    ] = None,
+    min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="TensorRT profile: tuned batch.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 32,
+    workspace_gb: Annotated[float, typer.Option(help="TensorRT workspace pool (GiB).")] = 4.0,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
+    ] = None,
+    device: Device = None,
+):
+    """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run."""
+    from surgery_edge.export import TrtOptions, export_run
+
+    written = export_run(
+        run_dir,
+        merge_name,
+        surgery,
+        mode,
+        onnx=onnx,
+        fp16=fp16,
+        aoti=aoti,
+        trt=trt,
+        trt_options=TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
+        device=device,
+    )
+    for kind, path in written.items():
+        typer.echo(f"{kind}: {path}")
+
+
+@app.command()
+@user_errors
+def predict(
+    engine: Annotated[Path, typer.Argument(help="Engine: .onnx, .pt2 or TensorRT .engine.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    task: Annotated[str | None, typer.Option(help="Task name or id to answer.")] = None,
+    all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Answer every task.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+):
+    """Classify images with an exported engine; unreadable images are reported (exit code 2)."""
+    import json
+
+    from surgery_edge.errors import ExportError
+    from surgery_edge.runtime import load
+
+    results = load(engine, device=device).predict(images, task=task, all_tasks=all_tasks)
+    if json_out:
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            for p in r.predictions:
+                typer.echo(f"{r.source}\t{p.task}\t{p.label}\t(class {p.index}, p={p.score:.3f})")
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise ExportError(
+            f"Could not answer {len(failed)} of {len(results)} images: {' '.join(failed)}"
+        )
+
+
+import_app = typer.Typer(
+    help="Convert checkpoints from other tools into surgery-edge's format.", no_args_is_help=True
+)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("task-vectors")
+@user_errors
+def import_task_vectors(
+    root: Annotated[Path, typer.Argument(help="Folder holding <model>/zeroshot.pt etc.")],
+    model: Annotated[str, typer.Option(help="open_clip config name, e.g. ViT-B-32.")],
+    out: Annotated[Path, typer.Option(help="Folder for the converted checkpoints.")],
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Allow unpickling (restricted to the known classes). Only for trusted files."
+        ),
+    ] = False,
+    task: Annotated[list[str] | None, typer.Option(help="Import only these tasks.")] = None,
+    overwrite: bool = False,
+):
+    """Convert the task_vectors / AdaMerging layout (pickled ImageEncoder / heads)."""
+    from surgery_edge.models.importers import import_task_vectors as run_import
+
+    summary = run_import(
+        root, model, out, trust_pickle, tasks=task, overwrite=overwrite, log=typer.echo
+    )
+    for note in summary.to_dict().get("notes", []):
+        typer.echo(f"note: {note}")
+    typer.echo(f"checkpoints: {out}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def bench(ctx: typer.Context):
+    """Benchmark the engine against eight separate experts; options go to bench_engine.py.
+
+    Example: surgery-edge bench --archs ViT-B-32 --batches 1 8 32 --out benchmarks/results/h100
+    """
+    import importlib.util
+
+    from surgery_edge.errors import ConfigError
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
+    if not script.is_file():
+        raise ConfigError(
+            f"{script} not found: `surgery-edge bench` runs from a source checkout "
+            "(pip install -e .), where benchmarks/ lives beside the package."
+        )
+    spec = importlib.util.spec_from_file_location("bench_engine", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_engine"] = module
+    spec.loader.exec_module(module)
+    module.main(list(ctx.args))
 
 
 def main() -> None:
