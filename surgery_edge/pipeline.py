@@ -446,6 +446,37 @@ def check_tasks(run: Run, names: list[str] | None) -> None:
             raise ConfigError(f"Unknown task(s) {unknown}; this run has {run.tasks}.")
 
 
+def export_engines(run: Run) -> dict:
+    """Export the task-arithmetic engines (V1 all-tasks, V2 routed) and check their parity.
+
+    Reuses ``engines/summary.json`` when the merged model, adapters and experts are unchanged.
+    """
+    import json
+
+    from surgery_edge.export.demo import export_and_check
+    from surgery_edge.io import write_json_atomic
+
+    needed = [
+        run.merged.get("task_arithmetic"),
+        run.adapters.get(("task_arithmetic", "surgery")),
+        run.adapters.get(("task_arithmetic", "surgeryv2")),
+    ]
+    if any(p is None for p in needed):
+        return {"skipped": "needs the task_arithmetic merge with both surgery methods"}
+    fp = fingerprint(*(file_fingerprint(p) for p in needed), _experts_fingerprint(run))
+    summary = run.out / "engines" / "summary.json"
+    if summary.is_file():
+        cached = json.loads(summary.read_text())
+        if cached.get("fingerprint") == fp:
+            run.log("reusing exported engines")
+            return cached
+    with run.stage("export"):
+        result = export_and_check(run, run.out / "engines")
+    result["fingerprint"] = fp
+    write_json_atomic(summary, result)
+    return result
+
+
 def run_demo(out: str | Path, config: RunConfig, log=print) -> Path:
     """Suite, experts, every merge, every surgery, evaluation and report; returns report.md."""
     from surgery_edge.evaluation.report import write_report
@@ -458,6 +489,7 @@ def run_demo(out: str | Path, config: RunConfig, log=print) -> Path:
     run_merges(run)
     run_surgery(run)
     evaluation = evaluate(run)
+    engines = export_engines(run)
     run.timings["total"] = time.perf_counter() - t0
     s = config.surgery
     notes = [
@@ -466,4 +498,6 @@ def run_demo(out: str | Path, config: RunConfig, log=print) -> Path:
         f"{'test (transductive)' if s.transductive else 'adaptation'} split, evaluated on test.",
         "Timings are wall-clock seconds of this invocation; cached stages take ~0 s.",
     ]
-    return write_report(run.out, report_dict(run, evaluation, notes))["md"]
+    report = report_dict(run, evaluation, notes)
+    report["engines"] = engines
+    return write_report(run.out, report)["md"]

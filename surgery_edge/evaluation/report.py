@@ -59,6 +59,31 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {merge} | {s} | " + " | ".join(f"{vals[k]:.4f}" for k in sites) + " |"
                 )
+    engines = (report.get("engines") or {}).get("engines")
+    if engines:
+        single = report["engines"]["single_expert"]
+        lines += [
+            "",
+            "Exported engines (task arithmetic base; parity against PyTorch on the test split):",
+            "",
+            "| engine | artefact | bytes | x one expert | max abs logit diff "
+            "| argmax agreement (%) |",
+            "|---|---|---|---|---|---|",
+            f"| single expert ({single['task']}) | onnx | {single['bytes']} | 1.00 | | |",
+        ]
+        for name, eng in engines.items():
+            for art, d in eng.items():
+                if not isinstance(d, dict):
+                    continue
+                if "error" in d:
+                    lines.append(f"| {name} | {art} | failed: {d['error'][:80]} | | | |")
+                    continue
+                p = d.get("parity", {})
+                lines.append(
+                    f"| {name} | {art} | {d['bytes']} | {d['bytes'] / single['bytes']:.2f} | "
+                    f"{p.get('max_abs_diff', float('nan')):.2e} | "
+                    f"{p.get('argmax_agreement', float('nan')):.2f} |"
+                )
     if report.get("timings_s"):
         lines += [
             "",
@@ -87,23 +112,39 @@ def plot_accuracy(report: dict, path: Path) -> Path:
 
     tasks, rows = report["tasks"], report["results"]
     by = {(r["method"], r["surgery"]): r for r in rows}
-    merges = [m for m in dict.fromkeys(r["method"] for r in rows)
-              if m not in ("individual", "pretrained")]
+    merges = [
+        m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("individual", "pretrained")
+    ]
     variants = [s for s in ("none", "surgery", "surgeryv2") if any((m, s) in by for m in merges)]
-    fig, axes = plt.subplots(len(merges), 1, figsize=(max(7, 1.1 * len(tasks)), 2.1 * len(merges)),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(merges),
+        1,
+        figsize=(max(7, 1.1 * len(tasks)), 2.1 * len(merges)),
+        sharex=True,
+        squeeze=False,
+    )
     x, width = np.arange(len(tasks)), 0.8 / max(1, len(variants))
     experts = by.get(("individual", "none"))
     for ax, merge in zip(axes[:, 0], merges):
         for i, s in enumerate(variants):
             r = by.get((merge, s))
             if r is not None:
-                ax.bar(x + (i - (len(variants) - 1) / 2) * width,
-                       [r["per_task"][t] for t in tasks], width,
-                       label=f"{('merged', 'w/ Surgery', 'w/ SurgeryV2')[i]} ({r['avg']:.1f})")
+                ax.bar(
+                    x + (i - (len(variants) - 1) / 2) * width,
+                    [r["per_task"][t] for t in tasks],
+                    width,
+                    label=f"{('merged', 'w/ Surgery', 'w/ SurgeryV2')[i]} ({r['avg']:.1f})",
+                )
         if experts:
-            ax.scatter(x, [experts["per_task"][t] for t in tasks], marker="_", s=300, c="k",
-                       label=f"experts ({experts['avg']:.1f})", zorder=3)
+            ax.scatter(
+                x,
+                [experts["per_task"][t] for t in tasks],
+                marker="_",
+                s=300,
+                c="k",
+                label=f"experts ({experts['avg']:.1f})",
+                zorder=3,
+            )
         ax.set_ylim(0, 118)
         ax.set_yticks([0, 25, 50, 75, 100])
         ax.set_ylabel(merge, fontsize=8)
