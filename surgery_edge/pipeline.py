@@ -37,7 +37,7 @@ from surgery_edge.experts import (
     load_heads,
 )
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
-from surgery_edge.models.checkpoint import load_tensors
+from surgery_edge.models.checkpoint import read_metadata
 from surgery_edge.progress import progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.model import MultiTaskModel
@@ -174,10 +174,8 @@ def _experts_fingerprint(run: Run) -> str:
 
 
 def _meta_fingerprint(path: Path) -> str | None:
-    try:
-        return load_tensors(path)[1].get("fingerprint")
-    except CheckpointError:
-        return None
+    meta = read_metadata(path)
+    return meta.get("fingerprint") if meta else None
 
 
 def merge_params(config: RunConfig, method: str) -> dict:

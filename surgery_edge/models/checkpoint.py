@@ -66,6 +66,19 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict | None:
+    """The surgery-edge metadata of a safetensors file without reading its tensors (None when
+    the file is missing, unreadable or not ours)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        return json.loads(raw) if raw else None
+    except Exception:  # any unreadable file simply has no usable metadata
+        return None
+
+
 def _arch_of(path: Path, meta: dict) -> ArchSpec:
     try:
         return ArchSpec.from_dict(meta["arch"])
