@@ -40,6 +40,25 @@ def tiny_run(tmp_path_factory, tiny_config_path):
     return out, report
 
 
+@pytest.fixture(scope="session")
+def run(tiny_run):
+    """The tiny run re-opened with its experts loaded."""
+    from surgery_edge.pipeline import Run
+
+    r = Run.open(tiny_run[0], log=lambda *a: None)
+    r.require_experts()
+    return r
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_run, tmp_path_factory):
+    """The demo hook's ONNX engines of the tiny run (no .pt2): {"report": ..., "dir": Path}."""
+    from surgery_edge.export.demo import export_and_check
+
+    out = tmp_path_factory.mktemp("engines")
+    return {"report": export_and_check(tiny_run[0], out, aoti=False), "dir": out}
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip ``slow`` tests unless RUN_SLOW=1, and ``gpu`` tests when CUDA is absent."""
     skip_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")

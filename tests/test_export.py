@@ -1,7 +1,7 @@
 """Export: ONNX and AOTInductor parity with PyTorch, one backbone, metadata, TensorRT's pure parts.
 
 Everything runs on the tiny run (micro-vit-16, three tasks). The ONNX engines come from the demo
-hook (``export_and_check``), made once per session and shared with ``test_runtime.py``; the one
+hook (``export_and_check``), made once per session (``engines`` in conftest.py); the one
 AOTInductor compile (the slow part) is made once, through ``surgery-edge export --aoti``.
 """
 
@@ -23,34 +23,6 @@ from surgery_edge.errors import ConfigError, ExportError
 
 runner = CliRunner()
 MERGE = "task_arithmetic"
-_ENGINES: dict = {}
-
-
-def demo_engines(tiny_run, tmp_path_factory) -> dict:
-    """``export_and_check`` on the tiny run (no .pt2), once per session for both test files."""
-    if not _ENGINES:
-        from surgery_edge.export.demo import export_and_check
-
-        out = tmp_path_factory.mktemp("engines")
-        _ENGINES["report"] = export_and_check(tiny_run[0], out, aoti=False)
-        _ENGINES["dir"] = out
-    return _ENGINES
-
-
-@pytest.fixture(scope="session")
-def engines(tiny_run, tmp_path_factory):
-    return demo_engines(tiny_run, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def run(tiny_run):
-    from surgery_edge.pipeline import Run
-
-    r = Run.open(tiny_run[0], log=lambda *a: None)
-    r.require_experts()
-    return r
-
-
 @pytest.fixture(scope="session")
 def models(run):
     from surgery_edge.export import load_run_model

@@ -9,26 +9,11 @@ import pytest
 import torch
 from PIL import Image
 from surgery_edge.cli.app import app
-from test_export import demo_engines
 from typer.testing import CliRunner
 
 from surgery_edge.errors import ExportError
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def engines(tiny_run, tmp_path_factory):
-    return demo_engines(tiny_run, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def run(tiny_run):
-    from surgery_edge.pipeline import Run
-
-    r = Run.open(tiny_run[0], log=lambda *a: None)
-    r.require_experts()
-    return r
 
 
 @pytest.fixture(scope="session")
