@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from checkpoint_formats import fake_task_vectors_module, micro_clip
 
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models import build_encoder, get_arch, load_encoder, load_head
@@ -49,25 +49,6 @@ def _quiet(*_args):
     return None
 
 
-def micro_clip(quick_gelu: bool, seed: int):
-    """A tiny open_clip CLIP whose image tower is ``micro-vit-16``, with random weights."""
-    import open_clip
-
-    torch.manual_seed(seed)
-    clip = open_clip.model.CLIP(
-        embed_dim=24,
-        vision_cfg=dict(
-            image_size=16, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0
-        ),
-        text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1),
-        quick_gelu=quick_gelu,
-    )
-    with torch.no_grad():  # random everything (LayerNorms too) so any mis-mapping shows
-        for p in clip.parameters():
-            p.normal_(0.0, 0.3)
-    return clip.eval()
-
-
 def micro_state(quick_gelu: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
     return {f"visual.{k}": v for k, v in micro_clip(quick_gelu, seed).visual.state_dict().items()}
 
@@ -76,43 +57,6 @@ def encoder_from(arch, state):
     enc = build_encoder(arch)
     enc.load_state_dict(state)
     return enc.eval()
-
-
-def fake_task_vectors_module() -> types.ModuleType:
-    """``src.modeling`` as in the task_vectors repository (the parts its pickles reference)."""
-    from open_clip.transform import image_transform
-
-    class ImageEncoder(nn.Module):
-        def __init__(self, model, keep_lang=False):
-            super().__init__()
-            self.model = model
-            self.train_preprocess = image_transform(16, is_train=True)
-            self.val_preprocess = image_transform(16, is_train=False)
-            self.cache_dir = "/cache"
-            if not keep_lang and hasattr(self.model, "transformer"):
-                delattr(self.model, "transformer")
-
-        def forward(self, images):
-            return self.model.encode_image(images)
-
-    class ClassificationHead(nn.Linear):
-        def __init__(self, normalize, weights, biases=None):
-            output_size, input_size = weights.shape
-            super().__init__(input_size, output_size)
-            self.normalize = normalize
-            self.weight = nn.Parameter(weights.clone())
-            self.bias = nn.Parameter(biases.clone())
-
-        def forward(self, inputs):
-            if self.normalize:
-                inputs = inputs / inputs.norm(dim=-1, keepdim=True)
-            return super().forward(inputs)
-
-    module = types.ModuleType("src.modeling")
-    for cls in (ImageEncoder, ClassificationHead):
-        cls.__module__, cls.__qualname__ = "src.modeling", cls.__name__
-        setattr(module, cls.__name__, cls)
-    return module
 
 
 @pytest.fixture(scope="module")
