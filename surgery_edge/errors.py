@@ -36,3 +36,7 @@ class TrainingError(SurgeryEdgeError):
 
 class ExportError(SurgeryEdgeError):
     """An export or runtime problem: missing backend, corrupt engine, bad input."""
+
+
+class DataError(SurgeryEdgeError):
+    """A dataset that cannot be used: no images, unknown layout, class names that do not fit."""

@@ -15,7 +15,13 @@ def to_model_input(
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:  # (N, 3, S, S) float32, normalised
     """Scale to [0, 1], resize to ``arch.image_size`` if needed, normalise with mean/std."""
-    x = torch.as_tensor(np.asarray(images)).to(device)
+    if isinstance(images, torch.Tensor):
+        x = images.to(device)
+    else:
+        arr = np.asarray(images)
+        if not arr.flags.writeable:  # a memory-mapped cache: read this batch into memory
+            arr = np.array(arr)
+        x = torch.from_numpy(arr).to(device)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected images of shape (N, H, W, 3), got {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float().div_(255.0)

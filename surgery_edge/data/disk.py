@@ -1,0 +1,561 @@
+"""Datasets from disk: image folders and torchvision datasets, decoded once into a .npy cache.
+
+A task on disk becomes the same :class:`~surgery_edge.data.suite.TaskData` as a built-in task:
+uint8 images (N, S, S, 3) already at the model's input size S, int64 labels (N,). The real
+datasets are large (tens of thousands of images at 224 px), so each split is decoded once,
+streamed into ``<cache_dir>/<task>-<split>-<key>.x.npy`` / ``.y.npy`` and returned memory-mapped;
+the key hashes everything the arrays depend on (the files' names, sizes and mtimes, the image
+size, the adapt sample's seed), so a changed dataset is decoded again and an unchanged one never.
+
+Preprocessing is CLIP's eval transform done in PIL (:func:`preprocess_image`): convert to RGB,
+resize the shorter side to S with bicubic filtering, center-crop S x S with torchvision's
+rounding. ``ToTensor`` of a uint8 PIL image is exact, so caching the uint8 crop and scaling it
+later gives the same tensor as open_clip's ``preprocess``.
+
+Two sources:
+- ``folder``: ``<path>/train/<class>/*``, ``<path>/test/<class>/*`` and optionally
+  ``<path>/adapt/`` (unlabelled images, directly inside it or in any sub-folders);
+- ``torchvision``: one of :data:`TORCHVISION_DATASETS`, read from files the user placed under
+  the root (surgery-edge never downloads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from surgery_edge.data.suite import TaskData
+from surgery_edge.errors import ConfigError, DataError
+from surgery_edge.io import atomic_path
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+)
+SOURCES = ("folder", "torchvision")
+TORCHVISION_DATASETS = ("SUN397", "StanfordCars", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+_NUM_CLASSES = {
+    "SUN397": 397,
+    "StanfordCars": 196,
+    "EuroSAT": 10,
+    "SVHN": 10,
+    "GTSRB": 43,
+    "MNIST": 10,
+    "DTD": 47,
+}
+_UNSPLIT = ("SUN397", "EuroSAT")  # no official test split: split_indices() makes one
+# The split of SUN397/EuroSAT is fixed, not drawn from the run's seed: experts fine-tuned in
+# one run must never be evaluated on their own training images in a run with another seed.
+_SPLIT_SEED = 0
+_CACHE_VERSION = "disk-v1"  # bump when preprocessing or the cache layout changes
+_NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place (see _npy_header)
+_UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class DiskTask:
+    """Where one task's images live on disk.
+
+    Args:
+        name: the task name used everywhere (e.g. ``"MNIST"``, ``"SUN397"``).
+        source: ``"folder"`` or ``"torchvision"``.
+        path: folder source: the task's folder holding ``train/ test/ [adapt/]``; torchvision
+            source: the dataset root passed to the dataset class.
+        dataset: torchvision source: the class name, one of :data:`TORCHVISION_DATASETS`.
+        class_names: optional JSON file of class names (see :func:`load_class_names`).
+        test_fraction: torchvision datasets without an official split (SUN397, EuroSAT) only:
+            the fraction of the images held out as the test split.
+    """
+
+    name: str
+    source: str = "folder"
+    path: Path | None = None
+    dataset: str | None = None
+    class_names: Path | None = None
+    test_fraction: float = 0.2
+
+
+def preprocess_image(image: Image.Image, size: int) -> np.ndarray:  # (size, size, 3) uint8
+    """CLIP's eval transform in PIL: RGB, shorter side to ``size`` (bicubic), center crop.
+
+    Equal to torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on the RGB image,
+    which is what open_clip's ``preprocess`` applies before ``ToTensor``. The RGB conversion
+    comes first, as torchvision's image loader does when a dataset is read from files; for RGB
+    and greyscale images the order makes no difference.
+    """
+    image = image.convert("RGB")
+    width, height = image.size
+    if width <= height:
+        new_size = (size, int(size * height / width))
+    else:
+        new_size = (int(size * width / height), size)
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+    top = int(round((new_size[1] - size) / 2.0))
+    left = int(round((new_size[0] - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_class_names(path: Path) -> list[str] | dict[str, str]:
+    """Read a class-names JSON file: a list (label order) or an object {folder: class name}.
+
+    Raises:
+        DataError: the file is missing, is not valid JSON, or holds anything else.
+    """
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(
+            f"Class-names file {path} is unreadable ({e}); give a JSON list of names in label "
+            'order or an object {"folder": "class name"}.'
+        ) from None
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    if isinstance(names, dict) and all(isinstance(v, str) for v in names.values()):
+        return names
+    raise DataError(
+        f"Class-names file {path} holds a {type(names).__name__} that is not a list of strings "
+        "or an object of strings; give a JSON list of names in label order or an object "
+        '{"folder": "class name"}.'
+    )
+
+
+def load_disk_task(
+    task: DiskTask,
+    image_size: int,
+    cache_dir: Path,
+    *,
+    seed: int = 0,
+    n_adapt: int = 400,
+    need_train: bool = False,
+    log: Callable[[str], Any] = print,
+    workers: int | None = None,
+) -> TaskData:
+    """Load one task from disk, decoding each split once into ``cache_dir``.
+
+    Args:
+        task: where the task lives.
+        image_size: the model's input size S; images come back (N, S, S, 3) uint8.
+        cache_dir: where the decoded splits are cached (created if missing).
+        seed: seeds the adapt sample drawn from train when there is no ``adapt/`` folder.
+        n_adapt: how many train images that sample holds (all of train if fewer). An
+            ``adapt/`` folder is used whole.
+        need_train: decode the train split; otherwise ``train_x``/``train_y`` are empty.
+        log: receives one line per split that is decoded (cache hits are silent).
+        workers: decoding threads; default ``min(8, os.cpu_count())``.
+
+    Returns:
+        The task's :class:`TaskData`, arrays memory-mapped from the cache. ``adapt_x`` is empty
+        when the task has neither ``adapt/`` nor train images: the caller then adapts on test
+        images (transductive).
+
+    Raises:
+        ConfigError: an invalid option (unknown source or dataset, size, counts).
+        DataError: missing or unusable files, class names that do not fit.
+    """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}.")
+    if n_adapt < 0:
+        raise ConfigError(f"n_adapt must be >= 0, got {n_adapt}.")
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}.")
+    if task.source not in SOURCES:
+        raise ConfigError(
+            f"Task {task.name!r} has unknown source {task.source!r}; use one of {SOURCES}."
+        )
+    if task.path is None:
+        raise ConfigError(
+            f"Task {task.name!r} has no path; give the task's folder (folder source) or the "
+            "dataset root (torchvision source)."
+        )
+    loader = _Loader(task, image_size, Path(cache_dir), log, workers)
+    if task.source == "folder":
+        return _load_folder_task(loader, seed, n_adapt, need_train)
+    return _load_torchvision_task(loader, seed, n_adapt, need_train)
+
+
+# --- folder source ---------------------------------------------------------------------------
+
+
+def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool) -> TaskData:
+    task = loader.task
+    root = Path(task.path).expanduser().resolve()
+    layout = f"{root}/test/<class>/<images>, optionally train/<class>/<images> and adapt/<images>"
+    if not root.is_dir():
+        raise DataError(f"Task {task.name!r}: folder {root} does not exist; expected {layout}.")
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"Task {task.name!r}: {test_dir} is missing; expected {layout}.")
+    folders = _class_folders(test_dir)
+    test_files = _labelled_files(test_dir, folders)
+    if not test_files:
+        raise DataError(
+            f"Task {task.name!r}: {test_dir} holds no images in class folders; expected {layout} "
+            f"(image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})."
+        )
+    train_dir = root / "train"
+    train_files: list[tuple[Path, int]] = []
+    if train_dir.is_dir():
+        train_folders = _class_folders(train_dir)
+        if train_folders != folders:
+            only_test = sorted(set(folders) - set(train_folders))
+            only_train = sorted(set(train_folders) - set(folders))
+            raise DataError(
+                f"Task {task.name!r}: the class folders of {train_dir} and {test_dir} differ "
+                f"(only in test: {_preview(only_test)}; only in train: {_preview(only_train)}); "
+                "give both splits the same class folders."
+            )
+        train_files = _labelled_files(train_dir, folders)
+    if need_train and not train_files:
+        raise DataError(
+            f"Task {task.name!r}: training needs labelled images in {train_dir}/<class>/, "
+            "but there are none; add them or use experts that are already fine-tuned."
+        )
+
+    if task.class_names is not None:
+        class_names = _names_from_json(
+            task.class_names, folders, f"the class folders of {test_dir}"
+        )
+    else:
+        class_names = [f.replace("_", " ") for f in folders]
+
+    def folder_split(split: str, folder: Path, files: list[tuple[Path, int]], **key) -> _Split:
+        listing = [_file_identity(p, root) for p, _ in files]
+        return _Split(
+            split,
+            str(folder),
+            files,
+            _open_image_file,
+            lambda item: str(item[0]),
+            dict(source="folder", path=str(root), classes=folders, files=listing, **key),
+        )
+
+    test_x, test_y = loader.load(folder_split("test", test_dir, test_files))
+    train_x, train_y = _empty(loader.image_size)
+    if need_train:
+        train_x, train_y = loader.load(folder_split("train", train_dir, train_files))
+
+    adapt_dir = root / "adapt"
+    adapt_x = _empty(loader.image_size)[0]
+    if adapt_dir.is_dir():
+        adapt_files = [(p, _UNLABELLED) for p in _image_files(adapt_dir)]
+        if not adapt_files:
+            raise DataError(
+                f"Task {task.name!r}: {adapt_dir} holds no images; put unlabelled images in it "
+                "(or remove it to sample the adapt split from train)."
+            )
+        adapt_x = loader.load(folder_split("adapt", adapt_dir, adapt_files))[0]
+    elif train_files and n_adapt > 0:
+        chosen = _sample(len(train_files), n_adapt, seed)
+        # The key hashes the whole train listing: the sample depends on all of it.
+        split = folder_split("adapt", train_dir, train_files, seed=seed, n_adapt=n_adapt)
+        split.items = [(train_files[i][0], _UNLABELLED) for i in chosen]
+        adapt_x = loader.load(split)[0]
+    return TaskData(task.name, class_names, train_x, train_y, adapt_x, test_x, test_y)
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in split_dir.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (any depth), sorted by relative path; hidden ones skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath, name))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _labelled_files(split_dir: Path, folders: list[str]) -> list[tuple[Path, int]]:
+    return [(p, label) for label, f in enumerate(folders) for p in _image_files(split_dir / f)]
+
+
+def _file_identity(path: Path, root: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns)
+
+
+def _open_image_file(item: tuple[Path, int]) -> tuple[Image.Image, int]:
+    path, label = item
+    with Image.open(path) as image:
+        return image.convert("RGB"), label  # a copy: usable after the file is closed
+
+
+# --- torchvision source ----------------------------------------------------------------------
+
+
+def _load_torchvision_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool) -> TaskData:
+    task = loader.task
+    name = task.dataset
+    if name not in TORCHVISION_DATASETS:
+        raise ConfigError(
+            f"Task {task.name!r}: unknown torchvision dataset {name!r}; supported: "
+            f"{list(TORCHVISION_DATASETS)}. RESISC45 is not a torchvision dataset: use the "
+            "folder source for it (train/<class>/, test/<class>/)."
+        )
+    if name in _UNSPLIT and not 0.0 < task.test_fraction < 1.0:
+        raise ConfigError(
+            f"Task {task.name!r}: test_fraction must be between 0 and 1, got {task.test_fraction}."
+        )
+    root = Path(task.path).expanduser().resolve()
+    opened: dict[str, Any] = {}
+
+    def split_of(split: str) -> tuple[Any, list[int]]:
+        official = "all" if name in _UNSPLIT else split
+        if official not in opened:
+            opened[official] = _open_torchvision(task.name, name, root, official)
+        dataset = opened[official]
+        if name in _UNSPLIT:
+            return dataset, _split_indices(len(dataset), task.test_fraction)[split]
+        return dataset, list(range(len(dataset)))
+
+    def tv_split(split: str, dataset: Any, indices: list[int], **key) -> _Split:
+        if name in _UNSPLIT:
+            key.update(test_fraction=task.test_fraction, split_seed=_SPLIT_SEED)
+        return _Split(
+            split,
+            f"torchvision {name} ({split}) at {root}",
+            indices,
+            lambda i: _dataset_item(dataset, i),
+            lambda i: f"{name}[{i}]",
+            dict(source="torchvision", dataset=name, path=str(root), length=len(dataset), **key),
+        )
+
+    test_ds, test_idx = split_of("test")
+    base = getattr(test_ds, "classes", None)
+    base = [str(c) for c in base] if base else [str(i) for i in range(_NUM_CLASSES[name])]
+    if task.class_names is not None:
+        labels = [str(i) for i in range(len(base))]
+        class_names = _names_from_json(task.class_names, base, f"torchvision {name}", labels)
+    else:
+        class_names = base
+
+    test_x, test_y = loader.load(tv_split("test", test_ds, test_idx))
+    train_x, train_y = _empty(loader.image_size)
+    adapt_x = train_x
+    if need_train or n_adapt > 0:
+        train_ds, train_idx = split_of("train")
+        if need_train:
+            train_x, train_y = loader.load(tv_split("train", train_ds, train_idx))
+        if n_adapt > 0 and train_idx:
+            chosen = [train_idx[i] for i in _sample(len(train_idx), n_adapt, seed)]
+            split = tv_split("adapt", train_ds, chosen, seed=seed, n_adapt=n_adapt)
+            adapt_x = loader.load(split)[0]
+    return TaskData(task.name, class_names, train_x, train_y, adapt_x, test_x, test_y)
+
+
+def _open_torchvision(task_name: str, name: str, root: Path, split: str) -> Any:
+    """Build the dataset with ``download=False``; missing files become a :class:`DataError`."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name)
+    kwargs: dict[str, Any] = {}
+    if name == "MNIST":
+        kwargs["train"] = split == "train"
+    elif name == "DTD":
+        kwargs.update(split=split, partition=1)
+    elif name not in _UNSPLIT:
+        kwargs["split"] = split
+    try:
+        return cls(str(root), transform=None, download=False, **kwargs)
+    except Exception as e:  # each class signals missing files its own way
+        raise DataError(
+            f"Task {task_name!r}: torchvision {name} ({split}) could not be opened at {root} "
+            f"({type(e).__name__}: {e}). surgery-edge never downloads: place the files there "
+            f"yourself, e.g. by running torchvision.datasets.{name}(root, download=True) once "
+            "on a machine with network access and copying the root over."
+        ) from None
+
+
+def _dataset_item(dataset: Any, index: int) -> tuple[Image.Image, int]:
+    image, label = dataset[index]
+    return image, int(label)
+
+
+def _split_indices(n: int, test_fraction: float) -> dict[str, list[int]]:
+    """A fixed random split of ``range(n)`` into train and test (both sorted)."""
+    order = np.random.default_rng(_SPLIT_SEED).permutation(n)
+    n_test = min(max(int(round(n * test_fraction)), 1), max(n - 1, 1))
+    return {"test": sorted(order[:n_test].tolist()), "train": sorted(order[n_test:].tolist())}
+
+
+# --- class names -----------------------------------------------------------------------------
+
+
+def _names_from_json(
+    path: Path, keys: list[str], what: str, other_keys: list[str] | None = None
+) -> list[str]:
+    """Class names from ``path`` for the classes ``keys`` (label order) of ``what``.
+
+    An object may be keyed by ``keys`` or, when given, by ``other_keys`` (e.g. label numbers).
+    """
+    path = Path(path)
+    names = load_class_names(path)
+    if isinstance(names, list):
+        if len(names) != len(keys):
+            raise DataError(
+                f"Class-names file {path} lists {len(names)} names but {what} has {len(keys)} "
+                f"classes ({_preview(keys)}); give exactly one name per class, in that order."
+            )
+        return names
+    for candidate in (keys, other_keys):
+        if candidate and all(k in names for k in candidate):
+            return [names[k] for k in candidate]
+    missing = [k for k in keys if k not in names]
+    raise DataError(
+        f"Class-names file {path} has no name for {len(missing)} of the {len(keys)} classes of "
+        f"{what}: {_preview(missing)}; add a key for each of them."
+    )
+
+
+def _preview(items: Sequence[str], limit: int = 5) -> str:
+    if not items:
+        return "none"
+    shown = ", ".join(repr(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# --- decoding and the cache ------------------------------------------------------------------
+
+
+@dataclass
+class _Split:
+    """One split to decode: its items, how to load and name one, and what its cache key hashes."""
+
+    name: str  # train | adapt | test
+    where: str  # for messages
+    items: Sequence[Any]
+    load: Callable[[Any], tuple[Image.Image, int]]
+    describe: Callable[[Any], str]
+    key: dict[str, Any]
+
+
+@dataclass
+class _Loader:
+    task: DiskTask
+    image_size: int
+    cache_dir: Path
+    log: Callable[[str], Any]
+    workers: int
+
+    def load(self, split: _Split) -> tuple[np.ndarray, np.ndarray]:
+        """The split's (images, labels), memory-mapped from the cache; decoded on a miss."""
+        key_parts = dict(split.key, version=_CACHE_VERSION, split=split.name, size=self.image_size)
+        blob = json.dumps(key_parts, sort_keys=True, default=str).encode()
+        key = hashlib.sha1(blob).hexdigest()[:12]
+        stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', self.task.name)}-{split.name}-{key}"
+        x_path = self.cache_dir / f"{stem}.x.npy"
+        y_path = self.cache_dir / f"{stem}.y.npy"
+        cached = self._open_cached(x_path, y_path)
+        if cached is not None:
+            return cached
+        self._decode(split, x_path, y_path)
+        return np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
+
+    def _open_cached(self, x_path: Path, y_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        if not (x_path.is_file() and y_path.is_file()):
+            return None
+        try:
+            x, y = np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
+        except (OSError, ValueError):
+            return None  # damaged by hand: decode again, which replaces both files
+        size = self.image_size
+        if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3) or y.shape != x.shape[:1]:
+            return None
+        return x, y
+
+    def _decode(self, split: _Split, x_path: Path, y_path: Path) -> None:
+        """Decode ``split`` in threads, in order, streaming the images into ``x_path``.
+
+        Images are written as they come, under a header rewritten at the end with the count of
+        readable ones, so a split larger than memory never has to be held whole.
+        """
+        start = time.perf_counter()
+        size = self.image_size
+        labels: list[int] = []
+        failures: list[str] = []
+        chunk = 32 * self.workers  # bounds how many decoded images wait in memory
+
+        def decode(item: Any) -> tuple[np.ndarray | None, int | str]:
+            try:
+                image, label = split.load(item)
+                return preprocess_image(image, size), label
+            except Exception as e:  # any failure marks this one image unreadable
+                return None, f"{split.describe(item)} ({type(e).__name__}: {e})"
+
+        with (
+            atomic_path(x_path) as tmp,
+            open(tmp, "wb") as f,
+            ThreadPoolExecutor(self.workers) as pool,
+        ):
+            f.write(_npy_header((len(split.items), size, size, 3)))
+            for begin in range(0, len(split.items), chunk):
+                for image, label in pool.map(decode, split.items[begin : begin + chunk]):
+                    if image is None:
+                        failures.append(label)
+                    else:
+                        f.write(image.tobytes())
+                        labels.append(label)
+            if not labels:
+                raise DataError(
+                    f"Task {self.task.name!r}: none of the {len(split.items)} images of "
+                    f"{split.where} could be read, e.g. {'; '.join(failures[:3])}. Check that "
+                    "these files are images Pillow can open."
+                )
+            if failures:
+                f.seek(0)
+                f.write(_npy_header((len(labels), size, size, 3)))
+        with atomic_path(y_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.asarray(labels, dtype=np.int64))
+        if failures:
+            warnings.warn(
+                f"Task {self.task.name!r}: skipped {len(failures)} unreadable image(s) of "
+                f"{len(split.items)} in {split.where}, e.g. {'; '.join(failures[:3])}.",
+                stacklevel=2,
+            )
+        self.log(
+            f"{self.task.name}: decoded {len(labels)} {split.name} images at {size}px from "
+            f"{split.where} into {x_path} ({time.perf_counter() - start:.1f} s)"
+        )
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy (format 1.0) header for C-order uint8 data of ``shape``, always 128 bytes long.
+
+    The fixed length lets the header be rewritten in place once the count of readable images is
+    known. The layout is numpy's documented one: magic, version, little-endian uint16 length,
+    then a space-padded dict literal ending in a newline.
+    """
+    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
+    text = text.ljust(_NPY_HEADER_BYTES - 11) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+def _sample(n: int, k: int, seed: int) -> list[int]:
+    """``min(k, n)`` distinct indices of ``range(n)`` drawn with ``seed``, sorted."""
+    if k >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+
+
+def _empty(size: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
