@@ -61,7 +61,9 @@ def export_and_check(run, out_dir: str | os.PathLike, aoti: bool = True) -> dict
         run.require_experts()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images, task_ids, _ = suite_test_split(run.suite, run.tasks)
+    # The built-in suite's whole test split; a sample of 256 per task for data from disk.
+    per_task = None if run.config.builtin else 256
+    images, task_ids, _ = suite_test_split(run.suite, run.tasks, per_task, run.config.seed)
 
     expert, expert_task = _single_expert_model(run)
     t0 = time.perf_counter()

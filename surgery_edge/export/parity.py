@@ -98,14 +98,26 @@ def check_forward(
     )
 
 
-def suite_test_split(suite, tasks: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every task's test images (N, H, W, 3) uint8, their task ids and labels, concatenated."""
+def suite_test_split(
+    suite, tasks: list[str], per_task: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every task's test images (N, H, W, 3) uint8, their task ids and labels, concatenated.
+
+    Args:
+        per_task: at most this many images per task, a seeded sample (large datasets: the
+            parity check needs a few hundred images, not a whole test set in memory).
+    """
     xs, ids, ys = [], [], []
+    rng = np.random.default_rng(seed)
     for t, name in enumerate(tasks):
         data = suite.task(name)
-        xs.append(data.test_x)
-        ids.append(np.full(len(data.test_x), t, np.int64))
-        ys.append(data.test_y)
+        x, y = data.test_x, data.test_y
+        if per_task is not None and len(x) > per_task:
+            keep = np.sort(rng.choice(len(x), per_task, replace=False))
+            x, y = x[keep], y[keep]
+        xs.append(x)
+        ids.append(np.full(len(x), t, np.int64))
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ids), np.concatenate(ys)
 
 

@@ -65,7 +65,10 @@ def _check_context(
             )
     for task in tasks:
         images = context.images[task]
-        if not isinstance(images, torch.Tensor) or images.dim() < 1 or images.shape[0] == 0:
+        array_like = context.transform is not None and hasattr(images, "shape")
+        if not (isinstance(images, torch.Tensor) or array_like) or not len(images.shape):
+            images = None
+        if images is None or images.shape[0] == 0:
             raise ConfigError(
                 f"Merge method {method!r}: the adaptation images of task {task!r} must be a "
                 "non-empty tensor (N, 3, H, W); give at least one image."
@@ -124,7 +127,10 @@ def _adamerging(
     stacked = {  # key -> (T, numel) fp32 task vectors
         k: torch.stack([task_vector(pre, e, k).reshape(-1) for e in experts.values()]) for k in keys
     }
-    images = {t: context.images[t].to(device) for t in tasks}
+    if context.transform is None:
+        images = {t: context.images[t].to(device) for t in tasks}
+    else:
+        images = dict(context.images)
     heads = {}  # task -> (head, detached weights on the device): frozen, and no .grad on them
     for t in tasks:
         head = context.heads[t]
@@ -159,7 +165,10 @@ def _adamerging(
             for t in tasks:
                 n = images[t].shape[0]
                 idx = torch.randperm(n, generator=generator)[: context.batch_size]
-                batches.append(images[t][idx.to(device)])
+                if context.transform is None:
+                    batches.append(images[t][idx.to(device)])
+                else:
+                    batches.append(context.transform(images[t][idx.numpy()]))
             params_now = merged_params(coefficients)
             if same_shape:
                 feats = functional_call(context.encoder, params_now, (torch.cat(batches),))

@@ -48,7 +48,9 @@ class AdaMergingContext:
             buffers, which are not in the state dict, must already be on ``device``). It and the
             heads run in eval mode; their training flags are restored afterwards.
         heads: task -> frozen head; ``head(features) -> logits`` (B, C_task).
-        images: task -> unlabelled adaptation images (N, 3, H, W), already normalised.
+        images: task -> unlabelled adaptation images (N, 3, H, W), already normalised; or, with
+            ``transform``, any array indexable by an index array (e.g. a memory-mapped uint8
+            (N, H, W, 3) array too large to hold as float tensors).
         steps: Adam steps (each step sees one batch of every task).
         batch_size: images per task per step.
         lr: Adam learning rate.
@@ -56,6 +58,7 @@ class AdaMergingContext:
         seed: seeds the generator that samples the batches.
         device: where the coefficients are learned.
         progress: called as ``progress(step, loss)`` after every step.
+        transform: turns ``images[t][idx]`` into the encoder's input on ``device``, per batch.
     """
 
     encoder: torch.nn.Module
@@ -68,6 +71,7 @@ class AdaMergingContext:
     seed: int = 0
     device: str | torch.device = "cpu"
     progress: Callable[[int, float], None] | None = None
+    transform: Callable[[Any], torch.Tensor] | None = None
 
 
 class MergeMethod(Protocol):
