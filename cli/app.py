@@ -180,6 +180,51 @@ def demo(
     typer.echo(f"report: {report}")
 
 
+@app.command("run")
+@user_errors
+def run_recipe(
+    config: Annotated[
+        Path, typer.Argument(help="YAML run config, e.g. configs/paper_vit_b32.yaml.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default: runs/<config file name>).")
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Overrides data.root (where the task folders are).")
+    ] = None,
+    checkpoint_root: Annotated[
+        Path | None, typer.Option(help="Overrides checkpoints.root.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: --set surgery.steps_v2=200 (repeatable)."),
+    ] = None,
+    device: Device = None,
+):
+    """Run a config end to end: data, experts, merges, surgery, evaluation, engines, report."""
+    import yaml
+
+    from surgery_edge.config import load_config
+    from surgery_edge.errors import ConfigError
+    from surgery_edge.pipeline import run_pipeline
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. surgery.steps_v2=200.")
+        overrides[key] = yaml.safe_load(value)
+    if data_root is not None:
+        overrides["data.root"] = str(data_root)
+    if checkpoint_root is not None:
+        overrides["checkpoints.root"] = str(checkpoint_root)
+    if device is not None:
+        overrides["device"] = device
+    cfg = load_config(config, overrides)
+    report = run_pipeline(out or Path("runs") / config.stem, cfg)
+    typer.echo(f"report: {report}")
+
+
 @app.command()
 @user_errors
 def export(

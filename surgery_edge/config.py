@@ -1,11 +1,18 @@
-"""Run configuration: a frozen pydantic model, loadable from YAML, with the demo's defaults."""
+"""Run configuration: a frozen pydantic model, loadable from YAML, with the demo's defaults.
+
+Without ``data`` and ``checkpoints`` a run is the built-in demo: the suite is generated and the
+experts are trained. With both, it is a recipe over the user's own files: the experts and heads
+are imported (task_vectors, open_clip or Hugging Face layouts) and the tasks are read from disk
+(image folders or torchvision datasets). ``configs/paper_vit_b32.yaml`` is an example.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from surgery_edge.errors import ConfigError
 
@@ -50,6 +57,7 @@ class MergeSettings(_Frozen):
 class SurgerySettings(_Frozen):
     methods: list[Literal["surgery", "surgeryv2"]] = ["surgery", "surgeryv2"]
     rank: int = Field(16, ge=1)
+    rank_v2: int | None = Field(None, ge=1, description="SurgeryV2's rank (default: rank).")
     steps_v1: int = Field(1000, ge=1)
     steps_v2: int = Field(500, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -57,19 +65,158 @@ class SurgerySettings(_Frozen):
     transductive: bool = False
 
 
+def _expand(path: Path | None) -> Path | None:
+    """``~`` and ``$VARS`` expanded; an unset variable is an error, not a literal folder name."""
+    if path is None:
+        return None
+    expanded = os.path.expandvars(os.path.expanduser(str(path)))
+    if "$" in expanded:
+        raise ValueError(
+            f"{path} names an environment variable that is not set: set it, or override the "
+            "path (surgery-edge run --data-root / --checkpoint-root / --set KEY=VALUE)"
+        )
+    return Path(expanded)
+
+
+class DataTask(_Frozen):
+    """One task's data on disk (see :class:`surgery_edge.data.disk.DiskTask`)."""
+
+    source: Literal["folder", "torchvision"] = "folder"
+    path: Path | None = None  # relative paths resolve against DataSettings.root
+    dataset: str | None = None  # torchvision class name (source: torchvision)
+    class_names: Path | None = None  # JSON list or {folder: name}
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    _expand_paths = field_validator("path", "class_names")(_expand)
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "torchvision" and not self.dataset:
+            raise ValueError("source: torchvision needs `dataset` (e.g. MNIST, SVHN, GTSRB)")
+        return self
+
+
+class DataSettings(_Frozen):
+    """The tasks, in order, and where their images are."""
+
+    root: Path | None = None
+    tasks: dict[str, DataTask]
+    n_adapt: int = Field(400, ge=1, description="Adaptation images sampled from train/.")
+
+    _expand_root = field_validator("root")(_expand)
+
+    @field_validator("tasks")
+    @classmethod
+    def _not_empty(cls, tasks):
+        if not tasks:
+            raise ValueError("at least one task is needed")
+        return tasks
+
+    def task_path(self, name: str) -> Path:
+        """The folder (or torchvision root) of task ``name``: ``path`` under ``root``."""
+        task = self.tasks[name]
+        path = task.path if task.path is not None else Path(name)
+        return path if path.is_absolute() or self.root is None else self.root / path
+
+    def class_names_path(self, name: str) -> Path | None:
+        p = self.tasks[name].class_names
+        return p if p is None or p.is_absolute() or self.root is None else self.root / p
+
+
+class CheckpointSettings(_Frozen):
+    """Where the pretrained model, the experts and their heads come from.
+
+    - ``task_vectors``: ``<root>/<model>/zeroshot.pt``, ``<root>/<model>/<Task>/finetuned.pt``,
+      ``<root>/<model>/head_<Task>.pt`` (pickles; needs ``trust_pickle``);
+    - ``open_clip``: ``pretrained`` and one ``experts`` file per task (open_clip state dicts);
+    - ``hf``: the same with Hugging Face ``CLIPVisionModel`` weights (file or folder).
+
+    Heads come from the task_vectors files (``heads: checkpoint``) or are built from the class
+    names with the CLIP text tower of ``clip_weights`` (``heads: zeroshot``, the only choice for
+    the open_clip and hf layouts, whose experts carry no heads).
+    """
+
+    format: Literal["task_vectors", "open_clip", "hf"] = "task_vectors"
+    root: Path | None = None
+    model: str | None = None  # task_vectors sub-folder (default: the run's arch)
+    trust_pickle: bool = False
+    pretrained: Path | None = None
+    experts: dict[str, Path] = {}
+    heads: Literal["checkpoint", "zeroshot"] = "checkpoint"
+    clip_weights: Path | None = None  # open_clip CLIP weights with the text tower
+
+    _expand_paths = field_validator("root", "pretrained", "clip_weights")(_expand)
+
+    @field_validator("experts")
+    @classmethod
+    def _expand_experts(cls, experts):
+        return {k: _expand(v) for k, v in experts.items()}
+
+    def resolve(self, path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() or self.root is None else self.root / path
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.format == "task_vectors":
+            if self.root is None:
+                raise ValueError("format: task_vectors needs `root` (the folder holding <model>/)")
+        else:
+            if self.pretrained is None or not self.experts:
+                raise ValueError(f"format: {self.format} needs `pretrained` and `experts`")
+            if self.heads != "zeroshot":
+                raise ValueError(
+                    f"format: {self.format} files carry no classification heads: set "
+                    "`heads: zeroshot` and `clip_weights`"
+                )
+        if self.heads == "zeroshot" and self.clip_weights is None:
+            raise ValueError(
+                "heads: zeroshot needs `clip_weights` (open_clip weights with the text tower)"
+            )
+        return self
+
+
 class RunConfig(_Frozen):
     """Everything ``surgery-edge demo`` / ``run`` needs; every field has the demo's default."""
 
+    name: str | None = None
     arch: str = "tiny-vit-32"
     seed: int = 0
     device: str = "auto"
     suite: SuiteSettings = SuiteSettings()
     experts: ExpertSettings = ExpertSettings()
+    data: DataSettings | None = None
+    checkpoints: CheckpointSettings | None = None
     merge: MergeSettings = MergeSettings()
     surgery: SurgerySettings = SurgerySettings()
+    export: bool = True
+    reference: str | None = Field(
+        None, description="Published table to print beside the results, e.g. paper_vit_b32."
+    )
+
+    @model_validator(mode="after")
+    def _data_and_checkpoints(self):
+        if (self.data is None) != (self.checkpoints is None):
+            raise ValueError(
+                "`data` and `checkpoints` go together: imported experts need the tasks' data, "
+                "and data from disk needs imported experts (the built-in suite trains its own)"
+            )
+        if self.data is not None and self.checkpoints.format != "task_vectors":
+            missing = sorted(set(self.data.tasks) - set(self.checkpoints.experts))
+            if missing:
+                raise ValueError(f"checkpoints.experts has no file for tasks {missing}")
+        return self
+
+    @property
+    def builtin(self) -> bool:
+        """True for the built-in suite with trained experts (the demo)."""
+        return self.data is None
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config; ``overrides`` maps dotted keys (``data.root``) to values.
+
+    ``~`` and ``$VARS`` in paths are expanded.
+    """
     import yaml
 
     path = Path(path)
@@ -77,6 +224,16 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"Config file {path} does not exist.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of settings.")
+        for dotted, value in (overrides or {}).items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for key in parents:
+                node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"Cannot set {dotted} in {path}: {key} is not a mapping.")
+            node[leaf] = value
         return RunConfig.model_validate(data)
     except (yaml.YAMLError, ValidationError) as e:
         raise ConfigError(f"Config file {path} is invalid:\n{e}") from None

@@ -66,7 +66,7 @@ class Run:
         from surgery_edge.io import write_json_atomic
 
         run = cls(Path(out), config, resolve_device(config.device), get_arch(config.arch), log)
-        write_json_atomic(run.out / "config.json", config.model_dump())
+        write_json_atomic(run.out / "config.json", config.model_dump(mode="json"))
         return run
 
     @classmethod
@@ -87,16 +87,24 @@ class Run:
         return cls(out, config, resolve_device(config.device), get_arch(config.arch), log)
 
     def require_experts(self) -> ExpertSet:
-        """Load the suite and the (existing) experts; never trains."""
+        """Load the suite and the (existing) experts; never trains or imports."""
         prepare_suite(self)
         ckpt = self.out / "checkpoints"
+        if not self.config.builtin and (ckpt / "pretrained.safetensors").is_file():
+            from surgery_edge.recipe import _checkpoint_arch
+
+            self.arch = _checkpoint_arch(ckpt / "pretrained.safetensors")
         experts = {t: ckpt / "experts" / f"{t}.safetensors" for t in self.tasks}
         heads = {t: ckpt / "heads" / f"{t}.safetensors" for t in self.tasks}
         for p in [ckpt / "pretrained.safetensors", *experts.values(), *heads.values()]:
             if not p.is_file():
+                make = (
+                    f"surgery-edge experts --out {self.out}"
+                    if self.config.builtin
+                    else f"surgery-edge run CONFIG --out {self.out}"
+                )
                 raise CheckpointError(
-                    f"Checkpoint {p} does not exist. Run `surgery-edge experts --out {self.out}` "
-                    "first, or restore the file."
+                    f"Checkpoint {p} does not exist. Run `{make}` first, or restore the file."
                 )
         self.experts = ExpertSet(ckpt / "pretrained.safetensors", experts, heads)
         return self.experts
@@ -129,8 +137,14 @@ class Run:
 
 
 def prepare_suite(run: Run) -> Suite:
+    """The built-in suite (generated once, cached), or the config's tasks read from disk."""
     s = run.config.suite
     with run.stage("suite"):
+        if not run.config.builtin:
+            from surgery_edge.recipe import disk_suite
+
+            run.suite = disk_suite(run)
+            return run.suite
         run.suite = load_or_generate_suite(
             run.out / "suite.npz",
             seed=s.seed,
@@ -144,8 +158,14 @@ def prepare_suite(run: Run) -> Suite:
 
 
 def prepare_experts(run: Run) -> ExpertSet:
+    """Train the built-in suite's experts, or import the config's checkpoints (both cached)."""
     e = run.config.experts
     with run.stage("experts"):
+        if not run.config.builtin:
+            from surgery_edge.recipe import import_checkpoints
+
+            run.experts = import_checkpoints(run)
+            return run.experts
         run.experts = build_experts(
             run.out / "checkpoints",
             run.suite,
@@ -213,7 +233,13 @@ def run_merges(
             _experts_fingerprint(run),
             name,
             params,
-            (m.adamerging_steps, m.adamerging_batch_size, m.adamerging_lr, run.config.seed)
+            (
+                m.adamerging_steps,
+                m.adamerging_batch_size,
+                m.adamerging_lr,
+                run.config.seed,
+                adaptation_split(run),
+            )
             if ada
             else None,
         )
@@ -232,10 +258,11 @@ def run_merges(
                         t: h.to(run.device)
                         for t, h in load_heads(run.experts.heads, run.arch).items()
                     },
+                    # uint8 arrays (memory-mapped for data from disk), converted per batch
                     images={
-                        t: to_model_input(run.suite.task(t).adapt_x, run.arch, run.device)
-                        for t in run.tasks
+                        t: _split_images(run.suite, t, adaptation_split(run)) for t in run.tasks
                     },
+                    transform=lambda x: to_model_input(x, run.arch, run.device),
                     steps=m.adamerging_steps,
                     batch_size=m.adamerging_batch_size,
                     lr=m.adamerging_lr,
@@ -269,6 +296,21 @@ def expert_representations(run: Run, task: str, split: str) -> tuple[np.ndarray,
     )
 
 
+def adaptation_split(run: Run, transductive: bool | None = None) -> str:
+    """The unlabelled images AdaMerging and surgery learn from: ``test`` (the paper's
+    transductive protocol) or ``adapt``; an empty adaptation split is an error."""
+    if run.config.surgery.transductive if transductive is None else transductive:
+        return "test"
+    empty = [t for t in run.tasks if len(run.suite.task(t).adapt_x) == 0]
+    if empty:
+        raise ConfigError(
+            f"Tasks {empty} have no adaptation images (no adapt/ or train/ folder). Add one, or "
+            "set `surgery.transductive: true` to learn from the unlabelled test images as the "
+            "paper does."
+        )
+    return "adapt"
+
+
 def _split_images(suite: Suite, task: str, split: str) -> np.ndarray:
     data = suite.task(task)
     return {"adapt": data.adapt_x, "test": data.test_x, "train": data.train_x}[split]
@@ -278,7 +320,7 @@ def surgery_config(run: Run, method: str) -> SurgeryConfig:
     s = run.config.surgery
     return SurgeryConfig(
         method=method,
-        rank=s.rank,
+        rank=s.rank_v2 if method == "surgeryv2" and s.rank_v2 else s.rank,
         steps=s.steps_v1 if method == "surgery" else s.steps_v2,
         batch_size=s.batch_size,
         lr=s.lr,
@@ -309,7 +351,7 @@ def train_one(
             f"Create it with `surgery-edge merge --run {run.out} --method {merge_name}`."
         )
     merged_path = run.merged[merge_name]
-    split = "test" if transductive else "adapt"
+    split = adaptation_split(run, transductive)
     path = out_path or run.out / "adapters" / merge_name / f"{cfg.method}.safetensors"
     fp = fingerprint(file_fingerprint(merged_path), _experts_fingerprint(run), cfg, split)
     if path.exists() and _meta_fingerprint(path) == fp:
@@ -341,7 +383,7 @@ def run_surgery(run: Run, resume: bool = True) -> dict[tuple[str, str], Path]:
     """Train every configured surgery method on top of every merge (reusing finished ones)."""
     s = run.config.surgery
     with run.stage("surgery:targets"):
-        targets = training_targets(run, "test" if s.transductive else "adapt")
+        targets = training_targets(run, adaptation_split(run))
     for merge_name in run.merged:
         for method in s.methods:
             run.adapters[(merge_name, method)] = train_one(
@@ -430,7 +472,7 @@ def report_dict(run: Run, evaluation: dict, notes: list[str] | None = None) -> d
         "results": evaluation["rows"],
         "representation_bias": evaluation["bias"],
         "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
-        "config": run.config.model_dump(),
+        "config": run.config.model_dump(mode="json"),
         "device": str(run.device),
         "version": __version__,
         "notes": notes or [],
@@ -475,11 +517,22 @@ def export_engines(run: Run) -> dict:
     return result
 
 
-def run_demo(out: str | Path, config: RunConfig, log=print) -> Path:
-    """Suite, experts, every merge, every surgery, evaluation and report; returns report.md."""
+def run_pipeline(out: str | Path, config: RunConfig, log=print) -> Path:
+    """The whole flow in ``out``; returns report.md.
+
+    Built-in suite: generate it, train the experts. Recipe (``data`` + ``checkpoints``): read the
+    tasks from disk, import the experts. Then every merge, every surgery, the evaluation, the
+    exported engines (``export: true``) and the report, with the published figures beside the
+    measured ones when ``reference`` names a table. Every stage reuses up-to-date artefacts.
+    """
     from surgery_edge.evaluation.report import write_report
 
     t0 = time.perf_counter()
+    reference = None
+    if config.reference:
+        from surgery_edge.evaluation.published import published_table
+
+        reference = published_table(config.reference)  # unknown names fail before any work
     run = Run.create(out, config, log)
     log(f"device: {run.device}; arch: {run.arch.name}; run directory: {run.out}")
     prepare_suite(run)
@@ -487,15 +540,27 @@ def run_demo(out: str | Path, config: RunConfig, log=print) -> Path:
     run_merges(run)
     run_surgery(run)
     evaluation = evaluate(run)
-    engines = export_engines(run)
+    engines = export_engines(run) if config.export else {"skipped": "export: false"}
     run.timings["total"] = time.perf_counter() - t0
     s = config.surgery
+    ranks = f"rank {s.rank}" + (f" (SurgeryV2 {s.rank_v2})" if s.rank_v2 else "")
     notes = [
-        f"Surgery: rank {s.rank}, batch {s.batch_size} per task, lr {s.lr}; V1 {s.steps_v1} "
+        f"Surgery: {ranks}, batch {s.batch_size} per task, lr {s.lr}; V1 {s.steps_v1} "
         f"steps, V2 {s.steps_v2} steps; trained on the "
         f"{'test (transductive)' if s.transductive else 'adaptation'} split, evaluated on test.",
         "Timings are wall-clock seconds of this invocation; cached stages take ~0 s.",
     ]
     report = report_dict(run, evaluation, notes)
     report["engines"] = engines
+    if reference is not None:
+        from surgery_edge.evaluation.published import beside
+
+        report["reference"] = {
+            "name": reference["name"],
+            "source": reference["source"],
+            "rows": beside(evaluation["rows"], run.tasks, reference),
+        }
     return write_report(run.out, report)["md"]
+
+
+run_demo = run_pipeline

@@ -59,6 +59,22 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {merge} | {s} | " + " | ".join(f"{vals[k]:.4f}" for k in sites) + " |"
                 )
+    ref = report.get("reference")
+    if ref:
+        lines += [
+            "",
+            f"Published figures beside this run's, as measured / published (%): {ref['name']} "
+            f"({ref['source']}). A dash: no such row on that side.",
+            "",
+            "| method | " + " | ".join(tasks) + " | avg |",
+            "|---" * (len(tasks) + 2) + "|",
+        ]
+        for r in ref["rows"]:
+            cells = [
+                _pair(r["per_task"][t]["measured"], r["per_task"][t]["published"]) for t in tasks
+            ]
+            cells.append(_pair(r["measured_avg"], r["published_avg"]))
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     engines = (report.get("engines") or {}).get("engines")
     if engines:
         single = report["engines"]["single_expert"]
@@ -95,6 +111,13 @@ def markdown(report: dict[str, Any]) -> str:
         if report.get(key):
             lines += ["", f"{key.capitalize()}:"] + [f"- {n}" for n in report[key]]
     return "\n".join(lines) + "\n"
+
+
+def _pair(measured: float | None, published: float | None) -> str:
+    def fmt(v):
+        return "–" if v is None else f"{v:.1f}"
+
+    return f"{fmt(measured)} / {fmt(published)}"
 
 
 def _save_fig(fig, path: Path) -> None:

@@ -733,6 +733,7 @@ def import_task_vectors(
     *,
     tasks: Sequence[str] | None = None,
     class_names: Mapping[str, Sequence[str]] | None = None,
+    class_names_source: Mapping[str, str] | None = None,
     overwrite: bool = False,
     arch: ArchSpec | None = None,
     log: Callable[[str], Any] = print,
@@ -754,6 +755,8 @@ def import_task_vectors(
         tasks: import only these task folders (default: every ``<Task>/finetuned.pt``).
         class_names: class names per task; the pickled heads carry none, so by default they are
             ``class_0 … class_{C-1}``.
+        class_names_source: where each task's class names came from (a file, a dataset), named
+            in the error when their count does not match the head.
         overwrite: replace a non-empty ``out_dir``.
         arch: the architecture, when the folder's name is not one (default:
             ``get_arch(model_name)``).
@@ -812,9 +815,13 @@ def import_task_vectors(
             head = _read_pickled_head(head_path, arch)
             names = list(class_names.get(task) or [f"class_{i}" for i in range(head.num_classes)])
             if len(names) != head.num_classes:
+                origin = (class_names_source or {}).get(task)
                 raise ConfigError(
-                    f"{len(names)} class names given for task {task!r}, but {head_path} has "
-                    f"{head.num_classes} classes."
+                    f"{len(names)} class names given for task {task!r}"
+                    + (f" (from {origin})" if origin else "")
+                    + f", but {head_path} has {head.num_classes} classes. The data and the "
+                    "checkpoints must describe the same classes: check the task's class-name "
+                    "file or folders."
                 )
             if task not in class_names:
                 notes.append(f"Task {task!r}: no class names given; using class_0..class_N.")

@@ -1,0 +1,246 @@
+"""Runs over the user's own files: tasks read from disk, experts and heads imported.
+
+A run whose config has ``data`` and ``checkpoints`` (see :class:`surgery_edge.config.RunConfig`)
+replaces the demo's two first stages:
+
+- :func:`disk_suite` reads every task from image folders or torchvision datasets, decoded once at
+  the model's input size and cached (memory-mapped) under ``RUN/cache/data``;
+- :func:`import_checkpoints` converts the pretrained model, the experts and the heads into the run's
+  ``checkpoints/`` folder, exactly the layout the demo's training writes, so every later stage
+  (merge, train, eval, export) is the same code for both kinds of run.
+
+Both are cached: the import is redone only when a source file, the class names or the settings
+change (``checkpoints/import.json`` records their fingerprint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from surgery_edge.data.suite import Suite
+from surgery_edge.errors import ConfigError, DataError
+from surgery_edge.experts import ExpertSet
+from surgery_edge.io import write_json_atomic
+from surgery_edge.models import get_arch
+from surgery_edge.models.archs import ArchSpec
+from surgery_edge.models.checkpoint import read_metadata, save_encoder, save_head
+from surgery_edge.surgery.targets import file_fingerprint, fingerprint
+
+
+def disk_suite(run) -> Suite:
+    """The run's tasks, read from disk at the run's input size (cached under RUN/cache/data)."""
+    from surgery_edge.data.disk import DiskTask, load_disk_task
+    from surgery_edge.models.templates import paper_class_names
+
+    data = run.config.data
+    tasks = []
+    for name, t in data.tasks.items():
+        spec = DiskTask(
+            name=name,
+            source=t.source,
+            path=data.task_path(name),
+            dataset=t.dataset,
+            class_names=data.class_names_path(name),
+            test_fraction=t.test_fraction,
+        )
+        tasks.append(
+            load_disk_task(
+                spec,
+                run.arch.image_size,
+                run.out / "cache" / "data",
+                seed=run.config.seed,
+                n_adapt=data.n_adapt,
+                log=run.log,
+            )
+        )
+    for task in tasks:
+        # Zero-shot heads need words, not label numbers: without a class-name file, the paper's
+        # tasks (e.g. torchvision's SVHN and GTSRB, which carry no names) get the names the
+        # CLIP / task_vectors code uses.
+        paper = paper_class_names(task.name)
+        if (
+            data.tasks[task.name].class_names is None
+            and paper
+            and len(paper) == len(task.class_names)
+        ):
+            task.class_names = list(paper)
+    return Suite(run.config.name or "disk", run.config.seed, run.arch.image_size, tasks)
+
+
+def class_names_source(run, task: str) -> str:
+    """Where ``task``'s class names come from, for error messages."""
+    data = run.config.data
+    t = data.tasks[task]
+    if t.class_names is not None:
+        return str(data.class_names_path(task))
+    if t.source == "torchvision":
+        return f"torchvision {t.dataset} at {data.task_path(task)}"
+    return f"the class folders of {data.task_path(task) / 'test'}"
+
+
+def _source_files(cfg, model_dir: str, tasks: list[str]) -> list[Path]:
+    if cfg.format == "task_vectors":
+        from surgery_edge.models.importers import find_task_vectors_layout
+
+        return find_task_vectors_layout(cfg.root, model_dir, tasks).files
+    files = [cfg.resolve(cfg.pretrained), *(cfg.resolve(cfg.experts[t]) for t in tasks)]
+    for p in files:
+        if not p.exists():
+            raise DataError(f"Checkpoint {p} (from the config's `checkpoints`) does not exist.")
+    return files
+
+
+def _tree_fingerprint(path: Path) -> str:
+    """A file's fingerprint, or a folder's (every file in it), for HF model folders."""
+    if path.is_dir():
+        return fingerprint(*(file_fingerprint(p) for p in sorted(path.rglob("*")) if p.is_file()))
+    return file_fingerprint(path)
+
+
+def import_checkpoints(run) -> ExpertSet:
+    """Convert the config's checkpoints into ``RUN/checkpoints`` (reused while unchanged).
+
+    Also sets ``run.arch`` to the architecture the checkpoints turned out to have (task_vectors
+    files record the MLP activation: OpenAI-based ``ViT-B-32`` becomes ``ViT-B-32-quickgelu``).
+    """
+    cfg = run.config.checkpoints
+    tasks = run.tasks
+    out = run.out / "checkpoints"
+    model_dir = cfg.model or run.config.arch
+    class_names = {t: list(run.suite.task(t).class_names) for t in tasks}
+    sources = _source_files(cfg, model_dir, tasks)
+    if cfg.heads == "zeroshot":
+        sources.append(cfg.resolve(cfg.clip_weights))
+    fp = fingerprint(
+        cfg.model_dump(mode="json"),
+        run.config.arch,
+        *(_tree_fingerprint(p) for p in sources if p.exists()),
+        json.dumps(class_names),
+    )
+    summary_path = out / "import.json"
+    expert_set = ExpertSet(
+        out / "pretrained.safetensors",
+        {t: out / "experts" / f"{t}.safetensors" for t in tasks},
+        {t: out / "heads" / f"{t}.safetensors" for t in tasks},
+    )
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("fingerprint") == fp:
+        if all(p.is_file() for p in [expert_set.pretrained, *expert_set.experts.values()]):
+            run.log(f"reusing imported checkpoints in {out}")
+            run.arch = _checkpoint_arch(expert_set.pretrained)
+            return expert_set
+
+    arch = get_arch(run.config.arch)
+    origins = {t: class_names_source(run, t) for t in tasks}
+    if cfg.format == "task_vectors":
+        from surgery_edge.models.importers import import_task_vectors
+
+        summary = import_task_vectors(
+            cfg.root,
+            model_dir,
+            out,
+            cfg.trust_pickle,
+            tasks=tasks,
+            class_names=class_names if cfg.heads == "checkpoint" else None,
+            class_names_source=origins,
+            overwrite=True,
+            arch=arch,
+            log=run.log,
+        ).to_dict()
+        arch = _checkpoint_arch(expert_set.pretrained)
+        notes = summary["notes"]
+    else:
+        arch, notes = _import_weights(run, cfg, arch, tasks, out), []
+    if cfg.heads == "zeroshot":
+        _zeroshot_heads(run, cfg, arch, class_names, out)
+        notes.append(f"Heads: zero-shot, from {cfg.resolve(cfg.clip_weights)}'s text tower.")
+    write_json_atomic(
+        summary_path,
+        {
+            "format": cfg.format,
+            "sources": [str(p) for p in sources],
+            "arch": arch.to_dict(),
+            "class_names_from": origins,
+            "notes": notes,
+            "fingerprint": fp,
+        },
+    )
+    for note in notes:
+        run.log(f"note: {note}")
+    run.arch = arch
+    return expert_set
+
+
+def _checkpoint_arch(path: Path) -> ArchSpec:
+    meta = read_metadata(path)
+    if not meta or "arch" not in meta:
+        raise ConfigError(f"{path} has no surgery-edge metadata; re-import the checkpoints.")
+    return ArchSpec.from_dict(meta["arch"])
+
+
+def _import_weights(run, cfg, arch: ArchSpec, tasks: list[str], out: Path) -> ArchSpec:
+    """open_clip / Hugging Face files -> pretrained + experts, written to a temporary folder
+    first and moved into ``out`` only when every file converted."""
+    from surgery_edge.models.importers import _publish, load_open_clip_image_tower
+
+    def read(path: Path) -> tuple[ArchSpec, dict]:
+        if cfg.format == "open_clip":
+            return arch, load_open_clip_image_tower(path, arch, trust_pickle=cfg.trust_pickle)
+        from surgery_edge.models.hf_clip import load_hf_clip_vision
+        from surgery_edge.models.importers import with_activation
+
+        found, state = load_hf_clip_vision(path, heads=arch.heads)
+        geometry = ("width", "layers", "heads", "patch_size", "image_size", "embed_dim")
+        if any(getattr(found, k) != getattr(arch, k) for k in geometry):
+            raise ConfigError(
+                f"{path} does not fit the config's arch {arch.name!r}: "
+                + ", ".join(
+                    f"{k} {getattr(found, k)} (arch: {getattr(arch, k)})"
+                    for k in geometry
+                    if getattr(found, k) != getattr(arch, k)
+                )
+                + "."
+            )
+        return with_activation(arch, found.quick_gelu), state
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoints.import-", dir=out.parent))
+    try:
+        pre = cfg.resolve(cfg.pretrained)
+        run.log(f"reading {pre}")
+        arch, state = read(pre)
+        source = {"format": cfg.format, "file": str(pre)}
+        save_encoder(tmp / "pretrained.safetensors", arch, state, task=None, source=source)
+        for t in tasks:
+            path = cfg.resolve(cfg.experts[t])
+            run.log(f"reading {path}")
+            found, state = read(path)
+            if found != arch:
+                raise ConfigError(
+                    f"{path} uses {found.name!r} but the pretrained model {pre} uses "
+                    f"{arch.name!r}: the experts must be fine-tuned from the pretrained model."
+                )
+            source = {"format": cfg.format, "file": str(path)}
+            save_encoder(tmp / "experts" / f"{t}.safetensors", arch, state, t, source=source)
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return arch
+
+
+def _zeroshot_heads(run, cfg, arch: ArchSpec, class_names: dict, out: Path) -> None:
+    from surgery_edge.models.zeroshot import build_zeroshot_heads
+
+    heads = build_zeroshot_heads(
+        arch.name, cfg.resolve(cfg.clip_weights), class_names, device=run.device, log=run.log
+    )
+    for t, head in heads.items():
+        if head.weight.shape[1] != arch.embed_dim:
+            raise ConfigError(
+                f"The text tower of {cfg.clip_weights} gives {head.weight.shape[1]}-d class "
+                f"embeddings, but {arch.name!r} produces {arch.embed_dim}-d image features."
+            )
+        save_head(out / "heads" / f"{t}.safetensors", arch, t, class_names[t], head)

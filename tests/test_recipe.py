@@ -1,0 +1,369 @@
+"""``surgery-edge run CONFIG`` over the user's own files, end to end, and its bad inputs.
+
+Everything on disk is written here in the real formats: a task_vectors tree of pickled
+``src.modeling`` objects (micro CLIP), Hugging Face CLIP vision folders, a full open_clip CLIP
+state dict with its text tower, and per-task image folders with a class-name JSON file. The
+tasks are named MNIST and EuroSAT so the published ViT-B/32 table has cells to print beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from checkpoint_formats import task_vectors_classes, write_task_vectors_tree
+from PIL import Image
+from surgery_edge.cli.app import app
+from typer.testing import CliRunner
+
+from surgery_edge.config import load_config
+from surgery_edge.evaluation.published import published_table
+
+runner = CliRunner()
+TASKS = {"MNIST": 3, "EuroSAT": 4}  # task -> classes
+EUROSAT_NAMES = ["annual crop land", "forest", "highway or road", "river"]
+
+
+def write_images(folder: Path, n: int, seed: int, label: int) -> None:
+    """``n`` small images of various sizes whose mean colour depends on ``label``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = rng.integers(12, 30, 2)
+        base = np.array([40 + 60 * label, 200 - 50 * label, 90], np.float64)
+        pixels = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.png")
+
+
+def write_folder_task(root: Path, classes: int, seed: int) -> None:
+    for c in range(classes):
+        write_images(root / "test" / f"class_{c}", 5, seed + c, c)
+        write_images(root / "train" / f"class_{c}", 3, seed + 50 + c, c)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    write_task_vectors_tree(root / "checkpoints", "micro-vit-16", TASKS)
+    write_folder_task(root / "data" / "mnist", TASKS["MNIST"], 0)
+    write_folder_task(root / "data" / "eurosat", TASKS["EuroSAT"], 10)
+    (root / "data" / "eurosat_classes.json").write_text(json.dumps(EUROSAT_NAMES))
+    return root
+
+
+def recipe(files: Path, **changes) -> dict:
+    config = {
+        "name": "tiny-recipe",
+        "arch": "micro-vit-16",
+        "device": "cpu",
+        "reference": "paper_vit_b32",
+        "checkpoints": {
+            "format": "task_vectors",
+            "root": str(files / "checkpoints"),
+            "trust_pickle": True,
+        },
+        "data": {
+            "root": str(files / "data"),
+            "tasks": {
+                "MNIST": {"path": "mnist"},
+                "EuroSAT": {"path": "eurosat", "class_names": "eurosat_classes.json"},
+            },
+        },
+        "merge": {
+            "methods": ["task_arithmetic", "adamerging_layerwise"],
+            "adamerging_steps": 3,
+            "adamerging_batch_size": 4,
+        },
+        "surgery": {"rank": 4, "steps_v1": 4, "steps_v2": 4, "batch_size": 4, "transductive": True},
+        "export": False,
+    }
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe_run(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    config = write_config(out.parent / "tiny.yaml", recipe(files, export=True))
+    result = runner.invoke(app, ["run", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, config, result.output
+
+
+def clip_accuracy(files: Path, task: str, out: Path) -> float:
+    """The original pickled expert + head on the task's test folder, preprocessed by PIL and
+    open_clip's own eval transform: an independent check of the import, data and evaluation."""
+    from open_clip.transform import image_transform
+
+    model_dir = files / "checkpoints" / "micro-vit-16"
+    with task_vectors_classes():
+        encoder = torch.load(model_dir / task / "finetuned.pt", weights_only=False).eval()
+        head = torch.load(model_dir / f"head_{task}.pt", weights_only=False).eval()
+    preprocess = image_transform(16, is_train=False)
+    test = files / "data" / task.lower() / "test"
+    correct = total = 0
+    for label, folder in enumerate(sorted(p for p in test.iterdir() if p.is_dir())):
+        for image in sorted(folder.iterdir()):
+            x = preprocess(Image.open(image)).unsqueeze(0)
+            with torch.no_grad():
+                correct += int(head(encoder(x)).argmax(-1).item() == label)
+            total += 1
+    return 100.0 * correct / total
+
+
+def test_run_imports_merges_trains_evaluates_and_exports(recipe_run, files):
+    out, _, output = recipe_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"] == list(TASKS)
+    rows = {(r["method"], r["surgery"]): r for r in report["results"]}
+    for merge in ("task_arithmetic", "adamerging_layerwise"):
+        for surgery in ("none", "surgery", "surgeryv2"):
+            assert (merge, surgery) in rows
+    # The imported experts, evaluated by the pipeline on images it decoded itself, score what
+    # the original pickled objects score through open_clip's own preprocessing.
+    for task in TASKS:
+        assert rows[("individual", "none")]["per_task"][task] == pytest.approx(
+            clip_accuracy(files, task, out), abs=1e-6
+        )
+    # OpenAI-style checkpoints use QuickGELU: read off the pickles, recorded, used everywhere.
+    imported = json.loads((out / "checkpoints" / "import.json").read_text())
+    assert imported["arch"]["quick_gelu"] is True and "QuickGELU" in " ".join(imported["notes"])
+    heads = {t: out / "checkpoints" / "heads" / f"{t}.safetensors" for t in TASKS}
+    from surgery_edge.models import load_head
+
+    assert load_head(heads["EuroSAT"]).class_names == EUROSAT_NAMES
+    assert load_head(heads["MNIST"]).class_names == ["class 0", "class 1", "class 2"]
+    # Published figures beside the measured ones, matched by task name.
+    published = {(r["method"], r["surgery"]): r for r in published_table("paper_vit_b32")["rows"]}
+    ref = {(r["method"], r["surgery"]): r for r in report["reference"]["rows"]}
+    ta = ref[("task_arithmetic", "none")]
+    assert ta["per_task"]["MNIST"]["published"] == 97.3
+    assert ta["per_task"]["EuroSAT"]["published"] == 78.9
+    assert (
+        ta["per_task"]["MNIST"]["measured"]
+        == rows[("task_arithmetic", "none")]["per_task"]["MNIST"]
+    )
+    assert ref[("traditional_mtl", "none")]["measured_avg"] is None
+    assert ref[("individual", "none")]["published_avg"] == published[("individual", "none")]["avg"]
+    md = (out / "report.md").read_text()
+    assert "Published figures beside this run's" in md and "| Task Arithmetic |" in md
+    # Engines: exported from the imported experts, parity measured on the decoded test images.
+    summary = json.loads((out / "engines" / "summary.json").read_text())
+    v2 = summary["engines"]["surgeryv2-routed"]["onnx"]["parity"]
+    assert v2["argmax_agreement"] == 100.0 and v2["max_abs_diff"] < 1e-3
+    assert summary["test_images"] == 5 * sum(TASKS.values())
+
+
+def test_second_run_reuses_the_import_and_the_decoded_images(recipe_run):
+    out, config, _ = recipe_run
+    stamp = (out / "checkpoints" / "import.json").stat().st_mtime_ns
+    cached = sorted((out / "cache" / "data").iterdir())
+    result = runner.invoke(app, ["run", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "reusing imported checkpoints" in result.output
+    assert "reusing merge task_arithmetic" in result.output
+    assert (out / "checkpoints" / "import.json").stat().st_mtime_ns == stamp
+    assert sorted((out / "cache" / "data").iterdir()) == cached
+
+
+def test_stage_commands_work_on_a_recipe_run(recipe_run, tmp_path):
+    out, _, _ = recipe_run
+    result = runner.invoke(app, ["eval", "--run", str(out)])
+    assert result.exit_code == 0, result.output
+    onnx = tmp_path / "v2.onnx"
+    result = runner.invoke(
+        app, ["export", "--run", str(out), "--surgery", "surgeryv2", "--onnx", str(onnx)]
+    )
+    assert result.exit_code == 0, result.output
+    assert onnx.is_file()
+
+
+def test_hugging_face_experts_with_zero_shot_heads(tmp_path, files):
+    """HF CLIP vision folders for the experts, heads from the open_clip text tower."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from surgery_edge.models import get_arch, load_encoder, load_head
+    from surgery_edge.models.hf_clip import hf_vision_config, open_clip_to_hf
+    from surgery_edge.models.zeroshot import build_zeroshot_heads
+
+    name = "Test-Recipe-ViT-16"
+    config_file = tmp_path / f"{name}.json"
+    config_file.write_text(
+        json.dumps(
+            {
+                "embed_dim": 24,
+                "vision_cfg": {
+                    "image_size": 16,
+                    "patch_size": 8,
+                    "width": 32,
+                    "layers": 2,
+                    "head_width": 16,
+                    "mlp_ratio": 2.0,
+                },
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2},
+            }
+        )
+    )
+    open_clip.add_model_config(config_file)
+    arch = get_arch(name)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(name, pretrained=None).eval()
+    state = {k: v.detach().clone().contiguous() for k, v in clip.state_dict().items()}
+    save_file(state, str(tmp_path / "clip.safetensors"))
+    visual = {k: v for k, v in state.items() if k.startswith("visual.")}
+    experts = {}
+    for i, task in enumerate(TASKS):
+        folder = tmp_path / f"clip-vit-micro_{task}"
+        folder.mkdir()
+        tuned = {k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in visual.items()}
+        save_file(open_clip_to_hf(tuned, arch), str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(
+            json.dumps({"model_type": "clip_vision_model", **hf_vision_config(arch)})
+        )
+        experts[task] = str(folder)
+    config = recipe(files, arch=name, reference=None)
+    config["checkpoints"] = {
+        "format": "hf",
+        "pretrained": str(tmp_path / "clip.safetensors"),
+        "experts": experts,
+        "heads": "zeroshot",
+        "clip_weights": str(tmp_path / "clip.safetensors"),
+    }
+    config["merge"]["methods"] = ["task_arithmetic"]
+    config["surgery"]["methods"] = ["surgeryv2"]
+    # The pretrained model is an open_clip file and the experts are HF folders: one format per
+    # run, so the pretrained weights are also written as an HF folder.
+    pre = tmp_path / "pretrained"
+    pre.mkdir()
+    save_file(open_clip_to_hf(visual, arch), str(pre / "model.safetensors"))
+    (pre / "config.json").write_text(json.dumps(hf_vision_config(arch)))
+    config["checkpoints"]["pretrained"] = str(pre)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "hf.yaml", config)),
+                                 "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ckpt = out / "checkpoints"
+    loaded = load_encoder(ckpt / "pretrained.safetensors", arch).state_dict
+    assert all(torch.equal(loaded[k], v) for k, v in visual.items())
+    names = {"MNIST": ["class 0", "class 1", "class 2"], "EuroSAT": EUROSAT_NAMES}
+    expected = build_zeroshot_heads(name, tmp_path / "clip.safetensors", names, log=lambda *a: 0)
+    for task in TASKS:
+        head = load_head(ckpt / "heads" / f"{task}.safetensors")
+        assert head.class_names == names[task]
+        assert torch.allclose(head.head.weight, expected[task].weight, atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert {(r["method"], r["surgery"]) for r in report["results"]} >= {
+        ("task_arithmetic", "surgeryv2")
+    }
+
+
+def _bad_run(tmp_path: Path, config: dict, *extra: str, expect: str) -> Path:
+    out = tmp_path / "run"
+    path = write_config(tmp_path / "bad.yaml", config)
+    result = runner.invoke(app, ["run", str(path), "--out", str(out), *extra])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert expect in " ".join(result.output.split()), result.output
+    if out.exists():  # nothing half-written: no temporary files or folders left anywhere
+        assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+        assert not (out / "checkpoints" / "pretrained.safetensors").exists()
+    return out
+
+
+def test_pickles_need_trust(tmp_path, files):
+    _bad_run(
+        tmp_path, recipe(files, **{"checkpoints.trust_pickle": False}), expect="--trust-pickle"
+    )
+
+
+def test_pickle_with_an_unexpected_class(tmp_path, files):
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(files / "checkpoints", root)
+    torch.save(torch.nn.Bilinear(2, 2, 2), root / "micro-vit-16" / "head_MNIST.pt")
+    config = recipe(files, **{"checkpoints.root": str(root)})
+    _bad_run(tmp_path, config, expect="torch.nn.modules.linear.Bilinear")
+
+
+def test_checkpoint_of_another_architecture(tmp_path, files):
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(files / "checkpoints" / "micro-vit-16", root / "tiny-vit-32")
+    config = recipe(files, arch="tiny-vit-32", **{"checkpoints.root": str(root)})
+    _bad_run(tmp_path, config, expect="does not match")
+
+
+def test_dataset_folder_with_no_images(tmp_path, files):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(files / "data", data)
+    for image in (data / "mnist" / "test").rglob("*.png"):
+        image.unlink()
+    (data / "mnist" / "test" / "README.txt").write_text("images go here")
+    _bad_run(tmp_path, recipe(files, **{"data.root": str(data)}), expect="no images")
+
+
+def test_class_name_file_that_does_not_match_the_folders(tmp_path, files):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(EUROSAT_NAMES + ["sea or lake"]))
+    config = recipe(files, **{"data.tasks.EuroSAT.class_names": str(names)})
+    _bad_run(tmp_path, config, expect=str(names))
+
+
+def test_classes_that_do_not_match_the_head(tmp_path, files):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(files / "data", data)
+    write_images(data / "mnist" / "test" / "class_3", 2, 99, 3)
+    write_images(data / "mnist" / "train" / "class_3", 2, 98, 3)
+    out = _bad_run(
+        tmp_path, recipe(files, **{"data.root": str(data)}), expect="head_MNIST.pt has 3 classes"
+    )
+    assert not (out / "checkpoints").exists()
+
+
+def test_unset_variable_in_a_path(tmp_path, files, monkeypatch):
+    monkeypatch.delenv("SURGERY_EDGE_TEST_UNSET", raising=False)
+    config = recipe(files, **{"data.root": "$SURGERY_EDGE_TEST_UNSET/data"})
+    _bad_run(tmp_path, config, expect="not set")
+    # ...and an override on the command line replaces it.
+    config = recipe(files, **{"data.root": "$SURGERY_EDGE_TEST_UNSET/data"})
+    path = write_config(tmp_path / "ok.yaml", config)
+    assert load_config(path, {"data.root": str(files / "data")}).data.root == files / "data"
+
+
+@pytest.mark.parametrize("name", ["paper_vit_b32", "paper_vit_l14"])
+def test_paper_configs_encode_the_protocol(name, tmp_path):
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(path, {"data.root": str(tmp_path), "checkpoints.root": str(tmp_path)})
+    assert list(cfg.data.tasks) == ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB",
+                                    "MNIST", "DTD"]  # fmt: skip
+    assert cfg.arch == ("ViT-B-32" if name.endswith("b32") else "ViT-L-14")
+    m, s = cfg.merge, cfg.surgery
+    assert m.task_arithmetic_lam == 0.3 and (m.ties_k, m.ties_lam) == (0.2, 0.3)
+    assert "adamerging_layerwise" in m.methods and m.adamerging_steps == 500
+    assert s.rank == 16 and (s.rank_v2 or s.rank) == (16 if name.endswith("b32") else 4)
+    assert (s.steps_v1, s.steps_v2, s.batch_size, s.lr) == (1000, 1000, 16, 1e-3)
+    assert s.transductive and cfg.checkpoints.trust_pickle
+    assert published_table(cfg.reference)["rows"]
+    with pytest.raises(Exception, match="not set"):
+        load_config(path, {"checkpoints.root": str(tmp_path)})  # $SURGERY_EDGE_DATA unset
