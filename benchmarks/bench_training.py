@@ -3,7 +3,8 @@
 A step draws one batch of every task (T x batch rows) and makes one Adam update, exactly as
 ``surgery-edge train`` does. Weights and images are random: speed does not depend on them.
 
-    python benchmarks/bench_training.py --arch tiny-vit-32 --tasks 8 --out benchmarks/results/cpu/training.json
+    python benchmarks/bench_training.py --arch tiny-vit-32 --tasks 8 \
+        --out benchmarks/results/cpu/training.json
     python benchmarks/bench_training.py --arch ViT-B-32 --tasks 8 --device cuda --steps 50 \
         --out benchmarks/results/h100/training.json
 
@@ -67,12 +68,25 @@ def bench(cfg: TrainBenchConfig) -> TrainBenchResult:
             torch.cuda.synchronize()
         times.append(time.perf_counter())
 
-    surgery_cfg = SurgeryConfig(method=cfg.method, rank=cfg.rank, steps=cfg.warmup + cfg.steps,
-                                batch_size=cfg.batch_size, checkpoint_every=0)
+    surgery_cfg = SurgeryConfig(
+        method=cfg.method,
+        rank=cfg.rank,
+        steps=cfg.warmup + cfg.steps,
+        batch_size=cfg.batch_size,
+        checkpoint_every=0,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        train_surgery(build_encoder(arch), heads, names, targets, surgery_cfg,
-                      Path(tmp) / "a.safetensors", device, on_step=on_step)
-    measured = np.diff(times[cfg.warmup - 1:]) if cfg.warmup else np.diff(times)
+        train_surgery(
+            build_encoder(arch),
+            heads,
+            names,
+            targets,
+            surgery_cfg,
+            Path(tmp) / "a.safetensors",
+            device,
+            on_step=on_step,
+        )
+    measured = np.diff(times[cfg.warmup - 1 :]) if cfg.warmup else np.diff(times)
     sps = 1.0 / float(np.median(measured))
     return TrainBenchResult(cfg, sps, 1000.0 / sps, sps * cfg.tasks * cfg.batch_size)
 
@@ -89,23 +103,51 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    results = [bench(TrainBenchConfig(args.arch, args.tasks, m, args.rank, args.batch_size,
-                                      args.steps, args.warmup, args.device))
-               for m in args.methods]
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"| method | arch | tasks | batch | steps/s | s per 1,000 steps | images/s |  ({device_name})")
+    results = [
+        bench(
+            TrainBenchConfig(
+                args.arch,
+                args.tasks,
+                m,
+                args.rank,
+                args.batch_size,
+                args.steps,
+                args.warmup,
+                args.device,
+            )
+        )
+        for m in args.methods
+    ]
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads)"
+    )
+    header = "| method | arch | tasks | batch | steps/s | s per 1,000 steps | images/s |"
+    print(f"{header}  ({device_name})")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         c = r.config
-        print(f"| {c.method} | {c.arch} | {c.tasks} | {c.batch_size} | {r.steps_per_s:.2f} | "
-              f"{r.seconds_per_1000_steps:.0f} | {r.images_per_s:.0f} |")
+        print(
+            f"| {c.method} | {c.arch} | {c.tasks} | {c.batch_size} | {r.steps_per_s:.2f} | "
+            f"{r.seconds_per_1000_steps:.0f} | {r.images_per_s:.0f} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "device": device_name, "torch": torch.__version__, "python": sys.version.split()[0],
-            "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-            "results": [asdict(r) for r in results]}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": device_name,
+                    "torch": torch.__version__,
+                    "python": sys.version.split()[0],
+                    "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+                    "results": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

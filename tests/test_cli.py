@@ -177,9 +177,30 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
 
 
 def test_bench_command_runs_the_engine_benchmark(tmp_path):
-    r = runner.invoke(app, ["bench", "--device", "cpu", "--archs", "micro-vit-16", "--batches",
-                            "1", "--paths", "eager", "--configs", "experts", "merged",
-                            "--iters", "2", "--warmup", "1", "--no-plots", "--out", str(tmp_path)])
+    r = runner.invoke(
+        app,
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--archs",
+            "micro-vit-16",
+            "--batches",
+            "1",
+            "--paths",
+            "eager",
+            "--configs",
+            "experts",
+            "merged",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--no-plots",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert list(tmp_path.glob("*.json"))
 
@@ -190,7 +211,16 @@ def test_import_task_vectors_refuses_pickles_without_trust(tmp_path):
     for rel in ("zeroshot.pt", "MNIST/finetuned.pt", "head_MNIST.pt"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"a pickle would be here")
-    msg = _bad(["import", "task-vectors", str(tmp_path / "tv"), "--model", "ViT-B-32", "--out",
-                str(tmp_path / "out")])
+    msg = _bad(
+        [
+            "import",
+            "task-vectors",
+            str(tmp_path / "tv"),
+            "--model",
+            "ViT-B-32",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "--trust-pickle" in msg
     assert not (tmp_path / "out").exists()

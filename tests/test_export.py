@@ -23,6 +23,8 @@ from surgery_edge.errors import ConfigError, ExportError
 
 runner = CliRunner()
 MERGE = "task_arithmetic"
+
+
 @pytest.fixture(scope="session")
 def models(run):
     from surgery_edge.export import load_run_model

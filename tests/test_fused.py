@@ -12,8 +12,9 @@ from surgery_edge.data.transforms import to_model_input
 from surgery_edge.errors import ConfigError
 from surgery_edge.surgery.fused import export_mode, fuse, fuse_
 
-needs_kernels = pytest.mark.skipif(not kernels.can_launch("cpu"),
-                                   reason="needs TRITON_INTERPRET=1 (or a GPU)")
+needs_kernels = pytest.mark.skipif(
+    not kernels.can_launch("cpu"), reason="needs TRITON_INTERPRET=1 (or a GPU)"
+)
 
 
 def _model(tiny_run, method):
@@ -80,6 +81,8 @@ def test_fuse_refuses_when_kernels_cannot_run(tiny_run, monkeypatch):
 
 
 def test_importing_the_package_does_not_import_triton():
-    code = ("import sys, surgery_edge, surgery_edge.surgery.model, surgery_edge.pipeline, "
-            "surgery_edge.kernels; assert 'triton' not in sys.modules")
+    code = (
+        "import sys, surgery_edge, surgery_edge.surgery.model, surgery_edge.pipeline, "
+        "surgery_edge.kernels; assert 'triton' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

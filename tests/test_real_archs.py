@@ -35,8 +35,16 @@ def _run(name, rank, tmp_path):
     heads = [ClassificationHead(torch.randn(c, arch.embed_dim)) for c in (3, 5)]
     cfg = SurgeryConfig(method="surgeryv2", rank=rank, steps=2, batch_size=1, checkpoint_every=0)
     losses = []
-    bank = train_surgery(merged, heads, ["a", "b"], targets, cfg, tmp_path / "a.safetensors",
-                         torch.device("cpu"), on_step=lambda s, v: losses.append(v))
+    bank = train_surgery(
+        merged,
+        heads,
+        ["a", "b"],
+        targets,
+        cfg,
+        tmp_path / "a.safetensors",
+        torch.device("cpu"),
+        on_step=lambda s, v: losses.append(v),
+    )
     assert len(losses) == 2 and all(np.isfinite(losses))
     down, up = bank.weights(f"block.{arch.layers - 1}")
     assert down.shape == (2, rank, arch.width) and up.shape == (2, arch.width, rank)
