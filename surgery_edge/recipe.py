@@ -18,10 +18,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from surgery_edge.data.suite import Suite
-from surgery_edge.errors import ConfigError, DataError
+from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.experts import ExpertSet
 from surgery_edge.io import write_json_atomic
 from surgery_edge.models import get_arch
@@ -89,7 +93,9 @@ def _source_files(cfg, model_dir: str, tasks: list[str]) -> list[Path]:
     files = [cfg.resolve(cfg.pretrained), *(cfg.resolve(cfg.experts[t]) for t in tasks)]
     for p in files:
         if not p.exists():
-            raise DataError(f"Checkpoint {p} (from the config's `checkpoints`) does not exist.")
+            raise CheckpointError(
+                f"Checkpoint {p} (from the config's `checkpoints`) does not exist."
+            )
     return files
 
 
@@ -151,10 +157,26 @@ def import_checkpoints(run) -> ExpertSet:
         ).to_dict()
         arch = _checkpoint_arch(expert_set.pretrained)
         notes = summary["notes"]
+        if cfg.heads == "zeroshot":  # replace the shipped heads, each file atomically
+            clip = cfg.resolve(cfg.clip_weights)
+            _zeroshot_heads(arch, clip, class_names, out, run.device, run.log)
     else:
-        arch, notes = _import_weights(run, cfg, arch, tasks, out), []
+        arch, notes = (
+            import_weights(
+                cfg.format,
+                arch,
+                cfg.resolve(cfg.pretrained),
+                {t: cfg.resolve(cfg.experts[t]) for t in tasks},
+                out,
+                trust_pickle=cfg.trust_pickle,
+                clip_weights=cfg.resolve(cfg.clip_weights),
+                class_names=class_names,
+                device=run.device,
+                log=run.log,
+            ),
+            [],
+        )
     if cfg.heads == "zeroshot":
-        _zeroshot_heads(run, cfg, arch, class_names, out)
         notes.append(f"Heads: zero-shot, from {cfg.resolve(cfg.clip_weights)}'s text tower.")
     write_json_atomic(
         summary_path,
@@ -180,50 +202,83 @@ def _checkpoint_arch(path: Path) -> ArchSpec:
     return ArchSpec.from_dict(meta["arch"])
 
 
-def _import_weights(run, cfg, arch: ArchSpec, tasks: list[str], out: Path) -> ArchSpec:
-    """open_clip / Hugging Face files -> pretrained + experts, written to a temporary folder
-    first and moved into ``out`` only when every file converted."""
+def import_weights(
+    fmt: str,
+    arch: ArchSpec,
+    pretrained: Path,
+    experts: dict[str, Path],
+    out: Path,
+    *,
+    trust_pickle: bool = False,
+    clip_weights: Path | None = None,
+    class_names: dict[str, list[str]] | None = None,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], Any] = print,
+) -> ArchSpec:
+    """Convert open_clip or Hugging Face image towers (and zero-shot heads) into ``out``.
+
+    Writes ``pretrained.safetensors``, ``experts/<task>.safetensors`` and, with ``clip_weights``,
+    ``heads/<task>.safetensors`` built from ``class_names`` by the text tower. Everything goes to
+    a temporary folder first and replaces ``out`` only when every file converted.
+
+    Args:
+        fmt: ``open_clip`` (state dicts, ``.pt`` or ``.safetensors``) or ``hf`` (a
+            ``CLIPVisionModel`` folder or weights file).
+        arch: the architecture the weights must fit. Plain open_clip state dicts do not record the
+            MLP activation (OpenAI weights need ``ViT-B-32-quickgelu``); HF configs do, and
+            ``arch`` follows them.
+
+    Returns:
+        The architecture the checkpoints were written with.
+    """
     from surgery_edge.models.importers import _publish, load_open_clip_image_tower
 
+    if fmt not in ("open_clip", "hf"):
+        raise ConfigError(f"Unknown checkpoint format {fmt!r}; use open_clip or hf.")
+    if clip_weights is not None and set(class_names or {}) != set(experts):
+        raise ConfigError(
+            f"Zero-shot heads need class names for every task: got {sorted(class_names or {})}, "
+            f"tasks {sorted(experts)}."
+        )
+
     def read(path: Path) -> tuple[ArchSpec, dict]:
-        if cfg.format == "open_clip":
-            return arch, load_open_clip_image_tower(path, arch, trust_pickle=cfg.trust_pickle)
+        if not path.exists():
+            raise CheckpointError(f"Checkpoint {path} does not exist. Check the path.")
+        if fmt == "open_clip":
+            return arch, load_open_clip_image_tower(path, arch, trust_pickle=trust_pickle)
         from surgery_edge.models.hf_clip import load_hf_clip_vision
         from surgery_edge.models.importers import with_activation
 
         found, state = load_hf_clip_vision(path, heads=arch.heads)
         geometry = ("width", "layers", "heads", "patch_size", "image_size", "embed_dim")
-        if any(getattr(found, k) != getattr(arch, k) for k in geometry):
-            raise ConfigError(
-                f"{path} does not fit the config's arch {arch.name!r}: "
-                + ", ".join(
-                    f"{k} {getattr(found, k)} (arch: {getattr(arch, k)})"
-                    for k in geometry
-                    if getattr(found, k) != getattr(arch, k)
-                )
+        wrong = [k for k in geometry if getattr(found, k) != getattr(arch, k)]
+        if wrong:
+            raise CheckpointError(
+                f"{path} does not fit architecture {arch.name!r}: "
+                + ", ".join(f"{k} {getattr(found, k)} (arch: {getattr(arch, k)})" for k in wrong)
                 + "."
             )
         return with_activation(arch, found.quick_gelu), state
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoints.import-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
     try:
-        pre = cfg.resolve(cfg.pretrained)
-        run.log(f"reading {pre}")
-        arch, state = read(pre)
-        source = {"format": cfg.format, "file": str(pre)}
+        log(f"reading {pretrained}")
+        arch, state = read(pretrained)
+        source = {"format": fmt, "file": str(pretrained)}
         save_encoder(tmp / "pretrained.safetensors", arch, state, task=None, source=source)
-        for t in tasks:
-            path = cfg.resolve(cfg.experts[t])
-            run.log(f"reading {path}")
+        for task, path in experts.items():
+            log(f"reading {path}")
             found, state = read(path)
             if found != arch:
-                raise ConfigError(
-                    f"{path} uses {found.name!r} but the pretrained model {pre} uses "
+                raise CheckpointError(
+                    f"{path} uses {found.name!r} but the pretrained model {pretrained} uses "
                     f"{arch.name!r}: the experts must be fine-tuned from the pretrained model."
                 )
-            source = {"format": cfg.format, "file": str(path)}
-            save_encoder(tmp / "experts" / f"{t}.safetensors", arch, state, t, source=source)
+            source = {"format": fmt, "file": str(path)}
+            save_encoder(tmp / "experts" / f"{task}.safetensors", arch, state, task, source=source)
+        if clip_weights is not None:
+            _zeroshot_heads(arch, clip_weights, class_names, tmp, device, log)
         _publish(tmp, out)
     finally:
         if tmp.exists():
@@ -231,16 +286,21 @@ def _import_weights(run, cfg, arch: ArchSpec, tasks: list[str], out: Path) -> Ar
     return arch
 
 
-def _zeroshot_heads(run, cfg, arch: ArchSpec, class_names: dict, out: Path) -> None:
+def _zeroshot_heads(
+    arch: ArchSpec,
+    clip_weights: Path,
+    class_names: dict[str, list[str]],
+    out: Path,
+    device: str | torch.device,
+    log: Callable[[str], Any],
+) -> None:
     from surgery_edge.models.zeroshot import build_zeroshot_heads
 
-    heads = build_zeroshot_heads(
-        arch.name, cfg.resolve(cfg.clip_weights), class_names, device=run.device, log=run.log
-    )
+    heads = build_zeroshot_heads(arch.name, clip_weights, class_names, device=device, log=log)
     for t, head in heads.items():
         if head.weight.shape[1] != arch.embed_dim:
-            raise ConfigError(
-                f"The text tower of {cfg.clip_weights} gives {head.weight.shape[1]}-d class "
+            raise CheckpointError(
+                f"The text tower of {clip_weights} gives {head.weight.shape[1]}-d class "
                 f"embeddings, but {arch.name!r} produces {arch.embed_dim}-d image features."
             )
         save_head(out / "heads" / f"{t}.safetensors", arch, t, class_names[t], head)

@@ -10,7 +10,19 @@ from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
 runner = CliRunner()
-COMMANDS = ["experts", "merge", "train", "eval", "demo"]
+COMMANDS = [
+    "experts",
+    "merge",
+    "train",
+    "eval",
+    "demo",
+    "run",
+    "export",
+    "predict",
+    "import task-vectors",
+    "import open-clip",
+    "import hf",
+]
 MERGES = [
     "weight_averaging",
     "task_arithmetic",
@@ -22,7 +34,7 @@ MERGES = [
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_help(command):
-    result = runner.invoke(app, [command, "--help"] if command else ["--help"])
+    result = runner.invoke(app, [*command.split(), "--help"] if command else ["--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
 

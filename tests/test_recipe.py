@@ -192,84 +192,120 @@ def test_stage_commands_work_on_a_recipe_run(recipe_run, tmp_path):
     assert onnx.is_file()
 
 
-def test_hugging_face_experts_with_zero_shot_heads(tmp_path, files):
-    """HF CLIP vision folders for the experts, heads from the open_clip text tower."""
+MICRO_CLIP = "Test-Recipe-ViT-16"
+
+
+@pytest.fixture(scope="module")
+def clip_family(tmp_path_factory):
+    """A registered micro open_clip config with a text tower; its full CLIP weights; each
+    expert both as an open_clip state dict and as a Hugging Face CLIP vision folder."""
     import open_clip
     from safetensors.torch import save_file
 
-    from surgery_edge.models import get_arch, load_encoder, load_head
+    from surgery_edge.models import get_arch
     from surgery_edge.models.hf_clip import hf_vision_config, open_clip_to_hf
+
+    root = tmp_path_factory.mktemp("clip")
+    vision = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}
+    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    config = {"embed_dim": 24, "vision_cfg": {**vision, "mlp_ratio": 2.0}, "text_cfg": text}
+    (root / f"{MICRO_CLIP}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root / f"{MICRO_CLIP}.json")
+    arch = get_arch(MICRO_CLIP)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(MICRO_CLIP, pretrained=None).eval()
+    state = {k: v.detach().clone().contiguous() for k, v in clip.state_dict().items()}
+    save_file(state, str(root / "clip.safetensors"))
+    visual = {k: v for k, v in state.items() if k.startswith("visual.")}
+
+    def hf_folder(folder: Path, tower: dict) -> Path:
+        folder.mkdir()
+        save_file(open_clip_to_hf(tower, arch), str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(hf_vision_config(arch)))
+        return folder
+
+    files = {
+        "open_clip": {"pretrained": root / "clip.safetensors", "experts": {}},
+        "hf": {"pretrained": hf_folder(root / "hf-pretrained", visual), "experts": {}},
+    }
+    for i, task in enumerate(TASKS):
+        gen = torch.Generator().manual_seed(i)
+        tuned = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in visual.items()}
+        torch.save({"state_dict": tuned}, root / f"{task}.pt")  # open_clip training layout
+        files["open_clip"]["experts"][task] = root / f"{task}.pt"
+        files["hf"]["experts"][task] = hf_folder(root / f"clip-vit-micro_{task}", tuned)
+    return root, arch, visual, files
+
+
+@pytest.mark.parametrize("fmt", ["open_clip", "hf"])
+def test_experts_without_heads_get_zero_shot_heads(fmt, tmp_path, files, clip_family):
+    from surgery_edge.models import load_encoder, load_head
     from surgery_edge.models.zeroshot import build_zeroshot_heads
 
-    name = "Test-Recipe-ViT-16"
-    config_file = tmp_path / f"{name}.json"
-    config_file.write_text(
-        json.dumps(
-            {
-                "embed_dim": 24,
-                "vision_cfg": {
-                    "image_size": 16,
-                    "patch_size": 8,
-                    "width": 32,
-                    "layers": 2,
-                    "head_width": 16,
-                    "mlp_ratio": 2.0,
-                },
-                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2},
-            }
-        )
-    )
-    open_clip.add_model_config(config_file)
-    arch = get_arch(name)
-    torch.manual_seed(0)
-    clip = open_clip.create_model(name, pretrained=None).eval()
-    state = {k: v.detach().clone().contiguous() for k, v in clip.state_dict().items()}
-    save_file(state, str(tmp_path / "clip.safetensors"))
-    visual = {k: v for k, v in state.items() if k.startswith("visual.")}
-    experts = {}
-    for i, task in enumerate(TASKS):
-        folder = tmp_path / f"clip-vit-micro_{task}"
-        folder.mkdir()
-        tuned = {k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in visual.items()}
-        save_file(open_clip_to_hf(tuned, arch), str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(
-            json.dumps({"model_type": "clip_vision_model", **hf_vision_config(arch)})
-        )
-        experts[task] = str(folder)
-    config = recipe(files, arch=name, reference=None)
+    root, arch, visual, sources = clip_family
+    config = recipe(files, arch=MICRO_CLIP, reference=None)
     config["checkpoints"] = {
-        "format": "hf",
-        "pretrained": str(tmp_path / "clip.safetensors"),
-        "experts": experts,
+        "format": fmt,
+        "pretrained": str(sources[fmt]["pretrained"]),
+        "experts": {t: str(p) for t, p in sources[fmt]["experts"].items()},
         "heads": "zeroshot",
-        "clip_weights": str(tmp_path / "clip.safetensors"),
+        "clip_weights": str(root / "clip.safetensors"),
     }
     config["merge"]["methods"] = ["task_arithmetic"]
     config["surgery"]["methods"] = ["surgeryv2"]
-    # The pretrained model is an open_clip file and the experts are HF folders: one format per
-    # run, so the pretrained weights are also written as an HF folder.
-    pre = tmp_path / "pretrained"
-    pre.mkdir()
-    save_file(open_clip_to_hf(visual, arch), str(pre / "model.safetensors"))
-    (pre / "config.json").write_text(json.dumps(hf_vision_config(arch)))
-    config["checkpoints"]["pretrained"] = str(pre)
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", str(write_config(tmp_path / "hf.yaml", config)),
-                                 "--out", str(out)])  # fmt: skip
+    path = write_config(tmp_path / f"{fmt}.yaml", config)
+    result = runner.invoke(app, ["run", str(path), "--out", str(out)])
     assert result.exit_code == 0, result.output
     ckpt = out / "checkpoints"
     loaded = load_encoder(ckpt / "pretrained.safetensors", arch).state_dict
     assert all(torch.equal(loaded[k], v) for k, v in visual.items())
     names = {"MNIST": ["class 0", "class 1", "class 2"], "EuroSAT": EUROSAT_NAMES}
-    expected = build_zeroshot_heads(name, tmp_path / "clip.safetensors", names, log=lambda *a: 0)
+    clip_weights = root / "clip.safetensors"
+    expected = build_zeroshot_heads(MICRO_CLIP, clip_weights, names, log=lambda *a: 0)
     for task in TASKS:
         head = load_head(ckpt / "heads" / f"{task}.safetensors")
         assert head.class_names == names[task]
         assert torch.allclose(head.head.weight, expected[task].weight, atol=1e-6)
     report = json.loads((out / "report.json").read_text())
-    assert {(r["method"], r["surgery"]) for r in report["results"]} >= {
-        ("task_arithmetic", "surgeryv2")
+    assert ("task_arithmetic", "surgeryv2") in {
+        (r["method"], r["surgery"]) for r in report["results"]
     }
+
+
+@pytest.mark.parametrize("fmt", ["open-clip", "hf"])
+def test_import_commands(fmt, tmp_path, clip_family):
+    from surgery_edge.models import load_encoder, load_head
+
+    root, arch, _, sources = clip_family
+    src = sources[fmt.replace("-", "_")]
+    (tmp_path / "mnist.json").write_text(json.dumps(["zero", "one", "two"]))
+    (tmp_path / "eurosat.json").write_text(json.dumps(EUROSAT_NAMES))
+    out = tmp_path / "imported"
+    args = ["import", fmt, "--model", MICRO_CLIP, "--pretrained", str(src["pretrained"])]
+    args += [f"--expert={t}={p}" for t, p in src["experts"].items()]
+    args += ["--out", str(out), "--clip-weights", str(root / "clip.safetensors")]
+    classes = ["--classes", f"MNIST={tmp_path / 'mnist.json'}"]
+    result = runner.invoke(app, [*args, *classes])
+    assert result.exit_code == 2 and "No --classes for tasks ['EuroSAT']" in result.output
+    assert not out.exists()
+    classes += ["--classes", f"EuroSAT={tmp_path / 'eurosat.json'}"]
+    result = runner.invoke(app, [*args, *classes])
+    assert result.exit_code == 0, result.output
+    for task, path in src["experts"].items():
+        expert = load_encoder(out / "experts" / f"{task}.safetensors", arch)
+        assert expert.meta["source"]["file"] == str(path)
+    assert load_head(out / "heads" / "MNIST.safetensors").class_names == ["zero", "one", "two"]
+    result = runner.invoke(app, [*args, *classes])  # an existing output needs --overwrite
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    # An expert of another architecture is refused, and the output is left as it was.
+    other = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(48, 24)}, other)
+    result = runner.invoke(
+        app, [*args, *classes, "--overwrite", f"--expert=MNIST={other}"]
+    )  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert load_head(out / "heads" / "MNIST.safetensors").class_names == ["zero", "one", "two"]
 
 
 def _bad_run(tmp_path: Path, config: dict, *extra: str, expect: str) -> Path:
