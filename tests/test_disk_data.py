@@ -305,3 +305,26 @@ def test_invalid_options(tmp_path):
         _load(root, tmp_path / "cache", n_adapt=-1)
     with pytest.raises(ConfigError, match="no path"):
         load_disk_task(DiskTask("T"), S, tmp_path)
+
+
+def test_torchvision_gtsrb_reads_the_test_csv(tmp_path):
+    """GTSRB's real layout: class folders of .ppm for train, one folder + a CSV for test."""
+    root = tmp_path / "tv"
+    base = root / "gtsrb"
+    for cls in range(43):  # torchvision numbers the training folders by their sorted position
+        folder = base / "GTSRB" / "Training" / f"{cls:05d}"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (15, 11), (cls * 5, 10, 10)).save(folder / "00000_00000.ppm")
+    test_dir = base / "GTSRB" / "Final_Test" / "Images"
+    test_dir.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, cls in enumerate((42, 0, 7)):
+        Image.new("RGB", (9, 14), (10, cls * 5, 10)).save(test_dir / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;9;14;1;1;8;13;{cls}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    task = DiskTask("GTSRB", "torchvision", root, "GTSRB")
+    data = load_disk_task(task, 8, tmp_path / "cache", n_adapt=3, need_train=True, log=lambda *a: 0)
+    assert data.num_classes == 43  # GTSRB has no `classes` attribute: all 43 ids
+    assert data.test_y.tolist() == [42, 0, 7] and data.train_y.tolist() == list(range(43))
+    expected = preprocess_image(Image.open(test_dir / "00002.ppm"), 8)
+    np.testing.assert_array_equal(data.test_x[2], expected)
