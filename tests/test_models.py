@@ -93,3 +93,24 @@ def test_atomic_writes_have_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_arch_takes_normalisation_from_the_open_clip_config(tmp_path):
+    import json
+
+    import open_clip
+
+    from surgery_edge.models import get_arch
+
+    config = {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 2},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2},
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    }
+    (tmp_path / "Test-Norm-ViT-16.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "Test-Norm-ViT-16.json")
+    arch = get_arch("Test-Norm-ViT-16")
+    assert arch.mean == (0.5, 0.5, 0.5) and arch.std == (0.25, 0.25, 0.25)
+    assert arch.image_size == 16 and arch.width == 32 and arch.embed_dim == 24
+    assert get_arch("ViT-B-32").mean == (0.48145466, 0.4578275, 0.40821073)

@@ -135,8 +135,12 @@ def get_arch(name: str) -> ArchSpec:
         if size[0] != size[1]:
             raise ConfigError(f"Architecture {name!r} has a non-square input {size}.")
         size = size[0]
+    # Configs may carry their own normalisation (open_clip's preprocess_cfg); CLIP's otherwise.
+    pre = cfg.get("preprocess_cfg") or {}
     return ArchSpec(
         name=name,
+        mean=tuple(float(v) for v in pre.get("mean", CLIP_MEAN)),
+        std=tuple(float(v) for v in pre.get("std", CLIP_STD)),
         image_size=int(size),
         patch_size=int(vision["patch_size"]),
         width=int(width),
