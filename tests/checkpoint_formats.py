@@ -101,29 +101,33 @@ def write_task_vectors_tree(
     quick_gelu: bool = True,
     delta: float = 0.02,
     seed: int = 0,
+    make_clip=None,
 ) -> Path:
-    """A task_vectors tree for the micro CLIP: experts are pretrained + ``delta`` noise.
+    """A task_vectors tree (by default of the micro CLIP): experts are pretrained + ``delta`` noise.
 
     Args:
         classes: task -> number of classes of its head.
+        make_clip: ``make_clip(seed)`` -> an open_clip CLIP (default: :func:`micro_clip`).
 
     Returns:
         ``root / model_name``.
     """
     model_dir = root / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
-    pretrained = micro_clip(quick_gelu, seed)
+    make_clip = make_clip or (lambda s: micro_clip(quick_gelu, s))
+    pretrained = make_clip(seed)
+    embed_dim = pretrained.visual.output_dim
     with task_vectors_classes() as modeling:
         torch.save(modeling.ImageEncoder(pretrained), model_dir / "zeroshot.pt")
         for i, (task, n) in enumerate(classes.items()):
-            expert = micro_clip(quick_gelu, seed)
+            expert = make_clip(seed)
             gen = torch.Generator().manual_seed(seed + 100 + i)
             with torch.no_grad():
                 for p in expert.visual.parameters():
                     p.add_(delta * torch.randn(p.shape, generator=gen))
             (model_dir / task).mkdir(exist_ok=True)
             torch.save(modeling.ImageEncoder(expert), model_dir / task / "finetuned.pt")
-            weight = torch.randn(n, 24, generator=gen)
+            weight = torch.randn(n, embed_dim, generator=gen)
             head = modeling.ClassificationHead(True, weight, torch.zeros(n))
             torch.save(head, model_dir / f"head_{task}.pt")
     return model_dir

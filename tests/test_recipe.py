@@ -403,3 +403,35 @@ def test_paper_configs_encode_the_protocol(name, tmp_path):
     assert published_table(cfg.reference)["rows"]
     with pytest.raises(Exception, match="not set"):
         load_config(path, {"checkpoints.root": str(tmp_path)})  # $SURGERY_EDGE_DATA unset
+
+
+@pytest.mark.slow
+def test_vit_b32_task_vectors_recipe(tmp_path):
+    """The same recipe at real width: pickled ViT-B/32 objects (random weights, OpenAI's
+    QuickGELU), images decoded to 224 px, merge, both surgeries, evaluation (RUN_SLOW=1)."""
+    import open_clip
+
+    def make_clip(seed):
+        torch.manual_seed(seed)
+        return open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+
+    write_task_vectors_tree(
+        tmp_path / "checkpoints", "ViT-B-32", TASKS, make_clip=make_clip, delta=1e-3
+    )
+    write_folder_task(tmp_path / "data" / "mnist", TASKS["MNIST"], 0)
+    write_folder_task(tmp_path / "data" / "eurosat", TASKS["EuroSAT"], 10)
+    (tmp_path / "data" / "eurosat_classes.json").write_text(json.dumps(EUROSAT_NAMES))
+    config = recipe(tmp_path, arch="ViT-B-32")
+    config["merge"]["methods"] = ["task_arithmetic"]
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["run", str(write_config(tmp_path / "b32.yaml", config)), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    imported = json.loads((out / "checkpoints" / "import.json").read_text())
+    assert imported["arch"]["name"] == "ViT-B-32-quickgelu" and imported["arch"]["width"] == 768
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["method"], r["surgery"]) for r in report["results"]}
+    assert {("task_arithmetic", "surgery"), ("task_arithmetic", "surgeryv2")} <= rows
+    cached = next((out / "cache" / "data").glob("MNIST-test-*.x.npy"))
+    assert np.load(cached, mmap_mode="r").shape == (15, 224, 224, 3)
