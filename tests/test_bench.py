@@ -118,3 +118,16 @@ def test_merge_keeps_earlier_rows(bench, results, tmp_path):
     record = json.loads((tmp_path / "engine-tiny-vit-32.json").read_text())
     assert len(record["results"]) == len(rows)
     assert [run["command"] for run in record["runs"]] == ["first", "second"]
+
+
+def test_decode_benchmark_writes_its_result(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "decode.json"
+    args = ["--images", "12", "--width", "40", "--height", "30", "--size", "16", "--out", str(out)]
+    result = module.main(args)
+    saved = json.loads(out.read_text())
+    assert saved == result and saved["images"] == 12
+    assert saved["cache_mb"] == round(12 * 16 * 16 * 3 / 1e6, 1) and saved["images_per_s"] > 0
