@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoint_formats import fake_task_vectors_module, micro_clip
+from checkpoint_formats import micro_clip, task_vectors_classes
 
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models import build_encoder, get_arch, load_encoder, load_head
@@ -64,14 +64,9 @@ def tv(tmp_path_factory):
     """A task_vectors tree ``<root>/micro-vit-16/`` written by the real classes' pickling."""
     root = tmp_path_factory.mktemp("tv")
     model_dir = root / "micro-vit-16"
-    saved = {name: sys.modules.get(name) for name in ("src", "src.modeling")}
-    modeling = fake_task_vectors_module()
-    sys.modules["src"] = types.ModuleType("src")
-    sys.modules["src"].modeling = modeling
-    sys.modules["src.modeling"] = modeling
     x = torch.randn(3, 3, 16, 16)
     features, heads = {}, {}
-    try:
+    with task_vectors_classes() as modeling:
         for i, name in enumerate(["pretrained", *TASKS]):
             enc = modeling.ImageEncoder(micro_clip(quick_gelu=True, seed=i))  # OpenAI-style
             with torch.no_grad():
@@ -87,12 +82,6 @@ def tv(tmp_path_factory):
             head = modeling.ClassificationHead(True, torch.randn(classes, 24), torch.randn(classes))
             heads[task] = head
             torch.save(head, model_dir / f"head_{task.removesuffix('Val')}.pt")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
     return types.SimpleNamespace(
         root=root, model_dir=model_dir, x=x, features=features, heads=heads
     )

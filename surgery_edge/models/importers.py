@@ -518,6 +518,23 @@ def _read_state_file(path: Path, trust_pickle: bool) -> Any:
     return load_pickle_restricted(path)
 
 
+def plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """``obj`` (read from ``path``) as a flat state dict: an open_clip training checkpoint's
+    ``{"state_dict": ...}`` wrapper and a DistributedDataParallel ``module.`` prefix removed."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"{path} does not hold a state dict of tensors (found {type(obj).__name__})."
+        )
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
 def load_open_clip_image_tower(
     path: str | os.PathLike, arch: ArchSpec, trust_pickle: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -545,17 +562,7 @@ def load_open_clip_image_tower(
         facts = _tower_facts(visual)
         state = {f"visual.{k}": v for k, v in _module_state(visual, path).items()}
     else:
-        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-        ):
-            raise CheckpointError(
-                f"{path} does not hold a state dict of tensors (found {type(obj).__name__})."
-            )
-        state = dict(obj)
-        if state and all(k.startswith("module.") for k in state):
-            state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = plain_state_dict(obj, path)
         if not any(k.startswith("visual.") for k in state):
             hint = (
                 " It looks like a Hugging Face CLIP checkpoint: use "
@@ -857,6 +864,7 @@ __all__ = [
     "load_open_clip_image_tower",
     "load_pickle_restricted",
     "original_class",
+    "plain_state_dict",
     "restricted_pickle_module",
     "with_activation",
 ]
