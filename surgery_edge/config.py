@@ -86,6 +86,8 @@ class DataTask(_Frozen):
     dataset: str | None = None  # torchvision class name (source: torchvision)
     class_names: Path | None = None  # JSON list or {folder: name}
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # Splits given as text lists of image names instead of folders (RESISC45's resisc45-*.txt).
+    split_lists: dict[Literal["train", "test"], Path] = {}
 
     _expand_paths = field_validator("path", "class_names")(_expand)
 

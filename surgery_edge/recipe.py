@@ -49,6 +49,7 @@ def disk_suite(run) -> Suite:
             dataset=t.dataset,
             class_names=data.class_names_path(name),
             test_fraction=t.test_fraction,
+            split_lists=tuple(t.split_lists.items()),
         )
         tasks.append(
             load_disk_task(

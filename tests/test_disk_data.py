@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +329,35 @@ def test_torchvision_gtsrb_reads_the_test_csv(tmp_path):
     assert data.test_y.tolist() == [42, 0, 7] and data.train_y.tolist() == list(range(43))
     expected = preprocess_image(Image.open(test_dir / "00002.ppm"), 8)
     np.testing.assert_array_equal(data.test_x[2], expected)
+
+
+def test_split_lists_as_resisc45_ships_them(tmp_path):
+    """RESISC45: one folder per class, and text files listing each split's file names."""
+    root = tmp_path / "resisc45"
+    for c in ("airplane", "baseball_diamond"):
+        for i in range(1, 4):
+            _write_image(root / "NWPU-RESISC45" / c / f"{c}_{i:03d}", SIZES[i % 2], i, "jpg")
+    (root / "resisc45-test.txt").write_text("baseball_diamond_002.jpg\nairplane_001.jpg\n\n")
+    (root / "resisc45-train.txt").write_text(
+        "airplane_002.jpg\nNWPU-RESISC45/baseball_diamond/baseball_diamond_001.jpg\n"
+    )
+    lists = (("test", Path("resisc45-test.txt")), ("train", Path("resisc45-train.txt")))
+    task = DiskTask("RESISC45", path=root, split_lists=lists)
+    data = load_disk_task(task, S, tmp_path / "cache", need_train=True, log=lambda line: None)
+    assert data.class_names == ["airplane", "baseball diamond"]
+    assert data.test_y.tolist() == [1, 0] and data.train_y.tolist() == [0, 1]
+    expected = _expected(root / "NWPU-RESISC45" / "baseball_diamond" / "baseball_diamond_002.jpg")
+    np.testing.assert_array_equal(data.test_x[0], expected)
+    assert data.adapt_x.shape[0] == 2  # sampled from the listed train images
+
+    (root / "resisc45-test.txt").write_text("airplane_001.jpg\nairplane_999.jpg\n")
+    with pytest.raises(DataError, match=r"1 images listed in .*resisc45-test.txt are not under"):
+        load_disk_task(task, S, tmp_path / "cache", log=lambda line: None)
+    _write_image(root / "copy" / "airplane_001", (20, 20), 5, "jpg")
+    (root / "resisc45-test.txt").write_text("airplane_001.jpg\n")
+    with pytest.raises(DataError, match="matches 2 images"):
+        load_disk_task(task, S, tmp_path / "cache", log=lambda line: None)
+    with pytest.raises(ConfigError, match="needs a 'test' list"):
+        load_disk_task(
+            DiskTask("RESISC45", path=root, split_lists=lists[1:]), S, tmp_path / "cache"
+        )

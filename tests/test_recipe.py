@@ -400,6 +400,7 @@ def test_paper_configs_encode_the_protocol(name, tmp_path):
     assert s.rank == 16 and (s.rank_v2 or s.rank) == (16 if name.endswith("b32") else 4)
     assert (s.steps_v1, s.steps_v2, s.batch_size, s.lr) == (1000, 1000, 16, 1e-3)
     assert s.transductive and cfg.checkpoints.trust_pickle
+    assert cfg.data.tasks["RESISC45"].split_lists["test"] == Path("resisc45-test.txt")
     assert published_table(cfg.reference)["rows"]
     with pytest.raises(Exception, match="not set"):
         load_config(path, {"checkpoints.root": str(tmp_path)})  # $SURGERY_EDGE_DATA unset

@@ -77,6 +77,10 @@ class DiskTask:
         class_names: optional JSON file of class names (see :func:`load_class_names`).
         test_fraction: torchvision datasets without an official split (SUN397, EuroSAT) only:
             the fraction of the images held out as the test split.
+        split_lists: folder source whose splits are text lists rather than folders (RESISC45's
+            ``resisc45-{train,test}.txt``): ``(("test", file), ("train", file))``, files relative
+            to ``path``. Each line names an image under ``path`` by its relative path or by its
+            file name alone (which must then be unique); its class is its parent folder.
     """
 
     name: str
@@ -85,6 +89,7 @@ class DiskTask:
     dataset: str | None = None
     class_names: Path | None = None
     test_fraction: float = 0.2
+    split_lists: tuple[tuple[str, Path], ...] = ()
 
 
 def preprocess_image(image: Image.Image, size: int) -> np.ndarray:  # (size, size, 3) uint8
@@ -199,32 +204,13 @@ def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool
     layout = f"{root}/test/<class>/<images>, optionally train/<class>/<images> and adapt/<images>"
     if not root.is_dir():
         raise DataError(f"Task {task.name!r}: folder {root} does not exist; expected {layout}.")
-    test_dir = root / "test"
-    if not test_dir.is_dir():
-        raise DataError(f"Task {task.name!r}: {test_dir} is missing; expected {layout}.")
-    folders = _class_folders(test_dir)
-    test_files = _labelled_files(test_dir, folders)
-    if not test_files:
-        raise DataError(
-            f"Task {task.name!r}: {test_dir} holds no images in class folders; expected {layout} "
-            f"(image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})."
-        )
-    train_dir = root / "train"
-    train_files: list[tuple[Path, int]] = []
-    if train_dir.is_dir():
-        train_folders = _class_folders(train_dir)
-        if train_folders != folders:
-            only_test = sorted(set(folders) - set(train_folders))
-            only_train = sorted(set(train_folders) - set(folders))
-            raise DataError(
-                f"Task {task.name!r}: the class folders of {train_dir} and {test_dir} differ "
-                f"(only in test: {_preview(only_test)}; only in train: {_preview(only_train)}); "
-                "give both splits the same class folders."
-            )
-        train_files = _labelled_files(train_dir, folders)
+    if task.split_lists:
+        folders, test_dir, test_files, train_dir, train_files = _listed_splits(task, root)
+    else:
+        folders, test_dir, test_files, train_dir, train_files = _folder_splits(task, root, layout)
     if need_train and not train_files:
         raise DataError(
-            f"Task {task.name!r}: training needs labelled images in {train_dir}/<class>/, "
+            f"Task {task.name!r}: training needs labelled images in {train_dir}, "
             "but there are none; add them or use experts that are already fine-tuned."
         )
 
@@ -268,6 +254,89 @@ def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool
         split.items = [(train_files[i][0], _UNLABELLED) for i in chosen]
         adapt_x = loader.load(split)[0]
     return TaskData(task.name, class_names, train_x, train_y, adapt_x, test_x, test_y)
+
+
+_Labelled = list[tuple[Path, int]]
+
+
+def _folder_splits(task: DiskTask, root: Path, layout: str):
+    """(class folders, test dir, test files, train dir, train files) of ``<root>/{test,train}``."""
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"Task {task.name!r}: {test_dir} is missing; expected {layout}.")
+    folders = _class_folders(test_dir)
+    test_files = _labelled_files(test_dir, folders)
+    if not test_files:
+        raise DataError(
+            f"Task {task.name!r}: {test_dir} holds no images in class folders; expected {layout} "
+            f"(image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})."
+        )
+    train_dir = root / "train"
+    train_files: _Labelled = []
+    if train_dir.is_dir():
+        train_folders = _class_folders(train_dir)
+        if train_folders != folders:
+            only_test = sorted(set(folders) - set(train_folders))
+            only_train = sorted(set(train_folders) - set(folders))
+            raise DataError(
+                f"Task {task.name!r}: the class folders of {train_dir} and {test_dir} differ "
+                f"(only in test: {_preview(only_test)}; only in train: {_preview(only_train)}); "
+                "give both splits the same class folders."
+            )
+        train_files = _labelled_files(train_dir, folders)
+    return folders, test_dir, test_files, train_dir, train_files
+
+
+def _listed_splits(task: DiskTask, root: Path):
+    """The same as :func:`_folder_splits`, from split lists naming images anywhere under root."""
+    lists = dict(task.split_lists)
+    unknown = sorted(set(lists) - {"train", "test"})
+    if unknown or "test" not in lists:
+        raise ConfigError(
+            f"Task {task.name!r}: split_lists needs a 'test' list and may have a 'train' list; "
+            f"got {sorted(lists)}."
+        )
+    images = _image_files(root)
+    by_rel = {p.relative_to(root).as_posix(): p for p in images}
+    by_name: dict[str, list[Path]] = {}
+    for p in images:
+        by_name.setdefault(p.name, []).append(p)
+    listed: dict[str, list[Path]] = {}
+    for split, name in lists.items():
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"Task {task.name!r}: split list {path} does not exist.")
+        found, missing = [], []
+        for line in path.read_text().splitlines():
+            entry = line.strip()
+            if not entry:
+                continue
+            hits = [by_rel[entry]] if entry in by_rel else by_name.get(Path(entry).name, [])
+            if len(hits) > 1:
+                raise DataError(
+                    f"Task {task.name!r}: {path} names {entry!r}, which matches "
+                    f"{len(hits)} images under {root}; use paths relative to {root}."
+                )
+            (found if hits else missing).append(hits[0] if hits else entry)
+        if missing:
+            raise DataError(
+                f"Task {task.name!r}: {len(missing)} images listed in {path} are not under "
+                f"{root} (e.g. {_preview(missing, 3)})."
+            )
+        if not found:
+            raise DataError(f"Task {task.name!r}: split list {path} names no images.")
+        listed[split] = found
+    folders = sorted({p.parent.name for files in listed.values() for p in files})
+    label = {f: i for i, f in enumerate(folders)}
+    test_files = [(p, label[p.parent.name]) for p in listed["test"]]
+    train_files = [(p, label[p.parent.name]) for p in listed.get("train", [])]
+    return (
+        folders,
+        root / lists["test"],
+        test_files,
+        root / lists.get("train", "train"),
+        train_files,
+    )
 
 
 def _class_folders(split_dir: Path) -> list[str]:
