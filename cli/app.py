@@ -354,7 +354,7 @@ def _import_weights(
     from surgery_edge.errors import ConfigError
     from surgery_edge.io import write_json_atomic
     from surgery_edge.models import get_arch
-    from surgery_edge.models.importers import _check_out_dir
+    from surgery_edge.models.importers import check_out_dir
     from surgery_edge.recipe import import_weights
 
     experts = _pairs(expert, "--expert")
@@ -373,7 +373,7 @@ def _import_weights(
         if not isinstance(loaded, list):
             raise ConfigError(f"{path} must hold a JSON list of class names, in label order.")
         names[task] = loaded
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     arch = import_weights(
         fmt,
         get_arch(model),

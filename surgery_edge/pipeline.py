@@ -91,9 +91,9 @@ class Run:
         prepare_suite(self)
         ckpt = self.out / "checkpoints"
         if not self.config.builtin and (ckpt / "pretrained.safetensors").is_file():
-            from surgery_edge.recipe import _checkpoint_arch
+            from surgery_edge.recipe import checkpoint_arch
 
-            self.arch = _checkpoint_arch(ckpt / "pretrained.safetensors")
+            self.arch = checkpoint_arch(ckpt / "pretrained.safetensors")
         experts = {t: ckpt / "experts" / f"{t}.safetensors" for t in self.tasks}
         heads = {t: ckpt / "heads" / f"{t}.safetensors" for t in self.tasks}
         for p in [ckpt / "pretrained.safetensors", *experts.values(), *heads.values()]:

@@ -16,8 +16,6 @@ change (``checkpoints/import.json`` records their fingerprint).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,7 +134,7 @@ def import_checkpoints(run) -> ExpertSet:
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("fingerprint") == fp:
         if all(p.is_file() for p in [expert_set.pretrained, *expert_set.experts.values()]):
             run.log(f"reusing imported checkpoints in {out}")
-            run.arch = _checkpoint_arch(expert_set.pretrained)
+            run.arch = checkpoint_arch(expert_set.pretrained)
             return expert_set
 
     arch = get_arch(run.config.arch)
@@ -156,7 +154,7 @@ def import_checkpoints(run) -> ExpertSet:
             arch=arch,
             log=run.log,
         ).to_dict()
-        arch = _checkpoint_arch(expert_set.pretrained)
+        arch = checkpoint_arch(expert_set.pretrained)
         notes = summary["notes"]
         if cfg.heads == "zeroshot":  # replace the shipped heads, each file atomically
             clip = cfg.resolve(cfg.clip_weights)
@@ -196,7 +194,8 @@ def import_checkpoints(run) -> ExpertSet:
     return expert_set
 
 
-def _checkpoint_arch(path: Path) -> ArchSpec:
+def checkpoint_arch(path: Path) -> ArchSpec:
+    """The architecture recorded in an imported checkpoint (e.g. ``ViT-B-32-quickgelu``)."""
     meta = read_metadata(path)
     if not meta or "arch" not in meta:
         raise ConfigError(f"{path} has no surgery-edge metadata; re-import the checkpoints.")
@@ -232,7 +231,11 @@ def import_weights(
     Returns:
         The architecture the checkpoints were written with.
     """
-    from surgery_edge.models.importers import _publish, load_open_clip_image_tower
+    from surgery_edge.models.importers import (
+        check_tower,
+        load_open_clip_image_tower,
+        staged_dir,
+    )
 
     if fmt not in ("open_clip", "hf"):
         raise ConfigError(f"Unknown checkpoint format {fmt!r}; use open_clip or hf.")
@@ -250,20 +253,13 @@ def import_weights(
         from surgery_edge.models.hf_clip import load_hf_clip_vision
         from surgery_edge.models.importers import with_activation
 
+        # HF configs record the activation; the shapes must fit the config's arch exactly.
         found, state = load_hf_clip_vision(path, heads=arch.heads)
-        geometry = ("width", "layers", "heads", "patch_size", "image_size", "embed_dim")
-        wrong = [k for k in geometry if getattr(found, k) != getattr(arch, k)]
-        if wrong:
-            raise CheckpointError(
-                f"{path} does not fit architecture {arch.name!r}: "
-                + ", ".join(f"{k} {getattr(found, k)} (arch: {getattr(arch, k)})" for k in wrong)
-                + "."
-            )
-        return with_activation(arch, found.quick_gelu), state
+        fitted = with_activation(arch, found.quick_gelu)
+        check_tower(f"Image tower of {path}", state, fitted)
+        return fitted, state
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         log(f"reading {pretrained}")
         arch, state = read(pretrained)
         source = {"format": fmt, "file": str(pretrained)}
@@ -280,10 +276,6 @@ def import_weights(
             save_encoder(tmp / "experts" / f"{task}.safetensors", arch, state, task, source=source)
         if clip_weights is not None:
             _zeroshot_heads(arch, clip_weights, class_names, tmp, device, log)
-        _publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return arch
 
 

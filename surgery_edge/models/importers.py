@@ -41,6 +41,7 @@ naming the ``module.name`` found and the file, before anything is called.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,7 +53,7 @@ import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -477,7 +478,7 @@ def with_activation(arch: ArchSpec, quick_gelu: bool) -> ArchSpec:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_state_file(path: Path, trust_pickle: bool) -> Any:
+def read_state_file(path: Path, trust_pickle: bool) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -555,7 +556,7 @@ def load_open_clip_image_tower(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist. Check the path.")
-    obj = _read_state_file(path, trust_pickle)
+    obj = read_state_file(path, trust_pickle)
     facts: dict[str, Any] = {}
     if isinstance(obj, StandInModule):
         visual = _tower_from_module(obj, path)
@@ -708,7 +709,8 @@ def _read_pickled_head(path: Path, arch: ArchSpec) -> ClassificationHead:
     )
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty folder unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"Output {out} exists and is not a directory. Choose another --out.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -716,6 +718,26 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
             f"Output directory {out} already exists and is not empty. Choose another --out, or "
             "pass overwrite=True (--overwrite) to replace it."
         )
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``out``; when the block succeeds it replaces ``out``.
+
+    On any error the folder is removed and ``out`` is left as it was, so a failed import never
+    leaves half-written checkpoints. The folder gets ordinary permissions (not mkdtemp's 0700).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    try:
+        yield tmp
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -775,7 +797,7 @@ def import_task_vectors(
     arch = arch or get_arch(model_name)
     layout = find_task_vectors_layout(root, model_name, tasks)
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     if not trust_pickle:
         raise CheckpointError(
             f"{layout.zeroshot} and the {len(layout.files) - 1} other checkpoints in "
@@ -790,12 +812,7 @@ def import_task_vectors(
         )
 
     notes: list[str] = []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    with staged_dir(out) as tmp:
         log(f"reading {layout.zeroshot}")
         state, facts = _read_pickled_tower(layout.zeroshot)
         check_tower(f"Image tower of {layout.zeroshot}", state, arch)  # shapes: any activation
@@ -843,10 +860,6 @@ def import_task_vectors(
             notes=notes,
         )
         (tmp / "import.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-        _publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
@@ -857,6 +870,7 @@ __all__ = [
     "RestrictedUnpickler",
     "StandInModule",
     "TaskVectorsLayout",
+    "check_out_dir",
     "check_tower",
     "expected_tower_state",
     "find_task_vectors_layout",
@@ -864,7 +878,9 @@ __all__ = [
     "load_open_clip_image_tower",
     "load_pickle_restricted",
     "original_class",
+    "read_state_file",
     "plain_state_dict",
     "restricted_pickle_module",
+    "staged_dir",
     "with_activation",
 ]

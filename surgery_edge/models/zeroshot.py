@@ -20,7 +20,7 @@ from torch import nn
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models.archs import TINY_ARCHS, get_arch
 from surgery_edge.models.heads import ClassificationHead
-from surgery_edge.models.importers import _read_state_file, plain_state_dict
+from surgery_edge.models.importers import plain_state_dict, read_state_file
 from surgery_edge.models.templates import templates_for
 
 Tokenizer = Callable[[list[str]], torch.Tensor]  # prompts -> (N, context_length) token ids
@@ -49,7 +49,7 @@ def _check_model_name(model_name: str) -> None:
 
 def _state_of(path: Path) -> dict[str, torch.Tensor]:
     """The plain CLIP state dict in ``path``: no ``state_dict`` wrapper, no ``module.`` prefix."""
-    return plain_state_dict(_read_state_file(path, trust_pickle=False), path)
+    return plain_state_dict(read_state_file(path, trust_pickle=False), path)
 
 
 def _check_fits(
