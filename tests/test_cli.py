@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_checks import user_error
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
@@ -118,25 +119,17 @@ def test_merge_train_eval_commands(tiny_run, tmp_path):
     assert (run / "report.md").exists()
 
 
-def _bad(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return result.output
-
-
 def test_unknown_method_and_task(tiny_run, tmp_path):
     out, _ = tiny_run
-    msg = _bad(["merge", "--run", str(out), "--method", "nope"])
+    msg = user_error(["merge", "--run", str(out), "--method", "nope"])
     assert "nope" in msg and "task_arithmetic" in msg
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("suite: {tasks: [digits, sudoku]}\n")
-    msg = _bad(["experts", "--out", str(tmp_path / "x"), "--config", str(cfg)])
+    msg = user_error(["experts", "--out", str(tmp_path / "x"), "--config", str(cfg)])
     assert "sudoku" in msg and "digits" in msg
-    msg = _bad(["train", "--run", str(out), "--merge", "nope"])
+    msg = user_error(["train", "--run", str(out), "--merge", "nope"])
     assert "nope" in msg
-    msg = _bad(["eval", "--run", str(tmp_path / "empty")])
+    msg = user_error(["eval", "--run", str(tmp_path / "empty")])
     assert "not a surgery-edge run directory" in msg
 
 
@@ -149,7 +142,7 @@ def _copy_without_merges(out, tmp_path):
 def test_missing_checkpoint(tiny_run, tmp_path):
     run = _copy_without_merges(tiny_run[0], tmp_path)
     (run / "checkpoints/experts/shapes.safetensors").unlink()
-    msg = _bad(["merge", "--run", str(run), "--method", "task_arithmetic"])
+    msg = user_error(["merge", "--run", str(run), "--method", "task_arithmetic"])
     assert "shapes.safetensors" in msg and "does not exist" in msg
     assert not (run / "merged").exists() or not any((run / "merged").iterdir())
 
@@ -158,7 +151,7 @@ def test_corrupt_checkpoint_leaves_no_partial_output(tiny_run, tmp_path):
     run = _copy_without_merges(tiny_run[0], tmp_path)
     path = run / "checkpoints/experts/digits.safetensors"
     path.write_bytes(path.read_bytes()[:200])  # truncated
-    msg = _bad(["merge", "--run", str(run), "--method", "ties_merging"])
+    msg = user_error(["merge", "--run", str(run), "--method", "ties_merging"])
     assert "digits.safetensors" in msg and "corrupt" in msg
     assert not list(run.rglob("*.tmp")) and not (run / "merged/ties_merging.safetensors").exists()
 
@@ -174,7 +167,7 @@ def test_expert_of_another_architecture(tiny_run, tmp_path):
         build_encoder(other).state_dict(),
         task="colours",
     )
-    msg = _bad(["merge", "--run", str(run), "--method", "weight_averaging"])
+    msg = user_error(["merge", "--run", str(run), "--method", "weight_averaging"])
     assert "colours.safetensors" in msg and "tiny-vit-32" in msg and "micro-vit-16" in msg
 
 
@@ -223,7 +216,7 @@ def test_import_task_vectors_refuses_pickles_without_trust(tmp_path):
     for rel in ("zeroshot.pt", "MNIST/finetuned.pt", "head_MNIST.pt"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"a pickle would be here")
-    msg = _bad(
+    msg = user_error(
         [
             "import",
             "task-vectors",

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_checks import user_error
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
@@ -48,14 +49,6 @@ def pt2(tiny_run, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert f"pt2: {path}" in result.stdout
     return path
-
-
-def _bad(args) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return result.output
 
 
 @pytest.mark.parametrize("command", ["export", "predict"])
@@ -270,11 +263,13 @@ def test_bad_export_options(models, tmp_path):
 
 def test_cli_export_bad_input(tiny_run, tmp_path):
     out = str(tiny_run[0])
-    msg = _bad(["export", "--run", out, "--surgery", "surgeryv3", "--onnx", str(tmp_path / "a")])
+    onnx = ["--onnx", str(tmp_path / "a")]
+    msg = user_error(["export", "--run", out, "--surgery", "surgeryv3", *onnx])
     assert "surgeryv3" in msg and "surgeryv2" in msg
-    msg = _bad(["export", "--run", out, "--merge", "nope", "--onnx", str(tmp_path / "b.onnx")])
+    onnx = ["--onnx", str(tmp_path / "b.onnx")]
+    msg = user_error(["export", "--run", out, "--merge", "nope", *onnx])
     assert "nope" in msg and "task_arithmetic" in msg
-    msg = _bad(["export", "--run", out, "--mode", "sideways"])
+    msg = user_error(["export", "--run", out, "--mode", "sideways"])
     assert "sideways" in msg and "all-tasks" in msg
     assert not list(tmp_path.iterdir())
 
@@ -379,11 +374,11 @@ def test_build_engine_without_tensorrt(engines, tmp_path, monkeypatch):
 def test_cli_trt_fails_fast_without_tensorrt(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     base = ["export", "--run", str(tiny_run[0]), "--trt", str(tmp_path / "m.engine")]
-    msg = _bad(base)
+    msg = user_error(base)
     # The CLI prints messages as rich markup, which drops "[trt]"; the library test above
     # checks the exact install command.
     assert "pip install 'surgery-edge" in msg and "tensorrt" in msg and "NVIDIA GPU" in msg
-    msg = _bad([*base, "--min-batch", "8", "--opt-batch", "4"])
+    msg = user_error([*base, "--min-batch", "8", "--opt-batch", "4"])
     assert "min <= opt <= max" in msg
     assert not list(tmp_path.iterdir())  # failed before exporting anything
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_checks import user_error
 from PIL import Image
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
@@ -46,14 +47,6 @@ def known(run, tmp_path_factory):
         Image.fromarray(data.test_x[i]).save(path)
         out[task] = (path, data.class_names[data.test_y[i]], probs[i])
     return out
-
-
-def _bad(args) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return result.output
 
 
 # --- preprocessing ------------------------------------------------------------------------------
@@ -239,15 +232,15 @@ def test_cli_predicts_a_known_image(engines, known):
 def test_cli_predict_bad_input(engines, known, tmp_path):
     engine = str(engines["dir"] / "surgeryv2-routed.onnx")
     image = str(known["digits"][0])
-    msg = _bad(["predict", engine, image, "--task", "sudoku"])
+    msg = user_error(["predict", engine, image, "--task", "sudoku"])
     assert "sudoku" in msg and "0=digits, 1=shapes, 2=colours" in msg
-    msg = _bad(["predict", engine, image, "--task", "9"])
+    msg = user_error(["predict", engine, image, "--task", "9"])
     assert "Task id 9 is out of range" in msg
-    msg = _bad(["predict", engine, image, "--task", "digits", "--all-tasks"])
+    msg = user_error(["predict", engine, image, "--task", "digits", "--all-tasks"])
     assert "not both" in msg
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x00garbage" * 50)
-    msg = _bad(["predict", str(corrupt), image, "--task", "digits"])
+    msg = user_error(["predict", str(corrupt), image, "--task", "digits"])
     assert "corrupt.onnx" in msg
     odd = [tmp_path / "big-rgba.png", tmp_path / "grey.png"]  # other sizes and channels
     Image.open(image).convert("RGBA").resize((50, 40)).save(odd[0])
