@@ -255,7 +255,7 @@ def export(
     device: Device = None,
 ):
     """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run."""
-    from surgery_edge.export import TrtOptions, export_run
+    from surgery_edge.export.from_run import TrtOptions, export_run
 
     written = export_run(
         run_dir,

@@ -28,14 +28,14 @@ MERGE = "task_arithmetic"
 
 @pytest.fixture(scope="session")
 def models(run):
-    from surgery_edge.export import load_run_model
+    from surgery_edge.export.from_run import load_run_model
 
     return {m: load_run_model(run, MERGE, m) for m in ("surgery", "surgeryv2")}
 
 
 @pytest.fixture(scope="session")
 def split(run):
-    from surgery_edge.export.parity import suite_test_split
+    from surgery_edge.export.demo import suite_test_split
 
     return suite_test_split(run.suite, run.tasks)
 
@@ -120,7 +120,7 @@ def test_one_copy_of_the_backbone(engines, models):
 
 def test_onnx_file_is_valid_with_metadata(engines, run):
     from surgery_edge import __version__
-    from surgery_edge.export import read_onnx_metadata
+    from surgery_edge.engine_format import read_onnx_metadata
     from surgery_edge.models.checkpoint import load_tensors
 
     path = engines["dir"] / "surgeryv2-routed.onnx"
@@ -212,7 +212,8 @@ def test_all_tasks_surgeryv2_with_external_data(models, split, tmp_path, monkeyp
 
 def test_torchscript_fallback(models, split, tmp_path, monkeypatch):
     import surgery_edge.export.onnx as onnx_export
-    from surgery_edge.export import check_forward, export_onnx, read_onnx_metadata
+    from surgery_edge.engine_format import read_onnx_metadata
+    from surgery_edge.export import check_forward, export_onnx
 
     def fail(*args, **kwargs):
         raise RuntimeError("exporter broke")

@@ -29,7 +29,7 @@ def known(run, tmp_path_factory):
     """A test image of each task that the PyTorch SurgeryV2 model classifies right (the most
     confident one), saved as PNG: {task: (path, class name, PyTorch probabilities)}."""
     from surgery_edge.data.transforms import to_model_input
-    from surgery_edge.export import load_run_model
+    from surgery_edge.export.from_run import load_run_model
 
     model = load_run_model(run, "task_arithmetic", "surgeryv2")[0]
     folder = tmp_path_factory.mktemp("images")
@@ -54,10 +54,10 @@ def known(run, tmp_path_factory):
 
 def test_preprocessing_matches_training(run):
     from surgery_edge.data.transforms import to_model_input
-    from surgery_edge.runtime import normalise
+    from surgery_edge.runtime import preprocess
 
     images = run.suite.task("digits").test_x[:5]  # 32 x 32, resized to 16
-    ours = normalise(list(images), run.arch.image_size, run.arch.mean, run.arch.std)
+    ours = preprocess(list(images), run.arch.preprocessing)
     np.testing.assert_array_equal(ours, to_model_input(images, run.arch).numpy())
 
 
@@ -194,15 +194,15 @@ def test_corrupt_engine_files(engines, tmp_path, name):
 def test_tensorrt_engine_needs_its_sidecar_and_tensorrt(engines, tmp_path, monkeypatch):
     import sys
 
-    from surgery_edge.export.metadata import write_sidecar
-    from surgery_edge.export.onnx import read_onnx_metadata
+    from surgery_edge.engine_format import read_onnx_metadata, write_sidecar
     from surgery_edge.runtime import load
 
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not really an engine")
     with pytest.raises(ExportError, match="model.engine.json"):
         load(engine)
-    write_sidecar(engine, read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx"))
+    meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx")
+    write_sidecar(engine, meta.to_dict())
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(ExportError, match=r"surgery-edge\[trt\]"):
         load(engine)

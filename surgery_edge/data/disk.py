@@ -7,10 +7,11 @@ streamed into ``<cache_dir>/<task>-<split>-<key>.x.npy`` / ``.y.npy`` and return
 the key hashes everything the arrays depend on (the files' names, sizes and mtimes, the image
 size, the adapt sample's seed), so a changed dataset is decoded again and an unchanged one never.
 
-Preprocessing is CLIP's eval transform done in PIL (:func:`preprocess_image`): convert to RGB,
-resize the shorter side to S with bicubic filtering, center-crop S x S with torchvision's
-rounding. ``ToTensor`` of a uint8 PIL image is exact, so caching the uint8 crop and scaling it
-later gives the same tensor as open_clip's ``preprocess``.
+Preprocessing is CLIP's eval transform done in PIL (:func:`preprocess_image`, the runtime's own
+code): resize the shorter side to S with bicubic filtering in the image's own mode, center-crop
+S x S with torchvision's rounding, convert to RGB. ``ToTensor`` of a uint8 PIL image is exact,
+so caching the uint8 crop and scaling it later gives the same tensor as open_clip's
+``preprocess`` and as an exported engine's runtime.
 
 Two sources:
 - ``folder``: ``<path>/train/<class>/*``, ``<path>/test/<class>/*`` and optionally
@@ -40,6 +41,7 @@ from PIL import Image
 from surgery_edge.data.suite import TaskData
 from surgery_edge.errors import ConfigError, DataError
 from surgery_edge.io import atomic_path
+from surgery_edge.runtime.preprocess import resize_crop
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
@@ -59,7 +61,7 @@ _UNSPLIT = ("SUN397", "EuroSAT")  # no official test split: split_indices() make
 # The split of SUN397/EuroSAT is fixed, not drawn from the run's seed: experts fine-tuned in
 # one run must never be evaluated on their own training images in a run with another seed.
 _SPLIT_SEED = 0
-_CACHE_VERSION = "disk-v1"  # bump when preprocessing or the cache layout changes
+_CACHE_VERSION = "disk-v2"  # bump when preprocessing or the cache layout changes
 _NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place (see _npy_header)
 _UNLABELLED = -1
 
@@ -93,25 +95,10 @@ class DiskTask:
 
 
 def preprocess_image(image: Image.Image, size: int) -> np.ndarray:  # (size, size, 3) uint8
-    """CLIP's eval transform in PIL: RGB, shorter side to ``size`` (bicubic), center crop.
-
-    Equal to torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on the RGB image,
-    which is what open_clip's ``preprocess`` applies before ``ToTensor``. The RGB conversion
-    comes first, as torchvision's image loader does when a dataset is read from files; for RGB
-    and greyscale images the order makes no difference.
-    """
-    image = image.convert("RGB")
-    width, height = image.size
-    if width <= height:
-        new_size = (size, int(size * height / width))
-    else:
-        new_size = (int(size * width / height), size)
-    if new_size != image.size:
-        image = image.resize(new_size, Image.Resampling.BICUBIC)
-    top = int(round((new_size[1] - size) / 2.0))
-    left = int(round((new_size[0] - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8)
+    """CLIP's eval transform up to ``ToTensor``: the shorter side to ``size`` (bicubic), centre
+    crop, RGB; the runtime's own :func:`~surgery_edge.runtime.preprocess.resize_crop`, so the
+    cache holds exactly what an exported engine is fed."""
+    return resize_crop(image, size)
 
 
 def load_class_names(path: Path) -> list[str] | dict[str, str]:
@@ -366,7 +353,9 @@ def _file_identity(path: Path, root: Path) -> tuple[str, int, int]:
 def _open_image_file(item: tuple[Path, int]) -> tuple[Image.Image, int]:
     path, label = item
     with Image.open(path) as image:
-        return image.convert("RGB"), label  # a copy: usable after the file is closed
+        # In its own mode, as a user's file reaches the runtime: preprocess_image resizes, then
+        # converts to RGB (open_clip's order). A copy, usable after the file is closed.
+        return image.copy(), label
 
 
 # --- torchvision source ----------------------------------------------------------------------

@@ -5,31 +5,39 @@
 - :func:`build_engine`: a TensorRT engine from that ONNX (needs ``surgery-edge[trt]`` and a GPU).
 - :func:`export_aoti`: an AOTInductor ``.pt2`` package.
 - :func:`check_forward`: an engine's logits against PyTorch's.
-- :func:`export_run`: all of it from a run directory (what ``surgery-edge export`` calls).
 
-Serve the results with :func:`surgery_edge.runtime.load`.
+Exporting a run directory (picking its merge and adapters) is :mod:`surgery_edge.run.export`;
+serve the results with :func:`surgery_edge.runtime.load`. Export depends on the runtime (every
+exporter checks its output through it), never the reverse. Names resolve on first use, so
+``import surgery_edge.export.tensorrt`` does not load the ONNX or AOTInductor exporters.
 """
 
-from surgery_edge.export.aoti import export_aoti
-from surgery_edge.export.from_run import TrtOptions, export_run, load_run_model
-from surgery_edge.export.metadata import META_KEY, engine_metadata
-from surgery_edge.export.onnx import check_onnx, export_onnx, read_onnx_metadata
-from surgery_edge.export.parity import Parity, check_forward
-from surgery_edge.export.tensorrt import build_engine, builder_input, profile_shapes
+from __future__ import annotations
 
-__all__ = [
-    "META_KEY",
-    "Parity",
-    "TrtOptions",
-    "build_engine",
-    "builder_input",
-    "check_forward",
-    "check_onnx",
-    "engine_metadata",
-    "export_aoti",
-    "export_onnx",
-    "export_run",
-    "load_run_model",
-    "profile_shapes",
-    "read_onnx_metadata",
-]
+import importlib
+from typing import Any
+
+# public name -> module (relative to this package) that defines it
+_LAZY = {
+    "export_aoti": "aoti",
+    "engine_metadata": "metadata",
+    "check_onnx": "onnx",
+    "export_onnx": "onnx",
+    "Parity": "parity",
+    "check_forward": "parity",
+    "build_engine": "tensorrt",
+    "builder_input": "tensorrt",
+    "profile_shapes": "tensorrt",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -17,16 +17,20 @@ from typing import Any
 
 import torch
 
+from surgery_edge.engine_format import META_KEY, EngineMode, io_names
 from surgery_edge.errors import ExportError
-from surgery_edge.export.metadata import META_KEY, engine_metadata, io_names
+from surgery_edge.export.metadata import engine_metadata
 from surgery_edge.export.modules import engine_module, example_inputs
+from surgery_edge.export.parity import smoke_check
+from surgery_edge.runtime import Predictor
+from surgery_edge.runtime.backends import AotiBackend
 from surgery_edge.surgery.model import MultiTaskModel
 
 
 def export_aoti(
     model: MultiTaskModel,
     path: str | os.PathLike,
-    mode: str = "routed",
+    mode: EngineMode | str = EngineMode.ROUTED,
     fp16: bool = False,
     metadata: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
@@ -46,7 +50,7 @@ def export_aoti(
     Returns:
         ``path``.
     """
-    path = Path(path)
+    path, mode = Path(path), EngineMode.parse(mode)
     if path.suffix != ".pt2":
         raise ExportError(f"An AOTInductor package must be a .pt2 file, got {path}.")
     device = torch.device(device) if device is not None else model.head_weight.device
@@ -91,10 +95,6 @@ def export_aoti(
                 "C++ compiler (g++ or clang; and nvcc for CUDA); ONNX export does not."
             ) from e
         if check:
-            from surgery_edge.export.parity import smoke_check
-            from surgery_edge.runtime import Predictor
-            from surgery_edge.runtime.backends import AotiBackend
-
             smoke_check(model, Predictor(AotiBackend(tmp, device=device.type)), fp16)
         os.replace(tmp, path)
     return path

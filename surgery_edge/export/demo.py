@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from surgery_edge.errors import ExportError
 
 MERGE = "task_arithmetic"
@@ -52,7 +54,7 @@ def export_and_check(run, out_dir: str | os.PathLike, aoti: bool = True) -> dict
     from surgery_edge.export.aoti import export_aoti
     from surgery_edge.export.from_run import load_run_model
     from surgery_edge.export.onnx import export_onnx
-    from surgery_edge.export.parity import check_forward, suite_test_split
+    from surgery_edge.export.parity import check_forward
     from surgery_edge.pipeline import Run
 
     if not isinstance(run, Run):
@@ -108,6 +110,29 @@ def export_and_check(run, out_dir: str | os.PathLike, aoti: bool = True) -> dict
                 engine["pt2"] = {"error": str(e)}
         result["engines"][name] = engine
     return result
+
+
+def suite_test_split(
+    suite, tasks: list[str], per_task: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every task's test images (N, H, W, 3) uint8, their task ids and labels, concatenated.
+
+    Args:
+        per_task: at most this many images per task, a seeded sample (large datasets: the
+            parity check needs a few hundred images, not a whole test set in memory).
+    """
+    xs, ids, ys = [], [], []
+    rng = np.random.default_rng(seed)
+    for t, name in enumerate(tasks):
+        data = suite.task(name)
+        x, y = data.test_x, data.test_y
+        if per_task is not None and len(x) > per_task:
+            keep = np.sort(rng.choice(len(x), per_task, replace=False))
+            x, y = x[keep], y[keep]
+        xs.append(x)
+        ids.append(np.full(len(x), t, np.int64))
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ids), np.concatenate(ys)
 
 
 def _describe(path: Path, t0: float) -> dict[str, Any]:

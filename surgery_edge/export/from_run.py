@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery_edge.engine_format import EngineMode
 from surgery_edge.errors import ConfigError
-from surgery_edge.export.metadata import check_mode
-
-SURGERY_METHODS = ("none", "surgery", "surgeryv2")
+from surgery_edge.surgery.methods import NONE, check_surgery
 
 
 @dataclass(frozen=True)
@@ -49,10 +48,7 @@ def load_run_model(run, merge: str = "task_arithmetic", surgery: str = "surgeryv
     """
     from surgery_edge.pipeline import build_model
 
-    if surgery not in SURGERY_METHODS:
-        raise ConfigError(
-            f"Unknown surgery method {surgery!r}; use one of {list(SURGERY_METHODS)}."
-        )
+    check_surgery(surgery, allow_none=True)
     if run.experts is None:
         run.require_experts()
     merges = run.find_merges()
@@ -62,7 +58,7 @@ def load_run_model(run, merge: str = "task_arithmetic", surgery: str = "surgeryv
             f"it with `surgery-edge merge --run {run.out} --method {merge}`."
         )
     adapters = None
-    if surgery != "none":
+    if surgery != NONE:
         adapters = run.find_adapters().get((merge, surgery))
         if adapters is None:
             raise ConfigError(
@@ -111,7 +107,7 @@ def export_run(
     )
     from surgery_edge.pipeline import Run
 
-    check_mode(mode)
+    mode = EngineMode.parse(mode)
     run = Run.open(run_dir, log=log, device=device)
     opts = trt_options or TrtOptions()
     if trt is not None:  # fail fast: before minutes of export work

@@ -1,66 +1,34 @@
-"""Engine metadata: what a deployed artefact must carry so that it can be served on its own.
+"""The metadata an exporter writes into an engine, built from the exported model.
 
-Every exported artefact (ONNX, TensorRT, AOTInductor ``.pt2``) carries one JSON object under the
-key ``surgery_edge``: the task names and class names per task, the preprocessing (image size,
-mean, std), the method (none | surgery | surgeryv2), the adapter rank, the architecture, the
-merge recipe, the package version, the mode (routed | all-tasks), the precision and the
-engine's input and output names. Where it lives:
-
-- ONNX: ``ModelProto.metadata_props["surgery_edge"]``;
-- ``.pt2``: the AOTInductor package metadata (``aot_inductor.metadata``), read back with
-  ``AOTICompiledModel.get_metadata()``;
-- TensorRT: a sidecar ``<engine>.json`` (a serialized engine has no place for user data).
+The format itself (keys, modes, precisions, validation, readers) is
+:mod:`surgery_edge.engine_format`, shared with the runtime; this module only fills it in from a
+:class:`~surgery_edge.surgery.model.MultiTaskModel`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
-from surgery_edge.errors import ExportError
-
-META_KEY = "surgery_edge"
-FORMAT_VERSION = 1
-MODES = ("routed", "all-tasks")
-PRECISIONS = ("fp32", "fp16")
-
-# The preprocessing every engine expects (mirrors surgery_edge.data.transforms.to_model_input).
-RESIZE = "bilinear-antialias"
-
-REQUIRED_KEYS = (
-    "tasks",
-    "class_names",
-    "preprocessing",
-    "method",
-    "mode",
-    "precision",
-    "inputs",
-    "outputs",
+from surgery_edge import __version__
+from surgery_edge.engine_format import (
+    FORMAT_VERSION,
+    REQUIRED_KEYS,
+    EngineMode,
+    Precision,
+    io_names,
+    validate_metadata,
 )
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ExportError(f"Unknown export mode {mode!r}; use one of {list(MODES)}.")
-    return mode
-
-
-def io_names(mode: str, tasks: list[str]) -> tuple[list[str], list[str]]:
-    """The engine's input and output names for ``mode``."""
-    if check_mode(mode) == "routed":
-        return ["images", "task_ids"], ["logits", "probs"]
-    return ["images"], [f"logits_{t}" for t in tasks]
+from surgery_edge.errors import ExportError
+from surgery_edge.surgery.model import MultiTaskModel
 
 
 def engine_metadata(
-    model,
-    mode: str,
-    precision: str,
+    model: MultiTaskModel,
+    mode: EngineMode | str,
+    precision: Precision | str,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The metadata of an engine exported from ``model`` (a MultiTaskModel).
+    """The metadata of an engine exported from ``model``, validated.
 
     Args:
         model: the exported model; tasks, class names, method, rank and architecture come from it.
@@ -69,10 +37,7 @@ def engine_metadata(
         extra: more fields, e.g. ``{"merge_recipe": {...}}`` (not the model-derived ones that
             readers rely on: tasks, class names, preprocessing, method, mode, precision, I/O).
     """
-    from surgery_edge import __version__
-
-    if precision not in PRECISIONS:
-        raise ExportError(f"Unknown precision {precision!r}; use one of {list(PRECISIONS)}.")
+    mode, precision = EngineMode.parse(mode), Precision.parse(precision)
     arch = model.encoder.arch
     names = model.class_names or [[str(i) for i in range(c)] for c in model.class_counts]
     inputs, outputs = io_names(mode, model.tasks)
@@ -82,21 +47,13 @@ def engine_metadata(
         "package_version": __version__,
         "tasks": list(model.tasks),
         "class_names": [list(c) for c in names],
-        "preprocessing": {
-            "image_size": arch.image_size,
-            "mean": list(arch.mean),
-            "std": list(arch.std),
-            "channels": "RGB",
-            "scale": "1/255",
-            "resize": RESIZE,
-            "layout": "NCHW",
-        },
+        "preprocessing": arch.preprocessing.to_dict(),
         "method": model.method,
         "rank": model.bank.rank if model.bank is not None else 0,
         "architecture": arch.to_dict(),
         "merge_recipe": {},
-        "mode": mode,
-        "precision": precision,
+        "mode": mode.value,
+        "precision": precision.value,
         "inputs": inputs,
         "outputs": outputs,
     }
@@ -106,53 +63,5 @@ def engine_metadata(
             f"Extra engine metadata may not replace {clash}; they come from the model."
         )
     meta.update(extra or {})
+    validate_metadata(meta, "the exported model")
     return meta
-
-
-def validate_metadata(meta: Any, source: str | os.PathLike) -> dict[str, Any]:
-    """Check that ``meta`` describes a surgery-edge engine; return it."""
-    if not isinstance(meta, dict) or meta.get("kind") != "engine":
-        raise ExportError(
-            f"{source} carries no surgery-edge engine metadata: it was not exported by "
-            "surgery-edge, or it is truncated or corrupt. Re-export it with `surgery-edge export`."
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise ExportError(f"Engine metadata of {source} lacks {missing}; re-export the engine.")
-    if len(meta["tasks"]) != len(meta["class_names"]):
-        raise ExportError(f"Engine metadata of {source} has a class-name list per task mismatch.")
-    check_mode(meta["mode"])
-    return meta
-
-
-def parse_metadata(text: str | None, source: str | os.PathLike) -> dict[str, Any]:
-    """Parse the JSON stored in an artefact (``None`` when it has none)."""
-    if text is None:
-        return validate_metadata(None, source)
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ExportError(f"Engine metadata of {source} is not valid JSON ({e}).") from None
-    return validate_metadata(meta, source)
-
-
-def sidecar_path(engine_path: str | os.PathLike) -> Path:
-    """``model.engine`` -> ``model.engine.json``."""
-    p = Path(engine_path)
-    return p.with_name(p.name + ".json")
-
-
-def write_sidecar(engine_path: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    from surgery_edge.io import write_json_atomic
-
-    return write_json_atomic(sidecar_path(engine_path), meta)
-
-
-def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
-    path = sidecar_path(engine_path)
-    if not path.is_file():
-        raise ExportError(
-            f"Engine {engine_path} has no metadata file {path}; it is written next to the engine "
-            "by `surgery-edge export`. Keep the two files together."
-        )
-    return parse_metadata(path.read_text(), path)

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from surgery_edge.export.metadata import check_mode
+from surgery_edge.engine_format import EngineMode
 from surgery_edge.surgery.model import MultiTaskModel
 
 
@@ -60,23 +60,29 @@ class AllTasksEngine(nn.Module):
 
 
 def engine_module(
-    model: MultiTaskModel, mode: str, fp16: bool = False, device: str | torch.device = "cpu"
+    model: MultiTaskModel,
+    mode: EngineMode | str,
+    fp16: bool = False,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """A copy of ``model`` on ``device`` in the export precision, wrapped for ``mode``."""
     dtype = torch.float16 if fp16 else torch.float32
     copied = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     copied.fused = False  # exporters trace the reference path (plain ONNX-representable ops)
-    wrapper = RoutedEngine if check_mode(mode) == "routed" else AllTasksEngine
+    wrapper = RoutedEngine if EngineMode.parse(mode) is EngineMode.ROUTED else AllTasksEngine
     return wrapper(copied, dtype).eval()
 
 
 def example_inputs(
-    model: MultiTaskModel, mode: str, batch: int = 2, device: str | torch.device = "cpu"
+    model: MultiTaskModel,
+    mode: EngineMode | str,
+    batch: int = 2,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, ...]:
     """Inputs to trace with: ``batch`` random images (and task ids cycling through the tasks)."""
     s = model.encoder.arch.image_size
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, s, s, generator=gen).to(device)
-    if check_mode(mode) == "all-tasks":
+    if EngineMode.parse(mode) is EngineMode.ALL_TASKS:
         return (images,)
     return images, (torch.arange(batch) % model.num_tasks).to(device)

@@ -24,12 +24,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import torch
+from onnx import helper
 
+from surgery_edge.engine_format import META_KEY, EngineMode, io_names
 from surgery_edge.errors import ExportError
-from surgery_edge.export.metadata import META_KEY, check_mode, engine_metadata, io_names
+from surgery_edge.export.metadata import engine_metadata
 from surgery_edge.export.modules import engine_module, example_inputs
+from surgery_edge.export.parity import smoke_check
 from surgery_edge.io import atomic_path
+from surgery_edge.runtime import Predictor
+from surgery_edge.runtime.backends import OnnxBackend
 from surgery_edge.surgery.model import MultiTaskModel
 
 DEFAULT_OPSET = 18
@@ -41,7 +48,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 def export_onnx(
     model: MultiTaskModel,
     path: str | os.PathLike,
-    mode: str = "routed",
+    mode: EngineMode | str = EngineMode.ROUTED,
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, Any] | None = None,
@@ -64,10 +71,7 @@ def export_onnx(
     Returns:
         ``path``.
     """
-    import onnx
-
-    path = Path(path)
-    check_mode(mode)
+    path, mode = Path(path), EngineMode.parse(mode)
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportError(
             f"ONNX opset {opset} is not supported: use {MIN_OPSET} to "
@@ -89,10 +93,6 @@ def export_onnx(
 
 
 def _smoke_check(model: MultiTaskModel, tmp: Path, fp16: bool) -> None:
-    from surgery_edge.export.parity import smoke_check
-    from surgery_edge.runtime import Predictor
-    from surgery_edge.runtime.backends import OnnxBackend
-
     smoke_check(model, Predictor(OnnxBackend(tmp, device="cpu")), fp16)
 
 
@@ -144,8 +144,6 @@ def _trace_dynamo(module, args, inputs, outputs, opset):
 
 
 def _trace_torchscript(module, args, inputs, outputs, opset):
-    import onnx
-
     # Traced with autograd on: under no_grad, nn.MultiheadAttention takes its fused fast path
     # (aten::_native_multi_head_attention), which the TorchScript exporter cannot export.
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -205,9 +203,6 @@ def _finalise(proto, meta: dict[str, Any]) -> None:
 
 
 def _weight_bytes(proto) -> int:
-    import numpy as np
-    from onnx import helper
-
     total = 0
     for t in proto.graph.initializer:
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
@@ -218,8 +213,6 @@ def _weight_bytes(proto) -> int:
 def _save(proto, path: Path, verify=None) -> None:
     """Write ``proto`` to ``path`` atomically; it must pass the checker (and ``verify(tmp)``)
     before it replaces ``path``."""
-    import onnx
-
     if _weight_bytes(proto) <= EXTERNAL_DATA_BYTES:
         with atomic_path(path) as tmp:
             onnx.save_model(proto, str(tmp))
@@ -252,8 +245,6 @@ def check_onnx(path: str | os.PathLike):
 
     Returns the model (without external weights loaded); raises ExportError naming the file.
     """
-    import onnx
-
     path = Path(path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -265,19 +256,3 @@ def check_onnx(path: str | os.PathLike):
             "`surgery-edge export`."
         ) from None
     return proto
-
-
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The engine metadata stored in an ONNX file."""
-    import onnx
-
-    from surgery_edge.export.metadata import parse_metadata
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise ExportError(
-            f"{path} is not a readable ONNX file ({type(e).__name__}: {e})."
-        ) from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    return parse_metadata(props.get(META_KEY), path)

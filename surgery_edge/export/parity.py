@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from surgery_edge.data.transforms import to_model_input
+from surgery_edge.errors import ExportError
+from surgery_edge.runtime import Predictor, load
 from surgery_edge.surgery.model import MultiTaskModel
 
 
@@ -61,9 +64,6 @@ def check_forward(
         batch_size: images per engine call (exercises the engine's dynamic batch).
         device: where an engine given by path runs (``cpu``, ``cuda`` or ``auto``).
     """
-    from surgery_edge.data.transforms import to_model_input
-    from surgery_edge.runtime import Predictor, load
-
     predictor = engine if isinstance(engine, Predictor) else load(os.fspath(engine), device)
     model.eval()
     x = torch.as_tensor(images)
@@ -98,29 +98,6 @@ def check_forward(
     )
 
 
-def suite_test_split(
-    suite, tasks: list[str], per_task: int | None = None, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every task's test images (N, H, W, 3) uint8, their task ids and labels, concatenated.
-
-    Args:
-        per_task: at most this many images per task, a seeded sample (large datasets: the
-            parity check needs a few hundred images, not a whole test set in memory).
-    """
-    xs, ids, ys = [], [], []
-    rng = np.random.default_rng(seed)
-    for t, name in enumerate(tasks):
-        data = suite.task(name)
-        x, y = data.test_x, data.test_y
-        if per_task is not None and len(x) > per_task:
-            keep = np.sort(rng.choice(len(x), per_task, replace=False))
-            x, y = x[keep], y[keep]
-        xs.append(x)
-        ids.append(np.full(len(x), t, np.int64))
-        ys.append(y)
-    return np.concatenate(xs), np.concatenate(ids), np.concatenate(ys)
-
-
 def smoke_check(model: MultiTaskModel, predictor, fp16: bool) -> Parity:
     """Compare a freshly exported engine with ``model`` on a few random images.
 
@@ -128,8 +105,6 @@ def smoke_check(model: MultiTaskModel, predictor, fp16: bool) -> Parity:
     checked for gross errors only here; argmax agreement is measured on real images).
     Raises ExportError when the engine is off.
     """
-    from surgery_edge.errors import ExportError
-
     gen = torch.Generator().manual_seed(1)
     s = model.encoder.arch.image_size
     n = max(3, model.num_tasks)

@@ -14,33 +14,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from surgery_edge.errors import ConfigError, ExportError
-
-TRT_INSTALL = (
-    "Install it with `pip install 'surgery-edge[trt]'` (the `tensorrt` package, version 10 or "
-    "newer) on a machine with an NVIDIA GPU and CUDA; or serve the ONNX engine with ONNX Runtime."
+from surgery_edge.engine_format import (
+    META_KEY,
+    EngineMetadata,
+    EngineMode,
+    parse_metadata,
+    sidecar_path,
+    validate_metadata,
+    write_sidecar,
 )
+from surgery_edge.errors import ConfigError, ExportError
+from surgery_edge.export.onnx import check_onnx
+from surgery_edge.io import atomic_path
+from surgery_edge.runtime.backends import import_tensorrt
 
 Shape = tuple[int, ...]
 
 
-def import_tensorrt():
-    """``import tensorrt`` (version 10+), or ExportError saying how to install it."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: an install whose CUDA libraries are missing
-        raise ExportError(f"TensorRT is not available ({e}). {TRT_INSTALL}") from None
-    major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
-    if major < 10:
-        raise ExportError(f"TensorRT {trt.__version__} is too old; {TRT_INSTALL}")
-    return trt
-
-
 def profile_shapes(
     image_size: int,
-    mode: str,
+    mode: EngineMode | str,
     min_batch: int = 1,
     opt_batch: int = 8,
     max_batch: int = 32,
@@ -53,9 +47,7 @@ def profile_shapes(
         min_batch, opt_batch, max_batch: batch sizes, ``1 <= min <= opt <= max``; TensorRT
             tunes its kernels for ``opt``.
     """
-    from surgery_edge.export.metadata import check_mode
-
-    check_mode(mode)
+    mode = EngineMode.parse(mode)
     flags = (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch))
     for name, value in flags:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -69,28 +61,25 @@ def profile_shapes(
         )
     s = int(image_size)
     shapes = {"images": tuple((b, 3, s, s) for b in (min_batch, opt_batch, max_batch))}
-    if mode == "routed":
+    if mode is EngineMode.ROUTED:
         shapes["task_ids"] = tuple((b,) for b in (min_batch, opt_batch, max_batch))
     return shapes
 
 
-def builder_input(onnx_path: str | os.PathLike) -> dict[str, Any]:
+def builder_input(onnx_path: str | os.PathLike) -> EngineMetadata:
     """Check the ONNX that the TensorRT builder will parse; return its engine metadata.
 
     It must pass ``onnx.checker`` (full check) and strict shape inference, carry surgery-edge
     metadata, and have a dynamic batch dimension on every input.
     """
-    from surgery_edge.export.metadata import META_KEY, parse_metadata
-    from surgery_edge.export.onnx import check_onnx
-
     path = Path(onnx_path)
     if not path.is_file():
         raise ExportError(f"ONNX file {path} does not exist; export it first.")
     proto = check_onnx(path)
     meta = parse_metadata({p.key: p.value for p in proto.metadata_props}.get(META_KEY), path)
     names = [i.name for i in proto.graph.input]
-    if names != meta["inputs"]:
-        raise ExportError(f"{path} has inputs {names}, but its metadata says {meta['inputs']}.")
+    if tuple(names) != meta.inputs:
+        raise ExportError(f"{path} has inputs {names}, but its metadata says {list(meta.inputs)}.")
     for graph_input in proto.graph.input:
         batch = graph_input.type.tensor_type.shape.dim[0]
         if not batch.dim_param:
@@ -133,13 +122,11 @@ def build_engine(
     Returns:
         ``engine_path``.
     """
-    from surgery_edge.export.metadata import write_sidecar
-    from surgery_edge.io import atomic_path
-
     engine_path = Path(engine_path)
     meta = builder_input(onnx_path)
-    image_size = int(meta["preprocessing"]["image_size"])
-    shapes = profile_shapes(image_size, meta["mode"], min_batch, opt_batch, max_batch)
+    shapes = profile_shapes(
+        meta.preprocessing.image_size, meta.mode, min_batch, opt_batch, max_batch
+    )
     workspace = check_workspace(workspace_gb)
     trt = import_tensorrt()
 
@@ -165,33 +152,33 @@ def build_engine(
         cache = config.create_timing_cache(blob)
         config.set_timing_cache(cache, ignore_mismatch=False)
 
+    sidecar = {
+        **meta.to_dict(),
+        "format": "tensorrt",
+        "precision": "fp16" if fp16 else meta["precision"],
+        "onnx": Path(onnx_path).name,
+        "tensorrt": {
+            "version": trt.__version__,
+            "fp16": fp16,
+            "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
+            "min_batch": min_batch,
+            "opt_batch": opt_batch,
+            "max_batch": max_batch,
+            "workspace_gb": workspace_gb,
+        },
+    }
+    validate_metadata(sidecar, sidecar_path(engine_path))  # before the build, not after
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(
             f"TensorRT failed to build an engine from {onnx_path} (see its log above); try a "
             "larger --workspace-gb or a smaller --max-batch."
         )
+    # The sidecar first: an engine file without its metadata is never published.
+    write_sidecar(engine_path, sidecar)
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(serialized))
     if cache is not None:
         with atomic_path(timing_cache) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    write_sidecar(
-        engine_path,
-        {
-            **meta,
-            "format": "tensorrt",
-            "precision": "fp16" if fp16 else meta["precision"],
-            "onnx": Path(onnx_path).name,
-            "tensorrt": {
-                "version": trt.__version__,
-                "fp16": fp16,
-                "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
-                "min_batch": min_batch,
-                "opt_batch": opt_batch,
-                "max_batch": max_batch,
-                "workspace_gb": workspace_gb,
-            },
-        },
-    )
     return engine_path

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from surgery_edge.engine_format import Preprocessing
 from surgery_edge.errors import ConfigError
 
 # CLIP's preprocessing statistics (open_clip.constants.OPENAI_DATASET_MEAN / _STD).
@@ -45,6 +46,11 @@ class ArchSpec:
     def sites(self) -> tuple[str, ...]:
         """Surgery sites: every block output, then the final projected feature."""
         return tuple(f"block.{i}" for i in range(self.layers)) + ("final",)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """open_clip's eval transform at this model's size and statistics."""
+        return Preprocessing(self.image_size, self.mean, self.std)
 
     def site_dim(self, site: str) -> int:
         return self.embed_dim if site == "final" else self.width

@@ -4,19 +4,27 @@ A backend loads one artefact, reads its metadata and runs a batch:
 ``run(images (B, 3, S, S) float32, task_ids (B,) int64 | None) -> [outputs in metadata order]``.
 Routed engines take ``task_ids``; all-tasks engines ignore it. Every failure to open an artefact
 raises ExportError naming the file.
+
+Each backend imports its engine library when it is opened (onnxruntime, tensorrt, torch for
+``.pt2`` packages and TensorRT's device buffers): serving an ONNX engine needs numpy, pillow and
+onnxruntime only.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from surgery_edge.engine_format import (
+    META_KEY,
+    EngineMetadata,
+    EngineMode,
+    parse_metadata,
+    read_sidecar,
+)
 from surgery_edge.errors import ExportError
-from surgery_edge.export.metadata import META_KEY, parse_metadata, read_sidecar
-from surgery_edge.export.onnx import read_onnx_metadata
 
 ONNX_SUFFIXES = (".onnx",)
 AOTI_SUFFIXES = (".pt2",)
@@ -39,7 +47,7 @@ class Backend:
 
     kind = ""
     path: Path
-    meta: dict[str, Any]
+    meta: EngineMetadata
     max_batch: int = DEFAULT_BATCH
     device: str = "cpu"
 
@@ -48,7 +56,7 @@ class Backend:
 
     def feeds(self, images: np.ndarray, task_ids: np.ndarray | None) -> dict[str, np.ndarray]:
         feeds = {"images": np.ascontiguousarray(images, np.float32)}
-        if self.meta["mode"] == "routed":
+        if self.meta.mode is EngineMode.ROUTED:
             feeds["task_ids"] = np.ascontiguousarray(task_ids, np.int64)
         return feeds
 
@@ -64,7 +72,7 @@ class OnnxBackend(Backend):
     kind = "onnx"
 
     def __init__(self, path: str | os.PathLike, device: str = "auto"):
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: the engine library of this backend only
 
         self.path = Path(path)
         _require_file(self.path)
@@ -76,25 +84,31 @@ class OnnxBackend(Backend):
             )
         use_cuda = has_cuda and device != "cpu"
         providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
-        self.meta = read_onnx_metadata(self.path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.meta["precision"] == "fp16" and not use_cuda:
-            # onnxruntime's CPU fusions (e.g. Transpose+MatMul -> FusedMatMul) strand fp16 nodes
-            # without a CPU kernel; 1.23 even crashes creating the session. Basic
-            # optimisations only: fp16 engines are meant for GPUs anyway.
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            self.session = self._session(ort, providers, fp16_on_cpu=False)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise ExportError(
                 f"Engine {self.path} is not a readable ONNX model ({_first_line(e)}). It may be "
                 "truncated or corrupt: re-export it with `surgery-edge export`."
             ) from None
+        stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        self.meta = parse_metadata(stored, self.path)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        if self.meta.precision == "fp16" and self.device == "cpu":
+            # onnxruntime's CPU fusions (e.g. Transpose+MatMul -> FusedMatMul) strand fp16 nodes
+            # without a CPU kernel; 1.23 even crashes creating the session. Basic
+            # optimisations only: fp16 engines are meant for GPUs anyway.
+            self.session = self._session(ort, providers, fp16_on_cpu=True)
         self._outputs = list(self.meta["outputs"])  # the order the Predictor reads them in
         if {o.name for o in self.session.get_outputs()} != set(self._outputs):
             raise ExportError(f"Engine {self.path}: its outputs do not match its metadata.")
+
+    def _session(self, ort, providers: list[str], fp16_on_cpu: bool):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if fp16_on_cpu:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        return ort.InferenceSession(str(self.path), options, providers=providers)
 
     def run(self, images: np.ndarray, task_ids: np.ndarray | None) -> list[np.ndarray]:
         feeds = self.feeds(images, task_ids)
@@ -115,7 +129,7 @@ class AotiBackend(Backend):
     kind = "pt2"
 
     def __init__(self, path: str | os.PathLike, device: str = "auto"):
-        import torch
+        import torch  # deferred: a .pt2 package is run by torch
 
         self.path = Path(path)
         _require_file(self.path)
@@ -151,15 +165,13 @@ class TensorRTBackend(Backend):
     kind = "tensorrt"
 
     def __init__(self, path: str | os.PathLike, device: str = "auto"):
-        from surgery_edge.export.tensorrt import import_tensorrt
-
         self.path = Path(path)
         _require_file(self.path)
         self.meta = read_sidecar(self.path)
         if device == "cpu":
             raise ExportError(f"TensorRT engine {self.path} runs on an NVIDIA GPU only, not cpu.")
         trt = import_tensorrt()
-        import torch
+        import torch  # deferred: torch holds the engine's CUDA buffers and stream
 
         if not torch.cuda.is_available():
             raise ExportError(f"TensorRT engine {self.path} needs a CUDA GPU; none is available.")
@@ -220,7 +232,25 @@ class TensorRTBackend(Backend):
             raise ExportError(f"TensorRT failed to run {self.path} on a batch of {n}.")
         stream.synchronize()
         by_name = dict(zip(self._outputs, outputs))
-        return [by_name[name][:n].float().cpu().numpy() for name in self.meta["outputs"]]
+        return [by_name[name][:n].float().cpu().numpy() for name in self.meta.outputs]
+
+
+TRT_INSTALL = (
+    "Install it with `pip install 'surgery-edge[trt]'` (the `tensorrt` package, version 10 or "
+    "newer) on a machine with an NVIDIA GPU and CUDA; or serve the ONNX engine with ONNX Runtime."
+)
+
+
+def import_tensorrt():
+    """``import tensorrt`` (version 10+), or ExportError saying how to install it."""
+    try:
+        import tensorrt as trt  # deferred: optional, GPU machines only (`surgery-edge[trt]`)
+    except (ImportError, OSError) as e:  # OSError: an install whose CUDA libraries are missing
+        raise ExportError(f"TensorRT is not available ({e}). {TRT_INSTALL}") from None
+    major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
+    if major < 10:
+        raise ExportError(f"TensorRT {trt.__version__} is too old; {TRT_INSTALL}")
+    return trt
 
 
 def engine_kind(path: str | os.PathLike) -> str:

@@ -10,9 +10,16 @@ from typing import Any
 
 import numpy as np
 
+from surgery_edge.engine_format import EngineMode
 from surgery_edge.errors import ExportError
 from surgery_edge.runtime.backends import Backend, open_backend
-from surgery_edge.runtime.preprocess import ImageLike, describe, load_image, normalise
+from surgery_edge.runtime.preprocess import (
+    ImageLike,
+    describe,
+    normalise,
+    open_image,
+    resize_crop,
+)
 
 TaskRef = str | int
 
@@ -86,15 +93,15 @@ class Predictor:
     def __init__(self, backend: Backend):
         self.backend = backend
         self.meta = backend.meta
-        self.tasks: list[str] = list(self.meta["tasks"])
-        self.class_names: list[list[str]] = [list(c) for c in self.meta["class_names"]]
-        self.class_counts = [len(c) for c in self.class_names]
-        pre = self.meta["preprocessing"]
-        self.image_size, self.mean, self.std = int(pre["image_size"]), pre["mean"], pre["std"]
+        self.tasks: list[str] = list(self.meta.tasks)
+        self.class_names: list[list[str]] = [list(c) for c in self.meta.class_names]
+        self.class_counts = self.meta.class_counts
+        self.preprocessing = self.meta.preprocessing
+        self.image_size = self.preprocessing.image_size
 
     @property
-    def mode(self) -> str:
-        return self.meta["mode"]
+    def mode(self) -> EngineMode:
+        return self.meta.mode
 
     @property
     def kind(self) -> str:
@@ -106,8 +113,8 @@ class Predictor:
 
     def __repr__(self) -> str:
         return (
-            f"Predictor({self.path}, {self.kind}, {self.mode}, {self.meta['precision']}, "
-            f"method={self.meta['method']}, tasks={self.tasks})"
+            f"Predictor({self.path}, {self.kind}, {self.mode}, {self.meta.precision}, "
+            f"method={self.meta.method}, tasks={self.tasks})"
         )
 
     # --- tasks -----------------------------------------------------------------------------
@@ -158,7 +165,7 @@ class Predictor:
             raise ExportError(f"{len(images)} images but {len(ids)} task ids.")
         for t in np.unique(ids):
             self.task_index(int(t))
-        if self.mode == "routed":
+        if self.mode is EngineMode.ROUTED:
             parts = [self.backend.run(images[s], ids[s])[0] for s in self._chunks(len(ids))]
             return np.concatenate(parts) if parts else np.zeros((0, max(self.class_counts)))
         per_task = self.all_task_logits(images)
@@ -172,7 +179,7 @@ class Predictor:
         """Every image answered for every task: a list of T arrays (B, C_t)."""
         images = self._check_batch(images)
         B, T = len(images), len(self.tasks)
-        if self.mode == "all-tasks":
+        if self.mode is EngineMode.ALL_TASKS:
             parts = [self.backend.run(images[s], None) for s in self._chunks(B)]
             return [
                 np.concatenate([p[t] for p in parts])
@@ -210,15 +217,17 @@ class Predictor:
         if not items:
             raise ExportError("No images to predict.")
         task_ids = self._resolve_tasks(task, all_tasks, len(items))
+        pre, s = self.preprocessing, self.image_size
         names, arrays, errors = [], [], {}
         for i, image in enumerate(items):
             names.append(describe(image, i))
             try:
-                arrays.append(load_image(image))
+                arrays.append(resize_crop(open_image(image), s, pre.resize, pre.interpolation))
             except ExportError as e:
                 errors[i] = str(e)
         good = [i for i in range(len(items)) if i not in errors]
-        x = normalise(arrays, self.image_size, self.mean, self.std)  # (len(good), 3, S, S)
+        batch = np.stack(arrays) if arrays else np.zeros((0, s, s, 3), np.uint8)
+        x = normalise(batch, pre.mean, pre.std)  # (len(good), 3, S, S)
         answers: dict[int, list[TaskPrediction]] = {}
         if good and task_ids is None:
             per_task = self.all_task_logits(x)

@@ -1,9 +1,16 @@
 """Turning what a user hands the runtime (files, PIL images, arrays) into engine input.
 
-The engine's metadata gives the preprocessing: RGB, scaled to [0, 1], resized to the model's
-size (bilinear with antialiasing, as :func:`surgery_edge.data.transforms.to_model_input` does in
-training and evaluation, so an engine sees exactly what the PyTorch model saw), normalised with
-the architecture's mean and std.
+This is the one implementation of the preprocessing, in PIL and numpy only: the runtime applies
+it to every request, the dataset cache (:mod:`surgery_edge.data.disk`) to every image it decodes,
+and evaluation (:func:`surgery_edge.data.transforms.to_model_input`) to images of another size,
+so an engine sees exactly what the measured model saw.
+
+It is open_clip's eval transform (``open_clip.image_transform(size, is_train=False)``), step by
+step: resize (the shorter side to ``size`` with the longer one keeping the aspect ratio, then a
+centre crop; or ``squash`` to the square) with the recorded interpolation, *in the image's own
+mode*; convert to RGB; scale to [0, 1]; normalise with mean and std; channels first. The order
+matters for palette and RGBA images, as it does in open_clip: a palette image is resized with
+nearest-neighbour (PIL's rule), an RGBA one with premultiplied alpha, and only then converted.
 """
 
 from __future__ import annotations
@@ -14,10 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from surgery_edge.engine_format import Preprocessing
 from surgery_edge.errors import ExportError
 
 ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 def describe(image: ImageLike, index: int) -> str:
@@ -27,12 +42,8 @@ def describe(image: ImageLike, index: int) -> str:
     return f"image[{index}]"
 
 
-def to_rgb_array(array: np.ndarray) -> np.ndarray:
-    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (H, W, 3) uint8 RGB.
-
-    Grey images are repeated to three channels and an alpha channel is dropped (as PIL's
-    ``convert("RGB")`` does). Floating-point arrays must hold values in [0, 1].
-    """
+def _uint8_image(array: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) with C = 1, 3 or 4, any real dtype -> (H, W, C) uint8."""
     a = np.asarray(array)
     if a.ndim == 2:
         a = a[..., None]
@@ -42,19 +53,27 @@ def to_rgb_array(array: np.ndarray) -> np.ndarray:
             "(H, W, C) with C = 1, 3 or 4 (channels last)."
         )
     if a.dtype == np.uint8:
-        pass
-    elif np.issubdtype(a.dtype, np.floating):
+        return a
+    if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
             raise ExportError(
                 "a floating-point image must hold finite values in [0, 1]; pass uint8 for 0-255."
             )
-        a = np.rint(a * 255.0).astype(np.uint8)
-    elif np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
+        return np.rint(a * 255.0).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
         if a.min() < 0 or a.max() > 255:
             raise ExportError(f"an integer image must hold values in 0-255 (dtype {a.dtype}).")
-        a = a.astype(np.uint8)
-    else:
-        raise ExportError(f"an image array of dtype {a.dtype} is not supported; use uint8.")
+        return a.astype(np.uint8)
+    raise ExportError(f"an image array of dtype {a.dtype} is not supported; use uint8.")
+
+
+def to_rgb_array(array: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (H, W, 3) uint8 RGB.
+
+    Grey images are repeated to three channels and an alpha channel is dropped (as PIL's
+    ``convert("RGB")`` does). Floating-point arrays must hold values in [0, 1].
+    """
+    a = _uint8_image(array)
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
     elif a.shape[-1] == 4:
@@ -62,49 +81,81 @@ def to_rgb_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def load_image(image: ImageLike) -> np.ndarray:
-    """A file path, PIL image or array -> (H, W, 3) uint8 RGB; ExportError if it is not one."""
-    from PIL import Image, UnidentifiedImageError
+def array_to_pil(array: np.ndarray) -> Image.Image:
+    """An image array -> a PIL image of the matching mode (L, RGB or RGBA), not yet RGB."""
+    a = _uint8_image(array)
+    return Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[-1] == 1 else a))
 
+
+def open_image(image: ImageLike) -> Image.Image:
+    """A file path, PIL image or array -> a PIL image (any mode); ExportError if it is not one.
+
+    A file is decoded fully here, so a truncated file fails now, naming it.
+    """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ExportError(f"image file {path} does not exist.")
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
+                im.load()
+                return im
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ExportError(
                 f"{path} is not a readable image ({type(e).__name__}: {e})."
             ) from None
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return image
     if isinstance(image, np.ndarray):
-        return to_rgb_array(image)
+        return array_to_pil(image)
     raise ExportError(
         f"cannot read an image from a {type(image).__name__}; pass a file path, a PIL image or "
         "an (H, W, 3) uint8 array."
     )
 
 
+def resize_crop(
+    image: Image.Image, size: int, resize: str = "shortest", interpolation: str = "bicubic"
+) -> np.ndarray:  # (size, size, 3) uint8
+    """The geometric part of the eval transform, then RGB: a PIL image -> (S, S, 3) uint8.
+
+    Sizes and offsets are computed as torchvision's ``Resize(int)`` and ``CenterCrop`` do.
+    ``resize`` and ``interpolation`` take the values :class:`Preprocessing` records.
+    """
+    resample = _RESAMPLE[interpolation]
+    width, height = image.size
+    if resize == "squash":
+        target = (size, size)
+    elif width <= height:
+        target = (size, int(size * height / width))
+    else:
+        target = (int(size * width / height), size)
+    if target != image.size:
+        image = image.resize(target, resample)
+    if resize == "shortest":
+        top = int(round((target[1] - size) / 2.0))
+        left = int(round((target[0] - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def normalise(
-    images: Sequence[np.ndarray],  # each (H, W, 3) uint8, any size
-    size: int,
+    images: np.ndarray | Sequence[np.ndarray],  # (N, S, S, 3) uint8
     mean: Sequence[float],
     std: Sequence[float],
-) -> np.ndarray:  # (N, 3, size, size) float32
-    """Scale to [0, 1], resize to ``size`` (bilinear, antialiased), normalise with mean/std."""
-    import torch
-    import torch.nn.functional as F
+) -> np.ndarray:  # (N, 3, S, S) float32
+    """Scale to [0, 1] and normalise, in float32 with torchvision's arithmetic (x / 255,
+    then (x - mean) / std), so the result is bit-identical to ``ToTensor`` + ``Normalize``."""
+    x = np.asarray(images, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    m = np.asarray(mean, np.float32).reshape(1, 1, 1, 3)
+    s = np.asarray(std, np.float32).reshape(1, 1, 1, 3)
+    return np.ascontiguousarray(((x - m) / s).transpose(0, 3, 1, 2))
 
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    out = np.empty((len(images), 3, size, size), np.float32)
+
+def preprocess(images: Sequence[ImageLike], pre: Preprocessing) -> np.ndarray:
+    """Images of any kind and size -> (N, 3, S, S) float32 engine input."""
+    size = pre.image_size
+    batch = np.empty((len(images), size, size, 3), np.uint8)
     for i, image in enumerate(images):
-        x = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0  # a copy: may be read-only
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(
-                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        out[i] = ((x - m) / s)[0].numpy()
-    return out
+        batch[i] = resize_crop(open_image(image), size, pre.resize, pre.interpolation)
+    return normalise(batch, pre.mean, pre.std)

@@ -1,0 +1,102 @@
+"""The surgery-method registry: what each method corrects, and its defaults.
+
+The single source of truth for the names ``surgery`` and ``surgeryv2``: the config, the CLI
+(choices and help), the trainer, the adapter files, export and the report read them here. It
+imports neither torch nor the models, so the CLI can list the choices without loading either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from surgery_edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from surgery_edge.models.archs import ArchSpec
+
+NONE = "none"  # no surgery: the plain merged model (a baseline row, an engine without adapters)
+
+
+@dataclass(frozen=True)
+class SurgeryMethod:
+    """One surgery method.
+
+    Args:
+        name: as written in configs, adapter files and engine metadata.
+        label: as printed in reports.
+        every_block: corrects every block's output (all tokens) besides the final feature.
+        rank: the default adapter rank.
+        steps: the default number of training steps (each draws one batch of every task).
+        help: one line for help texts.
+    """
+
+    name: str
+    label: str
+    every_block: bool
+    rank: int
+    steps: int
+    help: str
+
+    def sites(self, arch: ArchSpec) -> tuple[str, ...]:
+        """The sites it corrects: ``final``, or every ``block.i`` and ``final``."""
+        return arch.sites if self.every_block else ("final",)
+
+
+SURGERY_METHODS: dict[str, SurgeryMethod] = {}
+
+
+def register(method: SurgeryMethod) -> SurgeryMethod:
+    if method.name in SURGERY_METHODS or method.name == NONE:
+        raise ValueError(f"surgery method {method.name!r} is already registered")
+    SURGERY_METHODS[method.name] = method
+    return method
+
+
+# The defaults are the reference code's: rank 16, 1,000 steps of batch 16 per task.
+register(
+    SurgeryMethod(
+        "surgery",
+        "Surgery",
+        every_block=False,
+        rank=16,
+        steps=1000,
+        help="Representation Surgery (ICML 2024): one adapter on the final feature",
+    )
+)
+register(
+    SurgeryMethod(
+        "surgeryv2",
+        "SurgeryV2",
+        every_block=True,
+        rank=16,
+        steps=1000,
+        help="SurgeryV2: an adapter on every block's output and on the final feature",
+    )
+)
+
+
+def get_surgery(name: str) -> SurgeryMethod:
+    """The method called ``name``; ConfigError listing the known ones otherwise."""
+    try:
+        return SURGERY_METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown surgery method {name!r}; use one of {surgery_names()}."
+        ) from None
+
+
+def surgery_names(with_none: bool = False) -> list[str]:
+    """The registered names, in registration order (``none`` first when asked)."""
+    return ([NONE] if with_none else []) + list(SURGERY_METHODS)
+
+
+def check_surgery(name: str, allow_none: bool = False) -> str:
+    """``name`` if it is a method (or ``none`` where allowed); ConfigError otherwise."""
+    if allow_none and name == NONE:
+        return name
+    if name not in SURGERY_METHODS:
+        raise ConfigError(
+            f"Unknown surgery method {name!r}; use one of {surgery_names(allow_none)}."
+        )
+    return name
