@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from surgery_edge.surgery.functional import all_tasks_correction
+
 from . import _jit, _register_op, _require_launchable
 from .surgery_correction import _adapter_correction
 
@@ -50,8 +52,7 @@ def final_site_all_tasks_ref(
     Pass float32 (or float64) tensors for a high-precision reference, half-precision tensors
     for the same-dtype baseline; ``head_b`` is cast to ``feat.dtype``.
     """
-    hidden = torch.relu(torch.einsum("tre,be->tbr", down, feat))  # (T, B, r)
-    z = feat.unsqueeze(0) - torch.einsum("ter,tbr->tbe", up, hidden)  # (T, B, e)
+    z = all_tasks_correction(feat, down, up)  # (T, B, e)
     zn = F.normalize(z, dim=-1, eps=_NORM_EPS)
     logits = torch.baddbmm(
         head_b.to(feat.dtype).unsqueeze(1), zn, head_w.transpose(1, 2)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from surgery_edge.surgery.functional import routed_correction
+
 from . import _jit, _register_op, _require_launchable
 
 try:
@@ -49,10 +51,7 @@ def surgery_correct_ref(
     float64) tensors for a high-precision reference, half-precision tensors for the same-dtype
     baseline that kernel tolerances are measured against.
     """
-    down_b = down[task_ids]  # (B, r, d)
-    up_b = up[task_ids]  # (B, d, r)
-    hidden = torch.relu(torch.bmm(x, down_b.transpose(1, 2)))  # (B, N, r)
-    return x - torch.bmm(hidden, up_b.transpose(1, 2))
+    return routed_correction(x, task_ids, down, up)
 
 
 def surgery_correct_layernorm_ref(

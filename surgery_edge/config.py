@@ -8,13 +8,16 @@ are imported (task_vectors, open_clip or Hugging Face layouts) and the tasks are
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from surgery_edge import merging
 from surgery_edge.errors import ConfigError
+from surgery_edge.surgery.methods import SURGERY_METHODS, get_surgery
 
 
 class _Frozen(BaseModel):
@@ -38,7 +41,59 @@ class ExpertSettings(_Frozen):
     finetune_batch_size: int = 64
 
 
+# The demo's settings where they differ from the methods' own (the reference code's) defaults:
+# a 15-minute CPU budget takes 100 AdaMerging steps and 500 SurgeryV2 steps. A config's
+# ``params`` are merged onto these, method by method and parameter by parameter.
+DEMO_MERGE_PARAMS = {"adamerging_taskwise": {"steps": 100}, "adamerging_layerwise": {"steps": 100}}
+DEMO_SURGERY_PARAMS = {"surgeryv2": {"steps": 500}}
+
+# Flat settings of earlier releases -> (method, parameter) entries of ``params``.
+LEGACY_MERGE_KEYS = {
+    "task_arithmetic_lam": (("task_arithmetic", "lam"),),
+    "ties_k": (("ties_merging", "k"),),
+    "ties_lam": (("ties_merging", "lam"),),
+    **{
+        f"adamerging_{p}": (("adamerging_taskwise", p), ("adamerging_layerwise", p))
+        for p in ("steps", "batch_size", "lr")
+    },
+}
+LEGACY_SURGERY_KEYS = {
+    "rank": tuple((m, "rank") for m in SURGERY_METHODS),
+    "rank_v2": (("surgeryv2", "rank"),),
+    "steps_v1": (("surgery", "steps"),),
+    "steps_v2": (("surgeryv2", "steps"),),
+}
+
+
+def _with_params(data: Any, legacy: dict, defaults: dict) -> Any:
+    """Move legacy flat keys into ``params`` and merge ``params`` onto ``defaults``."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    given = data.get("params") or {}
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise ValueError("params must map a method name to its {parameter: value} settings")
+    params = copy.deepcopy(defaults)
+    for method, values in given.items():
+        params.setdefault(method, {}).update(values)
+    for key, targets in legacy.items():
+        if key not in data or data[key] is None:
+            data.pop(key, None)
+            continue
+        value = data.pop(key)
+        for method, name in targets:
+            if name in given.get(method, {}):
+                raise ValueError(
+                    f"{key} and params.{method}.{name} both set {name}; keep only params"
+                )
+            params.setdefault(method, {})[name] = value
+    data["params"] = params
+    return data
+
+
 class MergeSettings(_Frozen):
+    """Which merges to make, and each method's parameters (see ``surgery-edge merge --help``)."""
+
     methods: list[str] = [
         "weight_averaging",
         "task_arithmetic",
@@ -46,23 +101,74 @@ class MergeSettings(_Frozen):
         "adamerging_taskwise",
         "adamerging_layerwise",
     ]
-    task_arithmetic_lam: float = 0.3
-    ties_k: float = 0.2
-    ties_lam: float = 0.3
-    adamerging_steps: int = 100
-    adamerging_batch_size: int = 16
-    adamerging_lr: float = 1e-3
+    params: dict[str, dict[str, float | int]] = Field(
+        default_factory=lambda: copy.deepcopy(DEMO_MERGE_PARAMS),
+        description="method -> {parameter: value}, merged onto the demo's defaults.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return _with_params(data, LEGACY_MERGE_KEYS, DEMO_MERGE_PARAMS)
+
+    @model_validator(mode="after")
+    def _known(self):
+        try:
+            for name in [*self.methods, *self.params]:
+                merging.get(name)
+            for name, values in self.params.items():
+                merging.get(name).resolve(values)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def params_for(self, method: str) -> dict[str, float | int]:
+        """Every parameter of ``method``: the registry's defaults, then these settings."""
+        return merging.get(method).resolve(self.params.get(method, {}))
+
+
+class SurgeryMethodSettings(_Frozen):
+    rank: int = Field(ge=1)
+    steps: int = Field(ge=1)
 
 
 class SurgerySettings(_Frozen):
-    methods: list[Literal["surgery", "surgeryv2"]] = ["surgery", "surgeryv2"]
-    rank: int = Field(16, ge=1)
-    rank_v2: int | None = Field(None, ge=1, description="SurgeryV2's rank (default: rank).")
-    steps_v1: int = Field(1000, ge=1)
-    steps_v2: int = Field(500, ge=1)
+    """Which surgery methods to train, with what; ``params`` per method (rank, steps)."""
+
+    methods: list[str] = list(SURGERY_METHODS)
+    params: dict[str, SurgeryMethodSettings] = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1)
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     transductive: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        data = _with_params(data, LEGACY_SURGERY_KEYS, DEMO_SURGERY_PARAMS)
+        if isinstance(data, dict):
+            try:
+                for name in data["params"]:
+                    get_surgery(name)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+            params = data["params"]
+            for name, method in SURGERY_METHODS.items():  # the registry's defaults
+                values = params.setdefault(name, {})
+                if isinstance(values, dict):
+                    values.setdefault("rank", method.rank)
+                    values.setdefault("steps", method.steps)
+            data["params"] = {m: params[m] for m in SURGERY_METHODS}  # registry order
+        return data
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        try:
+            for name in methods:
+                get_surgery(name)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return methods
 
 
 def _expand(path: Path | None) -> Path | None:

@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from surgery_edge import merging
 from surgery_edge.config import RunConfig
 from surgery_edge.data.suite import Suite, load_or_generate_suite
+from surgery_edge.data.transforms import to_model_input
 from surgery_edge.device import resolve_device
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.experts import (
@@ -36,10 +38,12 @@ from surgery_edge.experts import (
     build_experts,
     load_heads,
 )
+from surgery_edge.merging import AdaMergingContext
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
 from surgery_edge.models.checkpoint import read_metadata
 from surgery_edge.progress import progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.methods import SURGERY_METHODS
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import cached_representations, file_fingerprint, fingerprint
 from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
@@ -119,7 +123,7 @@ class Run:
     def find_adapters(self) -> dict[tuple[str, str], Path]:
         self.adapters = {}
         for merge in self.merged:
-            for method in ("surgery", "surgeryv2"):
+            for method in SURGERY_METHODS:
                 p = self.out / "adapters" / merge / f"{method}.safetensors"
                 if p.is_file():
                     self.adapters[(merge, method)] = p
@@ -198,14 +202,6 @@ def _meta_fingerprint(path: Path) -> str | None:
     return meta.get("fingerprint") if meta else None
 
 
-def merge_params(config: RunConfig, method: str) -> dict:
-    m = config.merge
-    return {
-        "task_arithmetic": {"lam": m.task_arithmetic_lam},
-        "ties_merging": {"k": m.ties_k, "lam": m.ties_lam},
-    }.get(method, {})
-
-
 def run_merges(
     run: Run, methods: list[str] | None = None, overrides: dict | None = None
 ) -> dict[str, Path]:
@@ -213,45 +209,37 @@ def run_merges(
 
     Args:
         methods: merge only these (default: the config's list).
-        overrides: parameter overrides, e.g. ``{"lam": 0.5}``, for every method that takes them.
+        overrides: parameter overrides, e.g. ``{"lam": 0.5}``, for every method that declares
+            them; a name no chosen method declares is an error.
     """
-    from surgery_edge import merging
-    from surgery_edge.merging import AdaMergingContext
-
     methods = methods or run.config.merge.methods
-    for name in methods:
-        merging.get(name)  # unknown names fail before any work
+    specs = {name: merging.get(name) for name in methods}  # unknown names fail before any work
+    declared = {p.name for spec in specs.values() for p in spec.params}
+    unknown = sorted(set(overrides or {}) - declared)
+    if unknown:
+        raise ConfigError(
+            f"No chosen merge method takes {unknown}: "
+            + " ".join(spec.describe() for spec in specs.values())
+        )
+    plans = {}
+    for name, spec in specs.items():
+        params = run.config.merge.params_for(name)
+        given = {k: v for k, v in (overrides or {}).items() if k in params}
+        plans[name] = spec.resolve({**params, **given})  # values checked before any work
     pre = load_encoder(run.experts.pretrained, run.arch)
     experts = {t: load_encoder(p, run.arch).state_dict for t, p in run.experts.experts.items()}
-    m = run.config.merge
-    for name in methods:
+    for name, spec in specs.items():
         path = run.out / "merged" / f"{name}.safetensors"
-        params = merge_params(run.config, name)
-        params.update({k: v for k, v in (overrides or {}).items() if k in params})
-        ada = name.startswith("adamerging")
-        fp = fingerprint(
-            _experts_fingerprint(run),
-            name,
-            params,
-            (
-                m.adamerging_steps,
-                m.adamerging_batch_size,
-                m.adamerging_lr,
-                run.config.seed,
-                adaptation_split(run),
-            )
-            if ada
-            else None,
-        )
+        params = plans[name]
+        data = (run.config.seed, adaptation_split(run)) if spec.needs_data else None
+        fp = fingerprint(_experts_fingerprint(run), name, params, data)
         if path.exists() and _meta_fingerprint(path) == fp:
             run.log(f"reusing merge {name}")
             run.merged[name] = path
             continue
         with run.stage(f"merge:{name}"):
             context = None
-            if ada:
-                from surgery_edge.data.transforms import to_model_input
-
+            if spec.needs_data:
                 context = AdaMergingContext(
                     encoder=pre.build(run.device),
                     heads={
@@ -263,18 +251,15 @@ def run_merges(
                         t: _split_images(run.suite, t, adaptation_split(run)) for t in run.tasks
                     },
                     transform=lambda x: to_model_input(x, run.arch, run.device),
-                    steps=m.adamerging_steps,
-                    batch_size=m.adamerging_batch_size,
-                    lr=m.adamerging_lr,
                     seed=run.config.seed,
                     device=run.device,
                 )
             if context is None:
-                result = merging.get(name)(pre.state_dict, experts, **params)
+                result = spec(pre.state_dict, experts, **params)
             else:
-                with progress_bar(context.steps, name) as bar:
+                with progress_bar(params["steps"], name) as bar:
                     context.progress = lambda step, loss: bar.advance(entropy=loss)
-                    result = merging.get(name)(pre.state_dict, experts, context=context, **params)
+                    result = spec(pre.state_dict, experts, context=context, **params)
             save_encoder(
                 path, run.arch, result.state_dict, task=None, recipe=result.recipe, fingerprint=fp
             )
@@ -320,8 +305,8 @@ def surgery_config(run: Run, method: str) -> SurgeryConfig:
     s = run.config.surgery
     return SurgeryConfig(
         method=method,
-        rank=s.rank_v2 if method == "surgeryv2" and s.rank_v2 else s.rank,
-        steps=s.steps_v1 if method == "surgery" else s.steps_v2,
+        rank=s.params[method].rank,
+        steps=s.params[method].steps,
         batch_size=s.batch_size,
         lr=s.lr,
         seed=run.config.seed,
@@ -543,10 +528,11 @@ def run_pipeline(out: str | Path, config: RunConfig, log=print) -> Path:
     engines = export_engines(run) if config.export else {"skipped": "export: false"}
     run.timings["total"] = time.perf_counter() - t0
     s = config.surgery
-    ranks = f"rank {s.rank}" + (f" (SurgeryV2 {s.rank_v2})" if s.rank_v2 else "")
+    methods = "; ".join(
+        f"{SURGERY_METHODS[m].label}: rank {p.rank}, {p.steps} steps" for m, p in s.params.items()
+    )
     notes = [
-        f"Surgery: {ranks}, batch {s.batch_size} per task, lr {s.lr}; V1 {s.steps_v1} "
-        f"steps, V2 {s.steps_v2} steps; trained on the "
+        f"{methods}; batch {s.batch_size} per task, lr {s.lr}; trained on the "
         f"{'test (transductive)' if s.transductive else 'adaptation'} split, evaluated on test.",
         "Timings are wall-clock seconds of this invocation; cached stages take ~0 s.",
     ]

@@ -17,8 +17,13 @@ device: cpu
 suite: {n_train: 40, n_adapt: 16, n_test: 16, tasks: [digits, shapes, colours]}
 experts: {pretrain_n_per_source: 16, pretrain_epochs: 1, finetune_epochs: 1,
           finetune_batch_size: 16}
-merge: {adamerging_steps: 3, adamerging_batch_size: 4}
-surgery: {steps_v1: 6, steps_v2: 3, batch_size: 4, rank: 4}
+merge:
+  params:
+    adamerging_taskwise: {steps: 3, batch_size: 4}
+    adamerging_layerwise: {steps: 3, batch_size: 4}
+surgery:
+  params: {surgery: {rank: 4, steps: 6}, surgeryv2: {rank: 4, steps: 3}}
+  batch_size: 4
 """
 
 

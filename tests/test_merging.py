@@ -14,6 +14,7 @@ from surgery_edge.merging import (
     MERGE_METHODS,
     AdaMergingContext,
     MergeResult,
+    Param,
     available,
     check_compatible,
     get,
@@ -137,7 +138,8 @@ def test_ties_scalar_tensor_and_undecided_entry() -> None:
 TASKS = ["cars", "dogs"]
 
 
-def make_context(**overrides) -> tuple[dict, dict, AdaMergingContext]:
+def make_context(seed: int = 0, **overrides) -> tuple[dict, dict, AdaMergingContext, dict]:
+    """A tiny AdaMerging problem: pretrained, experts, the context, and the method's params."""
     torch.manual_seed(0)
     encoder = nn.Linear(4, 3)
     pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
@@ -146,8 +148,8 @@ def make_context(**overrides) -> tuple[dict, dict, AdaMergingContext]:
     }
     heads = {task: nn.Linear(3, 2) for task in TASKS}
     images = {task: torch.randn(32, 4) for task in TASKS}
-    settings = {"steps": 40, "batch_size": 16, "lr": 0.05, "seed": 0, **overrides}
-    return pretrained, experts, AdaMergingContext(encoder, heads, images, **settings)
+    params = {"steps": 40, "batch_size": 16, "lr": 0.05, **overrides}
+    return pretrained, experts, AdaMergingContext(encoder, heads, images, seed=seed), params
 
 
 def total_entropy(state_dict: dict, context: AdaMergingContext) -> float:
@@ -165,11 +167,11 @@ def total_entropy(state_dict: dict, context: AdaMergingContext) -> float:
 
 @pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
 def test_adamerging_lowers_entropy_and_records_coefficients(method: str) -> None:
-    pretrained, experts, context = make_context()
+    pretrained, experts, context, params = make_context()
     steps_seen: list[int] = []
     context.progress = lambda step, loss: steps_seen.append(step)
     weights_before = copy.deepcopy(context.encoder.state_dict())
-    result = get(method)(pretrained, experts, context=context)
+    result = get(method)(pretrained, experts, context=context, **params)
 
     # Coefficients all 0.3 is exactly task arithmetic with lam 0.3: that is the starting point.
     start = get("task_arithmetic")(pretrained, experts, lam=0.3).state_dict
@@ -208,15 +210,15 @@ def test_adamerging_lowers_entropy_and_records_coefficients(method: str) -> None
 def test_adamerging_is_deterministic(method: str) -> None:
     recipes = []
     for seed in (0, 0, 1):
-        pretrained, experts, context = make_context(steps=10, seed=seed)
-        recipes.append(get(method)(pretrained, experts, context=context).recipe)
+        pretrained, experts, context, params = make_context(steps=10, seed=seed)
+        recipes.append(get(method)(pretrained, experts, context=context, **params).recipe)
     assert recipes[0] == recipes[1]
     assert recipes[0]["coefficients"] != recipes[2]["coefficients"]
 
 
 def test_adamerging_zero_steps_is_task_arithmetic() -> None:
-    pretrained, experts, context = make_context(steps=0)
-    result = get("adamerging_taskwise")(pretrained, experts, context=context)
+    pretrained, experts, context, params = make_context(steps=0)
+    result = get("adamerging_taskwise")(pretrained, experts, context=context, **params)
     assert result.recipe["coefficients"] == {"cars": pytest.approx(0.3), "dogs": pytest.approx(0.3)}
     expected = get("task_arithmetic")(pretrained, experts).state_dict
     assert_state_close(result.state_dict, expected)
@@ -224,19 +226,21 @@ def test_adamerging_zero_steps_is_task_arithmetic() -> None:
 
 @pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
 def test_adamerging_needs_a_context(method: str) -> None:
-    pretrained, experts, _ = make_context()
+    pretrained, experts, _, _ = make_context()
     with pytest.raises(ConfigError, match="unlabelled.*context"):
         get(method)(pretrained, experts)
 
 
 def test_adamerging_context_missing_task_and_bad_values() -> None:
-    pretrained, experts, context = make_context()
+    pretrained, experts, context, params = make_context()
     del context.heads["dogs"]
     with pytest.raises(ConfigError, match="heads for task.*'dogs'"):
-        get("adamerging_taskwise")(pretrained, experts, context=context)
-    pretrained, experts, context = make_context(lr=-1.0)
-    with pytest.raises(ConfigError, match="context.lr.*-1.0"):
-        get("adamerging_taskwise")(pretrained, experts, context=context)
+        get("adamerging_taskwise")(pretrained, experts, context=context, **params)
+    pretrained, experts, context, params = make_context(lr=-1.0)
+    with pytest.raises(ConfigError, match=r"'lr'.*> 0, got -1.0"):
+        get("adamerging_taskwise")(pretrained, experts, context=context, **params)
+    with pytest.raises(ConfigError, match=r"'steps'.*integer, got 2.5"):
+        get("adamerging_taskwise")(pretrained, experts, context=context, steps=2.5)
 
 
 # --- registry ----------------------------------------------------------------------------------
@@ -248,6 +252,17 @@ def test_registry_lists_all_methods() -> None:
     assert all(callable(get(name)) for name in ALL_METHODS)
 
 
+def test_registry_declares_each_methods_parameters() -> None:
+    """The registry, not the caller, owns defaults and checks: they reach the recipe."""
+    assert [p.name for p in get("ties_merging").params] == ["k", "lam"]
+    assert get("ties_merging").resolve({"k": 0.5}) == {"k": 0.5, "lam": 0.3}
+    assert get("weight_averaging").params == () and not get("weight_averaging").needs_data
+    assert get("adamerging_layerwise").needs_data
+    assert get("adamerging_layerwise").resolve()["steps"] == 500  # the reference's schedule
+    assert "k=0.2" in get("ties_merging").describe()
+    assert get("task_arithmetic")(PRE, EXPERTS).recipe == {"method": "task_arithmetic", "lam": 0.3}
+
+
 def test_registry_unknown_name_lists_known_ones() -> None:
     with pytest.raises(ConfigError) as info:
         get("nope")
@@ -257,14 +272,17 @@ def test_registry_unknown_name_lists_known_ones() -> None:
 
 
 def test_register_function_and_class() -> None:
-    @register("_test_class_method")
+    @register("_test_class_method", params=(Param("scale", 2, "an integer", low=1),))
     class Identity:
-        def __call__(self, pretrained, experts, *, context=None, **params):
-            return MergeResult(dict(pretrained), {"method": "_test_class_method"})
+        def __call__(self, pretrained, experts, *, context=None, scale):
+            return MergeResult(dict(pretrained), {"method": "_test_class_method", "s": scale})
 
     try:
-        assert isinstance(get("_test_class_method"), Identity)
-        assert get("_test_class_method")(PRE, EXPERTS).state_dict["w"] is PRE["w"]
+        assert isinstance(get("_test_class_method").fn, Identity)
+        result = get("_test_class_method")(PRE, EXPERTS)
+        assert result.state_dict["w"] is PRE["w"] and result.recipe["s"] == 2
+        with pytest.raises(ConfigError, match=r"'scale'.*>= 1, got 0"):
+            get("_test_class_method")(PRE, EXPERTS, scale=0)
         with pytest.raises(ValueError, match="already registered"):
             register("_test_class_method")(lambda *a, **k: None)
     finally:
@@ -313,6 +331,7 @@ def test_no_experts_raises() -> None:
         ("task_arithmetic", {"lamda": 0.3}, r"'lamda'.*accepts: lam"),
         ("task_arithmetic", {"lam": float("nan")}, r"'lam'.*finite.*nan"),
         ("ties_merging", {"k": 0.0}, r"'k'.*\(0, 1\].*0.0"),
+        ("ties_merging", {"lam": "big"}, r"'lam'.*must be a number, got 'big'"),
         ("ties_merging", {"k": 20}, r"'k'.*\(0, 1\].*20"),
         ("weight_averaging", {"lam": 1.0}, r"'lam'.*no parameters"),
     ],
@@ -338,9 +357,11 @@ def test_integer_buffers_copied_and_dtype_kept(method: str) -> None:
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_inputs_not_modified(method: str) -> None:
-    pretrained, experts, context = make_context(steps=3)
+    pretrained, experts, context, params = make_context(steps=3)
     pre_copy, experts_copy = copy.deepcopy(pretrained), copy.deepcopy(experts)
-    result = get(method)(pretrained, experts, context=context)
+    result = get(method)(
+        pretrained, experts, context=context, **(params if get(method).needs_data else {})
+    )
     assert_state_close(pretrained, pre_copy)
     for task in TASKS:
         assert_state_close(experts[task], experts_copy[task])

@@ -394,10 +394,16 @@ def test_paper_configs_encode_the_protocol(name, tmp_path):
                                     "MNIST", "DTD"]  # fmt: skip
     assert cfg.arch == ("ViT-B-32" if name.endswith("b32") else "ViT-L-14")
     m, s = cfg.merge, cfg.surgery
-    assert m.task_arithmetic_lam == 0.3 and (m.ties_k, m.ties_lam) == (0.2, 0.3)
-    assert "adamerging_layerwise" in m.methods and m.adamerging_steps == 500
-    assert s.rank == 16 and (s.rank_v2 or s.rank) == (16 if name.endswith("b32") else 4)
-    assert (s.steps_v1, s.steps_v2, s.batch_size, s.lr) == (1000, 1000, 16, 1e-3)
+    assert m.params_for("task_arithmetic") == {"lam": 0.3}
+    assert m.params_for("ties_merging") == {"k": 0.2, "lam": 0.3}
+    assert "adamerging_layerwise" in m.methods
+    assert m.params_for("adamerging_layerwise") == {
+        "steps": 500, "batch_size": 16, "lr": 1e-3, "init": 0.3
+    }  # fmt: skip
+    v2_rank = 16 if name.endswith("b32") else 4
+    assert (s.params["surgery"].rank, s.params["surgeryv2"].rank) == (16, v2_rank)
+    assert (s.params["surgery"].steps, s.params["surgeryv2"].steps) == (1000, 1000)
+    assert (s.batch_size, s.lr) == (16, 1e-3)
     assert s.transductive and cfg.checkpoints.trust_pickle
     assert cfg.data.tasks["RESISC45"].split_lists["test"] == Path("resisc45-test.txt")
     assert published_table(cfg.reference)["rows"]

@@ -4,7 +4,12 @@ import torch
 
 from surgery_edge.errors import AdapterError, TrainingError
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
-from surgery_edge.surgery.adapters import AdapterBank, routed_correction, surgery_adapter
+from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.functional import (
+    all_tasks_correction,
+    routed_correction,
+    surgery_correction,
+)
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import representations
 from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
@@ -17,7 +22,20 @@ def test_adapter_math_by_hand():
     z = torch.tensor([[1.0, -2.0]])
     down = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # relu(down z) = relu([1, -2]) = [1, 0]
     up = torch.tensor([[2.0, 5.0], [3.0, 7.0]])  # up @ [1, 0] = [2, 3]
-    assert torch.equal(surgery_adapter(z, down, up), torch.tensor([[-1.0, -5.0]]))
+    assert torch.equal(surgery_correction(z, down, up), torch.tensor([[-1.0, -5.0]]))
+
+
+def test_one_formula_for_one_task_routed_rows_and_all_tasks():
+    gen = torch.Generator().manual_seed(0)
+    down, up = torch.randn(3, 4, 6, generator=gen), torch.randn(3, 6, 4, generator=gen)
+    z = torch.randn(5, 6, generator=gen)
+    every = all_tasks_correction(z, down, up)  # (T, B, d)
+    ids = torch.tensor([2, 0, 1, 1, 0])
+    routed = routed_correction(z, ids, down, up)
+    for t in range(3):
+        torch.testing.assert_close(every[t], surgery_correction(z, down[t], up[t]))
+    for b, t in enumerate(ids.tolist()):
+        torch.testing.assert_close(routed[b], every[t, b])
 
 
 def test_bank_init_and_layout():
@@ -37,7 +55,7 @@ def test_routed_correction_uses_each_images_task():
     z, ids = torch.randn(4, 7, 5), torch.tensor([2, 0, 1, 2])
     out = routed_correction(z, ids, down, up)
     for b, t in enumerate(ids.tolist()):
-        torch.testing.assert_close(out[b], surgery_adapter(z[b], down[t], up[t]))
+        torch.testing.assert_close(out[b], surgery_correction(z[b], down[t], up[t]))
 
 
 def _model(method, seed=0, nonzero_up=True):

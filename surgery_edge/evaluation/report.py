@@ -6,8 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from surgery_edge.io import atomic_path, write_json_atomic, write_text_atomic
+from surgery_edge.surgery.methods import NONE, SURGERY_METHODS
 
-SURGERY_LABELS = {"none": "", "surgery": " w/ Surgery", "surgeryv2": " w/ SurgeryV2"}
+
+def row_name(method: str, surgery: str) -> str:
+    """``task_arithmetic w/ SurgeryV2``; the merge alone for ``none``."""
+    if surgery == NONE:
+        return method
+    known = SURGERY_METHODS.get(surgery)
+    return f"{method} w/ {known.label if known else surgery}"
 
 
 def gap_closed(rows: list[dict], base: str = "task_arithmetic") -> dict[str, float]:
@@ -16,9 +23,7 @@ def gap_closed(rows: list[dict], base: str = "task_arithmetic") -> dict[str, flo
     ind, b = avg.get(("individual", "none")), avg.get((base, "none"))
     if ind is None or b is None or ind == b:
         return {}
-    return {
-        s: (avg[(base, s)] - b) / (ind - b) for s in ("surgery", "surgeryv2") if (base, s) in avg
-    }
+    return {s: (avg[(base, s)] - b) / (ind - b) for s in SURGERY_METHODS if (base, s) in avg}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -32,7 +37,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---" * (len(tasks) + 2) + "|",
     ]
     for r in report["results"]:
-        name = r["method"] + SURGERY_LABELS.get(r["surgery"], f" w/ {r['surgery']}")
+        name = row_name(r["method"], r["surgery"])
         cells = " | ".join(f"{r['per_task'][t]:.1f}" for t in tasks)
         lines.append(f"| {name} | {cells} | {r['avg']:.1f} |")
     gap = report.get("gap_closed")
@@ -138,7 +143,7 @@ def plot_accuracy(report: dict, path: Path) -> Path:
     merges = [
         m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("individual", "pretrained")
     ]
-    variants = [s for s in ("none", "surgery", "surgeryv2") if any((m, s) in by for m in merges)]
+    variants = [s for s in (NONE, *SURGERY_METHODS) if any((m, s) in by for m in merges)]
     fig, axes = plt.subplots(
         len(merges),
         1,
@@ -156,7 +161,7 @@ def plot_accuracy(report: dict, path: Path) -> Path:
                     x + (i - (len(variants) - 1) / 2) * width,
                     [r["per_task"][t] for t in tasks],
                     width,
-                    label=f"{('merged', 'w/ Surgery', 'w/ SurgeryV2')[i]} ({r['avg']:.1f})",
+                    label=f"{row_name('merged', s)} ({r['avg']:.1f})",
                 )
         if experts:
             ax.scatter(

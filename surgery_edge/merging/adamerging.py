@@ -1,7 +1,7 @@
 """AdaMerging: merge coefficients learned by entropy minimisation (Yang et al., ICLR 2024).
 
 ``merged = pretrained + sum_t lambda_t * tau_t``, with one ``lambda`` per task (task-wise) or one
-per task and state-dict tensor (layer-wise). The coefficients start at ``context.init`` and are
+per task and state-dict tensor (layer-wise). The coefficients start at ``init`` and are
 learned with Adam so that the merged model is confident on unlabelled images of every task: the
 loss of one step is ``sum_t mean_x H(softmax(head_t(encoder_merged(x))))`` over one batch per task.
 
@@ -18,9 +18,7 @@ Differences from the reference code, on purpose:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -33,10 +31,9 @@ from surgery_edge.merging.base import (
     assemble,
     check_compatible,
     float_keys,
-    parse_params,
     task_vector,
 )
-from surgery_edge.merging.registry import register
+from surgery_edge.merging.registry import Param, register
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -73,27 +70,6 @@ def _check_context(
                 f"Merge method {method!r}: the adaptation images of task {task!r} must be a "
                 "non-empty tensor (N, 3, H, W); give at least one image."
             )
-    checks = (
-        ("steps", context.steps, isinstance(context.steps, int) and context.steps >= 0, ">= 0"),
-        (
-            "batch_size",
-            context.batch_size,
-            isinstance(context.batch_size, int) and context.batch_size >= 1,
-            ">= 1",
-        ),
-        ("lr", context.lr, isinstance(context.lr, (int, float)) and context.lr > 0, "> 0"),
-        (
-            "init",
-            context.init,
-            isinstance(context.init, (int, float)) and math.isfinite(context.init),
-            "finite",
-        ),
-    )
-    for name, value, ok, want in checks:
-        if isinstance(value, bool) or not ok:
-            raise ConfigError(
-                f"Merge method {method!r}: context.{name} must be {want}, got {value!r}."
-            )
     encoder_keys = set(context.encoder.state_dict())
     missing = [k for k in pretrained if k not in encoder_keys]
     unexpected = sorted(encoder_keys - set(pretrained))
@@ -111,9 +87,11 @@ def _adamerging(
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
     context: AdaMergingContext | None,
-    params: Mapping[str, Any],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    init: float,
 ) -> MergeResult:
-    parse_params(method, params, {})
     check_compatible(pretrained, experts)
     tasks = list(experts)
     _check_context(method, pretrained, tasks, context)
@@ -137,12 +115,12 @@ def _adamerging(
         heads[t] = (head, {n: v.detach().to(device) for n, v in head.state_dict().items()})
     coefficients = torch.full(
         (len(tasks), len(keys) if layerwise else 1),
-        float(context.init),
+        float(init),
         dtype=torch.float32,
         device=device,
         requires_grad=True,
     )  # (T, L) or (T, 1)
-    optimizer = torch.optim.Adam([coefficients], lr=context.lr)
+    optimizer = torch.optim.Adam([coefficients], lr=lr)
     generator = torch.Generator().manual_seed(context.seed)
     same_shape = len({(x.shape[1:], x.dtype) for x in images.values()}) == 1
 
@@ -158,13 +136,13 @@ def _adamerging(
     modes = [(m, m.training) for module in modules for m in module.modules()]
     for module in modules:
         module.eval()  # no dropout: the coefficients are learned for inference
-    steps = context.steps if keys else 0  # nothing floating-point: nothing to learn
+    learn = steps if keys else 0  # nothing floating-point: nothing to learn
     try:
-        for step in range(steps):
+        for step in range(learn):
             batches = []
             for t in tasks:
                 n = images[t].shape[0]
-                idx = torch.randperm(n, generator=generator)[: context.batch_size]
+                idx = torch.randperm(n, generator=generator)[:batch_size]
                 if context.transform is None:
                     batches.append(images[t][idx.to(device)])
                 else:
@@ -182,7 +160,7 @@ def _adamerging(
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"Merge method {method!r}: the entropy loss became {loss.item()} at step "
-                    f"{step}; lower context.lr (now {context.lr}) or check the adaptation images."
+                    f"{step}; lower its lr (now {lr}) or check the adaptation images."
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -199,10 +177,10 @@ def _adamerging(
     values = coefficients.detach().cpu()
     recipe: dict = {
         "method": method,
-        "init": float(context.init),
-        "steps": context.steps,
-        "lr": float(context.lr),
-        "batch_size": context.batch_size,
+        "init": float(init),
+        "steps": steps,
+        "lr": float(lr),
+        "batch_size": batch_size,
         "seed": context.seed,
     }
     if layerwise:
@@ -213,21 +191,33 @@ def _adamerging(
     return MergeResult(assemble(pretrained, merged), recipe)
 
 
-@register("adamerging_taskwise")
+# The reference's settings: 500 steps of Adam at 1e-3, one batch of 16 per task, init 0.3.
+PARAMS = (
+    Param("steps", 500, "Adam steps, each on one batch of every task", low=0),
+    Param("batch_size", 16, "unlabelled images per task and step", low=1),
+    Param("lr", 1e-3, "Adam learning rate", low=0, low_open=True),
+    Param("init", 0.3, "initial value of every coefficient"),
+)
+
+
+@register("adamerging_taskwise", params=PARAMS, needs_data=True)
 def adamerging_taskwise(
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
     *,
     context: AdaMergingContext | None = None,
-    **params: Any,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    init: float,
 ) -> MergeResult:
-    """AdaMerging with one coefficient per task.
+    """AdaMerging with one coefficient per task, learned by entropy minimisation.
 
     Args:
         pretrained: the pretrained state dict.
         experts: task -> fine-tuned state dict.
-        context: encoder, heads, unlabelled images and optimiser settings (required).
-        params: none accepted (the settings live in ``context``).
+        context: encoder, heads and unlabelled images (required).
+        steps, batch_size, lr, init: the optimisation (see :data:`PARAMS`).
 
     Returns:
         The merged weights; recipe with ``method``, ``init``, ``steps``, ``lr``, ``batch_size``,
@@ -237,24 +227,29 @@ def adamerging_taskwise(
         ConfigError: no context, or a context missing a task's head or images.
         TrainingError: the loss became non-finite.
     """
-    return _adamerging("adamerging_taskwise", False, pretrained, experts, context, params)
+    return _adamerging(
+        "adamerging_taskwise", False, pretrained, experts, context, steps, batch_size, lr, init
+    )
 
 
-@register("adamerging_layerwise")
+@register("adamerging_layerwise", params=PARAMS, needs_data=True)
 def adamerging_layerwise(
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
     *,
     context: AdaMergingContext | None = None,
-    **params: Any,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    init: float,
 ) -> MergeResult:
-    """AdaMerging with one coefficient per task and floating-point state-dict tensor ("layer").
+    """AdaMerging with one coefficient per task and tensor ("layer"), by entropy minimisation.
 
     Args:
         pretrained: the pretrained state dict.
         experts: task -> fine-tuned state dict.
-        context: encoder, heads, unlabelled images and optimiser settings (required).
-        params: none accepted (the settings live in ``context``).
+        context: encoder, heads and unlabelled images (required).
+        steps, batch_size, lr, init: the optimisation (see :data:`PARAMS`).
 
     Returns:
         The merged weights; recipe with ``method``, ``init``, ``steps``, ``lr``, ``batch_size``,
@@ -265,4 +260,6 @@ def adamerging_layerwise(
         ConfigError: no context, or a context missing a task's head or images.
         TrainingError: the loss became non-finite.
     """
-    return _adamerging("adamerging_layerwise", True, pretrained, experts, context, params)
+    return _adamerging(
+        "adamerging_layerwise", True, pretrained, experts, context, steps, batch_size, lr, init
+    )

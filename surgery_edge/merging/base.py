@@ -9,14 +9,13 @@ tensor is cast back to the pretrained tensor's dtype. Methods never modify their
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from surgery_edge.errors import ConfigError, MergeError
+from surgery_edge.errors import MergeError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -39,7 +38,7 @@ class MergeResult:
 
 @dataclass
 class AdaMergingContext:
-    """What AdaMerging needs to learn its merge coefficients from unlabelled images.
+    """The data AdaMerging learns its merge coefficients from (its settings are parameters).
 
     Attributes:
         encoder: a module whose ``state_dict()`` keys are exactly the pretrained keys; called as
@@ -51,10 +50,6 @@ class AdaMergingContext:
         images: task -> unlabelled adaptation images (N, 3, H, W), already normalised; or, with
             ``transform``, any array indexable by an index array (e.g. a memory-mapped uint8
             (N, H, W, 3) array too large to hold as float tensors).
-        steps: Adam steps (each step sees one batch of every task).
-        batch_size: images per task per step.
-        lr: Adam learning rate.
-        init: initial value of every coefficient.
         seed: seeds the generator that samples the batches.
         device: where the coefficients are learned.
         progress: called as ``progress(step, loss)`` after every step.
@@ -64,27 +59,10 @@ class AdaMergingContext:
     encoder: torch.nn.Module
     heads: dict[str, torch.nn.Module]
     images: dict[str, torch.Tensor]
-    steps: int = 500
-    batch_size: int = 16
-    lr: float = 1e-3
-    init: float = 0.3
     seed: int = 0
     device: str | torch.device = "cpu"
     progress: Callable[[int, float], None] | None = None
     transform: Callable[[Any], torch.Tensor] | None = None
-
-
-class MergeMethod(Protocol):
-    """The signature every registered merge method has."""
-
-    def __call__(
-        self,
-        pretrained: StateDict,
-        experts: Mapping[str, StateDict],
-        *,
-        context: AdaMergingContext | None = None,
-        **params: Any,
-    ) -> MergeResult: ...
 
 
 def _listed(keys: list[str]) -> str:
@@ -205,28 +183,3 @@ def assemble(pretrained: StateDict, merged_float: Mapping[str, torch.Tensor]) ->
         else:
             out[key] = pre.clone()
     return out
-
-
-def parse_params(method: str, params: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
-    """Fill in defaults and reject unknown parameter names.
-
-    Raises:
-        ConfigError: naming the unknown parameter and listing the accepted ones.
-    """
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        accepted = ", ".join(sorted(defaults)) if defaults else "no parameters"
-        raise ConfigError(
-            f"Merge method {method!r} got unknown parameter(s) {', '.join(map(repr, unknown))}; "
-            f"it accepts: {accepted}. Remove or rename the parameter."
-        )
-    return {**defaults, **params}
-
-
-def check_real(method: str, name: str, value: Any) -> float:
-    """A finite real number, as float; else ConfigError naming the parameter and value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(
-            f"Merge method {method!r}: parameter {name!r} must be a finite number, got {value!r}."
-        )
-    return float(value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from surgery_edge.merging.base import (
     AdaMergingContext,
@@ -11,36 +10,32 @@ from surgery_edge.merging.base import (
     StateDict,
     assemble,
     check_compatible,
-    check_real,
     iter_stacked_task_vectors,
-    parse_params,
 )
-from surgery_edge.merging.registry import register
+from surgery_edge.merging.registry import Param, register
 
 NAME = "task_arithmetic"
 
 
-@register(NAME)
+@register(NAME, params=(Param("lam", 0.3, "scaling of the summed task vectors"),))
 def task_arithmetic(
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
     *,
     context: AdaMergingContext | None = None,
-    **params: Any,
+    lam: float,
 ) -> MergeResult:
-    """``pretrained + lam * sum_t(tau_t)``.
+    """Task arithmetic: the pretrained weights plus ``lam`` times the sum of the task vectors.
 
     Args:
         pretrained: the pretrained state dict.
         experts: task -> fine-tuned state dict.
         context: unused (accepted so every method has one signature).
-        params: ``lam`` (default 0.3), the scaling coefficient.
+        lam: the scaling coefficient.
 
     Returns:
         The merged weights; recipe ``{"method": "task_arithmetic", "lam": lam}``.
     """
-    p = parse_params(NAME, params, {"lam": 0.3})
-    lam = check_real(NAME, "lam", p["lam"])
     check_compatible(pretrained, experts)
     merged = {
         k: pretrained[k].float() + lam * tvs.sum(0)

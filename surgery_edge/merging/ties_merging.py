@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
-from surgery_edge.errors import ConfigError
 from surgery_edge.merging.base import (
     AdaMergingContext,
     MergeResult,
     StateDict,
     assemble,
     check_compatible,
-    check_real,
     float_keys,
     iter_stacked_task_vectors,
-    parse_params,
     task_vector,
 )
-from surgery_edge.merging.registry import register
+from surgery_edge.merging.registry import Param, register
 
 NAME = "ties_merging"
 
@@ -58,15 +54,22 @@ def _disjoint_mean(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return total / agree.sum(0).clamp(min=1)
 
 
-@register(NAME)
+@register(
+    NAME,
+    params=(
+        Param("k", 0.2, "fraction of each task vector kept; 0.2 keeps 20%", 0, 1, low_open=True),
+        Param("lam", 0.3, "scaling of the merged task vector"),
+    ),
+)
 def ties_merging(
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
     *,
     context: AdaMergingContext | None = None,
-    **params: Any,
+    k: float,
+    lam: float,
 ) -> MergeResult:
-    """TIES-merging, as in the AdaMerging / Representation Surgery reference code.
+    """TIES-merging: trim, elect sign, disjoint mean (as the AdaMerging / Surgery code does).
 
     1. Trim: in each task vector keep the ``k`` fraction of entries with the largest magnitude,
        ranked over the whole task vector (all floating-point tensors concatenated), zero the rest.
@@ -89,19 +92,12 @@ def ties_merging(
         pretrained: the pretrained state dict.
         experts: task -> fine-tuned state dict.
         context: unused (accepted so every method has one signature).
-        params: ``k`` (default 0.2), the kept fraction in (0, 1]; ``lam`` (default 0.3).
+        k: the kept fraction, in (0, 1].
+        lam: the scaling of the merged task vector.
 
     Returns:
         The merged weights; recipe ``{"method": "ties_merging", "k": k, "lam": lam}``.
     """
-    p = parse_params(NAME, params, {"k": 0.2, "lam": 0.3})
-    k = check_real(NAME, "k", p["k"])
-    if not 0.0 < k <= 1.0:
-        raise ConfigError(
-            f"Merge method {NAME!r}: parameter 'k' is the fraction of each task vector to keep and "
-            f"must be in (0, 1], got {k!r} (for 20% pass 0.2)."
-        )
-    lam = check_real(NAME, "lam", p["lam"])
     check_compatible(pretrained, experts)
     recipe = {"method": NAME, "k": k, "lam": lam}
     if sum(pretrained[key].numel() for key in float_keys(pretrained)) == 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from surgery_edge.merging.base import (
     AdaMergingContext,
@@ -12,7 +11,6 @@ from surgery_edge.merging.base import (
     assemble,
     check_compatible,
     iter_stacked_task_vectors,
-    parse_params,
 )
 from surgery_edge.merging.registry import register
 
@@ -25,9 +23,8 @@ def weight_averaging(
     experts: Mapping[str, StateDict],
     *,
     context: AdaMergingContext | None = None,
-    **params: Any,
 ) -> MergeResult:
-    """``pretrained + mean_t(tau_t)``, i.e. the mean of all experts' weights.
+    """Weight averaging: the mean of all experts' weights (``pretrained + mean_t(tau_t)``).
 
     Every expert is averaged. The Representation Surgery reference code zips the task list with
     a list one element shorter and so silently drops the last task; that bug is not reproduced.
@@ -36,12 +33,10 @@ def weight_averaging(
         pretrained: the pretrained state dict.
         experts: task -> fine-tuned state dict.
         context: unused (accepted so every method has one signature).
-        params: none accepted.
 
     Returns:
         The merged weights; recipe ``{"method": "weight_averaging"}``.
     """
-    parse_params(NAME, params, {})
     check_compatible(pretrained, experts)
     merged = {
         k: pretrained[k].float() + tvs.mean(0)

@@ -4,7 +4,9 @@ The encoder owns a real ``open_clip.transformer.VisionTransformer`` under ``self
 state-dict keys (``visual.conv1.weight``, ``visual.transformer.resblocks.0.attn.in_proj_weight``,
 ...) are exactly the image-tower keys of an open_clip CLIP checkpoint. The forward pass is split
 into ``embed`` -> ``blocks`` -> ``pool_project`` so a caller can act between blocks (SurgeryV2
-corrects every block's output) without copying the blocks' code.
+corrects every block's output) without copying the blocks' code. The fused path, whose kernels
+compute each block's output *and* the LayerNorm that follows it, uses three more seams:
+``norm_after(i)``, ``run_block(i, x, normed)`` and ``project(normed_cls)``.
 """
 
 from __future__ import annotations
@@ -51,8 +53,31 @@ class ImageEncoder(nn.Module):
         return v.ln_pre(x)
 
     def pool_project(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, N, width) -> (B, embed)
-        v = self.visual
-        return v.ln_post(tokens[:, 0]) @ v.proj
+        return self.project(self.visual.ln_post(tokens[:, 0]))
+
+    def project(self, normed_cls: torch.Tensor) -> torch.Tensor:  # (B, width) -> (B, embed)
+        """The class token, already through ``ln_post``, projected to the feature."""
+        return normed_cls @ self.visual.proj
+
+    def norm_after(self, i: int) -> nn.LayerNorm:
+        """The LayerNorm applied next to block ``i``'s output: block ``i+1``'s ``ln_1``, or
+        ``ln_post`` after the last block."""
+        blocks = self.blocks
+        return blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.visual.ln_post
+
+    def run_block(
+        self,
+        i: int,
+        x: torch.Tensor,  # (B, N, width), the block's input
+        normed: torch.Tensor | None = None,  # its ln_1(x), when already computed
+    ) -> torch.Tensor:  # (B, N, width)
+        """Block ``i`` on ``x``; with ``normed`` the block skips its own ``ln_1``, exactly as
+        open_clip's ``ResidualAttentionBlock.forward`` is otherwise."""
+        block = self.blocks[i]
+        if normed is None:
+            return block(x)
+        x = x + block.ls_1(block.attention(q_x=normed))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, embed)
         x = self.embed(images)

@@ -18,46 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from surgery_edge.errors import AdapterError
+from surgery_edge.errors import AdapterError, ConfigError
 from surgery_edge.models.archs import ArchSpec
-
-METHODS = ("surgery", "surgeryv2")
-
-
-def surgery_adapter(
-    z: torch.Tensor,  # (..., d)
-    down: torch.Tensor,  # (r, d)
-    up: torch.Tensor,  # (d, r)
-) -> torch.Tensor:  # (..., d)
-    """One task's correction: ``z - up · relu(down · z)``."""
-    return z - F.relu(z @ down.transpose(-1, -2)) @ up.transpose(-1, -2)
-
-
-def routed_correction(
-    z: torch.Tensor,  # (B, N, d) or (B, d); row b belongs to task task_ids[b]
-    task_ids: torch.Tensor,  # (B,) int64
-    down: torch.Tensor,  # (T, r, d)
-    up: torch.Tensor,  # (T, d, r)
-) -> torch.Tensor:
-    """Apply each image's own task adapter (the pure-PyTorch reference of the fused kernel)."""
-    squeeze = z.ndim == 2
-    x = z.unsqueeze(1) if squeeze else z
-    d_b, u_b = down[task_ids], up[task_ids]  # (B, r, d), (B, d, r)
-    h = F.relu(torch.bmm(x, d_b.transpose(1, 2)))  # (B, N, r)
-    out = x - torch.bmm(h, u_b.transpose(1, 2))
-    return out.squeeze(1) if squeeze else out
-
-
-def sites_for(method: str, arch: ArchSpec) -> tuple[str, ...]:
-    """V1 corrects the final feature only; V2 every block output and the final feature."""
-    if method == "surgery":
-        return ("final",)
-    if method == "surgeryv2":
-        return arch.sites
-    raise AdapterError(f"Unknown surgery method {method!r}; use one of {list(METHODS)}.")
+from surgery_edge.models.checkpoint import load_tensors, save_tensors
+from surgery_edge.surgery.functional import all_tasks_correction, routed_correction
+from surgery_edge.surgery.methods import get_surgery
 
 
 def _key(site: str) -> str:
@@ -70,7 +37,8 @@ class AdapterBank(nn.Module):
     Args:
         tasks: task names, in the order task ids refer to.
         arch: the backbone architecture (gives each site's width).
-        method: ``surgery`` (final site) or ``surgeryv2`` (every block and final).
+        method: a registered surgery method (:mod:`surgery_edge.surgery.methods`): ``surgery``
+            (final site) or ``surgeryv2`` (every block and final).
         rank: r.
     """
 
@@ -79,7 +47,10 @@ class AdapterBank(nn.Module):
         if rank < 1:
             raise AdapterError(f"Adapter rank must be at least 1, got {rank}.")
         self.tasks, self.arch, self.method, self.rank = list(tasks), arch, method, rank
-        self.sites = sites_for(method, arch)
+        try:
+            self.sites = get_surgery(method).sites(arch)
+        except ConfigError as e:
+            raise AdapterError(str(e)) from None
         T = len(self.tasks)
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
@@ -112,8 +83,7 @@ class AdapterBank(nn.Module):
     def correct_all_tasks(self, site: str, z: torch.Tensor) -> torch.Tensor:
         """Every task's correction of the same rows: (B, d) -> (T, B, d)."""
         down, up = self.weights(site)
-        h = F.relu(torch.einsum("bd,trd->tbr", z, down))
-        return z.unsqueeze(0) - torch.einsum("tbr,tdr->tbd", h, up)
+        return all_tasks_correction(z, down, up)
 
     # --- files -----------------------------------------------------------------------------
 
@@ -133,8 +103,6 @@ class AdapterBank(nn.Module):
         self, path: str | os.PathLike, merge_recipe: dict | None = None, extra: dict | None = None
     ) -> Path:
         """Write the per-task adapter file (atomically)."""
-        from surgery_edge.models.checkpoint import save_tensors
-
         tensors = {}
         for site in self.sites:
             down, up = self.weights(site)
@@ -156,8 +124,6 @@ class AdapterBank(nn.Module):
 
         Returns the bank and the file's metadata (which carries the merge recipe).
         """
-        from surgery_edge.models.checkpoint import load_tensors
-
         path = Path(path)
         try:
             tensors, meta = load_tensors(path)

@@ -12,14 +12,13 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
+from surgery_edge import kernels
 from surgery_edge.errors import ConfigError
 from surgery_edge.surgery.model import MultiTaskModel
 
 
 def fuse_(model: MultiTaskModel) -> MultiTaskModel:
     """Use the Triton kernels for inference; raises when they cannot run on the model's device."""
-    from surgery_edge import kernels
-
     device = model.head_weight.device
     if not kernels.can_launch(device):
         raise ConfigError(

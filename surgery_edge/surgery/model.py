@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery_edge import kernels  # cheap: the kernel modules load on first use
 from surgery_edge.models.encoder import ImageEncoder
 from surgery_edge.models.heads import ClassificationHead
 from surgery_edge.surgery.adapters import AdapterBank
@@ -126,11 +127,9 @@ class MultiTaskModel(nn.Module):
             and self.bank is not None
             and self.bank.sites == ("final",)
         ):
-            from surgery_edge import kernels
-
             down, up = self.bank.weights("final")
             _, logits = kernels.final_site_all_tasks(
-                self._backbone_final(images).contiguous(),
+                self.encoder(images).contiguous(),
                 down,
                 up,
                 self.head_weight,
@@ -141,7 +140,7 @@ class MultiTaskModel(nn.Module):
             z = (
                 self.features(images, torch.zeros(B, dtype=torch.long, device=images.device))
                 if self.bank is None
-                else self._backbone_final(images)
+                else self.encoder(images)
             )
             zt = (
                 z.unsqueeze(0).expand(T, B, -1)
@@ -160,17 +159,13 @@ class MultiTaskModel(nn.Module):
 
     def _fused_features(self, images: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Blocks run on pre-normalised input: the kernel that corrects block i's output also
-        computes the next LayerNorm (block i+1's ``ln_1``, or ``ln_post`` after the last)."""
-        from surgery_edge import kernels
-
-        enc, blocks = self.encoder, self.encoder.blocks
+        computes the LayerNorm that follows it (block i+1's ``ln_1``, or ``ln_post``)."""
+        enc = self.encoder
         x = enc.embed(images)
-        h = blocks[0].ln_1(x)
-        for i, block in enumerate(blocks):
-            x = x + block.ls_1(block.attention(q_x=h))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
-            norm = blocks[i + 1].ln_1 if i + 1 < len(blocks) else enc.visual.ln_post
-            site = f"block.{i}"
+        h = enc.blocks[0].ln_1(x)
+        for i in range(len(enc.blocks)):
+            x = enc.run_block(i, x, normed=h)
+            norm, site = enc.norm_after(i), f"block.{i}"
             if self.bank is not None and self.bank.has(site):
                 down, up = self.bank.weights(site)
                 x, h = kernels.surgery_correct_layernorm(
@@ -178,10 +173,4 @@ class MultiTaskModel(nn.Module):
                 )
             else:
                 h = norm(x)
-        return self._correct("final", h[:, 0] @ enc.visual.proj, task_ids)
-
-    def _backbone_final(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.encoder.embed(images)
-        for block in self.encoder.blocks:
-            x = block(x)
-        return self.encoder.pool_project(x)
+        return self._correct("final", enc.project(h[:, 0]), task_ids)

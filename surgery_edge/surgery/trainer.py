@@ -39,7 +39,7 @@ from surgery_edge.surgery.model import MultiTaskModel
 class SurgeryConfig:
     """Training settings; the defaults are the reference code's."""
 
-    method: str = "surgeryv2"  # surgery | surgeryv2
+    method: str = "surgeryv2"  # a registered surgery method (surgery_edge.surgery.methods)
     rank: int = 16
     steps: int = 1000  # per task: each step draws one batch of every task
     batch_size: int = 16
@@ -132,7 +132,7 @@ def train_surgery(
         start = int(state["step"])
 
     T = len(tasks)
-    v1 = cfg.method == "surgery"
+    v1 = bank.sites == ("final",)  # the adapter sits after the frozen backbone
     if v1 and merged_finals is None:
         merged_finals = {}
         with torch.no_grad():
@@ -140,9 +140,7 @@ def train_surgery(
                 imgs = targets[t].images
                 merged_finals[t] = torch.cat(
                     [
-                        model._backbone_final(
-                            to_model_input(imgs[i : i + 256], encoder.arch, device)
-                        ).cpu()
+                        encoder(to_model_input(imgs[i : i + 256], encoder.arch, device)).cpu()
                         for i in range(0, len(imgs), 256)
                     ]
                 ).numpy()
