@@ -25,7 +25,7 @@ import torch
 from surgery_edge.data.suite import Suite
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.experts import ExpertSet
-from surgery_edge.io import write_json_atomic
+from surgery_edge.io import staged_dir, write_json_atomic
 from surgery_edge.models import get_arch
 from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.checkpoint import read_metadata, save_encoder, save_head
@@ -231,11 +231,7 @@ def import_weights(
     Returns:
         The architecture the checkpoints were written with.
     """
-    from surgery_edge.models.importers import (
-        check_tower,
-        load_open_clip_image_tower,
-        staged_dir,
-    )
+    from surgery_edge.models.importers import check_tower, load_open_clip_image_tower
 
     if fmt not in ("open_clip", "hf"):
         raise ConfigError(f"Unknown checkpoint format {fmt!r}; use open_clip or hf.")

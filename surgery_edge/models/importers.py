@@ -41,19 +41,16 @@ naming the ``module.name`` found and the file, before anything is called.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -62,6 +59,7 @@ import torch
 from torch import nn
 
 from surgery_edge.errors import CheckpointError, ConfigError
+from surgery_edge.io import staged_dir
 from surgery_edge.models.archs import ArchSpec, get_arch
 from surgery_edge.models.checkpoint import check_state_dict, save_encoder, save_head
 from surgery_edge.models.encoder import build_encoder
@@ -720,40 +718,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-@contextlib.contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty folder beside ``out``; when the block succeeds it replaces ``out``.
-
-    On any error the folder is removed and ``out`` is left as it was, so a failed import never
-    leaves half-written checkpoints. The folder gets ordinary permissions (not mkdtemp's 0700).
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    try:
-        yield tmp
-        _publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` directory onto ``out`` (replacing an existing one)."""
-    old = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        else:
-            out.rmdir()
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def import_task_vectors(
     root: str | os.PathLike,
     model_name: str,
@@ -881,6 +845,5 @@ __all__ = [
     "read_state_file",
     "plain_state_dict",
     "restricted_pickle_module",
-    "staged_dir",
     "with_activation",
 ]
