@@ -29,6 +29,10 @@ from surgery_edge.io import staged_dir, write_json_atomic
 from surgery_edge.models import get_arch
 from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.checkpoint import read_metadata, save_encoder, save_head
+from surgery_edge.models.convert.hf import load_hf_clip_vision
+from surgery_edge.models.convert.open_clip import load_open_clip_image_tower
+from surgery_edge.models.convert.task_vectors import find_task_vectors_layout, import_task_vectors
+from surgery_edge.models.convert.towers import check_tower, with_activation
 from surgery_edge.surgery.targets import file_fingerprint, fingerprint
 
 
@@ -86,8 +90,6 @@ def class_names_source(run, task: str) -> str:
 
 def _source_files(cfg, model_dir: str, tasks: list[str]) -> list[Path]:
     if cfg.format == "task_vectors":
-        from surgery_edge.models.importers import find_task_vectors_layout
-
         return find_task_vectors_layout(cfg.root, model_dir, tasks).files
     files = [cfg.resolve(cfg.pretrained), *(cfg.resolve(cfg.experts[t]) for t in tasks)]
     for p in files:
@@ -140,8 +142,6 @@ def import_checkpoints(run) -> ExpertSet:
     arch = get_arch(run.config.arch)
     origins = {t: class_names_source(run, t) for t in tasks}
     if cfg.format == "task_vectors":
-        from surgery_edge.models.importers import import_task_vectors
-
         summary = import_task_vectors(
             cfg.root,
             model_dir,
@@ -231,8 +231,6 @@ def import_weights(
     Returns:
         The architecture the checkpoints were written with.
     """
-    from surgery_edge.models.importers import check_tower, load_open_clip_image_tower
-
     if fmt not in ("open_clip", "hf"):
         raise ConfigError(f"Unknown checkpoint format {fmt!r}; use open_clip or hf.")
     if clip_weights is not None and set(class_names or {}) != set(experts):
@@ -246,9 +244,6 @@ def import_weights(
             raise CheckpointError(f"Checkpoint {path} does not exist. Check the path.")
         if fmt == "open_clip":
             return arch, load_open_clip_image_tower(path, arch, trust_pickle=trust_pickle)
-        from surgery_edge.models.hf_clip import load_hf_clip_vision
-        from surgery_edge.models.importers import with_activation
-
         # HF configs record the activation; the shapes must fit the config's arch exactly.
         found, state = load_hf_clip_vision(path, heads=arch.heads)
         fitted = with_activation(arch, found.quick_gelu)
