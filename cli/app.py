@@ -354,8 +354,7 @@ def _import_weights(
     from surgery_edge.errors import ConfigError
     from surgery_edge.io import write_json_atomic
     from surgery_edge.models import get_arch
-    from surgery_edge.models.convert import check_out_dir
-    from surgery_edge.recipe import import_weights
+    from surgery_edge.models.convert import check_out_dir, import_weights
 
     experts = _pairs(expert, "--expert")
     if not experts:
