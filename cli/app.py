@@ -325,7 +325,7 @@ def import_task_vectors(
     overwrite: bool = False,
 ):
     """Convert the task_vectors / AdaMerging layout (pickled ImageEncoder / heads)."""
-    from surgery_edge.models.importers import import_task_vectors as run_import
+    from surgery_edge.models.convert import import_task_vectors as run_import
 
     summary = run_import(
         root, model, out, trust_pickle, tasks=task, overwrite=overwrite, log=typer.echo
@@ -354,8 +354,7 @@ def _import_weights(
     from surgery_edge.errors import ConfigError
     from surgery_edge.io import write_json_atomic
     from surgery_edge.models import get_arch
-    from surgery_edge.models.importers import check_out_dir
-    from surgery_edge.recipe import import_weights
+    from surgery_edge.models.convert import check_out_dir, import_weights
 
     experts = _pairs(expert, "--expert")
     if not experts:

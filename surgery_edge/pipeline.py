@@ -41,6 +41,7 @@ from surgery_edge.experts import (
 from surgery_edge.merging import AdaMergingContext
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
 from surgery_edge.models.checkpoint import read_metadata
+from surgery_edge.models.convert.weights import checkpoint_arch
 from surgery_edge.progress import progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.methods import SURGERY_METHODS
@@ -95,8 +96,6 @@ class Run:
         prepare_suite(self)
         ckpt = self.out / "checkpoints"
         if not self.config.builtin and (ckpt / "pretrained.safetensors").is_file():
-            from surgery_edge.recipe import checkpoint_arch
-
             self.arch = checkpoint_arch(ckpt / "pretrained.safetensors")
         experts = {t: ckpt / "experts" / f"{t}.safetensors" for t in self.tasks}
         heads = {t: ckpt / "heads" / f"{t}.safetensors" for t in self.tasks}

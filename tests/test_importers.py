@@ -23,22 +23,21 @@ from checkpoint_formats import micro_clip, task_vectors_classes
 
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models import build_encoder, get_arch, load_encoder, load_head
-from surgery_edge.models.hf_clip import (
+from surgery_edge.models.convert.hf import (
     arch_from_hf,
     hf_clip_to_open_clip,
     hf_vision_config,
     load_hf_clip_vision,
     open_clip_to_hf,
 )
-from surgery_edge.models.importers import (
+from surgery_edge.models.convert.open_clip import load_open_clip_image_tower
+from surgery_edge.models.convert.sandbox import (
     ALLOWED_GLOBALS,
-    check_tower,
-    import_task_vectors,
-    load_open_clip_image_tower,
     load_pickle_restricted,
     original_class,
-    with_activation,
 )
+from surgery_edge.models.convert.task_vectors import import_task_vectors
+from surgery_edge.models.convert.towers import check_tower, with_activation
 
 MICRO = get_arch("micro-vit-16")
 MICRO_QUICK = with_activation(MICRO, True)

@@ -204,7 +204,7 @@ def clip_family(tmp_path_factory):
     from safetensors.torch import save_file
 
     from surgery_edge.models import get_arch
-    from surgery_edge.models.hf_clip import hf_vision_config, open_clip_to_hf
+    from surgery_edge.models.convert.hf import hf_vision_config, open_clip_to_hf
 
     root = tmp_path_factory.mktemp("clip")
     vision = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}

@@ -19,8 +19,8 @@ from torch import nn
 
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models.archs import TINY_ARCHS, get_arch
+from surgery_edge.models.convert.open_clip import plain_state_dict, read_state_file
 from surgery_edge.models.heads import ClassificationHead
-from surgery_edge.models.importers import plain_state_dict, read_state_file
 from surgery_edge.models.templates import templates_for
 
 Tokenizer = Callable[[list[str]], torch.Tensor]  # prompts -> (N, context_length) token ids
@@ -36,7 +36,7 @@ def _check_model_name(model_name: str) -> None:
             f"Architecture {model_name!r} is an image-tower-only tiny config with no text tower, "
             "so it cannot build zero-shot heads. Use an open_clip config name such as 'ViT-B-32'."
         )
-    import open_clip
+    import open_clip  # deferred: importing open_clip takes seconds and loads Triton
 
     text_cfg = open_clip.get_model_config(model_name).get("text_cfg", {})
     hf = text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name")
@@ -114,7 +114,7 @@ def load_clip(
     if not path.is_file():
         raise CheckpointError(f"CLIP weights file {path} does not exist. Check the path.")
     state = _state_of(path)
-    import open_clip
+    import open_clip  # deferred: importing open_clip takes seconds and loads Triton
 
     model = open_clip.create_model(model_name, pretrained=None)
     _check_fits(path, model_name, state, model.state_dict())
@@ -212,7 +212,7 @@ def build_zeroshot_heads(
             f"Templates given for tasks {unknown} that have no class names; tasks: "
             f"{list(class_names)}."
         )
-    import open_clip
+    import open_clip  # deferred: importing open_clip takes seconds and loads Triton
 
     model = load_clip(model_name, weights, device)
     tokenizer = open_clip.get_tokenizer(model_name)

@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models.archs import TINY_ARCHS, ArchSpec, get_arch
-from surgery_edge.models.importers import check_tower
+from surgery_edge.models.convert.towers import check_tower
 
 HF = "vision_model."
 HF_PROJ = "visual_projection.weight"
@@ -178,7 +179,7 @@ def hf_clip_to_open_clip(
 
 def open_clip_name(spec: ArchSpec) -> str | None:
     """The tiny or open_clip config name whose ArchSpec equals ``spec`` up to its name, if any."""
-    import open_clip
+    import open_clip  # deferred: importing open_clip takes seconds and loads Triton
 
     names = [*TINY_ARCHS, *(n for n in open_clip.list_models() if n.startswith("ViT-"))]
     for name in names:
@@ -311,8 +312,6 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"Checkpoint {path} does not exist. Check the path.")
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
         state = torch.load(str(path), map_location="cpu", weights_only=True)
