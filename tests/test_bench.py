@@ -3,7 +3,6 @@ the thin scripts under benchmarks/."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import runpy
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from surgery_edge.bench.decode import main as decode_main
 from surgery_edge.bench.engine import run_engine_bench
 from surgery_edge.bench.flops import (
     adapter_flops,
@@ -129,13 +129,9 @@ def test_merge_keeps_earlier_rows(results, tmp_path):
 
 
 def test_decode_benchmark_writes_its_result(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "decode.json"
     args = ["--images", "12", "--width", "40", "--height", "30", "--size", "16", "--out", str(out)]
-    result = module.main(args)
+    result = decode_main(args)
     saved = json.loads(out.read_text())
     assert saved == result and saved["images"] == 12
     assert saved["cache_mb"] == round(12 * 16 * 16 * 3 / 1e6, 1) and saved["images_per_s"] > 0
@@ -152,7 +148,9 @@ def test_merge_reads_the_stored_cpu_results(results, tmp_path):
     assert {r.batch for r in merged} == {1, 2, 8, 32}
 
 
-@pytest.mark.parametrize("script", ["bench_engine"])
+@pytest.mark.parametrize(
+    "script", ["bench_engine", "bench_kernels", "bench_training", "bench_decode", "onnx_sizes"]
+)
 def test_scripts_are_entry_points(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
     with pytest.raises(SystemExit) as exit_info:
@@ -162,7 +160,7 @@ def test_scripts_are_entry_points(script, monkeypatch, capsys):
 
 
 def test_importing_the_benchmarks_is_lean():
-    modules = ["engine", "plots", "report"]
+    modules = ["engine", "kernels", "training", "decode", "onnx_sizes", "plots", "report"]
     code = (
         "import sys, torch\n"
         + "".join(f"import surgery_edge.bench.{m}\n" for m in modules)
