@@ -1,5 +1,5 @@
 """The benchmarks (surgery_edge.bench): engine result structure, weight bytes, FLOPs, reports,
-the thin scripts under benchmarks/."""
+``surgery-edge bench --quick``, the thin scripts under benchmarks/."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from surgery_edge.cli.app import app
+from typer.testing import CliRunner
 
 from surgery_edge.bench.decode import main as decode_main
 from surgery_edge.bench.engine import run_engine_bench
@@ -146,6 +148,36 @@ def test_merge_reads_the_stored_cpu_results(results, tmp_path):
     assert len(merged) == len(old["results"]) + len(rows)
     assert [run["command"] for run in runs] == [run["command"] for run in old["runs"]]
     assert {r.batch for r in merged} == {1, 2, 8, 32}
+
+
+def test_bench_quick_through_the_cli(tmp_path):
+    r = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "engine-micro-vit-16.json").read_text())
+    assert (tmp_path / "engine-micro-vit-16.md").is_file()
+    assert not list(tmp_path.glob("*.png"))  # --quick writes no plots
+    assert record["command"] == f"surgery-edge bench --quick --device cpu --out {tmp_path}"
+    measured = {
+        (r["config"], r["mode"], r["path"], r["batch"])
+        for r in record["results"]
+        if r["status"] == "ok"
+    }
+    for config in CONFIGS:
+        for mode in CONFIG_MODES[config]:
+            paths = ["eager"] if config == "experts" else ["eager", "onnxruntime"]
+            for path in paths:
+                for batch in (1, 4):
+                    assert (config, mode, path, batch) in measured
+    onnx = [r for r in record["results"] if r["path"] == "onnxruntime"]
+    assert all(r["max_abs_err_vs_eager"] < 1e-4 for r in onnx)
+
+
+def test_bench_help_lists_the_benchmark_options():
+    r = CliRunner().invoke(app, ["bench", "--help"])
+    assert r.exit_code == 0, r.output
+    assert "usage: surgery-edge bench" in r.output
+    for option in ("--quick", "--archs", "--batches", "--paths", "--merge", "--out"):
+        assert option in r.output
 
 
 @pytest.mark.parametrize(
