@@ -1,86 +1,9 @@
-"""How fast a dataset on disk is decoded into the run's image cache (the first run's cost).
+"""Decoding a dataset into the run's image cache: ``python benchmarks/bench_decode.py --help``.
 
-Writes ``--images`` JPEGs of ``--width`` x ``--height`` pixels (SUN397-like photos: smooth
-gradients plus noise) as a folder task, then times :func:`surgery_edge.data.disk.load_disk_task`
-decoding its test split at ``--size`` px (CLIP's eval transform), and a second call that only
-opens the cache.
-
-    python benchmarks/bench_decode.py --images 2000 --size 224 \\
-        --out benchmarks/results/cpu/decode-224.json
+A thin entry point: the benchmark is :mod:`surgery_edge.bench.decode`.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import os
-import platform
-import tempfile
-import time
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-
-def write_images(root: Path, n: int, width: int, height: int, classes: int = 10) -> int:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    total = 0
-    for i in range(n):
-        folder = root / "test" / f"class_{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        a, b, c = rng.uniform(0, 255, 3)
-        base = np.stack([a * xx / width, b * yy / height, c + 0 * xx], -1)
-        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        path = folder / f"{i:06d}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
-        total += path.stat().st_size
-    return total
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from surgery_edge.data.disk import DiskTask, load_disk_task
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--width", type=int, default=500)
-    p.add_argument("--height", type=int, default=375)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--out", type=Path)
-    args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "task"
-        jpeg_bytes = write_images(root, args.images, args.width, args.height)
-        task = DiskTask("bench", "folder", root)
-        t0 = time.perf_counter()
-        data = load_disk_task(task, args.size, Path(tmp) / "cache", workers=args.workers)
-        decode_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        load_disk_task(task, args.size, Path(tmp) / "cache", workers=args.workers)
-        cached_s = time.perf_counter() - t0
-        assert data.test_x.shape == (args.images, args.size, args.size, 3)
-    result = {
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "images": args.images,
-        "source_px": [args.width, args.height],
-        "size": args.size,
-        "jpeg_mb": round(jpeg_bytes / 1e6, 1),
-        "cache_mb": round(data.test_x.nbytes / 1e6, 1),
-        "decode_s": round(decode_s, 2),
-        "images_per_s": round(args.images / decode_s, 1),
-        "cached_open_s": round(cached_s, 3),
-        "command": "python benchmarks/bench_decode.py " + " ".join(argv or []),
-    }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
+from surgery_edge.bench.decode import main
 
 if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    main()

@@ -445,28 +445,20 @@ def import_hf(
     _import_weights("hf", model, pretrained, expert, out, clip_weights, classes, False, overwrite)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,  # -h/--help go to the benchmark's parser, which knows its options
+)
 @user_errors
 def bench(ctx: typer.Context):
-    """Benchmark the engine against eight separate experts; options go to bench_engine.py.
+    """Benchmark the engine against eight separate experts (`bench --help` lists the options).
 
-    Example: surgery-edge bench --archs ViT-B-32 --batches 1 8 32 --out benchmarks/results/h100
+    Example: surgery-edge bench --quick --out /tmp/bench (a smoke run, ~30 s on a CPU);
+    surgery-edge bench --archs ViT-B-32 --batches 1 8 32 --out benchmarks/results/h100
     """
-    import importlib.util
+    from surgery_edge.bench.engine import main as run_bench
 
-    from surgery_edge.errors import ConfigError
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
-    if not script.is_file():
-        raise ConfigError(
-            f"{script} not found: `surgery-edge bench` runs from a source checkout "
-            "(pip install -e .), where benchmarks/ lives beside the package."
-        )
-    spec = importlib.util.spec_from_file_location("bench_engine", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_engine"] = module
-    spec.loader.exec_module(module)
-    module.main(list(ctx.args))
+    run_bench(list(ctx.args), prog="surgery-edge bench")
 
 
 def main() -> None:

@@ -1,0 +1,84 @@
+"""The engine benchmark's plots: latency against batch size, and the weight memory held."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from surgery_edge.bench.workloads import CONFIGS, MODES, RANDOM_WEIGHTS_NOTE, EngineResult
+
+
+def write_plots(
+    results: Sequence[EngineResult], derived: dict[str, Any], out: Path, arch: str, label: str
+) -> list[Path]:
+    """``<out>/engine-<arch>-latency.png`` and ``-weights.png`` (matplotlib, Agg backend)."""
+    import matplotlib  # deferred: heavy, and only plotting needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.status == "ok"]
+    colours = dict(zip(CONFIGS, ("tab:red", "tab:gray", "tab:blue", "tab:green")))
+    # path -> (line style, marker)
+    styles = {
+        "eager": ("-", "o"),
+        "fused": ("--", "s"),
+        "compile": (":", "^"),
+        "cuda-graph": ("-.", "D"),
+        "fused+cuda-graph": ((0, (3, 1, 1, 1)), "P"),
+        "onnxruntime": ((0, (5, 2)), "x"),
+    }
+    batches = sorted({r.batch for r in ok})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        for config in CONFIGS:
+            for path, (linestyle, marker) in styles.items():
+                rows = sorted(
+                    (r for r in ok if (r.config, r.mode, r.path) == (config, mode, path)),
+                    key=lambda r: r.batch,
+                )
+                if rows:
+                    ax.plot(
+                        [r.batch for r in rows],
+                        [r.median_ms for r in rows],
+                        marker=marker,
+                        color=colours[config],
+                        linestyle=linestyle,
+                        label=f"{config} / {path}",
+                    )
+        ax.set(xscale="log", yscale="log", xlabel="batch (images)", title=mode)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("median latency per call (ms)")
+    fig.suptitle(f"{arch}: {label} ({RANDOM_WEIGHTS_NOTE})", fontsize=9)
+    fig.tight_layout()
+    latency = out / f"engine-{arch}-latency.png"
+    fig.savefig(latency, dpi=120)
+    plt.close(fig)
+
+    weights = derived["weight_bytes"]
+    names = ["one_expert", *[c for c in CONFIGS if c in weights]]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    values = [weights[n] / 2**20 for n in names]
+    bars = ax.bar(names, values, color=["tab:orange", *[colours[n] for n in names[1:]]])
+    for bar, n in zip(bars, names):
+        ax.annotate(
+            f"{weights[n] / weights['one_expert']:.2f}x",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set(
+        ylabel="weight memory (MiB)",
+        title=f"{arch}: weights held in memory ({results[0].dtype}; ratio vs one expert)",
+    )
+    fig.tight_layout()
+    weights_png = out / f"engine-{arch}-weights.png"
+    fig.savefig(weights_png, dpi=120)
+    plt.close(fig)
+    return [latency, weights_png]
