@@ -1,4 +1,4 @@
-"""The ``surgery-edge`` command line: thin commands over :mod:`surgery_edge.pipeline`.
+"""The ``surgery-edge`` command line: thin commands over :mod:`surgery_edge.run`.
 
 Imports of torch and the library happen inside the commands, so ``surgery-edge --help`` stays
 fast and never imports Triton or initialises CUDA.
@@ -54,7 +54,7 @@ def user_errors(fn):
 
 
 def _config(config: Path | None, device: str | None):
-    from surgery_edge.config import RunConfig, load_config
+    from surgery_edge.run.config import RunConfig, load_config
 
     cfg = load_config(config) if config else RunConfig()
     return cfg.model_copy(update={"device": device}) if device else cfg
@@ -70,7 +70,7 @@ def experts(
     device: Device = None,
 ):
     """Generate the suite, pretrain the backbone and fine-tune one expert per task."""
-    from surgery_edge.pipeline import Run, prepare_experts, prepare_suite
+    from surgery_edge.run.pipeline import Run, prepare_experts, prepare_suite
 
     run = Run.create(out, _config(config, device))
     prepare_suite(run)
@@ -90,7 +90,7 @@ def merge(
     device: Device = None,
 ):
     """Merge the run's experts with one or more methods into RUN/merged/<method>.safetensors."""
-    from surgery_edge.pipeline import Run, run_merges
+    from surgery_edge.run.pipeline import Run, run_merges
 
     run = Run.open(run_dir, device=device)
     run.require_experts()
@@ -122,7 +122,7 @@ def train(
 ):
     """Train surgery adapters (unsupervised) on a merged model of the run."""
     from surgery_edge.errors import ConfigError
-    from surgery_edge.pipeline import Run, train_one
+    from surgery_edge.run.pipeline import Run, train_one
     from surgery_edge.surgery.trainer import SurgeryConfig
 
     if method not in ("surgery", "surgeryv2"):
@@ -154,7 +154,7 @@ def evaluate(
 ):
     """Evaluate everything in the run (experts, merges, surgeries) into report.json/.md."""
     from surgery_edge.evaluation.report import write_report
-    from surgery_edge.pipeline import Run, evaluate, report_dict
+    from surgery_edge.run.pipeline import Run, evaluate, report_dict
 
     run = Run.open(run_dir, device=device)
     run.require_experts()
@@ -174,9 +174,9 @@ def demo(
     device: Device = "auto",
 ):
     """The whole pipeline on the built-in suite: experts, merges, surgery, evaluation."""
-    from surgery_edge.pipeline import run_demo
+    from surgery_edge.run.pipeline import run_pipeline
 
-    report = run_demo(out, _config(config, device))
+    report = run_pipeline(out, _config(config, device))
     typer.echo(f"report: {report}")
 
 
@@ -204,9 +204,9 @@ def run_recipe(
     """Run a config end to end: data, experts, merges, surgery, evaluation, engines, report."""
     import yaml
 
-    from surgery_edge.config import load_config
     from surgery_edge.errors import ConfigError
-    from surgery_edge.pipeline import run_pipeline
+    from surgery_edge.run.config import load_config
+    from surgery_edge.run.pipeline import run_pipeline
 
     overrides = {}
     for item in set_ or []:
@@ -255,7 +255,7 @@ def export(
     device: Device = None,
 ):
     """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run."""
-    from surgery_edge.export.from_run import TrtOptions, export_run
+    from surgery_edge.run.export import TrtOptions, export_run
 
     written = export_run(
         run_dir,

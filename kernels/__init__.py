@@ -66,7 +66,7 @@ def _jit(fn: Callable) -> Callable:
     """``triton.jit(fn)`` when Triton is installed; without it the kernel can never be launched."""
     if not has_triton():
         return fn
-    import triton
+    import triton  # deferred: importing this package must not import Triton
 
     return triton.jit(fn)
 

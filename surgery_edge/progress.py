@@ -6,6 +6,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 
 class _Bar:
     def __init__(self, progress, task_id):
@@ -25,15 +34,6 @@ def progress_bar(total: int, description: str) -> Iterator[_Bar]:
     if os.environ.get("SURGERY_EDGE_QUIET") == "1":
         yield _Bar(None, None)
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

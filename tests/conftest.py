@@ -37,18 +37,18 @@ def tiny_config_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_config_path):
     """A finished tiny demo run: returns (run directory, report path)."""
-    from surgery_edge.config import load_config
-    from surgery_edge.pipeline import run_demo
+    from surgery_edge.run.config import load_config
+    from surgery_edge.run.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("run")
-    report = run_demo(out, load_config(tiny_config_path), log=lambda *a: None)
+    report = run_pipeline(out, load_config(tiny_config_path), log=lambda *a: None)
     return out, report
 
 
 @pytest.fixture(scope="session")
 def run(tiny_run):
     """The tiny run re-opened with its experts loaded."""
-    from surgery_edge.pipeline import Run
+    from surgery_edge.run.pipeline import Run
 
     r = Run.open(tiny_run[0], log=lambda *a: None)
     r.require_experts()
@@ -56,12 +56,13 @@ def run(tiny_run):
 
 
 @pytest.fixture(scope="session")
-def engines(tiny_run, tmp_path_factory):
+def engines(run, tmp_path_factory):
     """The demo hook's ONNX engines of the tiny run (no .pt2): {"report": ..., "dir": Path}."""
-    from surgery_edge.export.demo import export_and_check
+    from surgery_edge.run.engines import export_and_check
 
     out = tmp_path_factory.mktemp("engines")
-    return {"report": export_and_check(tiny_run[0], out, aoti=False), "dir": out}
+    run.find_merges()
+    return {"report": export_and_check(run, out, aoti=False), "dir": out}
 
 
 def pytest_collection_modifyitems(config, items):

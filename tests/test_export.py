@@ -28,14 +28,12 @@ MERGE = "task_arithmetic"
 
 @pytest.fixture(scope="session")
 def models(run):
-    from surgery_edge.export.from_run import load_run_model
-
-    return {m: load_run_model(run, MERGE, m) for m in ("surgery", "surgeryv2")}
+    return {m: run.layout.export_model(MERGE, m) for m in ("surgery", "surgeryv2")}
 
 
 @pytest.fixture(scope="session")
 def split(run):
-    from surgery_edge.export.demo import suite_test_split
+    from surgery_edge.run.engines import suite_test_split
 
     return suite_test_split(run.suite, run.tasks)
 

@@ -21,8 +21,8 @@ from PIL import Image
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
-from surgery_edge.config import load_config
 from surgery_edge.evaluation.published import published_table
+from surgery_edge.run.config import load_config
 
 runner = CliRunner()
 TASKS = {"MNIST": 3, "EuroSAT": 4}  # task -> classes

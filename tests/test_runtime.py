@@ -29,9 +29,8 @@ def known(run, tmp_path_factory):
     """A test image of each task that the PyTorch SurgeryV2 model classifies right (the most
     confident one), saved as PNG: {task: (path, class name, PyTorch probabilities)}."""
     from surgery_edge.data.transforms import to_model_input
-    from surgery_edge.export.from_run import load_run_model
 
-    model = load_run_model(run, "task_arithmetic", "surgeryv2")[0]
+    model = run.layout.export_model("task_arithmetic", "surgeryv2")[0]
     folder = tmp_path_factory.mktemp("images")
     out = {}
     for t, task in enumerate(run.tasks):

@@ -7,16 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from surgery_edge.bench.workloads import CONFIGS, MODES, RANDOM_WEIGHTS_NOTE, EngineResult
+from surgery_edge.evaluation.report import pyplot
 
 
 def write_plots(
     results: Sequence[EngineResult], derived: dict[str, Any], out: Path, arch: str, label: str
 ) -> list[Path]:
     """``<out>/engine-<arch>-latency.png`` and ``-weights.png`` (matplotlib, Agg backend)."""
-    import matplotlib  # deferred: heavy, and only plotting needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ok = [r for r in results if r.status == "ok"]
     colours = dict(zip(CONFIGS, ("tab:red", "tab:gray", "tab:blue", "tab:green")))

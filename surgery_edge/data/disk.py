@@ -423,7 +423,7 @@ def _load_torchvision_task(loader: _Loader, seed: int, n_adapt: int, need_train:
 
 def _open_torchvision(task_name: str, name: str, root: Path, split: str) -> Any:
     """Build the dataset with ``download=False``; missing files become a :class:`DataError`."""
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # deferred: a slow import, for torchvision sources only
 
     cls = getattr(tvd, name)
     kwargs: dict[str, Any] = {}

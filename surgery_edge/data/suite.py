@@ -24,9 +24,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from surgery_edge.data import render as R
 from surgery_edge.errors import ConfigError, SurgeryEdgeError
+from surgery_edge.io import atomic_path
 
 SPLITS = ("train", "adapt", "test")
 SUITE_NAME = "builtin-8"
@@ -35,7 +37,7 @@ SUITE_NAME = "builtin-8"
 @lru_cache(maxsize=1)
 def _digit_pools(seed: int = 1234) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """scikit-learn digits split 60/15/25 into disjoint train/adapt/test pools (stratified)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: scikit-learn takes a second to import
 
     d = load_digits()
     images = (d.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0, 1]
@@ -53,8 +55,6 @@ def _digit_pools(seed: int = 1234) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _digit_glyph(pool, label: int, rng: np.random.Generator, px: int) -> np.ndarray:
     """A random scan of ``label`` from ``pool``, resized to ``px`` x ``px`` (coverage in [0, 1])."""
-    from PIL import Image
-
     images, labels = pool
     candidates = np.flatnonzero(labels == label)
     scan = images[candidates[rng.integers(len(candidates))]]
@@ -175,8 +175,6 @@ def _render_textures(rng, label, size, pool):
         m = R._soft(period * rng.uniform(0.22, 0.32) - np.hypot(gy, gx))
     else:  # blotchy: smooth random field, thresholded
         coarse = rng.normal(size=(5, 5)).astype(np.float32)
-        from PIL import Image
-
         field = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
         m = (field > np.median(field)).astype(np.float32)
     img = R.composite(np.broadcast_to(a, (size, size, 3)).copy(), m, b)
@@ -398,8 +396,6 @@ LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 def _render_letter(rng, label, size):
     """A letter in Pillow's built-in scalable font, random size, pose and colours."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=int(rng.integers(int(size * 0.5), int(size * 0.8) + 1)))
     glyph = Image.new("L", (size, size))
     centre = tuple(size / 2 + rng.uniform(-size * 0.12, size * 0.12, 2))
@@ -451,8 +447,6 @@ def pretraining_corpus(
 
 
 def save_suite(suite: Suite, path: str | Path) -> Path:
-    from surgery_edge.io import atomic_path
-
     arrays = {}
     for t in suite.tasks:
         for field in ("train_x", "train_y", "adapt_x", "test_x", "test_y"):

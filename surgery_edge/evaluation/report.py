@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from surgery_edge.io import atomic_path, write_json_atomic, write_text_atomic
 from surgery_edge.surgery.methods import NONE, SURGERY_METHODS
 
@@ -130,13 +132,19 @@ def _save_fig(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_accuracy(report: dict, path: Path) -> Path:
-    """One panel per merge method: merged / w/ Surgery / w/ SurgeryV2 per task, experts marked."""
-    import matplotlib
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
+    import matplotlib  # deferred: a second to import, and only plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # deferred with matplotlib, after choosing the backend
+
+    return plt
+
+
+def plot_accuracy(report: dict, path: Path) -> Path:
+    """One panel per merge method: merged / w/ Surgery / w/ SurgeryV2 per task, experts marked."""
+    plt = pyplot()
 
     tasks, rows = report["tasks"], report["results"]
     by = {(r["method"], r["surgery"]): r for r in rows}
@@ -186,10 +194,7 @@ def plot_accuracy(report: dict, path: Path) -> Path:
 
 
 def plot_bias(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bias = report["representation_bias"]
     merges = list(bias)

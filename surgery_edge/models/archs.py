@@ -97,18 +97,11 @@ TINY_ARCHS: dict[str, ArchSpec] = {
 }
 
 
-def known_archs() -> list[str]:
-    import open_clip
-
-    vit_names = [n for n in open_clip.list_models() if n.startswith("ViT-")]
-    return sorted(TINY_ARCHS) + vit_names
-
-
 def get_arch(name: str) -> ArchSpec:
     """Return the :class:`ArchSpec` for a tiny config or an open_clip ViT config name."""
     if name in TINY_ARCHS:
         return TINY_ARCHS[name]
-    import open_clip
+    import open_clip  # deferred: importing open_clip takes seconds and loads Triton
 
     cfg = open_clip.get_model_config(name)
     if cfg is None:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from surgery_edge.errors import CheckpointError
 from surgery_edge.io import atomic_path
@@ -29,8 +31,6 @@ FORMAT_VERSION = 1
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write ``tensors`` and ``meta`` to a safetensors file atomically."""
-    from safetensors.torch import save_file
-
     meta = {"format_version": FORMAT_VERSION, **meta}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -40,8 +40,6 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a safetensors file written by :func:`save_tensors`; clear errors for bad files."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist. Check the path, or re-create it.")
@@ -69,8 +67,6 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 def read_metadata(path: str | os.PathLike) -> dict | None:
     """The surgery-edge metadata of a safetensors file without reading its tensors (None when
     the file is missing, unreadable or not ours)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)

@@ -18,6 +18,8 @@ from surgery_edge.models.archs import ArchSpec
 
 
 def _build_visual(arch: ArchSpec) -> nn.Module:
+    # deferred: importing open_clip takes seconds and loads Triton (`import surgery_edge.models`
+    # must stay cheap, e.g. for `surgery-edge --help`)
     from open_clip.transformer import QuickGELU, VisionTransformer
 
     return VisionTransformer(

@@ -1,23 +1,14 @@
 """The whole flow on a run directory: suite -> experts -> merges -> surgery -> evaluation.
 
-Layout of a run directory::
-
-    suite.npz                              the generated built-in suite
-    checkpoints/pretrained.safetensors     pretrained backbone
-    checkpoints/experts/<task>.safetensors one fine-tuned encoder per task
-    checkpoints/heads/<task>.safetensors   one head per task
-    merged/<method>.safetensors            merged backbones (recipe in the metadata)
-    adapters/<merge>/<surgery>.safetensors surgery adapters
-    cache/                                 expert representations (memory-mapped .npy)
-    report.json, report.md, *.png
-
-Every stage writes its artefact atomically with a fingerprint of its inputs and settings in the
-metadata; a re-run reuses an artefact whose fingerprint matches and redoes only what changed.
+The directory's layout is :class:`~surgery_edge.run.layout.RunLayout`. Every stage writes its
+artefact atomically with a fingerprint of its inputs and settings in the metadata; a re-run
+reuses an artefact whose fingerprint matches and redoes only what changed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,26 +16,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgery_edge import merging
-from surgery_edge.config import RunConfig
+from surgery_edge import __version__, merging
 from surgery_edge.data.suite import Suite, load_or_generate_suite
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.device import resolve_device
 from surgery_edge.errors import CheckpointError, ConfigError
-from surgery_edge.experts import (
-    ExpertSet,
-    FinetuneConfig,
-    PretrainConfig,
-    build_experts,
-    load_heads,
-)
+from surgery_edge.evaluation.accuracy import average, routed_accuracy
+from surgery_edge.evaluation.bias import representation_bias
+from surgery_edge.evaluation.published import beside, published_table
+from surgery_edge.evaluation.report import write_report
+from surgery_edge.io import write_json_atomic
 from surgery_edge.merging import AdaMergingContext
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
 from surgery_edge.models.checkpoint import read_metadata
-from surgery_edge.models.convert.weights import checkpoint_arch
 from surgery_edge.progress import progress_bar
-from surgery_edge.surgery.adapters import AdapterBank
-from surgery_edge.surgery.methods import SURGERY_METHODS
+from surgery_edge.run.config import RunConfig
+from surgery_edge.run.engines import export_engines
+from surgery_edge.run.experts import ExpertSet, FinetuneConfig, PretrainConfig, build_experts
+from surgery_edge.run.layout import RunLayout
+from surgery_edge.run.recipe import disk_suite, import_checkpoints
+from surgery_edge.surgery.methods import NONE, SURGERY_METHODS
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import cached_representations, file_fingerprint, fingerprint
 from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
@@ -54,11 +45,11 @@ from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surge
 class Run:
     """A run directory plus what the stages have produced so far."""
 
-    out: Path
+    layout: RunLayout
     config: RunConfig
     device: torch.device
     arch: ArchSpec
-    log: callable = print
+    log: Callable[..., None] = print
     suite: Suite | None = None
     experts: ExpertSet | None = None
     merged: dict[str, Path] = field(default_factory=dict)
@@ -68,38 +59,37 @@ class Run:
     @classmethod
     def create(cls, out: str | Path, config: RunConfig, log=print) -> Run:
         """Start (or continue) a run in ``out`` with ``config``; the config is saved there."""
-        from surgery_edge.io import write_json_atomic
-
-        run = cls(Path(out), config, resolve_device(config.device), get_arch(config.arch), log)
-        write_json_atomic(run.out / "config.json", config.model_dump(mode="json"))
+        layout = RunLayout(Path(out))
+        run = cls(layout, config, resolve_device(config.device), get_arch(config.arch), log)
+        write_json_atomic(layout.config_file, config.model_dump(mode="json"))
         return run
 
     @classmethod
     def open(cls, out: str | Path, log=print, device: str | None = None) -> Run:
-        """Re-open a run directory made by ``surgery-edge experts`` or ``demo``."""
-        import json
-
-        out = Path(out)
-        path = out / "config.json"
-        if not path.is_file():
-            raise ConfigError(
-                f"{out} is not a surgery-edge run directory (no config.json). Create one with "
-                f"`surgery-edge experts --out {out}` or `surgery-edge demo --out {out}`."
-            )
-        config = RunConfig.model_validate(json.loads(path.read_text()))
+        """Re-open a run directory made by ``surgery-edge experts``, ``demo`` or ``run``."""
+        layout = RunLayout.open(out)
+        config = layout.read_config()
         if device is not None:
             config = config.model_copy(update={"device": device})
-        return cls(out, config, resolve_device(config.device), get_arch(config.arch), log)
+        return cls(layout, config, resolve_device(config.device), get_arch(config.arch), log)
+
+    @property
+    def out(self) -> Path:
+        return self.layout.root
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.layout.tasks(self.config)
 
     def require_experts(self) -> ExpertSet:
         """Load the suite and the (existing) experts; never trains or imports."""
         prepare_suite(self)
-        ckpt = self.out / "checkpoints"
-        if not self.config.builtin and (ckpt / "pretrained.safetensors").is_file():
-            self.arch = checkpoint_arch(ckpt / "pretrained.safetensors")
-        experts = {t: ckpt / "experts" / f"{t}.safetensors" for t in self.tasks}
-        heads = {t: ckpt / "heads" / f"{t}.safetensors" for t in self.tasks}
-        for p in [ckpt / "pretrained.safetensors", *experts.values(), *heads.values()]:
+        layout = self.layout
+        if not self.config.builtin and layout.pretrained.is_file():
+            self.arch = layout.arch()  # e.g. ViT-B-32-quickgelu, as the import found it
+        experts = {t: layout.expert(t) for t in self.tasks}
+        heads = {t: layout.head(t) for t in self.tasks}
+        for p in [layout.pretrained, *experts.values(), *heads.values()]:
             if not p.is_file():
                 make = (
                     f"surgery-edge experts --out {self.out}"
@@ -109,24 +99,24 @@ class Run:
                 raise CheckpointError(
                     f"Checkpoint {p} does not exist. Run `{make}` first, or restore the file."
                 )
-        self.experts = ExpertSet(ckpt / "pretrained.safetensors", experts, heads)
+        self.experts = ExpertSet(layout.pretrained, experts, heads)
         return self.experts
 
     def find_merges(self) -> dict[str, Path]:
-        folder = self.out / "merged"
-        self.merged = (
-            {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
-        )
+        self.merged = self.layout.merges()
         return self.merged
 
     def find_adapters(self) -> dict[tuple[str, str], Path]:
-        self.adapters = {}
-        for merge in self.merged:
-            for method in SURGERY_METHODS:
-                p = self.out / "adapters" / merge / f"{method}.safetensors"
-                if p.is_file():
-                    self.adapters[(merge, method)] = p
+        self.adapters = self.layout.trained_adapters(list(self.merged))
         return self.adapters
+
+    def heads(self) -> list:
+        """The heads of the run's tasks, in task order (each checked to be its task's)."""
+        return [h.head.eval() for h in self.layout.heads(self.tasks, self.arch)]
+
+    def model(self, encoder: Path, adapters: Path | None = None) -> MultiTaskModel:
+        """The multi-task model of an encoder checkpoint (+ adapters) with the run's heads."""
+        return self.layout.model(encoder, adapters, self.tasks, self.arch, self.device)
 
     @contextmanager
     def stage(self, name: str):
@@ -134,18 +124,12 @@ class Run:
         yield
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
-    @property
-    def tasks(self) -> list[str]:
-        return self.suite.task_names
-
 
 def prepare_suite(run: Run) -> Suite:
     """The built-in suite (generated once, cached), or the config's tasks read from disk."""
     s = run.config.suite
     with run.stage("suite"):
         if not run.config.builtin:
-            from surgery_edge.recipe import disk_suite
-
             run.suite = disk_suite(run)
             return run.suite
         run.suite = load_or_generate_suite(
@@ -165,8 +149,6 @@ def prepare_experts(run: Run) -> ExpertSet:
     e = run.config.experts
     with run.stage("experts"):
         if not run.config.builtin:
-            from surgery_edge.recipe import import_checkpoints
-
             run.experts = import_checkpoints(run)
             return run.experts
         run.experts = build_experts(
@@ -189,11 +171,6 @@ def prepare_experts(run: Run) -> ExpertSet:
             log=run.log,
         )
     return run.experts
-
-
-def _experts_fingerprint(run: Run) -> str:
-    paths = [run.experts.pretrained, *run.experts.experts.values(), *run.experts.heads.values()]
-    return fingerprint(*(file_fingerprint(p) for p in paths))
 
 
 def _meta_fingerprint(path: Path) -> str | None:
@@ -231,7 +208,7 @@ def run_merges(
         path = run.out / "merged" / f"{name}.safetensors"
         params = plans[name]
         data = (run.config.seed, adaptation_split(run)) if spec.needs_data else None
-        fp = fingerprint(_experts_fingerprint(run), name, params, data)
+        fp = fingerprint(run.experts.fingerprint(), name, params, data)
         if path.exists() and _meta_fingerprint(path) == fp:
             run.log(f"reusing merge {name}")
             run.merged[name] = path
@@ -241,10 +218,7 @@ def run_merges(
             if spec.needs_data:
                 context = AdaMergingContext(
                     encoder=pre.build(run.device),
-                    heads={
-                        t: h.to(run.device)
-                        for t, h in load_heads(run.experts.heads, run.arch).items()
-                    },
+                    heads={t: h.to(run.device) for t, h in zip(run.tasks, run.heads())},
                     # uint8 arrays (memory-mapped for data from disk), converted per batch
                     images={
                         t: _split_images(run.suite, t, adaptation_split(run)) for t in run.tasks
@@ -337,20 +311,19 @@ def train_one(
     merged_path = run.merged[merge_name]
     split = adaptation_split(run, transductive)
     path = out_path or run.out / "adapters" / merge_name / f"{cfg.method}.safetensors"
-    fp = fingerprint(file_fingerprint(merged_path), _experts_fingerprint(run), cfg, split)
+    fp = fingerprint(file_fingerprint(merged_path), run.experts.fingerprint(), cfg, split)
     if path.exists() and _meta_fingerprint(path) == fp:
         run.log(f"reusing {cfg.method} adapters on {merge_name}")
         return path
     if targets is None:
         with run.stage("surgery:targets"):
             targets = training_targets(run, split)
-    heads = load_heads(run.experts.heads, run.arch)
     merged = load_encoder(merged_path, run.arch)
     recipe = dict(merged.meta.get("recipe", {}))
     with run.stage(f"surgery:{cfg.method}"):
         train_surgery(
             merged.build(run.device),
-            [heads[t] for t in run.tasks],
+            run.heads(),
             run.tasks,
             targets,
             cfg,
@@ -381,26 +354,8 @@ def run_surgery(run: Run, resume: bool = True) -> dict[tuple[str, str], Path]:
     return run.adapters
 
 
-def build_model(run: Run, merged_path: Path, adapters: Path | None = None) -> MultiTaskModel:
-    """The multi-task model of a merged backbone (+ adapters) with the experts' heads."""
-    heads = load_heads(run.experts.heads, run.arch)
-    encoder = load_encoder(merged_path, run.arch).build(run.device)
-    bank = None
-    if adapters is not None:
-        bank, _ = AdapterBank.load(adapters, arch=run.arch, tasks=run.tasks)
-    names = [run.suite.task(t).class_names for t in run.tasks]
-    return (
-        MultiTaskModel(encoder, [heads[t] for t in run.tasks], run.tasks, bank, names)
-        .to(run.device)
-        .eval()
-    )
-
-
 def evaluate(run: Run) -> dict:
     """Accuracy rows for pretrained, experts, merges and surgeries, plus representation bias."""
-    from surgery_edge.evaluation.accuracy import average, routed_accuracy
-    from surgery_edge.evaluation.bias import representation_bias
-
     rows = []
 
     def row(method, surgery, per_task):
@@ -411,24 +366,24 @@ def evaluate(run: Run) -> dict:
     with run.stage("evaluation"):
         row(
             "pretrained",
-            "none",
-            routed_accuracy(build_model(run, run.experts.pretrained), run.suite, run.device),
+            NONE,
+            routed_accuracy(run.model(run.experts.pretrained), run.suite, run.device),
         )
-        row("individual", "none", {t: _expert_accuracy(run, t) for t in run.tasks})
+        row("individual", NONE, {t: _expert_accuracy(run, t) for t in run.tasks})
         bias: dict[str, dict[str, dict[str, float]]] = {}
         test_images = {t: run.suite.task(t).test_x for t in run.tasks}
         expert_test = {t: expert_representations(run, t, "test") for t in run.tasks}
         for merge_name, merged_path in run.merged.items():
-            model = build_model(run, merged_path)
-            row(merge_name, "none", routed_accuracy(model, run.suite, run.device))
+            model = run.model(merged_path)
+            row(merge_name, NONE, routed_accuracy(model, run.suite, run.device))
             bias[merge_name] = {
-                "none": representation_bias(model, test_images, expert_test, run.device)
+                NONE: representation_bias(model, test_images, expert_test, run.device)
             }
             for method in run.config.surgery.methods:
                 path = run.adapters.get((merge_name, method))
                 if path is None:
                     continue
-                model = build_model(run, merged_path, path)
+                model = run.model(merged_path, path)
                 row(merge_name, method, routed_accuracy(model, run.suite, run.device))
                 bias[merge_name][method] = representation_bias(
                     model, test_images, expert_test, run.device
@@ -438,17 +393,11 @@ def evaluate(run: Run) -> dict:
 
 def _expert_accuracy(run: Run, task: str) -> float:
     """An expert on its own task, with its own head."""
-    from surgery_edge.evaluation.accuracy import routed_accuracy
-
-    encoder = load_encoder(run.experts.experts[task], run.arch).build(run.device)
-    head = load_heads({task: run.experts.heads[task]}, run.arch)[task]
-    model = MultiTaskModel(encoder, [head], [task]).to(run.device)
+    model = run.layout.model(run.experts.experts[task], None, [task], run.arch, run.device)
     return routed_accuracy(model, run.suite.select([task]), run.device)[task]
 
 
 def report_dict(run: Run, evaluation: dict, notes: list[str] | None = None) -> dict:
-    from surgery_edge import __version__
-
     return {
         "suite": run.suite.name,
         "arch": run.arch.name,
@@ -463,44 +412,6 @@ def report_dict(run: Run, evaluation: dict, notes: list[str] | None = None) -> d
     }
 
 
-def check_tasks(run: Run, names: list[str] | None) -> None:
-    if names:
-        unknown = [n for n in names if n not in run.tasks]
-        if unknown:
-            raise ConfigError(f"Unknown task(s) {unknown}; this run has {run.tasks}.")
-
-
-def export_engines(run: Run) -> dict:
-    """Export the task-arithmetic engines (V1 all-tasks, V2 routed) and check their parity.
-
-    Reuses ``engines/summary.json`` when the merged model, adapters and experts are unchanged.
-    """
-    import json
-
-    from surgery_edge.export.demo import export_and_check
-    from surgery_edge.io import write_json_atomic
-
-    needed = [
-        run.merged.get("task_arithmetic"),
-        run.adapters.get(("task_arithmetic", "surgery")),
-        run.adapters.get(("task_arithmetic", "surgeryv2")),
-    ]
-    if any(p is None for p in needed):
-        return {"skipped": "needs the task_arithmetic merge with both surgery methods"}
-    fp = fingerprint(*(file_fingerprint(p) for p in needed), _experts_fingerprint(run))
-    summary = run.out / "engines" / "summary.json"
-    if summary.is_file():
-        cached = json.loads(summary.read_text())
-        if cached.get("fingerprint") == fp:
-            run.log("reusing exported engines")
-            return cached
-    with run.stage("export"):
-        result = export_and_check(run, run.out / "engines")
-    result["fingerprint"] = fp
-    write_json_atomic(summary, result)
-    return result
-
-
 def run_pipeline(out: str | Path, config: RunConfig, log=print) -> Path:
     """The whole flow in ``out``; returns report.md.
 
@@ -509,13 +420,9 @@ def run_pipeline(out: str | Path, config: RunConfig, log=print) -> Path:
     exported engines (``export: true``) and the report, with the published figures beside the
     measured ones when ``reference`` names a table. Every stage reuses up-to-date artefacts.
     """
-    from surgery_edge.evaluation.report import write_report
-
     t0 = time.perf_counter()
     reference = None
     if config.reference:
-        from surgery_edge.evaluation.published import published_table
-
         reference = published_table(config.reference)  # unknown names fail before any work
     run = Run.create(out, config, log)
     log(f"device: {run.device}; arch: {run.arch.name}; run directory: {run.out}")
@@ -538,14 +445,9 @@ def run_pipeline(out: str | Path, config: RunConfig, log=print) -> Path:
     report = report_dict(run, evaluation, notes)
     report["engines"] = engines
     if reference is not None:
-        from surgery_edge.evaluation.published import beside
-
         report["reference"] = {
             "name": reference["name"],
             "source": reference["source"],
             "rows": beside(evaluation["rows"], run.tasks, reference),
         }
     return write_report(run.out, report)["md"]
-
-
-run_demo = run_pipeline

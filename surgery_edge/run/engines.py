@@ -11,35 +11,43 @@ cost if each task shipped its own model.
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from surgery_edge.engine_format import EngineMode
 from surgery_edge.errors import ExportError
+from surgery_edge.export.aoti import export_aoti
+from surgery_edge.export.onnx import export_onnx
+from surgery_edge.export.parity import check_forward
+from surgery_edge.io import write_json_atomic
+from surgery_edge.surgery.model import MultiTaskModel
+from surgery_edge.surgery.targets import file_fingerprint, fingerprint
+
+if TYPE_CHECKING:
+    from surgery_edge.run.pipeline import Run
 
 MERGE = "task_arithmetic"
+# (engine name, surgery method, mode): V1 answers every task from one backbone pass; V2 routes.
+PLANS = (
+    ("surgery-all-tasks", "surgery", EngineMode.ALL_TASKS),
+    ("surgeryv2-routed", "surgeryv2", EngineMode.ROUTED),
+)
 
 
-def _single_expert_model(run):
-    from surgery_edge.experts import load_heads
-    from surgery_edge.models import load_encoder
-    from surgery_edge.surgery.model import MultiTaskModel
-
+def _single_expert_model(run: Run) -> tuple[MultiTaskModel, str]:
     task = run.tasks[0]
-    encoder = load_encoder(run.experts.experts[task], run.arch).build("cpu")
-    head = load_heads({task: run.experts.heads[task]}, run.arch)[task]
-    names = [run.suite.task(task).class_names]
-    return MultiTaskModel(encoder, [head], [task], None, names).eval(), task
+    return run.layout.model(run.experts.experts[task], None, [task], run.arch, "cpu"), task
 
 
-def export_and_check(run, out_dir: str | os.PathLike, aoti: bool = True) -> dict[str, Any]:
+def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, Any]:
     """Export the demo engines into ``out_dir`` and measure them; returns a JSON-able dict.
 
     Args:
-        run: a :class:`surgery_edge.pipeline.Run` (or its directory) with experts, the
+        run: a run with its experts loaded (:meth:`Run.require_experts`), the
             ``task_arithmetic`` merge and both surgery methods' adapters.
         out_dir: where the engines go.
         aoti: also compile ``.pt2`` packages (needs a C++ compiler; ~30 s or more each on CPU).
@@ -51,16 +59,6 @@ def export_and_check(run, out_dir: str | os.PathLike, aoti: bool = True) -> dict
         argmax_agreement in %, max_abs_logit) and export seconds; plus ``bytes_vs_single_expert``
         and ``bytes_vs_all_experts`` for the ONNX engines.
     """
-    from surgery_edge.export.aoti import export_aoti
-    from surgery_edge.export.from_run import load_run_model
-    from surgery_edge.export.onnx import export_onnx
-    from surgery_edge.export.parity import check_forward
-    from surgery_edge.pipeline import Run
-
-    if not isinstance(run, Run):
-        run = Run.open(run, log=lambda *a: None)
-    if run.experts is None:
-        run.require_experts()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The built-in suite's whole test split; a sample of 256 per task for data from disk.
@@ -79,15 +77,12 @@ def export_and_check(run, out_dir: str | os.PathLike, aoti: bool = True) -> dict
         "engines": {},
     }
 
-    plans = [
-        ("surgery-all-tasks", "surgery", "all-tasks", None),
-        ("surgeryv2-routed", "surgeryv2", "routed", task_ids),
-    ]
-    for name, method, mode, ids in plans:
-        model, extra = load_run_model(run, MERGE, method)
-        model = model.cpu()
-        engine: dict[str, Any] = {"method": method, "mode": mode}
-        targets = [("onnx", False), ("onnx-fp16", True)] if mode == "routed" else [("onnx", False)]
+    for name, method, mode in PLANS:
+        model, extra = run.layout.export_model(MERGE, method, device="cpu")
+        ids = task_ids if mode is EngineMode.ROUTED else None
+        engine: dict[str, Any] = {"method": method, "mode": mode.value}
+        routed = mode is EngineMode.ROUTED
+        targets = [("onnx", False), ("onnx-fp16", True)] if routed else [("onnx", False)]
         for key, fp16 in targets:
             t0 = time.perf_counter()
             path = export_onnx(
@@ -141,3 +136,25 @@ def _describe(path: Path, t0: float) -> dict[str, Any]:
         "bytes": path.stat().st_size,
         "export_s": round(time.perf_counter() - t0, 2),
     }
+
+
+def export_engines(run: Run) -> dict:
+    """The demo's export stage: the task-arithmetic engines, checked for parity.
+
+    Reuses ``engines/summary.json`` when the merged model, adapters and experts are unchanged.
+    """
+    needed = [run.merged.get(MERGE)] + [run.adapters.get((MERGE, m)) for _, m, _ in PLANS]
+    if any(p is None for p in needed):
+        return {"skipped": "needs the task_arithmetic merge with both surgery methods"}
+    fp = fingerprint(*(file_fingerprint(p) for p in needed), run.experts.fingerprint())
+    summary = run.layout.engines / "summary.json"
+    if summary.is_file():
+        cached = json.loads(summary.read_text())
+        if cached.get("fingerprint") == fp:
+            run.log("reusing exported engines")
+            return cached
+    with run.stage("export"):
+        result = export_and_check(run, run.layout.engines)
+    result["fingerprint"] = fp
+    write_json_atomic(summary, result)
+    return result

@@ -26,12 +26,12 @@ from surgery_edge.models import (
     ImageEncoder,
     build_encoder,
     load_encoder,
-    load_head,
     prototype_head,
     save_encoder,
     save_head,
 )
 from surgery_edge.progress import progress_bar
+from surgery_edge.surgery.targets import file_fingerprint, fingerprint
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,11 @@ class ExpertSet:
     experts: dict[str, Path]
     heads: dict[str, Path]
 
+    def fingerprint(self) -> str:
+        """Identity of every checkpoint, for the fingerprints of what is made from them."""
+        paths = [self.pretrained, *self.experts.values(), *self.heads.values()]
+        return fingerprint(*(file_fingerprint(p) for p in paths))
+
 
 def _cached(path: Path, arch: ArchSpec, config: dict, loader) -> bool:
     """True when ``path`` holds a valid checkpoint made with ``config`` for ``arch``."""
@@ -242,7 +247,3 @@ def build_experts(
             save_encoder(e_path, arch, state, task=task.name, train_config=ft_cfg)
         experts[task.name], heads[task.name] = e_path, h_path
     return ExpertSet(pre_path, experts, heads)
-
-
-def load_heads(heads: dict[str, Path], arch: ArchSpec) -> dict[str, ClassificationHead]:
-    return {t: load_head(p, arch).head.eval() for t, p in heads.items()}

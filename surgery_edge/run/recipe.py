@@ -1,6 +1,6 @@
 """Runs over the user's own files: tasks read from disk, experts and heads imported.
 
-A run whose config has ``data`` and ``checkpoints`` (see :class:`surgery_edge.config.RunConfig`)
+A run whose config has ``data`` and ``checkpoints`` (see :class:`surgery_edge.run.config.RunConfig`)
 replaces the demo's two first stages:
 
 - :func:`disk_suite` reads every task from image folders or torchvision datasets, decoded once at
@@ -21,12 +21,12 @@ from pathlib import Path
 from surgery_edge.data.disk import DiskTask, load_disk_task
 from surgery_edge.data.suite import Suite
 from surgery_edge.errors import CheckpointError
-from surgery_edge.experts import ExpertSet
 from surgery_edge.io import write_json_atomic
 from surgery_edge.models import get_arch
 from surgery_edge.models.convert.task_vectors import find_task_vectors_layout, import_task_vectors
 from surgery_edge.models.convert.weights import checkpoint_arch, import_weights, zeroshot_heads
 from surgery_edge.models.templates import paper_class_names
+from surgery_edge.run.experts import ExpertSet
 from surgery_edge.surgery.targets import file_fingerprint, fingerprint
 
 

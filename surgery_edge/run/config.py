@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from surgery_edge import merging
@@ -325,8 +326,6 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
 
     ``~`` and ``$VARS`` in paths are expanded.
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")

@@ -1,0 +1,88 @@
+"""Exporting from a run directory: pick the merge and surgery, build the model, write engines.
+
+Everything comes from the run's checkpoints (:class:`~surgery_edge.run.layout.RunLayout`): no
+dataset is read, so exporting needs only the files under ``checkpoints/``, ``merged/`` and
+``adapters/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery_edge.device import resolve_device
+from surgery_edge.engine_format import EngineMode
+from surgery_edge.export.aoti import export_aoti
+from surgery_edge.export.onnx import export_onnx
+from surgery_edge.export.tensorrt import build_engine, check_workspace, profile_shapes
+from surgery_edge.run.layout import RunLayout
+from surgery_edge.runtime.backends import import_tensorrt
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    """TensorRT build settings (see :func:`surgery_edge.export.tensorrt.build_engine`)."""
+
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    workspace_gb: float = 4.0
+    timing_cache: Path | None = None
+
+
+def default_onnx_path(run_dir: Path, merge: str, surgery: str, mode: str, fp16: bool) -> Path:
+    return Path(run_dir) / "engines" / f"{merge}-{surgery}-{mode}{'-fp16' if fp16 else ''}.onnx"
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    merge: str = "task_arithmetic",
+    surgery: str = "surgeryv2",
+    mode: EngineMode | str = EngineMode.ROUTED,
+    onnx: str | os.PathLike | None = None,
+    fp16: bool = False,
+    aoti: str | os.PathLike | None = None,
+    trt: str | os.PathLike | None = None,
+    trt_options: TrtOptions | None = None,
+    device: str | None = None,
+) -> dict[str, Path]:
+    """Export one multi-task engine of a run to ONNX, AOTInductor and/or TensorRT.
+
+    TensorRT builds from the ONNX this call exports (``onnx``, or ``<trt>.onnx`` beside the
+    engine). TensorRT settings and its availability are checked before any export work. With no
+    target given, writes ``RUN/engines/<merge>-<surgery>-<mode>[-fp16].onnx``.
+
+    Returns:
+        ``{"onnx" | "pt2" | "tensorrt": path}`` of what was written.
+    """
+    mode = EngineMode.parse(mode)
+    layout = RunLayout.open(run_dir)
+    run_device = resolve_device(device or layout.read_config().device)
+    opts = trt_options or TrtOptions()
+    if trt is not None:  # fail fast: before minutes of export work
+        arch = layout.arch()
+        profile_shapes(arch.image_size, mode, opts.min_batch, opts.opt_batch, opts.max_batch)
+        check_workspace(opts.workspace_gb)
+        import_tensorrt()
+    if onnx is None and aoti is None and trt is None:
+        onnx = default_onnx_path(layout.root, merge, surgery, mode.value, fp16)
+    model, extra = layout.export_model(merge, surgery, device=run_device)
+    written: dict[str, Path] = {}
+    if onnx is not None or trt is not None:
+        onnx_path = Path(onnx) if onnx is not None else Path(trt).with_suffix(".onnx")
+        written["onnx"] = export_onnx(model, onnx_path, mode, fp16, metadata=extra)
+    if trt is not None:
+        written["tensorrt"] = build_engine(
+            written["onnx"],
+            trt,
+            fp16=fp16,
+            min_batch=opts.min_batch,
+            opt_batch=opts.opt_batch,
+            max_batch=opts.max_batch,
+            workspace_gb=opts.workspace_gb,
+            timing_cache=opts.timing_cache,
+        )
+    if aoti is not None:
+        written["pt2"] = export_aoti(model, aoti, mode, fp16, metadata=extra, device=run_device)
+    return written
