@@ -222,8 +222,10 @@ def validate_metadata(meta: Any, source: str | os.PathLike) -> EngineMetadata:
     if not isinstance(meta["method"], str):
         raise ExportError(f"{where}: method must be a name, got {meta['method']!r}.")
     preprocessing = Preprocessing.from_dict(meta["preprocessing"], source)
-    mode = EngineMode.parse(meta["mode"])
-    precision = Precision.parse(meta["precision"])
+    try:
+        mode, precision = EngineMode.parse(meta["mode"]), Precision.parse(meta["precision"])
+    except ExportError as e:
+        raise ExportError(f"{where}: {e} Re-export the engine.") from None
     inputs, outputs = io_names(mode, tasks)
     if meta["inputs"] != inputs or meta["outputs"] != outputs:
         raise ExportError(

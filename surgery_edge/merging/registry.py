@@ -116,9 +116,11 @@ class MergeSpec:
 
     def describe(self) -> str:
         """One line for help texts: the name, what it does and its parameters."""
-        params = "; ".join(p.describe() for p in self.params) or "no parameters"
+        params = "; ".join(p.describe() for p in self.params)
         data = " Learns from the unlabelled adaptation images." if self.needs_data else ""
-        return f"{self.name}: {self.summary}{data} Parameters: {params}."
+        return f"{self.name}: {self.summary}{data} " + (
+            f"Parameters: {params}." if params else "No parameters."
+        )
 
     def __call__(
         self,

@@ -28,7 +28,7 @@ from surgery_edge.bench.report import merge_previous, write_outputs
 from surgery_edge.bench.workloads import CONFIG_MODES, CONFIGS, DTYPES, EngineBenchConfig
 from surgery_edge.models import get_arch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")

@@ -388,7 +388,7 @@ def test_unset_variable_in_a_path(tmp_path, files, monkeypatch):
 
 @pytest.mark.parametrize("name", ["paper_vit_b32", "paper_vit_l14"])
 def test_paper_configs_encode_the_protocol(name, tmp_path):
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
     cfg = load_config(path, {"data.root": str(tmp_path), "checkpoints.root": str(tmp_path)})
     assert list(cfg.data.tasks) == ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB",
                                     "MNIST", "DTD"]  # fmt: skip

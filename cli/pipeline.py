@@ -1,0 +1,207 @@
+"""The pipeline's commands: experts, merge, train, eval, demo, run (each over a run directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from surgery_edge.cli.common import (
+    Device,
+    RunDir,
+    SurgeryName,
+    complete_merge_method,
+    lazy_epilog,
+    merge_method,
+    merge_methods_help,
+    parse_values,
+    user_errors,
+)
+
+from surgery_edge.errors import ConfigError
+from surgery_edge.surgery.methods import get_surgery
+
+
+def _config(config: Path | None, device: str | None):
+    from surgery_edge.run.config import RunConfig, load_config  # deferred: imports torch
+
+    cfg = load_config(config) if config else RunConfig()
+    return cfg.model_copy(update={"device": device}) if device else cfg
+
+
+@user_errors
+def experts(
+    out: Annotated[Path, typer.Option(help="Run directory to create or continue.")] = Path(
+        "runs/demo"
+    ),
+    config: Annotated[Path | None, typer.Option(help="YAML run config.")] = None,
+    device: Device = None,
+):
+    """Generate the suite, pretrain the backbone and fine-tune one expert per task."""
+    from surgery_edge.run.pipeline import Run, prepare_experts, prepare_suite  # deferred: torch
+
+    run = Run.create(out, _config(config, device))
+    prepare_suite(run)
+    es = prepare_experts(run)
+    typer.echo(f"pretrained: {es.pretrained}\nexperts:    {es.pretrained.parent / 'experts'}")
+
+
+MERGE_HELP = lazy_epilog(merge_methods_help)
+
+
+@user_errors
+def merge(
+    run_dir: RunDir,
+    method: Annotated[
+        list[str],
+        typer.Option(
+            metavar="METHOD",
+            parser=merge_method,
+            shell_complete=complete_merge_method,
+            help="Merge method (repeatable); the methods are listed below.",
+        ),
+    ],
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            help="KEY=VALUE for every chosen method that takes KEY, e.g. --param lam=0.5 "
+            "(repeatable; the methods' parameters are listed below).",
+        ),
+    ] = None,
+    lam: Annotated[float | None, typer.Option(hidden=True)] = None,  # before --param: lam=
+    k: Annotated[float | None, typer.Option(hidden=True)] = None,  # before --param: k=
+    device: Device = None,
+):
+    """Merge the run's experts with one or more methods into RUN/merged/<method>.safetensors."""
+    from surgery_edge.run.pipeline import Run, run_merges  # deferred: imports torch
+
+    overrides = parse_values(param, "--param", "lam=0.5")
+    for name, value in (("lam", lam), ("k", k)):
+        if value is not None:
+            overrides.setdefault(name, value)
+    run = Run.open(run_dir, device=device)
+    run.require_experts()
+    for name, path in run_merges(run, method, overrides).items():
+        typer.echo(f"{name}: {path}")
+
+
+@user_errors
+def train(
+    run_dir: RunDir,
+    merge_name: Annotated[str, typer.Option("--merge", help="Merged model to repair.")] = (
+        "task_arithmetic"
+    ),
+    method: Annotated[SurgeryName, typer.Option(help="Surgery method.")] = SurgeryName.surgeryv2,
+    rank: Annotated[int | None, typer.Option(help="Adapter rank (default: the method's).")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Steps, each one batch of every task (default: the method's)."),
+    ] = None,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoint_every: int = 100,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    transductive: Annotated[
+        bool, typer.Option(help="Train on the unlabelled test images (the paper's protocol).")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Adapter file to write.")] = None,
+    device: Device = None,
+):
+    """Train surgery adapters (unsupervised) on a merged model of the run."""
+    from surgery_edge.run.pipeline import Run, train_one  # deferred: imports torch
+    from surgery_edge.surgery.trainer import SurgeryConfig  # deferred with the pipeline
+
+    method = SurgeryName(method).value
+    spec = get_surgery(method)
+    rank = spec.rank if rank is None else rank
+    steps = spec.steps if steps is None else steps
+    for name, value in (("--rank", rank), ("--steps", steps), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}.")
+    run = Run.open(run_dir, device=device)
+    run.require_experts()
+    run.find_merges()
+    cfg = SurgeryConfig(
+        method=method,
+        rank=rank,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    path = train_one(run, merge_name, cfg, out, transductive=transductive, resume=resume)
+    typer.echo(f"adapters: {path}")
+
+
+@user_errors
+def evaluate(
+    run_dir: RunDir,
+    device: Device = None,
+):
+    """Evaluate everything in the run (experts, merges, surgeries) into report.json/.md."""
+    from surgery_edge.evaluation.report import write_report  # deferred: matplotlib
+    from surgery_edge.run.pipeline import Run, evaluate, report_dict  # deferred: torch
+
+    run = Run.open(run_dir, device=device)
+    run.require_experts()
+    run.find_merges()
+    run.find_adapters()
+    paths = write_report(run.out, report_dict(run, evaluate(run)))
+    typer.echo(f"report: {paths['md']}")
+
+
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    config: Annotated[
+        Path | None, typer.Option(help="YAML run config (default: the demo's).")
+    ] = None,
+    device: Device = "auto",
+):
+    """The whole pipeline on the built-in suite: experts, merges, surgery, evaluation."""
+    from surgery_edge.run.pipeline import run_pipeline  # deferred: imports torch
+
+    report = run_pipeline(out, _config(config, device))
+    typer.echo(f"report: {report}")
+
+
+@user_errors
+def run_recipe(
+    config: Annotated[
+        Path, typer.Argument(help="YAML run config, e.g. configs/paper_vit_b32.yaml.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default: runs/<config file name>).")
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Overrides data.root (where the task folders are).")
+    ] = None,
+    checkpoint_root: Annotated[
+        Path | None, typer.Option(help="Overrides checkpoints.root.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a setting: --set surgery.params.surgeryv2.steps=200 (repeatable).",
+        ),
+    ] = None,
+    device: Device = None,
+):
+    """Run a config end to end: data, experts, merges, surgery, evaluation, engines, report."""
+    from surgery_edge.run.config import load_config  # deferred: imports torch
+    from surgery_edge.run.pipeline import run_pipeline  # deferred with the config
+
+    overrides = parse_values(set_, "--set", "surgery.params.surgeryv2.steps=200")
+    if data_root is not None:
+        overrides["data.root"] = str(data_root)
+    if checkpoint_root is not None:
+        overrides["checkpoints.root"] = str(checkpoint_root)
+    if device is not None:
+        overrides["device"] = device
+    cfg = load_config(config, overrides)
+    report = run_pipeline(out or Path("runs") / config.stem, cfg)
+    typer.echo(f"report: {report}")

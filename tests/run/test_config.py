@@ -1,0 +1,70 @@
+"""The run configuration: per-method parameters from the registries, and 0.1's flat keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from surgery_edge.errors import ConfigError
+from surgery_edge.run.config import RunConfig, load_config
+
+
+def test_defaults_are_the_demos_over_the_registries():
+    cfg = RunConfig()
+    assert cfg.merge.params_for("ties_merging") == {"k": 0.2, "lam": 0.3}
+    assert cfg.merge.params_for("adamerging_layerwise")["steps"] == 100  # the demo's budget
+    assert {m: (p.rank, p.steps) for m, p in cfg.surgery.params.items()} == {
+        "surgery": (16, 1000),
+        "surgeryv2": (16, 500),
+    }
+
+
+def test_params_merge_onto_the_defaults_one_parameter_at_a_time():
+    cfg = RunConfig.model_validate(
+        {"merge": {"params": {"ties_merging": {"k": 0.5}, "adamerging_taskwise": {"lr": 0.01}}}}
+    )
+    assert cfg.merge.params_for("ties_merging") == {"k": 0.5, "lam": 0.3}
+    assert cfg.merge.params_for("adamerging_taskwise")["steps"] == 100
+    assert cfg.merge.params_for("adamerging_taskwise")["lr"] == 0.01
+
+
+def test_the_flat_keys_of_earlier_releases_still_load():
+    legacy = {
+        "merge": {"task_arithmetic_lam": 0.4, "ties_k": 0.1, "adamerging_steps": 7},
+        "surgery": {"rank": 4, "rank_v2": 2, "steps_v1": 6, "steps_v2": 3},
+    }
+    cfg = RunConfig.model_validate(legacy)
+    m, s = cfg.merge, cfg.surgery
+    assert m.params_for("task_arithmetic") == {"lam": 0.4}
+    assert m.params_for("ties_merging")["k"] == 0.1
+    assert m.params_for("adamerging_taskwise")["steps"] == 7
+    assert m.params_for("adamerging_layerwise")["steps"] == 7
+    assert (s.params["surgery"].rank, s.params["surgery"].steps) == (4, 6)
+    assert (s.params["surgeryv2"].rank, s.params["surgeryv2"].steps) == (2, 3)
+    again = RunConfig.model_validate(cfg.model_dump(mode="json"))  # config.json round trip
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("settings", "pattern"),
+    [
+        ({"merge": {"methods": ["bogus"]}}, r"Unknown merge method 'bogus'.*task_arithmetic"),
+        ({"merge": {"params": {"bogus": {"x": 1}}}}, "Unknown merge method 'bogus'"),
+        ({"merge": {"params": {"ties_merging": {"kk": 1}}}}, r"'kk'.*accepts: k, lam"),
+        ({"merge": {"params": {"ties_merging": {"k": 2}}}}, r"'k'.*\(0, 1\]"),
+        (
+            {"merge": {"ties_k": 0.1, "params": {"ties_merging": {"k": 0.3}}}},
+            "ties_k and params.ties_merging.k both set k",
+        ),
+        ({"surgery": {"methods": ["surgeryv3"]}}, "Unknown surgery method 'surgeryv3'"),
+        ({"surgery": {"params": {"surgeryv2": {"rank": 0}}}}, "rank"),
+        ({"surgery": {"lr": float("nan")}}, "lr"),
+    ],
+)
+def test_bad_settings_fail_when_the_file_is_read(tmp_path, settings, pattern):
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config(path)
+    assert "bad.yaml" in str(info.value)

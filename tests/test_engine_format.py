@@ -1,0 +1,97 @@
+"""The engine format: modes and precisions parsed once, metadata validated field by field."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from surgery_edge.engine_format import (
+    EngineMode,
+    Precision,
+    io_names,
+    parse_metadata,
+    read_sidecar,
+    validate_metadata,
+    write_sidecar,
+)
+from surgery_edge.errors import ExportError
+
+GOOD = {
+    "format_version": 2,
+    "kind": "engine",
+    "tasks": ["digits", "shapes"],
+    "class_names": [["0", "1"], ["circle", "square", "star"]],
+    "preprocessing": {"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3},
+    "method": "surgeryv2",
+    "mode": "routed",
+    "precision": "fp32",
+    "inputs": ["images", "task_ids"],
+    "outputs": ["logits", "probs"],
+    "merge_recipe": {"method": "task_arithmetic", "lam": 0.3},
+}
+
+
+def test_modes_and_precisions_parse_once_and_list_the_choices():
+    assert EngineMode.parse("all-tasks") is EngineMode.ALL_TASKS
+    assert EngineMode.parse(EngineMode.ROUTED) is EngineMode.ROUTED
+    assert EngineMode.ROUTED == "routed" and str(Precision.FP16) == "fp16"
+    with pytest.raises(ExportError, match="Unknown engine mode 'batched'; use one of: routed"):
+        EngineMode.parse("batched")
+    with pytest.raises(ExportError, match="Unknown precision 'int4'.*fp32, fp16"):
+        Precision.parse("int4")
+    assert io_names("all-tasks", ["a", "b"]) == (["images"], ["logits_a", "logits_b"])
+
+
+def test_valid_metadata_becomes_a_typed_record():
+    meta = validate_metadata(copy.deepcopy(GOOD), "e.onnx")
+    assert meta.mode is EngineMode.ROUTED and meta.precision is Precision.FP32
+    assert meta.class_counts == [2, 3] and meta.preprocessing.resize == "shortest"
+    assert meta["merge_recipe"]["lam"] == 0.3  # the extra fields stay readable
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        (lambda m: m.pop("tasks"), r"lacks \['tasks'\]"),
+        (lambda m: m.update(tasks="digits"), "tasks must be a non-empty list"),
+        (lambda m: m.update(class_names=[["0", "1"]]), "2 tasks but 1 class-name lists"),
+        (lambda m: m.update(class_names=[["0"], []]), "one non-empty list of names per task"),
+        (lambda m: m["preprocessing"].update(image_size="16"), "image_size must be a positive"),
+        (lambda m: m["preprocessing"].update(mean=[0.5, 0.5]), "mean must be three finite"),
+        (lambda m: m["preprocessing"].update(std=[0.2, 0.0, 0.2]), r"std must be three .* > 0"),
+        (lambda m: m.update(preprocessing={}), "image_size must be a positive integer"),
+        (lambda m: m["preprocessing"].update(resize="crop"), "resize 'crop' is not one of"),
+        (lambda m: m.update(mode="batched"), "Unknown engine mode"),
+        (lambda m: m.update(outputs=["logits"]), "a routed engine has"),
+        (lambda m: m.update(kind="adapters"), "no surgery-edge engine metadata"),
+    ],
+)
+def test_malformed_metadata_names_the_file_and_field(change, pattern):
+    meta = copy.deepcopy(GOOD)
+    change(meta)
+    with pytest.raises(ExportError, match=pattern) as info:
+        validate_metadata(meta, "model.onnx")
+    assert "model.onnx" in str(info.value)
+
+
+def test_engines_of_the_first_format_are_refused_with_what_to_do():
+    meta = copy.deepcopy(GOOD)
+    meta["preprocessing"]["resize"] = "bilinear-antialias"
+    with pytest.raises(ExportError, match="stretching bilinear resize.*Re-export"):
+        parse_metadata(json.dumps(meta), "old.onnx")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        parse_metadata("{not json", "old.onnx")
+
+
+def test_sidecars_are_validated_on_write_and_read(tmp_path):
+    engine = tmp_path / "model.plan"
+    path = write_sidecar(engine, copy.deepcopy(GOOD))
+    assert path.name == "model.plan.json" and read_sidecar(engine).tasks == ("digits", "shapes")
+    with pytest.raises(ExportError, match="lacks"):
+        write_sidecar(tmp_path / "other.plan", {"kind": "engine"})
+    assert not (tmp_path / "other.plan.json").exists()
+    path.write_text("{")
+    with pytest.raises(ExportError, match="model.plan.json.*not valid JSON"):
+        read_sidecar(engine)
