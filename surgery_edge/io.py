@@ -1,15 +1,34 @@
-"""Small file helpers: atomic files and staged folders; a failure leaves nothing half-written."""
+"""Files: atomic writes and staged folders, output checks, path-safe names, content hashes.
+
+Everything here is what every writer and reader of a run directory shares:
+
+- :func:`atomic_path` / :func:`staged_dir`: a failure (or a kill) never leaves a half-written
+  file under the final name; what a killed process left behind is hidden (``.name.*``) and is
+  cleared by the next writer of the same path.
+- :func:`check_output` / :func:`check_writable`: an output is refused before any work when it is
+  a folder, a file of another kind, or in a place that cannot be written.
+- :func:`safe_name`: a task, method or merge name that becomes part of a path is one plain path
+  component, so nothing is ever written outside the folder meant for it.
+- :func:`fingerprint` and :class:`HashCache`: identities from settings and content hashes,
+  never from paths or modification times, so a moved or copied run reuses what it holds.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from surgery_edge.errors import ConfigError
+
+# --- atomic files and staged folders -------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -18,10 +37,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary file lives in the destination folder so the final ``os.replace`` is atomic on
     POSIX file systems. On any exception the temporary file is removed and ``path`` is untouched.
+    Its name (``.<name>.<pid>.*.tmp``) records the writer, so temporary files of a killed writer
+    are removed by the next write of ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _make_parent(path)
+    _clear_leftovers(path.parent, f".{path.name}.", ".tmp")
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -39,11 +63,12 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
 
     On any error the folder is removed and ``out`` is left as it was, so a failed import never
     leaves half-written checkpoints. The folder gets ordinary permissions (not mkdtemp's 0700),
-    as :func:`atomic_path`'s files do.
+    as :func:`atomic_path`'s files do; folders a killed process staged are removed first.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staged-", dir=out.parent))
+    _make_parent(out)
+    _clear_leftovers(out.parent, f".{out.name}.staged-", "")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staged-{os.getpid()}.", dir=out.parent))
     _ordinary_permissions(tmp)
     try:
         yield tmp
@@ -51,6 +76,47 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(
+            f"Cannot write {path}: a file stands where a folder of its path should be. Move it "
+            "away or choose another output."
+        ) from None
+
+
+def _clear_leftovers(folder: Path, prefix: str, suffix: str) -> None:
+    """Remove ``prefix<pid>.*suffix`` entries of ``folder`` whose writing process is gone."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid = name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -87,3 +153,163 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# --- outputs, checked before the work ------------------------------------------------------
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output") -> None:
+    """Refuse (ConfigError) a folder that cannot be created or written in.
+
+    The nearest existing ancestor must be a folder this process may write in; nothing is
+    created here.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"Cannot write the {what} in {folder}: {probe} is a file, not a folder. Choose another "
+            "output path."
+        )
+    if not _may_write(probe):
+        raise ConfigError(
+            f"Cannot write the {what} in {folder}: permission denied on {probe}. Choose a folder "
+            "you may write in, or change its permissions."
+        )
+
+
+def _may_write(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output(
+    path: str | os.PathLike,
+    what: str,
+    same_kind: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Check an output file before the work that writes it.
+
+    Refused with ConfigError: a folder; something that is not a regular file; an existing file
+    that ``same_kind`` does not recognise as an artefact of the same kind (e.g. a text file where
+    adapters go; with no ``same_kind`` every existing file is refused); a place that cannot be
+    written. Replacing an artefact *made with other settings* is the caller's decision.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"The {what} {path} is a folder; give a file path (e.g. {path / ('x' + path.suffix)})."
+        )
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise ConfigError(f"The {what} {path} exists and is not a regular file.")
+        if same_kind is None or not same_kind(path):
+            raise ConfigError(
+                f"{path} exists but is not an artefact of this kind ({what}), so it was not "
+                "overwritten. Choose another output path, or move the file away."
+            )
+    check_writable(path.parent, what)
+    return path
+
+
+# --- names that become parts of paths ------------------------------------------------------
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def safe_name(name: Any, what: str) -> str:
+    """``name`` when it can be one component of a path; ConfigError otherwise.
+
+    Task, method and merge names become file and folder names (``experts/<task>.safetensors``),
+    so they may hold only ASCII letters, digits, ``_ - . +``, must start with a letter or digit
+    (no ``..``, no hidden files) and be at most 100 characters long.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{what} {printable(repr(name))} cannot be used: such names become file names, so "
+            "they may hold only letters, digits and '_', '-', '.', '+', must start with a letter "
+            "or digit, and be at most 100 characters long. Rename it."
+        )
+    return name
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, keep_newlines: bool = True) -> str:
+    """``text`` with control characters (terminal escapes, NUL, ...) shown as ``\\xNN``.
+
+    Everything printed from a file (class names, metadata, paths) goes through this, so a
+    hostile name cannot clear or rewrite a terminal.
+    """
+    pattern = _CONTROL if keep_newlines else re.compile(r"[\x00-\x1f\x7f-\x9f]")
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+# --- identities: settings and content, never locations ------------------------------------
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable identity of ``parts`` (settings, content hashes) as canonical JSON."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashCache:
+    """SHA-256 content hashes of files, remembered by (size, mtime, inode) in a JSON file.
+
+    Hashing a multi-GB checkpoint costs seconds; a file whose size, modification time and inode
+    are unchanged keeps its hash. The hash itself is always the content's, so identities built
+    from it do not change when a run is moved or copied (a copy is hashed once again).
+
+    Args:
+        store: the JSON file (e.g. ``RUN/cache/hashes.json``); ``None`` remembers nothing.
+            It is rewritten atomically; a store that cannot be read or written is ignored.
+    """
+
+    def __init__(self, store: str | os.PathLike | None = None):
+        self.store = Path(store) if store is not None else None
+        self._entries: dict[str, dict[str, Any]] | None = None
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._entries is None:
+            self._entries = {}
+            if self.store is not None and self.store.is_file():
+                with contextlib.suppress(OSError, ValueError):
+                    data = json.loads(self.store.read_text())
+                    if isinstance(data, dict):
+                        self._entries = {
+                            k: v for k, v in data.items() if isinstance(v, dict) and "sha256" in v
+                        }
+        return self._entries
+
+    def digest(self, path: str | os.PathLike) -> str:
+        """The SHA-256 of ``path``'s content (hex)."""
+        path = Path(path)
+        st = path.stat()
+        key = str(path.resolve())
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entries = self._load()
+        entry = entries.get(key)
+        if entry is not None and entry.get("stat") == stamp:
+            return entry["sha256"]
+        value = sha256_file(path)
+        entries[key] = {"stat": stamp, "sha256": value}
+        self._save()
+        return value
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        entries = {k: v for k, v in self._load().items() if Path(k).exists()}
+        with contextlib.suppress(OSError, ConfigError):
+            write_json_atomic(self.store, entries)
