@@ -10,8 +10,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from surgery_edge.engine_format import Preprocessing
 from surgery_edge.errors import ConfigError
+from surgery_edge.models.metadata import ArchFields, describe_errors
 
 # CLIP's preprocessing statistics (open_clip.constants.OPENAI_DATASET_MEAN / _STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,13 +64,24 @@ class ArchSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ConfigError(f"Architecture description has unknown fields {sorted(unknown)}.")
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+    def from_dict(cls, d: Any) -> ArchSpec:
+        """An architecture as stored in a file's metadata; every field is checked.
+
+        Raises:
+            ConfigError: naming each missing, unknown or malformed field.
+        """
+        try:
+            fields = ArchFields.model_validate(d)
+        except ValidationError as e:
+            raise ConfigError(f"Invalid architecture description: {describe_errors(e)}.") from None
+        return cls.from_fields(fields)
+
+    @classmethod
+    def from_fields(cls, fields: Any) -> ArchSpec:
+        """From validated :class:`~surgery_edge.models.metadata.ArchFields`."""
+        d = fields.model_dump()
+        d["mean"], d["std"] = tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"])
+        d["mlp_ratio"] = float(d["mlp_ratio"])
         return cls(**d)
 
 

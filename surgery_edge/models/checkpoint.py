@@ -24,6 +24,7 @@ from surgery_edge.io import atomic_path
 from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.encoder import ImageEncoder, build_encoder
 from surgery_edge.models.heads import ClassificationHead
+from surgery_edge.models.metadata import EncoderMeta, HeadMeta, parse_meta
 
 META_KEY = "surgery_edge"
 FORMAT_VERSION = 1
@@ -38,8 +39,15 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     return Path(path)
 
 
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a safetensors file written by :func:`save_tensors`; clear errors for bad files."""
+def load_tensors(
+    path: str | os.PathLike, finite: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a safetensors file written by :func:`save_tensors`; clear errors for bad files.
+
+    Args:
+        finite: refuse a file whose floating-point tensors hold NaN or infinity (weights that
+            would silently turn every answer into NaN).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist. Check the path, or re-create it.")
@@ -61,7 +69,30 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"Checkpoint {path} has corrupt metadata ({e}).") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"Checkpoint {path} has corrupt metadata (not a JSON object).")
+    if finite:
+        check_finite(path, tensors)
     return tensors, meta
+
+
+def check_finite(where: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`CheckpointError` naming the first tensor that holds NaN or infinity."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{where}: tensor {key!r} holds {bad} non-finite value(s) (NaN or infinity) of "
+                f"{t.numel()}. The weights are broken (e.g. training diverged): re-create the "
+                "file; it is not used."
+            )
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """The ``kind`` a surgery-edge safetensors file records (None for any other file)."""
+    meta = read_metadata(path)
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def read_metadata(path: str | os.PathLike) -> dict | None:
@@ -75,13 +106,9 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def _arch_of(path: Path, meta: dict) -> ArchSpec:
-    try:
-        return ArchSpec.from_dict(meta["arch"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"Checkpoint {path} has no valid architecture in its metadata ({e})."
-        ) from None
+def _check_kind(path: Path, meta: dict, kind: str, what: str) -> None:
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not {what}.")
 
 
 def check_state_dict(
@@ -139,11 +166,8 @@ def load_encoder(path: str | os.PathLike, arch: ArchSpec | None = None) -> Encod
     """
     path = Path(path)
     tensors, meta = load_tensors(path)
-    if meta.get("kind") != "encoder":
-        raise CheckpointError(
-            f"{path} holds a {meta.get('kind')!r} checkpoint, not an image encoder."
-        )
-    found = _arch_of(path, meta)
+    _check_kind(path, meta, "encoder", "an image encoder")
+    found = ArchSpec.from_fields(parse_meta(EncoderMeta, meta, path).arch)
     if arch is not None and found != arch:
         diff = {
             k: (v, getattr(arch, k)) for k, v in found.to_dict().items() if v != arch.to_dict()[k]
@@ -152,7 +176,8 @@ def load_encoder(path: str | os.PathLike, arch: ArchSpec | None = None) -> Encod
             f"{path} was saved for architecture {found.name!r}, but {arch.name!r} was expected "
             f"(differences as (found, expected): {diff}). Use checkpoints of one architecture."
         )
-    expected = build_encoder(found).state_dict()
+    with torch.device("meta"):  # keys and shapes only: a lying header allocates nothing
+        expected = build_encoder(found).state_dict()
     check_state_dict(f"Checkpoint {path}", tensors, expected)
     return EncoderCheckpoint(found, tensors, meta)
 
@@ -163,8 +188,11 @@ def save_head(
     task: str,
     class_names: list[str],
     head: ClassificationHead,
+    **extra: Any,
 ) -> Path:
+    """Save a task's head; ``extra`` goes into the metadata (e.g. its provenance)."""
     meta = {
+        **extra,
         "kind": "head",
         "arch": arch.to_dict(),
         "task": task,
@@ -176,18 +204,19 @@ def save_head(
 
 @dataclass
 class HeadCheckpoint:
-    task: str
+    task: str | None
     class_names: list[str]
     head: ClassificationHead
     arch: ArchSpec
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def load_head(path: str | os.PathLike, arch: ArchSpec | None = None) -> HeadCheckpoint:
     path = Path(path)
     tensors, meta = load_tensors(path)
-    if meta.get("kind") != "head":
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a head.")
-    found = _arch_of(path, meta)
+    _check_kind(path, meta, "head", "a head")
+    fields = parse_meta(HeadMeta, meta, path)
+    found = ArchSpec.from_fields(fields.arch)
     if arch is not None and found.embed_dim != arch.embed_dim:
         raise CheckpointError(
             f"Head {path} expects {found.embed_dim}-d features ({found.name}) but the encoder "
@@ -198,7 +227,7 @@ def load_head(path: str | os.PathLike, arch: ArchSpec | None = None) -> HeadChec
             f"Head {path} must hold 'weight' and 'bias', found {sorted(tensors)}."
         )
     weight, bias = tensors["weight"], tensors["bias"]
-    names = meta.get("class_names") or []
+    names = list(fields.class_names)
     if weight.ndim != 2 or weight.shape[1] != found.embed_dim or bias.shape != (weight.shape[0],):
         raise CheckpointError(
             f"Head {path} has weight {tuple(weight.shape)} and bias {tuple(bias.shape)}; "
@@ -208,5 +237,5 @@ def load_head(path: str | os.PathLike, arch: ArchSpec | None = None) -> HeadChec
         raise CheckpointError(
             f"Head {path} has {weight.shape[0]} classes but {len(names)} class names."
         )
-    head = ClassificationHead(weight, bias, normalize=meta.get("normalize", True))
-    return HeadCheckpoint(meta.get("task"), names, head, found)
+    head = ClassificationHead(weight, bias, normalize=fields.normalize)
+    return HeadCheckpoint(fields.task, names, head, found, meta)

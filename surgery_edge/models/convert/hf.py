@@ -41,6 +41,7 @@ from safetensors import safe_open
 
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models.archs import TINY_ARCHS, ArchSpec, get_arch
+from surgery_edge.models.convert.sandbox import check_archive, check_tensor_storage, import_budget
 from surgery_edge.models.convert.towers import check_tower
 
 HF = "vision_model."
@@ -314,7 +315,11 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        check_archive(path)
+        with import_budget(path):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:  # corrupt files raise many exception types
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {e}). Hugging Face "
@@ -322,7 +327,12 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__}).")
-    return {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(wanted)}
+    state = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(wanted)}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: {key} holds a {type(tensor).__name__}, not a tensor.")
+        check_tensor_storage(f"{path}: {key}", tensor)
+    return state
 
 
 _WEIGHT_FILES = (

@@ -24,6 +24,9 @@ from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.convert.sandbox import (
     TRUST_PICKLE_HINT,
     StandInModule,
+    check_archive,
+    check_tensor_storage,
+    import_budget,
     is_torchscript,
     load_pickle_restricted,
     module_state,
@@ -50,6 +53,7 @@ def read_state_file(path: Path, trust_pickle: bool) -> Any:
             raise CheckpointError(
                 f"{path} is not a readable safetensors file ({type(e).__name__}: {e})."
             ) from None
+    check_archive(path)
     if is_torchscript(path):
         raise CheckpointError(
             f"{path} is a TorchScript archive (e.g. OpenAI's original CLIP release). Extract its "
@@ -57,7 +61,10 @@ def read_state_file(path: Path, trust_pickle: bool) -> Any:
             "only), save them with safetensors, and import that file."
         )
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with import_budget(path):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         # weights_only refuses both pickled objects ("Unsupported global: GLOBAL a.B") and
         # garbage; only the first may be a real checkpoint.
@@ -93,6 +100,8 @@ def plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             f"{path} does not hold a state dict of tensors (found {type(obj).__name__})."
         )
     state = dict(obj)
+    for key, tensor in state.items():  # before any copy: no stride-0 giants
+        check_tensor_storage(f"{path}: {key}", tensor)
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state

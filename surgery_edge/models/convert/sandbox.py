@@ -26,19 +26,38 @@ The restricted unpickler's allow-list (see :data:`ALLOWED_GLOBALS`):
 Anything else (``os.system``, ``builtins.eval``, an unknown class) raises :class:`CheckpointError`
 naming the ``module.name`` found and the file, before anything is called.
 
+The allow-list keeps classes out; the state a pickle gives the objects it builds is constrained
+too, so pickled data can never replace a method the importer calls:
+
+- a stand-in module accepts only what a module's ``__dict__`` holds: its parameter, buffer and
+  submodule tables (of tensors and stand-ins), empty hook tables, and plain-data attributes that
+  name no method or property (``forward = builtins.set`` is refused);
+- a tensor is rebuilt only when its storage really holds ``numel x element size`` bytes for the
+  given size, stride and offset (no stride-0 or overlapping giants that allocate gigabytes when
+  they are made contiguous), without hooks; a parameter carries no pickled attributes;
+- the storages a file declares may not add up to more bytes than the file holds; archive members
+  must be regular files (a FIFO in a tar would block forever); and every load runs under a time
+  budget (:data:`IMPORT_TIMEOUT_S`, ``$SURGERY_EDGE_IMPORT_TIMEOUT``).
+
 The unpickled stand-ins are read with :func:`stand_in_child`, :func:`stand_in_tensor` and
 :func:`module_state`, through their pickled ``__dict__`` only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import pickle
+import signal
+import stat
+import tarfile
+import threading
 import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -121,13 +140,115 @@ class StandInModule(nn.Module):
 
     ``original`` is the pickled class (``open_clip.transformer.VisionTransformer``). The importer
     reads the tree from the pickled ``_parameters`` / ``_buffers`` / ``_modules`` dicts, so the
-    keys are the original state-dict keys.
+    keys are the original state-dict keys. The pickled state is checked attribute by attribute
+    (:func:`check_module_state`) before it is set.
     """
 
     original: ClassVar[str] = "?"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"Stand-in for {self.original} holds weights only; it cannot run.")
+
+    def __setstate__(self, state: Any) -> None:
+        check_module_state(self.original, state)
+        nn.Module.__setstate__(self, state)
+
+
+# What a module's pickled ``__dict__`` holds besides plain attributes: its tables, each of the one
+# type it may hold, and the hook tables, which an importer has no use for and must be empty.
+_TABLES = {"_parameters": torch.Tensor, "_buffers": torch.Tensor, "_modules": StandInModule}
+_HOOK_TABLES = {
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+}
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype)
+
+
+def _exact_mapping(value: Any) -> bool:
+    """A dict or OrderedDict with no instance attributes (none can shadow ``items``)."""
+    return type(value) in (dict, OrderedDict) and not getattr(value, "__dict__", None)
+
+
+def check_module_state(original: str, state: Any) -> None:
+    """Refuse a stand-in module's pickled state that is not what such a module holds.
+
+    Raises:
+        CheckpointError: the state is not a dict; an attribute is not a plain name, names a
+            method or property of a module (pickled data must never replace one), or holds
+            something other than its expected type.
+    """
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"A pickled {original} {why}; a checkpoint's modules hold only weights and plain "
+            "settings, so the file was refused (it is malformed or was tampered with)."
+        )
+
+    if not _exact_mapping(state):
+        raise refuse(f"has state of type {type(state).__name__}, not an attribute dict")
+    for key, value in dict.items(state):
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("__"):
+            raise refuse(f"sets an attribute named {key!r}")
+        if key in _TABLES:
+            _check_table(refuse, key, value, _TABLES[key])
+        elif key in _HOOK_TABLES:
+            if not _exact_mapping(value) or value:
+                raise refuse(f"carries hooks in {key}")
+        elif key == "_non_persistent_buffers_set":
+            if type(value) is not set or not all(isinstance(v, str) for v in value):
+                raise refuse(f"has a malformed {key}")
+        elif key == "training":
+            if type(value) is not bool:
+                raise refuse(f"has training={value!r}")
+        elif _shadows_module_attribute(key):
+            raise refuse(f"sets {key!r}, which would replace a method or property of a module")
+        else:
+            _check_plain(refuse, key, value)
+
+
+def _check_table(refuse, key: str, table: Any, kind: type) -> None:
+    if not _exact_mapping(table):
+        raise refuse(f"has {key} of type {type(table).__name__}")
+    for name, value in dict.items(table):
+        if not isinstance(name, str) or not (value is None or isinstance(value, kind)):
+            raise refuse(f"has {key}[{name!r}] of type {type(value).__name__}")
+
+
+def _shadows_module_attribute(key: str) -> bool:
+    """Whether ``key`` names a method, property or other class attribute of a module."""
+    return any(key in vars(cls) for cls in StandInModule.__mro__)
+
+
+def _check_plain(refuse, key: str, value: Any) -> None:
+    """Plain data only: numbers, strings, dtypes, tensors, stand-ins, and containers of them;
+    every object visited once (shared references cannot blow the check up)."""
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, _PLAIN) or type(v) in (torch.Tensor, nn.Parameter):
+            continue
+        if isinstance(v, (StandInModule, OpaqueStandIn)):
+            continue  # built, and checked, by the unpickler on their own
+        if type(v) in (list, tuple, set, frozenset):
+            stack.extend(v)
+        elif _exact_mapping(v):
+            stack.extend(dict.keys(v))
+            stack.extend(dict.values(v))
+        else:
+            raise refuse(f"sets {key!r} to a {type(v).__name__}, which is not plain data")
 
 
 class OpaqueStandIn:
@@ -146,6 +267,82 @@ class OpaqueStandIn:
 
 
 _STAND_INS: dict[str, type] = {}
+
+
+# --- tensors: rebuilt only over storage that holds them ---------------------------------------
+
+
+def check_tensor_storage(where: str, t: torch.Tensor) -> None:
+    """Refuse a tensor whose storage does not hold its elements.
+
+    The storage must hold ``numel x element size`` bytes, and every element the size, stride and
+    offset address must lie inside it. A stride-0 or overlapping tensor of a huge shape over a
+    few bytes (gigabytes once made contiguous) is refused before anything is allocated.
+    """
+    size, stride, offset = tuple(t.shape), tuple(t.stride()), t.storage_offset()
+    _check_extent(where, size, stride, offset, t.element_size(), t.untyped_storage().nbytes())
+
+
+def _check_extent(
+    where: str, size: tuple, stride: tuple, offset: int, element: int, nbytes: int
+) -> None:
+    ints = all(type(x) is int and x >= 0 for x in (*size, *stride, offset))
+    if not ints or len(size) != len(stride) or len(size) > 32:
+        raise CheckpointError(f"{where}: a tensor has a malformed size {size} or stride {stride}.")
+    numel = math.prod(size)
+    if numel == 0:
+        return
+    extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+    if numel * element > nbytes or extent * element > nbytes:
+        raise CheckpointError(
+            f"{where}: a tensor of shape {size} (stride {stride}) needs "
+            f"{numel * element:,} bytes but its storage holds {nbytes:,}; such a tensor (stride "
+            "0 or overlapping) is not a saved weight and would exhaust memory. The file is "
+            "malformed or was tampered with."
+        )
+
+
+def _checked_rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise CheckpointError(f"A pickled tensor is built over a {type(storage).__name__}.")
+    if backward_hooks or metadata:
+        raise CheckpointError("A pickled tensor carries hooks or metadata; the file was refused.")
+    if isinstance(storage, torch.storage.TypedStorage):  # private fields: no deprecation warning
+        element, nbytes = (
+            torch._utils._element_size(storage._dtype),
+            storage._untyped_storage.nbytes(),
+        )
+    else:
+        element, nbytes = 1, storage.nbytes()
+    _check_extent("A pickled tensor", tuple(size), tuple(stride), storage_offset, element, nbytes)
+    return torch._utils._rebuild_tensor_v2(
+        storage, storage_offset, size, stride, bool(requires_grad), OrderedDict()
+    )
+
+
+def _checked_rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    if type(data) is not torch.Tensor or backward_hooks:
+        raise CheckpointError("A pickled parameter is malformed (not a tensor, or with hooks).")
+    return torch._utils._rebuild_parameter(data, bool(requires_grad), OrderedDict())
+
+
+def _checked_rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
+    if state:  # a saved weight has no attributes; any could shadow a tensor method (detach)
+        names = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"A pickled parameter sets attributes {names}; a checkpoint's weights carry none, "
+            "and they could replace tensor methods. The file was refused."
+        )
+    return _checked_rebuild_parameter(data, requires_grad, backward_hooks)
+
+
+_CHECKED_REBUILDS = {
+    "_rebuild_tensor_v2": _checked_rebuild_tensor_v2,
+    "_rebuild_parameter": _checked_rebuild_parameter,
+    "_rebuild_parameter_with_state": _checked_rebuild_parameter_with_state,
+}
 
 
 def _stand_in(qualified: str, base: type) -> type:
@@ -176,7 +373,7 @@ def resolve_global(module: str, name: str, source: str | os.PathLike) -> Any:
         return _stand_in(qualified, OpaqueStandIn)
     if kind == "real":
         if module == "torch._utils":
-            return getattr(torch._utils, name)
+            return _CHECKED_REBUILDS[name]
         return _REAL_OBJECTS[qualified]
     if module == "torch" and name in _TORCH_DTYPES:
         return _TORCH_DTYPES[name]
@@ -195,21 +392,72 @@ def resolve_global(module: str, name: str, source: str | os.PathLike) -> Any:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """A ``pickle.Unpickler`` that resolves globals through :func:`resolve_global` only."""
+    """A ``pickle.Unpickler`` that resolves globals through :func:`resolve_global` only.
+
+    torch.load sets its own ``persistent_load`` (which allocates each storage the file
+    declares); it is wrapped so that the storages may not add up to more than ``budget`` bytes,
+    the size of the file they are read from.
+    """
 
     source: str = "<pickle>"
+    budget: int | None = None
 
     def find_class(self, module: str, name: str) -> Any:
         return resolve_global(module, name, self.source)
 
+    @property
+    def persistent_load(self) -> Any:
+        return self._budgeted_persistent_load
 
-def restricted_pickle_module(source: str | os.PathLike) -> types.ModuleType:
+    @persistent_load.setter
+    def persistent_load(self, fn: Any) -> None:
+        self._torch_persistent_load = fn
+
+    def _budgeted_persistent_load(self, saved_id: Any) -> Any:
+        fn = getattr(self, "_torch_persistent_load", None)
+        if fn is None:
+            raise pickle.UnpicklingError("persistent ids are not allowed in this pickle")
+        if (
+            isinstance(saved_id, tuple)
+            and len(saved_id) >= 5
+            and saved_id[0] in ("storage", b"storage")
+        ):
+            storage_type, key, numel = saved_id[1], saved_id[2], saved_id[4]
+            if type(numel) is not int or numel < 0:
+                raise CheckpointError(f"{self.source} declares a storage of {numel!r} elements.")
+            dtype = (
+                torch.uint8
+                if storage_type is torch.UntypedStorage
+                else getattr(storage_type, "dtype", None)
+            )
+            if not isinstance(dtype, torch.dtype):
+                raise CheckpointError(f"{self.source} declares a storage of a non-dtype.")
+            seen = self.__dict__.setdefault("_storages", {})
+            seen[key] = numel * torch._utils._element_size(dtype)
+            total = sum(seen.values())
+            if self.budget is not None and total > self.budget:
+                raise CheckpointError(
+                    f"{self.source} declares {total:,} bytes of tensor storage but holds only "
+                    f"{self.budget:,} bytes; loading it would allocate memory it does not have "
+                    "data for. The file is malformed or was tampered with."
+                )
+        return fn(saved_id)
+
+
+def restricted_pickle_module(
+    source: str | os.PathLike, budget: int | None = None
+) -> types.ModuleType:
     """A module to pass as ``torch.load(..., pickle_module=...)``: restricted, names ``source``.
 
     torch.load uses both ``pickle_module.Unpickler`` and ``pickle_module.load`` (legacy files read
     their header with it), so both go through :class:`RestrictedUnpickler`.
+
+    Args:
+        budget: the most bytes of tensor storage the file may declare (its size).
     """
-    unpickler = type("RestrictedUnpickler", (RestrictedUnpickler,), {"source": str(source)})
+    unpickler = type(
+        "RestrictedUnpickler", (RestrictedUnpickler,), {"source": str(source), "budget": budget}
+    )
 
     def load(file: Any, **kwargs: Any) -> Any:
         return unpickler(file, **kwargs).load()
@@ -218,6 +466,108 @@ def restricted_pickle_module(source: str | os.PathLike) -> types.ModuleType:
     module.Unpickler = unpickler
     module.load = load
     return module
+
+
+# --- archives and budgets --------------------------------------------------------------------
+
+#: Seconds one checkpoint may take to load before it is abandoned (``$SURGERY_EDGE_IMPORT_TIMEOUT``
+#: overrides it). Generous for multi-GB files on slow disks; a file that takes longer is hostile or
+#: broken (a FIFO, a pathological pickle).
+IMPORT_TIMEOUT_S = 900.0
+
+
+def import_timeout() -> float:
+    value = os.environ.get("SURGERY_EDGE_IMPORT_TIMEOUT")
+    if value is None:
+        return IMPORT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise CheckpointError(
+            f"SURGERY_EDGE_IMPORT_TIMEOUT={value!r} is not a positive number of seconds."
+        )
+    return seconds
+
+
+@contextlib.contextmanager
+def import_budget(path: str | os.PathLike, seconds: float | None = None) -> Iterator[None]:
+    """Abandon the block with CheckpointError once it has run ``seconds`` (default:
+    :func:`import_timeout`). The alarm interrupts even a blocking read; it needs the main
+    thread of a POSIX process, elsewhere the block runs without a deadline."""
+    seconds = import_timeout() if seconds is None else seconds
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expired(signum, frame):
+        raise CheckpointError(
+            f"Reading {path} took more than {seconds:g} s, so it was abandoned (the time budget of "
+            "an import; set SURGERY_EDGE_IMPORT_TIMEOUT to allow more for a slow disk). A file "
+            "that never finishes loading is broken or hostile."
+        )
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_archive(path: Path) -> None:
+    """Refuse an archive checkpoint whose members are not plain, stored files.
+
+    A zip (``torch.save``'s format) may hold only regular files, stored uncompressed, with
+    relative names; a legacy tar only regular files (a FIFO member would block a reader forever,
+    a link could point anywhere). The members may not add up to more than the file.
+    """
+    size = path.stat().st_size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                members = z.infolist()
+                total = 0
+                for m in members:
+                    mode = (m.external_attr >> 16) & 0o170000
+                    if mode not in (0, stat.S_IFREG) or m.is_dir():
+                        raise CheckpointError(
+                            f"{path}: archive member {m.filename!r} is not a file."
+                        )
+                    if m.compress_type != zipfile.ZIP_STORED:
+                        raise CheckpointError(
+                            f"{path}: archive member {m.filename!r} is compressed; torch.save "
+                            "stores its members, so the file did not come from it."
+                        )
+                    _check_member_name(path, m.filename)
+                    total += m.file_size
+                if total > size:
+                    raise CheckpointError(f"{path}: its members claim more bytes than it holds.")
+            return
+        if tarfile.is_tarfile(path):
+            with tarfile.open(path, mode="r:") as tar:
+                total = 0
+                for m in tar.getmembers():
+                    if not m.isreg():
+                        raise CheckpointError(
+                            f"{path}: archive member {m.name!r} is not a regular file (a FIFO, "
+                            "link or device); a checkpoint holds only files, so it was refused."
+                        )
+                    _check_member_name(path, m.name)
+                    total += m.size
+                if total > size:
+                    raise CheckpointError(f"{path}: its members claim more bytes than it holds.")
+    except (zipfile.BadZipFile, tarfile.TarError, OSError) as e:
+        raise CheckpointError(f"{path} is a damaged archive ({type(e).__name__}: {e}).") from None
+
+
+def _check_member_name(path: Path, name: str) -> None:
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith("/") or ".." in parts or "\x00" in name:
+        raise CheckpointError(f"{path}: archive member {name!r} has an unsafe name.")
 
 
 def is_torchscript(path: Path) -> bool:
@@ -238,6 +588,7 @@ def load_pickle_restricted(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist. Check the path.")
+    check_archive(path)
     if is_torchscript(path):
         raise CheckpointError(
             f"{path} is a TorchScript archive, not a pickled checkpoint. Extract its weights "
@@ -245,7 +596,7 @@ def load_pickle_restricted(path: str | os.PathLike) -> Any:
             "safetensors."
         )
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), import_budget(path):
             # Legacy (pre-1.6) files make torch compare each module class's source with the one
             # saved in the file; the stand-ins have none, and the check is moot for them.
             warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
@@ -254,11 +605,13 @@ def load_pickle_restricted(path: str | os.PathLike) -> Any:
                 str(path),
                 map_location="cpu",
                 weights_only=False,
-                pickle_module=restricted_pickle_module(path),
+                pickle_module=restricted_pickle_module(path, budget=path.stat().st_size),
                 mmap=zipfile.is_zipfile(path),
             )
-    except CheckpointError:
-        raise
+    except CheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # corrupt or truncated files raise many exception types
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). It may be "
@@ -315,12 +668,18 @@ def module_state(module: StandInModule, where: Path) -> dict[str, torch.Tensor]:
                 if kind == "_modules":
                     stack.append((f"{prefix}{name}.", value))
                 else:
-                    state[f"{prefix}{name}"] = value.detach()
+                    check_tensor_storage(f"{where}: {prefix}{name}", value)
+                    state[f"{prefix}{name}"] = torch.Tensor.detach(value)
     return state
 
 
 __all__ = [
     "ALLOWED_GLOBALS",
+    "IMPORT_TIMEOUT_S",
+    "check_archive",
+    "check_module_state",
+    "check_tensor_storage",
+    "import_budget",
     "TRUST_PICKLE_HINT",
     "OpaqueStandIn",
     "RestrictedUnpickler",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from surgery_edge.errors import CheckpointError, ConfigError
-from surgery_edge.io import staged_dir
+from surgery_edge.io import safe_name, staged_dir
 from surgery_edge.models.archs import ArchSpec, get_arch
 from surgery_edge.models.checkpoint import save_encoder, save_head
 from surgery_edge.models.convert.sandbox import (
@@ -96,6 +96,9 @@ def find_task_vectors_layout(
     root: str | os.PathLike, model_name: str, tasks: Sequence[str] | None = None
 ) -> TaskVectorsLayout:
     """Locate ``zeroshot.pt``, every ``<Task>/finetuned.pt`` and its ``head_<Task>.pt``."""
+    safe_name(model_name, "Model folder name")
+    for task in tasks or ():
+        safe_name(task, "Task name")
     model_dir = Path(root) / model_name
     expected = (
         f"expected {model_dir}/zeroshot.pt, {model_dir}/<Task>/finetuned.pt and "
@@ -107,6 +110,8 @@ def find_task_vectors_layout(
     if not zeroshot.is_file():
         raise CheckpointError(f"{zeroshot} does not exist ({expected}).")
     found = sorted(p.parent.name for p in model_dir.glob("*/finetuned.pt"))
+    for task in found:
+        safe_name(task, f"Task folder name in {model_dir}")
     if tasks is not None:
         missing = [t for t in tasks if t not in found]
         if missing:

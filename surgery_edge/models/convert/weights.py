@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from surgery_edge.errors import CheckpointError, ConfigError
-from surgery_edge.io import staged_dir
+from surgery_edge.io import safe_name, staged_dir
 from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.checkpoint import read_metadata, save_encoder, save_head
 from surgery_edge.models.convert.hf import load_hf_clip_vision
@@ -63,6 +63,8 @@ def import_weights(
     """
     if fmt not in ("open_clip", "hf"):
         raise ConfigError(f"Unknown checkpoint format {fmt!r}; use open_clip or hf.")
+    for task in [*experts, *(class_names or {})]:  # names become file names: check them first
+        safe_name(task, "Task name")
     if clip_weights is not None and set(class_names or {}) != set(experts):
         raise ConfigError(
             f"Zero-shot heads need class names for every task: got {sorted(class_names or {})}, "
@@ -117,6 +119,8 @@ def zeroshot_heads(
     # module runs this package's __init__, which imports this module.
     from surgery_edge.models.zeroshot import build_zeroshot_heads
 
+    for task in class_names:
+        safe_name(task, "Task name")
     heads = build_zeroshot_heads(arch.name, clip_weights, class_names, device=device, log=log)
     for t, head in heads.items():
         if head.weight.shape[1] != arch.embed_dim:
