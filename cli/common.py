@@ -9,7 +9,9 @@ lists the methods and their parameters.
 from __future__ import annotations
 
 import enum
+import errno
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,24 +21,54 @@ from typer.core import TyperCommand
 
 from surgery_edge.engine_format import EngineMode
 from surgery_edge.errors import ConfigError, SurgeryEdgeError
+from surgery_edge.io import printable
 from surgery_edge.surgery.methods import surgery_names
 
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
+
+
+def device_name(value: str | None) -> str | None:
+    """``--device``: auto, cpu, cuda or cuda:N (anything else is a usage error, exit 2)."""
+    if value is not None and not DEVICE.fullmatch(value):
+        raise typer.BadParameter(
+            f"{printable(repr(value))} is not a device; use auto, cpu, cuda or cuda:N."
+        )
+    return value
+
+
 RunDir = Annotated[Path, typer.Option("--run", help="Run directory (made by `experts`/`demo`).")]
-Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+Device = Annotated[str | None, typer.Option(parser=device_name, help="auto | cpu | cuda | cuda:N.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace artefacts made with other settings (without it, they are refused).",
+    ),
+]
 
 
 def err(message: str) -> None:
-    """Print ``message`` as one paragraph on stderr (markup in it is shown, not interpreted)."""
+    """Print ``message`` as one paragraph on stderr (markup in it is shown, not interpreted;
+    control characters, e.g. terminal escapes from a file's names, are shown escaped)."""
     from rich.console import Console  # deferred: only error paths print through rich
     from rich.markup import escape  # deferred with rich.console
 
     Console(stderr=True).print(
-        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+        f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True
     )
 
 
+def say(text: str) -> None:
+    """Print one line of results, control characters escaped (names come from files)."""
+    typer.echo(printable(text, keep_newlines=False))
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn SurgeryEdgeError into a one-paragraph message and exit code 2 (no traceback)."""
+    """Turn SurgeryEdgeError into a one-paragraph message and exit code 2 (no traceback).
+
+    A file that may not be written or read (permissions, a read-only or full disk) is the
+    user's to fix as well, and is reported the same way.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -45,11 +77,23 @@ def user_errors(fn: Callable) -> Callable:
         except SurgeryEdgeError as e:
             err(str(e))
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if e.errno not in _USER_ERRNOS:
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            err(
+                f"Cannot write or read{where}: {e.strerror or e}. Check the folder's permissions "
+                "and free space, or choose another path; unfinished artefacts were not written."
+            )
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err("interrupted; finished artefacts are kept, unfinished ones were not written.")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def merge_method(value: str) -> str:

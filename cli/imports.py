@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from surgery_edge.cli.common import parse_pairs, user_errors
+from surgery_edge.cli.common import parse_pairs, say, user_errors
 
 from surgery_edge.errors import ConfigError
-from surgery_edge.io import write_json_atomic
+from surgery_edge.io import safe_name, write_json_atomic
 
 
 @user_errors
@@ -29,16 +29,16 @@ def import_task_vectors(
     """Convert the task_vectors / AdaMerging layout (pickled ImageEncoder / heads)."""
     from surgery_edge.models.convert import import_task_vectors as run_import  # deferred: torch
 
-    summary = run_import(
-        root, model, out, trust_pickle, tasks=task, overwrite=overwrite, log=typer.echo
-    )
+    summary = run_import(root, model, out, trust_pickle, tasks=task, overwrite=overwrite, log=say)
     for note in summary.to_dict().get("notes", []):
-        typer.echo(f"note: {note}")
-    typer.echo(f"checkpoints: {out}")
+        say(f"note: {note}")
+    say(f"checkpoints: {out}")
 
 
 def _paths(values: list[str] | None, option: str) -> dict[str, Path]:
-    return {t: Path(p) for t, p in parse_pairs(values, option, "MNIST=a.pt").items()}
+    """``TASK=PATH`` pairs; every TASK checked to be a plain name (it names the output files)."""
+    pairs = parse_pairs(values, option, "MNIST=a.pt")
+    return {safe_name(t, f"{option} task name"): Path(p) for t, p in pairs.items()}
 
 
 def _import_weights(
@@ -75,7 +75,7 @@ def _import_weights(
         trust_pickle=trust_pickle,
         clip_weights=clip_weights,
         class_names={t: names[t] for t in experts},
-        log=typer.echo,
+        log=say,
     )
     write_json_atomic(
         out / "import.json",
@@ -87,7 +87,7 @@ def _import_weights(
             "arch": arch.to_dict(),
         },
     )
-    typer.echo(f"checkpoints: {out} ({arch.name})")
+    say(f"checkpoints: {out} ({arch.name})")
 
 
 Experts = Annotated[

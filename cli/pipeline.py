@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from surgery_edge.cli.common import (
     Device,
+    Overwrite,
     RunDir,
     SurgeryName,
     complete_merge_method,
@@ -15,18 +16,20 @@ from surgery_edge.cli.common import (
     merge_method,
     merge_methods_help,
     parse_values,
+    say,
     user_errors,
 )
 
-from surgery_edge.errors import ConfigError
 from surgery_edge.surgery.methods import get_surgery
 
 
 def _config(config: Path | None, device: str | None):
+    """The run config of ``--config`` (or the demo's); ``--device`` overrides the file's only
+    when it is given."""
     from surgery_edge.run.config import RunConfig, load_config  # deferred: imports torch
 
     cfg = load_config(config) if config else RunConfig()
-    return cfg.model_copy(update={"device": device}) if device else cfg
+    return cfg.model_copy(update={"device": device}) if device is not None else cfg
 
 
 @user_errors
@@ -36,14 +39,16 @@ def experts(
     ),
     config: Annotated[Path | None, typer.Option(help="YAML run config.")] = None,
     device: Device = None,
+    overwrite: Overwrite = False,
 ):
     """Generate the suite, pretrain the backbone and fine-tune one expert per task."""
     from surgery_edge.run.pipeline import Run, prepare_experts, prepare_suite  # deferred: torch
 
-    run = Run.create(out, _config(config, device))
+    run = Run.create(out, _config(config, device), overwrite=overwrite)
     prepare_suite(run)
     es = prepare_experts(run)
-    typer.echo(f"pretrained: {es.pretrained}\nexperts:    {es.pretrained.parent / 'experts'}")
+    say(f"pretrained: {es.pretrained}")
+    say(f"experts:    {es.pretrained.parent / 'experts'}")
 
 
 MERGE_HELP = lazy_epilog(merge_methods_help)
@@ -72,18 +77,23 @@ def merge(
     lam: Annotated[float | None, typer.Option(hidden=True)] = None,  # before --param: lam=
     k: Annotated[float | None, typer.Option(hidden=True)] = None,  # before --param: k=
     device: Device = None,
+    overwrite: Overwrite = False,
 ):
-    """Merge the run's experts with one or more methods into RUN/merged/<method>.safetensors."""
+    """Merge the run's experts with one or more methods into RUN/merged/<method>.safetensors.
+
+    A merge made with other parameters is replaced only with --overwrite (the adapters trained
+    on it are then refused until re-trained).
+    """
     from surgery_edge.run.pipeline import Run, run_merges  # deferred: imports torch
 
     overrides = parse_values(param, "--param", "lam=0.5")
     for name, value in (("lam", lam), ("k", k)):
         if value is not None:
             overrides.setdefault(name, value)
-    run = Run.open(run_dir, device=device)
+    run = Run.open(run_dir, device=device, write=True, overwrite=overwrite)
     run.require_experts()
     for name, path in run_merges(run, method, overrides).items():
-        typer.echo(f"{name}: {path}")
+        say(f"{name}: {path}")
 
 
 @user_errors
@@ -108,8 +118,13 @@ def train(
     ] = False,
     out: Annotated[Path | None, typer.Option(help="Adapter file to write.")] = None,
     device: Device = None,
+    overwrite: Overwrite = False,
 ):
-    """Train surgery adapters (unsupervised) on a merged model of the run."""
+    """Train surgery adapters (unsupervised) on a merged model of the run.
+
+    Adapters trained with other settings or on another merge are replaced only with
+    --overwrite; --out writes them elsewhere.
+    """
     from surgery_edge.run.pipeline import Run, train_one  # deferred: imports torch
     from surgery_edge.surgery.trainer import SurgeryConfig  # deferred with the pipeline
 
@@ -117,13 +132,7 @@ def train(
     spec = get_surgery(method)
     rank = spec.rank if rank is None else rank
     steps = spec.steps if steps is None else steps
-    for name, value in (("--rank", rank), ("--steps", steps), ("--batch-size", batch_size)):
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}.")
-    run = Run.open(run_dir, device=device)
-    run.require_experts()
-    run.find_merges()
-    cfg = SurgeryConfig(
+    cfg = SurgeryConfig(  # every number checked (ConfigError) before the run is opened
         method=method,
         rank=rank,
         steps=steps,
@@ -132,8 +141,11 @@ def train(
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
+    run = Run.open(run_dir, device=device, write=out is None, overwrite=overwrite)
+    run.require_experts()
+    run.find_merges()
     path = train_one(run, merge_name, cfg, out, transductive=transductive, resume=resume)
-    typer.echo(f"adapters: {path}")
+    say(f"adapters: {path}")
 
 
 @user_errors
@@ -145,12 +157,12 @@ def evaluate(
     from surgery_edge.evaluation.report import write_report  # deferred: matplotlib
     from surgery_edge.run.pipeline import Run, evaluate, report_dict  # deferred: torch
 
-    run = Run.open(run_dir, device=device)
+    run = Run.open(run_dir, device=device, write=True)
     run.require_experts()
     run.find_merges()
     run.find_adapters()
     paths = write_report(run.out, report_dict(run, evaluate(run)))
-    typer.echo(f"report: {paths['md']}")
+    say(f"report: {paths['md']}")
 
 
 @user_errors
@@ -159,13 +171,14 @@ def demo(
     config: Annotated[
         Path | None, typer.Option(help="YAML run config (default: the demo's).")
     ] = None,
-    device: Device = "auto",
+    device: Device = None,
+    overwrite: Overwrite = False,
 ):
     """The whole pipeline on the built-in suite: experts, merges, surgery, evaluation."""
     from surgery_edge.run.pipeline import run_pipeline  # deferred: imports torch
 
-    report = run_pipeline(out, _config(config, device))
-    typer.echo(f"report: {report}")
+    report = run_pipeline(out, _config(config, device), overwrite=overwrite)
+    say(f"report: {report}")
 
 
 @user_errors
@@ -190,6 +203,7 @@ def run_recipe(
         ),
     ] = None,
     device: Device = None,
+    overwrite: Overwrite = False,
 ):
     """Run a config end to end: data, experts, merges, surgery, evaluation, engines, report."""
     from surgery_edge.run.config import load_config  # deferred: imports torch
@@ -203,5 +217,5 @@ def run_recipe(
     if device is not None:
         overrides["device"] = device
     cfg = load_config(config, overrides)
-    report = run_pipeline(out or Path("runs") / config.stem, cfg)
-    typer.echo(f"report: {report}")
+    report = run_pipeline(out or Path("runs") / config.stem, cfg, overwrite=overwrite)
+    say(f"report: {report}")

@@ -17,17 +17,22 @@ is never a re-rendering of a training scan.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import warnings
+import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from surgery_edge.data import render as R
-from surgery_edge.errors import ConfigError, SurgeryEdgeError
+from surgery_edge.errors import ConfigError, DataError
 from surgery_edge.io import atomic_path
 
 SPLITS = ("train", "adapt", "test")
@@ -175,8 +180,8 @@ def _render_textures(rng, label, size, pool):
         m = R._soft(period * rng.uniform(0.22, 0.32) - np.hypot(gy, gx))
     else:  # blotchy: smooth random field, thresholded
         coarse = rng.normal(size=(5, 5)).astype(np.float32)
-        field = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
-        m = (field > np.median(field)).astype(np.float32)
+        noise = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
+        m = (noise > np.median(noise)).astype(np.float32)
     img = R.composite(np.broadcast_to(a, (size, size, 3)).copy(), m, b)
     return np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
 
@@ -331,10 +336,29 @@ class TaskData:
     adapt_x: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def digest(self, array: str) -> str:
+        """The content hash of ``train_x`` / ``adapt_x`` / ... (computed once, then kept)."""
+        if array not in self.digests:
+            self.digests[array] = array_digest(getattr(self, array))
+        return self.digests[array]
+
+
+ARRAYS = ("train_x", "train_y", "adapt_x", "test_x", "test_y")
+
+
+def array_digest(arr: np.ndarray, rows: int = 4096) -> str:
+    """SHA-256 of an array's dtype, shape and values (C order), read ``rows`` at a time so a
+    memory-mapped split is never loaded whole."""
+    h = hashlib.sha256(f"{arr.dtype.str}{tuple(arr.shape)}".encode())
+    for i in range(0, len(arr), rows):
+        h.update(np.ascontiguousarray(arr[i : i + rows]).data)
+    return h.hexdigest()
 
 
 @dataclass
@@ -447,41 +471,69 @@ def pretraining_corpus(
 
 
 def save_suite(suite: Suite, path: str | Path) -> Path:
-    arrays = {}
+    """Write ``suite`` to an ``.npz`` with every array's content hash (checked on load)."""
+    arrays, digests = {}, {}
     for t in suite.tasks:
-        for field in ("train_x", "train_y", "adapt_x", "test_x", "test_y"):
-            arrays[f"{t.name}/{field}"] = getattr(t, field)
+        for name in ARRAYS:
+            arrays[f"{t.name}/{name}"] = getattr(t, name)
+            digests[f"{t.name}/{name}"] = t.digest(name)
         arrays[f"{t.name}/class_names"] = np.array(t.class_names)
     meta = np.array([suite.name, str(suite.seed), str(suite.image_size)])
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, __meta__=meta, **arrays)
+            np.savez(f, __meta__=meta, __digests__=np.array(json.dumps(digests)), **arrays)
     return Path(path)
 
 
 def load_suite(path: str | Path) -> Suite:
+    """Read a suite written by :func:`save_suite`, checking every array against its hash.
+
+    Raises:
+        DataError: the file is unreadable, truncated, edited, or not a suite file.
+    """
     path = Path(path)
     try:
-        z = np.load(path, allow_pickle=False)
-        name, seed, size = (str(v) for v in z["__meta__"])
-        names = sorted({k.split("/")[0] for k in z.files if "/" in k}, key=_task_order)
-        tasks = [
-            TaskData(
-                n,
-                [str(c) for c in z[f"{n}/class_names"]],
-                z[f"{n}/train_x"],
-                z[f"{n}/train_y"],
-                z[f"{n}/adapt_x"],
-                z[f"{n}/test_x"],
-                z[f"{n}/test_y"],
-            )
-            for n in names
-        ]
-    except (OSError, KeyError, ValueError) as e:
-        raise SurgeryEdgeError(
-            f"Suite cache {path} is unreadable ({e}); delete it to regenerate."
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            name, seed, size = (str(v) for v in z["__meta__"])
+            seed, size = int(seed), int(size)
+            digests = json.loads(str(z["__digests__"]))
+            names = sorted({k.split("/")[0] for k in files if "/" in k}, key=_task_order)
+            tasks = []
+            for n in names:
+                data = {a: z[f"{n}/{a}"] for a in ARRAYS}
+                task = TaskData(n, [str(c) for c in z[f"{n}/class_names"]], **data)
+                _check_task(task, size)
+                for a in ARRAYS:
+                    if task.digest(a) != digests.get(f"{n}/{a}"):
+                        raise ValueError(f"{n}/{a} does not match its checksum")
+                tasks.append(task)
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(
+            f"Suite file {path} is unreadable or damaged ({type(e).__name__}: {e}). Delete it: "
+            "the next run regenerates it from the seed."
         ) from None
-    return Suite(name, int(seed), int(size), tasks)
+    if not tasks:
+        raise DataError(f"Suite file {path} holds no tasks. Delete it to regenerate it.")
+    return Suite(name, seed, size, tasks)
+
+
+def _check_task(t: TaskData, size: int) -> None:
+    """Shapes, dtypes and label ranges of one task's arrays (ValueError naming the array)."""
+    if not t.class_names:
+        raise ValueError(f"{t.name} has no class names")
+    for a in ("train_x", "adapt_x", "test_x"):
+        x = getattr(t, a)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"{t.name}/{a} is {x.dtype} {x.shape}, not uint8 (N, {size}, {size}, 3)"
+            )
+    for a, x in (("train_y", t.train_x), ("test_y", t.test_x)):
+        y = getattr(t, a)
+        if y.dtype != np.int64 or y.shape != (len(x),):
+            raise ValueError(f"{t.name}/{a} is {y.dtype} {y.shape}, not int64 ({len(x)},)")
+        if len(y) and (y.min() < 0 or y.max() >= len(t.class_names)):
+            raise ValueError(f"{t.name}/{a} holds labels outside 0..{len(t.class_names) - 1}")
 
 
 def _task_order(name: str) -> int:
@@ -497,13 +549,23 @@ def _matches(suite: Suite, n_train=2000, n_adapt=400, n_test=500, size=32, tasks
     )
 
 
-def load_or_generate_suite(cache: str | Path, seed: int = 0, **kwargs) -> Suite:
-    """Load the cached suite at ``cache`` if it was made with ``seed``, else generate and save."""
+def load_or_generate_suite(
+    cache: str | Path, seed: int = 0, warn: Callable[[str], Any] | None = None, **kwargs
+) -> Suite:
+    """Load the cached suite at ``cache`` if it was made with ``seed``, else generate and save.
+
+    A damaged cache is regenerated (the suite is a pure function of its settings), with a
+    warning through ``warn`` (default ``warnings.warn``); it is never used.
+    """
     cache = Path(cache)
     if cache.exists():
-        suite = load_suite(cache)
-        if suite.seed == seed and _matches(suite, **kwargs):
-            return suite
+        try:
+            suite = load_suite(cache)
+        except DataError as e:
+            (warn or (lambda m: warnings.warn(m, stacklevel=3)))(f"{e} Regenerating it.")
+        else:
+            if suite.seed == seed and _matches(suite, **kwargs):
+                return suite
     suite = generate_suite(seed=seed, **kwargs)
     save_suite(suite, cache)
     return suite

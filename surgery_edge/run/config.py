@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from surgery_edge import merging
+from surgery_edge.data.suite import TASK_NAMES
 from surgery_edge.errors import ConfigError
+from surgery_edge.io import safe_name
 from surgery_edge.surgery.methods import SURGERY_METHODS, get_surgery
 
 
@@ -25,21 +27,47 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Count = Annotated[int, Field(ge=1, le=10**8)]
+Rate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"
+
+
+def _safe_names(names, what: str):
+    try:
+        for name in names:
+            safe_name(name, what)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    return names
+
+
 class SuiteSettings(_Frozen):
-    seed: int = 0
-    n_train: int = Field(2000, ge=10)
-    n_adapt: int = Field(400, ge=10)
-    n_test: int = Field(500, ge=10)
+    seed: Seed = 0
+    n_train: int = Field(2000, ge=10, le=10**6)
+    n_adapt: int = Field(400, ge=10, le=10**6)
+    n_test: int = Field(500, ge=10, le=10**6)
     tasks: list[str] | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _builtin(cls, tasks):
+        if tasks is not None:
+            if not tasks or len(set(tasks)) != len(tasks):
+                raise ValueError("list each built-in task at most once, and at least one")
+            unknown = [t for t in tasks if t not in TASK_NAMES]
+            if unknown:
+                raise ValueError(f"unknown tasks {unknown}; the built-in suite has {TASK_NAMES}")
+        return tasks
 
 
 class ExpertSettings(_Frozen):
-    pretrain_n_per_source: int = 1000
-    pretrain_epochs: int = 3
-    pretrain_lr: float = 1e-3
-    finetune_epochs: int = 10
-    finetune_lr: float = 1e-3
-    finetune_batch_size: int = 64
+    pretrain_n_per_source: Count = 1000
+    pretrain_epochs: Count = 3
+    pretrain_lr: Rate = 1e-3
+    finetune_epochs: Count = 10
+    finetune_lr: Rate = 1e-3
+    finetune_batch_size: Count = 64
 
 
 # The demo's settings where they differ from the methods' own (the reference code's) defaults:
@@ -129,8 +157,8 @@ class MergeSettings(_Frozen):
 
 
 class SurgeryMethodSettings(_Frozen):
-    rank: int = Field(ge=1)
-    steps: int = Field(ge=1)
+    rank: int = Field(ge=1, le=1 << 14)
+    steps: int = Field(ge=1, le=10**9)
 
 
 class SurgerySettings(_Frozen):
@@ -138,7 +166,7 @@ class SurgerySettings(_Frozen):
 
     methods: list[str] = list(SURGERY_METHODS)
     params: dict[str, SurgeryMethodSettings] = Field(default_factory=dict)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=1 << 16)
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     transductive: bool = False
 
@@ -210,7 +238,7 @@ class DataSettings(_Frozen):
 
     root: Path | None = None
     tasks: dict[str, DataTask]
-    n_adapt: int = Field(400, ge=1, description="Adaptation images sampled from train/.")
+    n_adapt: int = Field(400, ge=1, le=10**7, description="Adaptation images sampled from train/.")
 
     _expand_root = field_validator("root")(_expand)
 
@@ -219,7 +247,7 @@ class DataSettings(_Frozen):
     def _not_empty(cls, tasks):
         if not tasks:
             raise ValueError("at least one task is needed")
-        return tasks
+        return _safe_names(tasks, "Task name")
 
     def task_path(self, name: str) -> Path:
         """The folder (or torchvision root) of task ``name``: ``path`` under ``root``."""
@@ -259,7 +287,7 @@ class CheckpointSettings(_Frozen):
     @field_validator("experts")
     @classmethod
     def _expand_experts(cls, experts):
-        return {k: _expand(v) for k, v in experts.items()}
+        return {k: _expand(v) for k, v in _safe_names(experts, "Task name").items()}
 
     def resolve(self, path: Path | None) -> Path | None:
         return path if path is None or path.is_absolute() or self.root is None else self.root / path
@@ -289,8 +317,8 @@ class RunConfig(_Frozen):
 
     name: str | None = None
     arch: str = "tiny-vit-32"
-    seed: int = 0
-    device: str = "auto"
+    seed: Seed = 0
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
     suite: SuiteSettings = SuiteSettings()
     experts: ExpertSettings = ExpertSettings()
     data: DataSettings | None = None
@@ -344,3 +372,28 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         return RunConfig.model_validate(data)
     except (yaml.YAMLError, ValidationError) as e:
         raise ConfigError(f"Config file {path} is invalid:\n{e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Config file {path} is unreadable ({e}).") from None
+
+
+# Settings that shape no artefact: where the run executes, what it prints, which methods of the
+# lists it makes (adding one replaces nothing).
+_NOT_SHAPING = {"device", "export", "reference", "name"}
+
+
+def shaping_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings that shape a run's artefacts, as JSON (for comparing two configs)."""
+    data = config.model_dump(mode="json", exclude=_NOT_SHAPING)
+    data["merge"].pop("methods", None)
+    data["surgery"].pop("methods", None)
+    return data
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``["suite.seed: 0 -> 1", ...]``: the dotted keys whose values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

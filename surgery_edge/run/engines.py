@@ -23,9 +23,8 @@ from surgery_edge.errors import ExportError
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.parity import check_forward
-from surgery_edge.io import write_json_atomic
+from surgery_edge.io import fingerprint, write_json_atomic
 from surgery_edge.surgery.model import MultiTaskModel
-from surgery_edge.surgery.targets import file_fingerprint, fingerprint
 
 if TYPE_CHECKING:
     from surgery_edge.run.pipeline import Run
@@ -141,20 +140,49 @@ def _describe(path: Path, t0: float) -> dict[str, Any]:
 def export_engines(run: Run) -> dict:
     """The demo's export stage: the task-arithmetic engines, checked for parity.
 
-    Reuses ``engines/summary.json`` when the merged model, adapters and experts are unchanged.
+    Reuses ``engines/summary.json`` when the merged model, adapters and experts are unchanged
+    (by content) and every engine it lists is still there, unchanged (by content hash).
     """
     needed = [run.merged.get(MERGE)] + [run.adapters.get((MERGE, m)) for _, m, _ in PLANS]
     if any(p is None for p in needed):
         return {"skipped": "needs the task_arithmetic merge with both surgery methods"}
-    fp = fingerprint(*(file_fingerprint(p) for p in needed), run.experts.fingerprint())
-    summary = run.layout.engines / "summary.json"
+    fp = fingerprint(*(run.hashes.digest(p) for p in needed), run.experts.fingerprint(run.hashes))
+    folder = run.layout.engines
+    summary = folder / "summary.json"
     if summary.is_file():
-        cached = json.loads(summary.read_text())
-        if cached.get("fingerprint") == fp:
+        try:
+            cached = json.loads(summary.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        if isinstance(cached, dict) and cached.get("fingerprint") == fp and _intact(run, cached):
             run.log("reusing exported engines")
             return cached
     with run.stage("export"):
-        result = export_and_check(run, run.layout.engines)
+        result = export_and_check(run, folder)
     result["fingerprint"] = fp
+    result["sha256"] = {f: run.hashes.digest(folder / f) for f in _files(result)}
     write_json_atomic(summary, result)
     return result
+
+
+def _files(result: Any) -> list[str]:
+    """The engine file names a summary lists (every ``"file"`` entry)."""
+    if isinstance(result, dict):
+        own = [result["file"]] if isinstance(result.get("file"), str) else []
+        return own + [f for v in result.values() for f in _files(v)]
+    return []
+
+
+def _intact(run: Run, cached: dict) -> bool:
+    """Every engine of a summary is present with the content it was measured with."""
+    recorded = cached.get("sha256")
+    files = _files(cached)
+    if not isinstance(recorded, dict) or set(recorded) != set(files):
+        return False
+    for name in files:
+        path = run.layout.engines / name
+        if Path(name).name != name or not path.is_file():
+            return False
+        if run.hashes.digest(path) != recorded[name]:
+            return False
+    return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,18 +21,20 @@ from torch import nn
 from surgery_edge.data.suite import Suite, TaskData, pretraining_corpus
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.errors import CheckpointError
+from surgery_edge.io import HashCache, fingerprint, safe_name
 from surgery_edge.models import (
     ArchSpec,
     ClassificationHead,
     ImageEncoder,
     build_encoder,
     load_encoder,
+    load_head,
     prototype_head,
     save_encoder,
     save_head,
 )
 from surgery_edge.progress import progress_bar
-from surgery_edge.surgery.targets import file_fingerprint, fingerprint
+from surgery_edge.run.provenance import check_replace, recorded
 
 
 @dataclass(frozen=True)
@@ -191,21 +194,31 @@ class ExpertSet:
     experts: dict[str, Path]
     heads: dict[str, Path]
 
-    def fingerprint(self) -> str:
-        """Identity of every checkpoint, for the fingerprints of what is made from them."""
+    def fingerprint(self, hashes: HashCache) -> str:
+        """Identity of every checkpoint's content, for the fingerprints of what is made from
+        them (where the files are plays no part)."""
         paths = [self.pretrained, *self.experts.values(), *self.heads.values()]
-        return fingerprint(*(file_fingerprint(p) for p in paths))
+        return fingerprint(*(hashes.digest(p) for p in paths))
 
 
-def _cached(path: Path, arch: ArchSpec, config: dict, loader) -> bool:
-    """True when ``path`` holds a valid checkpoint made with ``config`` for ``arch``."""
+def _reusable(path: Path, arch: ArchSpec, record: dict[str, Any]) -> bool | None:
+    """True: ``path`` is a valid encoder recording ``record``; False: it exists but records
+    something else (or is damaged); None: it does not exist."""
     if not path.exists():
-        return False
+        return None
     try:
-        ckpt = loader(path, arch)
+        ckpt = load_encoder(path, arch)
     except CheckpointError:
         return False
-    return ckpt.meta.get("train_config") == config if hasattr(ckpt, "meta") else True
+    return all(ckpt.meta.get(k) == v for k, v in record.items())
+
+
+def _head_fits(path: Path, arch: ArchSpec, task: str, provenance: dict) -> bool:
+    try:
+        head = load_head(path, arch)
+    except CheckpointError:
+        return False
+    return head.task == task and head.meta.get("provenance") == provenance
 
 
 def build_experts(
@@ -216,34 +229,76 @@ def build_experts(
     pretrain_cfg: PretrainConfig = PretrainConfig(),
     finetune_cfg: FinetuneConfig = FinetuneConfig(),
     log=print,
+    hashes: HashCache | None = None,
+    overwrite: bool = False,
 ) -> ExpertSet:
     """Pretrain and fine-tune every task's expert into ``out_dir``; finished work is reused.
 
     Layout: ``pretrained.safetensors``, ``experts/<task>.safetensors`` and
-    ``heads/<task>.safetensors``.
-    A checkpoint is reused only when its recorded training config equals the requested one.
+    ``heads/<task>.safetensors``. A checkpoint is reused only when it records the requested
+    training config and provenance (for an expert and its head: the pretrained checkpoint's and
+    the task's training split's content hashes, and the class names).
+
+    Raises:
+        ConfigError: a checkpoint made with other settings or inputs exists and ``overwrite``
+            is False (it is never replaced silently).
     """
     out = Path(out_dir)
+    hashes = hashes or HashCache()
     pre_path = out / "pretrained.safetensors"
     pre_cfg = {"pretrain": asdict(pretrain_cfg)}
-    if _cached(pre_path, arch, pre_cfg, load_encoder):
+    reuse = _reusable(pre_path, arch, {"train_config": pre_cfg})
+    if reuse:
         pretrained = load_encoder(pre_path, arch).state_dict
         log(f"reusing {pre_path}")
     else:
+        if reuse is False:
+            check_replace(
+                pre_path,
+                "pretrained checkpoint",
+                {"train_config": pre_cfg},
+                overwrite,
+                log,
+                old=_train_record(pre_path),
+            )
         pretrained = pretrain(arch, pretrain_cfg, device)
         save_encoder(pre_path, arch, pretrained, task=None, train_config=pre_cfg)
     experts, heads = {}, {}
     ft_cfg = {"pretrain": asdict(pretrain_cfg), "finetune": asdict(finetune_cfg)}
+    pre_digest = hashes.digest(pre_path)
     for task in suite.tasks:
+        name = safe_name(task.name, "Task name")
         e_path, h_path = (
-            out / "experts" / f"{task.name}.safetensors",
-            out / "heads" / f"{task.name}.safetensors",
+            out / "experts" / f"{name}.safetensors",
+            out / "heads" / f"{name}.safetensors",
         )
-        if _cached(e_path, arch, ft_cfg, load_encoder) and h_path.exists():
-            log(f"reusing expert {task.name}")
+        provenance = {
+            "pretrained": pre_digest,
+            "train": fingerprint(task.digest("train_x"), task.digest("train_y")),
+            "class_names": list(task.class_names),
+        }
+        record = {"train_config": ft_cfg, "provenance": provenance}
+        reuse = _reusable(e_path, arch, record)
+        if reuse and _head_fits(h_path, arch, name, provenance):
+            log(f"reusing expert {name}")
         else:
+            if reuse is False:
+                old = _train_record(e_path)
+                check_replace(e_path, f"expert of {name!r}", record, overwrite, log, old=old)
+            elif h_path.exists():
+                meta = recorded(h_path)
+                old = meta and {"task": meta.get("task"), "provenance": meta.get("provenance")}
+                new = {"task": name, "provenance": provenance}
+                check_replace(h_path, f"head of {name!r}", new, overwrite, log, old=old)
             state, head = finetune_expert(arch, pretrained, task, finetune_cfg, device)
-            save_head(h_path, arch, task.name, task.class_names, head)
-            save_encoder(e_path, arch, state, task=task.name, train_config=ft_cfg)
-        experts[task.name], heads[task.name] = e_path, h_path
+            save_head(h_path, arch, name, task.class_names, head, provenance=provenance)
+            save_encoder(e_path, arch, state, task=name, train_config=ft_cfg, provenance=provenance)
+        experts[name], heads[name] = e_path, h_path
     return ExpertSet(pre_path, experts, heads)
+
+
+def _train_record(path: Path) -> dict[str, Any] | None:
+    meta = recorded(path)
+    if meta is None:
+        return None
+    return {k: meta.get(k) for k in ("train_config", "provenance") if k in meta}

@@ -10,6 +10,7 @@
     merged/<method>.safetensors             merged backbones (recipe in the metadata)
     adapters/<merge>/<surgery>.safetensors  surgery adapters
     cache/                                  expert representations, decoded datasets
+    cache/hashes.json                       content hashes of files, by (size, mtime, inode)
     engines/                                exported engines
     report.json, report.md, *.png
 
@@ -17,6 +18,13 @@
 task-id order, from the config), their class names (from the heads), the architecture (from
 the pretrained checkpoint) and the multi-task model of a merge and its adapters. It never reads
 a dataset, so a paper-scale run exports on a machine that holds only its checkpoints.
+
+Every artefact records its provenance in its metadata: a merged model the identity of the experts
+and the method's parameters, adapters the content hash of the merged model and of the targets they
+were trained on, a head its task. :meth:`RunLayout.model` refuses a pair that does not belong
+together (adapters trained on another merge, a head of another task), naming both files and the
+command that fixes it. Names that become paths (tasks, merges, methods) are checked to be plain
+file names, so nothing is ever read or written outside the run directory.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from surgery_edge.data.suite import TASK_NAMES
-from surgery_edge.errors import CheckpointError, ConfigError
+from surgery_edge.errors import AdapterError, CheckpointError, ConfigError
+from surgery_edge.io import HashCache, check_writable, safe_name
 from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.checkpoint import HeadCheckpoint, load_encoder, load_head, read_metadata
 from surgery_edge.run.config import RunConfig
@@ -45,15 +55,49 @@ class RunLayout:
     root: Path
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> RunLayout:
-        """An existing run directory; ConfigError saying how to make one otherwise."""
+    def open(cls, root: str | os.PathLike, write: bool = False) -> RunLayout:
+        """An existing run directory; ConfigError saying how to make one otherwise.
+
+        Args:
+            write: the caller will write into it: a folder that cannot be written is refused
+                now, before any work.
+        """
         layout = cls(Path(root))
         if not layout.config_file.is_file():
             raise ConfigError(
                 f"{layout.root} is not a surgery-edge run directory (no config.json). Create one "
                 f"with `surgery-edge experts --out {root}` or `surgery-edge demo --out {root}`."
             )
+        if write:
+            check_writable(layout.root, "run directory")
         return layout
+
+    @classmethod
+    def create(cls, root: str | os.PathLike) -> RunLayout:
+        """A new run directory, or an existing one; refuses a file, a folder of other things,
+        or a place that cannot be written (before any work)."""
+        layout = cls(Path(root))
+        if layout.root.exists() and not layout.root.is_dir():
+            raise ConfigError(
+                f"{layout.root} is a file, not a run directory. Choose another --out."
+            )
+        if (
+            layout.root.is_dir()
+            and not layout.config_file.is_file()
+            and any(not p.name.startswith(".") for p in layout.root.iterdir())
+        ):
+            raise ConfigError(
+                f"{layout.root} already holds other files and is not a surgery-edge run "
+                "directory (no config.json), so nothing was written there. Choose a new or empty "
+                "folder for --out."
+            )
+        check_writable(layout.root, "run directory")
+        return layout
+
+    @cached_property
+    def hashes(self) -> HashCache:
+        """Content hashes of the run's files, remembered in ``cache/hashes.json``."""
+        return HashCache(self.cache / "hashes.json")
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -74,19 +118,20 @@ class RunLayout:
         return self.checkpoints / "pretrained.safetensors"
 
     def expert(self, task: str) -> Path:
-        return self.checkpoints / "experts" / f"{task}.safetensors"
+        return self.checkpoints / "experts" / f"{safe_name(task, 'Task name')}.safetensors"
 
     def head(self, task: str) -> Path:
-        return self.checkpoints / "heads" / f"{task}.safetensors"
+        return self.checkpoints / "heads" / f"{safe_name(task, 'Task name')}.safetensors"
 
     @property
     def merged_dir(self) -> Path:
         return self.root / "merged"
 
     def merged(self, merge: str) -> Path:
-        return self.merged_dir / f"{merge}.safetensors"
+        return self.merged_dir / f"{safe_name(merge, 'Merge name')}.safetensors"
 
     def adapters(self, merge: str, surgery: str) -> Path:
+        merge, surgery = safe_name(merge, "Merge name"), safe_name(surgery, "Surgery method")
         return self.root / "adapters" / merge / f"{surgery}.safetensors"
 
     @property
@@ -102,7 +147,7 @@ class RunLayout:
     def read_config(self) -> RunConfig:
         try:
             return RunConfig.model_validate(json.loads(self.config_file.read_text()))
-        except (OSError, ValueError) as e:  # JSONDecodeError and pydantic's errors are ValueErrors
+        except (OSError, ValueError) as e:  # JSON, UTF-8 and pydantic's errors are ValueErrors
             raise ConfigError(
                 f"{self.config_file} is unreadable or invalid ({type(e).__name__}: {e}). Restore "
                 "it, or start the run again in a new directory."
@@ -123,25 +168,68 @@ class RunLayout:
                 f"Checkpoint {self.pretrained} is missing or unreadable. Run "
                 f"`surgery-edge experts --out {self.root}` (or `surgery-edge run CONFIG`) first."
             )
-        return ArchSpec.from_dict(meta["arch"])
+        try:
+            return ArchSpec.from_dict(meta["arch"])
+        except ConfigError as e:
+            raise CheckpointError(f"Checkpoint {self.pretrained}: {e} Re-create it.") from None
 
     def heads(self, tasks: list[str], arch: ArchSpec) -> list[HeadCheckpoint]:
         """Every task's head, in ``tasks`` order; each must say it is that task's head."""
         out = []
         for task in tasks:
             head = load_head(self.head(task), arch)
-            if head.task is not None and head.task != task:
+            if head.task != task:
                 raise CheckpointError(
-                    f"Head {self.head(task)} was saved for task {head.task!r}, not {task!r}. "
-                    "Restore the run's own head file (or re-run `surgery-edge experts`)."
+                    f"Head {self.head(task)} was saved for task {head.task!r}, not {task!r}: it "
+                    "is another task's head (or another tool's file). Restore the run's own head "
+                    f"file, or re-make the run's checkpoints (surgery-edge experts --out "
+                    f"{self.root} --overwrite)."
                 )
             out.append(head)
         return out
 
+    def check_adapters(self, merged: Path, adapters: Path, meta: dict) -> None:
+        """Refuse adapters that were not trained on ``merged`` as it is now, or did not finish.
+
+        The adapter file records the content hash of the merged model it was trained on; a
+        merge that was re-made since (other parameters, other experts) no longer fits them.
+        """
+        if meta.get("complete", True) is not True:
+            raise AdapterError(
+                f"Adapters {adapters} are the last good ones of a run stopped by a non-finite "
+                "loss, not trained adapters. Train again with a lower --lr."
+            )
+        merge = merged.stem
+        fix = (
+            f"surgery-edge train --run {self.root} --merge {merge} --method "
+            f"{meta.get('method', 'METHOD')} --overwrite"
+        )
+        recorded = (meta.get("provenance") or {}).get("merged")
+        if not isinstance(recorded, str):
+            raise AdapterError(
+                f"Adapters {adapters} do not record which merged model they were trained on (an "
+                f"older or foreign file), so they cannot be checked against {merged}. Re-train "
+                f"them: `{fix}`."
+            )
+        if recorded != self.hashes.digest(merged):
+            raise AdapterError(
+                f"Adapters {adapters} were trained on another version of {merged} (the merged "
+                "model was re-made since, with other parameters or experts), so they do not fit "
+                f"it. Re-train them on this merge: `{fix}`."
+            )
+
     def merges(self) -> dict[str, Path]:
-        """The merged models present, by name."""
+        """The merged models present, by name (files whose names are no merge name are not)."""
         folder = self.merged_dir
-        return {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+        if not folder.is_dir():
+            return {}
+        found = {}
+        for p in sorted(folder.glob("*.safetensors")):
+            try:
+                found[safe_name(p.stem, "Merge name")] = p
+            except ConfigError:
+                continue
+        return found
 
     def trained_adapters(self, merges: list[str]) -> dict[tuple[str, str], Path]:
         """The adapter files present for ``merges``, by (merge, surgery method)."""
@@ -159,13 +247,28 @@ class RunLayout:
         tasks: list[str] | None = None,
         arch: ArchSpec | None = None,
         device: str | torch.device = "cpu",
+        surgery: str | None = None,
     ) -> MultiTaskModel:
-        """The multi-task model of a merged backbone (+ adapters) with the run's heads."""
+        """The multi-task model of a merged backbone (+ adapters) with the run's heads.
+
+        Args:
+            surgery: the method the adapters must be (default: the adapter file's name, e.g.
+                ``surgeryv2`` for ``adapters/<merge>/surgeryv2.safetensors``).
+
+        Raises:
+            AdapterError: the adapters are of another method, were trained on another version
+                of ``merged``, or are incomplete.
+        """
         tasks = tasks if tasks is not None else self.tasks()
         arch = arch or self.arch()
         heads = self.heads(tasks, arch)
         encoder = load_encoder(merged, arch).build(device)
-        bank = None if adapters is None else AdapterBank.load(adapters, arch=arch, tasks=tasks)[0]
+        bank = None
+        if adapters is not None:
+            adapters = Path(adapters)
+            method = surgery or (adapters.stem if adapters.stem in SURGERY_METHODS else None)
+            bank, meta = AdapterBank.load(adapters, arch=arch, tasks=tasks, method=method)
+            self.check_adapters(Path(merged), adapters, meta)
         names = [h.class_names for h in heads]
         model = MultiTaskModel(encoder, [h.head.eval() for h in heads], tasks, bank, names)
         return model.to(device).eval()
@@ -190,6 +293,15 @@ class RunLayout:
                     f"No {surgery} adapters for {merge!r} in {adapters.parent}. Train them with "
                     f"`surgery-edge train --run {self.root} --merge {merge} --method {surgery}`."
                 )
-        model = self.model(merges[merge], adapters, device=device)
+        model = self.model(merges[merge], adapters, device=device, surgery=surgery)
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise CheckpointError(
+                f"The model of {merges[merge]} with {adapters or 'no adapters'} holds non-finite "
+                f"weights (e.g. {bad[:3]}); no engine was exported. Re-create the broken file."
+            )
         recipe = dict((read_metadata(merges[merge]) or {}).get("recipe", {}))
-        return model, {"merge": merge, "merge_recipe": recipe}
+        source = {"merged": self.hashes.digest(merges[merge])}
+        if adapters is not None:
+            source["adapters"] = self.hashes.digest(adapters)
+        return model, {"merge": merge, "merge_recipe": recipe, "source": source}

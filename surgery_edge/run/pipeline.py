@@ -1,8 +1,11 @@
 """The whole flow on a run directory: suite -> experts -> merges -> surgery -> evaluation.
 
 The directory's layout is :class:`~surgery_edge.run.layout.RunLayout`. Every stage writes its
-artefact atomically with a fingerprint of its inputs and settings in the metadata; a re-run
-reuses an artefact whose fingerprint matches and redoes only what changed.
+artefact atomically with its provenance (content hashes of its inputs, the settings that shaped
+it) and their fingerprint in the metadata; a re-run reuses an artefact whose fingerprint matches
+and redoes only what changed. Nothing about where the run sits enters a fingerprint, so a moved
+or copied run reuses everything. An artefact made with other settings is replaced only with
+``overwrite`` (:mod:`~surgery_edge.run.provenance`).
 """
 
 from __future__ import annotations
@@ -25,20 +28,26 @@ from surgery_edge.evaluation.accuracy import average, routed_accuracy
 from surgery_edge.evaluation.bias import representation_bias
 from surgery_edge.evaluation.published import beside, published_table
 from surgery_edge.evaluation.report import write_report
-from surgery_edge.io import write_json_atomic
+from surgery_edge.io import HashCache, check_output, fingerprint, safe_name, write_json_atomic
 from surgery_edge.merging import AdaMergingContext
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
-from surgery_edge.models.checkpoint import read_metadata
+from surgery_edge.models.checkpoint import file_kind
 from surgery_edge.progress import progress_bar
-from surgery_edge.run.config import RunConfig
+from surgery_edge.run.config import RunConfig, differences, shaping_settings
 from surgery_edge.run.engines import export_engines
 from surgery_edge.run.experts import ExpertSet, FinetuneConfig, PretrainConfig, build_experts
 from surgery_edge.run.layout import RunLayout
+from surgery_edge.run.provenance import check_replace, up_to_date
 from surgery_edge.run.recipe import disk_suite, import_checkpoints
 from surgery_edge.surgery.methods import NONE, SURGERY_METHODS
 from surgery_edge.surgery.model import MultiTaskModel
-from surgery_edge.surgery.targets import cached_representations, file_fingerprint, fingerprint
-from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
+from surgery_edge.surgery.targets import Representations, cached_representations
+from surgery_edge.surgery.trainer import (
+    SurgeryConfig,
+    TaskTargets,
+    train_surgery,
+    training_settings,
+)
 
 
 @dataclass
@@ -55,23 +64,72 @@ class Run:
     merged: dict[str, Path] = field(default_factory=dict)
     adapters: dict[tuple[str, str], Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    overwrite: bool = False  # replace artefacts made with other settings (never silently)
 
     @classmethod
-    def create(cls, out: str | Path, config: RunConfig, log=print) -> Run:
-        """Start (or continue) a run in ``out`` with ``config``; the config is saved there."""
-        layout = RunLayout(Path(out))
-        run = cls(layout, config, resolve_device(config.device), get_arch(config.arch), log)
+    def create(cls, out: str | Path, config: RunConfig, log=print, overwrite: bool = False) -> Run:
+        """Start (or continue) a run in ``out`` with ``config``; the config is saved there.
+
+        Everything is checked before anything is written: the output folder, the device, the
+        architecture, and, for an existing run, that ``config`` shapes its artefacts as the
+        recorded one did (other settings need ``overwrite``: they would replace artefacts).
+        """
+        layout = RunLayout.create(out)
+        run = cls(
+            layout,
+            config,
+            resolve_device(config.device),
+            get_arch(config.arch),
+            log,
+            overwrite=overwrite,
+        )
+        if layout.config_file.is_file():
+            try:
+                before = shaping_settings(layout.read_config())
+            except ConfigError:
+                before = None
+            changed = (
+                differences(before, shaping_settings(config))
+                if before is not None
+                else [f"its {layout.config_file.name} is unreadable"]
+            )
+            if changed and not overwrite:
+                raise ConfigError(
+                    f"Run directory {layout.root} was made with other settings ("
+                    + "; ".join(changed[:8])
+                    + "). Pass --overwrite to redo what they change (its artefacts are replaced), "
+                    "or choose another --out."
+                )
+            if changed:
+                log(f"settings changed ({'; '.join(changed[:8])}): redoing what they shape")
         write_json_atomic(layout.config_file, config.model_dump(mode="json"))
         return run
 
     @classmethod
-    def open(cls, out: str | Path, log=print, device: str | None = None) -> Run:
-        """Re-open a run directory made by ``surgery-edge experts``, ``demo`` or ``run``."""
-        layout = RunLayout.open(out)
+    def open(
+        cls,
+        out: str | Path,
+        log=print,
+        device: str | None = None,
+        write: bool = False,
+        overwrite: bool = False,
+    ) -> Run:
+        """Re-open a run directory made by ``surgery-edge experts``, ``demo`` or ``run``.
+
+        Args:
+            write: the command writes into the run (checked to be writable now).
+            overwrite: it may replace artefacts made with other settings.
+        """
+        layout = RunLayout.open(out, write=write)
         config = layout.read_config()
         if device is not None:
             config = config.model_copy(update={"device": device})
-        return cls(layout, config, resolve_device(config.device), get_arch(config.arch), log)
+        arch = get_arch(config.arch)
+        return cls(layout, config, resolve_device(config.device), arch, log, overwrite=overwrite)
+
+    @property
+    def hashes(self) -> HashCache:
+        return self.layout.hashes
 
     @property
     def out(self) -> Path:
@@ -110,13 +168,34 @@ class Run:
         self.adapters = self.layout.trained_adapters(list(self.merged))
         return self.adapters
 
+    def images_digest(self, task: str, split: str) -> str:
+        """The content hash of ``task``'s ``split`` images (a decoded split on disk is hashed
+        through the run's hash cache, by file)."""
+        data = self.suite.task(task)
+        name = f"{split}_x"
+        arr = getattr(data, name)
+        if name not in data.digests and isinstance(arr, np.memmap) and arr.filename:
+            file = Path(arr.filename)
+            if arr.flags.c_contiguous and arr.nbytes == file.stat().st_size - arr.offset:
+                data.digests[name] = fingerprint(self.hashes.digest(file), arr.shape)
+        return data.digest(name)
+
+    def split_digest(self, split: str) -> str:
+        """The identity of every task's ``split`` images."""
+        return fingerprint({t: self.images_digest(t, split) for t in self.tasks})
+
     def heads(self) -> list:
         """The heads of the run's tasks, in task order (each checked to be its task's)."""
         return [h.head.eval() for h in self.layout.heads(self.tasks, self.arch)]
 
-    def model(self, encoder: Path, adapters: Path | None = None) -> MultiTaskModel:
-        """The multi-task model of an encoder checkpoint (+ adapters) with the run's heads."""
-        return self.layout.model(encoder, adapters, self.tasks, self.arch, self.device)
+    def model(
+        self, encoder: Path, adapters: Path | None = None, surgery: str | None = None
+    ) -> MultiTaskModel:
+        """The multi-task model of an encoder checkpoint (+ adapters) with the run's heads;
+        adapters not trained on ``encoder`` as it is now are refused."""
+        return self.layout.model(
+            encoder, adapters, self.tasks, self.arch, self.device, surgery=surgery
+        )
 
     @contextmanager
     def stage(self, name: str):
@@ -133,8 +212,9 @@ def prepare_suite(run: Run) -> Suite:
             run.suite = disk_suite(run)
             return run.suite
         run.suite = load_or_generate_suite(
-            run.out / "suite.npz",
+            run.layout.suite_file,
             seed=s.seed,
+            warn=run.log,
             n_train=s.n_train,
             n_adapt=s.n_adapt,
             n_test=s.n_test,
@@ -169,13 +249,10 @@ def prepare_experts(run: Run) -> ExpertSet:
                 seed=run.config.seed,
             ),
             log=run.log,
+            hashes=run.hashes,
+            overwrite=run.overwrite,
         )
     return run.experts
-
-
-def _meta_fingerprint(path: Path) -> str | None:
-    meta = read_metadata(path)
-    return meta.get("fingerprint") if meta else None
 
 
 def run_merges(
@@ -202,17 +279,33 @@ def run_merges(
         params = run.config.merge.params_for(name)
         given = {k: v for k, v in (overrides or {}).items() if k in params}
         plans[name] = spec.resolve({**params, **given})  # values checked before any work
-    pre = load_encoder(run.experts.pretrained, run.arch)
-    experts = {t: load_encoder(p, run.arch).state_dict for t, p in run.experts.experts.items()}
-    for name, spec in specs.items():
-        path = run.out / "merged" / f"{name}.safetensors"
+    experts_fp = run.experts.fingerprint(run.hashes)
+    todo = {}
+    for name, spec in specs.items():  # every output checked before any merge is computed
+        path = check_output(run.layout.merged(name), "merged model", _is("encoder"))
         params = plans[name]
-        data = (run.config.seed, adaptation_split(run)) if spec.needs_data else None
-        fp = fingerprint(run.experts.fingerprint(), name, params, data)
-        if path.exists() and _meta_fingerprint(path) == fp:
+        provenance: dict = {"experts": experts_fp, "method": name, "params": params}
+        if spec.needs_data:
+            split = adaptation_split(run)
+            provenance["data"] = {
+                "seed": run.config.seed,
+                "split": split,
+                "images": run.split_digest(split),
+            }
+        fp = fingerprint(provenance)
+        if up_to_date(path, fp):
             run.log(f"reusing merge {name}")
             run.merged[name] = path
             continue
+        if path.exists():
+            check_replace(path, f"merged model {name!r}", provenance, run.overwrite, run.log)
+        todo[name] = (path, provenance, fp)
+    if not todo:
+        return run.merged
+    pre = load_encoder(run.experts.pretrained, run.arch)
+    experts = {t: load_encoder(p, run.arch).state_dict for t, p in run.experts.experts.items()}
+    for name, (path, provenance, fp) in todo.items():
+        spec, params = specs[name], plans[name]
         with run.stage(f"merge:{name}"):
             context = None
             if spec.needs_data:
@@ -234,23 +327,39 @@ def run_merges(
                     context.progress = lambda step, loss: bar.advance(entropy=loss)
                     result = spec(pre.state_dict, experts, context=context, **params)
             save_encoder(
-                path, run.arch, result.state_dict, task=None, recipe=result.recipe, fingerprint=fp
+                path,
+                run.arch,
+                result.state_dict,
+                task=None,
+                recipe=result.recipe,
+                provenance=provenance,
+                fingerprint=fp,
             )
         run.merged[name] = path
+        stale = run.layout.trained_adapters([name])
+        for (_, method), adapters in stale.items():
+            run.log(
+                f"note: {adapters} was trained on the previous {name} merge and no longer fits "
+                f"it; re-train it (surgery-edge train --run {run.out} --merge {name} --method "
+                f"{method} --overwrite)."
+            )
     return run.merged
 
 
-def expert_representations(run: Run, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The expert of ``task``'s (final, block means) on that task's ``split`` images, cached."""
+def expert_representations(run: Run, task: str, split: str) -> Representations:
+    """The expert of ``task``'s (final, block means) on that task's ``split`` images, cached
+    under a key of the expert's and the images' content hashes."""
     path = run.experts.experts[task]
     images = _split_images(run.suite, task, split)
-    key = f"{task}-{split}-{fingerprint(file_fingerprint(path), run.suite.seed, len(images))}"
+    key = fingerprint(run.hashes.digest(path), run.images_digest(task, split), run.arch.name)
     return cached_representations(
-        run.out / "cache",
-        key,
+        run.layout.cache,
+        f"{safe_name(task, 'Task name')}-{split}-{key}",
         lambda: load_encoder(path, run.arch).build(run.device),
         images,
         run.device,
+        hashes=run.hashes,
+        warn=lambda message: run.log(f"warning: {message}"),
     )
 
 
@@ -293,6 +402,10 @@ def training_targets(run: Run, split: str) -> dict[str, TaskTargets]:
     }
 
 
+def _is(kind: str):
+    return lambda path: file_kind(path) == kind
+
+
 def train_one(
     run: Run,
     merge_name: str,
@@ -310,14 +423,25 @@ def train_one(
         )
     merged_path = run.merged[merge_name]
     split = adaptation_split(run, transductive)
-    path = out_path or run.out / "adapters" / merge_name / f"{cfg.method}.safetensors"
-    fp = fingerprint(file_fingerprint(merged_path), run.experts.fingerprint(), cfg, split)
-    if path.exists() and _meta_fingerprint(path) == fp:
-        run.log(f"reusing {cfg.method} adapters on {merge_name}")
-        return path
+    path = Path(out_path) if out_path is not None else run.layout.adapters(merge_name, cfg.method)
+    check_output(path, "surgery adapter file", _is("adapters"))
     if targets is None:
         with run.stage("surgery:targets"):
             targets = training_targets(run, split)
+    provenance = {
+        "merged": run.hashes.digest(merged_path),
+        "targets": fingerprint({t: targets[t].digest for t in run.tasks}),
+        "split": split,
+        "images": run.split_digest(split),
+        "settings": training_settings(cfg),
+    }
+    fp = fingerprint(provenance)
+    if up_to_date(path, fp):
+        run.log(f"reusing {cfg.method} adapters on {merge_name}")
+        return path
+    if path.exists():
+        what = f"{cfg.method} adapter file"
+        check_replace(path, what, provenance, run.overwrite, run.log)
     merged = load_encoder(merged_path, run.arch)
     recipe = dict(merged.meta.get("recipe", {}))
     with run.stage(f"surgery:{cfg.method}"):
@@ -331,7 +455,9 @@ def train_one(
             run.device,
             merge_recipe=recipe,
             resume=resume,
-            extra_meta={"fingerprint": fp, "split": split},
+            extra_meta={"provenance": provenance, "fingerprint": fp, "split": split},
+            inputs=fingerprint({k: v for k, v in provenance.items() if k != "settings"}),
+            log=run.log,
         )
     return path
 
@@ -372,7 +498,7 @@ def evaluate(run: Run) -> dict:
         row("individual", NONE, {t: _expert_accuracy(run, t) for t in run.tasks})
         bias: dict[str, dict[str, dict[str, float]]] = {}
         test_images = {t: run.suite.task(t).test_x for t in run.tasks}
-        expert_test = {t: expert_representations(run, t, "test") for t in run.tasks}
+        expert_test = {t: expert_representations(run, t, "test")[:2] for t in run.tasks}
         for merge_name, merged_path in run.merged.items():
             model = run.model(merged_path)
             row(merge_name, NONE, routed_accuracy(model, run.suite, run.device))
@@ -383,7 +509,7 @@ def evaluate(run: Run) -> dict:
                 path = run.adapters.get((merge_name, method))
                 if path is None:
                     continue
-                model = run.model(merged_path, path)
+                model = run.model(merged_path, path, surgery=method)
                 row(merge_name, method, routed_accuracy(model, run.suite, run.device))
                 bias[merge_name][method] = representation_bias(
                     model, test_images, expert_test, run.device
@@ -412,19 +538,20 @@ def report_dict(run: Run, evaluation: dict, notes: list[str] | None = None) -> d
     }
 
 
-def run_pipeline(out: str | Path, config: RunConfig, log=print) -> Path:
+def run_pipeline(out: str | Path, config: RunConfig, log=print, overwrite: bool = False) -> Path:
     """The whole flow in ``out``; returns report.md.
 
     Built-in suite: generate it, train the experts. Recipe (``data`` + ``checkpoints``): read the
     tasks from disk, import the experts. Then every merge, every surgery, the evaluation, the
     exported engines (``export: true``) and the report, with the published figures beside the
-    measured ones when ``reference`` names a table. Every stage reuses up-to-date artefacts.
+    measured ones when ``reference`` names a table. Every stage reuses up-to-date artefacts;
+    artefacts made with other settings are replaced only with ``overwrite``.
     """
     t0 = time.perf_counter()
     reference = None
     if config.reference:
         reference = published_table(config.reference)  # unknown names fail before any work
-    run = Run.create(out, config, log)
+    run = Run.create(out, config, log, overwrite=overwrite)
     log(f"device: {run.device}; arch: {run.arch.name}; run directory: {run.out}")
     prepare_suite(run)
     prepare_experts(run)

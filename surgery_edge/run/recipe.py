@@ -21,13 +21,13 @@ from pathlib import Path
 from surgery_edge.data.disk import DiskTask, load_disk_task
 from surgery_edge.data.suite import Suite
 from surgery_edge.errors import CheckpointError
-from surgery_edge.io import write_json_atomic
+from surgery_edge.io import HashCache, fingerprint, write_json_atomic
 from surgery_edge.models import get_arch
 from surgery_edge.models.convert.task_vectors import find_task_vectors_layout, import_task_vectors
 from surgery_edge.models.convert.weights import checkpoint_arch, import_weights, zeroshot_heads
 from surgery_edge.models.templates import paper_class_names
 from surgery_edge.run.experts import ExpertSet
-from surgery_edge.surgery.targets import file_fingerprint, fingerprint
+from surgery_edge.run.provenance import check_replace
 
 
 def disk_suite(run) -> Suite:
@@ -91,11 +91,12 @@ def _source_files(cfg, model_dir: str, tasks: list[str]) -> list[Path]:
     return files
 
 
-def _tree_fingerprint(path: Path) -> str:
-    """A file's fingerprint, or a folder's (every file in it), for HF model folders."""
+def _tree_digest(path: Path, hashes: HashCache) -> str:
+    """A file's content hash, or a folder's (every file in it, by relative name): HF folders."""
     if path.is_dir():
-        return fingerprint(*(file_fingerprint(p) for p in sorted(path.rglob("*")) if p.is_file()))
-    return file_fingerprint(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return fingerprint({p.relative_to(path).as_posix(): hashes.digest(p) for p in files})
+    return hashes.digest(path)
 
 
 def import_checkpoints(run) -> ExpertSet:
@@ -112,23 +113,31 @@ def import_checkpoints(run) -> ExpertSet:
     sources = _source_files(cfg, model_dir, tasks)
     if cfg.heads == "zeroshot":
         sources.append(cfg.resolve(cfg.clip_weights))
-    fp = fingerprint(
-        cfg.model_dump(mode="json"),
-        run.config.arch,
-        *(_tree_fingerprint(p) for p in sources if p.exists()),
-        json.dumps(class_names),
-    )
+    # What the import is made of: the settings that shape it and the sources' contents (in
+    # their roles' order), never where the files are.
+    settings = cfg.model_dump(mode="json", include={"format", "model", "heads"})
+    provenance = {
+        "settings": settings,
+        "arch": run.config.arch,
+        "sources": [_tree_digest(p, run.hashes) for p in sources if p.exists()],
+        "class_names": class_names,
+    }
+    fp = fingerprint(provenance)
     summary_path = out / "import.json"
     expert_set = ExpertSet(
         out / "pretrained.safetensors",
         {t: out / "experts" / f"{t}.safetensors" for t in tasks},
         {t: out / "heads" / f"{t}.safetensors" for t in tasks},
     )
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("fingerprint") == fp:
+    summary = _read_summary(summary_path)
+    if summary.get("fingerprint") == fp:
         if all(p.is_file() for p in [expert_set.pretrained, *expert_set.experts.values()]):
             run.log(f"reusing imported checkpoints in {out}")
             run.arch = checkpoint_arch(expert_set.pretrained)
             return expert_set
+    if summary_path.is_file() or expert_set.pretrained.is_file():
+        old = summary.get("provenance", "none") if summary else None
+        check_replace(summary_path, "import record", provenance, run.overwrite, run.log, old=old)
 
     arch = get_arch(run.config.arch)
     origins = {t: class_names_source(run, t) for t in tasks}
@@ -176,6 +185,7 @@ def import_checkpoints(run) -> ExpertSet:
             "arch": arch.to_dict(),
             "class_names_from": origins,
             "notes": notes,
+            "provenance": provenance,
             "fingerprint": fp,
         },
     )
@@ -183,3 +193,11 @@ def import_checkpoints(run) -> ExpertSet:
         run.log(f"note: {note}")
     run.arch = arch
     return expert_set
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

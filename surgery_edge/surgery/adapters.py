@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgery_edge.errors import AdapterError, ConfigError
+from surgery_edge.errors import AdapterError, CheckpointError, ConfigError
 from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.checkpoint import load_tensors, save_tensors
+from surgery_edge.models.metadata import AdapterMeta, parse_meta
 from surgery_edge.surgery.functional import all_tasks_correction, routed_correction
 from surgery_edge.surgery.methods import get_surgery
 
@@ -44,13 +45,17 @@ class AdapterBank(nn.Module):
 
     def __init__(self, tasks: Sequence[str], arch: ArchSpec, method: str, rank: int = 16):
         super().__init__()
-        if rank < 1:
-            raise AdapterError(f"Adapter rank must be at least 1, got {rank}.")
         self.tasks, self.arch, self.method, self.rank = list(tasks), arch, method, rank
         try:
             self.sites = get_surgery(method).sites(arch)
         except ConfigError as e:
             raise AdapterError(str(e)) from None
+        widest = min(arch.site_dim(site) for site in self.sites)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= widest:
+            raise AdapterError(
+                f"Adapter rank must be an integer from 1 to {widest} (the narrowest corrected "
+                f"width of {arch.name}), got {rank!r}."
+            )
         T = len(self.tasks)
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
@@ -102,7 +107,11 @@ class AdapterBank(nn.Module):
     def save(
         self, path: str | os.PathLike, merge_recipe: dict | None = None, extra: dict | None = None
     ) -> Path:
-        """Write the per-task adapter file (atomically)."""
+        """Write the per-task adapter file (atomically); non-finite adapters are never written."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+            raise AdapterError(
+                f"Refusing to write {path}: the adapters hold NaN or infinity (training diverged)."
+            )
         tensors = {}
         for site in self.sites:
             down, up = self.weights(site)
@@ -127,11 +136,12 @@ class AdapterBank(nn.Module):
         path = Path(path)
         try:
             tensors, meta = load_tensors(path)
-        except Exception as e:  # CheckpointError -> AdapterError with the same message
+        except CheckpointError as e:  # the same message, as an adapter problem
             raise AdapterError(str(e)) from None
         if meta.get("kind") != "adapters":
             raise AdapterError(f"{path} holds a {meta.get('kind')!r} file, not surgery adapters.")
-        found_arch = ArchSpec.from_dict(meta["arch"])
+        fields = parse_meta(AdapterMeta, meta, path, AdapterError, "Re-train the adapters.")
+        found_arch = ArchSpec.from_fields(fields.arch)
         if arch is not None and found_arch != arch:
             raise AdapterError(
                 f"Adapters {path} were trained for architecture {found_arch.name!r} "
@@ -140,16 +150,28 @@ class AdapterBank(nn.Module):
                 f"but the model is {arch.name!r} (width {arch.width}, {arch.layers} blocks, "
                 f"embed {arch.embed_dim}). Train adapters for this model."
             )
-        if tasks is not None and list(tasks) != meta["tasks"]:
+        if tasks is not None and list(tasks) != fields.tasks:
             raise AdapterError(
-                f"Adapters {path} are for tasks {meta['tasks']} but the model has tasks "
+                f"Adapters {path} are for tasks {fields.tasks} but the model has tasks "
                 f"{list(tasks)}. Use adapters trained for exactly these tasks, in this order."
             )
-        if method is not None and method != meta["method"]:
-            raise AdapterError(f"Adapters {path} are {meta['method']!r}, not {method!r}.")
-        if rank is not None and rank != meta["rank"]:
-            raise AdapterError(f"Adapters {path} have rank {meta['rank']}, expected {rank}.")
-        bank = cls(meta["tasks"], found_arch, meta["method"], int(meta["rank"]))
+        if method is not None and method != fields.method:
+            raise AdapterError(
+                f"Adapters {path} are {fields.method!r} adapters, not {method!r} ones: they "
+                f"correct other sites. Use {method} adapters here (surgery-edge train --method "
+                f"{method})."
+            )
+        if rank is not None and rank != fields.rank:
+            raise AdapterError(f"Adapters {path} have rank {fields.rank}, expected {rank}.")
+        try:
+            bank = cls(fields.tasks, found_arch, fields.method, fields.rank)
+        except AdapterError as e:
+            raise AdapterError(f"Adapters {path}: {e} Re-train them.") from None
+        if fields.sites is not None and list(fields.sites) != list(bank.sites):
+            raise AdapterError(
+                f"Adapters {path} record sites {fields.sites}, but {fields.method} adapters of "
+                f"{found_arch.name} sit at {list(bank.sites)}. The file is inconsistent: re-train."
+            )
         expected = {f"{t}/{s}/{w}" for t in bank.tasks for s in bank.sites for w in ("down", "up")}
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from surgery_edge.data.transforms import to_model_input
-from surgery_edge.errors import TrainingError
+from surgery_edge.errors import ConfigError, TrainingError
 from surgery_edge.io import atomic_path
 from surgery_edge.models.encoder import ImageEncoder
 from surgery_edge.progress import progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.methods import get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 
 
@@ -47,6 +48,27 @@ class SurgeryConfig:
     seed: int = 0
     checkpoint_every: int = 100
 
+    def __post_init__(self):
+        """Every setting checked at once, as a ConfigError naming the setting and the value."""
+        get_surgery(self.method)  # ConfigError listing the methods
+        _check_int("rank", self.rank, 1, 1 << 14)
+        _check_int("steps", self.steps, 1, 10**9)
+        _check_int("batch_size", self.batch_size, 1, 1 << 16)
+        _check_int("seed", self.seed, 0, 2**32 - 1)
+        _check_int("checkpoint_every", self.checkpoint_every, 0, 10**9)
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+            raise ConfigError(f"Surgery setting lr must be a finite number, got {lr!r}.")
+        if lr <= 0:
+            raise ConfigError(f"Surgery setting lr must be greater than 0, got {lr!r}.")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(
+            f"Surgery setting {name} must be an integer from {low} to {high}, got {value!r}."
+        )
+
 
 @dataclass
 class TaskTargets:
@@ -55,6 +77,7 @@ class TaskTargets:
     images: np.ndarray  # (N, H, W, 3) uint8
     final: np.ndarray  # (N, e) expert final features
     blocks: np.ndarray  # (N, L, d) expert block-output token means
+    digest: str = ""  # identity of the cached representations (empty when not cached)
 
 
 def _batch_indices(seed: int, step: int, task: int, n: int, batch: int) -> torch.Tensor:
@@ -66,7 +89,16 @@ def _state_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".state.pt")
 
 
-def _save_state(path: Path, bank: AdapterBank, opt, step: int, cfg: SurgeryConfig) -> None:
+def last_good_path(out_path: str | os.PathLike) -> Path:
+    """Where a run stopped by a non-finite loss leaves its last good adapters:
+    ``surgeryv2.safetensors`` -> ``surgeryv2.last-good.safetensors`` (never reused)."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.last-good{out_path.suffix}")
+
+
+def _save_state(
+    path: Path, bank: AdapterBank, opt, step: int, cfg: SurgeryConfig, inputs: str | None
+) -> None:
     with atomic_path(path) as tmp:
         torch.save(
             {
@@ -74,9 +106,56 @@ def _save_state(path: Path, bank: AdapterBank, opt, step: int, cfg: SurgeryConfi
                 "opt": opt.state_dict(),
                 "step": step,
                 "config": asdict(cfg),
+                "inputs": inputs,
             },
             tmp,
         )
+
+
+def _shaping(settings: dict) -> dict:
+    """The settings that shape the adapters (how often they are checkpointed does not)."""
+    return {k: v for k, v in settings.items() if k != "checkpoint_every"}
+
+
+def training_settings(cfg: SurgeryConfig) -> dict:
+    """``cfg`` as the adapters' provenance records it."""
+    return _shaping(asdict(cfg))
+
+
+def _resume_from(
+    path: Path, bank: AdapterBank, opt, cfg: SurgeryConfig, inputs: str | None, device
+) -> tuple[int, str | None]:
+    """Load the checkpoint at ``path`` into ``bank`` and ``opt``.
+
+    Returns:
+        (the step to continue from, None), or (0, why the checkpoint was not used): it was
+        written with other settings or for other inputs (merged model, targets, split), or it
+        is unreadable. ``bank`` and ``opt`` are untouched then.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or corrupt files raise many exception types
+        return 0, f"it is unreadable ({type(e).__name__})"
+    if not isinstance(state, dict) or not {"bank", "opt", "step", "config"} <= set(state):
+        return 0, "it is not a surgery training checkpoint"
+    if not isinstance(state["config"], dict) or _shaping(state["config"]) != _shaping(asdict(cfg)):
+        return 0, f"it was written with other settings ({state['config']})"
+    if state.get("inputs") != inputs:
+        return 0, "it was written for another merged model, other targets or another data split"
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step < cfg.steps:
+        return 0, f"it records an impossible step {step!r}"
+    saved_bank, saved_opt = bank.state_dict(), opt.state_dict()
+    try:
+        bank.load_state_dict(state["bank"])
+        opt.load_state_dict(state["opt"])
+        if not all(bool(torch.isfinite(p).all()) for p in bank.parameters()):
+            raise ValueError("non-finite adapters")
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        bank.load_state_dict(saved_bank)
+        opt.load_state_dict(saved_opt)
+        return 0, f"its contents do not fit these adapters ({type(e).__name__})"
+    return step, None
 
 
 def train_surgery(
@@ -92,6 +171,8 @@ def train_surgery(
     merged_finals: dict[str, np.ndarray] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     extra_meta: dict | None = None,
+    inputs: str | None = None,
+    log: Callable[[str], None] = print,
 ) -> AdapterBank:
     """Train an AdapterBank for ``tasks`` and save it to ``out_path``.
 
@@ -104,11 +185,18 @@ def train_surgery(
             optimiser state for ``resume`` and is removed when training completes.
         merged_finals: for V1, the merged model's cached final features per task (same order as
             ``targets[t].images``); computed here when missing.
-        resume: continue from the ``.state.pt`` checkpoint if present.
-        extra_meta: added to the adapter file's metadata (e.g. a cache fingerprint).
+        resume: continue from the ``.state.pt`` checkpoint if present. A checkpoint written
+            with other settings or for other ``inputs`` is not used: training starts again from
+            step 0, and ``log`` says so.
+        extra_meta: added to the adapter file's metadata (e.g. its provenance).
+        inputs: the identity of what the adapters are trained from (the merged model, the
+            targets, the data split), recorded in the checkpoint and checked on resume.
+        log: receives what happened to a checkpoint that could not be resumed.
 
     Raises:
-        TrainingError: if the loss becomes NaN/inf; the last good adapters are saved first.
+        TrainingError: if the loss becomes NaN/inf. ``out_path`` is left as it was (a file there
+            keeps its adapters bit for bit); the last adapters that gave a finite loss go to
+            :func:`last_good_path`, marked incomplete, so no later run reuses them.
     """
     out_path = Path(out_path)
     torch.manual_seed(cfg.seed)
@@ -121,15 +209,9 @@ def train_surgery(
     start = 0
     state_path = _state_path(out_path)
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["config"] != asdict(cfg):
-            raise TrainingError(
-                f"Cannot resume from {state_path}: it was written with {state['config']}, "
-                f"not {asdict(cfg)}. Use the same settings, or start again without --resume."
-            )
-        bank.load_state_dict(state["bank"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+        start, why = _resume_from(state_path, bank, opt, cfg, inputs, device)
+        if why is not None:
+            log(f"not resuming from {state_path}: {why}; training from step 0.")
 
     T = len(tasks)
     v1 = bank.sites == ("final",)  # the adapter sits after the frozen backbone
@@ -176,18 +258,25 @@ def train_surgery(
             per_row = per_row + (m - tgt_blocks[:, layer]).abs().mean(dim=-1)
         return per_row.view(T, cfg.batch_size).mean(dim=1).sum()
 
+    # The adapters that gave the last finite loss, copied before each update: a NaN stop
+    # keeps exactly those (the update that follows them is the one that diverged).
+    good = [p.detach().clone() for p in bank.parameters()]
+    good_step: int | None = None
     with progress_bar(cfg.steps - start, f"{cfg.method} rank {cfg.rank}") as bar:
         for step in range(start, cfg.steps):
             loss = loss_at(step)
             value = loss.item()
             if not math.isfinite(value):
-                bank.save(out_path, merge_recipe, extra_meta)
-                last = f"after step {step - 1}" if step else "the untrained initial ones"
                 raise TrainingError(
-                    f"Surgery loss became {value} at step {step}. The last good adapters "
-                    f"({last}) were saved to {out_path}. Lower the learning rate (--lr, now "
-                    f"{cfg.lr}) or check the expert checkpoints and images for NaNs."
+                    f"Surgery loss became {value} at step {step}. "
+                    + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta)
+                    + f" Lower the learning rate (--lr, now {cfg.lr}) or check the expert "
+                    "checkpoints and images for NaNs."
                 )
+            with torch.no_grad():
+                for g, p in zip(good, bank.parameters()):
+                    g.copy_(p)
+            good_step = step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -196,8 +285,42 @@ def train_surgery(
                 on_step(step, value)
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_state(state_path, bank, opt, done, cfg)
+                _save_state(state_path, bank, opt, done, cfg, inputs)
+    if not all(bool(torch.isfinite(p).all()) for p in bank.parameters()):  # the last update
+        raise TrainingError(
+            f"The last update of step {cfg.steps - 1} made the adapters non-finite. "
+            + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta)
+            + f" Lower the learning rate (--lr, now {cfg.lr})."
+        )
     bank.save(out_path, merge_recipe, extra_meta)
-    if state_path.exists():
-        state_path.unlink()
+    state_path.unlink(missing_ok=True)
+    last_good_path(out_path).unlink(missing_ok=True)
     return bank
+
+
+def _stopped(
+    out_path: Path,
+    bank: AdapterBank,
+    good: list[torch.Tensor],
+    good_step: int | None,
+    merge_recipe: dict | None,
+    extra_meta: dict | None,
+) -> str:
+    """Save the last good adapters beside ``out_path`` (never onto it); say where they are."""
+    kept = (
+        f"{out_path} was not written; the adapters there are unchanged."
+        if out_path.exists()
+        else f"Nothing was written to {out_path}."
+    )
+    if good_step is None:
+        return kept + " No step of this run gave a finite loss, so there are no good adapters."
+    with torch.no_grad():
+        for p, g in zip(bank.parameters(), good):
+            p.copy_(g)
+    meta = {k: v for k, v in (extra_meta or {}).items() if k != "fingerprint"}
+    meta.update(complete=False, last_finite_step=good_step)
+    path = bank.save(last_good_path(out_path), merge_recipe, meta)
+    return (
+        f"{kept} The last adapters that gave a finite loss (as they were at step {good_step}) were "
+        f"saved to {path} for inspection; they are marked incomplete and never reused."
+    )

@@ -90,29 +90,31 @@ def test_merge_train_eval_commands(tiny_run, tmp_path):
     shutil.copytree(out, run)
     from surgery_edge.models.checkpoint import read_metadata
 
-    for option in (["--param", "lam=0.5"], ["--lam", "0.5"]):  # --lam: the hidden old spelling
-        r = runner.invoke(app, ["merge", "--run", str(run), "--method", "task_arithmetic", *option])
-        assert r.exit_code == 0, r.output
-        assert read_metadata(run / "merged/task_arithmetic.safetensors")["recipe"]["lam"] == 0.5
+    merged = run / "merged/task_arithmetic.safetensors"
+    before = merged.read_bytes()
+    # Another lambda would replace the merge the adapters were trained on: refused, unchanged.
+    text = user_error(["merge", "--run", str(run), "--method", "task_arithmetic", "--lam", "0.5"])
+    assert "params.lam: 0.3 -> 0.5" in text and "--overwrite" in text
+    assert merged.read_bytes() == before
+    args = ["merge", "--run", str(run), "--method", "task_arithmetic"]
+    r = runner.invoke(app, [*args, "--param", "lam=0.5", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert "no longer fits" in r.output  # the adapters trained on lambda 0.3 are now stale
+    assert read_metadata(merged)["recipe"]["lam"] == 0.5
+    r = runner.invoke(app, [*args, "--lam", "0.5"])  # --lam: the hidden old spelling; same merge
+    assert r.exit_code == 0 and "reusing merge task_arithmetic" in r.output, r.output
+    # Eval refuses the stale pair, naming both files and the command that fixes it.
+    text = user_error(["eval", "--run", str(run)])
+    assert "adapters/task_arithmetic/surgery" in text and "merged/task_arithmetic" in text
+    assert "surgery-edge train --run" in text and "--merge task_arithmetic" in text
     adapters = tmp_path / "v1.safetensors"
-    r = runner.invoke(
-        app,
-        [
-            "train",
-            "--run",
-            str(run),
-            "--method",
-            "surgery",
-            "--steps",
-            "3",
-            "--rank",
-            "2",
-            "--out",
-            str(adapters),
-        ],
-    )
+    train = ["train", "--run", str(run), "--steps", "3", "--rank", "2"]
+    r = runner.invoke(app, [*train, "--method", "surgery", "--out", str(adapters)])
     assert r.exit_code == 0, r.output
     assert adapters.exists()
+    for method in ("surgery", "surgeryv2"):
+        r = runner.invoke(app, [*train, "--method", method, "--overwrite"])
+        assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["eval", "--run", str(run)])
     assert r.exit_code == 0, r.output
     assert (run / "report.md").exists()

@@ -1,8 +1,10 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from surgery_edge.errors import AdapterError, TrainingError
+from surgery_edge.errors import AdapterError, ConfigError, TrainingError
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.functional import (
@@ -12,7 +14,13 @@ from surgery_edge.surgery.functional import (
 )
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import representations
-from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
+from surgery_edge.surgery.trainer import (
+    SurgeryConfig,
+    TaskTargets,
+    _batch_indices,
+    last_good_path,
+    train_surgery,
+)
 
 ARCH = get_arch("micro-vit-16")
 TASKS = ["a", "b", "c"]
@@ -117,7 +125,7 @@ def _train(tmp_path, method, steps, name="a.safetensors", **kw):
         rank=4,
         steps=steps,
         batch_size=4,
-        lr=1e-2,
+        lr=kw.pop("lr", 1e-2),
         checkpoint_every=kw.pop("checkpoint_every", 2),
     )
     losses = []
@@ -158,7 +166,7 @@ class _Stop(Exception):
     pass
 
 
-def _interrupt_after(tmp_path, targets, path, stop_at):
+def _interrupt_after(tmp_path, targets, path, stop_at, inputs=None):
     def stop(step, value):
         if step + 1 == stop_at:
             raise _Stop
@@ -170,17 +178,147 @@ def _interrupt_after(tmp_path, targets, path, stop_at):
         cfg = SurgeryConfig(
             method="surgeryv2", rank=4, steps=6, batch_size=4, lr=1e-2, checkpoint_every=2
         )
-        train_surgery(merged, heads, TASKS, targets, cfg, path, torch.device("cpu"), on_step=stop)
+        train_surgery(
+            merged,
+            heads,
+            TASKS,
+            targets,
+            cfg,
+            path,
+            torch.device("cpu"),
+            on_step=stop,
+            inputs=inputs,
+        )
     assert not path.exists()  # nothing half-written
 
 
-def test_nan_loss_stops_and_keeps_last_good_adapters(tmp_path):
+def _first_step_drawing(row: int, task: int, n: int, batch: int = 4) -> int:
+    """The first training step whose batch of ``task`` holds image ``row``."""
+    for step in range(1000):
+        if row in _batch_indices(0, step, task, n, batch).tolist():
+            return step
+    raise AssertionError("never drawn")
+
+
+def test_nan_stop_keeps_the_previous_adapters_bit_for_bit(tmp_path):
+    """A NaN stop never touches the adapter file; the last good adapters go beside it."""
+    clean = _targets()
+    _train(tmp_path, "surgeryv2", 4, targets=clean)  # the "trained" adapters at a.safetensors
+    before = (tmp_path / "a.safetensors").read_bytes()
+    # One poisoned target row: the loss turns NaN at the first step that draws it.
+    row = next(r for r in range(12) if _first_step_drawing(r, TASKS.index("b"), 12) >= 2)
+    stop = _first_step_drawing(row, TASKS.index("b"), 12)
+    poisoned = _targets()
+    poisoned["b"].blocks = np.array(poisoned["b"].blocks)
+    poisoned["b"].blocks[row] = np.nan
+    with pytest.raises(TrainingError, match=f"loss became nan at step {stop}") as e:
+        _train(tmp_path, "surgeryv2", stop + 5, targets=poisoned)
+    assert "was not written" in str(e.value) and f"at step {stop - 1}" in str(e.value)
+    assert (tmp_path / "a.safetensors").read_bytes() == before  # bit for bit
+    # The last good adapters: the last ones whose loss was finite, those step `stop - 1` used,
+    # i.e. exactly the adapters of a clean run of `stop - 1` steps.
+    last, meta = AdapterBank.load(last_good_path(tmp_path / "a.safetensors"))
+    assert meta["complete"] is False and meta["last_finite_step"] == stop - 1
+    assert "fingerprint" not in meta  # never mistaken for trained adapters
+    reference, _ = _train(tmp_path, "surgeryv2", stop - 1, "ref.safetensors", targets=clean)
+    for (k, a), (_, b) in zip(reference.state_dict().items(), last.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_at_the_first_step_writes_nothing(tmp_path):
     targets = _targets()
     targets["b"].final = np.full_like(np.asarray(targets["b"].final), np.nan)
-    with pytest.raises(TrainingError, match="loss became nan at step 0"):
+    with pytest.raises(TrainingError, match="loss became nan at step 0.*no good adapters"):
         _train(tmp_path, "surgery", 5, targets=targets)
-    bank, _ = AdapterBank.load(tmp_path / "a.safetensors")
-    assert all(torch.isfinite(p).all() for p in bank.parameters())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_diverging_learning_rate_stops_and_keeps_the_last_finite_adapters(tmp_path):
+    with pytest.raises(TrainingError, match=r"loss became (inf|nan) at step (\d+)") as e:
+        _train(tmp_path, "surgery", 8, lr=1e30)
+    stop = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    assert "Lower the learning rate" in str(e.value) and stop >= 2  # V1: up starts at zero
+    assert not (tmp_path / "a.safetensors").exists()
+    # The last adapters with a finite loss: those a run of `stop - 1` steps ends with.
+    last, _ = AdapterBank.load(last_good_path(tmp_path / "a.safetensors"))
+    reference, _ = _train(tmp_path, "surgery", stop - 1, "ref.safetensors", lr=1e30)
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), last.parameters()))
+
+
+def test_resume_with_other_inputs_restarts_and_says_so(tmp_path):
+    """A checkpoint of another merge / targets / split is never continued from."""
+    targets = _targets()
+    path = tmp_path / "part.safetensors"
+    _interrupt_after(tmp_path, targets, path, stop_at=4, inputs="merge-A")
+    said = []
+    resumed, _ = _train(
+        tmp_path,
+        "surgeryv2",
+        6,
+        "part.safetensors",
+        targets=targets,
+        resume=True,
+        inputs="merge-B",
+        log=said.append,
+    )
+    assert said and "other merged model" in said[0] and "from step 0" in said[0]
+    fresh, _ = _train(tmp_path, "surgeryv2", 6, "fresh.safetensors", targets=targets)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other settings", "bad step"])
+def test_a_damaged_checkpoint_restarts_instead_of_failing(tmp_path, damage):
+    targets = _targets()
+    path = tmp_path / "part.safetensors"
+    _interrupt_after(tmp_path, targets, path, stop_at=4)
+    state = tmp_path / "part.safetensors.state.pt"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "garbage":
+        state.write_bytes(b"\x00" * 64)
+    else:
+        saved = torch.load(state, weights_only=True)
+        if damage == "other settings":
+            saved["config"]["lr"] = 0.5
+        else:
+            saved["step"] = 10**6
+        torch.save(saved, state)
+    said = []
+    resumed, _ = _train(
+        tmp_path,
+        "surgeryv2",
+        6,
+        "part.safetensors",
+        targets=targets,
+        resume=True,
+        log=said.append,
+    )
+    assert said and "not resuming" in said[0]
+    fresh, _ = _train(tmp_path, "surgeryv2", 6, "fresh.safetensors", targets=targets)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize(
+    "settings, pattern",
+    [
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"lr": -1e-3}, "lr must be greater than 0"),
+        ({"rank": 0}, "rank must be an integer from 1"),
+        ({"rank": 10**9}, "rank must be an integer from 1 to 16384"),
+        ({"batch_size": 10**12}, "batch_size must be an integer"),
+        ({"seed": 2**80}, "seed must be an integer from 0"),
+        ({"steps": -5}, "steps must be an integer from 1"),
+        ({"method": "bogus"}, "Unknown surgery method 'bogus'"),
+    ],
+)
+def test_surgery_settings_are_checked(settings, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        SurgeryConfig(**settings)
+
+
+def test_a_rank_wider_than_the_model_is_refused():
+    with pytest.raises(AdapterError, match="from 1 to 24"):
+        AdapterBank(TASKS, ARCH, "surgeryv2", rank=25)
 
 
 def test_adapter_file_round_trip_and_keys(tmp_path):
