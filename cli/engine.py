@@ -7,9 +7,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from surgery_edge.cli.common import Device, ModeName, RunDir, SurgeryOrNone, user_errors
+from surgery_edge.cli.common import (
+    Device,
+    ModeName,
+    Overwrite,
+    RunDir,
+    SurgeryOrNone,
+    say,
+    user_errors,
+)
 
 from surgery_edge.errors import ExportError
+from surgery_edge.io import printable
 
 
 @user_errors
@@ -42,8 +51,13 @@ def export(
         Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
     ] = None,
     device: Device = None,
+    overwrite: Overwrite = False,
 ):
-    """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run."""
+    """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run.
+
+    An existing engine made from other checkpoints or settings is replaced only with
+    --overwrite; a file that is not an engine is never replaced.
+    """
     from surgery_edge.run.export import TrtOptions, export_run  # deferred: imports torch
 
     written = export_run(
@@ -57,9 +71,10 @@ def export(
         trt=trt,
         trt_options=TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
         device=device,
+        overwrite=overwrite,
     )
     for kind, path in written.items():
-        typer.echo(f"{kind}: {path}")
+        say(f"{kind}: {path}")
 
 
 @user_errors
@@ -69,18 +84,23 @@ def predict(
     task: Annotated[str | None, typer.Option(help="Task name or id to answer.")] = None,
     all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Answer every task.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    device: Device = None,
 ):
-    """Classify images with an exported engine; unreadable images are reported (exit code 2)."""
+    """Classify images with an exported engine; unreadable images are reported (exit code 2).
+
+    Names from the engine (tasks, classes) are printed with control characters escaped.
+    """
     from surgery_edge.runtime import load  # deferred: onnxruntime loads on use
 
-    results = load(engine, device=device).predict(images, task=task, all_tasks=all_tasks)
-    if json_out:
+    predictor = load(engine, device=device or "auto")
+    results = predictor.predict(images, task=task, all_tasks=all_tasks)
+    if json_out:  # JSON escapes control characters itself
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         for r in results:
             for p in r.predictions:
-                typer.echo(f"{r.source}\t{p.task}\t{p.label}\t(class {p.index}, p={p.score:.3f})")
+                fields = [r.source, p.task, p.label, f"(class {p.index}, p={p.score:.3f})"]
+                typer.echo("\t".join(printable(f, keep_newlines=False) for f in fields))
     failed = [r.error for r in results if not r.ok]
     if failed:
         raise ExportError(

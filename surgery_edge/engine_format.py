@@ -18,6 +18,7 @@ Where it lives:
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import math
 import os
@@ -279,13 +280,31 @@ def sidecar_path(engine_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".json")
 
 
-def write_sidecar(engine_path: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write ``meta`` (validated first) beside the engine, atomically."""
+def write_sidecar(
+    engine_path: str | os.PathLike, meta: dict[str, Any], engine_sha256: str | None = None
+) -> Path:
+    """Write ``meta`` (validated first) beside the engine, atomically.
+
+    Args:
+        engine_sha256: the SHA-256 of the engine's bytes, recorded so that the sidecar is read
+            only with the engine it was written for (not another engine's, nor a partial one).
+    """
+    if engine_sha256 is not None:
+        meta = {**meta, "engine_sha256": engine_sha256}
     validate_metadata(meta, sidecar_path(engine_path))
     return write_json_atomic(sidecar_path(engine_path), meta)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_sidecar(engine_path: str | os.PathLike) -> EngineMetadata:
+    """The metadata beside a TensorRT engine; refused when it records another engine's hash."""
     path = sidecar_path(engine_path)
     if not path.is_file():
         raise ExportError(
@@ -296,4 +315,13 @@ def read_sidecar(engine_path: str | os.PathLike) -> EngineMetadata:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ExportError(f"Engine metadata file {path} is unreadable ({e}).") from None
-    return parse_metadata(text, path)
+    meta = parse_metadata(text, path)
+    recorded = meta.get("engine_sha256")
+    if recorded is not None and Path(engine_path).is_file():
+        if recorded != _sha256(Path(engine_path)):
+            raise ExportError(
+                f"Metadata file {path} was written for another engine than {engine_path} (the "
+                "engine's checksum differs: a swapped, rebuilt or partly written file). Keep each "
+                "engine with its own .json, or re-export it with `surgery-edge export --trt`."
+            )
+    return meta

@@ -95,3 +95,17 @@ def test_sidecars_are_validated_on_write_and_read(tmp_path):
     path.write_text("{")
     with pytest.raises(ExportError, match="model.plan.json.*not valid JSON"):
         read_sidecar(engine)
+
+
+def test_a_sidecar_is_read_only_with_its_own_engine(tmp_path):
+    """A TensorRT engine swapped (or half rewritten) under its sidecar is refused, not served
+    with another engine's tasks and class names."""
+    import hashlib
+
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"serialized engine A")
+    write_sidecar(engine, copy.deepcopy(GOOD), hashlib.sha256(engine.read_bytes()).hexdigest())
+    assert read_sidecar(engine).tasks == ("digits", "shapes")
+    engine.write_bytes(b"serialized engine B")
+    with pytest.raises(ExportError, match="written for another engine than .*model.plan"):
+        read_sidecar(engine)

@@ -12,6 +12,8 @@ it is missing.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -91,9 +93,9 @@ def builder_input(onnx_path: str | os.PathLike) -> EngineMetadata:
 
 
 def check_workspace(workspace_gb: float) -> int:
-    """``--workspace-gb`` -> bytes (must be positive)."""
-    if not workspace_gb > 0:
-        raise ConfigError(f"--workspace-gb must be positive, got {workspace_gb}.")
+    """``--workspace-gb`` -> bytes (must be a positive, finite number)."""
+    if not (math.isfinite(workspace_gb) and workspace_gb > 0):
+        raise ConfigError(f"--workspace-gb must be a positive number, got {workspace_gb}.")
     return int(workspace_gb * (1 << 30))
 
 
@@ -174,10 +176,12 @@ def build_engine(
             f"TensorRT failed to build an engine from {onnx_path} (see its log above); try a "
             "larger --workspace-gb or a smaller --max-batch."
         )
-    # The sidecar first: an engine file without its metadata is never published.
-    write_sidecar(engine_path, sidecar)
+    # The sidecar first: an engine file without its metadata is never published, and the
+    # sidecar records the engine's hash, so it is never read with another (or a partial) one.
+    blob = bytes(serialized)
+    write_sidecar(engine_path, sidecar, hashlib.sha256(blob).hexdigest())
     with atomic_path(engine_path) as tmp:
-        tmp.write_bytes(bytes(serialized))
+        tmp.write_bytes(blob)
     if cache is not None:
         with atomic_path(timing_cache) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))

@@ -8,14 +8,17 @@ dataset is read, so exporting needs only the files under ``checkpoints/``, ``mer
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgery_edge.device import resolve_device
-from surgery_edge.engine_format import EngineMode
+from surgery_edge.engine_format import EngineMode, read_onnx_metadata, read_sidecar
+from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.tensorrt import build_engine, check_workspace, profile_shapes
+from surgery_edge.io import check_output
 from surgery_edge.run.layout import RunLayout
 from surgery_edge.runtime.backends import import_tensorrt
 
@@ -46,12 +49,18 @@ def export_run(
     trt: str | os.PathLike | None = None,
     trt_options: TrtOptions | None = None,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Export one multi-task engine of a run to ONNX, AOTInductor and/or TensorRT.
 
     TensorRT builds from the ONNX this call exports (``onnx``, or ``<trt>.onnx`` beside the
-    engine). TensorRT settings and its availability are checked before any export work. With no
-    target given, writes ``RUN/engines/<merge>-<surgery>-<mode>[-fp16].onnx``.
+    engine). TensorRT settings and its availability, and every output path, are checked before
+    any export work. With no target given, writes
+    ``RUN/engines/<merge>-<surgery>-<mode>[-fp16].onnx``.
+
+    Args:
+        overwrite: replace an existing engine made from other checkpoints or settings (a file
+            that is not an engine is never replaced).
 
     Returns:
         ``{"onnx" | "pt2" | "tensorrt": path}`` of what was written.
@@ -67,10 +76,39 @@ def export_run(
         import_tensorrt()
     if onnx is None and aoti is None and trt is None:
         onnx = default_onnx_path(layout.root, merge, surgery, mode.value, fp16)
-    model, extra = layout.export_model(merge, surgery, device=run_device)
-    written: dict[str, Path] = {}
+    onnx_path = None
     if onnx is not None or trt is not None:
         onnx_path = Path(onnx) if onnx is not None else Path(trt).with_suffix(".onnx")
+    targets = [
+        (p, what, same)
+        for p, what, same in (
+            (onnx_path, "ONNX engine", _onnx_engine),
+            (aoti, "AOTInductor package", zipfile.is_zipfile),
+            (trt, "TensorRT engine", _trt_engine),
+        )
+        if p is not None
+    ]
+    for path, what, same in targets:
+        check_output(path, what, same)
+    model, extra = layout.export_model(merge, surgery, device=run_device)
+    planned = {"source": extra["source"], "mode": mode.value, "fp16": fp16}
+    for path, what, _ in targets:
+        if not Path(path).exists() or overwrite:
+            continue
+        made_from = _made_from(path)
+        if made_from != planned:
+            why = (
+                "records no source that can be checked"
+                if made_from is None
+                else "was exported from other checkpoints or settings"
+            )
+            raise ConfigError(
+                f"The {what} {path} exists and {why} (this export: {merge} with {surgery}, "
+                f"{mode.value}{', fp16' if fp16 else ''}). It was not replaced: pass --overwrite "
+                "to replace it, or choose another path."
+            )
+    written: dict[str, Path] = {}
+    if onnx_path is not None:
         written["onnx"] = export_onnx(model, onnx_path, mode, fp16, metadata=extra)
     if trt is not None:
         written["tensorrt"] = build_engine(
@@ -86,3 +124,38 @@ def export_run(
     if aoti is not None:
         written["pt2"] = export_aoti(model, aoti, mode, fp16, metadata=extra, device=run_device)
     return written
+
+
+def _onnx_engine(path: Path) -> bool:
+    try:
+        read_onnx_metadata(path)
+    except ExportError:
+        return False
+    return True
+
+
+def _trt_engine(path: Path) -> bool:
+    try:
+        read_sidecar(path)
+    except ExportError:
+        return False
+    return True
+
+
+def _made_from(path: str | os.PathLike) -> dict | None:
+    """What an existing engine was exported from (its metadata's source, mode and precision)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".onnx":
+            meta = read_onnx_metadata(path)
+        elif zipfile.is_zipfile(path):
+            return None  # reading a .pt2's metadata needs torch to load it: treat as other
+        else:
+            meta = read_sidecar(path)
+    except ExportError:
+        return None
+    return {
+        "source": meta.get("source"),
+        "mode": meta.mode.value,
+        "fp16": meta.precision.value == "fp16" or bool((meta.get("tensorrt") or {}).get("fp16")),
+    }

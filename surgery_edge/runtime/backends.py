@@ -13,6 +13,7 @@ onnxruntime only.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,17 @@ DEFAULT_BATCH = 64
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
+
+
+def check_device(device: Any) -> str:
+    """``device`` if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ExportError otherwise
+    (a misspelt device never silently falls back to the CPU)."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ExportError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
+    return device
 
 
 def _require_file(path: Path) -> None:
@@ -78,6 +90,7 @@ class OnnxBackend(Backend):
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
         import onnxruntime as ort  # deferred: the engine library of this backend only
 
+        check_device(device)
         self.path = Path(path)
         _require_file(self.path)
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -313,6 +326,7 @@ def engine_kind(path: str | os.PathLike) -> str:
 
 def open_backend(path: str | os.PathLike, device: str = "auto") -> Backend:
     """Open the engine at ``path`` with the backend its kind needs."""
+    check_device(device)
     kind = engine_kind(path)
     cls = {"onnx": OnnxBackend, "pt2": AotiBackend, "tensorrt": TensorRTBackend}[kind]
     return cls(path, device=device)

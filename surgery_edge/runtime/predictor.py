@@ -268,6 +268,18 @@ class Predictor:
             raise ExportError(f"{n} images but {len(refs)} tasks; give one task per image.")
         return np.array([self.task_index(t) for t in refs], np.int64)
 
+    def check_finite(self) -> None:
+        """Run every task once on a blank image; ExportError when an answer is NaN or infinite
+        (weights that hold NaN or overflowed, e.g. in fp16), before any real image is served."""
+        blank = np.zeros((1, 3, self.image_size, self.image_size), np.float32)
+        for t, logits in enumerate(self.all_task_logits(blank)):
+            if not np.isfinite(logits).all():
+                raise ExportError(
+                    f"Engine {self.path} gives non-finite logits for task {self.tasks[t]!r}: its "
+                    "weights hold NaN or infinity (or overflow at its precision). Re-export it "
+                    "from finite checkpoints (and at fp32 if it is fp16)."
+                )
+
     def _answer(self, t: int, logits: np.ndarray) -> TaskPrediction:
         probs = softmax(np.asarray(logits, np.float64)[None])[0]
         index = int(np.argmax(logits))
@@ -290,6 +302,10 @@ def load(path: str | os.PathLike, device: str = "auto") -> Predictor:
 
     Args:
         path: the engine file.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (anything else is an error).
+
+    The engine is checked to answer every task with finite logits before it is returned.
     """
-    return Predictor(open_backend(path, device=device))
+    predictor = Predictor(open_backend(path, device=device))
+    predictor.check_finite()
+    return predictor

@@ -1,0 +1,563 @@
+"""A run directory cannot be silently inconsistent, and bad input never ends in a traceback.
+
+Grouped as the reliability issues are (issue 20's numbered cases first, then issue 14's kinds).
+Every case runs on a copy of the session's tiny run, with small files the test writes; each bad
+input must give exit code 2 with one message and no traceback (``cli_checks.user_error``), and
+must leave the run as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from cli_checks import user_error
+from safetensors import safe_open
+from surgery_edge.cli.app import app
+from typer.testing import CliRunner
+
+import surgery_edge.io
+from surgery_edge.models.checkpoint import load_tensors, read_metadata, save_tensors
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def copy(tiny_run, tmp_path):
+    """A private copy of the tiny demo run (6 MB)."""
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_run[0], dest)
+    return dest
+
+
+def ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def rewrite(path: Path, change_tensors=None, change_meta=None) -> None:
+    """Rewrite a checkpoint with its tensors and/or metadata changed (as a hand edit would)."""
+    tensors, meta = load_tensors(path, finite=False)
+    if change_tensors:
+        change_tensors(tensors)
+    if change_meta:
+        change_meta(meta)
+    save_tensors(path, tensors, meta)
+
+
+# =============================================================================================
+# Issue 20: data loss and writes outside the output folder
+# =============================================================================================
+
+
+def test_20_1_the_nan_stop_keeps_the_trained_adapters_and_is_never_reused(copy):
+    path = copy / "adapters/task_arithmetic/surgeryv2.safetensors"
+    before = path.read_bytes()
+    train = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--method", "surgeryv2"]
+    args = [*train, "--steps", "20", "--lr", "1e30", "--overwrite"]
+    for _ in range(2):  # a second try is not "reusing" anything: it fails the same way
+        text = user_error(args)
+        assert "loss became" in text and "was not written" in text and "Lower the learning" in text
+        assert path.read_bytes() == before  # bit for bit
+    last = path.with_name("surgeryv2.last-good.safetensors")
+    assert read_metadata(last)["complete"] is False
+    out = ok(["eval", "--run", str(copy)])  # the run still evaluates, with the trained adapters
+    assert "report" in out
+
+
+def test_20_2_task_names_never_escape_the_output_folder(tmp_path):
+    from checkpoint_formats import micro_clip
+
+    root = tmp_path / "root"  # everything this test makes lies under root
+    deep = root / "a" / "b" / "c" / "d"
+    deep.mkdir(parents=True)
+    clip = micro_clip(quick_gelu=False, seed=0)
+    torch.save(clip.state_dict(), deep / "clip.pt")
+    (deep / "names.json").write_text(json.dumps(["zero", "one"]))
+    before = files_under(root)
+    text = user_error(
+        [
+            "import", "open-clip", "--model", "micro-vit-16",
+            "--pretrained", str(deep / "clip.pt"),
+            "--expert", f"../../../X={deep / 'clip.pt'}",
+            "--classes", f"../../../X={deep / 'names.json'}",
+            "--clip-weights", str(deep / "clip.pt"),
+            "--out", str(deep / "out"),
+        ]
+    )  # fmt: skip
+    assert "'../../../X' cannot be used" in text
+    assert files_under(root) == before  # nothing written anywhere, X.safetensors least of all
+    # A run config with such a task name is refused before any work, too.
+    config = tmp_path / "evil.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "arch": "micro-vit-16",
+                "data": {"root": str(deep), "tasks": {"../../../../X": {"path": "."}}},
+                "checkpoints": {"root": str(deep), "trust_pickle": True},
+            }
+        )
+    )
+    text = user_error(["run", str(config), "--out", str(deep / "run")])
+    assert "'../../../../X' cannot be used" in text
+    assert files_under(root) == before
+
+
+def test_20_2_names_that_become_paths_are_checked_everywhere(copy, tmp_path):
+    from surgery_edge.errors import ConfigError
+    from surgery_edge.models.convert import find_task_vectors_layout
+    from surgery_edge.run.layout import RunLayout
+
+    layout = RunLayout(copy)
+    for call in (
+        lambda: layout.expert("../x"),
+        lambda: layout.head("a/b"),
+        lambda: layout.merged("../../merged"),
+        lambda: layout.adapters("task_arithmetic", "../surgery"),
+        lambda: find_task_vectors_layout(tmp_path, "micro-vit-16", tasks=["../x"]),
+    ):
+        with pytest.raises(ConfigError, match="cannot be used"):
+            call()
+    text = user_error(["export", "--run", str(copy), "--merge", "../../../x", "--surgery", "none"])
+    assert "x" in text
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("suite: {tasks: ['../digits']}\n")
+    assert "unknown tasks" in user_error(
+        ["experts", "--out", str(tmp_path / "e"), "--config", str(cfg)]
+    )
+
+
+def _interrupt_training_after(monkeypatch, steps: int) -> None:
+    """Make the next training stop (as by Ctrl-C) after ``steps`` optimiser steps."""
+    calls = {"n": 0}
+    real = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
+@pytest.mark.parametrize("change", ["re-merged with --lam 0.6", "--transductive"])
+def test_20_3_resume_never_continues_from_other_inputs(copy, tmp_path, monkeypatch, change):
+    train = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--method", "surgeryv2"]
+    train += ["--steps", "30", "--checkpoint-every", "7", "--rank", "4", "--overwrite"]
+    _interrupt_training_after(monkeypatch, 14)
+    assert runner.invoke(app, train).exit_code == 130  # "killed" at step 14
+    monkeypatch.undo()
+    state = copy / "adapters/task_arithmetic/surgeryv2.safetensors.state.pt"
+    assert state.is_file()
+    extra = []
+    if change == "--transductive":
+        extra = ["--transductive"]
+    else:
+        merge = ["merge", "--run", str(copy), "--method", "task_arithmetic", "--lam", "0.6"]
+        ok([*merge, "--overwrite"])
+    out = ok([*train, "--resume", *extra])
+    assert "not resuming" in out and "from step 0" in out
+    fresh = tmp_path / "fresh.safetensors"
+    ok([*train[:-1], *extra, "--out", str(fresh)])  # a fresh run on the new inputs
+    resumed = tensors_of(copy / "adapters/task_arithmetic/surgeryv2.safetensors")
+    assert all(torch.equal(t, resumed[k]) for k, t in tensors_of(fresh).items())
+
+
+def _with_config(tmp_path, tiny_config_path, **changes) -> Path:
+    config = yaml.safe_load(tiny_config_path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_20_4_a_changed_setting_is_seen(copy, tmp_path, tiny_config_path):
+    seed1 = _with_config(tmp_path, tiny_config_path, suite__seed=1)
+    expert = copy / "checkpoints/experts/digits.safetensors"
+    before = expert.read_bytes()
+    text = user_error(["demo", "--out", str(copy), "--config", str(seed1)])
+    assert "suite.seed: 0 -> 1" in text and "--overwrite" in text
+    assert expert.read_bytes() == before and json.loads((copy / "config.json").read_text())[
+        "suite"
+    ]["seed"] == 0  # fmt: skip
+    # With --overwrite the suite and the experts are re-made from seed 1 ...
+    ok(["experts", "--out", str(copy), "--config", str(seed1), "--overwrite"])
+    assert expert.read_bytes() != before
+    # ... and a merge of the old experts is no longer taken for up to date.
+    text = user_error(["merge", "--run", str(copy), "--method", "task_arithmetic"])
+    assert "provenance" not in text and "experts" in text
+
+
+def test_20_4_deleted_or_changed_engines_are_exported_again(copy, monkeypatch):
+    from surgery_edge.run import engines
+    from surgery_edge.run.pipeline import Run
+
+    onnx = copy / "engines/surgeryv2-routed.onnx"
+    data = onnx.read_bytes()
+    exports = []
+
+    def export(run_, folder, aoti=True):  # stands in for the slow export; rewrites the engine
+        exports.append(folder)
+        onnx.write_bytes(data)
+        summary = json.loads((folder / "summary.json").read_text())
+        return {k: v for k, v in summary.items() if k not in ("fingerprint", "sha256")}
+
+    monkeypatch.setattr(engines, "export_and_check", export)
+    run = Run.open(copy, log=lambda *a: None)
+    run.require_experts()
+    run.find_merges()
+    run.find_adapters()
+    engines.export_engines(run)
+    assert exports == []  # intact: reused
+    onnx.unlink()
+    engines.export_engines(run)
+    assert len(exports) == 1  # a deleted engine is exported again, not "reused"
+    onnx.write_bytes(data[:-10])
+    engines.export_engines(run)
+    assert len(exports) == 2  # so is a changed one
+    engines.export_engines(run)
+    assert len(exports) == 2
+
+
+def test_20_4_a_moved_run_reuses_everything(tiny_run, tmp_path, tiny_config_path):
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tiny_run[0], moved)  # new path, new inodes and modification times
+    watched = [
+        moved / "checkpoints/experts/digits.safetensors",
+        moved / "merged/adamerging_layerwise.safetensors",
+        moved / "adapters/ties_merging/surgeryv2.safetensors",
+        moved / "engines/surgeryv2-routed.onnx",
+    ]
+    before = [p.read_bytes() for p in watched]
+    out = ok(["demo", "--out", str(moved), "--config", str(tiny_config_path)])
+    assert "reusing exported engines" in out
+    assert [p.read_bytes() for p in watched] == before
+    # The YAML's device is kept: the CLI overrides the file only where --device is given.
+    assert json.loads((moved / "config.json").read_text())["device"] == "cpu"
+    timings = json.loads((moved / "report.json").read_text())["timings_s"]
+    assert not any(k.startswith(("merge:", "surgery:surgery", "export")) for k in timings)
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ({"merge__methods": ["bogus"]}, "Unknown merge method 'bogus'"),
+        ({"surgery__lr": float("nan")}, "surgery.lr"),
+        ({"experts__finetune_epochs": -1}, "experts.finetune_epochs"),
+        ({"experts__pretrain_lr": 0}, "experts.pretrain_lr"),
+        ({"seed": -3}, "seed"),
+        ({"device": "gpu0"}, "device"),
+        ({"surgery__params__surgeryv2__rank": 10**9}, "rank"),
+    ],
+)
+def test_20_5_the_whole_config_is_checked_before_any_work(
+    tmp_path, tiny_config_path, change, pattern
+):
+    config = _with_config(tmp_path, tiny_config_path, **change)
+    out = tmp_path / "never"
+    assert pattern in user_error(["demo", "--out", str(out), "--config", str(config)])
+    assert not out.exists()
+
+
+def test_20_5_a_bad_device_is_refused_before_any_work(tmp_path):
+    for command in ("demo", "experts"):
+        out = tmp_path / command
+        assert "not a device" in user_error([command, "--out", str(out), "--device", "bogus"])
+        assert not out.exists()
+
+
+def test_20_6_outputs_are_checked_before_the_work(copy, tmp_path, monkeypatch):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("my notes")
+    for command in ("experts", "demo"):
+        assert "is a file, not a run directory" in user_error([command, "--out", str(a_file)])
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("x")
+    assert "not a surgery-edge run directory" in user_error(
+        ["experts", "--out", str(tmp_path / "docs")]
+    )
+    train = ["train", "--run", str(copy), "--method", "surgery", "--steps", "2"]
+    assert "is a folder" in user_error([*train, "--out", str(tmp_path)])
+    assert "is not an artefact of this kind" in user_error([*train, "--out", str(a_file)])
+    export = ["export", "--run", str(copy), "--surgery", "none"]
+    assert "is a folder" in user_error([*export, "--onnx", str(tmp_path)])
+    assert "is not an artefact of this kind" in user_error([*export, "--onnx", str(a_file)])
+    assert a_file.read_text() == "my notes"
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("*.safetensors"))
+    # A folder that may not be written (tests run as root: the permission check is simulated).
+    monkeypatch.setattr(surgery_edge.io, "_may_write", lambda folder: False)
+    assert "permission denied" in user_error(
+        ["merge", "--run", str(copy), "--method", "task_arithmetic"]
+    )
+    monkeypatch.undo()
+    # A write that fails with a permission error midway is a user error too.
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    text = user_error(["merge", "--run", str(copy), "--method", "ties_merging", "--param", "k=0.5",
+                       "--overwrite"])  # fmt: skip
+    assert "Permission denied" in text and "unfinished artefacts were not written" in text
+
+
+# =============================================================================================
+# Issue 14: nothing silently wrong, nothing half-read
+# =============================================================================================
+
+# --- 1. silent wrong results -------------------------------------------------------------
+
+
+def test_14_1_short_training_never_replaces_trained_adapters_silently(copy):
+    path = copy / "adapters/task_arithmetic/surgeryv2.safetensors"
+    before = path.read_bytes()
+    text = user_error(["train", "--run", str(copy), "--steps", "20"])
+    assert "surgeryv2.safetensors exists but was made with other settings" in text
+    assert "steps: 3 -> 20" in text
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("swap", ["another task, other class count", "another task, same count"])
+def test_14_1_a_head_of_another_task_is_refused(copy, swap):
+    from surgery_edge.models import get_arch, load_head, save_head
+
+    heads = copy / "checkpoints/heads"
+    if swap.endswith("other class count"):
+        shutil.copy(heads / "digits.safetensors", heads / "shapes.safetensors")
+        wrong = "digits"
+    else:
+        head = load_head(heads / "shapes.safetensors")
+        names = [f"other_{i}" for i in range(len(head.class_names))]
+        save_head(heads / "shapes.safetensors", get_arch("micro-vit-16"), "kites", names, head.head)
+        wrong = "kites"
+    export = ["export", "--run", str(copy), "--surgery", "none", "--onnx", str(copy / "x.onnx")]
+    for args in (export, ["eval", "--run", str(copy)]):
+        text = user_error(args)
+        assert f"saved for task '{wrong}', not 'shapes'" in text
+    assert not (copy / "x.onnx").exists()
+
+
+def test_14_1_adapters_holding_nan_are_refused_at_export_and_load(copy):
+    path = copy / "adapters/task_arithmetic/surgeryv2.safetensors"
+
+    def poison(tensors):
+        tensors["digits/final/up"][0, 0] = float("nan")
+
+    rewrite(path, change_tensors=poison)
+    onnx = copy / "nan.onnx"
+    text = user_error(["export", "--run", str(copy), "--onnx", str(onnx)])
+    assert "digits/final/up" in text and "non-finite" in text
+    assert not onnx.exists()
+    assert "non-finite" in user_error(["eval", "--run", str(copy)])
+
+
+def test_14_1_v1_adapters_where_v2_belong_are_refused(copy):
+    adapters = copy / "adapters/task_arithmetic"
+    shutil.copy(adapters / "surgery.safetensors", adapters / "surgeryv2.safetensors")
+    text = user_error(["export", "--run", str(copy), "--onnx", str(copy / "x.onnx")])
+    assert "'surgery' adapters, not 'surgeryv2' ones" in text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "NaN values", "no record"])
+def test_14_1_a_damaged_representation_cache_is_rebuilt_never_trusted(run, tmp_path, damage):
+    from surgery_edge.run.pipeline import Run, expert_representations
+
+    copy = tmp_path / "run"
+    shutil.copytree(run.out, copy)
+    said = []
+    r = Run.open(copy, log=said.append)
+    r.require_experts()
+    good = expert_representations(r, "shapes", "adapt")
+    final = np.array(good.final)
+    path = Path(good.final.filename)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    elif damage == "random bytes":
+        data = path.read_bytes()
+        header = len(data) - final.nbytes
+        rng = np.random.default_rng(0)
+        path.write_bytes(data[:header] + rng.integers(0, 256, final.nbytes, np.uint8).tobytes())
+    elif damage == "NaN values":
+        bad = np.array(final)
+        bad[3] = np.nan
+        np.save(path, bad)
+    else:
+        path.with_suffix("").with_suffix(".json").unlink()
+    said.clear()
+    again = expert_representations(r, "shapes", "adapt")
+    assert any("rebuilt" in line for line in said), said
+    assert np.array_equal(np.array(again.final), final) and again.digest == good.digest
+
+
+def test_14_1_predict_validates_the_device_and_escapes_names(engines, tmp_path):
+    import onnx
+    from PIL import Image
+
+    source = engines["dir"] / "surgeryv2-routed.onnx"
+    model = onnx.load(str(source))
+    prop = next(p for p in model.metadata_props if p.key == "surgery_edge")
+    meta = json.loads(prop.value)
+    meta["class_names"] = [[f"\x1b[2J\x1b]0;pwned\x07class{i}" for i in range(len(c))]
+                           for c in meta["class_names"]]  # fmt: skip
+    prop.value = json.dumps(meta)
+    hostile = tmp_path / "hostile.onnx"
+    onnx.save(model, str(hostile))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(image)
+    assert "not a device" in user_error(["predict", str(hostile), str(image), "--device", "bogus"])
+    out = ok(["predict", str(hostile), str(image), "--task", "digits"])
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b[2J" in out
+    from surgery_edge.errors import ExportError
+    from surgery_edge.runtime import load
+
+    with pytest.raises(ExportError, match="Unknown device 'bogus'"):
+        load(hostile, device="bogus")
+
+
+def test_14_1_an_engine_with_nan_weights_is_refused_at_load(engines, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from surgery_edge.errors import ExportError
+    from surgery_edge.runtime import load
+
+    model = onnx.load(str(engines["dir"] / "surgeryv2-routed.onnx"))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    array = numpy_helper.to_array(init).copy()
+    array.flat[0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(array, init.name))
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ExportError, match="non-finite logits"):
+        load(path)
+
+
+# --- 2. tracebacks instead of a clear error ----------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "truncated", "garbage", "edited array"])
+def test_14_2_a_damaged_suite_file_is_an_error_or_regenerated(run, tmp_path, damage):
+    from surgery_edge.data.suite import load_suite
+    from surgery_edge.errors import DataError
+    from surgery_edge.run.pipeline import Run, prepare_suite
+
+    copy = tmp_path / "run"
+    shutil.copytree(run.out, copy)
+    suite = copy / "suite.npz"
+    original = load_suite(suite)
+    data = suite.read_bytes()
+    if damage == "zero bytes":
+        suite.write_bytes(b"")
+    elif damage == "truncated":
+        suite.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        suite.write_bytes(os.urandom(4096))
+    else:
+        with np.load(suite) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["shapes/test_y"] = (arrays["shapes/test_y"] + 1) % 6  # relabelled by hand
+        np.savez(suite, **arrays)
+    with pytest.raises(DataError, match="suite.npz is unreadable or damaged"):
+        load_suite(suite)
+    said = []
+    r = Run.open(copy, log=said.append)
+    regenerated = prepare_suite(r)  # a cache of the seed: regenerated, with a warning
+    assert any("Regenerating" in line for line in said)
+    assert np.array_equal(regenerated.task("shapes").test_y, original.task("shapes").test_y)
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"[1, 2]", b'{"arch": 7}', b"\xff\xfe"])
+def test_14_2_a_damaged_config_json_is_a_clear_error(copy, content):
+    (copy / "config.json").write_bytes(content)
+    assert "config.json is unreadable or invalid" in user_error(["eval", "--run", str(copy)])
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (lambda m: m.pop("arch"), "arch: Field required"),
+        (lambda m: m.pop("tasks"), "tasks: Field required"),
+        (lambda m: m.update(rank="four"), "rank: Input should be a valid integer"),
+        (lambda m: m.update(rank=4.5), "rank: Input should be a valid integer"),
+        (lambda m: m.update(tasks="digits"), "tasks: Input should be a valid list"),
+        (lambda m: m["arch"].update(width="32"), "arch.width: Input should be a valid integer"),
+        (lambda m: m["arch"].update(layers=10**9), "arch.layers: Input should be less than"),
+        (lambda m: m.update(sites=["final"]), "record sites"),
+    ],
+)
+def test_14_2_malformed_adapter_metadata_names_the_field(copy, change, pattern):
+    from surgery_edge.errors import AdapterError
+    from surgery_edge.surgery.adapters import AdapterBank
+
+    path = copy / "adapters/task_arithmetic/surgeryv2.safetensors"
+    rewrite(path, change_meta=change)
+    with pytest.raises(AdapterError, match=re.escape(str(path))) as e:
+        AdapterBank.load(path)
+    assert re.search(pattern, str(e.value))
+    assert pattern.split(":")[0] in user_error(["eval", "--run", str(copy)])
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--lr", "nan"],
+        ["--lr", "-0.001"],
+        ["--lr", "inf"],
+        ["--rank", "100000000"],
+        ["--rank", "0"],
+        ["--batch-size", "1000000000000"],
+        ["--seed", "1" + "0" * 30],
+        ["--steps", "-1"],
+        ["--checkpoint-every", "-5"],
+    ],
+)
+def test_14_2_cli_numbers_out_of_range_are_refused_before_any_work(copy, option):
+    before = files_under(copy)
+    text = user_error(["train", "--run", str(copy), "--out", str(copy / "x.safetensors"), *option])
+    assert "Surgery setting" in text
+    assert files_under(copy) == before
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (
+            ["merge", "--method", "task_arithmetic", "--param", "lam=.nan"],
+            "must be a finite number",
+        ),
+        (["merge", "--method", "ties_merging", "--param", "k=2.5"], r"must be in \(0, 1\]"),
+        (["merge", "--method", "adamerging_taskwise", "--param", "steps=-1"], "must be in"),
+        (
+            ["export", "--trt", "e.plan", "--workspace-gb", "inf"],
+            "--workspace-gb must be a positive",
+        ),
+        (["export", "--trt", "e.plan", "--max-batch", "0"], "--max-batch must be at least 1"),
+    ],
+)
+def test_14_2_other_numbers_out_of_range_are_refused(copy, args, pattern):
+    command, *rest = args
+    assert re.search(pattern, user_error([command, "--run", str(copy), *rest]))
