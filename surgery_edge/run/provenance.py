@@ -47,18 +47,18 @@ def check_replace(
         meta = recorded(path)
         old = None if meta is None else meta.get("provenance", "none")
     if old is None:
-        why = "but is unreadable (damaged, or not a surgery-edge file)"
+        why = "is unreadable (damaged, or not a surgery-edge file)"
     elif not isinstance(old, dict):
-        why = "but records no provenance (made by an earlier version or another tool)"
+        why = "records no provenance (made by an earlier version or another tool)"
     else:
         changed = [_short(d) for d in differences(old, new)]
-        why = "but was made with other settings or inputs: " + "; ".join(changed or ["unknown"])
+        why = "was made with other settings or inputs: " + "; ".join(changed or ["unknown"])
     if not overwrite:
         raise ConfigError(
-            f"The {what} {path} exists {why}. It was not replaced: pass --overwrite to replace "
+            f"The {what} {path} exists but {why}. It was not replaced: pass --overwrite to replace "
             "it, or use another run directory."
         )
-    log(f"replacing {path} ({why})")
+    log(f"--overwrite: replacing {path}, which {why}")
 
 
 def _short(line: str) -> str:
