@@ -2,26 +2,68 @@
 
 The commands are thin (parse, validate, call one library function, print where the results
 went) and live by theme: :mod:`~surgery_edge.cli.pipeline` (experts, merge, train, eval, demo,
-run), :mod:`~surgery_edge.cli.engine` (export, predict), :mod:`~surgery_edge.cli.imports`
-(import ...). Torch and the library are imported inside the commands, so ``surgery-edge --help``
-stays fast and never imports Triton or initialises CUDA.
+run), :mod:`~surgery_edge.cli.engine` (export, predict), :mod:`~surgery_edge.cli.info` (info,
+env, --version), :mod:`~surgery_edge.cli.imports` (import ...). Torch and the library are
+imported inside the commands, so ``surgery-edge --help`` stays fast and never imports Triton or
+initialises CUDA.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Annotated
 
 import typer
-from surgery_edge.cli import engine, imports, pipeline
+from surgery_edge.cli import engine, imports, info, pipeline
 from surgery_edge.cli.common import user_errors
+
+from surgery_edge.progress import silence_cuda_home_notice
+
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 a partial result (e.g. some images could not be read: the others "
+    "were answered); 2 a usage or input error (the message names the file or value to fix); "
+    "130 interrupted."
+)
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 app = typer.Typer(
     name="surgery-edge",
     help="Merge fine-tuned ViT experts, repair them with Representation Surgery, ship one engine.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    context_settings=CONTEXT,
 )
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=info.version_callback,
+            is_eager=True,
+            help="Print surgery-edge's version and exit.",
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or progress lines.")
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show the dependencies' notices that are kept quiet."
+        ),
+    ] = False,
+) -> None:
+    if quiet and verbose:
+        raise typer.BadParameter("-q/--quiet and -v/--verbose exclude each other.")
+    if quiet:
+        os.environ["SURGERY_EDGE_QUIET"] = "1"  # inherited by the processes a command starts
+    silence_cuda_home_notice(not verbose)
+
 
 app.command()(pipeline.experts)
 app.command(cls=pipeline.MERGE_HELP)(pipeline.merge)
@@ -31,9 +73,13 @@ app.command()(pipeline.demo)
 app.command("run")(pipeline.run_recipe)
 app.command()(engine.export)
 app.command()(engine.predict)
+app.command()(info.info)
+app.command()(info.env)
 
 import_app = typer.Typer(
-    help="Convert checkpoints from other tools into surgery-edge's format.", no_args_is_help=True
+    help="Convert checkpoints from other tools into surgery-edge's format.",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
 )
 import_app.command("task-vectors")(imports.import_task_vectors)
 import_app.command("open-clip")(imports.import_open_clip)

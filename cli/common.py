@@ -38,6 +38,9 @@ def device_name(value: str | None) -> str | None:
 
 RunDir = Annotated[Path, typer.Option("--run", help="Run directory (made by `experts`/`demo`).")]
 Device = Annotated[str | None, typer.Option(parser=device_name, help="auto | cpu | cuda | cuda:N.")]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print the result as JSON on stdout (nothing else there).")
+]
 Overwrite = Annotated[
     bool,
     typer.Option(
@@ -107,7 +110,8 @@ def merge_method(value: str) -> str:
     return value
 
 
-def complete_merge_method(ctx, param, incomplete: str) -> list[str]:
+def complete_merge_method(incomplete: str) -> list[str]:
+    """Shell completion of ``--method``: the registered names that start with ``incomplete``."""
     from surgery_edge import merging  # deferred: the methods import torch
 
     return [n for n in merging.available() if n.startswith(incomplete)]

@@ -62,7 +62,7 @@ def merge(
         typer.Option(
             metavar="METHOD",
             parser=merge_method,
-            shell_complete=complete_merge_method,
+            autocompletion=complete_merge_method,
             help="Merge method (repeatable); the methods are listed below.",
         ),
     ],

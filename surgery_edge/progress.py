@@ -1,8 +1,10 @@
-"""Progress bars (rich) for every long loop; silent when ``SURGERY_EDGE_QUIET=1``."""
+"""What a long command shows: progress bars (rich), silent when ``SURGERY_EDGE_QUIET=1``
+(``surgery-edge -q``), and which dependency notices are kept quiet."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -31,7 +33,7 @@ class _Bar:
 @contextlib.contextmanager
 def progress_bar(total: int, description: str) -> Iterator[_Bar]:
     """A rich progress bar; call ``bar.advance(loss=...)`` once per step."""
-    if os.environ.get("SURGERY_EDGE_QUIET") == "1":
+    if quiet():
         yield _Bar(None, None)
         return
     columns = (
@@ -44,3 +46,32 @@ def progress_bar(total: int, description: str) -> Iterator[_Bar]:
     )
     with Progress(*columns, transient=False) as progress:
         yield _Bar(progress, progress.add_task(description, total=total, info=""))
+
+
+def quiet() -> bool:
+    """Whether progress bars and progress lines are off (``-q`` / ``SURGERY_EDGE_QUIET=1``)."""
+    return os.environ.get("SURGERY_EDGE_QUIET") == "1"
+
+
+class _NoCudaHomeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." on machines without a GPU.
+
+    torch.utils.cpp_extension logs it when it is first imported (AOTInductor compiles and
+    loads import it) on a machine that has a CUDA toolkit folder but no GPU: it says nothing
+    about the user's command, so surgery-edge keeps it out of their terminal.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+_CUDA_NOTICE = _NoCudaHomeNotice()
+
+
+def silence_cuda_home_notice(enabled: bool = True) -> None:
+    """Install (or, with ``enabled=False``, remove) the filter; stdlib only, torch not needed."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if enabled:
+        logger.addFilter(_CUDA_NOTICE)  # adding the same filter twice keeps one
+    else:
+        logger.removeFilter(_CUDA_NOTICE)

@@ -22,6 +22,7 @@ from surgery_edge.errors import ExportError
 from surgery_edge.export.metadata import engine_metadata
 from surgery_edge.export.modules import engine_module, example_inputs
 from surgery_edge.export.parity import smoke_check
+from surgery_edge.progress import silence_cuda_home_notice
 from surgery_edge.runtime import Predictor
 from surgery_edge.runtime.backends import AotiBackend
 from surgery_edge.surgery.model import MultiTaskModel
@@ -84,6 +85,7 @@ def export_aoti(
     # AOTInductor wants a name ending in .pt2: compile in a private folder, then move it in.
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / path.name
+        silence_cuda_home_notice()  # the compiler imports cpp_extension, which logs it
         try:
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(tmp), inductor_configs=configs

@@ -28,6 +28,7 @@ from surgery_edge.engine_format import (
     read_sidecar,
 )
 from surgery_edge.errors import ExportError
+from surgery_edge.progress import silence_cuda_home_notice
 
 ONNX_SUFFIXES = (".onnx",)
 AOTI_SUFFIXES = (".pt2",)
@@ -184,6 +185,7 @@ class AotiBackend(Backend):
 
         self.path = Path(path)
         _require_file(self.path)
+        silence_cuda_home_notice()  # loading a package imports cpp_extension, which logs it
         try:
             self.model = torch._inductor.aoti_load_package(str(self.path))
             stored = self.model.get_metadata()

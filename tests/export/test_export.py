@@ -413,3 +413,18 @@ def test_tensorrt_engine_matches_pytorch(engines, models, split, tmp_path):
         else:
             assert parity.max_abs_diff <= 1e-3 and parity.argmax_agreement == 100.0
     assert (tmp_path / "timing.cache").stat().st_size > 0
+
+
+def test_info_reads_a_pt2_without_loading_it(pt2):
+    """`info` reads the metadata compiled into the package (a zip) without torch."""
+    code = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "from surgery_edge.runtime.describe import describe_engine\n"
+        f"print(json.dumps(describe_engine({str(pt2)!r}).to_dict()))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert (data["kind"], data["mode"], data["method"]) == ("pt2", "routed", "surgeryv2")
+    assert [i["name"] for i in data["inputs"]] == ["images", "task_ids"]
+    assert data["io_source"] == "metadata" and data["metadata"]["device"] == "cpu"

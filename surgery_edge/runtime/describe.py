@@ -1,0 +1,244 @@
+"""What is inside an engine, read without running it (``surgery-edge info ENGINE``).
+
+Everything comes from what the engine carries: the metadata every export writes (tasks and
+classes, preprocessing, architecture, merge recipe, precision, the version that made it) and,
+for ONNX, the graph's declared inputs and outputs. Nothing is loaded onto a device and torch is
+never imported: an ``.onnx`` file is read with ``onnx`` (weights left on disk), a ``.pt2``
+package is a zip archive whose AOTInductor metadata is read as JSON, and a TensorRT engine is
+described by the sidecar written beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery_edge.engine_format import (
+    META_KEY,
+    EngineMetadata,
+    EngineMode,
+    parse_metadata,
+    read_onnx_metadata,
+    read_sidecar,
+    sidecar_path,
+)
+from surgery_edge.errors import ExportError
+from surgery_edge.runtime.backends import engine_kind
+
+KIND_NAMES = {"onnx": "ONNX", "pt2": "AOTInductor package", "tensorrt": "TensorRT engine"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, element type and shape (``"batch"`` for dynamic axes)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.dtype} [{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """An engine as ``surgery-edge info`` reports it."""
+
+    path: str
+    kind: str  # onnx | pt2 | tensorrt
+    files: dict[str, int]  # every file the engine needs -> its size in bytes
+    metadata: EngineMetadata
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    io_source: str  # "graph" (read from the ONNX graph) or "metadata" (derived from it)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        meta = self.metadata
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "size_bytes": self.size_bytes,
+            "files": self.files,
+            "mode": str(meta.mode),
+            "precision": str(meta.precision),
+            "method": meta.method,
+            "tasks": [{"name": t, "classes": len(c)} for t, c in zip(meta.tasks, meta.class_names)],
+            "inputs": [asdict(s) for s in self.inputs],
+            "outputs": [asdict(s) for s in self.outputs],
+            "io_source": self.io_source,
+            "metadata": meta.to_dict(),
+        }
+
+
+def _onnx_specs(values) -> list[TensorSpec]:
+    from onnx import helper  # deferred: only ONNX files are read with onnx
+
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        specs.append(TensorSpec(v.name, dtype, shape))
+    return specs
+
+
+def _declared_specs(meta: EngineMetadata) -> list[list[TensorSpec]]:
+    """Inputs and outputs as every surgery-edge engine declares them (float32 in and out)."""
+    size = meta.preprocessing.image_size
+    images = TensorSpec("images", "float32", ["batch", 3, size, size])
+    if meta.mode is EngineMode.ROUTED:
+        width = max(meta.class_counts)
+        return [
+            [images, TensorSpec("task_ids", "int64", ["batch"])],
+            [TensorSpec(n, "float32", ["batch", width]) for n in meta.outputs],
+        ]
+    return [
+        [images],
+        [TensorSpec(n, "float32", ["batch", c]) for n, c in zip(meta.outputs, meta.class_counts)],
+    ]
+
+
+def _pt2_metadata(path: Path) -> EngineMetadata:
+    """The metadata compiled into a ``.pt2`` package (AOTInductor's ``*_metadata.json``)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("wrapper_metadata.json")]
+            stored = json.loads(z.read(names[0])) if names else {}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ExportError(
+            f"{path} is not a readable AOTInductor package ({e}); re-export it with "
+            "`surgery-edge export --aoti`."
+        ) from None
+    return parse_metadata(stored.get(META_KEY), path)
+
+
+def describe_engine(path: str | os.PathLike) -> EngineInfo:
+    """Read what ``path`` (an ``.onnx``, ``.pt2`` or TensorRT engine) holds.
+
+    Raises:
+        ExportError: the file is missing, unreadable, or carries no surgery-edge metadata.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"Engine {p} does not exist (or is not a file).")
+    kind = engine_kind(p)
+    files = {p.name: p.stat().st_size}
+    io_source = "metadata"
+    if kind == "onnx":
+        import onnx  # deferred: only ONNX files are read with onnx
+
+        meta = read_onnx_metadata(p)
+        proto = onnx.load(str(p), load_external_data=False)
+        for init in proto.graph.initializer:
+            for entry in init.external_data:
+                if entry.key == "location" and entry.value not in files:
+                    data = p.parent / entry.value
+                    files[entry.value] = data.stat().st_size if data.is_file() else 0
+        inputs, outputs = _onnx_specs(proto.graph.input), _onnx_specs(proto.graph.output)
+        io_source = "graph"
+    elif kind == "pt2":
+        meta = _pt2_metadata(p)
+        inputs, outputs = _declared_specs(meta)
+    else:
+        meta = read_sidecar(p)
+        files[sidecar_path(p).name] = sidecar_path(p).stat().st_size
+        inputs, outputs = _declared_specs(meta)
+    return EngineInfo(str(p), kind, files, meta, inputs, outputs, io_source)
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _params(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items() if k != "method")
+
+
+def format_info(info: EngineInfo) -> list[str]:
+    """The lines ``surgery-edge info`` prints."""
+    meta, raw = info.metadata, info.metadata.raw
+    lines = [
+        f"{Path(info.path).name}: {KIND_NAMES[info.kind]}, {_size(info.size_bytes)}, "
+        f"made by surgery-edge {raw.get('package_version', '?')} "
+        f"(engine format {raw.get('format_version', '?')})",
+    ]
+    if len(info.files) > 1:
+        lines.append(
+            "  files      " + ", ".join(f"{n} ({_size(s)})" for n, s in info.files.items())
+        )
+    how = (
+        "one backbone; each image runs the task its task_ids entry names"
+        if meta.mode is EngineMode.ROUTED
+        else "one backbone; every image gets every task's logits"
+    )
+    lines.append(f"  mode       {meta.mode}: {how}")
+    quant = raw.get("quantization")
+    precision = str(meta.precision)
+    if isinstance(quant, dict) and quant:
+        precision += f" ({_params(quant)})"
+    lines.append(f"  precision  {precision}")
+    method = meta.method + (f" rank {raw['rank']}" if raw.get("rank") else "")
+    recipe = raw.get("merge_recipe")
+    if isinstance(recipe, dict) and recipe.get("method"):
+        params = _params(recipe)
+        method += f" on {recipe['method']}" + (f" ({params})" if params else "")
+    else:
+        method += " (one model, not merged)"
+    lines.append(f"  method     {method}")
+    arch = raw.get("architecture")
+    if isinstance(arch, dict):
+        keys = ("width", "layers", "heads", "patch_size", "embed_dim")
+        fields = [f"{k.split('_')[0]} {arch[k]}" for k in keys if arch.get(k) is not None]
+        lines.append(f"  arch       {arch.get('name', '?')}: " + ", ".join(fields))
+    pre = meta.preprocessing
+    if pre.resize == "shortest":
+        resize = f"shorter side to {pre.image_size} px ({pre.interpolation}), centre crop"
+    else:
+        resize = f"stretched to {pre.image_size} px square ({pre.interpolation})"
+    lines.append(
+        f"  preprocess RGB, {resize}, /255, mean {[round(m, 4) for m in pre.mean]}, "
+        f"std {[round(s, 4) for s in pre.std]}"
+    )
+    lines.append(f"  tasks      {len(meta.tasks)}")
+    width = max(len(t) for t in meta.tasks)
+    for task, names in zip(meta.tasks, meta.class_names):
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        lines.append(f"    {task:<{width}}  {len(names):>4} classes  ({shown})")
+    where = "" if info.io_source == "graph" else "  (as the metadata declares them)"
+    for label, specs in (("inputs", info.inputs), ("outputs", info.outputs)):
+        if len(specs) <= 2:
+            lines.append(f"  {label:<10} " + "; ".join(map(str, specs)) + where)
+        else:
+            lines.append(f"  {label:<10} {len(specs)}" + where)
+            lines.extend(f"    {s}" for s in specs)
+        where = ""
+    made = [str(raw[k]) for k in ("exporter",) if raw.get(k)]
+    if raw.get("opset"):
+        made.append(f"opset {raw['opset']}")
+    if raw.get("device"):
+        made.append(f"compiled for {raw['device']}")
+    trt = raw.get("tensorrt")
+    if isinstance(trt, dict):
+        made.append(f"TensorRT {trt.get('version', '?')}")
+        if all(trt.get(k) is not None for k in ("min_batch", "opt_batch", "max_batch")):
+            made.append(
+                f"batch {trt['min_batch']}/{trt['opt_batch']}/{trt['max_batch']} (min/opt/max)"
+            )
+    if made:
+        lines.append("  exported   " + ", ".join(made))
+    return lines

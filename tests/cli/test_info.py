@@ -1,0 +1,157 @@
+"""``--version``, ``-h``, ``env``, ``info ENGINE`` and the global ``-q``/``-v`` options."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+from cli_checks import user_error
+from surgery_edge.cli.app import app
+from typer.testing import CliRunner
+
+from surgery_edge import __version__
+from surgery_edge.engine_format import read_onnx_metadata
+from surgery_edge.progress import silence_cuda_home_notice
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"surgery-edge {__version__}"
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["info"], ["env"], ["export"], ["predict"], ["merge"], ["import", "hf"]]
+)
+def test_short_help_everywhere(args):
+    result = runner.invoke(app, [*args, "-h"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and "--help" in result.output
+
+
+def test_root_help_documents_exit_codes_and_completion():
+    out = runner.invoke(app, ["--help"]).output
+    assert "Exit codes: 0 done; 1 a partial result" in " ".join(out.split())
+    assert "--install-completion" in out
+
+
+def test_env_json_names_versions_and_cuda():
+    result = runner.invoke(app, ["env", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["surgery-edge"] == __version__
+    assert data["packages"]["torch"] and data["packages"]["onnxruntime"]
+    assert "CPUExecutionProvider" in data["onnxruntime_providers"]
+    assert set(data["cuda"]) == {"torch_built_with", "available", "devices"}
+
+
+def test_info_describes_a_routed_engine(engines):
+    path = engines["dir"] / "surgeryv2-routed.onnx"
+    meta = read_onnx_metadata(path)
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.startswith(f"{path.name}: ONNX, ")
+    assert f"made by surgery-edge {__version__}" in out
+    assert "mode       routed" in out and "precision  fp32" in out
+    assert f"surgeryv2 rank {meta['rank']} on {meta['merge_recipe']['method']}" in out
+    for task, names in zip(meta.tasks, meta.class_names):
+        assert f"{task}" in out and f"{len(names)} classes" in out
+    size = meta.preprocessing.image_size
+    assert f"images float32 [batch, 3, {size}, {size}]; task_ids int64 [batch]" in out
+
+
+def test_info_json_matches_the_graph(engines):
+    path = engines["dir"] / "surgery-all-tasks.onnx"
+    result = runner.invoke(app, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert [o["name"] for o in data["outputs"]] == [o.name for o in graph.output]
+    assert data["io_source"] == "graph" and data["mode"] == "all-tasks"
+    assert data["size_bytes"] == path.stat().st_size
+    meta = read_onnx_metadata(path)
+    assert [t["classes"] for t in data["tasks"]] == meta.class_counts
+    assert [o["shape"][1] for o in data["outputs"]] == meta.class_counts
+    assert data["metadata"]["preprocessing"] == meta["preprocessing"]
+
+
+def test_info_refuses_what_is_not_an_engine(tmp_path):
+    assert "does not exist" in user_error(["info", str(tmp_path / "missing.onnx")])
+    plain = tmp_path / "plain.onnx"
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
+    onnx.save(model, str(plain))
+    assert "carries no surgery-edge engine metadata" in user_error(["info", str(plain)])
+    assert "no metadata file" in user_error(["info", str(_touch(tmp_path / "model.plan"))])
+
+
+def _touch(path):
+    path.write_bytes(b"\0" * 16)
+    return path
+
+
+def test_quiet_and_verbose_exclude_each_other():
+    result = runner.invoke(app, ["-q", "-v", "env"])
+    assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+def test_quiet_reaches_the_commands_processes(monkeypatch):
+    monkeypatch.delenv("SURGERY_EDGE_QUIET", raising=False)
+    assert runner.invoke(app, ["-q", "env", "--json"]).exit_code == 0
+    assert os.environ.get("SURGERY_EDGE_QUIET") == "1"
+
+
+def test_cuda_home_notice_is_dropped_and_nothing_else():
+    logger = logging.getLogger("torch.utils.cpp_extension")
+
+    def record(msg):
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, ("/usr",), None)
+
+    silence_cuda_home_notice()
+    try:
+        assert not logger.filter(record("No CUDA runtime is found, using CUDA_HOME='%s'"))
+        assert logger.filter(record("Error building extension '%s'"))
+    finally:
+        silence_cuda_home_notice(False)
+    assert logger.filter(record("No CUDA runtime is found, using CUDA_HOME='%s'"))
+
+
+def test_help_stays_torch_free():
+    code = "import sys; sys.modules['torch'] = None\nfrom surgery_edge.cli.app import main\nmain()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "info", "-h"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        ("surgery-edge ex", ["experts", "export"]),
+        ("surgery-edge merge --method ada", ["adamerging_layerwise", "adamerging_taskwise"]),
+    ],
+)
+def test_shell_completion(words, expected):
+    env = {
+        "_SURGERY_EDGE_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split()) - 1),
+    }
+    result = runner.invoke(app, [], env=env, prog_name="surgery-edge")
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == expected
