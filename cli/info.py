@@ -51,6 +51,16 @@ def environment() -> dict:
         "platform": platform.platform(),
         "packages": {name: _installed(name) for name in PACKAGES},
     }
+    both = env["packages"]["onnxruntime"] and env["packages"]["onnxruntime-gpu"]
+    env["problems"] = (
+        [
+            "onnxruntime and onnxruntime-gpu are both installed and overwrite each other's "
+            "files: pip uninstall -y onnxruntime onnxruntime-gpu, then pip install "
+            "onnxruntime-gpu (GPU) or onnxruntime (CPU)."
+        ]
+        if both
+        else []
+    )
     try:
         import onnxruntime  # deferred: env is the only command that asks ORT what it has
 
@@ -90,6 +100,8 @@ def env(json_out: Json = False) -> None:
         f"  CUDA: torch built with {cuda['torch_built_with'] or 'no CUDA'}, "
         f"{'available' if cuda['available'] else 'not available'}; GPUs: {devices}"
     )
+    for problem in data["problems"]:
+        say(f"  problem: {problem}")
 
 
 @user_errors

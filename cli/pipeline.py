@@ -184,7 +184,10 @@ def demo(
 @user_errors
 def run_recipe(
     config: Annotated[
-        Path, typer.Argument(help="YAML run config, e.g. configs/paper_vit_b32.yaml.")
+        Path,
+        typer.Argument(
+            help="A YAML run config, or a shipped recipe's name: paper_vit_b32, paper_vit_l14."
+        ),
     ],
     out: Annotated[
         Path | None, typer.Option(help="Run directory (default: runs/<config file name>).")
@@ -206,7 +209,7 @@ def run_recipe(
     overwrite: Overwrite = False,
 ):
     """Run a config end to end: data, experts, merges, surgery, evaluation, engines, report."""
-    from surgery_edge.run.config import load_config  # deferred: imports torch
+    from surgery_edge.run.config import find_config, load_config  # deferred: imports torch
     from surgery_edge.run.pipeline import run_pipeline  # deferred with the config
 
     overrides = parse_values(set_, "--set", "surgery.params.surgeryv2.steps=200")
@@ -216,6 +219,6 @@ def run_recipe(
         overrides["checkpoints.root"] = str(checkpoint_root)
     if device is not None:
         overrides["device"] = device
-    cfg = load_config(config, overrides)
+    cfg = load_config(find_config(config), overrides)
     report = run_pipeline(out or Path("runs") / config.stem, cfg, overwrite=overwrite)
     say(f"report: {report}")

@@ -16,6 +16,9 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from surgery_edge import __version__ as version_string
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +84,19 @@ def test_the_installed_cli_benchmarks_and_exports(venv, tiny_run, tmp_path):
     engine = tmp_path / "engine.onnx"
     done = _run([cli, "export", "--run", str(tiny_run[0]), "--onnx", str(engine)], tmp_path)
     assert engine.is_file() and f"onnx: {engine}" in done.stdout
+    # ...and what a user runs next: --version, info, predict, and a shipped recipe by name.
+    assert _run([cli, "--version"], tmp_path).stdout.strip() == f"surgery-edge {version_string}"
+    info = json.loads(_run([cli, "info", str(engine), "--json"], tmp_path).stdout)
+    assert info["mode"] == "routed" and info["tasks"]
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    task = info["tasks"][0]["name"]
+    answers = json.loads(
+        _run([cli, "predict", str(engine), str(tmp_path / "red.png"), "--task", task, "--json"],
+             tmp_path).stdout
+    )  # fmt: skip
+    assert len(answers) == 1 and task in json.dumps(answers)
+    assert "shipped recipe" in _run([cli, "run", "--help"], tmp_path).stdout
+    bad = subprocess.run([cli, "run", "paper_vit_b32", "--out", str(tmp_path / "r")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "SURGERY_EDGE_DATA" in bad.stderr  # found by name, then
+    assert "Traceback" not in bad.stderr  # refused: its data root is unset

@@ -349,6 +349,37 @@ class RunConfig(_Frozen):
         return self.data is None
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The recipes that ship with the package (``configs/*.yaml``), by name."""
+    from importlib.resources import files  # deferred: only name lookups need it
+
+    folder = files("surgery_edge.configs")
+    return {
+        Path(f.name).stem: Path(str(f))
+        for f in folder.iterdir()
+        if f.name.endswith((".yaml", ".yml"))
+    }
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file's path: ``name_or_path`` itself when it exists, else the shipped recipe of
+    that name (``paper_vit_b32`` or ``paper_vit_b32.yaml``).
+
+    Raises:
+        ConfigError: neither exists; the message lists the shipped names.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if len(path.parts) == 1 and path.stem in shipped and path.suffix in ("", ".yaml", ".yml"):
+        return shipped[path.stem]
+    raise ConfigError(
+        f"Config {name_or_path} is neither a file nor a shipped recipe; the shipped ones are: "
+        f"{', '.join(sorted(shipped))} (`surgery-edge run NAME`), or give a YAML file's path."
+    )
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a YAML run config; ``overrides`` maps dotted keys (``data.root``) to values.
 

@@ -50,6 +50,16 @@ def test_env_json_names_versions_and_cuda():
     assert data["packages"]["torch"] and data["packages"]["onnxruntime"]
     assert "CPUExecutionProvider" in data["onnxruntime_providers"]
     assert set(data["cuda"]) == {"torch_built_with", "available", "devices"}
+    assert data["problems"] == []  # this machine has onnxruntime only
+
+
+def test_env_flags_both_onnxruntime_builds(monkeypatch):
+    from surgery_edge.cli import info
+
+    real = info._installed
+    monkeypatch.setattr(info, "_installed", lambda n: "1.20" if "onnxruntime" in n else real(n))
+    (problem,) = info.environment()["problems"]
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in problem
 
 
 def test_info_describes_a_routed_engine(engines):
@@ -155,3 +165,22 @@ def test_shell_completion(words, expected):
     result = runner.invoke(app, [], env=env, prog_name="surgery-edge")
     assert result.exit_code == 0, result.output
     assert result.output.split() == expected
+
+
+def test_the_readme_python_example_runs(engines, tmp_path, monkeypatch, capsys):
+    """The README's "An engine from Python" block, run as written on the tiny run's engine."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("An engine from Python, without torch:\n\n```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/demo").mkdir(parents=True)
+    (tmp_path / "runs/demo/engines").symlink_to(engines["dir"])
+    Image.new("RGB", (40, 30), (250, 250, 250)).save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("['digits'")
+    assert out[1].startswith("a.png ") and out[2].startswith("b.jpg ")

@@ -21,8 +21,9 @@ from PIL import Image
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
+from surgery_edge.errors import ConfigError
 from surgery_edge.evaluation.published import published_table
-from surgery_edge.run.config import load_config
+from surgery_edge.run.config import find_config, load_config
 
 runner = CliRunner()
 TASKS = {"MNIST": 3, "EuroSAT": 4}  # task -> classes
@@ -388,7 +389,9 @@ def test_unset_variable_in_a_path(tmp_path, files, monkeypatch):
 
 @pytest.mark.parametrize("name", ["paper_vit_b32", "paper_vit_l14"])
 def test_paper_configs_encode_the_protocol(name, tmp_path):
-    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    path = find_config(name)  # shipped with the package, found by name
+    assert path == Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    assert find_config(f"{name}.yaml") == path
     cfg = load_config(path, {"data.root": str(tmp_path), "checkpoints.root": str(tmp_path)})
     assert list(cfg.data.tasks) == ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB",
                                     "MNIST", "DTD"]  # fmt: skip
@@ -409,6 +412,16 @@ def test_paper_configs_encode_the_protocol(name, tmp_path):
     assert published_table(cfg.reference)["rows"]
     with pytest.raises(Exception, match="not set"):
         load_config(path, {"checkpoints.root": str(tmp_path)})  # $SURGERY_EDGE_DATA unset
+
+
+def test_unknown_config_names_the_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="shipped ones are: .*paper_vit_b32.*paper_vit_l14"):
+        find_config("paper_vit_b99")
+    with pytest.raises(ConfigError, match="neither a file"):
+        find_config(tmp_path / "paper_vit_b32.yaml")  # a path is never swapped for a recipe
+    mine = tmp_path / "paper_vit_b32.yaml"
+    mine.write_text("arch: micro-vit-16\n")
+    assert find_config(mine) == mine
 
 
 @pytest.mark.slow
