@@ -70,19 +70,37 @@ def predict(
     all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Answer every task.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Most pixels an image may declare; larger ones are refused unread "
+            "(default: PIL's decompression-bomb threshold, 89,478,485).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images decoded and answered at a time (default: 64)."),
+    ] = None,
 ):
-    """Classify images with an exported engine; unreadable images are reported (exit code 2)."""
+    """Classify images with an exported engine; unreadable images are reported (exit code 2).
+
+    Images are read and answered a batch at a time, so any number of files fits in memory."""
     from surgery_edge.runtime import load  # deferred: onnxruntime loads on use
 
-    results = load(engine, device=device).predict(images, task=task, all_tasks=all_tasks)
+    limits = {"max_pixels": max_pixels} if max_pixels is not None else {}
+    predictor = load(engine, device=device, batch_size=batch_size, **limits)
+    answered, failed = [], []
+    for r in predictor.iter_predict(images, task=task, all_tasks=all_tasks):
+        if not r.ok:
+            failed.append(r.error)
+        if json_out:
+            answered.append(r.to_dict())
+            continue
+        for p in r.predictions:
+            typer.echo(f"{r.source}\t{p.task}\t{p.label}\t(class {p.index}, p={p.score:.3f})")
     if json_out:
-        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
-    else:
-        for r in results:
-            for p in r.predictions:
-                typer.echo(f"{r.source}\t{p.task}\t{p.label}\t(class {p.index}, p={p.score:.3f})")
-    failed = [r.error for r in results if not r.ok]
+        typer.echo(json.dumps(answered, indent=2))
     if failed:
-        raise ExportError(
-            f"Could not answer {len(failed)} of {len(results)} images: {' '.join(failed)}"
-        )
+        total = len(images)
+        raise ExportError(f"Could not answer {len(failed)} of {total} images: {' '.join(failed)}")
