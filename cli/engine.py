@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from surgery_edge.cli.common import Device, ModeName, RunDir, SurgeryOrNone, user_errors
 
-from surgery_edge.errors import ExportError
+from surgery_edge.errors import ConfigError, ExportError
 
 
 @user_errors
@@ -42,10 +42,28 @@ def export(
         Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
     ] = None,
     device: Device = None,
+    triton_repo: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a Triton Inference Server model repository holding the engine "
+            "(the TensorRT plan if built, else the ONNX); its max_batch_size is --max-batch, "
+            "its preferred batch --opt-batch."
+        ),
+    ] = None,
+    triton_kind: Annotated[str, typer.Option(help="Triton instances: gpu | cpu.")] = "gpu",
+    triton_instances: Annotated[int, typer.Option(help="Triton instances per device.")] = 1,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(help="Triton's dynamic batching delay (microseconds).")
+    ] = 1000,
 ):
     """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run."""
+    from surgery_edge.export.triton import TritonOptions  # deferred: with the exporters
     from surgery_edge.run.export import TrtOptions, export_run  # deferred: imports torch
 
+    if triton_repo is not None and opt_batch > max_batch:
+        raise ConfigError(
+            f"--opt-batch {opt_batch} (Triton's preferred batch) is above --max-batch {max_batch}."
+        )
     written = export_run(
         run_dir,
         merge_name,
@@ -57,6 +75,15 @@ def export(
         trt=trt,
         trt_options=TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
         device=device,
+        triton_repo=triton_repo,
+        triton_options=TritonOptions(
+            max_batch=max_batch,
+            preferred_batches=(opt_batch,),
+            max_queue_delay_us=max_queue_delay_us,
+            instances=triton_instances,
+            kind=triton_kind,
+            accelerator_fp16=fp16,
+        ),
     )
     for kind, path in written.items():
         typer.echo(f"{kind}: {path}")

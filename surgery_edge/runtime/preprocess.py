@@ -154,7 +154,9 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Imag
             return im
     except Image.DecompressionBombError as e:  # PIL's own check, at twice its warning threshold
         raise ExportError(f"{name} is too large to decode ({e}); {limit}.") from None
-    except (UnidentifiedImageError, OSError, EOFError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise ExportError(f"{name} is not a readable image (no known image format).") from None
+    except (OSError, EOFError, ValueError, SyntaxError) as e:
         raise ExportError(f"{name} is not a readable image ({type(e).__name__}: {e}).") from None
 
 

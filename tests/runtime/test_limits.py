@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
-
 import pytest
 from cli_checks import user_error
-from PIL import Image
+from image_files import png_bytes, png_header
 
 from surgery_edge.errors import ExportError
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` RGB pixels and holds one empty row: a few
-    dozen bytes on disk, gigabytes if a decoder believed it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * (1 + 3 * min(width, 64))))
-        + chunk(b"IEND", b"")
-    )
-
-
-def png_bytes(width: int = 40, height: int = 30, colour=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
