@@ -16,11 +16,15 @@ driven over loopback gRPC by a closed-loop load generator (``tritonclient.grpc.a
     lower bound on what one shared backbone costs;
   - ``experts``: the expert model of the request's task.
 
-Per (workload, configuration, concurrency), after a warm-up: requests/s, latency p50/p99/mean,
-and, read from the server's Prometheus counters (``surgery_edge_engine_calls_total``), the
-histogram of rows per engine call (the batch sizes Triton's dynamic batcher formed) and of the
-distinct tasks per call; the server's resident memory (tritonserver and every model's stub
-process, peak during the window) and that of the models the configuration uses.
+Per (workload, configuration, concurrency), over ``--repeats`` windows that take turns with the
+configurations it is compared with (a shared machine's load drifts): requests/s (the median
+window), latency p50/p99/mean (every request), and, read from the server's Prometheus counters
+(``surgery_edge_engine_calls_total``), the histogram of rows per engine call (the batch sizes
+Triton's dynamic batcher formed) and of the distinct tasks per call; the server's resident
+memory (tritonserver and every model's stub process, peak during the windows) and that of the
+models the configuration uses. Batching:
+``--max-queue-delay-us`` 0 by default, Triton's own default (a batch holds what queued while
+the model was busy; nothing waits for more).
 
 The engines are built with random weights at the demo's architecture and class counts (timing
 only: the values do not change the work), into ``--engines DIR`` when given (reused by the next
@@ -77,10 +81,11 @@ class ServeBenchConfig:
     tasks: int = 8
     rank: int = 16
     concurrency: tuple[int, ...] = (1, 4, 16)
-    seconds: float = 5.0  # measured window per point
-    warmup_s: float = 1.5
+    seconds: float = 3.0  # one measured window
+    warmup_s: float = 1.0  # before each window
+    repeats: int = 5  # windows per point, taken in turns with the compared configurations
     max_batch: int = 32
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 0  # Triton's default: batch what is queued, wait for nothing
     threads: int = 1  # ONNX Runtime threads per model instance
     seed: int = 0
 
@@ -97,7 +102,8 @@ class ServeResult:
     requests: int  # completed in the window
     errors: int
     seconds: float
-    requests_per_s: float
+    requests_per_s: float  # the median over the repeated windows
+    rates: list[float]  # requests/s of each window
     p50_ms: float | None
     p99_ms: float | None
     mean_ms: float | None
@@ -241,57 +247,63 @@ def _label(labels: str, key: str) -> str:
 # --- memory --------------------------------------------------------------------------------
 
 
-def _processes() -> dict[int, tuple[int, int, list[str]]]:
-    """``{pid: (parent pid, RSS bytes, argv)}`` of every process we can read."""
-    out = {}
+def server_processes() -> dict[int, str | None]:
+    """This process's server: ``{pid: model}`` of its descendants (tritonserver and the
+    Python-backend stubs; ``None`` for processes that serve no one model)."""
+    parents, argv = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            status = Path(f"/proc/{entry}/status").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            argv[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-        out[int(entry)] = (ppid, int(rss[1]) * 1024 if rss else 0, [a.decode() for a in argv])
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    out, stack = {}, list(children.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        stack += children.get(pid, [])
+        args = [a.decode(errors="replace") for a in argv[pid]]
+        stub = args and args[0].endswith("triton_python_backend_stub") and len(args) > 1
+        out[pid] = Path(args[1]).parent.parent.name if stub else None  # <model>/1/model.py
     return out
 
 
-def server_memory() -> tuple[int, dict[str, int]]:
-    """RSS of this process's server (its descendants) in bytes, and of each model's stubs."""
-    procs, me = _processes(), os.getpid()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    total, per_model, stack = 0, {}, list(children.get(me, []))
-    while stack:
-        pid = stack.pop()
-        _, rss, argv = procs[pid]
-        total += rss
-        stack += children.get(pid, [])
-        if argv and argv[0].endswith("triton_python_backend_stub") and len(argv) > 1:
-            model = Path(argv[1]).parent.parent.name  # .../repository/<model>/1/model.py
-            per_model[model] = per_model.get(model, 0) + rss
-    return total, per_model
+def _rss(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    return int(found[1]) * 1024 if found else 0
 
 
 class _MemorySampler:
-    """Peak server RSS (total, and per model) while the window runs."""
+    """Peak RSS of the server (total, and per model) while a window runs; the process tree is
+    read once, then only the RSS of its processes, so sampling costs the load next to nothing."""
 
-    def __init__(self, period_s: float = 0.25):
+    def __init__(self, period_s: float = 0.5):
         self.period_s, self.total, self.models = period_s, 0, {}
+        self._processes = server_processes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            total, models = server_memory()
-            self.total = max(self.total, total)
-            for m, rss in models.items():
-                self.models[m] = max(self.models.get(m, 0), rss)
-            self._stop.wait(self.period_s)
+        while True:
+            rss = {pid: _rss(pid) for pid in self._processes}
+            self.total = max(self.total, sum(rss.values()))
+            per_model: dict[str, int] = {}
+            for pid, model in self._processes.items():
+                if model is not None:
+                    per_model[model] = per_model.get(model, 0) + rss[pid]
+            for m, value in per_model.items():
+                self.models[m] = max(self.models.get(m, 0), value)
+            if self._stop.wait(self.period_s):
+                return
 
     def __enter__(self) -> _MemorySampler:
         self._thread.start()
@@ -305,13 +317,27 @@ class _MemorySampler:
 # --- one measurement -----------------------------------------------------------------------
 
 
-def measure(
-    server, requests: _Requests, workload: str, config: str, concurrency: int, cfg: ServeBenchConfig
-) -> ServeResult:
-    """Load ``config`` at ``concurrency`` for ``warmup_s + seconds``; measure the window."""
-    tasks = list(server.metadata["v2" if "v2" in server.metadata else "v1"].tasks)
-    models, route = _plan(workload, config, tasks)
-    answers = len(tasks) if workload == "all-tasks" else 1
+@dataclass
+class Window:
+    """What one measured window saw."""
+
+    latencies_ms: list[float]  # of the requests answered in the window
+    errors: int
+    histogram: dict[int, int]  # rows per engine call -> calls
+    mix: dict[str, int]  # distinct tasks per engine call -> calls
+    server_rss: int  # bytes, peak
+    models_rss: int
+
+
+def measure_window(
+    server,
+    requests: _Requests,
+    models: list[str],
+    route: Callable,
+    concurrency: int,
+    cfg: ServeBenchConfig,
+) -> Window:
+    """Load ``models`` at ``concurrency`` for ``warmup_s + seconds``; measure the last part."""
     start = time.monotonic()
     window = (start + cfg.warmup_s, start + cfg.warmup_s + cfg.seconds)
     before: dict[str, float] = {}
@@ -332,21 +358,46 @@ def measure(
         done = asyncio.run(run())
     after = _counters(server.metrics_url, "surgery_edge_engine_calls_total")
     inside = [(s, e, ok) for s, e, ok in done if window[0] <= e <= window[1]]
-    latencies = sorted((e - s) * 1e3 for s, e, ok in inside if ok)
     histogram: dict[int, int] = {}
     mix: dict[str, int] = {}
     for labels, value in after.items():
-        if _label(labels, "model") not in models:
-            continue
         calls = int(round(value - before.get(labels, 0.0)))
-        if calls <= 0:
+        if _label(labels, "model") not in models or calls <= 0:
             continue
-        rows = int(_label(labels, "rows"))
+        rows, tasks_in_call = int(_label(labels, "rows")), _label(labels, "tasks")
         histogram[rows] = histogram.get(rows, 0) + calls
-        tasks_in_call = _label(labels, "tasks")
         mix[tasks_in_call] = mix.get(tasks_in_call, 0) + calls
-    engine_calls = sum(histogram.values())
-    total_rows = sum(r * c for r, c in histogram.items())
+    return Window(
+        latencies_ms=[(e - s) * 1e3 for s, e, ok in inside if ok],
+        errors=sum(1 for _, _, ok in inside if not ok),
+        histogram=histogram,
+        mix=mix,
+        server_rss=memory.total,
+        models_rss=sum(memory.models.get(m, 0) for m in models),
+    )
+
+
+def summarise(
+    workload: str,
+    config: str,
+    concurrency: int,
+    models: list[str],
+    answers: int,
+    windows: list[Window],
+    seconds: float,
+) -> ServeResult:
+    """One result from the repeated windows of a point: the median request rate, latency
+    percentiles over every request, the summed histograms, the peak memory."""
+    latencies = sorted(x for w in windows for x in w.latencies_ms)
+    histogram: dict[int, int] = {}
+    mix: dict[str, int] = {}
+    for w in windows:
+        for k, v in w.histogram.items():
+            histogram[k] = histogram.get(k, 0) + v
+        for k, v in w.mix.items():
+            mix[k] = mix.get(k, 0) + v
+    calls, rows = sum(histogram.values()), sum(r * c for r, c in histogram.items())
+    rates = [len(w.latencies_ms) / seconds for w in windows]
     return ServeResult(
         workload=workload,
         config=config,
@@ -354,18 +405,19 @@ def measure(
         models=models,
         answers_per_request=answers,
         requests=len(latencies),
-        errors=sum(1 for _, _, ok in inside if not ok),
-        seconds=cfg.seconds,
-        requests_per_s=len(latencies) / cfg.seconds,
+        errors=sum(w.errors for w in windows),
+        seconds=seconds * len(windows),
+        requests_per_s=statistics.median(rates),
+        rates=[round(r, 1) for r in rates],
         p50_ms=_percentile(latencies, 50),
         p99_ms=_percentile(latencies, 99),
         mean_ms=statistics.fmean(latencies) if latencies else None,
-        engine_calls=engine_calls,
-        mean_rows_per_call=total_rows / engine_calls if engine_calls else None,
+        engine_calls=calls,
+        mean_rows_per_call=rows / calls if calls else None,
         batch_histogram=dict(sorted(histogram.items())),
         task_mix=dict(sorted(mix.items())),
-        server_rss_mb=memory.total / 2**20,
-        models_rss_mb=sum(memory.models.get(m, 0) for m in models) / 2**20,
+        server_rss_mb=max(w.server_rss for w in windows) / 2**20,
+        models_rss_mb=max(w.models_rss for w in windows) / 2**20,
     )
 
 
@@ -404,15 +456,27 @@ def run_serve_bench(
         size = next(iter(server.metadata.values())).preprocessing.image_size
         image = np.random.default_rng(cfg.seed).normal(size=(1, 3, size, size))
         requests = _Requests(grpc, server.metadata, image.astype(np.float32))
-        # the configurations compared at one concurrency are measured one after another, so
-        # that a shared machine's drifting load touches them alike
+        tasks = list(server.metadata["v2" if "v2" in server.metadata else "v1"].tasks)
+        # The configurations compared at one concurrency take turns, window by window, so
+        # that a shared machine's drifting load touches them alike; each point reports the
+        # median of its windows.
         for workload, configs in WORKLOADS.items():
+            answers = len(tasks) if workload == "all-tasks" else 1
             for concurrency in cfg.concurrency:
-                for config in configs:
-                    r = measure(server, requests, workload, config, concurrency, cfg)
+                plans = {c: _plan(workload, c, tasks) for c in configs}
+                windows: dict[str, list[Window]] = {c: [] for c in configs}
+                for _ in range(cfg.repeats):
+                    for config, (models, route) in plans.items():
+                        windows[config].append(
+                            measure_window(server, requests, models, route, concurrency, cfg)
+                        )
+                for config, (models, _) in plans.items():
+                    r = summarise(
+                        workload, config, concurrency, models, answers, windows[config], cfg.seconds
+                    )
                     log(
                         f"  {workload:9s} {config:8s} c={concurrency:<3d} "
-                        f"{r.requests_per_s:8.1f} req/s  p50 {fmt(r.p50_ms, '.2f')} ms  "
+                        f"{r.requests_per_s:8.1f} req/s {r.rates}  p50 {fmt(r.p50_ms, '.2f')} ms  "
                         f"p99 {fmt(r.p99_ms, '.2f')} ms  rows/call "
                         f"{fmt(r.mean_rows_per_call, '.2f')}  errors {r.errors}"
                     )
@@ -477,8 +541,10 @@ def markdown(record: dict[str, Any]) -> str:
         f"- one tritonserver (PyTriton {record['pytriton']}), Python-backend models over ONNX "
         f"Runtime {env['onnxruntime']}, {cfg['threads']} thread(s) per model; dynamic batching: "
         f"max batch {cfg['max_batch']}, queue delay {cfg['max_queue_delay_us']} us",
-        f"- closed-loop gRPC clients on the same machine; {cfg['warmup_s']} s warm-up, "
-        f"{cfg['seconds']} s measured per point; engines with random weights (timing only)",
+        f"- closed-loop gRPC clients on the same machine; per point {cfg['repeats']} windows of "
+        f"{cfg['seconds']} s (each after {cfg['warmup_s']} s of warm-up), taken in turns with the "
+        "configurations it is compared with; req/s is their median, the latencies pool them",
+        "- engines with random weights at the demo's architecture (timing only)",
         "",
     ]
     header = [
@@ -541,6 +607,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=list(d.concurrency))
     p.add_argument("--seconds", type=float, default=d.seconds, help="measured window per point")
     p.add_argument("--warmup-s", type=float, default=d.warmup_s)
+    p.add_argument("--repeats", type=int, default=d.repeats, help="windows per point")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us)
     p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime threads/model")
@@ -556,8 +623,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     import tempfile  # deferred: only the command line needs a scratch folder
 
     args = build_parser(prog).parse_args(argv)
-    if args.tasks < 1 or min(args.concurrency) < 1 or args.seconds <= 0:
-        raise ConfigError("--tasks, --concurrency and --seconds must be positive.")
+    if min(args.tasks, args.repeats, *args.concurrency) < 1 or args.seconds <= 0:
+        raise ConfigError("--tasks, --repeats, --concurrency and --seconds must be positive.")
     cfg = ServeBenchConfig(
         arch=args.arch,
         tasks=args.tasks,

@@ -30,7 +30,16 @@ def test_a_short_serving_benchmark(bench_engines, tmp_path):
     from surgery_edge.bench.serve import main
 
     out = tmp_path / "out"
-    args = ["--engines", str(bench_engines), "--concurrency", "2", "--seconds", "0.5"]
+    args = [
+        "--engines",
+        str(bench_engines),
+        "--concurrency",
+        "2",
+        "--seconds",
+        "0.5",
+        "--repeats",
+        "1",
+    ]
     record = main([*args, "--warmup-s", "0.2", "--arch", "micro-vit-16", "--out", str(out)])
     results = record["results"]
     points = {(r["workload"], r["config"], r["concurrency"]) for r in results}

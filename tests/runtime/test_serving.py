@@ -309,3 +309,23 @@ def test_the_stub_gets_this_interpreters_libpython():
     check_interpreter({"python_version": __import__("platform").python_version()})
     with pytest.raises(ExportError, match="another libpython"):
         check_interpreter({"python_version": "3.11.2-other"})
+
+
+def test_serving_and_the_repository_writer_need_no_torch():
+    """The stub processes import the runtime's Triton models; the repository writer runs where
+    only the engine file is: neither may pull in torch (or the ONNX exporter)."""
+    import subprocess
+    import sys
+
+    script = (
+        'import sys; sys.modules["torch"] = None\n'
+        "import surgery_edge.runtime.serving, surgery_edge.runtime.triton_models\n"
+        "import surgery_edge.export.triton\n"
+        "print(sorted(m for m, v in sys.modules.items()\n"
+        '             if v and m.split(".")[0] in ("torch", "triton")))'
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
