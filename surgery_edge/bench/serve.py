@@ -632,6 +632,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         concurrency=tuple(args.concurrency),
         seconds=args.seconds,
         warmup_s=args.warmup_s,
+        repeats=args.repeats,
         max_batch=args.max_batch,
         max_queue_delay_us=args.max_queue_delay_us,
         threads=args.threads,
