@@ -54,7 +54,7 @@ def export(
     triton_instances: Annotated[int, typer.Option(help="Triton instances per device.")] = 1,
     max_queue_delay_us: Annotated[
         int, typer.Option(help="Triton's dynamic batching delay (microseconds).")
-    ] = 1000,
+    ] = 0,
 ):
     """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run."""
     from surgery_edge.export.triton import TritonOptions  # deferred: with the exporters

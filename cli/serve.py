@@ -29,8 +29,13 @@ def serve(
     name: Annotated[str, typer.Option(help="The engine model's name.")] = "engine",
     max_batch: MaxBatch = 32,
     max_queue_delay_us: Annotated[
-        int, typer.Option(min=0, help="How long a request waits for others to join its batch.")
-    ] = 2000,
+        int,
+        typer.Option(
+            min=0,
+            help="How long a request may wait for others to join its batch (0, Triton's "
+            "default: a batch holds what queued while the engine was busy).",
+        ),
+    ] = 0,
     preferred_batch: Preferred = None,
     instances: Annotated[int, typer.Option(min=1, help="Engine instances, side by side.")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
@@ -94,7 +99,7 @@ def triton_repo(
     preferred_batch: Preferred = None,
     max_queue_delay_us: Annotated[
         int, typer.Option(min=0, help="Dynamic batching delay (microseconds).")
-    ] = 1000,
+    ] = 0,
     instances: Annotated[int, typer.Option(min=1, help="Instances per device.")] = 1,
     kind: Annotated[str, typer.Option(help="gpu | cpu: where the instances run.")] = "gpu",
     accelerator: Annotated[

@@ -78,7 +78,8 @@ class TritonOptions:
             TensorRT plan, at most its profile's largest batch).
         preferred_batches: batch sizes the dynamic batcher aims for (default: none, i.e. as
             large as the queue allows).
-        max_queue_delay_us: how long a request may wait for others to join its batch.
+        max_queue_delay_us: how long a request may wait for others to join its batch (0:
+            Triton's default).
         instances: engine instances per device (``instance_group.count``).
         kind: ``gpu`` (KIND_GPU: ``instances`` on every GPU) or ``cpu``.
         accelerator: ONNX on a GPU: let ONNX Runtime run the graph through TensorRT.
@@ -89,7 +90,7 @@ class TritonOptions:
     name: str | None = None
     max_batch: int = 32
     preferred_batches: tuple[int, ...] = ()
-    max_queue_delay_us: int = 1000
+    max_queue_delay_us: int = 0
     instances: int = 1
     kind: str = "gpu"
     accelerator: bool = True

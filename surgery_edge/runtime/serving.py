@@ -83,7 +83,8 @@ class ServeOptions:
         http_port, grpc_port, metrics_port: KServe v2 over HTTP and gRPC; Prometheus metrics.
         name: the engine model's name.
         max_batch: the most rows of one engine call (Triton's ``max_batch_size``).
-        max_queue_delay_us: how long a request waits for others to join its batch.
+        max_queue_delay_us: how long a request may wait for others to join its batch (0,
+            Triton's default: a batch holds what queued while the engine was busy).
         preferred_batches: batch sizes the dynamic batcher aims for (default: none).
         instances: engine instances (each loads the engine; run side by side).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, for the engine's backend.
@@ -103,7 +104,7 @@ class ServeOptions:
     metrics_port: int = 8002
     name: str = "engine"
     max_batch: int = 32
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 0
     preferred_batches: tuple[int, ...] = ()
     instances: int = 1
     device: str = "auto"
@@ -174,18 +175,17 @@ def serving_repository(
         backend = open_backend(path, device=options.device)  # fails here, not in the server
         metas[name] = backend.meta
         del backend
-        _write_model(
-            repo / name,
-            "EngineModel",
-            _engine_config(name, path, backend_meta=metas[name], options=options),
-        )
+        _write_model(repo / name, "EngineModel", _engine_config(name, path, metas[name], options))
     primary = task_models_for or next(iter(engines))
     if options.task_models:
         meta = metas[primary]
         for task in meta.tasks:
-            check_model_name(
-                task, f"Task {task!r} of {engines[primary]} (serve with --no-task-models)"
-            )
+            try:
+                check_model_name(task, "Task")
+            except ExportError as e:
+                raise ExportError(
+                    f"{e} (of {engines[primary]}; serve with --no-task-models)"
+                ) from None
             if task in metas:
                 raise ExportError(
                     f"Task {task!r} has the name of an engine model; rename that with --name, or "
@@ -218,9 +218,9 @@ def _common_parameters() -> dict[str, str]:
 
 
 def _engine_config(
-    name: str, path: Path, backend_meta: EngineMetadata, options: ServeOptions
+    name: str, path: Path, meta: EngineMetadata, options: ServeOptions
 ) -> dict[str, Any]:
-    meta, s = backend_meta, backend_meta.preprocessing.image_size
+    s = meta.preprocessing.image_size
     inputs: list[dict[str, Any]] = [
         {"name": "images", "data_type": Enum("TYPE_FP32"), "dims": [3, s, s]}
     ]
