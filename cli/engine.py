@@ -9,15 +9,17 @@ from typing import Annotated
 import typer
 from surgery_edge.cli.common import (
     Device,
+    Json,
     ModeName,
     Overwrite,
     RunDir,
     SurgeryOrNone,
+    err,
     say,
     user_errors,
 )
 
-from surgery_edge.errors import ExportError
+from surgery_edge.errors import ConfigError
 from surgery_edge.io import printable
 
 
@@ -51,6 +53,19 @@ def export(
         Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
     ] = None,
     device: Device = None,
+    triton_repo: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a Triton Inference Server model repository holding the engine "
+            "(the TensorRT plan if built, else the ONNX); its max_batch_size is --max-batch, "
+            "its preferred batch --opt-batch."
+        ),
+    ] = None,
+    triton_kind: Annotated[str, typer.Option(help="Triton instances: gpu | cpu.")] = "gpu",
+    triton_instances: Annotated[int, typer.Option(help="Triton instances per device.")] = 1,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(help="Triton's dynamic batching delay (microseconds).")
+    ] = 0,
     overwrite: Overwrite = False,
 ):
     """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run.
@@ -58,8 +73,13 @@ def export(
     An existing engine made from other checkpoints or settings is replaced only with
     --overwrite; a file that is not an engine is never replaced.
     """
+    from surgery_edge.export.triton import TritonOptions  # deferred: with the exporters
     from surgery_edge.run.export import TrtOptions, export_run  # deferred: imports torch
 
+    if triton_repo is not None and opt_batch > max_batch:
+        raise ConfigError(
+            f"--opt-batch {opt_batch} (Triton's preferred batch) is above --max-batch {max_batch}."
+        )
     written = export_run(
         run_dir,
         merge_name,
@@ -72,6 +92,15 @@ def export(
         trt_options=TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
         device=device,
         overwrite=overwrite,
+        triton_repo=triton_repo,
+        triton_options=TritonOptions(
+            max_batch=max_batch,
+            preferred_batches=(opt_batch,),
+            max_queue_delay_us=max_queue_delay_us,
+            instances=triton_instances,
+            kind=triton_kind,
+            accelerator_fp16=fp16,
+        ),
     )
     for kind, path in written.items():
         say(f"{kind}: {path}")
@@ -80,29 +109,55 @@ def export(
 @user_errors
 def predict(
     engine: Annotated[Path, typer.Argument(help="Engine: .onnx, .pt2 or TensorRT .engine.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders (searched recursively for images) or quoted globs "
+            "('photos/**/*.jpg')."
+        ),
+    ],
     task: Annotated[str | None, typer.Option(help="Task name or id to answer.")] = None,
     all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Answer every task.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_out: Json = False,
     device: Device = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Most pixels an image may declare; larger ones are refused unread "
+            "(default: PIL's decompression-bomb threshold, 89,478,485).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images decoded and answered at a time (default: 64)."),
+    ] = None,
 ):
-    """Classify images with an exported engine; unreadable images are reported (exit code 2).
+    """Classify images with an exported engine, a batch at a time, printing as it goes.
 
-    Names from the engine (tasks, classes) are printed with control characters escaped.
+    One line per image and task: file, task, class name, (class index, probability). An
+    unreadable image is reported and the others are still answered; the exit code is then 1.
+    Any number of files fits in memory. Names from the engine are printed with control
+    characters escaped.
     """
     from surgery_edge.runtime import load  # deferred: onnxruntime loads on use
+    from surgery_edge.runtime.inputs import expand_images  # deferred with the runtime
 
-    predictor = load(engine, device=device or "auto")
-    results = predictor.predict(images, task=task, all_tasks=all_tasks)
-    if json_out:  # JSON escapes control characters itself
-        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
-    else:
-        for r in results:
-            for p in r.predictions:
-                fields = [r.source, p.task, p.label, f"(class {p.index}, p={p.score:.3f})"]
-                typer.echo("\t".join(printable(f, keep_newlines=False) for f in fields))
-    failed = [r.error for r in results if not r.ok]
+    files = list(expand_images(images))  # every argument checked before any work
+    limits = {"max_pixels": max_pixels} if max_pixels is not None else {}
+    predictor = load(engine, device=device or "auto", batch_size=batch_size, **limits)
+    answered, failed = [], []
+    for r in predictor.iter_predict(files, task=task, all_tasks=all_tasks):
+        if not r.ok:
+            failed.append(r.error)
+        if json_out:  # JSON escapes control characters itself
+            answered.append(r.to_dict())
+            continue
+        for p in r.predictions:
+            fields = [r.source, p.task, p.label, f"(class {p.index}, p={p.score:.3f})"]
+            typer.echo("\t".join(printable(f, keep_newlines=False) for f in fields))
+    if json_out:
+        typer.echo(json.dumps(answered, indent=2))
     if failed:
-        raise ExportError(
-            f"Could not answer {len(failed)} of {len(results)} images: {' '.join(failed)}"
-        )
+        err(f"Could not answer {len(failed)} of {len(files)} images: {' '.join(failed)}")
+        raise typer.Exit(1)

@@ -1,4 +1,5 @@
-"""The check every bad-input CLI test makes: exit code 2, one message, no traceback."""
+"""The checks CLI tests make: exit code 2 for bad input, 1 for a partial result; one message,
+no traceback."""
 
 from __future__ import annotations
 
@@ -14,4 +15,13 @@ def user_error(args: list[str]) -> str:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+    return result.output
+
+
+def partial_result(args: list[str]) -> str:
+    """Run ``surgery-edge ARGS``; assert it answered part of the input (exit code 1, the
+    failures named, no traceback); return its output."""
+    result = _runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
     return result.output

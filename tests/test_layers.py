@@ -40,7 +40,9 @@ ALLOWED = {
     "bench": BASE | {"runtime", "models", "data", "surgery", "kernels", "export", "evaluation"},
     "run": BASE
     | {"device", "runtime", "models", "data", "merging", "surgery", "evaluation", "export"},
-    "cli": BASE | {"run", "runtime", "models", "data", "surgery", "merging", "evaluation", "bench"},
+    # cli -> export: `triton-repo` turns an existing engine file into a Triton repository
+    "cli": BASE
+    | {"run", "runtime", "models", "data", "surgery", "merging", "evaluation", "bench", "export"},
 }
 
 

@@ -41,11 +41,9 @@ from PIL import Image
 from surgery_edge.data.suite import TaskData
 from surgery_edge.errors import ConfigError, DataError
 from surgery_edge.io import atomic_path
+from surgery_edge.runtime.inputs import IMAGE_EXTENSIONS
 from surgery_edge.runtime.preprocess import resize_crop
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
-)
 SOURCES = ("folder", "torchvision")
 TORCHVISION_DATASETS = ("SUN397", "StanfordCars", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
 _NUM_CLASSES = {

@@ -5,6 +5,8 @@
 - :func:`build_engine`: a TensorRT engine from that ONNX (needs ``surgery-edge[trt]`` and a GPU).
 - :func:`export_aoti`: an AOTInductor ``.pt2`` package.
 - :func:`check_forward`: an engine's logits against PyTorch's.
+- :func:`write_repository`: a Triton Inference Server model repository holding an engine (no
+  torch needed); :func:`validate_repository` checks one against Triton's schema and the graph.
 
 Exporting a run directory (picking its merge and adapters) is :mod:`surgery_edge.run.export`;
 serve the results with :func:`surgery_edge.runtime.load`. Export depends on the runtime (every
@@ -28,6 +30,9 @@ _LAZY = {
     "build_engine": "tensorrt",
     "builder_input": "tensorrt",
     "profile_shapes": "tensorrt",
+    "TritonOptions": "triton",
+    "validate_repository": "triton",
+    "write_repository": "triton",
 }
 
 __all__ = sorted(_LAZY)

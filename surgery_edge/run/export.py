@@ -18,9 +18,11 @@ from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.tensorrt import build_engine, check_workspace, profile_shapes
+from surgery_edge.export.triton import TritonOptions, write_repository
 from surgery_edge.io import check_output
 from surgery_edge.run.layout import RunLayout
 from surgery_edge.runtime.backends import import_tensorrt
+from surgery_edge.runtime.describe import read_pt2_metadata
 
 
 @dataclass(frozen=True)
@@ -50,20 +52,25 @@ def export_run(
     trt_options: TrtOptions | None = None,
     device: str | None = None,
     overwrite: bool = False,
+    triton_repo: str | os.PathLike | None = None,
+    triton_options: TritonOptions | None = None,
 ) -> dict[str, Path]:
-    """Export one multi-task engine of a run to ONNX, AOTInductor and/or TensorRT.
+    """Export one multi-task engine of a run to ONNX, AOTInductor and/or TensorRT, and
+    optionally a Triton Inference Server model repository holding it.
 
     TensorRT builds from the ONNX this call exports (``onnx``, or ``<trt>.onnx`` beside the
-    engine). TensorRT settings and its availability, and every output path, are checked before
-    any export work. With no target given, writes
-    ``RUN/engines/<merge>-<surgery>-<mode>[-fp16].onnx``.
+    engine). TensorRT and Triton settings, TensorRT's availability and every output path are
+    checked before any export work. With no ONNX or TensorRT target given, writes
+    ``RUN/engines/<merge>-<surgery>-<mode>[-fp16].onnx`` (a Triton repository needs one). The
+    repository holds the TensorRT plan when one is built, else the ONNX engine.
 
     Args:
         overwrite: replace an existing engine made from other checkpoints or settings (a file
             that is not an engine is never replaced).
 
     Returns:
-        ``{"onnx" | "pt2" | "tensorrt": path}`` of what was written.
+        ``{"onnx" | "pt2" | "tensorrt" | "triton": path}`` of what was written (``triton``:
+        the model's folder in the repository).
     """
     mode = EngineMode.parse(mode)
     layout = RunLayout.open(run_dir)
@@ -74,7 +81,8 @@ def export_run(
         profile_shapes(arch.image_size, mode, opts.min_batch, opts.opt_batch, opts.max_batch)
         check_workspace(opts.workspace_gb)
         import_tensorrt()
-    if onnx is None and aoti is None and trt is None:
+    triton = (triton_options or TritonOptions()).check() if triton_repo is not None else None
+    if onnx is None and trt is None and (aoti is None or triton is not None):
         onnx = default_onnx_path(layout.root, merge, surgery, mode.value, fp16)
     onnx_path = None
     if onnx is not None or trt is not None:
@@ -123,6 +131,9 @@ def export_run(
         )
     if aoti is not None:
         written["pt2"] = export_aoti(model, aoti, mode, fp16, metadata=extra, device=run_device)
+    if triton is not None:
+        engine = written.get("tensorrt", written.get("onnx"))
+        written["triton"] = write_repository(engine, triton_repo, triton)
     return written
 
 
@@ -149,7 +160,7 @@ def _made_from(path: str | os.PathLike) -> dict | None:
         if path.suffix.lower() == ".onnx":
             meta = read_onnx_metadata(path)
         elif zipfile.is_zipfile(path):
-            return None  # reading a .pt2's metadata needs torch to load it: treat as other
+            meta = read_pt2_metadata(path)
         else:
             meta = read_sidecar(path)
     except ExportError:

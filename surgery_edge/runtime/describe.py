@@ -106,7 +106,7 @@ def _declared_specs(meta: EngineMetadata) -> list[list[TensorSpec]]:
     ]
 
 
-def _pt2_metadata(path: Path) -> EngineMetadata:
+def read_pt2_metadata(path: str | os.PathLike) -> EngineMetadata:
     """The metadata compiled into a ``.pt2`` package (AOTInductor's ``*_metadata.json``)."""
     try:
         with zipfile.ZipFile(path) as z:
@@ -145,7 +145,7 @@ def describe_engine(path: str | os.PathLike) -> EngineInfo:
         inputs, outputs = _onnx_specs(proto.graph.input), _onnx_specs(proto.graph.output)
         io_source = "graph"
     elif kind == "pt2":
-        meta = _pt2_metadata(p)
+        meta = read_pt2_metadata(p)
         inputs, outputs = _declared_specs(meta)
     else:
         meta = read_sidecar(p)

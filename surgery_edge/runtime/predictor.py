@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ from surgery_edge.engine_format import EngineMode
 from surgery_edge.errors import ExportError
 from surgery_edge.runtime.backends import Backend, open_backend
 from surgery_edge.runtime.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ENCODED,
     ImageLike,
+    check_max_pixels,
     describe,
     normalise,
     open_image,
@@ -86,12 +90,28 @@ class Predictor:
     Any engine answers any request: a routed engine answers "every task" by routing each image
     once per task; an all-tasks engine answers one task by running all and keeping that one.
 
+    Images are decoded and answered ``batch_size`` at a time, so memory stays bounded however
+    many are asked about; :meth:`iter_predict` yields the answers as each batch finishes.
+
     Args:
         backend: a loaded engine (see :func:`load`).
+        max_pixels: the most pixels a file or encoded image may declare; a larger one gets an
+            error result (decompression bombs are refused from their header).
+        batch_size: images decoded and answered at a time (default: the backend's largest
+            batch, 64 for ONNX Runtime).
     """
 
-    def __init__(self, backend: Backend):
+    def __init__(
+        self,
+        backend: Backend,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        batch_size: int | None = None,
+    ):
         self.backend = backend
+        self.max_pixels = check_max_pixels(max_pixels)
+        self.batch_size = int(backend.max_batch if batch_size is None else batch_size)
+        if self.batch_size < 1:
+            raise ExportError(f"batch_size must be at least 1, not {batch_size}.")
         self.meta = backend.meta
         self.tasks: list[str] = list(self.meta.tasks)
         self.class_names: list[list[str]] = [list(c) for c in self.meta.class_names]
@@ -203,26 +223,59 @@ class Predictor:
         """Classify images.
 
         Args:
-            images: one image or a sequence: file paths, PIL images, or (H, W, 3) uint8 arrays
-                (any size; grey or RGBA is converted to RGB). An (N, H, W, 3) array is N images.
+            images: one image or a sequence: file paths, encoded image bytes (PNG, JPEG, ...),
+                PIL images, or (H, W, 3) uint8 arrays (any size; grey or RGBA is converted to
+                RGB). An (N, H, W, 3) array is N images.
             task: the task (name or id) to answer, or one task per image. ``None`` with a
                 single-task engine means that task.
             all_tasks: answer every task for every image.
 
         Returns:
-            One :class:`ImageResult` per image, in order. An image that cannot be read gets
-            a result with ``error`` set; the others are still answered.
+            One :class:`ImageResult` per image, in order. An image that cannot be read (or
+            declares more than ``max_pixels`` pixels) gets a result with ``error`` set; the
+            others are still answered.
         """
         items = _as_list(images)
         if not items:
             raise ExportError("No images to predict.")
-        task_ids = self._resolve_tasks(task, all_tasks, len(items))
+        ids = self._resolve_tasks(task, all_tasks, len(items))  # checks every task up front
+        return list(self.iter_predict(items, None if ids is None else ids.tolist(), all_tasks))
+
+    def iter_predict(
+        self,
+        images: Iterable[ImageLike],
+        task: TaskRef | Iterable[TaskRef] | None = None,
+        all_tasks: bool = False,
+    ) -> Iterator[ImageResult]:
+        """Like :meth:`predict`, but lazily: images are read ``batch_size`` at a time from any
+        iterable (a generator of paths, say) and each batch's results are yielded before the
+        next batch is read, so memory does not grow with the number of images."""
+        per_image = task is not None and not isinstance(task, (str, int, np.integer))
+        if per_image:
+            if all_tasks:
+                raise ExportError("Ask for one task or for all tasks, not both.")
+            pairs, every = _strict_pairs(_as_iter(images), iter(task)), False
+        else:
+            fixed = self._resolve_tasks(task, all_tasks, 1)  # None: every task
+            first = None if fixed is None else int(fixed[0])
+            pairs, every = ((image, first) for image in _as_iter(images)), fixed is None
+        offset = 0
+        while chunk := list(itertools.islice(pairs, self.batch_size)):
+            ids = None if every else [self.task_index(t) for _, t in chunk]
+            yield from self._predict_chunk([image for image, _ in chunk], ids, offset)
+            offset += len(chunk)
+
+    def _predict_chunk(
+        self, items: list[ImageLike], task_ids: list[int] | None, offset: int
+    ) -> list[ImageResult]:
+        """Decode, run and answer one batch; ``task_ids`` None means every task."""
         pre, s = self.preprocessing, self.image_size
         names, arrays, errors = [], [], {}
         for i, image in enumerate(items):
-            names.append(describe(image, i))
+            names.append(describe(image, offset + i))
             try:
-                arrays.append(resize_crop(open_image(image), s, pre.resize, pre.interpolation))
+                decoded = open_image(image, self.max_pixels)
+                arrays.append(resize_crop(decoded, s, pre.resize, pre.interpolation))
             except ExportError as e:
                 errors[i] = str(e)
         good = [i for i in range(len(items)) if i not in errors]
@@ -234,7 +287,7 @@ class Predictor:
             for k, i in enumerate(good):
                 answers[i] = [self._answer(t, per_task[t][k]) for t in range(len(self.tasks))]
         elif good:
-            ids = task_ids[good]
+            ids = np.asarray(task_ids, np.int64)[good]
             logits = self.routed_logits(x, ids)
             for k, i in enumerate(good):
                 t = int(ids[k])
@@ -291,21 +344,46 @@ class Predictor:
 def _as_list(images) -> list:
     if isinstance(images, np.ndarray):
         return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+    if isinstance(images, (str, os.PathLike, *ENCODED)) or not isinstance(images, Sequence):
         return [images]
     return list(images)
 
 
-def load(path: str | os.PathLike, device: str = "auto") -> Predictor:
+def _as_iter(images) -> Iterator:
+    if isinstance(images, (np.ndarray, str, os.PathLike, *ENCODED)):
+        return iter(_as_list(images))
+    return iter(images)
+
+
+_END = object()
+
+
+def _strict_pairs(images: Iterator, tasks: Iterator) -> Iterator[tuple[Any, TaskRef]]:
+    """``zip(images, tasks)`` that fails when one runs out before the other."""
+    for image, task in itertools.zip_longest(images, tasks, fillvalue=_END):
+        if image is _END or task is _END:
+            raise ExportError("The images and the tasks differ in number; give one task per image.")
+        yield image, task
+
+
+def load(
+    path: str | os.PathLike,
+    device: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    batch_size: int | None = None,
+) -> Predictor:
     """Open an engine made by ``surgery-edge export``: ``.onnx`` (ONNX Runtime), ``.pt2``
     (AOTInductor) or ``.engine`` / ``.plan`` / ``.trt`` (TensorRT, with its ``.json`` sidecar).
 
     Args:
         path: the engine file.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (anything else is an error).
+        max_pixels: the most pixels an image file may declare (see :class:`Predictor`).
+        batch_size: images decoded and answered at a time (default: the backend's largest).
 
     The engine is checked to answer every task with finite logits before it is returned.
     """
-    predictor = Predictor(open_backend(path, device=device))
+    backend = open_backend(path, device=device)
+    predictor = Predictor(backend, max_pixels=max_pixels, batch_size=batch_size)
     predictor.check_finite()
     return predictor

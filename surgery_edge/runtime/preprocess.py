@@ -11,11 +11,18 @@ centre crop; or ``squash`` to the square) with the recorded interpolation, *in t
 mode*; convert to RGB; scale to [0, 1]; normalise with mean and std; channels first. The order
 matters for palette and RGBA images, as it does in open_clip: a palette image is resized with
 nearest-neighbour (PIL's rule), an RGBA one with premultiplied alpha, and only then converted.
+
+Decoding is bounded: a file or encoded bytes whose header declares more than ``max_pixels``
+pixels is refused before any pixel is decoded (PIL's own decompression-bomb error becomes the
+same per-image :class:`~surgery_edge.errors.ExportError`), so one hostile image costs a header
+read, not gigabytes.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,11 @@ from PIL import Image, UnidentifiedImageError
 from surgery_edge.engine_format import Preprocessing
 from surgery_edge.errors import ExportError
 
-ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
+ImageLike = Any  # str | os.PathLike | bytes (encoded) | PIL.Image.Image | np.ndarray
+ENCODED = (bytes, bytearray, memoryview)  # an encoded image file held in memory (PNG, JPEG, ...)
+# The most pixels a file or encoded image may declare: PIL's own warning threshold
+# (``Image.MAX_IMAGE_PIXELS``, ~89.5 megapixels, ~256 MiB as RGB); it errors at twice that.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -40,6 +51,15 @@ def describe(image: ImageLike, index: int) -> str:
     if isinstance(image, (str, os.PathLike)):
         return str(image)
     return f"image[{index}]"
+
+
+def check_max_pixels(max_pixels: int) -> int:
+    """``max_pixels`` if it is a positive integer; ExportError otherwise."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)):
+        raise ExportError(f"max_pixels must be a positive integer, not {max_pixels!r}.")
+    if max_pixels < 1:
+        raise ExportError(f"max_pixels must be at least 1, not {max_pixels}.")
+    return int(max_pixels)
 
 
 def _uint8_image(array: np.ndarray) -> np.ndarray:
@@ -87,31 +107,57 @@ def array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[-1] == 1 else a))
 
 
-def open_image(image: ImageLike) -> Image.Image:
-    """A file path, PIL image or array -> a PIL image (any mode); ExportError if it is not one.
+def open_image(image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A file path, encoded bytes, PIL image or array -> a PIL image (any mode).
 
-    A file is decoded fully here, so a truncated file fails now, naming it.
+    A file or encoded image is decoded fully here, so a truncated one fails now; one that
+    declares more than ``max_pixels`` pixels is refused from its header, before decoding. PIL
+    images and arrays are already decoded and are taken as they are.
+
+    Raises:
+        ExportError: naming the file (or ``encoded image``) and what is wrong with it.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ExportError(f"image file {path} does not exist.")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ExportError(
-                f"{path} is not a readable image ({type(e).__name__}: {e})."
-            ) from None
+        return _decode(path, str(path), max_pixels)
+    if isinstance(image, ENCODED):
+        return _decode(io.BytesIO(image), f"an encoded image of {len(image)} bytes", max_pixels)
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, np.ndarray):
         return array_to_pil(image)
     raise ExportError(
-        f"cannot read an image from a {type(image).__name__}; pass a file path, a PIL image or "
-        "an (H, W, 3) uint8 array."
+        f"cannot read an image from a {type(image).__name__}; pass a file path, encoded bytes, "
+        "a PIL image or an (H, W, 3) uint8 array."
     )
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    """Open ``source``, check its declared size against ``max_pixels``, then decode it."""
+    max_pixels = check_max_pixels(max_pixels)
+    limit = f"the limit is max_pixels={max_pixels:,}"
+    try:
+        with warnings.catch_warnings():  # PIL warns above its threshold; max_pixels decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+        with im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ExportError(
+                    f"{name} declares {width}x{height} = {width * height:,} pixels; {limit} "
+                    "(a decompression bomb, or a larger image than allowed: raise max_pixels "
+                    "to accept it)."
+                )
+            im.load()
+            return im
+    except Image.DecompressionBombError as e:  # PIL's own check, at twice its warning threshold
+        raise ExportError(f"{name} is too large to decode ({e}); {limit}.") from None
+    except UnidentifiedImageError:
+        raise ExportError(f"{name} is not a readable image (no known image format).") from None
+    except (OSError, EOFError, ValueError, SyntaxError) as e:
+        raise ExportError(f"{name} is not a readable image ({type(e).__name__}: {e}).") from None
 
 
 def resize_crop(
@@ -152,10 +198,12 @@ def normalise(
     return np.ascontiguousarray(((x - m) / s).transpose(0, 3, 1, 2))
 
 
-def preprocess(images: Sequence[ImageLike], pre: Preprocessing) -> np.ndarray:
+def preprocess(
+    images: Sequence[ImageLike], pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Images of any kind and size -> (N, 3, S, S) float32 engine input."""
     size = pre.image_size
     batch = np.empty((len(images), size, size, 3), np.uint8)
     for i, image in enumerate(images):
-        batch[i] = resize_crop(open_image(image), size, pre.resize, pre.interpolation)
+        batch[i] = resize_crop(open_image(image, max_pixels), size, pre.resize, pre.interpolation)
     return normalise(batch, pre.mean, pre.std)

@@ -1,0 +1,131 @@
+"""Serving commands: serve an engine through Triton Inference Server, or write a model
+repository for the official tritonserver container."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from surgery_edge.cli.common import user_errors
+
+Engine = Annotated[Path, typer.Argument(help="Engine: .onnx, TensorRT .plan/.engine (or .pt2).")]
+MaxBatch = Annotated[int, typer.Option(min=1, help="Most rows per engine call (max_batch_size).")]
+Preferred = Annotated[
+    list[int] | None,
+    typer.Option("--preferred-batch", min=1, help="A batch size the batcher aims for (repeat)."),
+]
+
+
+@user_errors
+def serve(
+    engine: Engine,
+    http_port: Annotated[int, typer.Option(help="KServe v2 over HTTP.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="KServe v2 over gRPC.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics.")] = 8002,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = (
+        "127.0.0.1"
+    ),
+    name: Annotated[str, typer.Option(help="The engine model's name.")] = "engine",
+    max_batch: MaxBatch = 32,
+    max_queue_delay_us: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="How long a request may wait for others to join its batch (0, Triton's "
+            "default: a batch holds what queued while the engine was busy).",
+        ),
+    ] = 0,
+    preferred_batch: Preferred = None,
+    instances: Annotated[int, typer.Option(min=1, help="Engine instances, side by side.")] = 1,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="ONNX Runtime threads per instance.")
+    ] = None,
+    task_models: Annotated[
+        bool, typer.Option(help="Also serve one model per task taking encoded image bytes.")
+    ] = True,
+    top_k: Annotated[int, typer.Option(min=1, help="Classes a task model returns.")] = 5,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(min=1, help="Most pixels an image sent to a task model may declare."),
+    ] = None,
+    drain_timeout_s: Annotated[
+        int, typer.Option(min=1, max=25, help="On SIGTERM, how long in-flight requests get.")
+    ] = 20,
+    log_file: Annotated[Path | None, typer.Option(help="Keep Triton's log in this file.")] = None,
+):
+    """Serve an engine to every task through NVIDIA Triton Inference Server (PyTriton).
+
+    KServe v2 (HTTP, gRPC), health, Prometheus metrics; batches mix tasks in one engine call.
+
+    SIGTERM or Ctrl-C stops it; requests in flight are answered first. Needs the serve extra.
+    """
+    from surgery_edge.runtime.serving import ServeOptions, Server  # deferred: PyTriton, ORT
+
+    limits = {"max_pixels": max_pixels} if max_pixels is not None else {}
+    options = ServeOptions(
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        name=name,
+        max_batch=max_batch,
+        max_queue_delay_us=max_queue_delay_us,
+        preferred_batches=tuple(preferred_batch or ()),
+        instances=instances,
+        device=device,
+        threads=threads,
+        task_models=task_models,
+        top_k=top_k,
+        drain_timeout_s=drain_timeout_s,
+        log_file=log_file,
+        **limits,
+    )
+    server = Server(engine, options).start()
+    for line in server.describe():
+        typer.echo(line)
+    typer.echo("ready: SIGTERM or Ctrl-C stops the server (requests in flight are answered).")
+    server.serve_forever()
+    typer.echo("stopped.")
+
+
+@user_errors
+def triton_repo(
+    engine: Engine,
+    out: Annotated[Path, typer.Option("--out", help="The model repository folder.")],
+    name: Annotated[str | None, typer.Option(help="Model name (default: the file's).")] = None,
+    max_batch: MaxBatch = 32,
+    preferred_batch: Preferred = None,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(min=0, help="Dynamic batching delay (microseconds).")
+    ] = 0,
+    instances: Annotated[int, typer.Option(min=1, help="Instances per device.")] = 1,
+    kind: Annotated[str, typer.Option(help="gpu | cpu: where the instances run.")] = "gpu",
+    accelerator: Annotated[
+        bool, typer.Option(help="ONNX on a GPU: run it through ONNX Runtime's TensorRT.")
+    ] = True,
+    accelerator_fp16: Annotated[bool, typer.Option(help="That TensorRT in FP16.")] = False,
+):
+    """Write a Triton Inference Server model repository for an ONNX or TensorRT engine.
+
+    The official tritonserver container loads it unchanged (ONNX Runtime or TensorRT).
+    """
+    from surgery_edge.export.triton import TritonOptions, write_repository  # deferred: onnx
+
+    options = TritonOptions(
+        name=name,
+        max_batch=max_batch,
+        preferred_batches=tuple(preferred_batch or ()),
+        max_queue_delay_us=max_queue_delay_us,
+        instances=instances,
+        kind=kind,
+        accelerator=accelerator,
+        accelerator_fp16=accelerator_fp16,
+    )
+    model = write_repository(engine, out, options)
+    typer.echo(f"model {model.name}: {model}")
+    typer.echo(
+        f"serve it: docker run --gpus all -p 8000-8002:8000-8002 -v {out.resolve()}:/models "
+        "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"
+    )

@@ -1,0 +1,441 @@
+"""A Triton Inference Server model repository for an engine, as the official container loads it.
+
+::
+
+    REPO/MODEL/config.pbtxt         platform, batching, inputs, outputs, instances, metadata
+    REPO/MODEL/1/model.onnx         the engine (onnxruntime_onnx), or 1/model.plan (tensorrt_plan)
+    REPO/MODEL/labels_<task>.txt    each task's class names, one per line, in class order
+
+``docker run --gpus all -v $PWD/REPO:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3
+tritonserver --model-repository=/models`` serves it unchanged. The configuration:
+
+- ``max_batch_size`` and ``dynamic_batching`` (preferred batch sizes, queue delay): requests for
+  different tasks of a routed engine share one engine call;
+- inputs ``images`` ([3, H, W], the graph's dtype) and, for routed engines, ``task_ids``
+  (INT64, [1] per request, reshaped to the graph's scalar-per-row);
+- outputs ``logits`` / ``probs`` (routed, [C_max]) or ``logits_<task>`` (all-tasks, [C_task],
+  with ``label_filename``, so Triton's classification extension returns class names);
+- ``instance_group`` (KIND_GPU or KIND_CPU, count) and, for ONNX on a GPU, ONNX Runtime's
+  TensorRT execution accelerator (FP16 when asked);
+- the engine metadata (JSON) as the model parameter ``surgery_edge``, and the label file of
+  each task as ``task_labels``.
+
+Everything is checked against the engine before the model folder is published (atomically):
+the inputs and outputs against the ONNX graph (or, for a TensorRT plan, its metadata), and the
+text against Triton's own schema (``tritonclient.grpc.model_config_pb2``) where tritonclient is
+installed. :func:`validate_repository` runs both checks on any repository. Neither torch nor
+the ONNX exporter is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery_edge.engine_format import (
+    EngineMetadata,
+    EngineMode,
+    Precision,
+    read_onnx_metadata,
+    read_sidecar,
+    validate_metadata,
+)
+from surgery_edge.errors import ConfigError, ExportError
+from surgery_edge.io import staged_dir
+from surgery_edge.runtime.backends import engine_kind
+from surgery_edge.runtime.triton_config import (
+    META_PARAMETER,
+    Enum,
+    check_model_name,
+    parameters,
+    string_map,
+    to_pbtxt,
+)
+
+PLATFORMS = {
+    "onnx": ("onnxruntime_onnx", "model.onnx"),
+    "tensorrt": ("tensorrt_plan", "model.plan"),
+}
+KINDS = ("gpu", "cpu")
+# ONNX TensorProto element types -> Triton data types
+ONNX_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL",
+              10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}  # fmt: skip
+_FILE_SAFE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """How Triton serves the engine.
+
+    Args:
+        name: the model's name (default: the engine file's name without its suffix).
+        max_batch: ``max_batch_size``: the most rows Triton puts in one engine call (for a
+            TensorRT plan, at most its profile's largest batch).
+        preferred_batches: batch sizes the dynamic batcher aims for (default: none, i.e. as
+            large as the queue allows).
+        max_queue_delay_us: how long a request may wait for others to join its batch (0:
+            Triton's default).
+        instances: engine instances per device (``instance_group.count``).
+        kind: ``gpu`` (KIND_GPU: ``instances`` on every GPU) or ``cpu``.
+        accelerator: ONNX on a GPU: let ONNX Runtime run the graph through TensorRT.
+        accelerator_fp16: that TensorRT accelerator in FP16.
+        accelerator_workspace_gb: its workspace limit.
+    """
+
+    name: str | None = None
+    max_batch: int = 32
+    preferred_batches: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    instances: int = 1
+    kind: str = "gpu"
+    accelerator: bool = True
+    accelerator_fp16: bool = False
+    accelerator_workspace_gb: float = 1.0
+
+    def check(self) -> TritonOptions:
+        """``self`` if every value is usable; ConfigError naming the first that is not."""
+        for flag, value, least in (
+            ("--max-batch", self.max_batch, 1),
+            ("--max-queue-delay-us", self.max_queue_delay_us, 0),
+            ("--instances", self.instances, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{flag} must be an integer of at least {least}, got {value!r}.")
+        for b in self.preferred_batches:
+            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.max_batch:
+                raise ConfigError(
+                    f"--preferred-batch {b!r} must lie between 1 and --max-batch {self.max_batch}."
+                )
+        if self.kind not in KINDS:
+            raise ConfigError(
+                f"Unknown instance kind {self.kind!r}; use one of: {', '.join(KINDS)}."
+            )
+        if not self.accelerator_workspace_gb > 0:
+            raise ConfigError(
+                f"The accelerator workspace must be positive, got {self.accelerator_workspace_gb}."
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as Triton sees it: its dtype and its shape without the batch."""
+
+    name: str
+    data_type: str
+    shape: tuple[int, ...]
+
+
+def write_repository(
+    engine: str | os.PathLike, repo: str | os.PathLike, options: TritonOptions | None = None
+) -> Path:
+    """Write ``engine`` as one model of the Triton model repository ``repo``.
+
+    Other models already in ``repo`` are kept; a model of the same name is replaced, atomically
+    (a failure leaves it as it was).
+
+    Args:
+        engine: an ONNX engine (``.onnx``) or a TensorRT plan (``.plan`` / ``.engine`` with its
+            ``.json`` metadata sidecar) made by ``surgery-edge export``.
+        repo: the repository folder (created if needed).
+        options: batching, instances and accelerator settings.
+
+    Returns:
+        The model's folder, ``repo/<name>``.
+    """
+    engine, opts = Path(engine), (options or TritonOptions()).check()
+    kind = _engine_kind(engine)
+    meta = read_onnx_metadata(engine) if kind == "onnx" else read_sidecar(engine)
+    name = check_model_name(opts.name or engine.stem, "Model name (--name)")
+    if kind == "tensorrt":
+        profile_max = int(meta.get("tensorrt", {}).get("max_batch", 0))
+        if profile_max and opts.max_batch > profile_max:
+            raise ConfigError(
+                f"--max-batch {opts.max_batch} exceeds the largest batch of TensorRT engine "
+                f"{engine}'s optimisation profile ({profile_max}); lower it, or rebuild the "
+                "engine with a larger --max-batch."
+            )
+    graph = engine_io(engine, kind, meta)
+    labels = _label_files(meta)
+    config = model_config(name, kind, meta, graph, labels, opts)
+    _check_io(config["input"], config["output"], graph, engine)
+    repo = Path(repo)
+    with staged_dir(repo / name) as tmp:
+        version = tmp / "1"
+        version.mkdir()
+        _copy_engine(engine, kind, version)
+        for task, file in labels.items():
+            names = meta.class_names[meta.tasks.index(task)]
+            (tmp / file).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        (tmp / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
+        if _model_config_pb2(required=False) is not None:
+            _validate_model(tmp, name)
+    return repo / name
+
+
+def model_config(
+    name: str,
+    kind: str,
+    meta: EngineMetadata,
+    graph: tuple[list[TensorSpec], list[TensorSpec]],
+    labels: dict[str, str],
+    opts: TritonOptions,
+) -> dict[str, Any]:
+    """The ``inference.ModelConfig`` of the engine, as a dict for :func:`to_pbtxt`."""
+    inputs, outputs = graph
+    config: dict[str, Any] = {
+        "name": name,
+        "platform": PLATFORMS[kind][0],
+        "max_batch_size": opts.max_batch,
+        "input": [_tensor(t) for t in inputs],
+        "output": [
+            {**_tensor(t), "label_filename": labels.get(t.name.removeprefix("logits_"))}
+            if meta.mode is EngineMode.ALL_TASKS
+            else _tensor(t)
+            for t in outputs
+        ],
+        "dynamic_batching": {
+            "preferred_batch_size": list(opts.preferred_batches) or None,
+            "max_queue_delay_microseconds": opts.max_queue_delay_us,
+        },
+        "instance_group": [{"count": opts.instances, "kind": Enum(f"KIND_{opts.kind.upper()}")}],
+    }
+    if kind == "onnx" and opts.kind == "gpu" and opts.accelerator:
+        precision = "FP16" if opts.accelerator_fp16 or meta.precision is Precision.FP16 else "FP32"
+        workspace = int(opts.accelerator_workspace_gb * 2**30)
+        config["optimization"] = {
+            "execution_accelerators": {
+                "gpu_execution_accelerator": [
+                    {
+                        "name": "tensorrt",
+                        "parameters": string_map(
+                            {"precision_mode": precision, "max_workspace_size_bytes": workspace}
+                        ),
+                    }
+                ]
+            }
+        }
+    config["parameters"] = parameters(
+        {META_PARAMETER: json.dumps(meta.to_dict()), "task_labels": labels}
+    )
+    return config
+
+
+def _tensor(t: TensorSpec) -> dict[str, Any]:
+    # Triton's dims exclude the batch; a per-row scalar (task_ids (B,)) is sent as [1] per
+    # request and reshaped to the graph's () per row.
+    spec: dict[str, Any] = {"name": t.name, "data_type": Enum(t.data_type)}
+    spec["dims"] = list(t.shape) or [1]
+    if not t.shape:
+        spec["reshape"] = {"shape": []}
+    return spec
+
+
+# --- what the engine takes and gives -------------------------------------------------------
+
+
+def _engine_kind(engine: Path) -> str:
+    if not engine.is_file():
+        raise ExportError(f"Engine file {engine} does not exist. Check the path.")
+    kind = engine_kind(engine)
+    if kind not in PLATFORMS:
+        raise ExportError(
+            f"{engine} is an AOTInductor package; Triton's official backends serve ONNX and "
+            "TensorRT engines. Give the .onnx (or .plan) export, or serve the .pt2 with "
+            "`surgery-edge serve`."
+        )
+    return kind
+
+
+def engine_io(
+    engine: Path, kind: str, meta: EngineMetadata
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The engine's inputs and outputs without the batch dimension, in metadata order: read
+    from the ONNX graph, or (a TensorRT plan cannot be read without TensorRT) its metadata."""
+    if kind == "onnx":
+        return _onnx_io(engine, meta)
+    s = meta.preprocessing.image_size
+    ins = [TensorSpec("images", "TYPE_FP32", (3, s, s))]
+    if meta.mode is EngineMode.ROUTED:
+        ins.append(TensorSpec("task_ids", "TYPE_INT64", ()))
+        width = max(meta.class_counts)
+        outs = [TensorSpec(n, "TYPE_FP32", (width,)) for n in meta.outputs]
+    else:
+        outs = [TensorSpec(n, "TYPE_FP32", (c,)) for n, c in zip(meta.outputs, meta.class_counts)]
+    return ins, outs
+
+
+def _onnx_io(engine: Path, meta: EngineMetadata) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnx  # deferred: only ONNX engines are read here, without their weights
+
+    graph = onnx.load(str(engine), load_external_data=False).graph
+    initialisers = {t.name for t in graph.initializer}
+
+    def specs(values, names: tuple[str, ...]) -> list[TensorSpec]:
+        by_name = {v.name: v for v in values if v.name not in initialisers}
+        if set(by_name) != set(names):
+            raise ExportError(
+                f"Engine {engine}: its graph has {sorted(by_name)} where its metadata names "
+                f"{list(names)}; re-export it."
+            )
+        out = []
+        for n in names:
+            t = by_name[n].type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+            if not dims or dims[0] != -1:
+                raise ExportError(
+                    f"Engine {engine}: {n!r} has no dynamic batch dimension ({dims}); Triton "
+                    "batches along the first dimension. Re-export it with `surgery-edge export`."
+                )
+            if t.elem_type not in ONNX_TYPES:
+                raise ExportError(f"Engine {engine}: {n!r} has an unsupported element type.")
+            out.append(TensorSpec(n, ONNX_TYPES[t.elem_type], tuple(dims[1:])))
+        return out
+
+    return specs(graph.input, meta.inputs), specs(graph.output, meta.outputs)
+
+
+def _label_files(meta: EngineMetadata) -> dict[str, str]:
+    return {
+        task: f"labels_{task if _FILE_SAFE.fullmatch(task) else f'task{i}'}.txt"
+        for i, task in enumerate(meta.tasks)
+    }
+
+
+def _copy_engine(engine: Path, kind: str, version: Path) -> None:
+    """The engine as ``1/model.onnx`` (with any external weight files under the names the
+    graph records) or ``1/model.plan``."""
+    shutil.copyfile(engine, version / PLATFORMS[kind][1])
+    if kind != "onnx":
+        return
+    import onnx  # deferred: see _onnx_io
+
+    graph = onnx.load(str(engine), load_external_data=False).graph
+    locations = {
+        entry.value
+        for t in graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    for location in sorted(locations):
+        source = engine.parent / location
+        if not source.is_file() or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise ExportError(
+                f"Engine {engine} keeps weights in {location!r}, which is not a file beside "
+                "it; keep the .onnx and its .data file together."
+            )
+        shutil.copyfile(source, version / location)
+
+
+# --- checking a repository -----------------------------------------------------------------
+
+
+def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
+    """Check every model of a Triton model repository written by :func:`write_repository`.
+
+    Each ``config.pbtxt`` is parsed with Triton's schema (``tritonclient.grpc.model_config_pb2``,
+    protobuf text format) and compared with its engine: the inputs and outputs (names, dtypes,
+    shapes) against the ONNX graph or the plan's metadata, the metadata parameter, the label
+    files.
+
+    Returns:
+        ``{model name: inference.ModelConfig}``.
+    """
+    repo = Path(repo)
+    models = sorted(p.parent for p in repo.glob("*/config.pbtxt"))
+    if not models:
+        raise ExportError(f"{repo} holds no model (no <model>/config.pbtxt).")
+    return {m.name: _validate_model(m, m.name) for m in models}
+
+
+def _validate_model(folder: Path, name: str):
+    from google.protobuf import text_format  # deferred: with tritonclient's schema below
+
+    pb2 = _model_config_pb2(required=True)
+    config_path = folder / "config.pbtxt"
+    try:
+        config = text_format.Parse(config_path.read_text(encoding="utf-8"), pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise ExportError(f"{config_path} is not a valid Triton model config: {e}") from None
+    if config.name != name:
+        raise ExportError(f"{config_path} names the model {config.name!r}, not {name!r}.")
+    kinds = {platform: kind for kind, (platform, _) in PLATFORMS.items()}
+    if config.platform not in kinds:
+        raise ExportError(f"{config_path}: platform {config.platform!r} is not written here.")
+    kind = kinds[config.platform]
+    engine = folder / "1" / PLATFORMS[kind][1]
+    if not engine.is_file():
+        raise ExportError(f"{config_path}: the model file {engine} is missing.")
+    if META_PARAMETER not in config.parameters:
+        raise ExportError(f"{config_path} lacks the {META_PARAMETER!r} parameter.")
+    meta = validate_metadata(
+        json.loads(config.parameters[META_PARAMETER].string_value), config_path
+    )
+    if kind == "onnx" and read_onnx_metadata(engine).to_dict() != meta.to_dict():
+        raise ExportError(f"{config_path}: its metadata parameter is not {engine}'s metadata.")
+    labels = json.loads(config.parameters["task_labels"].string_value)
+    for task, names in zip(meta.tasks, meta.class_names):
+        file = folder / labels[task]
+        if not file.is_file() or file.read_text(encoding="utf-8").splitlines() != list(names):
+            raise ExportError(f"{config_path}: label file {file} does not hold {task}'s classes.")
+
+    def entries(items) -> list[dict[str, Any]]:
+        out = []
+        for item in items:
+            entry = {
+                "name": item.name,
+                "data_type": pb2.DataType.Name(item.data_type),
+                "dims": list(item.dims),
+            }
+            if item.HasField("reshape"):
+                entry["reshape"] = {"shape": list(item.reshape.shape)}
+            out.append(entry)
+        return out
+
+    graph = engine_io(engine, kind, meta)
+    _check_io(entries(config.input), entries(config.output), graph, config_path)
+    if config.max_batch_size < 1 or not config.HasField("dynamic_batching"):
+        raise ExportError(f"{config_path}: expected batching (max_batch_size >= 1, dynamic).")
+    return config
+
+
+def _check_io(
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    graph: tuple[list[TensorSpec], list[TensorSpec]],
+    where: Any,
+) -> None:
+    """The config's inputs and outputs must be the engine's: same names, dtypes and shapes
+    (a config shape is its ``reshape`` where it has one)."""
+    for section, entries, specs in (("input", inputs, graph[0]), ("output", outputs, graph[1])):
+        got = {
+            e["name"]: (
+                str(e["data_type"]),
+                tuple(e["reshape"]["shape"] if "reshape" in e else e["dims"]),
+            )
+            for e in entries
+        }
+        want = {t.name: (t.data_type, t.shape) for t in specs}
+        if got != want:
+            raise ExportError(
+                f"{where}: the config's {section}s {got} do not match the engine's {want}."
+            )
+
+
+def _model_config_pb2(required: bool):
+    try:
+        from tritonclient.grpc import model_config_pb2  # deferred: optional, surgery-edge[serve]
+    except ImportError:
+        if required:
+            raise ExportError(
+                "Checking a Triton model repository needs tritonclient: "
+                "`pip install 'surgery-edge[serve]'`."
+            ) from None
+        return None
+    return model_config_pb2

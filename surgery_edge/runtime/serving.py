@@ -1,0 +1,536 @@
+"""Serving one engine to every task: NVIDIA Triton Inference Server, run through PyTriton.
+
+``surgery-edge serve ENGINE`` (or :class:`Server`) starts the ``tritonserver`` that the
+``nvidia-pytriton`` package bundles (``pip install 'surgery-edge[serve]'``) on a model repository
+of Python-backend models (:mod:`surgery_edge.runtime.triton_models`) over the runtime's own
+backend (ONNX Runtime, TensorRT or an AOTInductor ``.pt2``)::
+
+    clients --KServe v2, HTTP + gRPC--> tritonserver --dynamic batcher--> "engine" model: 1 call
+                                          |                                 ^   for many tasks
+                                          +--> one model per task --BLS-----+
+                                               (encoded image bytes in, top-k names out)
+
+It serves:
+
+- ``engine`` (``name``): the engine as exported: ``images`` (B, 3, S, S) FP32 and, routed,
+  ``task_ids`` (B, 1) INT64; outputs ``logits`` and ``probs`` (routed) or ``logits_<task>``.
+  Requests for different tasks that arrive within ``max_queue_delay_us`` of each other are
+  answered by one engine call (``surgery_edge_engine_calls_total{tasks="3"}`` counts them).
+- one model per task, named after it: ``image`` (B, 1) BYTES (PNG, JPEG, ...), decoded with the
+  engine's preprocessing; outputs ``labels`` (B, k) BYTES, ``probs`` (B, k) FP32 and ``classes``
+  (B, k) INT64; the request parameter ``top_k`` sets k.
+- Triton's endpoints: ``/v2/health/live``, ``/v2/health/ready`` (ready once every model is),
+  model metadata and statistics, and Prometheus metrics on the metrics port.
+
+Each request is checked on its own: an unknown task, a task id out of range, a wrong shape or
+dtype, an empty batch, corrupt image bytes or a decompression bomb get an error response; the
+other requests of the same batch are answered. :meth:`Server.serve_forever` stops on SIGTERM or
+SIGINT: Triton stops taking requests, answers those in flight (up to ``drain_timeout_s``) and
+exits.
+
+PyTriton's Python-backend stub is linked against ``libpython3.X.so``; on an interpreter built
+with a shared libpython, the loader may find the system's library of another patch release
+first, and the models then fail in odd ways. The server is therefore started with this
+interpreter's library directory first on ``LD_LIBRARY_PATH`` (:func:`stub_environment`), and
+every model checks at load that its stub runs the server's Python version.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery_edge.engine_format import EngineMetadata, EngineMode
+from surgery_edge.errors import ExportError
+from surgery_edge.runtime.backends import open_backend
+from surgery_edge.runtime.preprocess import DEFAULT_MAX_PIXELS, check_max_pixels
+from surgery_edge.runtime.triton_config import (
+    META_PARAMETER,
+    Enum,
+    check_model_name,
+    parameters,
+    to_pbtxt,
+)
+
+SERVE_INSTALL = "Install it with `pip install 'surgery-edge[serve]'` (nvidia-pytriton, Linux only)."
+MODEL_PY = "from surgery_edge.runtime.triton_models import {cls} as TritonPythonModel\n"
+MAX_DRAIN_S = 25  # PyTriton waits 30 s for the server to exit before it kills it
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the engine is served.
+
+    Args:
+        host: the address every endpoint binds (``0.0.0.0``: all interfaces).
+        http_port, grpc_port, metrics_port: KServe v2 over HTTP and gRPC; Prometheus metrics.
+        name: the engine model's name.
+        max_batch: the most rows of one engine call (Triton's ``max_batch_size``).
+        max_queue_delay_us: how long a request may wait for others to join its batch (0,
+            Triton's default: a batch holds what queued while the engine was busy).
+        preferred_batches: batch sizes the dynamic batcher aims for (default: none).
+        instances: engine instances (each loads the engine; run side by side).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, for the engine's backend.
+        threads: ONNX Runtime's intra-op threads per instance (default: its own choice).
+        task_models: also serve one model per task that takes encoded image bytes.
+        top_k: classes a task model returns when a request does not set ``top_k``.
+        max_pixels: the most pixels an image sent to a task model may declare.
+        drain_timeout_s: on stop, how long requests in flight may take to finish.
+        startup_timeout_s: how long the server may take to load every model.
+        log_file: where Triton writes its log (default: a file beside the repository, deleted
+            on stop); errors from it are quoted when a model fails to load.
+    """
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    name: str = "engine"
+    max_batch: int = 32
+    max_queue_delay_us: int = 0
+    preferred_batches: tuple[int, ...] = ()
+    instances: int = 1
+    device: str = "auto"
+    threads: int | None = None
+    task_models: bool = True
+    top_k: int = 5
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    drain_timeout_s: int = 20
+    startup_timeout_s: float = 180.0
+    log_file: Path | None = None
+
+    def check(self) -> ServeOptions:
+        """``self`` if every value is usable; ExportError naming the first that is not."""
+        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port}
+        ports["--metrics-port"] = self.metrics_port
+        for flag, port in ports.items():
+            _integer(flag, port, 1, 65535)
+        if len(set(ports.values())) < 3:
+            raise ExportError(f"The three ports must differ, got {ports}.")
+        _integer("--max-batch", self.max_batch, 1)
+        _integer("--max-queue-delay-us", self.max_queue_delay_us, 0)
+        _integer("--instances", self.instances, 1)
+        _integer("--top-k", self.top_k, 1)
+        _integer("--drain-timeout-s", self.drain_timeout_s, 1, MAX_DRAIN_S)
+        if self.threads is not None:
+            _integer("--threads", self.threads, 1)
+        for b in self.preferred_batches:
+            _integer("--preferred-batch", b, 1, self.max_batch)
+        check_max_pixels(self.max_pixels)
+        check_model_name(self.name, "Engine model name (--name)")
+        return self
+
+
+def _integer(flag: str, value: Any, least: int, most: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+    if not ok or (most is not None and value > most):
+        bound = f"from {least} to {most}" if most is not None else f"of at least {least}"
+        raise ExportError(f"{flag} must be an integer {bound}, got {value!r}.")
+
+
+# --- the model repository the server runs --------------------------------------------------
+
+
+def serving_repository(
+    engines: Mapping[str, str | os.PathLike],
+    repo: str | os.PathLike,
+    options: ServeOptions,
+    task_models_for: str | None = None,
+) -> dict[str, EngineMetadata]:
+    """Write the Python-backend model repository that :class:`Server` runs.
+
+    Args:
+        engines: ``{model name: engine file}``; each engine is opened here once, so a bad
+            file, device or backend fails before the server starts.
+        repo: the (new or empty) repository folder.
+        options: batching, instances, device, task models.
+        task_models_for: the engine whose tasks get a model each (default: the first), when
+            ``options.task_models`` is set.
+
+    Returns:
+        ``{engine model name: its metadata}``.
+    """
+    repo = Path(repo)
+    metas: dict[str, EngineMetadata] = {}
+    for name, path in engines.items():
+        check_model_name(name, "Engine model name")
+        path = Path(path).resolve()
+        backend = open_backend(path, device=options.device)  # fails here, not in the server
+        metas[name] = backend.meta
+        del backend
+        _write_model(repo / name, "EngineModel", _engine_config(name, path, metas[name], options))
+    primary = task_models_for or next(iter(engines))
+    if options.task_models:
+        meta = metas[primary]
+        for task in meta.tasks:
+            try:
+                check_model_name(task, "Task")
+            except ExportError as e:
+                raise ExportError(
+                    f"{e} (of {engines[primary]}; serve with --no-task-models)"
+                ) from None
+            if task in metas:
+                raise ExportError(
+                    f"Task {task!r} has the name of an engine model; rename that with --name, or "
+                    "serve without task models."
+                )
+            config = _task_config(task, primary, meta, options)
+            _write_model(repo / task, "TaskModel", config)
+    return metas
+
+
+def _write_model(folder: Path, cls: str, config: dict[str, Any]) -> None:
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.py").write_text(MODEL_PY.format(cls=cls))
+    (folder / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
+
+
+def _batching(options: ServeOptions) -> dict[str, Any]:
+    return {
+        "backend": "python",
+        "max_batch_size": options.max_batch,
+        "dynamic_batching": {
+            "preferred_batch_size": list(options.preferred_batches) or None,
+            "max_queue_delay_microseconds": options.max_queue_delay_us,
+        },
+    }
+
+
+def _common_parameters() -> dict[str, str]:
+    return {"python_version": platform.python_version()}
+
+
+def _engine_config(
+    name: str, path: Path, meta: EngineMetadata, options: ServeOptions
+) -> dict[str, Any]:
+    s = meta.preprocessing.image_size
+    inputs: list[dict[str, Any]] = [
+        {"name": "images", "data_type": Enum("TYPE_FP32"), "dims": [3, s, s]}
+    ]
+    if meta.mode is EngineMode.ROUTED:
+        inputs.append({"name": "task_ids", "data_type": Enum("TYPE_INT64"), "dims": [1]})
+        widths = [max(meta.class_counts)] * len(meta.outputs)
+    else:
+        widths = meta.class_counts
+    outputs = [
+        {"name": n, "data_type": Enum("TYPE_FP32"), "dims": [w]}
+        for n, w in zip(meta.outputs, widths)
+    ]
+    values = {
+        **_common_parameters(),
+        "engine": str(path),
+        "device": options.device,
+        "threads": "" if options.threads is None else str(options.threads),
+        META_PARAMETER: json.dumps(meta.to_dict()),
+    }
+    return {
+        "name": name,
+        **_batching(options),
+        "input": inputs,
+        "output": outputs,
+        "instance_group": [{"count": options.instances, "kind": Enum("KIND_CPU")}],
+        "parameters": parameters(values),
+    }
+
+
+def _task_config(
+    task: str, engine_model: str, meta: EngineMetadata, options: ServeOptions
+) -> dict[str, Any]:
+    values = {
+        **_common_parameters(),
+        "engine_model": engine_model,
+        "task": task,
+        "top_k": str(options.top_k),
+        "max_pixels": str(options.max_pixels),
+        META_PARAMETER: json.dumps(meta.to_dict()),
+    }
+    return {
+        "name": task,
+        **_batching(options),
+        "input": [{"name": "image", "data_type": Enum("TYPE_STRING"), "dims": [1]}],
+        "output": [
+            {"name": "labels", "data_type": Enum("TYPE_STRING"), "dims": [-1]},
+            {"name": "probs", "data_type": Enum("TYPE_FP32"), "dims": [-1]},
+            {"name": "classes", "data_type": Enum("TYPE_INT64"), "dims": [-1]},
+        ],
+        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
+        "parameters": parameters(values),
+    }
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def stub_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment changes the Python-backend stub needs: this interpreter's shared
+    libpython first on ``LD_LIBRARY_PATH`` (empty for a statically linked interpreter)."""
+    environ = os.environ if environ is None else environ
+    libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+    shared = sysconfig.get_config_var("Py_ENABLE_SHARED")
+    if not (shared and libdir and library and (Path(libdir) / library).exists()):
+        return {}
+    rest = [p for p in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
+    return {"LD_LIBRARY_PATH": os.pathsep.join([libdir, *rest])}
+
+
+@contextlib.contextmanager
+def _environment(changes: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` while the server process is spawned, then as it was."""
+    saved = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a port
+        try:  # in TIME_WAIT is free, one with a listener is not
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ExportError(
+                    f"Port {port} on {host} is in use; choose another with {flag}."
+                ) from None
+            raise ExportError(f"Cannot listen on {host}:{port} ({e}); check --host.") from None
+
+
+def _import_pytriton():
+    try:
+        from pytriton.triton import Triton, TritonConfig  # deferred: optional, [serve] extra
+    except ImportError as e:
+        raise ExportError(
+            f"Serving needs PyTriton, which is not installed ({e}). {SERVE_INSTALL}"
+        ) from None
+    return Triton, TritonConfig
+
+
+class Server:
+    """A Triton Inference Server serving engines, started and stopped through PyTriton.
+
+    ::
+
+        with Server({"engine": "engine.onnx"}, ServeOptions(http_port=8000)) as server:
+            ...  # clients talk to server.http_url / server.grpc_url
+
+    Args:
+        engines: ``{model name: engine file}``, or one engine file (served as
+            ``options.name``). The first engine's tasks get the task models.
+        options: ports, batching, instances, device, limits.
+    """
+
+    def __init__(
+        self,
+        engines: Mapping[str, str | os.PathLike] | str | os.PathLike,
+        options: ServeOptions | None = None,
+    ):
+        self.options = (options or ServeOptions()).check()
+        if isinstance(engines, (str, os.PathLike)):
+            engines = {self.options.name: engines}
+        if not engines:
+            raise ExportError("No engine to serve.")
+        self.engines = {name: Path(path) for name, path in engines.items()}
+        self.metadata: dict[str, EngineMetadata] = {}
+        self.models: list[str] = []
+        self._triton = None
+        self._work: Path | None = None
+        self._release = threading.Event()
+
+    # endpoints ------------------------------------------------------------------------------
+
+    @property
+    def _local_host(self) -> str:
+        return "127.0.0.1" if self.options.host in ("0.0.0.0", "") else self.options.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._local_host}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._local_host}:{self.options.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._local_host}:{self.options.metrics_port}/metrics"
+
+    @property
+    def access_token(self) -> str | None:
+        """The token Triton's restricted endpoints (statistics, model repository, logging,
+        tracing, shared memory) require in the ``triton-access-token`` header."""
+        return None if self._triton is None else self._triton.get_access_token()
+
+    @property
+    def log_file(self) -> Path:
+        return self.options.log_file or self._work / "tritonserver.log"
+
+    # lifecycle --------------------------------------------------------------------------------
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> Server:
+        """Write the repository, start the server and wait until every model is ready."""
+        if self._triton is not None:
+            return self
+        opts = self.options
+        Triton, TritonConfig = _import_pytriton()
+        for flag, port in (("--http-port", opts.http_port), ("--grpc-port", opts.grpc_port),
+                           ("--metrics-port", opts.metrics_port)):  # fmt: skip
+            _check_port_free(opts.host, port, flag)
+        self._work = Path(tempfile.mkdtemp(prefix="surgery-edge-serve-"))
+        try:
+            repo = self._work / "repository"
+            self.metadata = serving_repository(self.engines, repo, opts)
+            self.models = sorted(p.name for p in repo.iterdir())
+            config = TritonConfig(
+                model_repository=repo,
+                http_address=opts.host,
+                http_port=opts.http_port,
+                grpc_address=opts.host,
+                grpc_port=opts.grpc_port,
+                metrics_address=opts.host,
+                metrics_port=opts.metrics_port,
+                allow_gpu_metrics=False,
+                strict_readiness=True,
+                exit_timeout_secs=opts.drain_timeout_s,
+                log_verbose=0,
+                log_file=self.log_file,
+            )
+            self._triton = Triton(config=config, workspace=self._work / "pytriton")
+            self._launch()
+        except BaseException:
+            self._abandon()
+            raise
+        return self
+
+    def _launch(self) -> None:
+        """Start tritonserver and wait for every model; a server that exits while loading is
+        reported with the errors of its log.
+
+        PyTriton's ``run`` blocks (up to minutes) until the server is ready, so it runs in a
+        thread while this one watches the server. That thread lives until :meth:`stop`: the
+        server process gets SIGTERM when the thread that spawned it ends (PR_SET_PDEATHSIG)."""
+        failure: list[BaseException] = []
+        self._release = threading.Event()
+
+        def own() -> None:
+            try:
+                self._triton.run()
+            except BaseException as e:  # reported by the watching thread
+                failure.append(e)
+                return
+            self._release.wait()
+
+        with _environment(stub_environment()):
+            self._owner = threading.Thread(target=own, name="tritonserver-owner", daemon=True)
+            self._owner.start()
+            deadline = time.monotonic() + self.options.startup_timeout_s
+            seen_alive = False
+            while not self._all_ready():
+                alive = self._triton.is_alive()
+                seen_alive = seen_alive or alive
+                if failure or (seen_alive and not alive):
+                    raise ExportError(self._failure("exited while loading the models"))
+                if time.monotonic() > deadline:
+                    timeout = f"{self.options.startup_timeout_s:.0f} s"
+                    raise ExportError(self._failure(f"did not load every model in {timeout}"))
+                time.sleep(0.2)
+
+    def _all_ready(self) -> bool:
+        for model in self.models:
+            url = f"http://{self.http_url}/v2/models/{model}/ready"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status != 200:
+                        return False
+            except (urllib.error.URLError, OSError):
+                return False
+        return True
+
+    def _failure(self, what: str) -> str:
+        errors = []
+        if self.log_file.is_file():
+            lines = self.log_file.read_text(errors="replace").splitlines()
+            errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()][-6:]
+        detail = " | ".join(errors) if errors else f"no error in its log ({self.log_file})"
+        return f"Triton Inference Server {what}: {detail}"
+
+    def _abandon(self) -> None:
+        """Clean up after a failed start without waiting on PyTriton's startup thread."""
+        triton, self._triton = self._triton, None
+        if triton is not None:
+            atexit.unregister(triton.stop)  # it would wait for the startup thread at exit
+            stopper = threading.Thread(target=triton.stop, daemon=True)
+            stopper.start()
+            stopper.join(timeout=5)
+            self._release.set()
+        if self._work is not None and self.options.log_file is None:
+            shutil.rmtree(self._work, ignore_errors=True)
+
+    def stop(self) -> None:
+        """Stop taking requests, answer those in flight (up to ``drain_timeout_s``), exit."""
+        triton, self._triton = self._triton, None
+        if triton is None:
+            return
+        triton.stop()
+        self._release.set()  # only now may the thread that spawned the server end
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+
+    def serve_forever(self) -> None:
+        """Serve until SIGTERM or SIGINT (or until the server dies), then stop, draining."""
+        stop = threading.Event()
+        previous = {
+            s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            while not stop.wait(0.5):
+                if self._triton is None or not self._triton.is_alive():
+                    raise ExportError(self._failure("stopped unexpectedly"))
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.stop()
+
+    def describe(self) -> list[str]:
+        """Lines saying what is served where."""
+        lines = [
+            f"HTTP  http://{self.http_url}   gRPC  {self.grpc_url}   metrics  {self.metrics_url}",
+        ]
+        for name, meta in self.metadata.items():
+            inputs = " + ".join(meta.inputs)
+            lines.append(
+                f"model {name}: {self.engines[name]} ({meta.mode}, {meta.precision}); "
+                f"inputs {inputs}; outputs {', '.join(meta.outputs)}"
+            )
+        tasks = [m for m in self.models if m not in self.metadata]
+        if tasks:
+            lines.append(f"task models (encoded image bytes in, top-k out): {', '.join(tasks)}")
+        return lines

@@ -1,0 +1,104 @@
+"""Triton Inference Server model configurations, written as protobuf text (``config.pbtxt``).
+
+Both model repositories this project writes go through here: the one the official tritonserver
+container loads (ONNX Runtime and TensorRT backends, :mod:`surgery_edge.export.triton`) and the
+one ``surgery-edge serve`` runs through PyTriton (Python-backend models over the runtime,
+:mod:`surgery_edge.runtime.serving`).
+
+A configuration is a plain dict that mirrors ``model_config.proto`` (``inference.ModelConfig``):
+a dict is a message, a list of dicts a repeated message, a list of scalars a repeated scalar,
+:class:`Enum` an enum value (``TYPE_FP32``, ``KIND_GPU``). :func:`to_pbtxt` writes it without
+protobuf or tritonclient; the tests parse every file it writes with the schema tritonclient
+ships (``tritonclient.grpc.model_config_pb2``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from surgery_edge.errors import ExportError
+
+# Triton model names become folder names and URL path segments.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+META_PARAMETER = "surgery_edge"  # the model parameter that holds the engine metadata (JSON)
+
+
+class Enum(str):
+    """An enum value, written without quotes."""
+
+
+def check_model_name(name: str, what: str = "model name") -> str:
+    """``name`` if Triton can serve a model under it (letters, digits, ``_ . -``)."""
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        raise ExportError(
+            f"{what} {name!r} cannot name a Triton model: use letters, digits, '_', '.' and "
+            "'-' (starting with a letter or digit), at most 128 characters."
+        )
+    return name
+
+
+def parameters(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Model ``parameters`` (a ``map<string, ModelParameter>``): strings stay, anything else
+    is stored as JSON."""
+    return [
+        {"key": k, "value": {"string_value": v if isinstance(v, str) else json.dumps(v)}}
+        for k, v in values.items()
+    ]
+
+
+def string_map(values: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A ``map<string, string>`` field (e.g. an execution accelerator's parameters)."""
+    return [{"key": k, "value": str(v)} for k, v in values.items()]
+
+
+def to_pbtxt(message: Mapping[str, Any]) -> str:
+    """``message`` in protobuf text format, one field per line, two-space indents."""
+    return "\n".join(_fields(message, 0)) + "\n"
+
+
+def _fields(message: Mapping[str, Any], depth: int) -> list[str]:
+    pad, lines = "  " * depth, []
+    for key, value in message.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            lines += [f"{pad}{key} {{", *_fields(value, depth + 1), f"{pad}}}"]
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], Mapping):
+            for item in value:  # a repeated message: one block per element
+                lines += [f"{pad}{key} {{", *_fields(item, depth + 1), f"{pad}}}"]
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{pad}{key}: [{', '.join(_scalar(v) for v in value)}]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return _quote(value)
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} in a Triton config")
+
+
+def _quote(text: str) -> str:
+    """A protobuf text-format string literal: C escapes, non-ASCII as octal UTF-8 bytes."""
+    out = []
+    for byte in text.encode("utf-8"):
+        char = chr(byte)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= byte < 0x7F:
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'

@@ -1,0 +1,355 @@
+"""The Python-backend models that ``surgery-edge serve`` runs inside Triton Inference Server.
+
+Triton runs each model of a Python-backend repository in a stub process, through the class
+``TritonPythonModel`` of ``MODEL/1/model.py``; the repository that
+:mod:`surgery_edge.runtime.serving` writes has one-line ``model.py`` files that import the
+classes below, so the logic lives here, in the installed package:
+
+- :class:`EngineModel`: one engine behind Triton's dynamic batcher. The batcher hands it the
+  requests that arrived together, from any task; it checks each request on its own, runs the
+  valid ones as **one** engine call (so a routed engine answers several tasks in one call) and
+  answers every request separately: a bad request gets its own error, the others their logits.
+- :class:`TaskModel`: one task, for clients that have image files: encoded bytes (PNG, JPEG,
+  ...) in, the top-k class names and probabilities out. It decodes with the engine's own
+  preprocessing (bounded by ``max_pixels``) and asks the engine model through Triton's
+  business-logic scripting (BLS), so its requests join the engine's cross-task batches.
+
+The request handling (:class:`EngineRequests`, :class:`TaskRequests`) is plain numpy, tested
+without a server; the two Triton classes only move tensors in and out. They also export
+Prometheus metrics: every engine call by its rows and distinct tasks
+(``surgery_edge_engine_calls_total``), rows per task, and rejected requests by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from surgery_edge.engine_format import EngineMetadata, EngineMode, validate_metadata
+from surgery_edge.errors import ExportError
+from surgery_edge.runtime.backends import Backend, OnnxBackend, engine_kind, open_backend
+from surgery_edge.runtime.predictor import softmax
+from surgery_edge.runtime.preprocess import normalise, open_image, resize_crop
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why one request gets an error instead of an answer; ``reason`` labels the metric."""
+
+    message: str
+    reason: str
+
+
+Inputs = dict[str, np.ndarray]
+Answer = dict[str, np.ndarray] | Rejected
+
+
+class EngineRequests:
+    """One engine answering batches of requests, each request checked on its own.
+
+    A request holds ``images`` (B, 3, S, S) float32 and, for a routed engine, ``task_ids``
+    (B, 1) or (B,) int64; Triton has already checked names, dtypes and the non-batch shape.
+    """
+
+    def __init__(self, backend: Backend):
+        self.backend, self.meta = backend, backend.meta
+        self.routed = self.meta.mode is EngineMode.ROUTED
+        self.inputs = list(self.meta.inputs)
+        self.outputs = list(self.meta.outputs)
+        # the last engine call: its rows, and (routed) the task of each row
+        self.last_rows, self.last_tasks = 0, np.zeros(0, np.int64)
+
+    def check(self, inputs: Inputs) -> Rejected | tuple[np.ndarray, np.ndarray | None]:
+        """A request's images and task ids, or why it is refused."""
+        images = inputs["images"]
+        s = self.meta.preprocessing.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, s, s) or images.dtype != np.float32:
+            return Rejected(
+                f"images must be (B, 3, {s}, {s}) float32, got {images.shape} {images.dtype}.",
+                "shape",
+            )
+        if len(images) == 0:
+            return Rejected("the request holds no images (an empty batch).", "empty")
+        if not np.isfinite(images).all():
+            return Rejected("images hold NaN or infinite values.", "non_finite")
+        if not self.routed:
+            return images, None
+        ids = np.asarray(inputs["task_ids"]).reshape(-1)
+        if len(ids) != len(images):
+            return Rejected(f"{len(images)} images but {len(ids)} task ids.", "shape")
+        bad = ids[(ids < 0) | (ids >= len(self.meta.tasks))]
+        if len(bad):
+            known = ", ".join(f"{i}={t}" for i, t in enumerate(self.meta.tasks))
+            return Rejected(
+                f"task id {int(bad[0])} is out of range: this engine serves {known}.", "task_id"
+            )
+        return images, ids.astype(np.int64)
+
+    def run(self, requests: Sequence[Inputs]) -> list[Answer]:
+        """Answer each request: its outputs (rows of one engine call), or its rejection."""
+        checked = [self.check(r) for r in requests]
+        good = [i for i, c in enumerate(checked) if not isinstance(c, Rejected)]
+        answers: list[Answer] = [c if isinstance(c, Rejected) else {} for c in checked]
+        self.last_rows, self.last_tasks = 0, np.zeros(0, np.int64)
+        if not good:
+            return answers
+        images = np.concatenate([checked[i][0] for i in good])
+        ids = np.concatenate([checked[i][1] for i in good]) if self.routed else None
+        step = max(1, int(self.backend.max_batch))
+        parts = [
+            self.backend.run(images[k : k + step], None if ids is None else ids[k : k + step])
+            for k in range(0, len(images), step)
+        ]
+        outputs = [np.concatenate([p[o] for p in parts]) for o in range(len(self.outputs))]
+        self.last_rows = len(images)
+        self.last_tasks = ids if ids is not None else self.last_tasks
+        start = 0
+        for i in good:
+            rows = len(checked[i][0])
+            answers[i] = {
+                name: np.ascontiguousarray(out[start : start + rows])
+                for name, out in zip(self.outputs, outputs)
+            }
+            start += rows
+        return answers
+
+
+class TaskRequests:
+    """One task of an engine, for encoded images: decode, then turn the logits into top-k.
+
+    Args:
+        meta: the engine's metadata (preprocessing, tasks, class names).
+        task: this model's task.
+        top_k: classes returned when a request does not ask (``parameters: {"top_k": k}``).
+        max_pixels: the most pixels an encoded image may declare.
+    """
+
+    def __init__(self, meta: EngineMetadata, task: str, top_k: int, max_pixels: int):
+        if task not in meta.tasks:
+            raise ExportError(f"Task {task!r} is not one of the engine's {list(meta.tasks)}.")
+        self.meta, self.task, self.task_id = meta, task, meta.tasks.index(task)
+        self.class_names = meta.class_names[self.task_id]
+        self.top_k = min(int(top_k), len(self.class_names))
+        self.max_pixels = max_pixels
+        self.output = "logits" if meta.mode is EngineMode.ROUTED else f"logits_{task}"
+
+    def decode(self, encoded: np.ndarray) -> np.ndarray | Rejected:
+        """(B, 1) or (B,) encoded images -> (B, 3, S, S) float32 engine input."""
+        pre = self.meta.preprocessing
+        rows = encoded.reshape(-1)
+        if len(rows) == 0:
+            return Rejected("the request holds no images (an empty batch).", "empty")
+        arrays = []
+        for k, data in enumerate(rows):
+            if not isinstance(data, bytes) or not data:
+                return Rejected(f"image {k} of the request is empty.", "decode")
+            try:
+                image = open_image(data, self.max_pixels)
+                arrays.append(resize_crop(image, pre.image_size, pre.resize, pre.interpolation))
+            except ExportError as e:
+                reason = "too_large" if "max_pixels" in str(e) else "decode"
+                return Rejected(f"image {k} of the request: {e}", reason)
+        return normalise(np.stack(arrays), pre.mean, pre.std)
+
+    def requested_top_k(self, parameters: dict[str, Any]) -> int | Rejected:
+        k = parameters.get("top_k", self.top_k)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.class_names):
+            return Rejected(
+                f"top_k must be an integer from 1 to {len(self.class_names)}, got {k!r}.", "top_k"
+            )
+        return k
+
+    def answer(self, logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """(B, >= C) logits -> the top ``k`` class names (bytes), probabilities, indices."""
+        probs = softmax(np.asarray(logits[:, : len(self.class_names)], np.float64))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        names = np.array(
+            [[self.class_names[c].encode("utf-8") for c in row] for row in order], dtype=object
+        )
+        top = np.take_along_axis(probs, order, axis=1).astype(np.float32)
+        return {"labels": names, "probs": top, "classes": order.astype(np.int64)}
+
+
+# --- inside Triton ---------------------------------------------------------------------------
+
+
+def model_parameters(args: dict[str, Any]) -> dict[str, str]:
+    """The ``parameters`` of a model's config, as strings, from the stub's ``args``."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def check_interpreter(params: dict[str, str]) -> None:
+    """The stub must run the server's Python: a stub that loaded another libpython (same minor
+    version, other patch level) fails later in obscure ways, so fail here, clearly."""
+    want, have = params.get("python_version"), platform.python_version()
+    if want and want != have:
+        raise ExportError(
+            f"Triton's Python backend stub runs Python {have}, but the server was started by "
+            f"Python {want}: the stub loaded another libpython. Start the server from an "
+            "interpreter whose shared libpython is on LD_LIBRARY_PATH (surgery-edge serve "
+            "sets this itself)."
+        )
+
+
+class _Metrics:
+    """Prometheus counters of one model (Triton serves them on its metrics port)."""
+
+    def __init__(self, pb_utils, model: str):
+        family = pb_utils.MetricFamily
+        self._pb, self._model, self._cache = pb_utils, model, {}
+        self._families = {
+            "calls": family(
+                name="surgery_edge_engine_calls_total",
+                description="Engine calls by the rows they held and the distinct tasks among them",
+                kind=family.COUNTER,
+            ),
+            "rows": family(
+                name="surgery_edge_engine_rows_total",
+                description="Image rows the engine answered, by task",
+                kind=family.COUNTER,
+            ),
+            "rejected": family(
+                name="surgery_edge_rejected_requests_total",
+                description="Requests answered with an error, by reason",
+                kind=family.COUNTER,
+            ),
+        }
+
+    def add(self, family: str, value: float = 1.0, **labels: str) -> None:
+        key = (family, tuple(sorted(labels.items())))
+        if key not in self._cache:
+            all_labels = {"model": self._model, **labels}
+            self._cache[key] = self._families[family].Metric(labels=all_labels)
+        self._cache[key].increment(value)
+
+
+def _error(pb_utils, rejected: Rejected):
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(rejected.message, pb_utils.TritonError.INVALID_ARG)
+    )
+
+
+class EngineModel:
+    """Triton Python model: the engine (parameters: ``engine``, ``device``, ``threads``)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils  # deferred: exists only in Triton's stub
+
+        params = model_parameters(args)
+        check_interpreter(params)
+        path, device = params["engine"], params.get("device", "auto")
+        threads = int(params["threads"]) if params.get("threads") else None
+        if engine_kind(path) == "onnx":
+            backend = OnnxBackend(path, device=device, threads=threads)
+        else:
+            backend = open_backend(path, device=device)
+        self.pb, self.engine = pb_utils, EngineRequests(backend)
+        self.metrics = _Metrics(pb_utils, args["model_name"])
+
+    def execute(self, requests: list) -> list:
+        pb = self.pb
+        inputs = [
+            {n: pb.get_input_tensor_by_name(r, n).as_numpy() for n in self.engine.inputs}
+            for r in requests
+        ]
+        try:
+            answers = self.engine.run(inputs)
+        except Exception as e:  # the engine itself failed: every request of this call is told
+            failure = Rejected(
+                f"the engine failed on this batch: {type(e).__name__}: {e}", "engine"
+            )
+            answers = [failure] * len(requests)
+        engine = self.engine
+        if engine.last_rows:
+            mix = str(len(np.unique(engine.last_tasks))) if engine.routed else "all"
+            self.metrics.add("calls", rows=str(engine.last_rows), tasks=mix)
+            for t, n in zip(*np.unique(engine.last_tasks, return_counts=True)):
+                self.metrics.add("rows", float(n), task=engine.meta.tasks[int(t)])
+        responses = []
+        for request, answer in zip(requests, answers):
+            if isinstance(answer, Rejected):
+                self.metrics.add("rejected", reason=answer.reason)
+                responses.append(_error(pb, answer))
+                continue
+            wanted = set(request.requested_output_names()) or set(answer)
+            tensors = [pb.Tensor(n, v) for n, v in answer.items() if n in wanted]
+            responses.append(pb.InferenceResponse(output_tensors=tensors))
+        return responses
+
+
+class TaskModel:
+    """Triton Python model: one task over encoded images (parameters: ``engine_model``,
+    ``task``, ``top_k``, ``max_pixels``, ``surgery_edge``: the engine's metadata)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils  # deferred: exists only in Triton's stub
+
+        params = model_parameters(args)
+        check_interpreter(params)
+        meta = validate_metadata(json.loads(params["surgery_edge"]), args["model_name"])
+        self.pb, self.engine_model = pb_utils, params["engine_model"]
+        self.task = TaskRequests(
+            meta, params["task"], int(params["top_k"]), int(params["max_pixels"])
+        )
+        self.routed = meta.mode is EngineMode.ROUTED
+        self.metrics = _Metrics(pb_utils, args["model_name"])
+
+    def execute(self, requests: list) -> list:
+        pb = self.pb
+        decoded = [self._decode(r) for r in requests]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, Rejected)]
+        answers: list[Answer] = [d if isinstance(d, Rejected) else {} for d in decoded]
+        if good:
+            logits = self._engine(np.concatenate([decoded[i][0] for i in good]))
+            start = 0
+            for i in good:
+                images, k = decoded[i]
+                rows = (
+                    logits if isinstance(logits, Rejected) else logits[start : start + len(images)]
+                )
+                answers[i] = rows if isinstance(rows, Rejected) else self.task.answer(rows, k)
+                start += len(images)
+        responses = []
+        for answer in answers:
+            if isinstance(answer, Rejected):
+                self.metrics.add("rejected", reason=answer.reason)
+                responses.append(_error(pb, answer))
+            else:
+                tensors = [pb.Tensor(n, v) for n, v in answer.items()]
+                responses.append(pb.InferenceResponse(output_tensors=tensors))
+        return responses
+
+    def _decode(self, request) -> tuple[np.ndarray, int] | Rejected:
+        """A request's images as engine input, and how many classes it asks for."""
+        try:
+            params = json.loads(request.parameters() or "{}")
+        except json.JSONDecodeError:
+            params = {}
+        k = self.task.requested_top_k(params)
+        if isinstance(k, Rejected):
+            return k
+        images = self.task.decode(self.pb.get_input_tensor_by_name(request, "image").as_numpy())
+        return images if isinstance(images, Rejected) else (images, k)
+
+    def _engine(self, images: np.ndarray) -> np.ndarray | Rejected:
+        """One BLS request to the engine model: it joins the engine's dynamic batches."""
+        pb = self.pb
+        inputs = [pb.Tensor("images", images)]
+        if self.routed:
+            ids = np.full((len(images), 1), self.task.task_id, np.int64)
+            inputs.append(pb.Tensor("task_ids", ids))
+        request = pb.InferenceRequest(
+            model_name=self.engine_model,
+            inputs=inputs,
+            requested_output_names=[self.task.output],
+        )
+        response = request.exec()
+        if response.has_error():
+            return Rejected(f"the engine model failed: {response.error().message()}", "engine")
+        return pb.get_output_tensor_by_name(response, self.task.output).as_numpy()

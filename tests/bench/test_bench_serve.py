@@ -1,0 +1,68 @@
+"""The serving benchmark: a short real run on loopback, with the tiny run's engines standing
+in for the benchmark's (the figures are not checked, what they are made of is)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+pytest.importorskip("pytriton")
+
+
+@pytest.fixture(scope="module")
+def bench_engines(engines, tmp_path_factory):
+    """The layout the benchmark reads, made of the tiny run's engines: V1 and V2 as they are,
+    the V2 engine as the "merged" one and the single expert as every task's expert."""
+    from surgery_edge.engine_format import read_onnx_metadata
+
+    root = tmp_path_factory.mktemp("bench-engines")
+    source = engines["dir"]
+    (root / "v1.onnx").symlink_to(source / "surgery-all-tasks.onnx")
+    (root / "merged.onnx").symlink_to(source / "surgeryv2-routed.onnx")
+    for task in read_onnx_metadata(source / "surgeryv2-routed.onnx").tasks:
+        (root / f"expert-{task}.onnx").symlink_to(source / "single-expert.onnx")
+    (root / "v2.onnx").symlink_to(source / "surgeryv2-routed.onnx")
+    return root
+
+
+def test_a_short_serving_benchmark(bench_engines, tmp_path):
+    from surgery_edge.bench.serve import main
+
+    out = tmp_path / "out"
+    args = ["--engines", str(bench_engines), "--concurrency", "2", "--seconds", "0.4"]
+    args += ["--repeats", "2"]
+    record = main([*args, "--warmup-s", "0.2", "--arch", "micro-vit-16", "--out", str(out)])
+    results = record["results"]
+    points = {(r["workload"], r["config"], r["concurrency"]) for r in results}
+    assert len(points) == len(results) == 2 + 3  # two workloads, five configurations
+    for r in results:
+        assert r["errors"] == 0 and r["requests"] > 0, r
+        assert r["p50_ms"] <= r["p99_ms"]
+        assert len(r["rates"]) == 2 and r["seconds"] == pytest.approx(0.8)
+        assert r["requests_per_s"] == pytest.approx(statistics.median(r["rates"]), abs=0.1)
+        assert sum(r["rates"]) * 0.4 == pytest.approx(r["requests"], abs=1)
+        # the engine calls the counters saw hold the window's requests (give or take the
+        # requests in flight at its two ends)
+        calls_per_request = 3 if (r["workload"], r["config"]) == ("all-tasks", "experts") else 1
+        rows = sum(int(k) * v for k, v in r["batch_histogram"].items())
+        slack = 2 * r["concurrency"] * calls_per_request + 2
+        assert abs(rows - r["requests"] * calls_per_request) <= slack, r
+        assert r["server_rss_mb"] > r["models_rss_mb"] > 10
+    v1 = next(r for r in results if r["config"] == "v1")
+    assert v1["answers_per_request"] == 3 and set(v1["task_mix"]) == {"all"}
+    assert [t["concurrency"] for t in record["targets"]] == [2, 2]
+    stored = json.loads((out / "serve-micro-vit-16.json").read_text())
+    assert stored["loadavg_before"] and stored["command"].endswith(f"--out {out}")
+    text = (out / "serve-micro-vit-16.md").read_text()
+    assert "## Targets" in text and "V2 engine, routed" in text
+
+
+def test_a_partial_engine_folder_is_refused(bench_engines, tmp_path):
+    from surgery_edge.bench.serve import ServeBenchConfig, build_engines
+    from surgery_edge.errors import ConfigError
+
+    (tmp_path / "v2.onnx").symlink_to(bench_engines / "v2.onnx")
+    with pytest.raises(ConfigError, match="merged.onnx"):
+        build_engines(ServeBenchConfig(), tmp_path, print)

@@ -1,0 +1,192 @@
+"""Triton model repositories for the official container: parsed with Triton's own schema
+(``tritonclient.grpc.model_config_pb2``) and checked against the ONNX graph."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from cli_checks import user_error
+from google.protobuf import text_format
+from image_files import png_bytes
+from surgery_edge.cli.app import app
+from typer.testing import CliRunner
+
+from surgery_edge.engine_format import read_onnx_metadata
+from surgery_edge.errors import ExportError, SurgeryEdgeError
+from surgery_edge.export.triton import TritonOptions, validate_repository, write_repository
+
+pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+
+
+def parse(model_dir) -> pb2.ModelConfig:
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), pb2.ModelConfig())
+
+
+def graph_io(path) -> dict[str, tuple[str, list[int]]]:
+    """The ONNX graph's inputs and outputs: Triton dtype name and shape without the batch."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {1: "TYPE_FP32", 7: "TYPE_INT64"}
+    out = {}
+    for v in [*graph.input, *graph.output]:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        assert dims[0] == -1  # the batch
+        out[v.name] = (names[t.elem_type], dims[1:])
+    return out
+
+
+def config_io(config) -> dict[str, tuple[str, list[int]]]:
+    def shape(t):
+        return list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+
+    return {
+        t.name: (pb2.DataType.Name(t.data_type), shape(t)) for t in [*config.input, *config.output]
+    }
+
+
+def test_a_routed_engine_repository(engines, tmp_path):
+    engine = engines["dir"] / "surgeryv2-routed.onnx"
+    options = TritonOptions(name="v2", max_batch=16, preferred_batches=(4, 16),
+                            max_queue_delay_us=500, instances=2, accelerator_fp16=True)  # fmt: skip
+    model = write_repository(engine, tmp_path / "repo", options)
+    config = parse(model)
+    assert config.name == "v2" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config_io(config) == graph_io(engine)
+    task_ids = next(t for t in config.input if t.name == "task_ids")
+    assert list(task_ids.dims) == [1] and list(task_ids.reshape.shape) == []  # [1] per request
+    (group,) = config.instance_group
+    assert group.kind == pb2.ModelInstanceGroup.KIND_GPU and group.count == 2
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    meta = read_onnx_metadata(engine)
+    assert json.loads(config.parameters["surgery_edge"].string_value) == meta.to_dict()
+    labels = json.loads(config.parameters["task_labels"].string_value)
+    for task, names in zip(meta.tasks, meta.class_names):
+        assert (model / labels[task]).read_text().splitlines() == list(names)
+    assert (model / "1" / "model.onnx").read_bytes() == engine.read_bytes()
+    assert set(validate_repository(tmp_path / "repo")) == {"v2"}
+
+
+def test_an_all_tasks_engine_on_cpus_names_its_classes(engines, tmp_path):
+    engine = engines["dir"] / "surgery-all-tasks.onnx"
+    model = write_repository(engine, tmp_path, TritonOptions(kind="cpu"))
+    config = parse(model)
+    assert config.name == "surgery-all-tasks"  # the file's name
+    assert config_io(config) == graph_io(engine)
+    assert not config.HasField("optimization")  # the TensorRT accelerator is for GPUs
+    assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+    meta = read_onnx_metadata(engine)
+    for output, names in zip(config.output, meta.class_names):  # Triton's classification
+        assert (model / output.label_filename).read_text().splitlines() == list(names)
+
+
+def test_models_share_a_repository_and_are_replaced_whole(engines, tmp_path):
+    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="a"))
+    write_repository(engines["dir"] / "surgery-all-tasks.onnx", tmp_path, TritonOptions(name="b"))
+    write_repository(
+        engines["dir"] / "surgery-all-tasks.onnx", tmp_path, TritonOptions(name="a", max_batch=8)
+    )
+    configs = validate_repository(tmp_path)
+    assert set(configs) == {"a", "b"} and configs["a"].max_batch_size == 8
+    assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
+    assert [o.name for o in configs["a"].output][0].startswith("logits_")
+
+
+def test_weights_in_an_external_file_travel_with_the_graph(engines, tmp_path):
+    big = tmp_path / "src" / "big.onnx"
+    big.parent.mkdir()
+    proto = onnx.load(str(engines["dir"] / "surgeryv2-routed.onnx"))
+    onnx.save_model(proto, str(big), save_as_external_data=True, location="big.onnx.data",
+                    size_threshold=1024)  # fmt: skip
+    model = write_repository(big, tmp_path / "repo", TritonOptions(name="big"))
+    assert (model / "1" / "big.onnx.data").read_bytes() == (
+        big.parent / "big.onnx.data"
+    ).read_bytes()
+    from surgery_edge.runtime import load
+
+    (row,) = load(model / "1" / "model.onnx", device="cpu").predict(png_bytes(), task="shapes")
+    assert row.ok  # ONNX Runtime finds the weights beside the copied graph
+
+
+def test_validation_finds_a_config_that_does_not_fit_the_engine(engines, tmp_path):
+    model = write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path)
+    text = (model / "config.pbtxt").read_text()
+    (model / "config.pbtxt").write_text(text.replace("dims: [3, 16, 16]", "dims: [3, 32, 32]"))
+    with pytest.raises(ExportError, match=r"config.pbtxt.*inputs"):
+        validate_repository(tmp_path)
+    (model / "config.pbtxt").write_text(text.replace("max_batch_size", "max_batch"))
+    with pytest.raises(ExportError, match="not a valid Triton model config"):
+        validate_repository(tmp_path)
+    (model / "config.pbtxt").write_text(text)
+    next(model.glob("labels_*.txt")).write_text("cat\ndog\n")
+    with pytest.raises(ExportError, match="label file"):
+        validate_repository(tmp_path)
+
+
+def test_a_tensorrt_plan_takes_its_shapes_from_its_metadata(engines, tmp_path):
+    """No TensorRT here: a stand-in plan file with a real metadata sidecar checks the layout
+    (model.plan, platform tensorrt_plan) and the limit of the plan's optimisation profile."""
+    meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"stand-in for a serialized TensorRT engine")
+    (tmp_path / "engine.plan.json").write_text(json.dumps({**meta, "tensorrt": {"max_batch": 8}}))
+    with pytest.raises(SurgeryEdgeError, match="optimisation profile"):
+        write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=32))
+    model = write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
+    config = parse(model)
+    assert config.platform == "tensorrt_plan" and (model / "1" / "model.plan").is_file()
+    assert config_io(config) == graph_io(engines["dir"] / "surgeryv2-routed.onnx")
+    assert not config.HasField("optimization")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (TritonOptions(max_batch=0), "--max-batch"),
+        (TritonOptions(max_batch=4, preferred_batches=(8,)), "--preferred-batch"),
+        (TritonOptions(kind="tpu"), "instance kind"),
+        (TritonOptions(name="a/b"), "cannot name a Triton model"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(engines, tmp_path, options, match):
+    with pytest.raises(SurgeryEdgeError, match=match):
+        write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path / "repo", options)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_an_aoti_package_is_refused(tmp_path):
+    package = tmp_path / "engine.pt2"
+    package.write_bytes(b"PK")
+    with pytest.raises(ExportError, match="AOTInductor"):
+        write_repository(package, tmp_path / "repo")
+
+
+def test_the_triton_repo_command(engines, tmp_path):
+    engine = engines["dir"] / "surgery-all-tasks.onnx"
+    args = ["--name", "v1", "--kind", "cpu", "--preferred-batch", "8"]
+    result = CliRunner().invoke(app, ["triton-repo", str(engine), "--out", str(tmp_path), *args])
+    assert result.exit_code == 0, result.output
+    assert "tritonserver --model-repository" in result.output
+    assert list(validate_repository(tmp_path)["v1"].dynamic_batching.preferred_batch_size) == [8]
+    out = user_error(["triton-repo", str(engine), "--out", str(tmp_path), "--kind", "tpu"])
+    assert "tpu" in out
+    out = user_error(["triton-repo", str(tmp_path / "nope.onnx"), "--out", str(tmp_path)])
+    assert "does not exist" in out
+
+
+def test_export_writes_a_triton_repository(run, tmp_path):
+    """``export --triton-repo``: the run's engine, exported and placed in a repository."""
+    shutil.rmtree(tmp_path / "repo", ignore_errors=True)
+    args = ["export", "--run", str(run.layout.root), "--onnx", str(tmp_path / "e.onnx")]
+    args += ["--triton-repo", str(tmp_path / "repo"), "--triton-kind", "cpu", "--max-batch", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = validate_repository(tmp_path / "repo")["e"]
+    assert config.max_batch_size == 8 and list(config.dynamic_batching.preferred_batch_size) == [8]
+    assert config_io(config) == graph_io(tmp_path / "e.onnx")

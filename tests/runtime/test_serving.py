@@ -1,0 +1,331 @@
+"""Serving through Triton Inference Server (PyTriton): one real server for the module, loopback
+only, every wait bounded. The request handling is also tested without a server."""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from image_files import png_bytes, png_header
+from serving_checks import engine_inputs, free_ports, image_input, images
+
+from surgery_edge.errors import ExportError
+
+pytest.importorskip("pytriton")
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+TIMEOUT_S = 60  # any one request
+
+
+@pytest.fixture(scope="module")
+def predictors(engines):
+    from surgery_edge.runtime import load
+
+    return {
+        "engine": load(engines["dir"] / "surgeryv2-routed.onnx", device="cpu"),
+        "v1": load(engines["dir"] / "surgery-all-tasks.onnx", device="cpu"),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(engines):
+    """The V2 routed engine (with a model per task) and the V1 all-tasks engine, one server.
+
+    The queue delay is long (50 ms) so that concurrent requests surely meet in the batcher."""
+    from surgery_edge.runtime.serving import ServeOptions, Server
+
+    http, grpc, metrics = free_ports(3)
+    options = ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, max_batch=16,
+                           max_queue_delay_us=50_000, device="cpu", threads=1, top_k=3,
+                           startup_timeout_s=120, drain_timeout_s=5)  # fmt: skip
+    engines = {"engine": engines["dir"] / "surgeryv2-routed.onnx",
+               "v1": engines["dir"] / "surgery-all-tasks.onnx"}  # fmt: skip
+    with Server(engines, options) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    client = httpclient.InferenceServerClient(server.http_url, concurrency=32,
+                                              network_timeout=TIMEOUT_S)  # fmt: skip
+    yield client
+    client.close()
+
+
+def metric(server, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one Prometheus counter."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    found = re.findall(rf"^{name}\{{(.*)\}} (\S+)$", text, re.M)
+    return {labels: float(value) for labels, value in found}
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def test_health_readiness_and_metrics(server, http):
+    assert http.is_server_live() and http.is_server_ready()
+    assert sorted(server.models) == ["colours", "digits", "engine", "shapes", "v1"]
+    assert all(http.is_model_ready(m) for m in server.models)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    assert grpc.is_server_ready() and grpc.is_model_ready("engine")
+    assert grpc.get_model_metadata("engine").inputs[1].name == "task_ids"
+    grpc.close()
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert "nv_inference_request_success" in text
+
+
+def test_the_engine_model_answers_as_the_runtime_does(server, http, predictors):
+    x, ids = images(5), np.array([0, 1, 2, 1, 0])
+    want = predictors["engine"].routed_logits(x, ids)
+    got = http.infer("engine", engine_inputs(httpclient, x, ids)).as_numpy("logits")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    got = grpc.infer("engine", engine_inputs(grpcclient, x, ids)).as_numpy("logits")
+    grpc.close()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    every = predictors["v1"].all_task_logits(x)
+    answer = http.infer("v1", engine_inputs(httpclient, x, None))
+    for task, logits in zip(predictors["v1"].tasks, every):
+        np.testing.assert_allclose(answer.as_numpy(f"logits_{task}"), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_task_models_take_image_bytes(http, predictors):
+    encoded = [png_bytes(40, 30, (200, 30, 30)), png_bytes(17, 64, (30, 30, 220))]
+    for task in predictors["engine"].tasks:
+        answer = http.infer(task, image_input(httpclient, *encoded), parameters={"top_k": 2})
+        labels, probs = answer.as_numpy("labels"), answer.as_numpy("probs")
+        assert labels.shape == probs.shape == (2, 2)
+        for row, result in enumerate(predictors["engine"].predict(encoded, task=task)):
+            top = np.argsort(result[task].probs)[::-1][:2]
+            names = predictors["engine"].class_names[predictors["engine"].task_index(task)]
+            assert [b.decode() for b in labels[row]] == [names[i] for i in top]
+            np.testing.assert_allclose(probs[row], np.array(result[task].probs)[top], atol=1e-5)
+    default = http.infer("shapes", image_input(httpclient, encoded[0])).as_numpy("labels")
+    assert default.shape == (1, 3)  # the server's --top-k
+
+
+def test_requests_for_different_tasks_share_engine_calls(server, http, predictors):
+    """Concurrent requests for three tasks, to the routed engine and through the task models,
+    meet in Triton's dynamic batcher: engine calls hold several tasks."""
+    before = metric(server, "surgery_edge_engine_calls_total")
+    x = images(24, seed=3)
+    tasks = predictors["engine"].tasks
+
+    def ask(i: int):
+        if i % 2:
+            return http.async_infer("engine", engine_inputs(httpclient, x[i : i + 1], [i % 3]))
+        return http.async_infer(tasks[i % 3], image_input(httpclient, png_bytes(30 + i, 30)))
+
+    pending = [ask(i) for i in range(24)]
+    answers = [p.get_result(timeout=TIMEOUT_S) for p in pending]
+    want = predictors["engine"].routed_logits(x, np.arange(24) % 3)
+    for i in range(1, 24, 2):
+        np.testing.assert_allclose(answers[i].as_numpy("logits")[0], want[i], atol=1e-5)
+    after = metric(server, "surgery_edge_engine_calls_total")
+    new = {k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)}
+    engine_calls = {k: v for k, v in new.items() if 'model="engine"' in k}
+    rows = sum(int(re.search(r'rows="(\d+)"', k)[1]) * v for k, v in engine_calls.items())
+    assert rows == 24  # every request reached the engine once, its task-model ones by BLS
+    mixed = [k for k in engine_calls if int(re.search(r'tasks="(\d+)"', k)[1]) >= 2]
+    assert mixed, f"no engine call held more than one task: {engine_calls}"
+
+
+def test_a_bad_request_fails_alone(server, http, predictors):
+    """Bad requests sent together with good ones, so that they share batches: each bad one
+    gets its own error (HTTP 400), every good one its answer, and the server stays ready."""
+    x = images(4, seed=5)
+    good = [("engine", engine_inputs(httpclient, x[i : i + 1], [i % 3])) for i in range(4)]
+    nan = x[:1].copy()
+    nan[0, 0, 0, 0] = np.nan
+    bad = {
+        "task id out of range": ("engine", engine_inputs(httpclient, x[:1], [3]), "out of range"),
+        "negative task id": ("engine", engine_inputs(httpclient, x[:1], [-1]), "out of range"),
+        "non-finite images": ("engine", engine_inputs(httpclient, nan, [0]), "NaN"),
+        "corrupt bytes": ("digits", image_input(httpclient, b"\x89PNG garbage"), "not a readable"),
+        "bomb": ("shapes", image_input(httpclient, png_header(50000, 50000)), "max_pixels"),
+        "empty bytes": ("colours", image_input(httpclient, b""), "empty"),
+        "unknown task": ("sunsets", image_input(httpclient, png_bytes()), "unknown model"),
+    }  # fmt: skip
+    wrong_shape = httpclient.InferInput("images", [1, 3, 8, 8], "FP32")
+    wrong_shape.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
+    wrong_dtype = httpclient.InferInput("images", [1, 3, 16, 16], "FP64")
+    wrong_dtype.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float64))
+    empty = httpclient.InferInput("images", [0, 3, 16, 16], "FP32")
+    empty.set_data_from_numpy(np.zeros((0, 3, 16, 16), np.float32))
+    bad["wrong shape"] = ("v1", [wrong_shape], "unexpected shape")
+    bad["wrong dtype"] = ("v1", [wrong_dtype], "FP64")
+    bad["empty batch"] = ("v1", [empty], "expected")
+
+    def result(pending):
+        try:
+            return pending.get_result(timeout=TIMEOUT_S)
+        except InferenceServerException as e:
+            return e
+
+    jobs = [*good, *((m, i) for m, i, _ in bad.values())]
+    results = [result(p) for p in [http.async_infer(m, i) for m, i in jobs]]
+    want = predictors["engine"].routed_logits(x, np.arange(4) % 3)
+    for i, answer in enumerate(results[: len(good)]):
+        assert not isinstance(answer, Exception), answer
+        np.testing.assert_allclose(answer.as_numpy("logits")[0], want[i], atol=1e-5)
+    for (what, (_, _, message)), answer in zip(bad.items(), results[len(good) :]):
+        assert isinstance(answer, InferenceServerException), what
+        assert message.lower() in answer.message().lower(), (what, answer.message())
+        assert answer.status() in ("400", "404"), (what, answer.status())
+    assert "Traceback" not in " ".join(str(r) for r in results)
+    rejected = metric(server, "surgery_edge_rejected_requests_total")
+    assert any('reason="task_id"' in k for k in rejected)
+    assert any('reason="too_large"' in k for k in rejected)
+    # the server is healthy and answers the next good request
+    assert http.is_server_ready() and all(http.is_model_ready(m) for m in server.models)
+    answer = http.infer("engine", engine_inputs(httpclient, x[:1], [2]))
+    want = predictors["engine"].routed_logits(x[:1], np.array([2]))
+    np.testing.assert_allclose(answer.as_numpy("logits"), want, atol=1e-5)
+
+
+# --- the repository and the request handling, without a server ------------------------------
+
+
+def test_the_serving_repository_is_valid_triton_config(engines, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as pb2
+
+    from surgery_edge.runtime.serving import ServeOptions, serving_repository
+
+    options = ServeOptions(max_batch=8, preferred_batches=(4,), instances=2, device="cpu")
+    metas = serving_repository(
+        {"engine": engines["dir"] / "surgeryv2-routed.onnx"}, tmp_path, options
+    )
+    assert list(metas) == ["engine"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["engine", *metas["engine"].tasks])
+    for name in names:
+        config = text_format.Parse(
+            (tmp_path / name / "config.pbtxt").read_text(), pb2.ModelConfig()
+        )
+        assert config.name == name and config.backend == "python" and config.max_batch_size == 8
+        assert list(config.dynamic_batching.preferred_batch_size) == [4]
+        assert "TritonPythonModel" in (tmp_path / name / "1" / "model.py").read_text()
+    engine = text_format.Parse(
+        (tmp_path / "engine" / "config.pbtxt").read_text(), pb2.ModelConfig()
+    )
+    assert engine.instance_group[0].count == 2
+    assert [i.name for i in engine.input] == ["images", "task_ids"]
+    assert list(engine.input[0].dims) == [3, 16, 16]
+
+
+def test_serving_refuses_bad_engines_and_options(engines, tmp_path):
+    from surgery_edge.runtime.serving import ServeOptions, Server, serving_repository
+
+    with pytest.raises(ExportError, match="does not exist"):
+        serving_repository({"engine": tmp_path / "nope.onnx"}, tmp_path / "r", ServeOptions())
+    routed = engines["dir"] / "surgeryv2-routed.onnx"
+    with pytest.raises(ExportError, match="name of an engine model"):
+        serving_repository({"engine": routed, "digits": routed}, tmp_path / "r2", ServeOptions())
+    for options, match in [
+        (ServeOptions(http_port=8000, grpc_port=8000), "must differ"),
+        (ServeOptions(max_batch=0), "--max-batch"),
+        (ServeOptions(drain_timeout_s=60), "--drain-timeout-s"),
+        (ServeOptions(name="a b"), "cannot name a Triton model"),
+        (ServeOptions(max_pixels=0), "max_pixels"),
+    ]:
+        with pytest.raises(ExportError, match=match):
+            Server(routed, options)
+
+
+def test_a_busy_port_is_named(engines):
+    from surgery_edge.runtime.serving import ServeOptions, Server
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        http, metrics = free_ports(2)
+        options = ServeOptions(http_port=http, grpc_port=port, metrics_port=metrics)
+        with pytest.raises(ExportError, match=rf"Port {port} .* --grpc-port"):
+            Server(engines["dir"] / "surgeryv2-routed.onnx", options).start()
+
+
+def test_engine_requests_answer_each_request_on_its_own(predictors):
+    from surgery_edge.runtime.triton_models import EngineRequests, Rejected
+
+    handler = EngineRequests(predictors["engine"].backend)
+    x = images(6, seed=7)
+    requests = [
+        {"images": x[:2], "task_ids": np.array([[0], [2]])},
+        {"images": x[2:3], "task_ids": np.array([[7]])},
+        {"images": x[3:3], "task_ids": np.zeros((0, 1), np.int64)},
+        {"images": x[3:6], "task_ids": np.array([[1], [1], [0]])},
+    ]
+    answers = handler.run(requests)
+    assert [type(a).__name__ for a in answers] == ["dict", "Rejected", "Rejected", "dict"]
+    assert answers[1].reason == "task_id" and answers[2].reason == "empty"
+    want = predictors["engine"].routed_logits(x[[0, 1, 3, 4, 5]], np.array([0, 2, 1, 1, 0]))
+    np.testing.assert_allclose(np.concatenate([answers[0]["logits"], answers[3]["logits"]]), want,
+                               atol=1e-6)  # fmt: skip
+    assert handler.last_rows == 5 and sorted(handler.last_tasks.tolist()) == [0, 0, 1, 1, 2]
+    assert isinstance(
+        handler.check({"images": x[:1].astype(np.float64), "task_ids": np.zeros(1)}), Rejected
+    )
+
+
+def test_task_requests_decode_with_the_engines_preprocessing(predictors):
+    from surgery_edge.runtime.preprocess import preprocess
+    from surgery_edge.runtime.triton_models import Rejected, TaskRequests
+
+    meta = predictors["engine"].meta
+    task = TaskRequests(meta, "shapes", top_k=3, max_pixels=10_000)
+    encoded = png_bytes(50, 20)
+    np.testing.assert_array_equal(task.decode(np.array([[encoded]], dtype=object)),
+                                  preprocess([encoded], meta.preprocessing))  # fmt: skip
+    too_big = task.decode(np.array([[png_bytes(200, 200)]], dtype=object))
+    assert isinstance(too_big, Rejected) and too_big.reason == "too_large"
+    assert isinstance(task.requested_top_k({"top_k": 0}), Rejected)
+    assert task.requested_top_k({}) == 3 and task.requested_top_k({"top_k": 6}) == 6
+    answer = task.answer(np.array([[0.0, 3.0, 1.0, -1.0, 2.0, 0.5, -np.inf]]), 2)
+    assert answer["labels"].tolist() == [[b"triangle", b"star"]]
+    assert answer["classes"].tolist() == [[1, 4]] and answer["probs"].dtype == np.float32
+    with pytest.raises(ExportError, match="not one of"):
+        TaskRequests(meta, "sunsets", 3, 100)
+
+
+def test_the_stub_gets_this_interpreters_libpython():
+    import sysconfig
+
+    from surgery_edge.runtime.serving import stub_environment
+    from surgery_edge.runtime.triton_models import check_interpreter
+
+    env = stub_environment({"LD_LIBRARY_PATH": "/opt/x:" + str(sysconfig.get_config_var("LIBDIR"))})
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        first, *rest = env["LD_LIBRARY_PATH"].split(":")
+        assert first == sysconfig.get_config_var("LIBDIR") and rest == ["/opt/x"]
+    else:
+        assert env == {}
+    check_interpreter({"python_version": __import__("platform").python_version()})
+    with pytest.raises(ExportError, match="another libpython"):
+        check_interpreter({"python_version": "3.11.2-other"})
+
+
+def test_serving_and_the_repository_writer_need_no_torch():
+    """The stub processes import the runtime's Triton models; the repository writer runs where
+    only the engine file is: neither may pull in torch (or the ONNX exporter)."""
+    import subprocess
+    import sys
+
+    script = (
+        'import sys; sys.modules["torch"] = None\n'
+        "import surgery_edge.runtime.serving, surgery_edge.runtime.triton_models\n"
+        "import surgery_edge.export.triton\n"
+        "print(sorted(m for m, v in sys.modules.items()\n"
+        '             if v and m.split(".")[0] in ("torch", "triton")))'
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
