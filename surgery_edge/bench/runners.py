@@ -160,29 +160,31 @@ class TensorRTRunner:
         self.backend = TensorRTBackend(engine, device="cuda")
 
     def prepare(self, images: torch.Tensor, task_ids: torch.Tensor | None) -> Callable[[], Any]:
+        """A callable that runs the engine on this batch from device buffers bound once, in an
+        execution context of its own (contestants sharing an engine do not rebind each other's
+        buffers). It reads the backend's engine, tensor dtypes and output names."""
         b = self.backend
+        context = b.engine.create_execution_context()
         feeds = {"images": images.float()}
         if b.meta.mode is EngineMode.ROUTED:
             feeds["task_ids"] = task_ids
-        keep = []  # the bound buffers live as long as the callable
+        buffers = {}  # live as long as the callable
         for name, t in feeds.items():
-            t = t.to("cuda", b._torch_dtype(name)).contiguous()
-            b.context.set_input_shape(name, tuple(t.shape))
-            b.context.set_tensor_address(name, t.data_ptr())
-            keep.append(t)
-        outputs = {}
+            buffers[name] = t.to("cuda", b._torch_dtype(name)).contiguous()
+            context.set_input_shape(name, tuple(buffers[name].shape))
+            context.set_tensor_address(name, buffers[name].data_ptr())
         for name in b._outputs:
-            shape = tuple(b.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=b._torch_dtype(name), device="cuda")
-            b.context.set_tensor_address(name, outputs[name].data_ptr())
-        logits = [outputs[n] for n in b.meta.outputs if n.startswith("logits")]
+            shape = tuple(context.get_tensor_shape(name))
+            buffers[name] = torch.empty(shape, dtype=b._torch_dtype(name), device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        logits = [buffers[n] for n in b.meta.outputs if n.startswith("logits")]
 
         def run() -> list[torch.Tensor]:
-            if not b.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
                 raise RuntimeError(f"TensorRT failed to run {b.path}")
             return logits
 
-        run.keep = keep
+        run.buffers, run.context = buffers, context
         return run
 
 
