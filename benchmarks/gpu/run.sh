@@ -6,7 +6,8 @@
 #
 # Once, before the call, in the root of the checkout the device tool sends (the main checkout),
 # fetch the wheels the GPU image lacks (pinned in benchmarks/gpu/wheels.txt; .whl/ is ignored
-# by git through .gitignore):
+# by git through .gitignore; in a checkout whose .gitignore predates that, run
+# `echo /.whl/ >> .git/info/exclude` first, so that they are never committed):
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
