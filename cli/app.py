@@ -96,10 +96,11 @@ app.add_typer(import_app, name="import")
 )
 @user_errors
 def bench(ctx: typer.Context):
-    """Benchmark the engine against eight separate experts (`bench --help` lists the options).
+    """Benchmark the engines against eight experts on the same paths (`bench --help` lists
+    the options).
 
-    Example: surgery-edge bench --quick --out /tmp/bench (a smoke run, ~30 s on a CPU);
-    surgery-edge bench --archs ViT-B-32 --batches 1 8 32 --out benchmarks/results/h100
+    Example: surgery-edge bench --quick --out /tmp/bench (a smoke run, about a minute on a CPU);
+    surgery-edge bench --archs ViT-B-32 --batches 1 8 64 --out benchmarks/results/h200
     """
     from surgery_edge.bench.engine import main as run_bench  # deferred: imports torch
 

@@ -1,15 +1,21 @@
 """Benchmarks as a library: ``benchmarks/*.py`` and ``surgery-edge bench`` are thin entry points.
 
-* :mod:`~surgery_edge.bench.timing`: warm-up, repeated calls, synchronisation, CUDA graphs;
-* :mod:`~surgery_edge.bench.flops`: analytical FLOP counts and weight bytes;
-* :mod:`~surgery_edge.bench.env`: the environment stored with every result;
+* :mod:`~surgery_edge.bench.timing`: interleaved rounds of ``torch.utils.benchmark``, CUDA graphs;
+* :mod:`~surgery_edge.bench.flops`: analytical FLOP counts, bytes moved and weight bytes;
+* :mod:`~surgery_edge.bench.roofline`: the device's peaks, measured rates, roofline times;
+* :mod:`~surgery_edge.bench.env`: the environment stored with every result (threads, load,
+  caches, driver);
 * :mod:`~surgery_edge.bench.report`: the JSON record writer, Markdown tables, the engine report
-  (with :mod:`~surgery_edge.bench.ratios` and :mod:`~surgery_edge.bench.plots`);
-* :mod:`~surgery_edge.bench.engine`: the engine against eight experts (its configurations and
-  models in :mod:`~surgery_edge.bench.workloads`, its paths in :mod:`~surgery_edge.bench.runners`);
+  (with :mod:`~surgery_edge.bench.ratios`, the ratios beside their ceilings, and
+  :mod:`~surgery_edge.bench.plots`);
+* :mod:`~surgery_edge.bench.engine`: the engines against eight experts on the same paths (its
+  configurations and models in :mod:`~surgery_edge.bench.workloads`, its paths in
+  :mod:`~surgery_edge.bench.runners`, peak memory per configuration in a process of its own in
+  :mod:`~surgery_edge.bench.memory`);
 * :mod:`~surgery_edge.bench.kernels`, :mod:`~surgery_edge.bench.training`,
   :mod:`~surgery_edge.bench.decode`, :mod:`~surgery_edge.bench.onnx_sizes`: the fused kernel,
-  surgery training speed, dataset decoding, ONNX file sizes.
+  surgery training speed, dataset decoding, ONNX file sizes;
+* :mod:`~surgery_edge.bench.gpu`: the GPU run (``benchmarks/gpu/run.sh``), every step budgeted.
 
 Each benchmark module has a ``main(argv)``. Importing any of them imports neither Triton nor
 matplotlib nor onnxruntime, and does not initialise CUDA.

@@ -1,47 +1,46 @@
-"""The multi-task engine against eight separate experts: latency, throughput, memory, TFLOP/s.
+"""The multi-task engine against eight experts: latency, throughput, ceilings, memory.
 
-Every configuration (:mod:`surgery_edge.bench.workloads`: ``experts``, ``merged``, ``surgery``,
-``surgeryv2``) answers every task it is asked about, for every image, through the paths that
-apply on the device:
+Every configuration (:mod:`surgery_edge.bench.workloads`: the engines ``merged``, ``surgery``,
+``surgeryv2``; the baselines ``experts``, ``experts-concurrent``, ``experts-vmap``; and
+``one-expert``) answers every task it is asked about, for every image, through each path that
+applies on the device; the baselines run on the same paths as the engines:
 
-* ``eager``: the PyTorch reference path;
-* ``fused``: the Triton path (``MultiTaskModel.fused``; engines only, CUDA only: never timed
-  under the Triton CPU interpreter);
-* ``compile``: ``torch.compile`` (mode default; one compiled function per workload, shared by
-  the batch sizes, so PyTorch's automatic dynamic shapes apply; for the experts one compiled
-  encoder forward that all eight share); a failure is recorded, not fatal;
-* ``cuda-graph`` / ``fused+cuda-graph``: the eager / fused path captured once per batch size in a
-  ``torch.cuda.CUDAGraph`` and replayed (CUDA only);
-* ``onnxruntime``: ``surgery_edge.export.onnx.export_onnx(model, path, mode, fp16)`` opened by the
-  runtime's ``OnnxBackend`` (engines and the merged model; marked unavailable when onnxruntime,
-  or its CUDA execution provider on a GPU, is missing).
+* ``eager``: PyTorch;
+* ``fused``: the Triton path (``MultiTaskModel.fused``; engines only, CUDA only);
+* ``compile``: ``torch.compile`` (mode default; one compiled function per workload, shared by the
+  batch sizes; for the experts one compiled encoder that all eight share);
+* ``cuda-graph`` / ``fused+cuda-graph``: captured once per batch size and replayed (CUDA only);
+* ``onnxruntime``: ``export_onnx`` opened by the runtime's ``OnnxBackend`` (the experts as eight
+  one-task engines);
+* ``tensorrt``: ``build_engine`` from that ONNX (where TensorRT is installed).
 
-Figures per (config, mode, path, batch): median and p90 latency (CUDA events after warm-up on
-the GPU, ``time.perf_counter`` on the CPU), throughput in task-answers per second (B x T per
-call for all-tasks, B for routed), peak GPU memory (``torch.cuda.max_memory_allocated`` after a
-reset; it includes the resident weights), the weight bytes the configuration holds (eight
-experts = 8 x (encoder + head); engine = one encoder + adapters + stacked heads), achieved
-TFLOP/s (FLOPs counted analytically: :mod:`surgery_edge.bench.flops`) and its fraction of the
-device's dense peak (``--peak-tflops``; null on the CPU), and the largest absolute difference
-from the eager output. fp16 on the GPU, fp32 on the CPU.
+A path that fails is recorded, not fatal. Each (mode, batch) is a group: its contestants are
+built, checked against eager, then timed in interleaved rounds (``--rounds``) of
+``torch.utils.benchmark`` blocks (:mod:`surgery_edge.bench.timing`); a row holds the median and
+the quartiles over rounds. The results are rewritten after every group, so an interrupted run
+keeps what it measured; ``--budget-s`` stops starting groups once spent. Peak memory is measured
+afterwards, one process per (configuration, mode, path) (:mod:`surgery_edge.bench.memory`).
+Ratios are same-runtime or best-vs-best only, each beside its ceiling
+(:mod:`surgery_edge.bench.ratios`). fp16 on the GPU, fp32 on the CPU.
 
 Usage::
 
     surgery-edge bench --quick --out /tmp/bench            # a smoke run, ~30 s on a CPU
-    python benchmarks/bench_engine.py --device cpu --archs tiny-vit-32 --batches 1 8 32 \\
+    python benchmarks/bench_engine.py --device cpu --archs tiny-vit-32 --threads 2 \\
         --out benchmarks/results/cpu
-    python benchmarks/bench_engine.py --archs ViT-B-32 --out benchmarks/results/h100   # CUDA
+    python benchmarks/bench_engine.py --archs ViT-B-32 --out benchmarks/results/h200   # CUDA
 
-Outputs, per architecture, under ``--out``: ``engine-<arch>.json`` (device, versions, the exact
-command, every result, derived ratios), ``engine-<arch>.md`` (the table, also printed),
-``engine-<arch>-latency.png`` (latency vs batch per configuration) and
-``engine-<arch>-weights.png`` (weight memory).
+Outputs, per architecture, under ``--out``: ``engine-<arch>.json`` (device, versions, threads,
+load, caches, measured device rates, the exact command, every result, derived ratios),
+``engine-<arch>.md`` (the tables, also printed) and, at the end, ``engine-<arch>-latency.png``
+and ``engine-<arch>-weights.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import sys
 import tempfile
@@ -53,23 +52,28 @@ from pathlib import Path
 
 import torch
 
-from surgery_edge.bench.flops import module_bytes, task_classes, workload_flops
-from surgery_edge.bench.report import command_line, write_outputs
-from surgery_edge.bench.runners import Workload, max_abs_err, unavailable_reason
-from surgery_edge.bench.timing import measure, sync
+from surgery_edge.bench.env import load_average, machine_is_loaded
+from surgery_edge.bench.flops import module_bytes, task_classes, workload_bytes, workload_flops
+from surgery_edge.bench.memory import MemorySpec, run_children
+from surgery_edge.bench.report import Previous, command_line, write_outputs
+from surgery_edge.bench.roofline import H200_FP16_TFLOPS, measure_rates
+from surgery_edge.bench.runners import EXPERT_CONFIGS, ArchBench, Workload, max_abs_err
+from surgery_edge.bench.runners import unavailable_reason as path_unavailable
+from surgery_edge.bench.timing import Contestant, interleaved, sync
 from surgery_edge.bench.workloads import (
-    CONFIG_MODES,
     CONFIGS,
     DTYPES,
-    H100_SXM_FP16_TFLOPS,
+    ENGINES,
     MODES,
     PATHS,
     EngineBenchConfig,
     EngineResult,
     Inputs,
     Parts,
+    answers_per_call,
     applicable,
-    build,
+    build_all,
+    config_modes,
     plan_paths,
 )
 from surgery_edge.models import get_arch
@@ -79,180 +83,340 @@ DEFAULTS = {
     "archs": (["tiny-vit-32", "ViT-B-32", "ViT-L-14"], ["tiny-vit-32"], ["micro-vit-16"]),
     "batches": ([1, 8, 32, 64, 128], [1, 8, 32], [1, 4]),
     "paths": (list(PATHS), list(PATHS), ["eager", "onnxruntime"]),
-    "warmup": (10, 3, 1),
-    "iters": (100, 20, 3),
-    "min_iters": (5, 5, 1),
-    "max_seconds": (2.0, 2.0, 0.5),
+    "rounds": (10, 7, 3),
+    "block_seconds": (0.05, 0.1, 0.01),
+    "memory_paths": (["eager"], ["eager", "onnxruntime"], []),
 }
+Log = Callable[[str], None]
+SAME_AS_EXPERTS = ("experts-concurrent", "experts-vmap")  # the experts' outputs, computed otherwise
 
 
 def run_engine_bench(
     config: EngineBenchConfig,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
     verbose: bool = False,
+    on_group: Callable[[list[EngineResult]], None] | None = None,
 ) -> list[EngineResult]:
     """Run every (architecture, configuration, mode, path, batch) of ``config``.
 
     Args:
         config: what to run and how to time it.
-        log: called with one line per measurement (and per failure).
+        log: called with one line per measurement (and per failure, and warnings).
         verbose: also log the traceback of a path that fails.
+        on_group: called with every result so far after each group (to write them).
 
     Returns:
         One :class:`EngineResult` per planned combination, including the paths that were
-        unavailable here or failed (with the reason), in a stable order.
+        unavailable here, failed (with the reason) or skipped by the budget, in a stable order.
     """
     log = log or (lambda msg: None)
     device = torch.device(config.device)
+    saved_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     paths = plan_paths(config.paths)
-    unavailable = {p: unavailable_reason(p, device) for p in paths}
+    unavailable = {p: path_unavailable(p, device, config.time_interpreter) for p in paths}
     results: list[EngineResult] = []
+    deadline = None if config.budget_s is None else time.perf_counter() + config.budget_s
     # past its recompile limit dynamo would silently run eager code: make that a recorded failure
     dynamo = torch._dynamo.config
     strict = hasattr(dynamo, "fail_on_recompile_limit_hit")
-    with dynamo.patch(fail_on_recompile_limit_hit=True) if strict else contextlib.nullcontext():
-        for arch_name in config.archs:
-            results += _bench_arch(config, arch_name, paths, unavailable, log, verbose)
+    try:
+        with dynamo.patch(fail_on_recompile_limit_hit=True) if strict else contextlib.nullcontext():
+            for arch_name in config.archs:
+                run = _ArchRun(config, arch_name, paths, unavailable, log, verbose, deadline)
+                run.bench_all(results, on_group or (lambda rows: None))
+    finally:
+        torch.set_num_threads(saved_threads)
     return results
 
 
-def _bench_arch(
-    config: EngineBenchConfig,
-    arch_name: str,
-    paths: list[str],
-    unavailable: dict[str, str | None],
-    log: Callable[[str], None],
-    verbose: bool,
-) -> list[EngineResult]:
-    """Every configuration of one architecture, each built, timed and freed in turn."""
-    device, dtype = torch.device(config.device), DTYPES[config.resolved_dtype()]
-    results: list[EngineResult] = []
-    arch = get_arch(arch_name)
-    parts = Parts.random(arch, config.num_tasks, config.seed)
-    for name in config.configs:
-        rank = config.resolved_rank(arch_name, name)
-        model = build(parts, name, rank, device, dtype)
-        log(f"{arch_name} {name}: {module_bytes(model) / 2**20:.1f} MiB of weights")
-        for mode in (m for m in CONFIG_MODES[name] if m in config.modes):
-            with tempfile.TemporaryDirectory() as tmp:
-                work = Workload(arch, model, name, mode, rank, device, Path(tmp))
-                for path in (p for p in paths if applicable(p, name)):
-                    for batch in config.batches:
-                        results.append(
-                            _bench_one(config, work, path, batch, unavailable[path], log, verbose)
-                        )
-        del model
+class _ArchRun:
+    """The groups of one architecture: its models built once, timed group by group."""
+
+    def __init__(
+        self,
+        config: EngineBenchConfig,
+        arch_name: str,
+        paths: list[str],
+        unavailable: dict[str, str | None],
+        log: Log,
+        verbose: bool,
+        deadline: float | None,
+    ):
+        self.config, self.paths, self.unavailable = config, paths, unavailable
+        self.log, self.verbose, self.deadline = log, verbose, deadline
+        self.arch = get_arch(arch_name)
+        self.device, self.dtype = torch.device(config.device), DTYPES[config.resolved_dtype()]
+        self.threads = torch.get_num_threads()
+        self.classes = task_classes(self.arch, config.num_tasks)
+
+    def over_budget(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def bench_all(self, results: list[EngineResult], on_group: Callable) -> None:
+        cfg, arch = self.config, self.arch
+        parts = Parts.random(arch, cfg.num_tasks, cfg.seed)
+        ranks = {c: cfg.resolved_rank(arch.name, c) for c in cfg.configs}
+        models = build_all(parts, cfg.configs, ranks, self.device, self.dtype)
+        for name, model in models.items():
+            self.log(f"{arch.name} {name}: {module_bytes(model) / 2**20:.1f} MiB of weights")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            bench = ArchBench(
+                arch,
+                parts.tasks,
+                self.device,
+                self.dtype,
+                folder,
+                self.threads,
+                max(cfg.batches),
+                cfg.compile_backend,
+            )
+            works = [
+                Workload(bench, models[c], c, m, ranks[c])
+                for c in cfg.configs
+                for m in config_modes(c)
+                if m in cfg.modes
+            ]
+            try:
+                for batch in cfg.batches:
+                    for mode in (m for m in MODES if m in cfg.modes):
+                        group = [w for w in works if w.mode == mode]
+                        if group:
+                            results += self.bench_group(group, batch)
+                            on_group(results)
+                self.attach_memory(results, works, bench)
+                on_group(results)
+            finally:
+                bench.close()
+        del models, works
         gc.collect()
-        torch.compiler.reset()  # frees the compiled graphs that hold the model
-        if device.type == "cuda":
+        torch.compiler.reset()  # frees the compiled graphs that hold the models
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-    return results
+
+    # --- one group: every contestant of one mode at one batch size ----------------------------
+
+    def row(self, work: Workload, path: str, batch: int, x: Inputs, **fields) -> EngineResult:
+        cfg, arch = self.config, self.arch
+        ids = x.task_ids.tolist()
+        weights = module_bytes(work.model)
+        elt = self.dtype.itemsize
+        answers = answers_per_call(work.config, work.mode, batch, cfg.num_tasks)
+        flops = workload_flops(arch, work.config, work.mode, ids, self.classes, work.rank)
+        base = dict(
+            arch=arch.name,
+            config=work.config,
+            mode=work.mode,
+            path=path,
+            batch=batch,
+            dtype=cfg.resolved_dtype(),
+            rank=work.rank if work.config in ENGINES else None,
+            answers_per_call=answers,
+            flops_per_call=flops,
+            bytes_per_call=workload_bytes(
+                arch, work.config, work.mode, ids, self.classes, weights, elt
+            ),
+            weight_bytes=weights,
+            threads=work.threads,
+            workers=work.workers,
+            timer=None,
+            rounds=0,
+            calls_per_block=0,
+            median_ms=None,
+            q1_ms=None,
+            q3_ms=None,
+            answers_per_s=None,
+            tflops=None,
+            peak_fraction=None,
+            load_avg_1m=None,
+            setup_s=None,
+            max_abs_err_vs_eager=None,
+            reason=None,
+        )
+        return EngineResult(**{**base, **fields})
+
+    def bench_group(self, works: list[Workload], batch: int) -> list[EngineResult]:
+        """Build and check every contestant of the group, then time them interleaved."""
+        cfg, log, mode = self.config, self.log, works[0].mode
+        x = Inputs.make(self.arch, batch, cfg.num_tasks, self.device, self.dtype)
+        planned = [(w, p) for w in works for p in self.paths if applicable(p, w.config)]
+        if self.over_budget():
+            reason = f"the time budget of {cfg.budget_s:g} s was spent"
+            return [self.row(w, p, batch, x, status="skipped", reason=reason) for w, p in planned]
+        load = load_average()
+        log(f"{self.arch.name} {mode} B={batch}: {len(planned)} contestants (load {load})")
+        rows: dict[tuple[str, str], EngineResult] = {}
+        contestants, ready = [], {}
+        by_config = {w.config: w for w in works}
+        references: dict[str, object] = {}
+        for work, path in planned:
+            key = (work.config, path)
+            # the concurrent and vmapped experts are checked against the sequential experts
+            reference = by_config.get("experts") if work.config in SAME_AS_EXPERTS else None
+            status = self.prepare(work, path, batch, x, references, reference or work)
+            if isinstance(status, EngineResult):
+                rows[key] = status
+                continue
+            fn, setup, err = status
+            contestants.append(Contestant(key, fn, work.threads))
+            ready[key] = (work, setup, err)
+        samples, failed = interleaved(contestants, self.device, cfg.rounds, cfg.block_seconds)
+        peak = cfg.peak_tflops if self.device.type == "cuda" else None
+        for key, (work, setup, err) in ready.items():
+            if key in failed:
+                reason = _short(failed[key])
+                log(f"  {key[0]} {mode} {key[1]} B={batch}: failed while timed: {reason}")
+                rows[key] = self.row(work, key[1], batch, x, status="failed", reason=reason)
+                continue
+            s = samples[key]
+            answers = answers_per_call(work.config, mode, batch, cfg.num_tasks)
+            r = self.row(
+                work,
+                key[1],
+                batch,
+                x,
+                status="ok",
+                timer=s.timer,
+                rounds=len(s.ms),
+                calls_per_block=s.calls_per_block,
+                median_ms=s.median,
+                q1_ms=s.q1,
+                q3_ms=s.q3,
+                load_avg_1m=None if load is None else load[0],
+                setup_s=setup,
+                max_abs_err_vs_eager=err,
+            )
+            tflops = r.flops_per_call / (s.median * 1e-3) / 1e12
+            rows[key] = dataclasses.replace(
+                r,
+                answers_per_s=answers / (s.median * 1e-3),
+                tflops=tflops,
+                peak_fraction=None if peak is None else tflops / peak,
+            )
+            spread = "" if s.spread <= 0.1 else f"  (spread {100 * s.spread:.0f}%)"
+            log(
+                f"  {work.config:18s} {mode:9s} {key[1]:16s} B={batch:<4d} {s.median:9.3f} ms "
+                f"{answers / (s.median * 1e-3):12.1f} answers/s{spread}"
+            )
+        if machine_is_loaded(self.threads):
+            log(f"  warning: the machine is loaded ({load_average()}): timings are unreliable")
+        return [rows[(w.config, p)] for w, p in planned]
+
+    def prepare(
+        self,
+        work: Workload,
+        path: str,
+        batch: int,
+        x: Inputs,
+        references: dict[str, object],
+        reference: Workload,
+    ):
+        """The contestant's callable (run once, checked against ``reference``'s eager output),
+        or the row saying why it is not timed."""
+        fail = partial(self.row, work, path, batch, x)
+        if self.unavailable[path] is not None:
+            return fail(status="unavailable", reason=self.unavailable[path])
+        if path in work.sticky_error:
+            return fail(status="failed", reason=work.sticky_error[path])
+        try:
+            with torch.inference_mode():
+                if reference.config not in references:
+                    references[reference.config] = reference.call()(x)
+                start = time.perf_counter()
+                fn = work.prepare(path, x)
+                output = fn()
+                sync(self.device)
+                setup = time.perf_counter() - start
+        except Exception as e:  # a path that fails is recorded; the others still run
+            reason = _short(e)
+            if path == "compile":
+                reason = work.sticky_error[path] = f"torch.compile failed: {reason}"
+            if path in ("onnxruntime", "tensorrt") and work.onnx is None and work.trt is None:
+                reason = work.sticky_error[path] = f"export or session failed: {reason}"
+            self.log(f"  {work.config} {work.mode} {path} B={batch}: failed: {reason}")
+            if self.verbose:
+                self.log(traceback.format_exc())
+            return fail(status="failed", reason=reason)
+        own = path == "eager" and reference is work
+        err = None if own else max_abs_err(output, references[reference.config])
+        return fn, None if path == "eager" else setup, err
+
+    # --- peak memory, one process per (configuration, mode, path) -----------------------------
+
+    def attach_memory(
+        self, results: list[EngineResult], works: list[Workload], bench: ArchBench
+    ) -> None:
+        cfg = self.config
+        specs = []
+        for work in works:
+            if cfg.memory_configs is not None and work.config not in cfg.memory_configs:
+                continue
+            for path in cfg.memory_paths:
+                where = (self.arch.name, work.config, work.mode, path)
+                measured = [
+                    r
+                    for r in results
+                    if r.status == "ok" and (r.arch, r.config, r.mode, r.path) == where
+                ]
+                if not measured or (path == "onnxruntime" and self.device.type != "cpu"):
+                    continue
+                files = ()
+                if path == "onnxruntime":
+                    names = [f"expert-{t}.onnx" for t in range(cfg.num_tasks)]
+                    if work.config not in EXPERT_CONFIGS:
+                        names = [f"{work.config}-{work.mode}.onnx"]
+                    elif work.config == "one-expert":
+                        names = names[:1]
+                    files = tuple(str(bench.folder / n) for n in names)
+                specs.append(
+                    MemorySpec(
+                        arch=self.arch.name,
+                        config=work.config,
+                        mode=work.mode,
+                        path=path,
+                        batches=tuple(sorted(r.batch for r in measured)),
+                        device=cfg.device,
+                        dtype=cfg.resolved_dtype(),
+                        num_tasks=cfg.num_tasks,
+                        rank=work.rank,
+                        threads=self.threads,
+                        seed=cfg.seed,
+                        onnx_files=files,
+                        concurrent_workers=work.workers if path == "onnxruntime" else 1,
+                    )
+                )
+        if not specs:
+            return
+        if self.over_budget():
+            self.log(f"{self.arch.name}: peak memory not measured: the time budget was spent")
+            return
+        jobs = cfg.memory_jobs
+        self.log(f"{self.arch.name}: peak memory, {len(specs)} processes ({jobs} at once)")
+        index = {(r.arch, r.config, r.mode, r.path, r.batch): i for i, r in enumerate(results)}
+        for record in run_children(specs, cfg.memory_jobs):
+            spec = record["spec"]
+            where = (spec["arch"], spec["config"], spec["mode"], spec["path"])
+            if record["status"] != "ok":
+                self.log(f"  memory {' / '.join(where[1:])}: failed: {record['reason']}")
+                for batch in spec["batches"]:
+                    i = index[(*where, batch)]
+                    results[i] = dataclasses.replace(results[i], peak_mem_error=record["reason"])
+                continue
+            for entry in record["batches"]:
+                i = index[(*where, entry["batch"])]
+                results[i] = dataclasses.replace(
+                    results[i],
+                    peak_mem_bytes=entry["peak_bytes"],
+                    held_mem_bytes=record["held_bytes"],
+                    peak_mem_kind=record["kind"],
+                )
 
 
 def _short(e: BaseException) -> str:
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _bench_one(
-    cfg: EngineBenchConfig,
-    work: Workload,
-    path: str,
-    batch: int,
-    unavailable: str | None,
-    log: Callable[[str], None],
-    verbose: bool,
-) -> EngineResult:
-    """Time one path of one workload at one batch size (or record why it could not run)."""
-    device, model, arch = work.device, work.model, work.arch
-    x = Inputs.make(arch, batch, cfg.num_tasks, device, DTYPES[cfg.resolved_dtype()])
-    answers = batch * cfg.num_tasks if work.mode == "all-tasks" else batch
-    classes = task_classes(arch, cfg.num_tasks)
-    flops = workload_flops(arch, work.config, work.mode, x.task_ids.tolist(), classes, work.rank)
-    result = partial(
-        EngineResult,
-        arch=arch.name,
-        config=work.config,
-        mode=work.mode,
-        path=path,
-        batch=batch,
-        dtype=cfg.resolved_dtype(),
-        rank=None if work.config in ("experts", "merged") else work.rank,
-        answers_per_call=answers,
-        flops_per_call=flops,
-        weight_bytes=module_bytes(model),
-    )
-    not_run = partial(
-        result,
-        timer=None,
-        iters=0,
-        median_ms=None,
-        p90_ms=None,
-        answers_per_s=None,
-        tflops=None,
-        peak_fraction=None,
-        peak_mem_bytes=None,
-        setup_s=None,
-        max_abs_err_vs_eager=None,
-    )
-    if unavailable is not None:
-        return not_run(status="unavailable", reason=unavailable)
-    if path in work.sticky_error:
-        return not_run(status="failed", reason=work.sticky_error[path])
-    try:
-        with torch.inference_mode():
-            reference = work.call()(x)
-            start = time.perf_counter()
-            fn = work.prepare(path, x)
-            output = fn()
-            sync(device)
-            setup = time.perf_counter() - start
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            samples = measure(
-                fn,
-                device,
-                cfg.warmup,
-                cfg.iters,
-                min_iters=cfg.min_iters,
-                max_seconds=cfg.max_seconds,
-                wall_clock=path == "onnxruntime",
-            )
-            peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    except Exception as e:  # a path that fails is recorded; the others still run
-        reason = _short(e)
-        if path == "compile":
-            reason = work.sticky_error[path] = f"torch.compile failed: {reason}"
-        if path == "onnxruntime" and work.onnx is None:
-            reason = work.sticky_error[path] = f"ONNX export or session failed: {reason}"
-        log(f"  {work.config} {work.mode} {path} B={batch}: failed: {reason}")
-        if verbose:
-            log(traceback.format_exc())
-        return not_run(status="failed", reason=reason)
-    finally:
-        if getattr(model, "fused", False):
-            model.fused = False  # back to the reference path
-    median = samples.median
-    tflops = flops / (median * 1e-3) / 1e12
-    peak = cfg.peak_tflops if device.type == "cuda" else None
-    log(
-        f"  {work.config:9s} {work.mode:9s} {path:16s} B={batch:<4d} {median:9.3f} ms "
-        f"{answers / (median * 1e-3):12.1f} answers/s"
-    )
-    return result(
-        status="ok",
-        reason=None,
-        timer=samples.timer,
-        iters=len(samples.ms),
-        median_ms=median,
-        p90_ms=samples.p90,
-        answers_per_s=answers / (median * 1e-3),
-        tflops=tflops,
-        peak_fraction=None if peak is None else tflops / peak,
-        peak_mem_bytes=peak_mem,
-        setup_s=None if path == "eager" else setup,
-        max_abs_err_vs_eager=None if path == "eager" else max_abs_err(output, reference),
-    )
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -278,7 +442,7 @@ def _positive(text: str) -> int:
 def _default_help(name: str) -> str:
     cuda, cpu, quick = (" ".join(map(str, v)) if isinstance(v, list) else v for v in DEFAULTS[name])
     where = cuda if cuda == cpu else f"{cuda} on CUDA, {cpu} on the CPU"
-    return f"default: {where}, {quick} with --quick"
+    return f"default: {where}, {quick or 'none'} with --quick"
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -288,9 +452,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: micro-vit-16, batches 1 and 4, eager and ONNX Runtime, a few calls "
-        "each, JSON and Markdown but no plots (about half a minute on a 2-core CPU); the "
-        "options given explicitly still apply",
+        help="smoke run: micro-vit-16, batches 1 and 4, eager and ONNX Runtime, 3 short rounds, "
+        "no memory processes, JSON and Markdown but no plots (about half a minute on a 2-core "
+        "CPU); the options given explicitly still apply",
     )
     p.add_argument("--device", type=_device, help="default: cuda when available, else cpu")
     p.add_argument("--archs", nargs="+", help=_default_help("archs"))
@@ -306,23 +470,56 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=_positive,
         help="SurgeryV2 rank (default: 4 for ViT-L as in the paper, else --rank)",
     )
-    p.add_argument("--warmup", type=int, help=_default_help("warmup"))
-    p.add_argument("--iters", type=_positive, help=_default_help("iters"))
-    p.add_argument("--min-iters", type=_positive, help=_default_help("min_iters"))
     p.add_argument(
-        "--max-seconds",
+        "--rounds",
+        type=_positive,
+        help="interleaved rounds per group (ABCABC...); " + _default_help("rounds"),
+    )
+    p.add_argument(
+        "--block-seconds",
         type=float,
-        help="time budget per measurement, fewer iterations for slow calls; "
-        + _default_help("max_seconds"),
+        help="the length of one timed block of calls; " + _default_help("block_seconds"),
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="stop starting new groups after this many seconds (the rest is recorded as "
+        "skipped); default: no limit",
+    )
+    p.add_argument(
+        "--memory-paths",
+        nargs="*",
+        choices=["eager", "onnxruntime"],
+        help="paths whose peak memory is measured, one process per configuration; "
+        + _default_help("memory_paths"),
+    )
+    p.add_argument(
+        "--memory-configs",
+        nargs="+",
+        choices=CONFIGS,
+        help="configurations whose peak memory is measured (default: all of --configs)",
+    )
+    p.add_argument("--memory-jobs", type=_positive, default=1, help="memory processes at once")
+    p.add_argument(
+        "--time-interpreter",
+        action="store_true",
+        help="run the fused path under TRITON_INTERPRET=1 on the CPU (checks the benchmark; the "
+        "timings mean nothing)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend (default inductor; eager: dynamo tracing only, to check "
+        "the compile path quickly)",
     )
     p.add_argument(
         "--peak-tflops",
         type=float,
-        default=H100_SXM_FP16_TFLOPS,
-        help="dense fp16 peak of the GPU (default: 989 = H100 SXM)",
+        default=H200_FP16_TFLOPS,
+        help="dense fp16 peak of the GPU, for the %% of peak column (default: 989 = H200)",
     )
     p.add_argument("--overhead-batch", type=_positive, default=64)
-    p.add_argument("--threads", type=_positive, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--out",
         type=Path,
@@ -360,18 +557,24 @@ def config_from_args(args: argparse.Namespace) -> EngineBenchConfig:
         num_tasks=args.tasks,
         rank=args.rank,
         rank_v2=args.rank_v2,
-        warmup=given("warmup"),
-        iters=given("iters"),
-        min_iters=given("min_iters"),
-        max_seconds=given("max_seconds"),
+        rounds=given("rounds"),
+        block_seconds=given("block_seconds"),
         peak_tflops=args.peak_tflops if cuda else None,
         overhead_batch=args.overhead_batch,
+        threads=args.threads or torch.get_num_threads(),
+        budget_s=args.budget_s,
+        memory_paths=tuple(given("memory_paths")),
+        memory_configs=None if args.memory_configs is None else tuple(args.memory_configs),
+        memory_jobs=args.memory_jobs,
+        time_interpreter=args.time_interpreter,
+        compile_backend=args.compile_backend,
     )
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[EngineResult]:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the benchmark, write its JSON, Markdown
-    and plots under ``--out``. ``prog`` names the command in the usage and the record."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the benchmark, write its JSON and Markdown
+    under ``--out`` after every group, and the plots at the end. ``prog`` names the command in
+    the usage and the record."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.device is None:
@@ -381,11 +584,24 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[Eng
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    results = run_engine_bench(
-        config, log=lambda msg: print(msg, file=sys.stderr, flush=True), verbose=args.verbose
-    )
     command = command_line(argv, prog or f"{__name__}.main")
+    previous = Previous.read(args.out, config) if args.merge else Previous()
+    log = partial(print, file=sys.stderr, flush=True)
+    rates = measure_rates(config.device, DTYPES[config.resolved_dtype()])
+    write = partial(
+        write_outputs, config, out=args.out, command=command, previous=previous, rates=rates
+    )
+    try:
+        results = run_engine_bench(
+            config,
+            log=log,
+            verbose=args.verbose,
+            on_group=lambda rows: write(rows, plots=False, complete=False, quiet=True),
+        )
+    except KeyboardInterrupt:
+        log(f"interrupted: the groups measured so far are in {args.out}")
+        raise SystemExit(130) from None
     plots = not (args.no_plots or args.quick)
-    written = write_outputs(config, results, args.out, command, plots, args.merge)
+    written = write(results, plots=plots, complete=True, quiet=False)
     print("written: " + ", ".join(str(p) for p in written))
     return results

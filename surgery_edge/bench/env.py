@@ -1,10 +1,12 @@
-"""The environment a benchmark ran in: device, library versions, threads, load."""
+"""The environment a benchmark ran in: device, library versions, threads, load, caches."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import platform
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +44,51 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({cpu_name()}, {torch.get_num_threads()} torch threads)"
 
 
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS has none)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def other_load(own_threads: int) -> float | None:
+    """The 1-minute load beyond the benchmark's own busy threads: what else runs here."""
+    load = load_average()
+    return None if load is None else max(0.0, load[0] - own_threads)
+
+
+LOAD_WARNING = 0.25  # other work on more than a quarter of the cores: a loaded machine
+
+
+def machine_is_loaded(own_threads: int) -> bool:
+    """Whether other work holds more than a quarter of the cores (timings are then unreliable)."""
+    others = other_load(own_threads)
+    return others is not None and others > LOAD_WARNING * (os.cpu_count() or 1)
+
+
+def cache_sizes(device: torch.device | str = "cpu") -> dict[str, int]:
+    """The caches a workload's weights compete for, in bytes: the CPU's data and unified caches
+    by level (``L1d``, ``L2``, ``L3``; per instance, from sysfs), or the GPU's ``L2``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
+        return {"L2": int(size)} if size else {}
+    sizes: dict[str, int] = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        value = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        sizes[f"L{level}{'d' if kind == 'Data' else ''}"] = value
+    return sizes
+
+
 def environment(device: torch.device | str) -> dict[str, Any]:
     """Device name and library versions, stored with every result."""
     device = torch.device(device)
@@ -56,7 +103,32 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "python": platform.python_version(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         # a shared CPU's timings depend on what else runs: the 1/5/15-minute load averages
-        "cpu_load_avg": [round(x, 2) for x in os.getloadavg()]
-        if hasattr(os, "getloadavg")
-        else None,
+        "cpu_load_avg": load_average(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "caches": cache_sizes(device),
+        **(_gpu_details(device) if device.type == "cuda" else {}),
+    }
+
+
+def _gpu_details(device: torch.device) -> dict[str, Any]:
+    """The driver (from nvidia-smi, when present) and the GPU's memory and multiprocessors."""
+    props = torch.cuda.get_device_properties(device)
+    driver = None
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        driver = done.stdout.strip().splitlines()[0] if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    return {
+        "driver": driver,
+        "gpu_memory_bytes": props.total_memory,
+        "multiprocessors": props.multi_processor_count,
+        "compute_capability": f"{props.major}.{props.minor}",
     }

@@ -12,7 +12,8 @@ N = P + 1 tokens, width d, MLP width m, L blocks, embed e, rank r)::
 
 LayerNorm, softmax, GELU, biases and the residual adds are not counted. This gives 8.83 GFLOP per
 image for ViT-B/32 and 162.0 for ViT-L/14 (open_clip's profile: 8.82 and 162.03). A call costs:
-experts all-tasks B * sum_t(backbone + head_t); merged all-tasks B * (backbone + sum_t head_t);
+experts all-tasks (each baseline: one after another, concurrent, vmapped) B * sum_t(backbone +
+head_t); one expert B * (backbone + head_0); merged all-tasks B * (backbone + sum_t head_t);
 V1 all-tasks B * (backbone + sum_t(adapter_final + head_t)); V2 all-tasks
 B * sum_t(backbone + adapters + head_t); routed: per image its own task's share.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from surgery_edge.models import ArchSpec, build_encoder
+from surgery_edge.surgery.methods import get_surgery
 
 FLOPS_FORMULA = (
     "per image: backbone = 2*P*(3*p^2)*d + L*(2*N*(4*d^2 + 2*d*m) + 2*2*N^2*d) + 2*d*e; "
@@ -55,9 +57,13 @@ def backbone_flops(arch: ArchSpec) -> int:
 
 def adapter_flops(arch: ArchSpec, method: str, rank: int) -> int:
     """FLOPs of one image through one task's adapters: 2*2*r*d per corrected row."""
-    if method == "surgery":
+    if not get_surgery(method).every_block:
         return 4 * rank * arch.embed_dim
     return arch.layers * 4 * rank * arch.width * arch.num_tokens + 4 * rank * arch.embed_dim
+
+
+def _is_experts(config: str) -> bool:
+    return config.startswith("experts")  # experts, experts-concurrent, experts-vmap
 
 
 def workload_flops(
@@ -72,16 +78,47 @@ def workload_flops(
     batch, e = len(task_ids), arch.embed_dim
     bb = backbone_flops(arch)
     heads = [2 * e * c for c in classes]
-    adapters = 0 if config in ("experts", "merged") else adapter_flops(arch, config, rank)
+    engine = not (_is_experts(config) or config in ("merged", "one-expert"))
+    adapters = adapter_flops(arch, config, rank) if engine else 0
+    if config == "one-expert":
+        return batch * (bb + heads[0])
     if mode == "routed":
         return sum(bb + adapters + heads[t] for t in task_ids)
-    if config == "experts":
+    if _is_experts(config):
         return batch * sum(bb + h for h in heads)
     if config == "merged":
         return batch * (bb + sum(heads))
-    if config == "surgery":
+    if not get_surgery(config).every_block:  # V1: backbone once, fan out at the final site
         return batch * (bb + sum(adapters + h for h in heads))
-    return batch * sum(bb + adapters + h for h in heads)  # surgeryv2: T x B rows
+    return batch * sum(bb + adapters + h for h in heads)  # V2: T x B rows
+
+
+def workload_bytes(
+    arch: ArchSpec,
+    config: str,
+    mode: str,
+    task_ids: Sequence[int],
+    classes: Sequence[int],
+    weight_bytes: int,
+    element_size: int,
+) -> int:
+    """The fewest bytes one call must move through memory: the weights it reads once (routed
+    experts: only those of the tasks in the batch), the images in, the logits out.
+
+    Activations are not counted (a perfect kernel keeps them on chip), so this is a floor.
+    """
+    batch = len(task_ids)
+    weights = weight_bytes
+    if _is_experts(config) and mode == "routed":
+        weights = weight_bytes * len(set(task_ids)) // len(classes)
+    images = batch * 3 * arch.image_size**2 * element_size
+    if config == "one-expert":
+        logits = batch * classes[0]
+    elif mode == "routed":
+        logits = sum(classes[t] for t in task_ids)
+    else:
+        logits = batch * sum(classes)
+    return weights + images + logits * element_size
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -7,19 +7,21 @@ On CUDA, for ViT-B/32 and ViT-L/14 block shapes (routed: one task id per image),
   LayerNorm; ``surgery_correct_layernorm_ref``);
 * ``torch.compile``: that sequence under ``torch.compile(fullgraph=True)``, compiled per shape;
 
-with CUDA events around each call, after warm-up, taking the median over many calls, and with
-the L2 cache flushed before every call so that ``x`` comes from HBM. It reports the time, the
-effective bandwidth (bytes = read ``x`` + write ``x_corr`` + write ``y`` + the adapter weights of
-the tasks in the batch + the LayerNorm parameters), its fraction of the peak HBM bandwidth
-(``--peak-bw``, H100 SXM by default), and the fused kernel's speedup over both baselines.
+with ``triton.testing.do_bench`` (CUDA events, the L2 cache flushed before every call so that
+``x`` comes from HBM, the median and quartiles over the calls of ``--rep-ms`` after ``--warmup-ms``
+of warm-up). It reports the time, the effective bandwidth (bytes = read ``x`` + write ``x_corr``
++ write ``y`` + the adapter weights of the tasks in the batch + the LayerNorm parameters), its
+fraction of the peak HBM bandwidth (``--peak-bw``, the H200's 4.8 TB/s by default), and the
+fused kernel's speedup over both baselines.
 
-``--cpu-smoke`` runs tiny shapes on the CPU (``torch`` vs ``torch.compile`` only, wall-clock
-timings, labelled as such) to check the benchmark where there is no GPU.
+``--cpu-smoke`` runs tiny shapes on the CPU (``torch`` vs ``torch.compile``, and the fused
+kernel under the Triton interpreter when ``TRITON_INTERPRET=1``; ``torch.utils.benchmark``
+wall-clock timings, labelled as such) to check the benchmark where there is no GPU.
 
 Usage::
 
     python benchmarks/bench_kernels.py                      # CUDA sweep, fp16
-    python benchmarks/bench_kernels.py --dtype bf16 --out benchmarks/results/h100-bf16.json
+    python benchmarks/bench_kernels.py --dtype bf16 --out benchmarks/results/h200/kernels-bf16.json
     python benchmarks/bench_kernels.py --cpu-smoke --out /tmp/smoke.json
 """
 
@@ -28,18 +30,19 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from surgery_edge import kernels
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.report import command_line, table, write_record
-from surgery_edge.bench.timing import measure
+from surgery_edge.bench.roofline import H200_HBM_BYTES_PER_S
 
-H100_SXM_BW = 3.35e12  # bytes/s
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -63,9 +66,10 @@ class BenchConfig:
     shapes: tuple[Shape, ...]
     dtype: str
     device: str
-    warmup: int
-    iters: int
+    warmup_ms: float
+    rep_ms: float
     peak_bw: float | None  # bytes/s, for the fraction of peak (None on the CPU smoke run)
+    interpreted: bool = False  # CPU smoke: the fused kernel under the Triton interpreter
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Timing:
 
     impl: str
     median_ms: float
+    q1_ms: float
+    q3_ms: float
     gbps: float
     peak_fraction: float | None
 
@@ -100,9 +106,27 @@ def sweep_shapes(batches: tuple[int, ...]) -> tuple[Shape, ...]:
     )
 
 
-def smoke_shapes() -> tuple[Shape, ...]:
+def smoke_shapes(batches: tuple[int, ...] = (1, 4)) -> tuple[Shape, ...]:
     """Tiny shapes for ``--cpu-smoke``."""
-    return (Shape("tiny", 1, 50, 128, 4, 3), Shape("tiny", 4, 50, 128, 4, 3))
+    return tuple(Shape("tiny", b, 50, 128, 4, 3) for b in batches)
+
+
+def time_ms(fn: Callable[[], object], config: BenchConfig) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of one call in ms: ``do_bench`` on CUDA (L2
+    flushed before each call), ``torch.utils.benchmark`` blocks on the CPU."""
+    if config.device == "cuda":
+        import triton.testing  # deferred: Triton is imported only to time on a GPU
+
+        q1, median, q3 = triton.testing.do_bench(
+            fn, warmup=config.warmup_ms, rep=config.rep_ms, quantiles=[0.25, 0.5, 0.75]
+        )
+        return median, q1, q3
+    from torch.utils.benchmark import Timer  # deferred: only the CPU smoke run needs it
+
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=config.rep_ms / 1e3)
+    times = [t * 1e3 for t in m.times]
+    return m.median * 1e3, float(np.percentile(times, 25)), float(np.percentile(times, 75))
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
@@ -136,7 +160,7 @@ def bench_shape(shape: Shape, config: BenchConfig) -> ShapeResult:
         "torch": reference,
         "torch.compile": torch.compile(reference, fullgraph=True, dynamic=False),
     }
-    if config.device == "cuda":
+    if config.device == "cuda" or config.interpreted:
         impls = {"fused": kernels.surgery_correct_layernorm, **impls}
     checked = "fused" if "fused" in impls else "torch.compile"
     expected = reference(*inputs)
@@ -145,17 +169,13 @@ def bench_shape(shape: Shape, config: BenchConfig) -> ShapeResult:
         for got, want in zip(impls[checked](*inputs), expected, strict=True)
     )
 
-    device = torch.device(config.device)
     moved = bytes_moved(inputs)
     timings = []
     for name, impl in impls.items():
-        samples = measure(
-            lambda impl=impl: impl(*inputs), device, config.warmup, config.iters, flush_l2=True
-        )
-        ms = samples.median
+        ms, q1, q3 = time_ms(lambda impl=impl: impl(*inputs), config)
         gbps = moved / (ms * 1e-3) / 1e9
         fraction = None if config.peak_bw is None else gbps * 1e9 / config.peak_bw
-        timings.append(Timing(name, ms, gbps, fraction))
+        timings.append(Timing(name, ms, q1, q3, gbps, fraction))
     ms = {timing.impl: timing.median_ms for timing in timings}
     fused = ms.get("fused")
     return ShapeResult(
@@ -199,16 +219,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
-    parser.add_argument("--warmup", type=int, default=25)
-    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench's warm-up")
+    parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench's timed span")
     parser.add_argument(
-        "--peak-bw", type=float, default=H100_SXM_BW, help="peak HBM bandwidth, bytes/s"
+        "--peak-bw",
+        type=float,
+        default=H200_HBM_BYTES_PER_S,
+        help="peak HBM bandwidth, bytes/s (default: 4.8e12 = H200)",
     )
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/...)")
     parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="stop starting new shapes after this many seconds (they are listed as skipped)",
+    )
+    parser.add_argument(
         "--cpu-smoke",
         action="store_true",
-        help="tiny shapes on the CPU, torch vs torch.compile only (checks the benchmark)",
+        help="tiny shapes at --batches on the CPU: torch vs torch.compile, and the fused kernel "
+        "under TRITON_INTERPRET=1 (checks the benchmark; the timings mean nothing)",
     )
     return parser
 
@@ -219,7 +248,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[Sha
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         torch.set_num_threads(1)  # spinning OpenMP threads on a busy machine distort timings
-        config = BenchConfig(smoke_shapes(), "fp32", "cpu", warmup=3, iters=20, peak_bw=None)
+        interpreted = kernels.can_launch("cpu")
+        config = BenchConfig(
+            smoke_shapes(tuple(args.batches)), "fp32", "cpu", 0, 50, None, interpreted
+        )
         label = "CPU, 1 thread (smoke run: wall-clock timings, not representative of a GPU)"
     else:
         if not torch.cuda.is_available():
@@ -227,27 +259,52 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[Sha
         if kernels.triton_interpreter_enabled():
             parser.error("TRITON_INTERPRET is set: unset it to time compiled kernels")
         shapes = sweep_shapes(tuple(args.batches))
-        config = BenchConfig(shapes, args.dtype, "cuda", args.warmup, args.iters, args.peak_bw)
-        label = f"{torch.cuda.get_device_name()} ({args.dtype}, CUDA events, L2 flushed)"
-
-    results = []
-    for shape in config.shapes:
-        results.append(bench_shape(shape, config))
-        print(f"done: {shape}", file=sys.stderr)
+        config = BenchConfig(shapes, args.dtype, "cuda", args.warmup_ms, args.rep_ms, args.peak_bw)
+        label = f"{torch.cuda.get_device_name()} ({args.dtype}, triton do_bench, L2 flushed)"
 
     env = environment(config.device)
     out = args.out
     if out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
         out = RESULTS_DIR / f"bench_kernels-{slug}-{config.dtype}.json"
+    command = command_line(argv, prog or f"{__name__}.main")
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
+    results: list[ShapeResult] = []
+    skipped: list[Shape] = []
+    for shape in config.shapes:
+        if deadline is not None and time.perf_counter() > deadline:
+            skipped.append(shape)
+            continue
+        results.append(bench_shape(shape, config))
+        print(f"done: {shape}", file=sys.stderr, flush=True)
+        _write(out, env, label, command, config, results, skipped, complete=False)
+    _write(out, env, label, command, config, results, skipped, complete=True)
+    if results:
+        print(markdown_table(results, label))
+    print(f"\nresults written to {out}")
+    return results
+
+
+def _write(
+    out: Path,
+    env: dict,
+    label: str,
+    command: str,
+    config: BenchConfig,
+    results: list[ShapeResult],
+    skipped: list[Shape],
+    complete: bool,
+) -> None:
+    """The JSON record, rewritten after every shape so that an interrupted sweep keeps its
+    measurements; it holds the Markdown table too."""
     record = {
         **env,
         "label": label,
-        "command": command_line(argv, prog or f"{__name__}.main"),
+        "complete": complete,
+        "command": command,
         "config": asdict(config),
         "results": [asdict(result) for result in results],
+        "skipped_shapes": [asdict(s) for s in skipped],
+        "markdown": markdown_table(results, label) if results else "",
     }
     write_record(out, record)
-    print(markdown_table(results, label))
-    print(f"\nresults written to {out}")
-    return results

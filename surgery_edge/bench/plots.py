@@ -17,7 +17,8 @@ def write_plots(
     plt = pyplot()
 
     ok = [r for r in results if r.status == "ok"]
-    colours = dict(zip(CONFIGS, ("tab:red", "tab:gray", "tab:blue", "tab:green")))
+    palette = ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:gray", "tab:blue")
+    colours = dict(zip(CONFIGS, (*palette, "tab:green")))
     # path -> (line style, marker)
     styles = {
         "eager": ("-", "o"),
@@ -26,6 +27,7 @@ def write_plots(
         "cuda-graph": ("-.", "D"),
         "fused+cuda-graph": ((0, (3, 1, 1, 1)), "P"),
         "onnxruntime": ((0, (5, 2)), "x"),
+        "tensorrt": ((0, (1, 1)), "*"),
     }
     batches = sorted({r.batch for r in ok})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
@@ -60,9 +62,9 @@ def write_plots(
 
     weights = derived["weight_bytes"]
     names = ["one_expert", *[c for c in CONFIGS if c in weights]]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     values = [weights[n] / 2**20 for n in names]
-    bars = ax.bar(names, values, color=["tab:orange", *[colours[n] for n in names[1:]]])
+    bars = ax.bar(names, values, color=["tab:olive", *[colours[n] for n in names[1:]]])
     for bar, n in zip(bars, names):
         ax.annotate(
             f"{weights[n] / weights['one_expert']:.2f}x",

@@ -1,37 +1,61 @@
-"""Timing: warm-up, repeated calls, synchronisation, CUDA graphs.
+"""Timing: interleaved rounds of ``torch.utils.benchmark`` blocks, CUDA graphs.
 
-One helper, :func:`measure`, times every benchmark: CUDA events on the GPU (optionally with the
-L2 cache flushed before each call), ``time.perf_counter`` on the CPU or for calls that return
-only when their GPU work is done.
+The engine benchmark times every contestant of a group (its configurations and paths at one
+batch size) in interleaved rounds, ABCABC...: a drift in the machine's load then moves every
+contestant alike instead of whichever happened to run last. Each round measures each contestant
+once with ``torch.utils.benchmark.Timer.blocked_autorange``, which sets the contestant's torch
+thread count, sizes its blocks with a first call (so that the timed calls find the contestant's
+own weights hot, not evicted by the previous one) and synchronises CUDA around each block. A
+round's sample is the median of its blocks' mean call times; a contestant's figure is the
+median over rounds with the quartiles beside it.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 cache (H100: 50 MB)
+TIMER = "torch.utils.benchmark"
+SPREAD_WARNING = 0.10  # an interquartile range above 10% of the median is flagged
 
 
 @dataclass(frozen=True)
 class Samples:
-    """Per-call milliseconds and the clock that took them (``cuda-events`` | ``perf_counter``)."""
+    """Per-round mean call times (ms) of one contestant, and how they were taken."""
 
     ms: list[float]
     timer: str
+    calls_per_block: int
 
     @property
     def median(self) -> float:
         return float(np.median(self.ms))
 
     @property
-    def p90(self) -> float:
-        return float(np.percentile(self.ms, 90))
+    def q1(self) -> float:
+        return float(np.percentile(self.ms, 25))
+
+    @property
+    def q3(self) -> float:
+        return float(np.percentile(self.ms, 75))
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range over the median."""
+        return (self.q3 - self.q1) / self.median
+
+
+@dataclass(frozen=True)
+class Contestant:
+    """One callable to time, with the torch intra-op threads it runs under."""
+
+    key: Hashable
+    fn: Callable[[], object]
+    threads: int
 
 
 def sync(device: torch.device) -> None:
@@ -40,72 +64,52 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
-    fn: Callable[[], object],
+def interleaved(
+    contestants: Sequence[Contestant],
     device: torch.device,
-    warmup: int,
-    iters: int,
-    *,
-    min_iters: int | None = None,
-    max_seconds: float | None = None,
-    wall_clock: bool = False,
-    flush_l2: bool = False,
-) -> Samples:
-    """Time ``fn`` after ``warmup`` calls.
+    rounds: int,
+    block_seconds: float,
+) -> tuple[dict[Hashable, Samples], dict[Hashable, BaseException]]:
+    """Time every contestant in ``rounds`` interleaved rounds (ABCABC...).
+
+    Each round gives each contestant one ``Timer.blocked_autorange(min_run_time=block_seconds)``:
+    it sizes a block of calls (its first, untimed-for-the-result call re-warms the contestant's
+    weights after the previous contestant), then times blocks until ``block_seconds`` have
+    passed; the round's sample is the median of its blocks. A call slower than
+    ``block_seconds`` costs two calls per round.
 
     Args:
-        fn: one call of the workload.
-        device: where it runs; CUDA work is timed with CUDA events.
-        warmup: untimed calls first.
-        iters: timed calls.
-        min_iters: with ``max_seconds``, the fewest timed calls.
-        max_seconds: a time budget per phase: one timed call first estimates the cost, then slow
-            calls get fewer warm-up (at least 1) and timed (at least ``min_iters``) calls, so that
-            each phase stays within about ``max_seconds``. None: exactly ``warmup`` and ``iters``.
-        wall_clock: time with perf_counter on CUDA too, for a call that returns only when its
-            GPU work is done (ONNX Runtime's).
-        flush_l2: zero a buffer larger than the L2 cache before each timed CUDA call, so that
-            the inputs come from HBM.
+        contestants: what to time; each has already run once (compiled, captured, exported).
+        device: where they run (``torch.utils.benchmark`` synchronises CUDA around blocks).
+        rounds: rounds, each one measurement of every contestant in turn.
+        block_seconds: the least time each contestant is timed for per round.
 
     Returns:
-        The per-call milliseconds and the clock used.
+        Per contestant key, its per-round samples; and the contestants that raised (they drop
+        out of the later rounds), with their error.
     """
-    n_warmup, n = warmup, iters
-    if max_seconds is not None:
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        affordable = int(max_seconds / max(time.perf_counter() - start, 1e-9))
-        n_warmup = max(1, min(warmup, affordable))
-        n = max(min(min_iters or 1, iters), min(iters, affordable))
-    cuda_events = device.type == "cuda" and not wall_clock
-    flush = None
-    if flush_l2 and cuda_events:
-        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-    for _ in range(n_warmup):
-        fn()
-    sync(device)
-    if cuda_events:
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(n)
-        ]
-        for begin, end in events:
-            if flush is not None:
-                flush.zero_()
-            begin.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return Samples([begin.elapsed_time(end) for begin, end in events], "cuda-events")
-    ms = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        ms.append((time.perf_counter() - start) * 1e3)
-    return Samples(ms, "perf_counter")
+    from torch.utils.benchmark import Timer  # deferred: loads its helpers only when timing
+
+    timers = {
+        c.key: Timer("fn()", globals={"fn": c.fn}, num_threads=c.threads) for c in contestants
+    }
+    samples: dict[Hashable, list[float]] = {c.key: [] for c in contestants}
+    calls: dict[Hashable, int] = {}
+    failed: dict[Hashable, BaseException] = {}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for c in contestants:
+                if c.key in failed:
+                    continue
+                try:
+                    m = timers[c.key].blocked_autorange(min_run_time=block_seconds)
+                except Exception as e:  # recorded by the caller; the others still run
+                    failed[c.key] = e
+                    continue
+                samples[c.key].append(m.median * 1e3)
+                calls[c.key] = m.number_per_run
+    done = {k: Samples(ms, TIMER, calls[k]) for k, ms in samples.items() if k not in failed}
+    return done, failed
 
 
 def cuda_graph(fn: Callable[[torch.Tensor], Any], images: torch.Tensor) -> Callable[[], Any]:

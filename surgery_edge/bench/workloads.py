@@ -1,13 +1,26 @@
 """What the engine benchmark measures: its configurations, modes and paths, the config and
 result records, and the models it builds with random weights.
 
-* ``experts``: eight separate experts, each its own ImageEncoder + head in memory, run one after
-  another on the batch (all-tasks), or each on the images routed to its task (routed);
-* ``merged``: the merged backbone alone, no adapters (the lower bound; backbone once, eight heads);
-* ``surgery``: the V1 engine (final-site adapters), all-tasks: backbone once, fan out at the
-  final adapter and the heads;
-* ``surgeryv2``: the V2 engine (every block + final), routed (each image one task) and all-tasks
-  (the batch expanded to T x B rows through one weight set).
+The engines and their reference:
+
+* ``merged``: the merged backbone alone, no adapters (backbone once, eight heads);
+* one engine per registered surgery method (:mod:`surgery_edge.surgery.methods`): ``surgery``
+  (V1, final-site adapters; all-tasks: backbone once, fan out at the final adapter and the
+  heads) and ``surgeryv2`` (V2, every block + final; routed, and all-tasks as T x B rows through
+  one weight set).
+
+The baselines a careful engineer would build instead, each holding eight experts' weights:
+
+* ``experts``: eight separate experts (ImageEncoder + head each), one after another on the batch
+  (all-tasks), or each on the images routed to its task (routed);
+* ``experts-concurrent``: the same eight modules run at once: on the CPU in a pool of as many
+  threads as the engine has intra-op threads, each expert single-threaded (the same cores as
+  the engine); on the GPU one CUDA stream per expert;
+* ``experts-vmap``: the eight experts' parameters stacked (``torch.func.stack_module_state``)
+  and one ``functional_call`` vmapped over them: eight backbones in one call of batched matmuls.
+
+And ``one-expert``: a single expert alone on its own task, the reference that tells what
+running eight sets of weights costs beyond eight times one (caches, launch queues).
 
 The weights are random (timing only): ``ViT-B-32`` and ``ViT-L-14`` are built from open_clip's
 configs at 224 px, ``tiny-vit-32`` and ``micro-vit-16`` are the built-in suite's models.
@@ -15,36 +28,60 @@ configs at 224 px, ``tiny-vit-32`` and ``micro-vit-16`` are the built-in suite's
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from surgery_edge.bench.flops import task_classes
+from surgery_edge.bench.roofline import H200_FP16_TFLOPS
+from surgery_edge.engine_format import EngineMode
 from surgery_edge.models import ArchSpec, ClassificationHead, ImageEncoder, build_encoder
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.methods import SURGERY_METHODS, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 
-H100_SXM_FP16_TFLOPS = 989.0  # dense fp16/bf16 tensor-core peak
 RANDOM_WEIGHTS_NOTE = "random weights: timing only"
-CONFIGS = ("experts", "merged", "surgery", "surgeryv2")
+ALL_TASKS, ROUTED = EngineMode.ALL_TASKS.value, EngineMode.ROUTED.value
+MODES = (ALL_TASKS, ROUTED)
+MERGED = "merged"
+ONE_EXPERT = "one-expert"
+BASELINES = ("experts", "experts-concurrent", "experts-vmap")
+ENGINES = tuple(SURGERY_METHODS)  # one engine per registered surgery method
+CONFIGS = (*BASELINES, ONE_EXPERT, MERGED, *ENGINES)
 CONFIG_LABELS = {
-    "experts": "8 separate experts",
-    "merged": "merged backbone (no adapters)",
-    "surgery": "V1 engine (Surgery, final site)",
-    "surgeryv2": "V2 engine (SurgeryV2, every block)",
+    "experts": "8 separate experts, one after another",
+    "experts-concurrent": "8 separate experts at once (CPU: a thread each, on the engine's "
+    "cores; GPU: a CUDA stream each)",
+    "experts-vmap": "8 experts stacked and vmapped into one call "
+    "(torch.func.stack_module_state + functional_call)",
+    ONE_EXPERT: "one expert alone, its own task only (the reference for the eight experts' "
+    "cache cost)",
+    MERGED: "merged backbone (no adapters)",
+    **{
+        name: f"{'V2' if m.every_block else 'V1'} engine ({m.label}, "
+        f"{'every block' if m.every_block else 'final site'})"
+        for name, m in SURGERY_METHODS.items()
+    },
 }
-MODES = ("all-tasks", "routed")
-# the modes each configuration is benchmarked in (V1 is an all-tasks engine in the issue)
-CONFIG_MODES = {
-    "experts": ("all-tasks", "routed"),
-    "merged": ("all-tasks", "routed"),
-    "surgery": ("all-tasks",),
-    "surgeryv2": ("routed", "all-tasks"),
-}
-PATHS = ("eager", "fused", "compile", "cuda-graph", "onnxruntime")
+
+
+def config_modes(config: str) -> tuple[str, ...]:
+    """The modes ``config`` is benchmarked in: V1 is an all-tasks engine, the stacked experts
+    and one expert answer every image for all their tasks; the rest run both modes."""
+    if config in ("experts-vmap", ONE_EXPERT):
+        return (ALL_TASKS,)
+    if config in ENGINES and not get_surgery(config).every_block:
+        return (ALL_TASKS,)
+    return (ALL_TASKS, ROUTED)
+
+
+CONFIG_MODES = {c: config_modes(c) for c in CONFIGS}
+PATHS = ("eager", "fused", "compile", "cuda-graph", "onnxruntime", "tensorrt")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -53,7 +90,9 @@ class EngineBenchConfig:
     """What to run and how to time it.
 
     ``rank_v2=None`` means the paper's choice: rank 4 for ViT-L, otherwise ``rank``.
-    ``peak_tflops`` is ignored (null fractions) on the CPU.
+    ``peak_tflops`` is ignored (null fractions) on the CPU. Each (mode, batch) is one group:
+    its configurations and paths are timed in ``rounds`` interleaved rounds (ABCABC...), each
+    round one block of calls of every contestant lasting about ``block_seconds``.
     """
 
     archs: tuple[str, ...] = ("tiny-vit-32",)
@@ -66,12 +105,17 @@ class EngineBenchConfig:
     num_tasks: int = 8
     rank: int = 16
     rank_v2: int | None = None
-    warmup: int = 3
-    iters: int = 20
-    min_iters: int = 3
-    max_seconds: float = 2.0  # per measurement: fewer than ``iters`` calls when they are slow
-    peak_tflops: float | None = H100_SXM_FP16_TFLOPS
+    rounds: int = 7
+    block_seconds: float = 0.05
+    peak_tflops: float | None = H200_FP16_TFLOPS
     overhead_batch: int = 64  # the batch of the "V2 fused routed vs merged backbone" target
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    budget_s: float | None = None  # stop starting groups after this many seconds
+    memory_paths: tuple[str, ...] = ("eager", "onnxruntime")  # peak memory, one process each
+    memory_configs: tuple[str, ...] | None = None  # None: every configuration
+    memory_jobs: int = 1
+    time_interpreter: bool = False  # time the fused path under TRITON_INTERPRET (checks only)
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager": dynamo only, checks)
     seed: int = 0
 
     def resolved_dtype(self) -> str:
@@ -80,7 +124,7 @@ class EngineBenchConfig:
         return "fp16" if torch.device(self.device).type == "cuda" else "fp32"
 
     def resolved_rank(self, arch: str, config: str) -> int:
-        if config != "surgeryv2":
+        if config not in ENGINES or not get_surgery(config).every_block:
             return self.rank
         if self.rank_v2 is not None:
             return self.rank_v2
@@ -91,8 +135,12 @@ class EngineBenchConfig:
 class EngineResult:
     """One (architecture, configuration, mode, path, batch) measurement.
 
-    ``status`` is ``ok`` (measured), ``failed`` (the path raised; ``reason`` says why) or
-    ``unavailable`` (the path cannot run here). Latencies are per call of the whole batch.
+    ``status`` is ``ok`` (measured), ``failed`` (the path raised; ``reason`` says why),
+    ``unavailable`` (the path cannot run here) or ``skipped`` (the time budget ran out).
+    Latencies are per call of the whole batch: the median and the quartiles over ``rounds``
+    interleaved blocks of ``calls_per_block`` calls. ``peak_mem_bytes`` is measured in a
+    process of its own (:mod:`surgery_edge.bench.memory`): the peak RSS on the CPU
+    (``peak_mem_kind`` ``rss``), ``torch.cuda.max_memory_allocated`` on the GPU.
     """
 
     arch: str
@@ -104,19 +152,35 @@ class EngineResult:
     reason: str | None
     dtype: str
     rank: int | None
-    timer: str | None  # "cuda-events" | "perf_counter"
-    iters: int
+    timer: str | None  # "torch.utils.benchmark"
+    rounds: int
+    calls_per_block: int
     median_ms: float | None
-    p90_ms: float | None
-    answers_per_call: int  # B x T (all-tasks) or B (routed)
+    q1_ms: float | None
+    q3_ms: float | None
+    answers_per_call: int  # B x T (all-tasks), B (routed, or one expert)
     answers_per_s: float | None
     flops_per_call: int
+    bytes_per_call: int  # the fewest bytes a call must move: weights it reads, input, logits
     tflops: float | None
     peak_fraction: float | None
-    peak_mem_bytes: int | None  # CUDA only; includes the resident weights
     weight_bytes: int
+    threads: int  # torch intra-op threads during the timing (1 per worker when concurrent)
+    workers: int  # threads or CUDA streams running experts at once (1: one after another)
+    load_avg_1m: float | None  # the machine's load when the group started
     setup_s: float | None  # compile / capture / export time, first call included
     max_abs_err_vs_eager: float | None
+    peak_mem_bytes: int | None = None  # the peak while running this batch
+    held_mem_bytes: int | None = None  # with the model built (or the sessions open), idle
+    peak_mem_kind: str | None = None  # "rss" | "cuda-max-allocated"
+    peak_mem_error: str | None = None  # why the memory process failed
+
+    @property
+    def spread(self) -> float | None:
+        """The interquartile range over the median."""
+        if self.median_ms is None or self.q1_ms is None or self.q3_ms is None:
+            return None
+        return (self.q3_ms - self.q1_ms) / self.median_ms
 
 
 def plan_paths(paths: Sequence[str]) -> list[str]:
@@ -130,10 +194,17 @@ def plan_paths(paths: Sequence[str]) -> list[str]:
 def applicable(path: str, config: str) -> bool:
     """Whether ``path`` applies to ``config`` at all (wherever it runs)."""
     if path in ("fused", "fused+cuda-graph"):
-        return config in ("surgery", "surgeryv2")
-    if path == "onnxruntime":
-        return config != "experts"  # the exporter takes one MultiTaskModel
+        return config in ENGINES
+    if path in ("onnxruntime", "tensorrt"):
+        return config != "experts-vmap"  # vmap is a PyTorch program, not an exported engine
     return True
+
+
+def answers_per_call(config: str, mode: str, batch: int, num_tasks: int) -> int:
+    """Task-answers one call returns: B x T all-tasks, B routed or for one expert."""
+    if config == ONE_EXPERT or mode == ROUTED:
+        return batch
+    return batch * num_tasks
 
 
 def run_expert(
@@ -143,11 +214,11 @@ def run_expert(
     return head(encoder(images))
 
 
-def compiled_expert_runner() -> Callable:
+def compiled_expert_runner(backend: str = "inductor") -> Callable:
     """``run_expert`` with the encoder under ``torch.compile``: one compiled graph serves all
     eight experts (their parameters are graph inputs); the heads, whose class counts differ,
     stay eager."""
-    encode = torch.compile(lambda encoder, images: encoder(images))
+    encode = torch.compile(lambda encoder, images: encoder(images), backend=backend)
     return lambda encoder, head, images: head(encode(encoder, images))
 
 
@@ -175,6 +246,108 @@ class SeparateExperts(nn.Module):
             run(self.encoders[t], self.heads[t], images.index_select(0, idx)) for t, idx in groups
         ]
 
+    def calls_all_tasks(
+        self, images: torch.Tensor, run: Callable = run_expert
+    ) -> list[Callable[[], torch.Tensor]]:
+        """The T independent calls of :meth:`forward_all_tasks`, for a concurrent runner."""
+        return [
+            lambda enc=enc, head=head: run(enc, head, images)
+            for enc, head in zip(self.encoders, self.heads)
+        ]
+
+    def calls_routed(
+        self,
+        images: torch.Tensor,
+        groups: Sequence[tuple[int, torch.Tensor]],
+        run: Callable = run_expert,
+    ) -> list[Callable[[], torch.Tensor]]:
+        """The independent calls of :meth:`forward_routed`, one per non-empty task."""
+        return [
+            lambda t=t, idx=idx: run(self.encoders[t], self.heads[t], images.index_select(0, idx))
+            for t, idx in groups
+        ]
+
+
+class OneExpert(nn.Module):
+    """One expert alone (the first of the eight), answering its own task."""
+
+    def __init__(self, experts: SeparateExperts):
+        super().__init__()
+        self.encoder, self.head = experts.encoders[0], experts.heads[0]
+        self.experts = [experts]  # a list, not a submodule: holds one expert's weights only
+
+    def forward_all_tasks(
+        self, images: torch.Tensor, run: Callable = run_expert
+    ) -> list[torch.Tensor]:
+        return [run(self.encoder, self.head, images)]
+
+
+@contextlib.contextmanager
+def vmappable_attention() -> Iterator[None]:
+    """Attention that vmap batches instead of looping over.
+
+    ``nn.MultiheadAttention``'s inference fast path (``_native_multi_head_attention``) and the
+    fused SDPA kernels have no vmap batching rule in PyTorch: vmap would fall back to one call
+    per expert ("There is a performance drop because we have not yet implemented the batching
+    rule"). With the fast path off and SDPA's math backend (matmul + softmax), every op of the
+    eight stacked experts is one batched kernel.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # deferred: torch >= 2.3 only
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+class StackedExperts(nn.Module):
+    """The eight experts as one vmapped program: every parameter stacked along a leading task
+    dimension, one ``functional_call`` of a weightless copy of the encoder vmapped over it,
+    and the heads as one padded batched matmul.
+
+    Call it inside :func:`vmappable_attention`.
+    """
+
+    def __init__(self, encoders: Sequence[ImageEncoder], heads: Sequence[ClassificationHead]):
+        super().__init__()
+        params, buffers = torch.func.stack_module_state(list(encoders))
+        self._names = {"params": list(params), "buffers": list(buffers)}
+        for kind, tensors in (("params", params), ("buffers", buffers)):
+            for name, t in tensors.items():  # (T, ...) each
+                self.register_buffer(f"{kind}__{name.replace('.', '__')}", t.detach())
+        self._base = [copy.deepcopy(encoders[0]).to("meta")]  # a list: not a submodule
+        counts = [h.num_classes for h in heads]
+        like = heads[0].weight
+        weight = like.new_zeros(len(heads), max(counts), like.shape[1])
+        bias = like.new_zeros(len(heads), max(counts))
+        with torch.no_grad():
+            for t, h in enumerate(heads):
+                weight[t, : h.num_classes], bias[t, : h.num_classes] = h.weight, h.bias
+        self.register_buffer("head_weight", weight)  # (T, C_max, e), zero-padded
+        self.register_buffer("head_bias", bias)  # (T, C_max)
+        self.class_counts, self.normalize = counts, all(h.normalize for h in heads)
+
+    def _stacked(self, kind: str) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"{kind}__{n.replace('.', '__')}") for n in self._names[kind]}
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:  # (B, 3, H, W)
+        """Every expert on the whole batch in one vmapped call: T tensors (B, C_t)."""
+        base = self._base[0]
+
+        def one(params, buffers, x):
+            return torch.func.functional_call(base, (params, buffers), (x,))
+
+        z = torch.func.vmap(one, in_dims=(0, 0, None))(
+            self._stacked("params"), self._stacked("buffers"), images
+        )  # (T, B, e)
+        if self.normalize:
+            z = F.normalize(z, dim=-1)
+        logits = torch.einsum("tbe,tce->tbc", z, self.head_weight) + self.head_bias[:, None]
+        return [logits[t, :, :c] for t, c in enumerate(self.class_counts)]
+
 
 @dataclass
 class Parts:
@@ -196,17 +369,46 @@ class Parts:
         return cls(arch, encoder, heads, [f"task{t}" for t in range(num_tasks)])
 
 
-def build(
+def _experts(parts: Parts, device: torch.device, dtype: torch.dtype) -> SeparateExperts:
+    base = copy.deepcopy(parts.encoder).to(device=device, dtype=dtype)
+    encoders = [base, *(copy.deepcopy(base) for _ in parts.tasks[1:])]
+    heads = [copy.deepcopy(h) for h in parts.heads]
+    return SeparateExperts(encoders, heads).to(device=device, dtype=dtype).eval()
+
+
+def build_all(
+    parts: Parts,
+    configs: Sequence[str],
+    ranks: dict[str, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, nn.Module]:
+    """The module each configuration holds, on ``device`` in ``dtype``. ``experts``,
+    ``experts-concurrent`` and ``one-expert`` share one set of eight experts (one expert's
+    weights for ``one-expert``); ``experts-vmap`` holds its own stacked copy."""
+    models: dict[str, nn.Module] = {}
+    experts = None
+    for config in configs:
+        if config in ("experts", "experts-concurrent", ONE_EXPERT, "experts-vmap"):
+            experts = experts or _experts(parts, device, dtype)
+        if config in ("experts", "experts-concurrent"):
+            models[config] = experts
+        elif config == ONE_EXPERT:
+            models[config] = OneExpert(experts).eval()
+        elif config == "experts-vmap":
+            models[config] = StackedExperts(experts.encoders, experts.heads).eval()
+        else:
+            models[config] = build_engine_model(parts, config, ranks.get(config, 16), device, dtype)
+    return models
+
+
+def build_engine_model(
     parts: Parts, config: str, rank: int, device: torch.device, dtype: torch.dtype
-) -> SeparateExperts | MultiTaskModel:
-    """The module a configuration holds, on ``device`` in ``dtype``."""
-    if config == "experts":
-        base = copy.deepcopy(parts.encoder).to(device=device, dtype=dtype)
-        encoders = [base, *(copy.deepcopy(base) for _ in parts.tasks[1:])]
-        heads = [copy.deepcopy(h) for h in parts.heads]
-        return SeparateExperts(encoders, heads).to(device=device, dtype=dtype).eval()
+) -> MultiTaskModel:
+    """The merged model (``merged``) or an engine (a surgery method's name) with random
+    adapters."""
     bank = None
-    if config != "merged":
+    if config != MERGED:
         torch.manual_seed(1)
         bank = AdapterBank(parts.tasks, parts.arch, config, rank)
         with torch.no_grad():  # trained adapters are not zero: give W_up values too
@@ -214,6 +416,17 @@ def build(
                 bank.weights(site)[1].normal_(0.0, 0.02)
     model = MultiTaskModel(copy.deepcopy(parts.encoder), parts.heads, parts.tasks, bank)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def expert_as_engine(
+    task: str, experts: SeparateExperts, t: int, dtype: torch.dtype
+) -> MultiTaskModel:
+    """Expert ``t`` as a one-task, adapter-free MultiTaskModel (on the CPU), so that the ONNX
+    exporter makes it an engine of its own."""
+    encoder = copy.deepcopy(experts.encoders[t]).to("cpu", torch.float32)
+    head = copy.deepcopy(experts.heads[t]).to("cpu", torch.float32)
+    model = MultiTaskModel(encoder, [head], [task], None)
+    return model.to(dtype=dtype).eval()
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""The benchmarks (surgery_edge.bench): engine result structure, weight bytes, FLOPs, reports,
-``surgery-edge bench --quick``, the thin scripts under benchmarks/."""
+"""The benchmarks (surgery_edge.bench): the engine benchmark's configurations and baselines,
+interleaved timing, ratios against their ceilings, incremental writes, peak memory in its own
+process, FLOPs and bytes, ``surgery-edge bench --quick``, the thin scripts under benchmarks/."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 import shutil
@@ -14,6 +16,7 @@ import pytest
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
+from surgery_edge.bench import engine as engine_bench
 from surgery_edge.bench.decode import main as decode_main
 from surgery_edge.bench.engine import run_engine_bench
 from surgery_edge.bench.flops import (
@@ -21,64 +24,95 @@ from surgery_edge.bench.flops import (
     backbone_flops,
     one_expert_bytes,
     task_classes,
+    workload_bytes,
     workload_flops,
 )
-from surgery_edge.bench.ratios import derive_ratios
-from surgery_edge.bench.report import merge_previous, write_outputs
-from surgery_edge.bench.workloads import CONFIG_MODES, CONFIGS, DTYPES, EngineBenchConfig
+from surgery_edge.bench.memory import MemorySpec, run_children
+from surgery_edge.bench.ratios import BEST_VS_BEST, SAME_RUNTIME, ceilings, derive_ratios
+from surgery_edge.bench.report import Previous, read_previous, write_outputs
+from surgery_edge.bench.roofline import DeviceRates
+from surgery_edge.bench.workloads import (
+    BASELINES,
+    CONFIG_MODES,
+    CONFIGS,
+    DTYPES,
+    EngineBenchConfig,
+    EngineResult,
+)
 from surgery_edge.models import get_arch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+ARCH = "micro-vit-16"
 
 
 @pytest.fixture(scope="module")
 def results():
     config = EngineBenchConfig(
-        archs=("tiny-vit-32",),
+        archs=(ARCH,),
         batches=(2,),
         paths=("eager", "fused"),
         device="cpu",
-        rank=16,
-        rank_v2=4,  # a tiny width makes rank-16 V2 adapters ~20% of the backbone
-        warmup=1,
-        iters=2,
-        min_iters=1,
+        rank=4,
+        rounds=3,
+        block_seconds=0.002,
+        threads=2,  # two concurrent experts, one intra-op thread each
+        memory_paths=(),
     )
-    return config, run_engine_bench(config)
+    snapshots = []
+    rows = run_engine_bench(config, on_group=lambda rows: snapshots.append(len(rows)))
+    return config, rows, snapshots
 
 
 def test_every_configuration_is_measured_eagerly(results):
-    config, rows = results
+    config, rows, _ = results
     eager = {(r.config, r.mode) for r in rows if r.path == "eager" and r.status == "ok"}
     assert eager == {(c, m) for c in CONFIGS for m in CONFIG_MODES[c]}
     for r in rows:
-        assert r.arch == "tiny-vit-32" and r.batch == 2 and r.dtype == "fp32"
+        assert r.arch == ARCH and r.batch == 2 and r.dtype == "fp32"
         if r.path == "fused":  # engines only, and never timed on the CPU
             assert r.config in ("surgery", "surgeryv2")
             assert r.status == "unavailable" and "CUDA" in r.reason
             continue
-        assert r.median_ms > 0 and r.p90_ms >= r.median_ms and r.iters >= 1
-        assert r.answers_per_call == (2 * 8 if r.mode == "all-tasks" else 2)
+        assert r.rounds == 3 and r.calls_per_block >= 1 and r.timer == "torch.utils.benchmark"
+        assert r.q1_ms <= r.median_ms <= r.q3_ms
+        answers = 2 if r.mode == "routed" or r.config == "one-expert" else 2 * 8
+        assert r.answers_per_call == answers
         assert r.answers_per_s == pytest.approx(r.answers_per_call / (r.median_ms * 1e-3))
         assert r.tflops == pytest.approx(r.flops_per_call / (r.median_ms * 1e-3) / 1e12)
-        assert r.peak_fraction is None and r.peak_mem_bytes is None  # CPU
-        assert r.timer == "perf_counter"
+        assert r.peak_fraction is None and r.load_avg_1m is not None
+        concurrent = r.config == "experts-concurrent"
+        assert (r.threads, r.workers) == ((1, 2) if concurrent else (2, 1))
+
+
+def test_the_baselines_compute_the_experts_outputs(results):
+    _, rows, _ = results
+    checked = [r for r in rows if r.config in ("experts-concurrent", "experts-vmap")]
+    assert checked and all(r.status == "ok" for r in checked)
+    for r in checked:  # against the sequential experts' eager output
+        assert r.max_abs_err_vs_eager is not None and r.max_abs_err_vs_eager < 1e-5, r
+
+
+def test_results_are_handed_over_after_every_group(results):
+    _, rows, snapshots = results
+    # two groups (all-tasks, routed), then the memory pass: each hands over the rows so far
+    assert snapshots[0] < snapshots[1] == snapshots[2] == len(rows)
 
 
 def test_weight_bytes(results):
-    config, rows = results
-    arch = get_arch("tiny-vit-32")
+    _, rows, _ = results
+    arch = get_arch(ARCH)
     one = one_expert_bytes(arch, DTYPES["fp32"], task_classes(arch, 8)[0])
     held = {r.config: r.weight_bytes for r in rows}
-    assert held["experts"] / one == pytest.approx(8.0, rel=0.02)
-    for engine in ("merged", "surgery", "surgeryv2"):
-        assert held[engine] <= 1.1 * one, engine
+    for baseline in BASELINES:
+        assert held[baseline] / one == pytest.approx(8.0, rel=0.05), baseline
+    assert held["one-expert"] == pytest.approx(one, rel=0.05)
+    for engine in ("merged", "surgery"):
+        assert held[engine] <= 1.2 * one, engine
     derived = derive_ratios(rows, one)
-    assert derived["weight_ratio_vs_one_expert"]["experts"] == pytest.approx(8.0, rel=0.02)
-    assert [x["batch"] for x in derived["v1_all_tasks_throughput_over_experts"]] == [2]
+    assert derived["weight_ratio_vs_one_expert"]["experts"] == pytest.approx(8.0, rel=0.05)
 
 
-def test_flops_by_hand():
+def test_flops_and_bytes_by_hand():
     # micro-vit-16: 16 px, 8-px patches -> P = 4, N = 5; d = 32, m = 64, L = 2, e = 24
     arch = get_arch("micro-vit-16")
     patch_embed = 2 * 4 * (3 * 8 * 8) * 32  # 49,152
@@ -91,43 +125,187 @@ def test_flops_by_hand():
     assert workload_flops(arch, "surgeryv2", "routed", [0, 1, 1], [10, 6], 2) == (
         3 * (backbone + v2_adapters) + heads[0] + 2 * heads[1]
     )
-    assert workload_flops(arch, "experts", "all-tasks", [0, 0], [10, 6], 2) == 2 * (
-        2 * backbone + sum(heads)
+    for baseline in BASELINES:  # every baseline does the eight experts' work
+        assert workload_flops(arch, baseline, "all-tasks", [0, 0], [10, 6], 2) == 2 * (
+            2 * backbone + sum(heads)
+        )
+    assert workload_flops(arch, "one-expert", "all-tasks", [0, 0], [10, 6], 2) == 2 * (
+        backbone + heads[0]
     )
     assert workload_flops(arch, "surgery", "all-tasks", [0], [10, 6], 2) == (
         backbone + 2 * 4 * 2 * 24 + sum(heads)
+    )
+    # bytes: weights once, images in, logits out; routed experts read only their tasks' weights
+    image = 3 * 16 * 16 * 4
+    assert workload_bytes(arch, "merged", "all-tasks", [0, 0], [10, 6], 1000, 4) == (
+        1000 + 2 * image + 2 * 16 * 4
+    )
+    assert workload_bytes(arch, "experts", "routed", [1, 1], [10, 6], 1000, 4) == (
+        500 + 2 * image + 2 * 6 * 4
     )
     # the published profile numbers (GFLOPs per image at 224 px)
     assert backbone_flops(get_arch("ViT-B-32")) / 1e9 == pytest.approx(8.82, rel=0.01)
     assert backbone_flops(get_arch("ViT-L-14")) / 1e9 == pytest.approx(162.03, rel=0.01)
 
 
+def _row(config, path, median, mode="all-tasks", batch=1, flops=8, nbytes=8, answers=8):
+    return EngineResult(
+        arch=ARCH, config=config, mode=mode, path=path, batch=batch, status="ok", reason=None,
+        dtype="fp32", rank=None, timer="t", rounds=5, calls_per_block=1, median_ms=median,
+        q1_ms=median, q3_ms=median, answers_per_call=answers, answers_per_s=answers / median,
+        flops_per_call=flops, bytes_per_call=nbytes, tflops=None, peak_fraction=None,
+        weight_bytes=nbytes, threads=1, workers=1, load_avg_1m=0.0, setup_s=None,
+        max_abs_err_vs_eager=None,
+    )  # fmt: skip
+
+
+def test_ratios_are_same_runtime_or_best_vs_best_beside_their_ceilings():
+    rows = [
+        # eight experts: 8 units of work and 8 of weights; the engine: 1 and 1.05
+        _row("experts", "eager", 100.0, flops=80, nbytes=80),
+        _row("experts-vmap", "eager", 60.0, flops=80, nbytes=80),
+        _row("experts", "onnxruntime", 40.0, flops=80, nbytes=80),
+        _row("one-expert", "eager", 5.0, flops=10, nbytes=10, answers=1),
+        _row("one-expert", "onnxruntime", 4.5, flops=10, nbytes=10, answers=1),
+        _row("surgery", "eager", 6.0, flops=10, nbytes=10.5),
+        _row("surgery", "onnxruntime", 6.0, flops=10, nbytes=10.5),
+    ]
+    derived = derive_ratios(rows, one_expert=10)
+    v1 = derived["vs_experts"]["surgery"]["all-tasks"]
+    same = {x["engine_path"]: x for x in v1 if x["kind"] == SAME_RUNTIME}
+    # never one runtime against another: eager against the fastest eager baseline (vmap)
+    assert same["eager"]["baseline"] == "experts-vmap" and same["eager"]["baseline_path"] == "eager"
+    assert same["eager"]["speedup"] == pytest.approx(10.0)
+    assert same["onnxruntime"]["baseline_path"] == "onnxruntime"
+    assert same["onnxruntime"]["speedup"] == pytest.approx(40 / 6)
+    assert (
+        same["eager"]["ceiling"] == pytest.approx(8.0) and same["eager"]["ceiling_basis"] == "FLOPs"
+    )
+    # 10x is above the 8x ceiling: the vmapped experts ran 60 / (8 x 5) = 1.5x slower than
+    # eight times one expert alone, and against that the engine is 10 / 1.5 = 6.7x: explained
+    assert same["eager"]["above_ceiling"] and same["eager"]["explained"]
+    assert same["eager"]["penalty"]["value"] == pytest.approx(1.5)
+    assert not same["onnxruntime"]["above_ceiling"]
+    (best,) = [x for x in v1 if x["kind"] == BEST_VS_BEST]
+    assert (best["baseline"], best["baseline_path"]) == ("experts", "onnxruntime")
+    assert best["speedup"] == pytest.approx(40 / 6)
+    assert derived["above_ceiling"] == [same["eager"]]
+
+
+def test_an_unexplained_ratio_is_flagged_in_the_report(tmp_path):
+    rows = [
+        _row("experts", "eager", 100.0, flops=80, nbytes=80),
+        _row("one-expert", "eager", 12.5, flops=10, nbytes=10, answers=1),  # 8 x 12.5 = 100 ms
+        _row("surgery", "eager", 5.0, flops=10, nbytes=10),  # 20x against an 8x ceiling
+    ]
+    derived = derive_ratios(rows, one_expert=10)
+    (flag,) = derived["above_ceiling"]
+    assert flag["speedup"] == pytest.approx(20.0) and flag["explained"] is False
+    config = EngineBenchConfig(archs=(ARCH,), batches=(1,))
+    write_outputs(config, rows, tmp_path, "cmd", plots=False, quiet=True)
+    md = (tmp_path / f"engine-{ARCH}.md").read_text()
+    assert "above ceiling, even against the experts one at a time: do not cite" in md
+    record = json.loads((tmp_path / f"engine-{ARCH}.json").read_text())
+    assert any("exceed their ceiling" in w for w in record["warnings"])
+
+
+def test_roofline_ceiling_knows_which_bound_applies():
+    rates = DeviceRates(matmul_flops_per_s=100.0, copy_bytes_per_s=10.0, dtype="fp32", how="")
+    engine = _row("surgery", "eager", 1.0, flops=100, nbytes=10)  # 1 s by both bounds
+    baseline = _row("experts", "eager", 1.0, flops=800, nbytes=20)  # 8 s of FLOPs, 2 of bytes
+    c = ceilings(engine, baseline, rates)
+    assert c["ceiling"] == pytest.approx(8.0) and c["roofline_ceiling"] == pytest.approx(8.0)
+    baseline = _row("experts", "eager", 1.0, flops=200, nbytes=80)  # 2 s of FLOPs, 8 of bytes
+    c = ceilings(engine, baseline, rates)
+    assert c["ceiling_basis"] == "bytes" and c["roofline_ceiling"] == pytest.approx(8.0)
+
+
 def test_outputs(results, tmp_path):
-    config, rows = results
+    config, rows, _ = results
     written = write_outputs(config, rows, tmp_path, "bench_engine.main test", plots=False)
-    record = json.loads((tmp_path / "engine-tiny-vit-32.json").read_text())
-    assert record["note"] == "random weights: timing only"
+    record = json.loads((tmp_path / f"engine-{ARCH}.json").read_text())
+    assert record["note"] == "random weights: timing only" and record["complete"] is True
     assert record["command"] == "bench_engine.main test"
-    assert record["device"] == "cpu" and record["torch"]
+    assert record["device"] == "cpu" and record["torch"] and record["cpu_load_avg"]
+    assert record["torch_threads"] >= 1 and "L2" in record["caches"]
     assert len(record["results"]) == len(rows)
     assert set(record["derived"]) >= {
         "weight_ratio_vs_one_expert",
-        "v1_all_tasks_throughput_over_experts",
-        "v2_batch1_latency_over_experts",
-        "v2_routed_overhead_over_merged",
+        "vs_experts",
+        "routed_overhead_over_merged",
+        "eight_expert_penalty",
+        "above_ceiling",
     }
-    assert "| experts | all-tasks | eager | 2 |" in (tmp_path / "engine-tiny-vit-32.md").read_text()
+    md = (tmp_path / f"engine-{ARCH}.md").read_text()
+    assert "    bench_engine.main test" in md  # the command, to re-run on a quiet machine
+    for section in ("## Headline", "## Same-runtime ratios", "What eight sets of weights cost"):
+        assert section in md
+    assert "| experts | all-tasks | eager | 2 |" in md
     assert len(written) == 2
 
 
 def test_merge_keeps_earlier_rows(results, tmp_path):
-    config, rows = results
-    write_outputs(config, rows, tmp_path, "first", plots=False)
+    config, rows, _ = results
+    write_outputs(config, rows, tmp_path, "first", plots=False, quiet=True)
     again = [r for r in rows if r.config == "merged"]
-    write_outputs(config, again, tmp_path, "second", plots=False, merge=True)
-    record = json.loads((tmp_path / "engine-tiny-vit-32.json").read_text())
+    previous = Previous.read(tmp_path, config)
+    for complete in (False, True):  # incremental writes do not merge with themselves
+        write_outputs(
+            config, again, tmp_path, "second", previous, plots=False, complete=complete, quiet=True
+        )
+    record = json.loads((tmp_path / f"engine-{ARCH}.json").read_text())
     assert len(record["results"]) == len(rows)
     assert [run["command"] for run in record["runs"]] == ["first", "second"]
+
+
+def test_a_spent_budget_skips_the_rest(tmp_path):
+    config = EngineBenchConfig(
+        archs=(ARCH,), batches=(1,), paths=("eager",), modes=("all-tasks",),
+        configs=("merged", "surgery"), budget_s=0.0, memory_paths=("eager",),
+    )  # fmt: skip
+    rows = run_engine_bench(config)
+    assert rows and all(r.status == "skipped" and "budget" in r.reason for r in rows)
+    assert all(r.peak_mem_bytes is None for r in rows)
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    real = engine_bench._ArchRun.bench_group
+    calls = []
+
+    def interrupt_second(self, works, batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, works, batch)
+
+    monkeypatch.setattr(engine_bench._ArchRun, "bench_group", interrupt_second)
+    args = ["--device", "cpu", "--archs", ARCH, "--batches", "1", "--paths", "eager"]
+    args += ["--configs", "merged", "surgery", "--rounds", "2", "--block-seconds", "0.001"]
+    args += ["--memory-paths", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:
+        engine_bench.main(args)
+    assert stop.value.code == 130
+    record = json.loads((tmp_path / f"engine-{ARCH}.json").read_text())
+    assert record["complete"] is False
+    assert {(r["config"], r["mode"]) for r in record["results"]} == {
+        ("merged", "all-tasks"),
+        ("surgery", "all-tasks"),
+    }
+    assert all(r["status"] == "ok" for r in record["results"])
+
+
+def test_peak_memory_is_measured_in_a_process_of_its_own():
+    spec = MemorySpec(
+        arch=ARCH, config="experts", mode="all-tasks", path="eager", batches=(1, 16),
+        device="cpu", dtype="fp32", num_tasks=8, rank=4, threads=1, seed=0,
+    )  # fmt: skip
+    broken = dataclasses.replace(spec, arch="no-such-arch")
+    good, bad = run_children([spec, broken], jobs=2)
+    assert good["status"] == "ok" and good["kind"] == "rss", good
+    peaks = [b["peak_bytes"] for b in good["batches"]]
+    assert [b["batch"] for b in good["batches"]] == [1, 16]
+    assert peaks[0] <= peaks[1] and good["held_bytes"] > good["baseline_bytes"]
+    assert bad["status"] == "failed" and "no-such-arch" in bad["reason"]
 
 
 def test_decode_benchmark_writes_its_result(tmp_path):
@@ -143,40 +321,67 @@ def test_merge_reads_the_stored_cpu_results(results, tmp_path):
     stored = BENCHMARKS / "results" / "cpu" / "engine-tiny-vit-32.json"
     old = json.loads(stored.read_text())
     path = shutil.copy(stored, tmp_path / stored.name)
-    config, rows = results  # batch 2: none of the stored rows is measured again
-    merged, runs = merge_previous(Path(path), rows, old["device_name"], "fp32")
-    assert len(merged) == len(old["results"]) + len(rows)
-    assert [run["command"] for run in runs] == [run["command"] for run in old["runs"]]
-    assert {r.batch for r in merged} == {1, 2, 8, 32}
+    rows, runs = read_previous(Path(path), old["device_name"], "fp32")
+    assert len(rows) == len(old["results"]) and runs
+    assert {r.config for r in rows} >= set(CONFIGS)  # every baseline is in the stored results
+    assert {r.path for r in rows if r.status == "ok"} >= {"eager", "compile", "onnxruntime"}
 
 
 def test_bench_quick_through_the_cli(tmp_path):
-    r = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    args = ["bench", "--quick", "--device", "cpu", "--tasks", "2", "--threads", "2"]
+    args += ["--configs", "experts", "experts-concurrent", "one-expert", "surgeryv2"]
+    args += ["--memory-paths", "eager", "onnxruntime", "--memory-configs", "one-expert"]
+    args += ["--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    record = json.loads((tmp_path / "engine-micro-vit-16.json").read_text())
-    assert (tmp_path / "engine-micro-vit-16.md").is_file()
+    record = json.loads((tmp_path / f"engine-{ARCH}.json").read_text())
+    assert (tmp_path / f"engine-{ARCH}.md").is_file()
     assert not list(tmp_path.glob("*.png"))  # --quick writes no plots
-    assert record["command"] == f"surgery-edge bench --quick --device cpu --out {tmp_path}"
-    measured = {
-        (r["config"], r["mode"], r["path"], r["batch"])
+    assert record["command"] == "surgery-edge bench " + " ".join(args[1:])
+    ok = {
+        (r["config"], r["mode"], r["path"], r["batch"]): r
         for r in record["results"]
         if r["status"] == "ok"
     }
-    for config in CONFIGS:
+    for config in ("experts", "experts-concurrent", "one-expert", "surgeryv2"):
         for mode in CONFIG_MODES[config]:
-            paths = ["eager"] if config == "experts" else ["eager", "onnxruntime"]
-            for path in paths:
+            for path in ("eager", "onnxruntime"):  # the experts run on ONNX Runtime too
                 for batch in (1, 4):
-                    assert (config, mode, path, batch) in measured
-    onnx = [r for r in record["results"] if r["path"] == "onnxruntime"]
+                    assert (config, mode, path, batch) in ok
+    onnx = [r for r in ok.values() if r["path"] == "onnxruntime"]
     assert all(r["max_abs_err_vs_eager"] < 1e-4 for r in onnx)
+    memory = [r for r in ok.values() if r["config"] == "one-expert"]
+    assert all(r["peak_mem_bytes"] > 0 and r["peak_mem_kind"] == "rss" for r in memory)
+    assert record["derived"]["vs_experts"]["surgeryv2"]["routed"]
+
+
+def test_the_onnx_memory_process_imports_no_torch(tmp_path):
+    import torch
+
+    from surgery_edge.bench.workloads import Parts, build_all, expert_as_engine
+    from surgery_edge.export.onnx import export_onnx
+
+    parts = Parts.random(get_arch(ARCH), 2, 0)
+    experts = build_all(parts, ["experts"], {}, torch.device("cpu"), torch.float32)["experts"]
+    path = tmp_path / "expert.onnx"
+    export_onnx(expert_as_engine("task0", experts, 0, torch.float32), path, "all-tasks")
+    spec = MemorySpec(
+        arch=ARCH, config="one-expert", mode="all-tasks", path="onnxruntime", batches=(2,),
+        device="cpu", dtype="fp32", num_tasks=2, rank=4, threads=1, seed=0,
+        onnx_files=(str(path),),
+    )  # fmt: skip
+    (record,) = run_children([spec])
+    assert record["status"] == "ok", record
+    assert record["imported_torch"] is False and record["batches"][0]["peak_bytes"] > 0
 
 
 def test_bench_help_lists_the_benchmark_options():
     r = CliRunner().invoke(app, ["bench", "--help"])
     assert r.exit_code == 0, r.output
     assert "usage: surgery-edge bench" in r.output
-    for option in ("--quick", "--archs", "--batches", "--paths", "--merge", "--out"):
+    for option in ("--quick", "--archs", "--batches", "--paths", "--merge", "--out", "--rounds"):
+        assert option in r.output
+    for option in ("--budget-s", "--memory-paths", "--threads"):
         assert option in r.output
 
 
@@ -193,6 +398,7 @@ def test_scripts_are_entry_points(script, monkeypatch, capsys):
 
 def test_importing_the_benchmarks_is_lean():
     modules = ["engine", "kernels", "training", "decode", "onnx_sizes", "plots", "report"]
+    modules += ["memory", "roofline", "ratios", "gpu"]
     code = (
         "import sys, torch\n"
         + "".join(f"import surgery_edge.bench.{m}\n" for m in modules)

@@ -425,7 +425,8 @@ print(json.dumps(report))
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_kernels_compile_for_sm90(dtype):
     """Without a GPU: the compiled (not interpreted) kernels build for sm_90 at d = 1024, fit
-    in an H100's shared memory (227 KB; also under an A100's 163 KB) and spill no registers."""
+    in a Hopper SM's shared memory (227 KB on the H100 and H200; also under an A100's 163 KB)
+    and spill no registers."""
     result = _run_python(_SM90_COMPILE.format(dtype=dtype, width=1024))
     assert result.returncode == 0, result.stderr[-3000:]
     for kernel, (shared, spills) in json.loads(result.stdout.splitlines()[-1]).items():

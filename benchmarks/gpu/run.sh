@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU run (issue 17) in one call of at most 8 minutes: install the project on the GPU
+# machine, then run every GPU step (python -m surgery_edge.bench.gpu: gpu-marked tests, kernel,
+# engine and training benchmarks), each within its share of the time, writing JSON and Markdown
+# under $OUT as it goes (at most 8 files) and printing a summary at the end.
+#
+# Once, before the call, in the root of the checkout the device tool sends (the main checkout),
+# fetch the wheels the GPU image lacks (pinned in benchmarks/gpu/wheels.txt; .whl/ is ignored
+# by git through .gitignore; in a checkout whose .gitignore predates that, run
+# `echo /.whl/ >> .git/info/exclude` first, so that they are never committed):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       --platform manylinux1_x86_64 -d .whl -r benchmarks/gpu/wheels.txt
+#
+# Then the call (the device tool's run), with .whl carried:
+#
+#   command: bash benchmarks/gpu/run.sh      carry: [".whl"]      timeout_s: 540
+#
+# Usage: benchmarks/gpu/run.sh [--dry-run] [--out DIR] [--budget-s S] [--only STEP ...]
+#   --dry-run  every step at tiny size on the CPU under TRITON_INTERPRET=1, with $PYTHON (default
+#              python3) and nothing installed: what `make test` runs (tests/bench/test_gpu_run.py).
+#   --out      where the results go (default $OUT; a new temporary folder for a dry run).
+#   --budget-s the seconds all steps share (default: 8 minutes less the installation and a margin).
+# Exit status: 0 when every step succeeded, 1 when one failed or ran out of time, 2 when the
+# installation failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 2
+
+CALL_SECONDS=480   # the call's 8 minutes
+MARGIN_SECONDS=20  # the final summary, and the device tool's own overhead
+PY=${PYTHON:-python3}
+SITE=${SURGERY_EDGE_SITE:-/tmp/site}
+dry=0
+for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry=1; done
+
+missing_wheels() {
+    # each pinned requirement needs its wheel in .whl/ (wheel names use _ and lowercase)
+    local line name version found=0
+    while read -r line; do
+        line=${line%%#*}
+        [ -z "${line// }" ] && continue
+        name=$(echo "${line%%==*}" | tr 'A-Z-' 'a-z_')
+        version=${line##*==}
+        if ! ls .whl/ 2>/dev/null | tr 'A-Z' 'a-z' | grep -q "^${name}-${version}-.*\.whl$"; then
+            echo "$line"
+            found=1
+        fi
+    done < benchmarks/gpu/wheels.txt
+    return $found
+}
+
+if [ "$dry" = 1 ]; then
+    echo "dry run: nothing is installed; python: $($PY -c 'import sys; print(sys.executable)')"
+    if missing=$(missing_wheels); then
+        echo "dry run: .whl/ holds every wheel of benchmarks/gpu/wheels.txt"
+    else
+        echo "dry run: .whl/ lacks (the real run will stop): $(echo $missing)"
+    fi
+else
+    if ! missing=$(missing_wheels); then
+        echo "benchmarks/gpu/run.sh: .whl/ lacks the wheels of $(echo $missing). Download" \
+             "them in the repository root with the pip download command in this script's" \
+             "header (benchmarks/gpu/run.sh), then carry .whl in the device call." >&2
+        exit 2
+    fi
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .whl/*.whl || exit 2
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 2
+    $PY -c "import open_clip, pydantic, surgery_edge.bench.gpu" || exit 2
+    echo "installed in ${SECONDS} s"
+fi
+
+out_args=()
+if [ -z "${OUT:-}" ] && [[ " $* " != *" --out "* ]]; then
+    out_args=(--out "$(mktemp -d)")
+fi
+budget=$((CALL_SECONDS - SECONDS - MARGIN_SECONDS))
+exec "$PY" -m surgery_edge.bench.gpu --budget-s "$budget" ${out_args[@]+"${out_args[@]}"} "$@"
