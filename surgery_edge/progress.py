@@ -29,9 +29,12 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, description: str) -> Iterator[_Bar]:
-    """A rich progress bar; call ``bar.advance(loss=...)`` once per step."""
-    if os.environ.get("SURGERY_EDGE_QUIET") == "1":
+def progress_bar(total: int, description: str, show: bool = True) -> Iterator[_Bar]:
+    """A rich progress bar; call ``bar.advance(loss=...)`` once per step.
+
+    ``show=False`` (e.g. on every rank of a distributed job but the first) draws nothing.
+    """
+    if not show or os.environ.get("SURGERY_EDGE_QUIET") == "1":
         yield _Bar(None, None)
         return
     columns = (
