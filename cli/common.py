@@ -36,8 +36,23 @@ def device_name(value: str | None) -> str | None:
     return value
 
 
-RunDir = Annotated[Path, typer.Option("--run", help="Run directory (made by `experts`/`demo`).")]
+RunDir = Annotated[
+    Path,
+    typer.Option(
+        "--run",
+        "--run-dir",
+        help="Run directory (made by `experts`/`demo`); under torchrun spell it --run-dir.",
+    ),
+]
 Device = Annotated[str | None, typer.Option(parser=device_name, help="auto | cpu | cuda | cuda:N.")]
+NProc = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="Run as N processes of one torchrun job on this machine (gloo on the CPU, nccl on "
+        "GPUs, one GPU each); across machines start the command with torchrun instead.",
+    ),
+]
 Overwrite = Annotated[
     bool,
     typer.Option(
