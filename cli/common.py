@@ -36,10 +36,25 @@ def device_name(value: str | None) -> str | None:
     return value
 
 
-RunDir = Annotated[Path, typer.Option("--run", help="Run directory (made by `experts`/`demo`).")]
+RunDir = Annotated[
+    Path,
+    typer.Option(
+        "--run",
+        "--run-dir",
+        help="Run directory (made by `experts`/`demo`); under torchrun spell it --run-dir.",
+    ),
+]
 Device = Annotated[str | None, typer.Option(parser=device_name, help="auto | cpu | cuda | cuda:N.")]
 Json = Annotated[
     bool, typer.Option("--json", help="Print the result as JSON on stdout (nothing else there).")
+]
+NProc = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="Run as N processes of one torchrun job on this machine (gloo on the CPU, nccl on "
+        "GPUs, one GPU each); across machines start the command with torchrun instead.",
+    ),
 ]
 Overwrite = Annotated[
     bool,

@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from surgery_edge.cli import launch
 from surgery_edge.cli.common import (
     Device,
+    NProc,
     Overwrite,
     RunDir,
     SurgeryName,
@@ -56,6 +58,7 @@ MERGE_HELP = lazy_epilog(merge_methods_help)
 
 @user_errors
 def merge(
+    ctx: typer.Context,
     run_dir: RunDir,
     method: Annotated[
         list[str],
@@ -78,26 +81,36 @@ def merge(
     k: Annotated[float | None, typer.Option(hidden=True)] = None,  # before --param: k=
     device: Device = None,
     overwrite: Overwrite = False,
+    nproc: NProc = None,
 ):
     """Merge the run's experts with one or more methods into RUN/merged/<method>.safetensors.
 
     A merge made with other parameters is replaced only with --overwrite (the adapters trained
-    on it are then refused until re-trained).
+    on it are then refused until re-trained). AdaMerging learns on several processes with
+    --nproc N, or under torchrun.
     """
+    overrides = parse_values(param, "--param", "lam=0.5")
+    if launch.check_nproc(nproc) > 1:
+        return launch.relaunch(ctx, nproc)
+    from surgery_edge.distributed import joined  # deferred: imports torch
     from surgery_edge.run.pipeline import Run, run_merges  # deferred: imports torch
 
-    overrides = parse_values(param, "--param", "lam=0.5")
     for name, value in (("lam", lam), ("k", k)):
         if value is not None:
             overrides.setdefault(name, value)
     run = Run.open(run_dir, device=device, write=True, overwrite=overwrite)
-    run.require_experts()
-    for name, path in run_merges(run, method, overrides).items():
-        say(f"{name}: {path}")
+    with joined(run.device) as world:
+        run.join(world)
+        run.require_experts()
+        merged = run_merges(run, method, overrides)
+    if run.writer:
+        for name, path in merged.items():
+            say(f"{name}: {path}")
 
 
 @user_errors
 def train(
+    ctx: typer.Context,
     run_dir: RunDir,
     merge_name: Annotated[str, typer.Option("--merge", help="Merged model to repair.")] = (
         "task_arithmetic"
@@ -119,12 +132,15 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Adapter file to write.")] = None,
     device: Device = None,
     overwrite: Overwrite = False,
+    nproc: NProc = None,
 ):
     """Train surgery adapters (unsupervised) on a merged model of the run.
 
     Adapters trained with other settings or on another merge are replaced only with
-    --overwrite; --out writes them elsewhere.
+    --overwrite; --out writes them elsewhere. --nproc N (or torchrun) splits the expert targets
+    and every step's batch (--batch-size per task, the global batch) over N processes.
     """
+    from surgery_edge.distributed import joined  # deferred: imports torch
     from surgery_edge.run.pipeline import Run, train_one  # deferred: imports torch
     from surgery_edge.surgery.trainer import SurgeryConfig  # deferred with the pipeline
 
@@ -141,11 +157,16 @@ def train(
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
+    if launch.check_nproc(nproc) > 1:
+        return launch.relaunch(ctx, nproc)
     run = Run.open(run_dir, device=device, write=out is None, overwrite=overwrite)
-    run.require_experts()
-    run.find_merges()
-    path = train_one(run, merge_name, cfg, out, transductive=transductive, resume=resume)
-    say(f"adapters: {path}")
+    with joined(run.device) as world:
+        run.join(world)
+        run.require_experts()
+        run.find_merges()
+        path = train_one(run, merge_name, cfg, out, transductive=transductive, resume=resume)
+    if run.writer:
+        say(f"adapters: {path}")
 
 
 @user_errors

@@ -31,9 +31,12 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, description: str) -> Iterator[_Bar]:
-    """A rich progress bar; call ``bar.advance(loss=...)`` once per step."""
-    if quiet():
+def progress_bar(total: int, description: str, show: bool = True) -> Iterator[_Bar]:
+    """A rich progress bar; call ``bar.advance(loss=...)`` once per step.
+
+    ``show=False`` (e.g. on every rank of a distributed job but the first) draws nothing.
+    """
+    if not show or quiet():
         yield _Bar(None, None)
         return
     columns = (

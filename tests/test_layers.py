@@ -24,25 +24,40 @@ SOURCES = {
 
 # Which top-level parts of the package each part may import (besides itself). Everything
 # points down: the base, then the torch-free runtime, models and data, merging, kernels and
-# surgery, evaluation and export, the benchmarks and runs, and the CLI on top.
+# surgery, evaluation and export, the benchmarks and runs, and the CLI on top. ``distributed``
+# (torch.distributed: the ranks of a torchrun job) sits beside ``device`` under the parts that
+# learn: merging (AdaMerging), surgery (targets, training), runs and the CLI.
 BASE = {"__init__", "errors", "io", "progress", "engine_format"}
 ALLOWED = {
     **{m: BASE for m in BASE},
     "device": BASE,
+    # the ranks of a torchrun job; the learning parts (AdaMerging, surgery) split their work
+    "distributed": BASE,
     "runtime": BASE,
     "models": BASE,
     "data": BASE | {"runtime", "models"},
-    "merging": BASE,
+    "merging": BASE | {"distributed"},
     "kernels": BASE | {"surgery"},  # the kernels' references call surgery.functional
-    "surgery": BASE | {"models", "data", "kernels", "runtime"},
+    "surgery": BASE | {"models", "data", "kernels", "runtime", "distributed"},
     "evaluation": BASE | {"models", "data", "surgery"},
     "export": BASE | {"runtime", "models", "data", "surgery"},
     "bench": BASE | {"runtime", "models", "data", "surgery", "kernels", "export", "evaluation"},
     "run": BASE
-    | {"device", "runtime", "models", "data", "merging", "surgery", "evaluation", "export"},
+    | {
+        "device",
+        "distributed",
+        "runtime",
+        "models",
+        "data",
+        "merging",
+        "surgery",
+        "evaluation",
+        "export",
+    },
     # cli -> export: `triton-repo` turns an existing engine file into a Triton repository
     "cli": BASE
-    | {"run", "runtime", "models", "data", "surgery", "merging", "evaluation", "bench", "export"},
+    | {"run", "runtime", "models", "data", "surgery", "merging", "evaluation", "bench", "export"}
+    | {"distributed"},
 }
 
 

@@ -45,7 +45,21 @@ from surgery_edge.runtime.inputs import IMAGE_EXTENSIONS
 from surgery_edge.runtime.preprocess import resize_crop
 
 SOURCES = ("folder", "torchvision")
-TORCHVISION_DATASETS = ("SUN397", "StanfordCars", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+TORCHVISION_DATASETS = (
+    "SUN397",
+    "StanfordCars",
+    "EuroSAT",
+    "SVHN",
+    "GTSRB",
+    "MNIST",
+    "DTD",
+    # added by the 14- and 20-task suites (TALL14 / TALL20)
+    "OxfordIIITPet",
+    "FashionMNIST",
+    "KMNIST",
+    "Food101",
+    "RenderedSST2",
+)
 _NUM_CLASSES = {
     "SUN397": 397,
     "StanfordCars": 196,
@@ -54,7 +68,14 @@ _NUM_CLASSES = {
     "GTSRB": 43,
     "MNIST": 10,
     "DTD": 47,
+    "OxfordIIITPet": 37,
+    "FashionMNIST": 10,
+    "KMNIST": 10,
+    "Food101": 101,
+    "RenderedSST2": 2,
 }
+_TRAIN_FLAG = ("MNIST", "FashionMNIST", "KMNIST")  # train=True/False instead of a split name
+_TRAIN_SPLIT = {"OxfordIIITPet": "trainval"}  # the official training split's name, if not train
 _UNSPLIT = ("SUN397", "EuroSAT")  # no official test split: split_indices() makes one
 # The split of SUN397/EuroSAT is fixed, not drawn from the run's seed: experts fine-tuned in
 # one run must never be evaluated on their own training images in a run with another seed.
@@ -425,12 +446,12 @@ def _open_torchvision(task_name: str, name: str, root: Path, split: str) -> Any:
 
     cls = getattr(tvd, name)
     kwargs: dict[str, Any] = {}
-    if name == "MNIST":
+    if name in _TRAIN_FLAG:
         kwargs["train"] = split == "train"
     elif name == "DTD":
         kwargs.update(split=split, partition=1)
     elif name not in _UNSPLIT:
-        kwargs["split"] = split
+        kwargs["split"] = _TRAIN_SPLIT.get(name, "train") if split == "train" else split
     try:
         return cls(str(root), transform=None, download=False, **kwargs)
     except Exception as e:  # each class signals missing files its own way

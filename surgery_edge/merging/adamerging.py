@@ -14,15 +14,21 @@ Differences from the reference code, on purpose:
   scale, which Adam is insensitive to).
 - The reference recomputes everything per step; here the task vectors are stacked once on the
   device and every task's batch goes through the encoder in a single call when shapes allow.
+
+In a distributed job (``context.world``) every rank draws the same batches, keeps its share of
+each batch's rows and weights its loss so that the gradient DistributedDataParallel averages is
+the one-process gradient: every rank ends with the coefficients one process learns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.func import functional_call
 
+from surgery_edge.distributed import World
 from surgery_edge.errors import ConfigError, MergeError, TrainingError
 from surgery_edge.merging.base import (
     AdaMergingContext,
@@ -34,6 +40,25 @@ from surgery_edge.merging.base import (
     task_vector,
 )
 from surgery_edge.merging.registry import Param, register
+
+
+class _Coefficients(torch.nn.Module):
+    """The merge coefficients as a module, so DistributedDataParallel can average their grads."""
+
+    def __init__(self, values: torch.Tensor):
+        super().__init__()
+        self.values = torch.nn.Parameter(values)
+
+
+class _Step(torch.nn.Module):
+    """One step's loss as the forward of the module that owns the coefficients."""
+
+    def __init__(self, coefficients: _Coefficients, loss: Callable[[int], torch.Tensor]):
+        super().__init__()
+        self.coefficients, self._loss = coefficients, loss
+
+    def forward(self, step: int) -> torch.Tensor:
+        return self._loss(step)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -113,13 +138,12 @@ def _adamerging(
     for t in tasks:
         head = context.heads[t]
         heads[t] = (head, {n: v.detach().to(device) for n, v in head.state_dict().items()})
-    coefficients = torch.full(
-        (len(tasks), len(keys) if layerwise else 1),
-        float(init),
-        dtype=torch.float32,
-        device=device,
-        requires_grad=True,
-    )  # (T, L) or (T, 1)
+    world = context.world or World.single(device)
+    world.require_rows(batch_size, f"Merge method {method!r}: batch_size")
+    learned = _Coefficients(
+        torch.full((len(tasks), len(keys) if layerwise else 1), float(init), dtype=torch.float32)
+    ).to(device)
+    coefficients = learned.values  # (T, L) or (T, 1)
     optimizer = torch.optim.Adam([coefficients], lr=lr)
     generator = torch.Generator().manual_seed(context.seed)
     same_shape = len({(x.shape[1:], x.dtype) for x in images.values()}) == 1
@@ -137,36 +161,49 @@ def _adamerging(
     for module in modules:
         module.eval()  # no dropout: the coefficients are learned for inference
     learn = steps if keys else 0  # nothing floating-point: nothing to learn
+
+    def step_loss(step: int) -> torch.Tensor:
+        """This rank's share of one step's loss: the sum over tasks of the batch-mean entropy."""
+        batches, sizes = [], []
+        for t in tasks:
+            n = images[t].shape[0]
+            idx = torch.randperm(n, generator=generator)[:batch_size]  # the same on every rank
+            sizes.append(len(idx))
+            share = world.share(len(idx))
+            idx = idx[share.start : share.stop]
+            if context.transform is None:
+                batches.append(images[t][idx.to(device)])
+            else:
+                batches.append(context.transform(images[t][idx.numpy()]))
+        params_now = merged_params(coefficients)
+        if same_shape:
+            feats = functional_call(context.encoder, params_now, (torch.cat(batches),))
+            features = feats.split([b.shape[0] for b in batches])
+        else:
+            features = [functional_call(context.encoder, params_now, (b,)) for b in batches]
+        loss = torch.zeros((), device=device)
+        for t, f, size in zip(tasks, features, sizes, strict=True):
+            head, head_params = heads[t]
+            entropy = _entropy(functional_call(head, head_params, (f,)))
+            loss = loss + (entropy.sum() / size if world.distributed else entropy.mean())
+        return loss * world.size if world.distributed else loss
+
+    objective = world.wrap(_Step(learned, step_loss)) if learn else None
     try:
         for step in range(learn):
-            batches = []
-            for t in tasks:
-                n = images[t].shape[0]
-                idx = torch.randperm(n, generator=generator)[:batch_size]
-                if context.transform is None:
-                    batches.append(images[t][idx.to(device)])
-                else:
-                    batches.append(context.transform(images[t][idx.numpy()]))
-            params_now = merged_params(coefficients)
-            if same_shape:
-                feats = functional_call(context.encoder, params_now, (torch.cat(batches),))
-                features = feats.split([b.shape[0] for b in batches])
-            else:
-                features = [functional_call(context.encoder, params_now, (b,)) for b in batches]
-            loss = torch.zeros((), device=device)
-            for t, f in zip(tasks, features, strict=True):
-                head, head_params = heads[t]
-                loss = loss + _entropy(functional_call(head, head_params, (f,))).mean()
-            if not torch.isfinite(loss):
+            loss = objective(step)
+            value = world.mean(loss.detach(), f"{method} (sharing the loss)").item()
+            if not math.isfinite(value):  # every rank sees the same value and stops
                 raise TrainingError(
-                    f"Merge method {method!r}: the entropy loss became {loss.item()} at step "
+                    f"Merge method {method!r}: the entropy loss became {value} at step "
                     f"{step}; lower its lr (now {lr}) or check the adaptation images."
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with world.lost(f"{method} (averaging the gradients)"):
+                loss.backward()
             optimizer.step()
             if context.progress is not None:
-                context.progress(step, float(loss.item()))
+                context.progress(step, value)
     finally:
         for m, mode in modes:
             m.train(mode)

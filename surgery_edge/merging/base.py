@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from surgery_edge.distributed import World
 from surgery_edge.errors import MergeError
 
 StateDict = dict[str, torch.Tensor]
@@ -54,6 +55,10 @@ class AdaMergingContext:
         device: where the coefficients are learned.
         progress: called as ``progress(step, loss)`` after every step.
         transform: turns ``images[t][idx]`` into the encoder's input on ``device``, per batch.
+        world: the ranks of a distributed job (None: this process alone). Every rank draws the
+            same batches and computes the loss of its share of their rows; the coefficients'
+            gradients are averaged (DistributedDataParallel), so every rank learns the
+            coefficients one process learns.
     """
 
     encoder: torch.nn.Module
@@ -63,6 +68,7 @@ class AdaMergingContext:
     device: str | torch.device = "cpu"
     progress: Callable[[int, float], None] | None = None
     transform: Callable[[Any], torch.Tensor] | None = None
+    world: World | None = None
 
 
 def _listed(keys: list[str]) -> str:

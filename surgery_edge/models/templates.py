@@ -1,9 +1,12 @@
-"""Prompt templates and class names of the eight paper tasks, for CLIP zero-shot heads.
+"""Prompt templates and class names of the paper tasks, for CLIP zero-shot heads.
 
 The templates are those published with CLIP (``data/prompts.md``) and used by the task_vectors /
-AdaMerging / Representation Surgery code, keyed by task_vectors' task names. ``{}`` marks where
-the class name goes. :data:`PAPER_CLASS_NAMES` holds the readable class names for the tasks whose
-dataset folders (or torchvision classes) do not carry them, in class-index order.
+AdaMerging / Representation Surgery code, keyed by task_vectors' task names: the eight paper
+tasks, and the twelve that the 14- and 20-task suites (TALL14 / TALL20: Wang et al., "Localizing
+Task Information for Improved Model Merging and Compression", ICML 2024, arXiv:2405.07813, and
+FusionBench's ``clip-vit-*_TALL20`` model pools) add, as that paper's code holds them. ``{}``
+marks where the class name goes. :data:`PAPER_CLASS_NAMES` holds the readable class names for
+the tasks whose dataset folders (or torchvision classes) do not carry them, in class-index order.
 """
 
 from __future__ import annotations
@@ -69,6 +72,80 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "a photo of the {} object.",
     ),
 }
+
+_CIFAR_TEMPLATES = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low contrast photo of a {}.",
+    "a high contrast photo of a {}.",
+    "a bad photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a big {}.",
+    "a photo of the {}.",
+    "a blurry photo of the {}.",
+    "a black and white photo of the {}.",
+    "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.",
+    "a bad photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of the small {}.",
+    "a photo of the big {}.",
+)
+
+#: The tasks TALL14 adds to the eight (CIFAR100 ... FER2013) and the six more of TALL20.
+TEMPLATES.update(
+    {
+        "CIFAR100": _CIFAR_TEMPLATES,
+        "STL10": ("a photo of a {}.", "a photo of the {}."),
+        "Flowers102": ("a photo of a {}, a type of flower.",),
+        "OxfordIIITPet": ("a photo of a {}, a type of pet.",),
+        "PCAM": ("this is a photo of {}",),
+        "FER2013": (
+            "a photo of a {} looking face.",
+            "a photo of a face showing the emotion: {}.",
+            "a photo of a face looking {}.",
+            "a face that looks {}.",
+            "they look {}.",
+            "look at how {} they are.",
+        ),
+        "EMNIST": ('a photo of the digit character: "{}".',),
+        "CIFAR10": _CIFAR_TEMPLATES,
+        "Food101": ("a photo of {}, a type of food.",),
+        "FashionMNIST": ("a photo of a {}.", "a photo of the {}."),
+        "RenderedSST2": ("a {} review of a movie.",),
+        "KMNIST": ("a photo of the character {}.",),
+    }
+)
+
+#: The TALL14 / TALL20 suites in their papers' order (the eight paper tasks first).
+PAPER_TASKS: tuple[str, ...] = (
+    "SUN397",
+    "Cars",
+    "RESISC45",
+    "EuroSAT",
+    "SVHN",
+    "GTSRB",
+    "MNIST",
+    "DTD",
+)
+TALL14_TASKS: tuple[str, ...] = PAPER_TASKS + (
+    "Flowers102",
+    "PCAM",
+    "FER2013",
+    "OxfordIIITPet",
+    "STL10",
+    "CIFAR100",
+)
+TALL20_TASKS: tuple[str, ...] = TALL14_TASKS + (
+    "CIFAR10",
+    "Food101",
+    "FashionMNIST",
+    "EMNIST",
+    "KMNIST",
+    "RenderedSST2",
+)
 
 #: Templates for a task that :data:`TEMPLATES` does not know.
 GENERIC_TEMPLATES: tuple[str, ...] = (
@@ -146,6 +223,11 @@ PAPER_CLASS_NAMES: dict[str, tuple[str, ...]] = {
         "white circle with gray strike bar indicating no passing for cars has ended",
         "white circle with gray strike bar indicating no passing for trucks has ended",
     ),
+    # PCAM's label 0 / 1 (torchvision and the TALL-masks code carry no names).
+    "PCAM": ("lymph node", "lymph node containing metastatic tumor tissue"),
+    # FER2013's emotion ids 0..6 (angry, disgust, fear, happy, sad, surprise, neutral), worded
+    # for the prompts as CLIP's prompts.md words them.
+    "FER2013": ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"),
     # The NWPU-RESISC45 folders in alphabetical order, underscores read as spaces.
     "RESISC45": (
         "airplane",
@@ -224,6 +306,9 @@ def paper_class_names(task: str) -> tuple[str, ...] | None:
 __all__ = [
     "GENERIC_TEMPLATES",
     "PAPER_CLASS_NAMES",
+    "PAPER_TASKS",
+    "TALL14_TASKS",
+    "TALL20_TASKS",
     "TEMPLATES",
     "paper_class_names",
     "templates_for",

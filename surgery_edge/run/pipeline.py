@@ -6,6 +6,11 @@ it) and their fingerprint in the metadata; a re-run reuses an artefact whose fin
 and redoes only what changed. Nothing about where the run sits enters a fingerprint, so a moved
 or copied run reuses everything. An artefact made with other settings is replaced only with
 ``overwrite`` (:mod:`~surgery_edge.run.provenance`).
+
+``train`` and ``merge`` also run as the ranks of a torchrun job (:meth:`Run.join`): every rank
+opens the same run directory (a shared file system when the job spans machines), rank 0 alone
+writes into it and logs, and the expensive work (expert targets, surgery and AdaMerging steps)
+is split across the ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from surgery_edge import __version__, merging
 from surgery_edge.data.suite import Suite, load_or_generate_suite
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.device import resolve_device
+from surgery_edge.distributed import World
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
 from surgery_edge.evaluation.bias import representation_bias
@@ -41,7 +47,7 @@ from surgery_edge.run.provenance import check_replace, up_to_date
 from surgery_edge.run.recipe import disk_suite, import_checkpoints
 from surgery_edge.surgery.methods import NONE, SURGERY_METHODS
 from surgery_edge.surgery.model import MultiTaskModel
-from surgery_edge.surgery.targets import Representations, cached_representations
+from surgery_edge.surgery.targets import Representations, Request, cached_representations_many
 from surgery_edge.surgery.trainer import (
     SurgeryConfig,
     TaskTargets,
@@ -65,6 +71,7 @@ class Run:
     adapters: dict[tuple[str, str], Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     overwrite: bool = False  # replace artefacts made with other settings (never silently)
+    world: World | None = None  # the ranks of a distributed job (None: this process alone)
 
     @classmethod
     def create(cls, out: str | Path, config: RunConfig, log=print, overwrite: bool = False) -> Run:
@@ -127,9 +134,21 @@ class Run:
         arch = get_arch(config.arch)
         return cls(layout, config, resolve_device(config.device), arch, log, overwrite=overwrite)
 
+    def join(self, world: World) -> None:
+        """Take part in a distributed job as ``world``'s rank: compute on its device; only the
+        writer (rank 0) logs and remembers hashes in ``cache/hashes.json``."""
+        self.world, self.device = world, world.device
+        if not world.is_writer:
+            self.log = _silent
+            self._hashes = HashCache()  # in memory: one writer per file
+
+    @property
+    def writer(self) -> bool:
+        return self.world is None or self.world.is_writer
+
     @property
     def hashes(self) -> HashCache:
-        return self.layout.hashes
+        return getattr(self, "_hashes", None) or self.layout.hashes
 
     @property
     def out(self) -> Path:
@@ -205,7 +224,23 @@ class Run:
 
 
 def prepare_suite(run: Run) -> Suite:
-    """The built-in suite (generated once, cached), or the config's tasks read from disk."""
+    """The built-in suite (generated once, cached), or the config's tasks read from disk
+    (in a distributed job the writer first, so that the others only read what it wrote)."""
+    if run.world is not None and run.world.distributed:
+        if run.world.is_writer:
+            _prepare_suite(run)
+        run.world.barrier("preparing the data")
+        if not run.world.is_writer:
+            _prepare_suite(run)
+        return run.suite
+    return _prepare_suite(run)
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _prepare_suite(run: Run) -> Suite:
     s = run.config.suite
     with run.stage("suite"):
         if not run.config.builtin:
@@ -306,6 +341,9 @@ def run_merges(
     experts = {t: load_encoder(p, run.arch).state_dict for t, p in run.experts.experts.items()}
     for name, (path, provenance, fp) in todo.items():
         spec, params = specs[name], plans[name]
+        if not (spec.needs_data or run.writer):  # one rank computes a merge that learns nothing
+            run.merged[name] = path
+            continue
         with run.stage(f"merge:{name}"):
             context = None
             if spec.needs_data:
@@ -319,22 +357,24 @@ def run_merges(
                     transform=lambda x: to_model_input(x, run.arch, run.device),
                     seed=run.config.seed,
                     device=run.device,
+                    world=run.world,
                 )
             if context is None:
                 result = spec(pre.state_dict, experts, **params)
             else:
-                with progress_bar(params["steps"], name) as bar:
+                with progress_bar(params["steps"], name, show=run.writer) as bar:
                     context.progress = lambda step, loss: bar.advance(entropy=loss)
                     result = spec(pre.state_dict, experts, context=context, **params)
-            save_encoder(
-                path,
-                run.arch,
-                result.state_dict,
-                task=None,
-                recipe=result.recipe,
-                provenance=provenance,
-                fingerprint=fp,
-            )
+            if run.writer:
+                save_encoder(
+                    path,
+                    run.arch,
+                    result.state_dict,
+                    task=None,
+                    recipe=result.recipe,
+                    provenance=provenance,
+                    fingerprint=fp,
+                )
         run.merged[name] = path
         stale = run.layout.trained_adapters([name])
         for (_, method), adapters in stale.items():
@@ -343,24 +383,40 @@ def run_merges(
                 f"it; re-train it (surgery-edge train --run {run.out} --merge {name} --method "
                 f"{method} --overwrite)."
             )
+    if run.world is not None:
+        run.world.barrier("saving the merged models")
     return run.merged
 
 
 def expert_representations(run: Run, task: str, split: str) -> Representations:
     """The expert of ``task``'s (final, block means) on that task's ``split`` images, cached
     under a key of the expert's and the images' content hashes."""
-    path = run.experts.experts[task]
-    images = _split_images(run.suite, task, split)
-    key = fingerprint(run.hashes.digest(path), run.images_digest(task, split), run.arch.name)
-    return cached_representations(
+    return experts_representations(run, [task], split)[task]
+
+
+def experts_representations(run: Run, tasks: list[str], split: str) -> dict[str, Representations]:
+    """:func:`expert_representations` of several tasks at once: in a distributed job, the
+    missing entries are computed by all ranks and written by the first."""
+    requests = []
+    for task in tasks:
+        path = run.experts.experts[task]
+        key = fingerprint(run.hashes.digest(path), run.images_digest(task, split), run.arch.name)
+        requests.append(
+            Request(
+                f"{safe_name(task, 'Task name')}-{split}-{key}",
+                lambda path=path: load_encoder(path, run.arch).build(run.device),
+                _split_images(run.suite, task, split),
+            )
+        )
+    found = cached_representations_many(
         run.layout.cache,
-        f"{safe_name(task, 'Task name')}-{split}-{key}",
-        lambda: load_encoder(path, run.arch).build(run.device),
-        images,
+        requests,
         run.device,
         hashes=run.hashes,
         warn=lambda message: run.log(f"warning: {message}"),
+        world=run.world,
     )
+    return dict(zip(tasks, found))
 
 
 def adaptation_split(run: Run, transductive: bool | None = None) -> str:
@@ -396,10 +452,8 @@ def surgery_config(run: Run, method: str) -> SurgeryConfig:
 
 
 def training_targets(run: Run, split: str) -> dict[str, TaskTargets]:
-    return {
-        t: TaskTargets(_split_images(run.suite, t, split), *expert_representations(run, t, split))
-        for t in run.tasks
-    }
+    found = experts_representations(run, run.tasks, split)
+    return {t: TaskTargets(_split_images(run.suite, t, split), *found[t]) for t in run.tasks}
 
 
 def _is(kind: str):
@@ -458,6 +512,7 @@ def train_one(
             extra_meta={"provenance": provenance, "fingerprint": fp, "split": split},
             inputs=fingerprint({k: v for k, v in provenance.items() if k != "settings"}),
             log=run.log,
+            world=run.world,
         )
     return path
 

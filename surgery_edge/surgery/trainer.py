@@ -13,6 +13,12 @@ Deliberate differences from the reference code (documented in the README):
   backbone, so re-running the backbone each step (as the reference does) changes nothing.
 - Batches are drawn by a generator seeded from (seed, step), so ``resume`` continues exactly the
   sequence an uninterrupted run would have drawn.
+
+Distributed (``world`` of :mod:`surgery_edge.distributed`, several ranks of a torchrun job): every
+rank draws the same global batch and keeps its contiguous share of each task's rows; the
+adapters train under DistributedDataParallel, each rank's loss weighted so that the averaged
+gradient is the one-process gradient of the whole batch. Rank 0 alone reads and writes
+checkpoints and adapters; a resumed checkpoint is sent from it to the other ranks.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 from surgery_edge.data.transforms import to_model_input
+from surgery_edge.distributed import World
 from surgery_edge.errors import ConfigError, TrainingError
 from surgery_edge.io import atomic_path
 from surgery_edge.models.encoder import ImageEncoder
@@ -34,6 +41,7 @@ from surgery_edge.progress import progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.methods import get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
+from surgery_edge.surgery.targets import BATCH
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ def train_surgery(
     extra_meta: dict | None = None,
     inputs: str | None = None,
     log: Callable[[str], None] = print,
+    world: World | None = None,
 ) -> AdapterBank:
     """Train an AdapterBank for ``tasks`` and save it to ``out_path``.
 
@@ -184,7 +193,7 @@ def train_surgery(
         out_path: the adapter ``.safetensors`` file; a ``.state.pt`` beside it holds the
             optimiser state for ``resume`` and is removed when training completes.
         merged_finals: for V1, the merged model's cached final features per task (same order as
-            ``targets[t].images``); computed here when missing.
+            ``targets[t].images``); computed here when missing (split across the ranks).
         resume: continue from the ``.state.pt`` checkpoint if present. A checkpoint written
             with other settings or for other ``inputs`` is not used: training starts again from
             step 0, and ``log`` says so.
@@ -192,12 +201,17 @@ def train_surgery(
         inputs: the identity of what the adapters are trained from (the merged model, the
             targets, the data split), recorded in the checkpoint and checked on resume.
         log: receives what happened to a checkpoint that could not be resumed.
+        world: the ranks of a distributed job (default: this process alone). ``cfg.batch_size``
+            is the global batch per task; ``device`` must be this rank's.
 
     Raises:
         TrainingError: if the loss becomes NaN/inf. ``out_path`` is left as it was (a file there
             keeps its adapters bit for bit); the last adapters that gave a finite loss go to
             :func:`last_good_path`, marked incomplete, so no later run reuses them.
+        DistributedError: a rank of the job was lost.
     """
+    world = world or World.single(device)
+    world.require_rows(cfg.batch_size, "The batch size per task")
     out_path = Path(out_path)
     torch.manual_seed(cfg.seed)
     bank = AdapterBank(tasks, encoder.arch, cfg.method, cfg.rank)
@@ -208,29 +222,33 @@ def train_surgery(
     opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     start = 0
     state_path = _state_path(out_path)
-    if resume and state_path.exists():
-        start, why = _resume_from(state_path, bank, opt, cfg, inputs, device)
-        if why is not None:
-            log(f"not resuming from {state_path}: {why}; training from step 0.")
+    if resume:
+        resumed = None
+        if world.is_writer and state_path.exists():
+            start, why = _resume_from(state_path, bank, opt, cfg, inputs, device)
+            if why is not None:
+                log(f"not resuming from {state_path}: {why}; training from step 0.")
+            elif world.distributed:
+                resumed = (start, bank.state_dict(), opt.state_dict())
+        resumed = world.broadcast(resumed, "sending the resumed checkpoint")
+        if resumed is not None and not world.is_writer:
+            start = resumed[0]
+            bank.load_state_dict(resumed[1])
+            opt.load_state_dict(resumed[2])
 
     T = len(tasks)
     v1 = bank.sites == ("final",)  # the adapter sits after the frozen backbone
     if v1 and merged_finals is None:
-        merged_finals = {}
-        with torch.no_grad():
-            for t in tasks:
-                imgs = targets[t].images
-                merged_finals[t] = torch.cat(
-                    [
-                        encoder(to_model_input(imgs[i : i + 256], encoder.arch, device)).cpu()
-                        for i in range(0, len(imgs), 256)
-                    ]
-                ).numpy()
-    task_ids = torch.arange(T, device=device).repeat_interleave(cfg.batch_size)
+        merged_finals = _merged_finals(encoder, tasks, targets, device, world)
+    rows = world.share(cfg.batch_size)  # this rank's rows of every task's batch
+    local = len(rows)
+    task_ids = torch.arange(T, device=device).repeat_interleave(local)
 
     def loss_at(step: int) -> torch.Tensor:
         idx = [
-            _batch_indices(cfg.seed, step, i, len(targets[t].images), cfg.batch_size).numpy()
+            _batch_indices(cfg.seed, step, i, len(targets[t].images), cfg.batch_size).numpy()[
+                rows.start : rows.stop
+            ]
             for i, t in enumerate(tasks)
         ]
         tgt_final = torch.cat(
@@ -252,24 +270,28 @@ def train_surgery(
             tgt_blocks = torch.cat(
                 [torch.from_numpy(np.asarray(targets[t].blocks[j])) for t, j in zip(tasks, idx)]
             ).to(device)
-        # per-task mean L1, summed over tasks (and over sites for V2)
+        # per-task mean L1 over the global batch, summed over tasks (and over sites for V2);
+        # scaled by the number of ranks, whose gradients DistributedDataParallel averages
         per_row = (final - tgt_final).abs().mean(dim=-1)
         for layer, m in enumerate(block_means):
             per_row = per_row + (m - tgt_blocks[:, layer]).abs().mean(dim=-1)
-        return per_row.view(T, cfg.batch_size).mean(dim=1).sum()
+        per_task = per_row.view(T, local).sum(dim=1) / cfg.batch_size
+        return per_task.sum() * world.size if world.distributed else per_task.sum()
 
+    objective = world.wrap(_Objective(bank, loss_at))
     # The adapters that gave the last finite loss, copied before each update: a NaN stop
     # keeps exactly those (the update that follows them is the one that diverged).
     good = [p.detach().clone() for p in bank.parameters()]
     good_step: int | None = None
-    with progress_bar(cfg.steps - start, f"{cfg.method} rank {cfg.rank}") as bar:
+    writer = world.is_writer
+    with progress_bar(cfg.steps - start, f"{cfg.method} rank {cfg.rank}", show=writer) as bar:
         for step in range(start, cfg.steps):
-            loss = loss_at(step)
-            value = loss.item()
-            if not math.isfinite(value):
+            loss = objective(step)
+            value = world.mean(loss.detach(), "training (sharing the loss)").item()
+            if not math.isfinite(value):  # every rank sees the same value and stops
                 raise TrainingError(
                     f"Surgery loss became {value} at step {step}. "
-                    + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta)
+                    + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta, writer)
                     + f" Lower the learning rate (--lr, now {cfg.lr}) or check the expert "
                     "checkpoints and images for NaNs."
                 )
@@ -278,24 +300,71 @@ def train_surgery(
                     g.copy_(p)
             good_step = step
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with world.lost("training (averaging the gradients)"):
+                loss.backward()
             opt.step()
             bar.advance(loss=value)
             if on_step:
                 on_step(step, value)
             done = step + 1
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps
+            if due and writer:
                 _save_state(state_path, bank, opt, done, cfg, inputs)
     if not all(bool(torch.isfinite(p).all()) for p in bank.parameters()):  # the last update
         raise TrainingError(
             f"The last update of step {cfg.steps - 1} made the adapters non-finite. "
-            + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta)
+            + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta, writer)
             + f" Lower the learning rate (--lr, now {cfg.lr})."
         )
-    bank.save(out_path, merge_recipe, extra_meta)
-    state_path.unlink(missing_ok=True)
-    last_good_path(out_path).unlink(missing_ok=True)
+    if writer:
+        bank.save(out_path, merge_recipe, extra_meta)
+        state_path.unlink(missing_ok=True)
+        last_good_path(out_path).unlink(missing_ok=True)
+    world.barrier("saving the adapters")
     return bank
+
+
+class _Objective(torch.nn.Module):
+    """The adapters as the one module whose gradients DistributedDataParallel averages; its
+    forward is one step's loss (the frozen backbone is reached through the closure)."""
+
+    def __init__(self, bank: AdapterBank, loss_at: Callable[[int], torch.Tensor]):
+        super().__init__()
+        self.bank, self._loss_at = bank, loss_at
+
+    def forward(self, step: int) -> torch.Tensor:
+        return self._loss_at(step)
+
+
+@torch.no_grad()
+def _merged_finals(
+    encoder: ImageEncoder,
+    tasks: list[str],
+    targets: dict[str, TaskTargets],
+    device: torch.device,
+    world: World,
+) -> dict[str, np.ndarray]:
+    """The merged model's final features of every task's images, each chunk computed by one
+    rank and shared with all (a V1 adapter's input never changes, so it is computed once)."""
+    finals = {
+        t: np.empty((len(targets[t].images), encoder.arch.embed_dim), np.float32) for t in tasks
+    }
+    units = [
+        (t, i, min(i + BATCH, len(targets[t].images)))
+        for t in tasks
+        for i in range(0, len(targets[t].images), BATCH)
+    ]
+
+    def compute(unit):
+        t, i, j = unit
+        return [encoder(to_model_input(targets[t].images[i:j], encoder.arch, device)).float()]
+
+    def deliver(unit, arrays):
+        t, i, j = unit
+        finals[t][i:j] = arrays[0]
+
+    world.exchange(units, compute, deliver, everyone=True, what="computing the merged features")
+    return finals
 
 
 def _stopped(
@@ -305,8 +374,10 @@ def _stopped(
     good_step: int | None,
     merge_recipe: dict | None,
     extra_meta: dict | None,
+    writer: bool = True,
 ) -> str:
-    """Save the last good adapters beside ``out_path`` (never onto it); say where they are."""
+    """Save the last good adapters beside ``out_path`` (never onto it; only the writer
+    writes); say where they are."""
     kept = (
         f"{out_path} was not written; the adapters there are unchanged."
         if out_path.exists()
@@ -319,7 +390,8 @@ def _stopped(
             p.copy_(g)
     meta = {k: v for k, v in (extra_meta or {}).items() if k != "fingerprint"}
     meta.update(complete=False, last_finite_step=good_step)
-    path = bank.save(last_good_path(out_path), merge_recipe, meta)
+    path = bank.save(last_good_path(out_path), merge_recipe, meta) if writer else None
+    path = path or last_good_path(out_path)
     return (
         f"{kept} The last adapters that gave a finite loss (as they were at step {good_step}) were "
         f"saved to {path} for inspection; they are marked incomplete and never reused."

@@ -16,6 +16,9 @@ from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models.templates import (
     GENERIC_TEMPLATES,
     PAPER_CLASS_NAMES,
+    PAPER_TASKS,
+    TALL14_TASKS,
+    TALL20_TASKS,
     TEMPLATES,
     paper_class_names,
     templates_for,
@@ -156,22 +159,18 @@ def test_templates_for_matching():
     assert templates_for("mnist") == TEMPLATES["MNIST"] == ('a photo of the number: "{}".',)
     assert templates_for("EuroSATVal") == TEMPLATES["EuroSAT"]
     assert templates_for("resisc45val") == TEMPLATES["RESISC45"]
-    assert templates_for("Flowers102") == GENERIC_TEMPLATES
+    assert templates_for("flowers102") == ("a photo of a {}, a type of flower.",)
+    assert templates_for("Country211") == GENERIC_TEMPLATES
     assert paper_class_names("gtsrbVal") == PAPER_CLASS_NAMES["GTSRB"]
     assert paper_class_names("Cars") is None
 
 
 def test_every_template_formats():
-    assert set(TEMPLATES) == {
-        "SUN397",
-        "Cars",
-        "RESISC45",
-        "EuroSAT",
-        "SVHN",
-        "GTSRB",
-        "MNIST",
-        "DTD",
-    }
+    # Every task of the 8-, 14- and 20-task suites has its templates, and nothing else does.
+    assert set(TEMPLATES) == set(TALL20_TASKS)
+    assert len(PAPER_TASKS) == 8 and len(TALL14_TASKS) == 14 and len(TALL20_TASKS) == 20
+    assert TALL20_TASKS[:14] == TALL14_TASKS and TALL14_TASKS[:8] == PAPER_TASKS
+    assert len(set(TALL20_TASKS)) == 20
     for task, templates in {**TEMPLATES, "generic": GENERIC_TEMPLATES}.items():
         assert templates and len(set(templates)) == len(templates), task
         for t in templates:
@@ -179,10 +178,12 @@ def test_every_template_formats():
             assert t.format("zebra").count("zebra") == 1
     assert len(TEMPLATES["RESISC45"]) == 18 and len(TEMPLATES["Cars"]) == 8
     assert len(TEMPLATES["DTD"]) == 8 and len(TEMPLATES["GTSRB"]) == 3
+    assert len(TEMPLATES["CIFAR100"]) == 18 and len(TEMPLATES["FER2013"]) == 6
 
 
 def test_paper_class_names():
-    sizes = {"MNIST": 10, "SVHN": 10, "EuroSAT": 10, "GTSRB": 43, "RESISC45": 45}
+    sizes = {"MNIST": 10, "SVHN": 10, "EuroSAT": 10, "GTSRB": 43, "RESISC45": 45, "PCAM": 2}
+    sizes["FER2013"] = 7
     assert {k: len(v) for k, v in PAPER_CLASS_NAMES.items()} == sizes
     for names in PAPER_CLASS_NAMES.values():
         assert len(set(names)) == len(names)
@@ -191,6 +192,8 @@ def test_paper_class_names():
     assert PAPER_CLASS_NAMES["EuroSAT"][-1] == "lake or sea"
     assert PAPER_CLASS_NAMES["GTSRB"][0] == "red and white circle 20 kph speed limit"
     assert PAPER_CLASS_NAMES["GTSRB"][14] == "stop"
+    fer = PAPER_CLASS_NAMES["FER2013"]
+    assert fer[3] == "happy" and fer[6] == "neutral"
     resisc = PAPER_CLASS_NAMES["RESISC45"]
     assert list(resisc) == sorted(resisc) and resisc[:3] == (
         "airplane",

@@ -1,0 +1,327 @@
+"""Cost as tasks grow: engine size, latency and throughput for T = 1, 2, 4, 8, 14, 20 tasks.
+
+    python benchmarks/bench_scaling.py --arch tiny-vit-32 --out benchmarks/results/cpu
+
+For every T, four ONNX engines are exported and timed with ONNX Runtime on one batch of
+``--batch`` images (routed: task ids cycling over the T tasks): the merged backbone with its T
+heads (all tasks, and routed), Surgery (V1) answering all tasks, and SurgeryV2 routed. They are
+set against T separate experts: T one-task engines, whose size is the sum of theirs and whose
+time is T calls of one (all tasks: each expert on the whole batch; routed: each on its own
+images). Random weights: cost only, no accuracy. The goals the record checks at the largest T:
+V1 all tasks within 1.1x the merged backbone, V2 routed within 1.05x.
+
+Writes ``scaling-<arch>.json``, ``.md`` and ``.png`` into ``--out``, with the command and the
+machine's ``/proc/loadavg`` before and after (CPU timings on a shared machine are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgery_edge.bench.env import environment
+from surgery_edge.bench.flops import task_classes
+from surgery_edge.bench.report import command_line, fmt, table, write_record
+from surgery_edge.bench.timing import measure
+from surgery_edge.evaluation.report import pyplot
+from surgery_edge.export.onnx import export_onnx
+from surgery_edge.io import atomic_path
+from surgery_edge.models import ClassificationHead, build_encoder, get_arch
+from surgery_edge.runtime.backends import OnnxBackend
+from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.model import MultiTaskModel
+
+TASK_COUNTS = (1, 2, 4, 8, 14, 20)
+GOALS = {"v1_all_tasks": 1.10, "v2_routed": 1.05}  # x the merged backbone, same mode, largest T
+# engine name -> (adapter method or None, mode)
+ENGINES = {
+    "merged-all-tasks": (None, "all-tasks"),
+    "surgery-all-tasks": ("surgery", "all-tasks"),
+    "merged-routed": (None, "routed"),
+    "surgeryv2-routed": ("surgeryv2", "routed"),
+}
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The task-scaling benchmark's options."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="tiny-vit-32")
+    p.add_argument("--tasks", default=",".join(map(str, TASK_COUNTS)), help="T values, e.g. 1,8")
+    p.add_argument("--batch", type=int, default=32, help="images per call")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=40, help="timed calls per engine, all rounds")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds over the engines")
+    p.add_argument("--max-seconds", type=float, default=4.0, help="time budget per engine")
+    p.add_argument("--out", type=Path, help="folder for the JSON, Markdown and plot")
+    return p
+
+
+def _loadavg() -> str | None:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return None
+
+
+class _Timer:
+    """Exports engines and times them in interleaved rounds (load drift on a shared machine then
+    affects every engine of a comparison alike); one-expert engines are kept by class count."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path):
+        self.args, self.folder, self.cpu = args, folder, torch.device("cpu")
+        self.arch = get_arch(args.arch)
+        torch.manual_seed(0)
+        self.encoder = build_encoder(self.arch).eval()
+        size = self.arch.image_size
+        rng = np.random.default_rng(0)
+        self.images = rng.standard_normal((args.batch, 3, size, size)).astype(np.float32)
+        self._experts: dict[int, tuple[OnnxBackend, int]] = {}
+        self._n = 0
+
+    def engine(self, model: MultiTaskModel, mode: str) -> tuple[OnnxBackend, int]:
+        self._n += 1
+        path = export_onnx(model, self.folder / f"engine{self._n}.onnx", mode, check=False)
+        return OnnxBackend(path, device="cpu", threads=self.args.threads), path.stat().st_size
+
+    def expert(self, classes: int) -> tuple[OnnxBackend, int]:
+        """The one-task engine of an expert with ``classes`` classes, and its bytes."""
+        if classes not in self._experts:
+            head = ClassificationHead(torch.randn(classes, self.arch.embed_dim))
+            model = MultiTaskModel(self.encoder, [head], ["t0"])
+            self._experts[classes] = self.engine(model, "routed")
+        return self._experts[classes]
+
+    def medians(self, calls: dict[Any, Any]) -> dict[Any, float]:
+        """Median ms of every call, timed round by round (``--rounds``), interleaved."""
+        a = self.args
+        per_round = max(1, a.iters // a.rounds)
+        budget = a.max_seconds / a.rounds
+        ms: dict[Any, list[float]] = {key: [] for key in calls}
+        for _ in range(a.rounds):
+            for key, fn in calls.items():
+                samples = measure(
+                    fn, self.cpu, a.warmup, per_round, min_iters=2, max_seconds=budget
+                )
+                ms[key] += samples.ms
+        return {key: float(np.median(v)) for key, v in ms.items()}
+
+
+def measure_tasks(timer: _Timer, T: int) -> dict[str, Any]:
+    """Every engine of ``T`` tasks, and T separate experts."""
+    arch, args = timer.arch, timer.args
+    classes = task_classes(arch, T)
+    tasks = [f"task{t}" for t in range(T)]
+    heads = [ClassificationHead(torch.randn(c, arch.embed_dim)) for c in classes]
+    ids = np.arange(args.batch, dtype=np.int64) % T
+    images = timer.images
+    calls, sizes = {}, {}
+    for name, (method, mode) in ENGINES.items():
+        bank = None if method is None else AdapterBank(tasks, arch, method, args.rank)
+        backend, sizes[name] = timer.engine(MultiTaskModel(timer.encoder, heads, tasks, bank), mode)
+        feed = ids if mode == "routed" else None
+        calls[name] = lambda b=backend, f=feed: b.run(images, f)
+    # T experts: each on the whole batch (all tasks) or on its own images (routed)
+    shares = [int((ids == t).sum()) for t in range(T)]
+    for c, n in {(c, args.batch) for c in classes} | {(c, n) for c, n in zip(classes, shares)}:
+        backend = timer.expert(c)[0]
+        if n:
+            calls[(c, n)] = lambda b=backend, n=n: b.run(images[:n], np.zeros(n, np.int64))
+    ms = timer.medians(calls)
+    expert_bytes = sum(timer.expert(c)[1] for c in classes)
+    row: dict[str, Any] = {"tasks": T, "classes": classes, "engines": {}}
+    for name in ENGINES:
+        row["engines"][name] = _entry(ms[name], sizes[name], args.batch)
+    all_ms = sum(ms[(c, args.batch)] for c in classes)
+    routed_ms = sum(ms[(c, n)] for c, n in zip(classes, shares) if n)
+    row["engines"]["experts-all-tasks"] = _entry(all_ms, expert_bytes, args.batch)
+    row["engines"]["experts-routed"] = _entry(routed_ms, expert_bytes, args.batch)
+    e = row["engines"]
+    row["ratios"] = {
+        "v1_all_tasks": _ratio(e["surgery-all-tasks"], e["merged-all-tasks"]),
+        "v2_routed": _ratio(e["surgeryv2-routed"], e["merged-routed"]),
+        "experts_all_tasks": _ratio(e["experts-all-tasks"], e["merged-all-tasks"]),
+        "experts_routed": _ratio(e["experts-routed"], e["merged-routed"]),
+    }
+    return row
+
+
+def _entry(ms: float, size: int, batch: int) -> dict[str, float]:
+    return {
+        "median_ms": round(ms, 4),
+        "images_per_s": round(batch / (ms / 1e3), 1),
+        "engine_bytes": int(size),
+    }
+
+
+def _ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {
+        "latency": round(a["median_ms"] / b["median_ms"], 4),
+        "engine_bytes": round(a["engine_bytes"] / b["engine_bytes"], 4),
+    }
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """Parse ``argv``, measure every T, write the record, the report and the plot."""
+    args = build_parser(prog).parse_args(argv)
+    counts = sorted({int(t) for t in args.tasks.split(",")})
+    if not counts or counts[0] < 1 or args.batch < max(counts):
+        raise SystemExit(f"--tasks must be positive and at most --batch ({args.batch})")
+    if args.rounds < 1 or args.iters < 1:
+        raise SystemExit("--rounds and --iters must be at least 1")
+    torch.set_num_threads(max(1, args.threads))
+    load_before, start = _loadavg(), time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = _Timer(args, Path(tmp))
+        rows = [measure_tasks(timer, T) for T in counts]
+    largest = rows[-1]
+    goals = {
+        name: {
+            "tasks": largest["tasks"],
+            "limit": limit,
+            "latency": largest["ratios"][name]["latency"],
+            "met": largest["ratios"][name]["latency"] <= limit,
+        }
+        for name, limit in GOALS.items()
+    }
+    env = environment("cpu")
+    record = {
+        "benchmark": "task-scaling",
+        "arch": timer.arch.name,
+        "batch": args.batch,
+        "rank": args.rank,
+        "onnxruntime_threads": args.threads,
+        "weights": "random (cost only)",
+        "timer": f"perf_counter, median per call over {args.rounds} interleaved rounds",
+        "command": command_line(argv, prog or f"{__name__}.main"),
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "environment": env,
+        "goals": goals,
+        "results": rows,
+    }
+    if args.out is not None:
+        stem = args.out / f"scaling-{timer.arch.name}"
+        write_record(stem.with_suffix(".json"), record)
+        with atomic_path(stem.with_suffix(".md")) as tmp:
+            Path(tmp).write_text("\n".join(markdown(record)) + "\n")
+        plot(record, stem.with_suffix(".png"))
+    return record
+
+
+def markdown(record: dict[str, Any]) -> list[str]:
+    """The record as a Markdown report."""
+    names = list(ENGINES) + ["experts-all-tasks", "experts-routed"]
+    lines = [
+        f"# Task scaling: {record['arch']}, batch {record['batch']}, rank {record['rank']}",
+        "",
+        f"`{record['command']}`",
+        "",
+        f"CPU: {record['environment'].get('device_name', '?')}; ONNX Runtime with "
+        f"{record['onnxruntime_threads']} thread(s); {record['timer']}; /proc/loadavg "
+        f"before `{record['loadavg_before']}`, after `{record['loadavg_after']}` (shared "
+        "machine: timings are noisy). Random weights.",
+        "",
+        "## Median latency per call (ms)",
+        "",
+    ]
+    rows = record["results"]
+    lines += table(
+        ["T", *names],
+        [
+            [str(r["tasks"]), *(fmt(r["engines"][n]["median_ms"], ".3f") for n in names)]
+            for r in rows
+        ],
+    )
+    lines += ["", "## Engine size (MB)", ""]
+    lines += table(
+        ["T", *names],
+        [
+            [str(r["tasks"]), *(fmt(r["engines"][n]["engine_bytes"] / 1e6, ".2f") for n in names)]
+            for r in rows
+        ],
+    )
+    lines += ["", "## Throughput (images per second)", ""]
+    lines += table(
+        ["T", *names],
+        [
+            [str(r["tasks"]), *(fmt(r["engines"][n]["images_per_s"], ".0f") for n in names)]
+            for r in rows
+        ],
+    )
+    lines += ["", "## Against the merged backbone (latency x, size x)", ""]
+    ratio_names = ["v1_all_tasks", "v2_routed", "experts_all_tasks", "experts_routed"]
+    lines += table(
+        ["T", *ratio_names],
+        [
+            [
+                str(r["tasks"]),
+                *(
+                    f"{fmt(r['ratios'][n]['latency'], '.3f')} / "
+                    f"{fmt(r['ratios'][n]['engine_bytes'], '.3f')}"
+                    for n in ratio_names
+                ),
+            ]
+            for r in rows
+        ],
+    )
+    lines += ["", "## Goals (latency at the largest T)", ""]
+    for name, goal in record["goals"].items():
+        verdict = "met" if goal["met"] else "NOT met"
+        lines.append(
+            f"- {name}: {goal['latency']:.3f}x at T = {goal['tasks']} (goal <= {goal['limit']}x): "
+            f"{verdict}"
+        )
+    return lines
+
+
+def plot(record: dict[str, Any], path: Path) -> Path:
+    """Latency and engine size against T, one line per engine (log scale)."""
+    plt = pyplot()
+    rows = record["results"]
+    tasks = [r["tasks"] for r in rows]
+    names = list(ENGINES) + ["experts-all-tasks", "experts-routed"]
+    styles = {
+        "merged-all-tasks": ("tab:gray", "-"),
+        "surgery-all-tasks": ("tab:blue", "-"),
+        "merged-routed": ("tab:gray", "--"),
+        "surgeryv2-routed": ("tab:green", "--"),
+        "experts-all-tasks": ("tab:red", "-"),
+        "experts-routed": ("tab:red", "--"),
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, key, label in (
+        (axes[0], "median_ms", "median latency per call (ms)"),
+        (axes[1], "engine_bytes", "engine size (bytes)"),
+    ):
+        for name in names:
+            colour, line = styles[name]
+            values = [r["engines"][name][key] for r in rows]
+            ax.plot(tasks, values, line, color=colour, marker="o", ms=3, label=name)
+        ax.set_xlabel("tasks T")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.set_xticks(tasks)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"Cost as tasks grow: {record['arch']}, batch {record['batch']} (CPU, ONNX Runtime, "
+        f"{record['onnxruntime_threads']} thread)"
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+__all__ = ["ENGINES", "GOALS", "TASK_COUNTS", "build_parser", "main", "markdown", "plot"]

@@ -1,0 +1,42 @@
+"""The task-scaling benchmark (surgery_edge.bench.scaling) on the micro ViT, two tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from surgery_edge.bench import scaling
+
+
+def test_scaling_records_every_engine_against_separate_experts(tmp_path):
+    argv = ["--arch", "micro-vit-16", "--tasks", "2", "--batch", "4", "--rank", "4"]
+    argv += ["--warmup", "1", "--iters", "2", "--rounds", "2", "--out", str(tmp_path)]
+    record = scaling.main(argv, prog="bench_scaling")
+    saved = json.loads((tmp_path / "scaling-micro-vit-16.json").read_text())
+    assert saved["results"] == record["results"] and saved["command"].startswith("bench_scaling")
+    (row,) = record["results"]
+    engines = row["engines"]
+    assert set(engines) == set(scaling.ENGINES) | {"experts-all-tasks", "experts-routed"}
+    for entry in engines.values():
+        assert entry["median_ms"] > 0 and entry["engine_bytes"] > 0
+        assert entry["images_per_s"] == pytest.approx(4 / (entry["median_ms"] / 1e3), rel=1e-2)
+    # Two experts hold two backbones; the merged engines hold one (plus heads and adapters).
+    assert (
+        engines["experts-all-tasks"]["engine_bytes"]
+        > 1.8 * engines["merged-routed"]["engine_bytes"]
+    )
+    assert engines["surgeryv2-routed"]["engine_bytes"] > engines["merged-routed"]["engine_bytes"]
+    ratio = row["ratios"]["v2_routed"]["latency"]
+    assert ratio == pytest.approx(
+        engines["surgeryv2-routed"]["median_ms"] / engines["merged-routed"]["median_ms"], rel=1e-3
+    )
+    assert record["goals"]["v2_routed"]["met"] == (ratio <= 1.05)
+    assert (tmp_path / "scaling-micro-vit-16.png").stat().st_size > 1000
+    report = (tmp_path / "scaling-micro-vit-16.md").read_text()
+    assert "| 2 |" in report and "/proc/loadavg" in report
+
+
+def test_more_tasks_than_images_is_refused():
+    with pytest.raises(SystemExit, match="at most --batch"):
+        scaling.main(["--tasks", "8", "--batch", "4"])
