@@ -65,6 +65,15 @@ Overwrite = Annotated[
 ]
 
 
+def renamed(old: str, new: str, old_value: Any, new_value: Any) -> Any:
+    """An option kept under its old name for one release (hidden from help): its value, with
+    a note on stderr, when it was given; else the new option's value."""
+    if old_value is None:
+        return new_value
+    typer.echo(f"note: {old} is now {new}; the old name goes in the next release.", err=True)
+    return old_value
+
+
 def err(message: str) -> None:
     """Print ``message`` as one paragraph on stderr (markup in it is shown, not interpreted;
     control characters, e.g. terminal escapes from a file's names, are shown escaped)."""

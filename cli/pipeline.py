@@ -18,6 +18,7 @@ from surgery_edge.cli.common import (
     merge_method,
     merge_methods_help,
     parse_values,
+    renamed,
     say,
     user_errors,
 )
@@ -115,7 +116,10 @@ def train(
     merge_name: Annotated[str, typer.Option("--merge", help="Merged model to repair.")] = (
         "task_arithmetic"
     ),
-    method: Annotated[SurgeryName, typer.Option(help="Surgery method.")] = SurgeryName.surgeryv2,
+    surgery: Annotated[
+        SurgeryName, typer.Option("--surgery", help="Surgery method.")
+    ] = SurgeryName.surgeryv2,
+    method: Annotated[SurgeryName | None, typer.Option("--method", hidden=True)] = None,
     rank: Annotated[int | None, typer.Option(help="Adapter rank (default: the method's).")] = None,
     steps: Annotated[
         int | None,
@@ -129,7 +133,11 @@ def train(
     transductive: Annotated[
         bool, typer.Option(help="Train on the unlabelled test images (the paper's protocol).")
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="Adapter file to write.")] = None,
+    adapters: Annotated[
+        Path | None,
+        typer.Option("--adapters", help="Adapter file to write (default: in the run)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", hidden=True)] = None,
     device: Device = None,
     overwrite: Overwrite = False,
     nproc: NProc = None,
@@ -137,14 +145,15 @@ def train(
     """Train surgery adapters (unsupervised) on a merged model of the run.
 
     Adapters trained with other settings or on another merge are replaced only with
-    --overwrite; --out writes them elsewhere. --nproc N (or torchrun) splits the expert targets
+    --overwrite; --adapters FILE writes them elsewhere. --nproc N (or torchrun) splits the expert targets
     and every step's batch (--batch-size per task, the global batch) over N processes.
     """
     from surgery_edge.distributed import joined  # deferred: imports torch
     from surgery_edge.run.pipeline import Run, train_one  # deferred: imports torch
     from surgery_edge.surgery.trainer import SurgeryConfig  # deferred with the pipeline
 
-    method = SurgeryName(method).value
+    method = SurgeryName(renamed("--method", "--surgery", method, surgery)).value
+    out = renamed("--out", "--adapters", out, adapters)
     spec = get_surgery(method)
     rank = spec.rank if rank is None else rank
     steps = spec.steps if steps is None else steps

@@ -30,7 +30,7 @@ from surgery_edge.models.checkpoint import load_tensors
 from surgery_edge.surgery.targets import _cache_problem, _paths
 
 ENV = {**os.environ, "SURGERY_EDGE_QUIET": "1", "OMP_NUM_THREADS": "1"}
-TRAIN = ["--merge", "task_arithmetic", "--method", "surgeryv2", "--rank", "4"]
+TRAIN = ["--merge", "task_arithmetic", "--surgery", "surgeryv2", "--rank", "4"]
 TRAIN += ["--batch-size", "4", "--steps", "60", "--checkpoint-every", "1"]
 
 
@@ -129,12 +129,12 @@ def assert_no_corrupt_entry(cache: Path) -> None:
 def test_two_gloo_processes_train_as_one_and_a_killed_rank_corrupts_nothing(tiny_run, tmp_path):
     one = fresh(tiny_run, tmp_path / "one")
     reference = tmp_path / "one.safetensors"
-    in_process(["train", "--run", str(one), *TRAIN, "--out", str(reference)])
+    in_process(["train", "--run", str(one), *TRAIN, "--adapters", str(reference)])
 
     two = fresh(tiny_run, tmp_path / "two")
     out = tmp_path / "two.safetensors"
     state = out.with_name(out.name + ".state.pt")
-    args = ["train", "--run", str(two), *TRAIN, "--out", str(out), "--resume"]
+    args = ["train", "--run", str(two), *TRAIN, "--adapters", str(out), "--resume"]
     cache = two / "cache"
 
     # 1. Rank 1 killed while the writer assembles the cache (its temporary files are open).

@@ -201,7 +201,7 @@ class RunLayout:
             )
         merge = merged.stem
         fix = (
-            f"surgery-edge train --run {self.root} --merge {merge} --method "
+            f"surgery-edge train --run {self.root} --merge {merge} --surgery "
             f"{meta.get('method', 'METHOD')} --overwrite"
         )
         recorded = (meta.get("provenance") or {}).get("merged")
@@ -291,7 +291,7 @@ class RunLayout:
             if not adapters.is_file():
                 raise ConfigError(
                     f"No {surgery} adapters for {merge!r} in {adapters.parent}. Train them with "
-                    f"`surgery-edge train --run {self.root} --merge {merge} --method {surgery}`."
+                    f"`surgery-edge train --run {self.root} --merge {merge} --surgery {surgery}`."
                 )
         model = self.model(merges[merge], adapters, device=device, surgery=surgery)
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]

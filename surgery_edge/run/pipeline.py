@@ -380,7 +380,7 @@ def run_merges(
         for (_, method), adapters in stale.items():
             run.log(
                 f"note: {adapters} was trained on the previous {name} merge and no longer fits "
-                f"it; re-train it (surgery-edge train --run {run.out} --merge {name} --method "
+                f"it; re-train it (surgery-edge train --run {run.out} --merge {name} --surgery "
                 f"{method} --overwrite)."
             )
     if run.world is not None:

@@ -158,7 +158,7 @@ class AdapterBank(nn.Module):
         if method is not None and method != fields.method:
             raise AdapterError(
                 f"Adapters {path} are {fields.method!r} adapters, not {method!r} ones: they "
-                f"correct other sites. Use {method} adapters here (surgery-edge train --method "
+                f"correct other sites. Use {method} adapters here (surgery-edge train --surgery "
                 f"{method})."
             )
         if rank is not None and rank != fields.rank:

@@ -109,11 +109,12 @@ def test_merge_train_eval_commands(tiny_run, tmp_path):
     assert "surgery-edge train --run" in text and "--merge task_arithmetic" in text
     adapters = tmp_path / "v1.safetensors"
     train = ["train", "--run", str(run), "--steps", "3", "--rank", "2"]
-    r = runner.invoke(app, [*train, "--method", "surgery", "--out", str(adapters)])
+    r = runner.invoke(app, [*train, "--method", "surgery", "--out", str(adapters)])  # old names
     assert r.exit_code == 0, r.output
     assert adapters.exists()
+    assert "--method is now --surgery" in r.stderr and "--out is now --adapters" in r.stderr
     for method in ("surgery", "surgeryv2"):
-        r = runner.invoke(app, [*train, "--method", method, "--overwrite"])
+        r = runner.invoke(app, [*train, "--surgery", method, "--overwrite"])
         assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["eval", "--run", str(run)])
     assert r.exit_code == 0, r.output
@@ -144,7 +145,7 @@ def test_unknown_method_and_task(tiny_run, tmp_path):
     assert "lamda" in msg and "k=0.2" in msg  # says which parameters the method takes
     msg = user_error(["merge", "--run", str(out), "--method", "ties_merging", "--param", "k=7"])
     assert "'k'" in msg and "(0, 1]" in msg
-    msg = user_error(["train", "--run", str(out), "--method", "surgeryv3"])
+    msg = user_error(["train", "--run", str(out), "--surgery", "surgeryv3"])
     assert "surgeryv3" in msg
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("suite: {tasks: [digits, sudoku]}\n")

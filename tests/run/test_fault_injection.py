@@ -107,7 +107,7 @@ def copy(tiny_run, tmp_path):
 
 def test_killed_training_resumes_to_the_uninterrupted_adapters(copy, tmp_path):
     rng = random.Random(14)
-    base = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--method", "surgeryv2"]
+    base = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--surgery", "surgeryv2"]
     base += ["--steps", str(STEPS), "--rank", "4", "--batch-size", "4", "--checkpoint-every", "1"]
     reference = tmp_path / "reference.safetensors"
     assert run_to_end([*base, "--out", str(reference)]).exit_code == 0

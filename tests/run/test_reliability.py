@@ -70,7 +70,7 @@ def rewrite(path: Path, change_tensors=None, change_meta=None) -> None:
 def test_20_1_the_nan_stop_keeps_the_trained_adapters_and_is_never_reused(copy):
     path = copy / "adapters/task_arithmetic/surgeryv2.safetensors"
     before = path.read_bytes()
-    train = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--method", "surgeryv2"]
+    train = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--surgery", "surgeryv2"]
     args = [*train, "--steps", "20", "--lr", "1e30", "--overwrite"]
     for _ in range(2):  # a second try is not "reusing" anything: it fails the same way
         text = user_error(args)
@@ -160,7 +160,7 @@ def _interrupt_training_after(monkeypatch, steps: int) -> None:
 
 @pytest.mark.parametrize("change", ["re-merged with --lam 0.6", "--transductive"])
 def test_20_3_resume_never_continues_from_other_inputs(copy, tmp_path, monkeypatch, change):
-    train = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--method", "surgeryv2"]
+    train = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--surgery", "surgeryv2"]
     train += ["--steps", "30", "--checkpoint-every", "7", "--rank", "4", "--overwrite"]
     _interrupt_training_after(monkeypatch, 14)
     assert runner.invoke(app, train).exit_code == 130  # "killed" at step 14
@@ -176,7 +176,7 @@ def test_20_3_resume_never_continues_from_other_inputs(copy, tmp_path, monkeypat
     out = ok([*train, "--resume", *extra])
     assert "not resuming" in out and "from step 0" in out
     fresh = tmp_path / "fresh.safetensors"
-    ok([*train[:-1], *extra, "--out", str(fresh)])  # a fresh run on the new inputs
+    ok([*train[:-1], *extra, "--adapters", str(fresh)])  # a fresh run on the new inputs
     resumed = tensors_of(copy / "adapters/task_arithmetic/surgeryv2.safetensors")
     assert all(torch.equal(t, resumed[k]) for k, t in tensors_of(fresh).items())
 
@@ -299,8 +299,8 @@ def test_20_6_outputs_are_checked_before_the_work(copy, tmp_path, monkeypatch):
     assert "not a surgery-edge run directory" in user_error(
         ["experts", "--out", str(tmp_path / "docs")]
     )
-    train = ["train", "--run", str(copy), "--method", "surgery", "--steps", "2"]
-    assert "is a folder" in user_error([*train, "--out", str(tmp_path)])
+    train = ["train", "--run", str(copy), "--surgery", "surgery", "--steps", "2"]
+    assert "is a folder" in user_error([*train, "--adapters", str(tmp_path)])
     assert "is not an artefact of this kind" in user_error([*train, "--out", str(a_file)])
     export = ["export", "--run", str(copy), "--surgery", "none"]
     assert "is a folder" in user_error([*export, "--onnx", str(tmp_path)])
