@@ -2,9 +2,10 @@
 
 The commands are thin (parse, validate, call one library function, print where the results
 went) and live by theme: :mod:`~surgery_edge.cli.pipeline` (experts, merge, train, eval, demo,
-run), :mod:`~surgery_edge.cli.engine` (export, predict), :mod:`~surgery_edge.cli.imports`
-(import ...). Torch and the library are imported inside the commands, so ``surgery-edge --help``
-stays fast and never imports Triton or initialises CUDA.
+run), :mod:`~surgery_edge.cli.engine` (export, predict), :mod:`~surgery_edge.cli.evaluate`
+(eval-engine), :mod:`~surgery_edge.cli.imports` (import ...). Torch and the library are
+imported inside the commands, so ``surgery-edge --help`` stays fast and never imports Triton
+or initialises CUDA.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sys
 
 import typer
-from surgery_edge.cli import engine, imports, pipeline
+from surgery_edge.cli import engine, evaluate, imports, pipeline
 from surgery_edge.cli.common import user_errors
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command()(pipeline.demo)
 app.command("run")(pipeline.run_recipe)
 app.command()(engine.export)
 app.command()(engine.predict)
+app.command("eval-engine")(evaluate.eval_engine)
 
 import_app = typer.Typer(
     help="Convert checkpoints from other tools into surgery-edge's format.", no_args_is_help=True

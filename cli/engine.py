@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from surgery_edge.cli.common import Device, ModeName, RunDir, SurgeryOrNone, user_errors
+from surgery_edge.cli.common import (
+    Device,
+    ModeName,
+    PrecisionName,
+    QuantizerName,
+    RunDir,
+    SurgeryOrNone,
+    user_errors,
+)
 
 from surgery_edge.errors import ExportError
 
@@ -27,9 +35,31 @@ def export(
     ] = ModeName.routed,
     onnx: Annotated[
         Path | None,
-        typer.Option(help="ONNX file (default: RUN/engines/<merge>-<surgery>-<mode>.onnx)."),
+        typer.Option(
+            help="ONNX file (default: RUN/engines/<merge>-<surgery>-<mode>[-<precision>].onnx)."
+        ),
     ] = None,
-    fp16: Annotated[bool, typer.Option(help="Half weights and compute; float32 I/O.")] = False,
+    precision: Annotated[
+        PrecisionName,
+        typer.Option(
+            help="fp32 | fp16 (half weights) | int8 | fp8 (quantised, calibrated on the run's "
+            "adaptation images); inputs and outputs stay float32."
+        ),
+    ] = PrecisionName.fp32,
+    calibration_images: Annotated[
+        int, typer.Option(help="int8/fp8: adaptation images per task to calibrate on.")
+    ] = 32,
+    quantizer: Annotated[
+        QuantizerName,
+        typer.Option(
+            help="int8/fp8: auto picks the measured best for the target: ort-dynamic for ONNX "
+            "Runtime int8, modelopt (QDQ) for fp8 and for TensorRT."
+        ),
+    ] = QuantizerName.auto,
+    expert: Annotated[
+        str | None,
+        typer.Option(help="Export this task's expert alone (the single-model baseline)."),
+    ] = None,
     aoti: Annotated[Path | None, typer.Option(help="AOTInductor package (.pt2).")] = None,
     trt: Annotated[
         Path | None, typer.Option(help="TensorRT engine, built from the exported ONNX.")
@@ -43,7 +73,8 @@ def export(
     ] = None,
     device: Device = None,
 ):
-    """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run."""
+    """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run, in fp32,
+    fp16, int8 or fp8; or, with --expert, one task's expert alone."""
     from surgery_edge.run.export import TrtOptions, export_run  # deferred: imports torch
 
     written = export_run(
@@ -52,11 +83,14 @@ def export(
         SurgeryOrNone(surgery).value,
         ModeName(mode).value,
         onnx=onnx,
-        fp16=fp16,
+        precision=PrecisionName(precision).value,
         aoti=aoti,
         trt=trt,
         trt_options=TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
         device=device,
+        expert=expert,
+        calibration_images=calibration_images,
+        quantizer=QuantizerName(quantizer).value,
     )
     for kind, path in written.items():
         typer.echo(f"{kind}: {path}")

@@ -63,6 +63,13 @@ class Backend:
         return feeds
 
 
+def _half_compute(meta: EngineMetadata) -> bool:
+    """Whether the engine computes in fp16: an fp16 engine, or a quantised one whose
+    unquantised layers are fp16."""
+    recipe = (meta.get("quantization") or {}).get("recipe", {})
+    return meta.precision == "fp16" or recipe.get("high_precision") == "fp16"
+
+
 class OnnxBackend(Backend):
     """ONNX Runtime: CPUExecutionProvider, or CUDA (with IO binding) when available.
 
@@ -101,10 +108,11 @@ class OnnxBackend(Backend):
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         self.meta = parse_metadata(stored, self.path)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        if self.meta.precision == "fp16" and self.device == "cpu":
+        if _half_compute(self.meta) and self.device == "cpu":
             # onnxruntime's CPU fusions (e.g. Transpose+MatMul -> FusedMatMul) strand fp16 nodes
             # without a CPU kernel; 1.23 even crashes creating the session. Basic
-            # optimisations only: fp16 engines are meant for GPUs anyway.
+            # optimisations only: fp16 engines (and int8/fp8 ones quantised for TensorRT, whose
+            # other layers are fp16) are meant for GPUs anyway.
             self.session = self._session(fp16_on_cpu=True)
         self._outputs = list(self.meta.outputs)  # the order the Predictor reads them in
         if {o.name for o in self.session.get_outputs()} != set(self._outputs):
