@@ -1,0 +1,301 @@
+"""Which quantiser, and which node groups in higher precision? Measured on a run's engines.
+
+    python benchmarks/bench_quantize.py --run runs/demo --threads 1 \\
+        --out benchmarks/results/cpu
+
+For each engine of the demo (SurgeryV2 routed, Surgery all-tasks, the single expert) it
+exports the fp32 engine once, then quantises it with every candidate recipe (ModelOpt's QDQ at
+int8 and fp8, ONNX Runtime's dynamic and static int8; node groups kept in higher precision;
+the per-task tables' storage). Each result is measured through the runtime as a user gets it:
+accuracy on the run's whole test split against the PyTorch model, agreement with the fp32
+engine on held-out adaptation images (unlabelled: what a recipe is chosen by, so the test split
+never picks it), file size, ONNX Runtime CPU latency at batch 1 and 8, and quantisation time.
+
+The choice per target: for ONNX Runtime on the CPU, the fastest recipe at batch 8 among those
+that keep at least 99% agreement with the fp32 engine (size breaks ties); for TensorRT, ModelOpt
+(its QDQ graph is what the strongly typed builder consumes; no TensorRT here to time it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from surgery_edge.bench.env import environment
+from surgery_edge.bench.report import command_line, fmt, table, write_record
+from surgery_edge.engine_format import EngineMode, Precision
+from surgery_edge.errors import ExportError
+from surgery_edge.evaluation.accuracy import accuracy_on
+from surgery_edge.evaluation.engine import engine_report, split_images
+from surgery_edge.export.onnx import export_onnx
+from surgery_edge.export.quantize import (
+    Quantizer,
+    QuantRecipe,
+    Target,
+    default_recipe,
+    quantize_engine,
+)
+from surgery_edge.io import write_text_atomic
+from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
+from surgery_edge.run.export import expert_model
+from surgery_edge.run.pipeline import Run, adaptation_split, prepare_suite
+
+MIN_AGREEMENT = 99.0  # % of held-out adaptation images answered as by the fp32 engine
+ENGINES = ("surgeryv2-routed", "surgery-all-tasks", "single-expert")
+INT8, FP8 = Precision.INT8, Precision.FP8
+
+
+def candidates(full: bool) -> list[tuple[str, QuantRecipe]]:
+    """The recipes to measure: every variation (``full``), or the defaults and ModelOpt int8."""
+    dyn = default_recipe(INT8, Target.ONNXRUNTIME)
+    mo8 = QuantRecipe(INT8, Quantizer.MODELOPT)
+    fp8 = default_recipe(FP8, Target.ONNXRUNTIME)
+    short = [("ort-dynamic", dyn), ("modelopt-int8", mo8), ("modelopt-fp8", fp8)]
+    if not full:
+        return short
+    return short + [
+        ("ort-dynamic per-channel", replace(dyn, per_channel=True)),
+        ("ort-dynamic tables fp16", replace(dyn, tables="fp16")),
+        ("ort-dynamic tables fp32", replace(dyn, tables="fp32")),
+        ("ort-dynamic keep patch_embedding", replace(dyn, keep=("patch_embedding",))),
+        (
+            "ort-static minmax",
+            QuantRecipe(INT8, Quantizer.ORT_STATIC, calibration_method="minmax", per_channel=True),
+        ),
+        ("modelopt-int8 max", replace(mo8, calibration_method="max")),
+        ("modelopt-int8 tables fp32", replace(mo8, tables="fp32")),
+        ("modelopt-int8 keep adapters+heads", replace(mo8, keep=("adapters", "heads"))),
+        ("modelopt-int8 keep attention", replace(mo8, keep=("attention",))),
+        ("modelopt-int8 keep patch_embedding", replace(mo8, keep=("patch_embedding",))),
+        ("modelopt-fp8 keep nothing", replace(fp8, keep=())),
+        ("modelopt-fp8 keep attention", replace(fp8, keep=("attention",))),
+        ("modelopt-fp8 keep patch_embedding", replace(fp8, keep=("patch_embedding",))),
+        ("modelopt-fp8 keep adapters", replace(fp8, keep=("adapters",))),
+        (
+            "modelopt-fp8 keep patch_embedding+attention",
+            replace(fp8, keep=("patch_embedding", "attention")),
+        ),
+        ("modelopt-fp8 keep +heads", replace(fp8, keep=(*fp8.keep, "heads"))),
+        ("modelopt-fp8 entropy", replace(fp8, calibration_method="entropy")),
+    ]
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, required=True, help="a finished demo run directory")
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument(
+        "--full",
+        nargs="+",
+        choices=ENGINES,
+        default=["surgeryv2-routed"],
+        help="engines that get every candidate recipe (the others: the defaults only)",
+    )
+    p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
+    p.add_argument("--out", type=Path, help="folder for quantize-<arch>.json / .md")
+    return p
+
+
+def _model(run: Run, name: str):
+    if name == "single-expert":
+        model, extra = expert_model(run.layout, run.tasks[0])
+        return model, extra, EngineMode.ROUTED
+    method, mode = {
+        "surgeryv2-routed": ("surgeryv2", EngineMode.ROUTED),
+        "surgery-all-tasks": ("surgery", EngineMode.ALL_TASKS),
+    }[name]
+    model, extra = run.layout.export_model("task_arithmetic", method)
+    return model, extra, mode
+
+
+def _row(label: str, report: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    latency = report.get("latency", {})
+    return {
+        "recipe": label,
+        "precision": report["precision"],
+        "bytes": report["bytes"],
+        "avg": report["avg"],
+        "delta_avg": report["delta"]["avg"],
+        "delta_worst_task": report["delta"]["worst_task"],
+        "per_task": report["per_task"],
+        "ms_batch_1": latency.get("batch_1", {}).get("median_ms"),
+        "ms_batch_8": latency.get("batch_8", {}).get("median_ms"),
+        **extra,
+    }
+
+
+def measure_engine(
+    run: Run, name: str, full: bool, per_task: int, threads: int | None, tmp: str | Path
+) -> dict[str, Any]:
+    """Every candidate recipe (all of them when ``full``) on one of the demo's engines."""
+    model, extra, mode = _model(run, name)
+    data = split_images(run.suite, model.tasks, "test")
+    reference = accuracy_on(model, data, "cpu")
+    calibration = calibration_set(
+        run.suite,
+        adaptation_split(run),
+        model.tasks,
+        model.encoder.arch.preprocessing,
+        per_task,
+        run.config.seed,
+    )
+    tmp = Path(tmp)
+    fp32 = export_onnx(model, tmp / f"{name}.onnx", mode, metadata=extra)
+    fp16 = export_onnx(model, tmp / f"{name}-fp16.onnx", mode, True, metadata=extra)
+    rows = []
+    for label, path in (("fp32", fp32), ("fp16", fp16)):
+        report = engine_report(path, data, reference, threads=threads)
+        rows.append(_row(label, report, {"quantizer": None}))
+    for label, recipe in candidates(full):
+        out = tmp / f"{name}-{len(rows)}.onnx"
+        t0 = time.perf_counter()
+        try:
+            quantize_engine(fp32, out, recipe, calibration)
+        except ExportError as e:
+            rows.append({"recipe": label, "precision": str(recipe.precision), "error": str(e)})
+            continue
+        seconds = round(time.perf_counter() - t0, 2)
+        report = engine_report(out, data, reference, threads=threads)
+        check = report["quantization"]["check"]
+        rows.append(
+            _row(
+                label,
+                report,
+                {
+                    "quantizer": str(recipe.quantizer),
+                    "recipe_detail": recipe.to_dict(),
+                    "agreement_heldout_adapt": check["argmax_agreement"],
+                    "quantize_s": seconds,
+                },
+            )
+        )
+        out.unlink()
+    return {
+        "engine": name,
+        "mode": str(mode),
+        "tasks": model.tasks,
+        "pytorch": {t: round(v, 3) for t, v in reference.items()},
+        "rows": rows,
+        "choice": choose(rows),
+    }
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per precision, the ONNX Runtime CPU choice: the fastest at batch 8 among the recipes
+    that keep ``MIN_AGREEMENT`` with the fp32 engine on held-out adaptation images."""
+    out = {}
+    for precision in (INT8, FP8):
+        ok = [
+            r
+            for r in rows
+            if r.get("precision") == precision.value
+            and "error" not in r
+            and r["agreement_heldout_adapt"] >= MIN_AGREEMENT
+        ]
+        if ok:
+            best = min(ok, key=lambda r: (r["ms_batch_8"], r["bytes"]))
+            out[precision.value] = best["recipe"]
+    return out
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """Parse ``argv``, measure every recipe on the run's engines, write JSON and Markdown."""
+    args = build_parser(prog).parse_args(argv)
+    run = Run.open(args.run, log=lambda *a: None, device="cpu")
+    prepare_suite(run)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.engines:
+            full = name in args.full
+            results.append(
+                measure_engine(run, name, full, args.calibration_images, args.threads, tmp)
+            )
+            print(f"{name}: {results[-1]['choice']}", flush=True)
+    env = environment("cpu")
+    record = {
+        "run": str(args.run),
+        "arch": run.arch.name,
+        "command": command_line(argv, prog or f"{__name__}.main"),
+        "threads": args.threads,
+        "calibration_images_per_task": args.calibration_images,
+        "min_agreement": MIN_AGREEMENT,
+        "loadavg": _loadavg(),
+        "environment": env,
+        "engines": results,
+    }
+    if args.out:
+        stem = f"quantize-{run.arch.name}"
+        write_record(args.out / f"{stem}.json", record)
+        write_text_atomic(args.out / f"{stem}.md", markdown(record))
+    return record
+
+
+def _loadavg() -> str | None:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return None
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [
+        f"# Quantisation recipes on {record['arch']} (`{record['run']}`)",
+        "",
+        f"`{record['command']}`",
+        "",
+        "Every engine measured through the runtime on the run's whole test split; agreement: "
+        "top-1 answers equal to the fp32 engine's on held-out adaptation images (no labels). "
+        f"Latency: ONNX Runtime CPU provider, {record['threads'] or 'default'} thread(s), "
+        f"median per call. /proc/loadavg at the end: {record['loadavg']}. "
+        f"{record['environment'].get('cpu', '')}",
+    ]
+    for eng in record["engines"]:
+        lines += [
+            "",
+            f"## {eng['engine']} ({eng['mode']})",
+            "",
+            f"Chosen for ONNX Runtime on the CPU (fastest at batch 8 with >= "
+            f"{record['min_agreement']:.0f}% agreement): {eng['choice']}.",
+            "",
+        ]
+        rows = []
+        for r in eng["rows"]:
+            if "error" in r:
+                rows.append([r["recipe"], r["precision"], "failed: " + r["error"][:60]] + [""] * 7)
+                continue
+            rows.append(
+                [
+                    r["recipe"],
+                    r["precision"],
+                    str(r["bytes"]),
+                    fmt(r["avg"], ".2f"),
+                    fmt(r["delta_avg"], "+.2f"),
+                    fmt(r["delta_worst_task"], "+.1f"),
+                    fmt(r.get("agreement_heldout_adapt"), ".2f"),
+                    fmt(r["ms_batch_1"], ".3f"),
+                    fmt(r["ms_batch_8"], ".3f"),
+                    fmt(r.get("quantize_s"), ".1f"),
+                ]
+            )
+        lines += table(
+            [
+                "recipe",
+                "precision",
+                "bytes",
+                "accuracy (%)",
+                "change (pt)",
+                "worst task (pt)",
+                "agreement (%)",
+                "ms @1",
+                "ms @8",
+                "quantise (s)",
+            ],
+            rows,
+        )
+    return "\n".join(lines) + "\n"
