@@ -72,6 +72,13 @@ def export(
         Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
     ] = None,
     device: Device = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            help="Measure each written engine through the runtime on the run's test split "
+            "(accuracy, change against PyTorch, size, latency; see eval-engine)."
+        ),
+    ] = True,
 ):
     """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run, in fp32,
     fp16, int8 or fp8; or, with --expert, one task's expert alone."""
@@ -94,6 +101,11 @@ def export(
     )
     for kind, path in written.items():
         typer.echo(f"{kind}: {path}")
+    if evaluate:
+        from surgery_edge.run.engine_eval import evaluate_engine, summary_line  # deferred: torch
+
+        for path in written.values():
+            typer.echo(summary_line(evaluate_engine(path, run_dir, device=device or "auto")))
 
 
 @user_errors

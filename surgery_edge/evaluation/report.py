@@ -116,8 +116,8 @@ def engines_table(summary: dict[str, Any]) -> list[str]:
     ]
     for name, eng in engines.items():
         for art, d in eng.items():
-            if not isinstance(d, dict):
-                continue
+            if not isinstance(d, dict) or not ("bytes" in d or "error" in d):
+                continue  # the engine's own fields (method, mode, source)
             if "error" in d:
                 lines.append(f"| {name} | {art} | failed: {d['error'][:80]} | | | | | | | |")
                 continue

@@ -461,20 +461,23 @@ def _run_ort(src: Path, out: Path, recipe: QuantRecipe, exclude: list[str], cali
 def agreement(
     engine: Predictor, reference: Predictor, images: np.ndarray, task_ids: np.ndarray
 ) -> dict[str, float]:
-    """Top-1 agreement (%) of ``engine`` with ``reference`` and their largest logit gap."""
+    """Top-1 agreement (%) of ``engine`` with ``reference`` and their largest logit gap, over
+    each image's own task's classes (an fp16 graph may pad with -65504 instead of -inf)."""
     agree, gap, batch = 0, 0.0, 64
+    counts = np.asarray(reference.class_counts)
     for i in range(0, len(images), batch):
         x, ids = images[i : i + batch], task_ids[i : i + batch]
         got, ref = engine.routed_logits(x, ids), reference.routed_logits(x, ids)
-        if not np.array_equal(np.isfinite(got), np.isfinite(ref)):
+        valid = np.arange(ref.shape[1])[None, :] < counts[ids][:, None]
+        if not np.isfinite(got[valid]).all():
             raise ExportError(
-                f"The quantised engine {engine.path.name} returns non-finite logits where the "
-                "fp32 engine does not: the quantisation is broken. Please report this with "
-                "the model's architecture."
+                f"The quantised engine {engine.path.name} returns non-finite logits for real "
+                "classes: the quantisation is broken. Please report this with the model's "
+                "architecture."
             )
-        finite = np.isfinite(ref)
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        gap = max(gap, float(np.abs(got[finite] - ref[finite]).max(initial=0.0)))
+        masked = np.where(valid, got, -np.inf)
+        agree += int((masked.argmax(-1) == ref.argmax(-1)).sum())
+        gap = max(gap, float(np.abs(got[valid] - ref[valid]).max(initial=0.0)))
     return {
         "images": int(len(images)),
         "argmax_agreement": round(100.0 * agree / max(len(images), 1), 3),
@@ -522,7 +525,13 @@ def quantize_engine(
     table_names = [n for kind in ("adapters", "heads") for n in tables.get(kind, [])]
     proto = onnx.load(str(source))
     groups = node_groups(proto, tables)
-    exclude = [n for g in recipe.keep for n in groups[g]]
+    keep = set(recipe.keep)
+    if recipe.quantizer is not Quantizer.MODELOPT:
+        # ONNX Runtime's integer MatMul takes a 2-D constant weight: the products with the
+        # per-task tables (V1's batched (T, d, r) final adapters) stay float; the tables
+        # themselves are stored int8 below
+        keep |= {"adapters", "heads"}
+    exclude = [n for g in GROUPS if g in keep for n in groups[g]]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="surgery-edge-quant-") as tmp:
         src, quantized = Path(tmp) / "fp32.onnx", Path(tmp) / "quantized.onnx"
@@ -545,7 +554,7 @@ def quantize_engine(
         "target": str(target),
         "tool": tool,
         "tool_version": version,
-        "kept_in_higher_precision": {g: len(groups[g]) for g in recipe.keep},
+        "kept_in_higher_precision": {g: len(groups[g]) for g in GROUPS if g in keep},
         "node_groups": {g: len(v) for g, v in groups.items()},
         "quantized_nodes": _quantized_nodes(result),
         "tables": {"storage": recipe.tables, "stored": stored, "bytes_saved": saved},
@@ -567,7 +576,16 @@ def quantize_engine(
         onnx.save_model(result, str(tmp))
         check_onnx(tmp)
         floor = MIN_AGREEMENT if min_agreement is None else min_agreement
-        check = _verify(tmp, source, calibration, floor)
+        try:
+            check = _verify(tmp, source, calibration, floor)
+        except ExportError:
+            raise
+        except Exception as e:  # onnxruntime cannot run the quantised graph
+            raise ExportError(
+                f"ONNX Runtime cannot run the {recipe.precision} engine that {recipe.quantizer} "
+                f"made from {source} ({str(e).splitlines()[0][:300]}); it was not written. Try "
+                "another --quantizer, or keep more node groups in higher precision."
+            ) from None
         record["check"] = check
         _set_metadata(result, {**new_meta, "quantization": record})
         onnx.save_model(result, str(tmp))

@@ -80,3 +80,17 @@ def evaluate_engine(
     reference = None if model is None else accuracy_on(model, data, run.device)
     report = engine_report(engine, data, reference, device, latency_batches, threads)
     return {"run": str(run.out), "split": split, **report}
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line of :func:`evaluate_engine`'s result, for ``surgery-edge export``."""
+    line = f"{report['engine']}: {report['precision']}, {report['bytes']:,} bytes, "
+    line += f"accuracy {report['avg']:.2f}% on {report['images']} {report['split']} images"
+    if "delta" in report:
+        d = report["delta"]
+        line += f" ({d['avg']:+.2f} pt against PyTorch, worst task {d['worst_task']:+.2f})"
+    latency = report.get("latency", {})
+    times = [f"{v['median_ms']:.3f} ms @{k[6:]}" for k, v in latency.items() if k[:6] == "batch_"]
+    if times:
+        line += f"; {latency['backend']} " + ", ".join(times)
+    return line

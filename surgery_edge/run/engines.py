@@ -28,7 +28,7 @@ from surgery_edge.evaluation.engine import engine_report, split_images
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.parity import check_forward
-from surgery_edge.export.quantize import Target, default_recipe, quantize_model
+from surgery_edge.export.quantize import Target, default_recipe, quantize_engine
 from surgery_edge.io import write_json_atomic
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
 from surgery_edge.surgery.model import MultiTaskModel
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 MERGE = "task_arithmetic"
 SINGLE_EXPERT = "single-expert"
 # (engine name, surgery method, mode, precisions): V1 answers every task from one backbone
-# pass; V2 routes. None: the single expert.
+# pass; V2 routes. None: the single expert. fp32 comes first: int8 and fp8 quantise it.
 PLANS = (
     (SINGLE_EXPERT, None, EngineMode.ROUTED, ("fp32", "fp16", "int8")),
     ("surgery-all-tasks", "surgery", EngineMode.ALL_TASKS, ("fp32", "int8")),
@@ -108,7 +108,8 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
         else:
             model, extra = run.layout.export_model(MERGE, method, device="cpu")
             ids, eval_images = (task_ids if mode is EngineMode.ROUTED else None), images
-        engine: dict[str, Any] = {"method": method or "none", "mode": mode.value, **extra}
+        source = {k: extra[k] for k in ("merge", "expert") if k in extra}
+        engine: dict[str, Any] = {"method": method or "none", "mode": mode.value, **source}
         reference = accuracy_on(model, data, "cpu")
         calibration = None
         for precision in map(Precision.parse, precisions):
@@ -129,7 +130,8 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
                             run.config.seed,
                         )
                     recipe = default_recipe(precision, Target.ONNXRUNTIME)
-                    quantize_model(model, path, mode, recipe, calibration, extra)
+                    # from the fp32 engine just exported (and checked against PyTorch)
+                    quantize_engine(out / engine["onnx"]["file"], path, recipe, calibration)
                 except (ConfigError, ExportError) as e:
                     engine[key] = {"error": str(e)}
                     continue

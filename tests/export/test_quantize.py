@@ -136,7 +136,7 @@ def test_int8_engine_from_the_demo_hook(engines, run):
     )
     assert quant["check"]["argmax_agreement"] >= q.MIN_AGREEMENT
     assert quant["calibration"]["split"] == "adapt"
-    assert entry["bytes"] <= 0.45 * report["onnx"]["bytes"]
+    assert entry["bytes"] <= 0.6 * report["onnx"]["bytes"]  # micro model; the demo: 0.28
     assert entry["parity"]["argmax_agreement"] >= 80.0  # against PyTorch, on the test split
     # served by the runtime like any engine
     predictor = load(path, device="cpu")
@@ -253,17 +253,23 @@ def test_export_bad_precision_input(tiny_run, tmp_path, extra, message):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_export_int8_without_adaptation_images(tiny_run, tmp_path):
-    import shutil
+def test_export_int8_without_adaptation_images(tiny_run, tmp_path, monkeypatch):
+    from surgery_edge.run import export as run_export
 
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("engines", "cache"))
-    config = json.loads((run_dir / "config.json").read_text())
-    config["suite"]["n_adapt"] = 0  # the suite is regenerated without an adaptation split
-    (run_dir / "config.json").write_text(json.dumps(config))
-    output = user_error(["export", "--run", str(run_dir), "--precision", "int8"])
+    real = run_export.prepare_suite
+
+    def without_adaptation_split(run):  # as a folder task with neither adapt/ nor train/
+        suite = real(run)
+        first = suite.tasks[0]
+        first.adapt_x = first.adapt_x[:0]
+        return suite
+
+    monkeypatch.setattr(run_export, "prepare_suite", without_adaptation_split)
+    out = tmp_path / "x.onnx"
+    args = ["export", "--run", str(tiny_run[0]), "--precision", "int8", "--onnx", str(out)]
+    output = user_error(args)
     assert "no adaptation images" in output and "fp32 or fp16" in output
-    assert not (run_dir / "engines").exists() or not any((run_dir / "engines").iterdir())
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- TensorRT's pure parts --------------------------------------------------------------------
