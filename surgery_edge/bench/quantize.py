@@ -244,11 +244,51 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "environment": env,
         "engines": results,
     }
+    v2 = next((e for e in results if e["engine"] == "surgeryv2-routed"), None)
+    if v2 is not None:
+        record["targets"] = targets(v2)
     if args.out:
         stem = f"quantize-{run.arch.name}"
         write_record(args.out / f"{stem}.json", record)
         write_text_atomic(args.out / f"{stem}.md", markdown(record))
     return record
+
+
+# Issue 12's targets on the demo run (SurgeryV2 routed, every number through the runtime).
+TARGETS = {"fp16_avg": 0.1, "fp16_task": 0.5, "int8_avg": 1.0, "int8_task": 2.0, "int8_size": 0.35}
+
+
+def targets(engine: dict[str, Any], int8_recipe: str = "ort-dynamic") -> dict[str, Any]:
+    """The targets checked on one engine's rows: fp16 and the default int8 recipe against the
+    PyTorch model (average and worst task, in points), the int8 size against fp32, and the
+    int8 and fp32 ONNX Runtime CPU latency at batch 1 and 8 (reported, not gated)."""
+    rows = {r["recipe"]: r for r in engine["rows"] if "error" not in r}
+    fp32, fp16, int8 = rows["fp32"], rows["fp16"], rows[int8_recipe]
+    size = int8["bytes"] / fp32["bytes"]
+    return {
+        "int8_recipe": int8_recipe,
+        "fp16_avg_change": fp16["delta_avg"],
+        "fp16_worst_task_change": fp16["delta_worst_task"],
+        "int8_avg_change": int8["delta_avg"],
+        "int8_worst_task_change": int8["delta_worst_task"],
+        "int8_size_vs_fp32": round(size, 4),
+        "latency_ms": {
+            p: {"batch_1": r["ms_batch_1"], "batch_8": r["ms_batch_8"]}
+            for p, r in (("fp32", fp32), ("int8", int8))
+        },
+        "met": {
+            "fp16_avg": abs(fp16["delta_avg"]) <= TARGETS["fp16_avg"],
+            "fp16_every_task": _worst(fp16, engine) <= TARGETS["fp16_task"],
+            "int8_avg": abs(int8["delta_avg"]) <= TARGETS["int8_avg"],
+            "int8_every_task": _worst(int8, engine) <= TARGETS["int8_task"],
+            "int8_size": size <= TARGETS["int8_size"],
+        },
+    }
+
+
+def _worst(row: dict[str, Any], engine: dict[str, Any]) -> float:
+    """The largest per-task change (points, either way) of a row against the PyTorch model."""
+    return max(abs(row["per_task"][t] - engine["pytorch"][t]) for t in row["per_task"])
 
 
 def _loadavg() -> str | None:
@@ -270,6 +310,23 @@ def markdown(record: dict[str, Any]) -> str:
         f"median per call. /proc/loadavg at the end: {record['loadavg']}. "
         f"{record['environment'].get('cpu', '')}",
     ]
+    t = record.get("targets")
+    if t:
+        lines += [
+            "",
+            "## Targets (SurgeryV2 routed, whole test split, against the PyTorch model)",
+            "",
+            f"- fp16: average {t['fp16_avg_change']:+.2f} pt, worst task "
+            f"{t['fp16_worst_task_change']:+.2f} pt (targets: within 0.1 and 0.5).",
+            f"- int8 ({t['int8_recipe']}): average {t['int8_avg_change']:+.2f} pt, worst task "
+            f"{t['int8_worst_task_change']:+.2f} pt (targets: within 1.0 and 2.0); file "
+            f"{t['int8_size_vs_fp32']:.3f}x the fp32 engine (target <= 0.35).",
+            "- ONNX Runtime CPU latency (ms, median): fp32 "
+            f"{t['latency_ms']['fp32']['batch_1']:.3f} @1, {t['latency_ms']['fp32']['batch_8']:.3f}"
+            f" @8; int8 {t['latency_ms']['int8']['batch_1']:.3f} @1, "
+            f"{t['latency_ms']['int8']['batch_8']:.3f} @8.",
+            f"- met: {t['met']}",
+        ]
     for eng in record["engines"]:
         lines += [
             "",
