@@ -36,7 +36,7 @@ from surgery_edge.run.calibration import (
     check_calibration_images,
 )
 from surgery_edge.run.layout import RunLayout
-from surgery_edge.run.pipeline import Run, adaptation_split, prepare_suite
+from surgery_edge.run.pipeline import Run, prepare_suite
 from surgery_edge.runtime.backends import import_tensorrt
 from surgery_edge.surgery.model import MultiTaskModel
 
@@ -155,9 +155,13 @@ def export_run(
     if recipe is not None:
         run = Run.open(layout.root, log=lambda *a: None, device="cpu")
         prepare_suite(run)
+        # the images surgery learned from (the test split in a transductive run); a task
+        # without adaptation images is calibration_set's error, which says to export in fp32
+        # or fp16 (adaptation_split's would say how to train surgery)
+        split = "test" if run.config.surgery.transductive else "adapt"
         calibration = calibration_set(
             run.suite,
-            adaptation_split(run),
+            split,
             model.tasks,
             model.encoder.arch.preprocessing,
             calibration_images,

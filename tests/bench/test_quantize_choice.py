@@ -32,11 +32,28 @@ def test_int8_is_the_smallest_among_the_near_fastest_that_agree():
         _row("nearly as fast, smaller", "int8", 200, 99.5, ms8=10.9),
         _row("smallest, disagrees", "int8", 50, 98.0, ms8=5.0),
         {"recipe": "broken", "precision": "int8", "error": "ONNX Runtime cannot run it"},
-        _row("fp8 close", "fp8", 120, 99.2),
+        _row("fp8 close, smaller", "fp8", 120, 99.2),
         _row("fp8 best", "fp8", 150, 99.8),
     ]
-    # the disagreeing recipe sets no bar: "fast" is the fastest that agrees, 10.9 is within 10%
-    assert choose(rows) == {"int8": "nearly as fast, smaller", "fp8": "fp8 best"}
+    # the disagreeing recipe sets no bar: "fast" is the fastest that agrees, 10.9 is within 10%;
+    # fp8 agreements within a point of the best are equal, then the smaller file wins
+    assert choose(rows) == {"int8": "nearly as fast, smaller", "fp8": "fp8 close, smaller"}
+
+
+def test_fp8_keeps_the_default_unless_a_recipe_agrees_clearly_more():
+    rows = [_row("modelopt-fp8", "fp8", 200, 99.4), _row("other", "fp8", 100, 100.0)]
+    assert choose(rows) == {"fp8": "modelopt-fp8"}  # 0.6 pt: a couple of held-out images
+    rows[0]["agreement_heldout_adapt"] = 98.5  # below MIN_AGREEMENT
+    assert choose(rows) == {"fp8": "other"}
+
+
+def test_the_head_to_head_timing_decides_where_there_is_one():
+    rows = [
+        _row("fast alone", "int8", 300, 99.5, ms8=5.0, ms_batch_8_head_to_head=12.0),
+        _row("small", "int8", 200, 99.5, ms8=11.0, ms_batch_8_head_to_head=10.0),
+    ]
+    # timed one after the other, "fast alone" looked twice as fast: head to head it is not
+    assert choose(rows) == {"int8": "small"}
 
 
 def test_nothing_is_chosen_when_no_recipe_agrees():
@@ -78,3 +95,14 @@ def test_targets_read_fp16_and_the_int8_recipe_against_pytorch():
     }
     text = markdown(record)
     assert "0.340x the fp32 engine" in text and "'int8_every_task': False" in text
+
+
+def test_head_to_head_times_every_engine_through_the_runtime(engines, run):
+    from surgery_edge.bench.quantize import head_to_head
+    from surgery_edge.evaluation.engine import split_images
+
+    fp32 = engines["dir"] / "surgeryv2-routed.onnx"
+    int8 = engines["dir"] / "surgeryv2-routed-int8.onnx"
+    data = split_images(run.suite, run.tasks, "test", per_task=8)
+    ms = head_to_head({"fp32": fp32, "int8": int8}, data, threads=1, rounds=2)
+    assert set(ms) == {"fp32", "int8"} and all(v > 0 for v in ms.values())

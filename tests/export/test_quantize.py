@@ -151,6 +151,7 @@ def test_fp8_engine_keeps_its_recorded_groups_in_higher_precision(engines):
     quant = meta["quantization"]
     assert meta.precision is Precision.FP8 and quant["tool"] == "nvidia-modelopt"
     assert set(quant["kept_in_higher_precision"]) == {"patch_embedding", "attention", "adapters"}
+    assert quant["recipe"]["calibration_method"] == "entropy"
     proto = onnx.load(str(engines["dir"] / entry["file"]))
     fp8 = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN}
     assert fp8  # weights stored in fp8 beside their DequantizeLinear
