@@ -2,10 +2,10 @@
 
 The commands are thin (parse, validate, call one library function, print where the results
 went) and live by theme: :mod:`~surgery_edge.cli.pipeline` (experts, merge, train, eval, demo,
-run), :mod:`~surgery_edge.cli.engine` (export, predict), :mod:`~surgery_edge.cli.serve` (serve,
-triton-repo), :mod:`~surgery_edge.cli.info` (info, env, --version), :mod:`~surgery_edge.cli.imports`
-(import ...). Torch and the library are imported inside the commands, so ``surgery-edge --help``
-stays fast and never imports Triton or
+run), :mod:`~surgery_edge.cli.engine` (export, predict), :mod:`~surgery_edge.cli.evaluate`
+(eval-engine), :mod:`~surgery_edge.cli.serve` (serve, triton-repo), :mod:`~surgery_edge.cli.info`
+(info, env, --version), :mod:`~surgery_edge.cli.imports` (import ...). Torch and the library are
+imported inside the commands, so ``surgery-edge --help`` stays fast and never imports Triton or
 initialises CUDA.
 """
 
@@ -16,7 +16,7 @@ import sys
 from typing import Annotated
 
 import typer
-from surgery_edge.cli import engine, imports, info, pipeline, serve
+from surgery_edge.cli import engine, evaluate, imports, info, pipeline, serve
 from surgery_edge.cli.common import user_errors
 
 from surgery_edge.progress import silence_cuda_home_notice
@@ -74,6 +74,7 @@ app.command()(pipeline.demo)
 app.command("run")(pipeline.run_recipe)
 app.command()(engine.export)
 app.command()(engine.predict)
+app.command("eval-engine")(evaluate.eval_engine)
 app.command()(serve.serve)
 app.command("triton-repo")(serve.triton_repo)
 app.command()(info.info)

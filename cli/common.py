@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from surgery_edge.engine_format import EngineMode
+from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ConfigError, SurgeryEdgeError
 from surgery_edge.io import printable
 from surgery_edge.surgery.methods import surgery_names
@@ -168,6 +168,11 @@ def lazy_epilog(make: Callable[[], str]) -> type[TyperCommand]:
 SurgeryName = enum.Enum("SurgeryName", {n: n for n in surgery_names()}, type=str)
 SurgeryOrNone = enum.Enum("SurgeryOrNone", {n: n for n in surgery_names(with_none=True)}, type=str)
 ModeName = enum.Enum("ModeName", {m.value: m.value for m in EngineMode}, type=str)
+PrecisionName = enum.Enum("PrecisionName", {p.value: p.value for p in Precision}, type=str)
+# "auto" and the quantisers of surgery_edge.export.quantize.Quantizer (which imports onnx: not
+# here, so that --help stays light; tests/cli checks the two lists agree)
+QUANTIZERS = ("auto", "modelopt", "ort-dynamic", "ort-static")
+QuantizerName = enum.Enum("QuantizerName", {q.replace("-", "_"): q for q in QUANTIZERS}, type=str)
 
 
 def parse_pairs(values: list[str] | None, option: str, example: str) -> dict[str, str]:

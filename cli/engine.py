@@ -12,15 +12,20 @@ from surgery_edge.cli.common import (
     Json,
     ModeName,
     Overwrite,
+    PrecisionName,
+    QuantizerName,
     RunDir,
     SurgeryOrNone,
     err,
+    renamed,
     say,
     user_errors,
 )
 
 from surgery_edge.errors import ConfigError
 from surgery_edge.io import printable
+
+ENGINE_FILES = ("onnx", "pt2", "tensorrt")  # what export writes that the runtime can measure
 
 
 @user_errors
@@ -38,9 +43,32 @@ def export(
     ] = ModeName.routed,
     onnx: Annotated[
         Path | None,
-        typer.Option(help="ONNX file (default: RUN/engines/<merge>-<surgery>-<mode>.onnx)."),
+        typer.Option(
+            help="ONNX file (default: RUN/engines/<merge>-<surgery>-<mode>[-<precision>].onnx)."
+        ),
     ] = None,
-    fp16: Annotated[bool, typer.Option(help="Half weights and compute; float32 I/O.")] = False,
+    precision: Annotated[
+        PrecisionName,
+        typer.Option(
+            help="fp32 | fp16 (half weights) | int8 | fp8 (quantised, calibrated on the run's "
+            "adaptation images); inputs and outputs stay float32."
+        ),
+    ] = PrecisionName.fp32,
+    fp16: Annotated[bool, typer.Option("--fp16", hidden=True)] = False,  # before --precision
+    calibration_images: Annotated[
+        int, typer.Option(help="int8/fp8: adaptation images per task to calibrate on.")
+    ] = 32,
+    quantizer: Annotated[
+        QuantizerName,
+        typer.Option(
+            help="int8/fp8: auto picks the measured best for the target: ort-dynamic for ONNX "
+            "Runtime int8, modelopt (QDQ) for fp8 and for TensorRT."
+        ),
+    ] = QuantizerName.auto,
+    expert: Annotated[
+        str | None,
+        typer.Option(help="Export this task's expert alone (the single-model baseline)."),
+    ] = None,
     aoti: Annotated[Path | None, typer.Option(help="AOTInductor package (.pt2).")] = None,
     trt: Annotated[
         Path | None, typer.Option(help="TensorRT engine, built from the exported ONNX.")
@@ -66,16 +94,29 @@ def export(
     max_queue_delay_us: Annotated[
         int, typer.Option(help="Triton's dynamic batching delay (microseconds).")
     ] = 0,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            help="Measure each written engine through the runtime on the run's test split "
+            "(accuracy, change against PyTorch, size, latency; see eval-engine)."
+        ),
+    ] = True,
     overwrite: Overwrite = False,
+    json_out: Json = False,
 ):
     """Export one multi-task engine (ONNX, AOTInductor .pt2, TensorRT) from a run.
 
-    An existing engine made from other checkpoints or settings is replaced only with
-    --overwrite; a file that is not an engine is never replaced.
+    In fp32, fp16, int8 or fp8; or, with --expert, one task's expert alone. Each engine written
+    is then evaluated through the runtime (--no-evaluate skips it). An existing engine made
+    from other checkpoints or settings is replaced only with --overwrite; a file that is not an
+    engine is never replaced.
     """
     from surgery_edge.export.triton import TritonOptions  # deferred: with the exporters
     from surgery_edge.run.export import TrtOptions, export_run  # deferred: imports torch
 
+    precision = PrecisionName(
+        renamed("--fp16", "--precision fp16", PrecisionName.fp16 if fp16 else None, precision)
+    ).value
     if triton_repo is not None and opt_batch > max_batch:
         raise ConfigError(
             f"--opt-batch {opt_batch} (Triton's preferred batch) is above --max-batch {max_batch}."
@@ -86,11 +127,14 @@ def export(
         SurgeryOrNone(surgery).value,
         ModeName(mode).value,
         onnx=onnx,
-        fp16=fp16,
+        precision=precision,
         aoti=aoti,
         trt=trt,
         trt_options=TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
         device=device,
+        expert=expert,
+        calibration_images=calibration_images,
+        quantizer=QuantizerName(quantizer).value,
         overwrite=overwrite,
         triton_repo=triton_repo,
         triton_options=TritonOptions(
@@ -99,11 +143,24 @@ def export(
             max_queue_delay_us=max_queue_delay_us,
             instances=triton_instances,
             kind=triton_kind,
-            accelerator_fp16=fp16,
+            accelerator_fp16=precision == PrecisionName.fp16.value,
         ),
     )
-    for kind, path in written.items():
-        say(f"{kind}: {path}")
+    if not json_out:
+        for kind, path in written.items():
+            say(f"{kind}: {path}")
+    reports = []
+    if evaluate:
+        from surgery_edge.run.engine_eval import evaluate_engine, summary_line  # deferred: torch
+
+        for kind, path in written.items():
+            if kind in ENGINE_FILES:
+                reports.append(evaluate_engine(path, run_dir, device=device or "auto"))
+                if not json_out:
+                    say(summary_line(reports[-1]))
+    if json_out:
+        written_json = {k: str(v) for k, v in written.items()}
+        typer.echo(json.dumps({"written": written_json, "evaluation": reports}, indent=2))
 
 
 @user_errors

@@ -145,8 +145,9 @@ def train(
     """Train surgery adapters (unsupervised) on a merged model of the run.
 
     Adapters trained with other settings or on another merge are replaced only with
-    --overwrite; --adapters FILE writes them elsewhere. --nproc N (or torchrun) splits the expert targets
-    and every step's batch (--batch-size per task, the global batch) over N processes.
+    --overwrite; --adapters FILE writes them elsewhere. --nproc N (or torchrun) splits the
+    expert targets and every step's batch (--batch-size per task, the global batch) over N
+    processes.
     """
     from surgery_edge.distributed import joined  # deferred: imports torch
     from surgery_edge.run.pipeline import Run, train_one  # deferred: imports torch

@@ -6,7 +6,8 @@ it), so it depends on nothing but the standard library: no torch, no numpy, no o
 Every exported artefact (ONNX, TensorRT, AOTInductor ``.pt2``) carries one JSON object under the
 key ``surgery_edge``: the task names and class names per task, the preprocessing, the method
 (none | surgery | surgeryv2), the adapter rank, the architecture, the merge recipe, the package
-version, the mode (routed | all-tasks), the precision and the engine's input and output names.
+version, the mode (routed | all-tasks), the precision (fp32 | fp16 | int8 | fp8; a quantised
+engine adds a ``quantization`` record) and the engine's input and output names.
 Where it lives:
 
 - ONNX: ``ModelProto.metadata_props["surgery_edge"]`` (ONNX Runtime exposes it as the session's
@@ -49,8 +50,9 @@ REQUIRED_KEYS = (
 )
 
 
-class _Choice(str, enum.Enum):
-    """A string enum parsed once, with an error that lists the choices."""
+class Choice(str, enum.Enum):
+    """A string enum parsed once, with an error that lists the choices (modes, precisions, and
+    the exporters' own choices such as the quantiser)."""
 
     @classmethod
     def parse(cls, value: Any, what: str | None = None):
@@ -67,18 +69,30 @@ class _Choice(str, enum.Enum):
         return self.value
 
 
-class EngineMode(_Choice):
+class EngineMode(Choice):
     """How an engine is asked."""
 
     ROUTED = "routed"  # images + one task id per image -> that task's logits
     ALL_TASKS = "all-tasks"  # images -> every task's logits
 
 
-class Precision(_Choice):
-    """An engine's weights and compute; its inputs and outputs stay float32."""
+class Precision(Choice):
+    """An engine's weights and compute; its inputs and outputs stay float32.
+
+    ``int8`` and ``fp8`` engines are post-training quantised from the fp32 engine; their metadata
+    carries a ``quantization`` record (the quantiser, the recipe, which node groups stay in
+    higher precision, the calibration data and the check against the fp32 engine).
+    """
 
     FP32 = "fp32"
     FP16 = "fp16"
+    INT8 = "int8"
+    FP8 = "fp8"
+
+    @property
+    def quantized(self) -> bool:
+        """Whether this precision is reached by quantising an fp32 engine (int8, fp8)."""
+        return self in (Precision.INT8, Precision.FP8)
 
 
 def io_names(mode: EngineMode | str, tasks: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -227,6 +241,12 @@ def validate_metadata(meta: Any, source: str | os.PathLike) -> EngineMetadata:
         mode, precision = EngineMode.parse(meta["mode"]), Precision.parse(meta["precision"])
     except ExportError as e:
         raise ExportError(f"{where}: {e} Re-export the engine.") from None
+    if precision.quantized and not isinstance(meta.get("quantization"), dict):
+        raise ExportError(
+            f"{where}: a {precision} engine must record its quantization (an object under "
+            "'quantization'); re-export it with `surgery-edge export --precision "
+            f"{precision}`."
+        )
     inputs, outputs = io_names(mode, tasks)
     if meta["inputs"] != inputs or meta["outputs"] != outputs:
         raise ExportError(

@@ -39,9 +39,18 @@ def test_modes_and_precisions_parse_once_and_list_the_choices():
     assert EngineMode.ROUTED == "routed" and str(Precision.FP16) == "fp16"
     with pytest.raises(ExportError, match="Unknown engine mode 'batched'; use one of: routed"):
         EngineMode.parse("batched")
-    with pytest.raises(ExportError, match="Unknown precision 'int4'.*fp32, fp16"):
+    with pytest.raises(ExportError, match="Unknown precision 'int4'.*fp32, fp16, int8, fp8"):
         Precision.parse("int4")
+    assert [p.quantized for p in Precision] == [False, False, True, True]
     assert io_names("all-tasks", ["a", "b"]) == (["images"], ["logits_a", "logits_b"])
+
+
+def test_a_quantised_engine_carries_its_recipe():
+    meta = {**copy.deepcopy(GOOD), "precision": "int8"}
+    with pytest.raises(ExportError, match="int8 engine must record its quantization"):
+        validate_metadata(meta, "e.onnx")
+    meta["quantization"] = {"tool": "onnxruntime.quantization.quantize_dynamic"}
+    assert validate_metadata(meta, "e.onnx").precision is Precision.INT8
 
 
 def test_valid_metadata_becomes_a_typed_record():

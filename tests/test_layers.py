@@ -39,9 +39,12 @@ ALLOWED = {
     "merging": BASE | {"distributed"},
     "kernels": BASE | {"surgery"},  # the kernels' references call surgery.functional
     "surgery": BASE | {"models", "data", "kernels", "runtime", "distributed"},
-    "evaluation": BASE | {"models", "data", "surgery"},
+    # engine accuracy is measured through the runtime (what a user deploys is what is measured)
+    "evaluation": BASE | {"runtime", "models", "data", "surgery"},
     "export": BASE | {"runtime", "models", "data", "surgery"},
-    "bench": BASE | {"runtime", "models", "data", "surgery", "kernels", "export", "evaluation"},
+    # bench.quantize measures a finished run's own engines: it reads the run through run/
+    "bench": BASE
+    | {"runtime", "models", "data", "surgery", "kernels", "export", "evaluation", "run"},
     "run": BASE
     | {
         "device",

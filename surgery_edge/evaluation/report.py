@@ -82,31 +82,7 @@ def markdown(report: dict[str, Any]) -> str:
             ]
             cells.append(_pair(r["measured_avg"], r["published_avg"]))
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    engines = (report.get("engines") or {}).get("engines")
-    if engines:
-        single = report["engines"]["single_expert"]
-        lines += [
-            "",
-            "Exported engines (task arithmetic base; parity against PyTorch on the test split):",
-            "",
-            "| engine | artefact | bytes | x one expert | max abs logit diff "
-            "| argmax agreement (%) |",
-            "|---|---|---|---|---|---|",
-            f"| single expert ({single['task']}) | onnx | {single['bytes']} | 1.00 | | |",
-        ]
-        for name, eng in engines.items():
-            for art, d in eng.items():
-                if not isinstance(d, dict):
-                    continue
-                if "error" in d:
-                    lines.append(f"| {name} | {art} | failed: {d['error'][:80]} | | | |")
-                    continue
-                p = d.get("parity", {})
-                lines.append(
-                    f"| {name} | {art} | {d['bytes']} | {d['bytes'] / single['bytes']:.2f} | "
-                    f"{p.get('max_abs_diff', float('nan')):.2e} | "
-                    f"{p.get('argmax_agreement', float('nan')):.2f} |"
-                )
+    lines += engines_table(report.get("engines") or {})
     if report.get("timings_s"):
         lines += [
             "",
@@ -118,6 +94,48 @@ def markdown(report: dict[str, Any]) -> str:
         if report.get(key):
             lines += ["", f"{key.capitalize()}:"] + [f"- {n}" for n in report[key]]
     return "\n".join(lines) + "\n"
+
+
+def engines_table(summary: dict[str, Any]) -> list[str]:
+    """The "Exported engines" table: per artefact its precision, size, accuracy through the
+    runtime and its change against the PyTorch model, ONNX Runtime CPU latency, and parity."""
+    engines, single = summary.get("engines"), summary.get("single_expert")
+    if not engines or not single or "bytes" not in single:
+        return []
+    lines = [
+        "",
+        "Exported engines (task arithmetic base; the single expert is "
+        f"{single['task']}'s). Accuracy is the engine's, through the runtime from the stored "
+        f"test images ({summary.get('test_images', '?')}); the change is against the PyTorch "
+        "model it was exported from, in points (worst task in brackets). Latency: ONNX Runtime "
+        "on the CPU, per call; parity: against PyTorch on the same images.",
+        "",
+        "| engine | artefact | bytes | x one expert | accuracy (%) | change (pt) "
+        "| ms @1 | ms @8 | max abs logit diff | argmax agreement (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, eng in engines.items():
+        for art, d in eng.items():
+            if not isinstance(d, dict) or not ("bytes" in d or "error" in d):
+                continue  # the engine's own fields (method, mode, source)
+            if "error" in d:
+                lines.append(f"| {name} | {art} | failed: {d['error'][:80]} | | | | | | | |")
+                continue
+            p, e = d.get("parity", {}), d.get("evaluation", {})
+            delta, latency = e.get("delta", {}), e.get("latency", {})
+            change = f"{delta['avg']:+.2f} ({delta['worst_task']:+.1f})" if "avg" in delta else ""
+            accuracy = f"{e['avg']:.2f}" if "avg" in e else ""
+            ms = [
+                f"{latency[k]['median_ms']:.3f}" if k in latency else ""
+                for k in ("batch_1", "batch_8")
+            ]
+            lines.append(
+                f"| {name} | {art} | {d['bytes']} | {d['bytes'] / single['bytes']:.2f} | "
+                f"{accuracy} | {change} | {ms[0]} | {ms[1]} | "
+                f"{p.get('max_abs_diff', float('nan')):.2e} | "
+                f"{p.get('argmax_agreement', float('nan')):.2f} |"
+            )
+    return lines
 
 
 def _pair(measured: float | None, published: float | None) -> str:

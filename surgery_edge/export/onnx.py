@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from surgery_edge.engine_format import META_KEY, EngineMode, io_names
 from surgery_edge.errors import ExportError
@@ -85,7 +85,13 @@ def export_onnx(
         model,
         mode,
         "fp16" if fp16 else "fp32",
-        {**(metadata or {}), "format": "onnx", "exporter": exporter, "opset": opset},
+        {
+            **(metadata or {}),
+            "format": "onnx",
+            "exporter": exporter,
+            "opset": opset,
+            "task_tables": task_tables(proto, model, fp16),
+        },
     )
     _finalise(proto, meta)
     _save(proto, path, verify=(lambda tmp: _smoke_check(model, tmp, fp16)) if check else None)
@@ -161,6 +167,38 @@ def _trace_torchscript(module, args, inputs, outputs, opset):
             do_constant_folding=True,
         )
         return onnx.load(str(f))
+
+
+def task_tables(proto, model: MultiTaskModel, fp16: bool = False) -> dict[str, list[str]]:
+    """The initializers that hold the per-task tables, by kind: ``{"heads": [...], "adapters":
+    [...]}``, found by value (the exporter names folded constants ``val_N``).
+
+    Quantisation reads this record: those tensors are gathered by task id, so they are stored
+    weight-only (see :mod:`surgery_edge.export.quantize`) rather than quantised as a layer.
+    """
+    dtype = torch.float16 if fp16 else torch.float32
+    wanted = {"heads": [model.head_weight]}
+    if model.bank is not None:
+        wanted["adapters"] = [w for site in model.bank.sites for w in model.bank.weights(site)]
+    # as stored, and transposed: the exporter folds ``w.transpose(-1, -2)`` into a constant
+    candidates = {
+        kind: [a for w in tensors for a in _both_layouts(w.detach().to("cpu", dtype).numpy())]
+        for kind, tensors in wanted.items()
+    }
+    found: dict[str, list[str]] = {kind: [] for kind in candidates}
+    for init in proto.graph.initializer:
+        if len(init.dims) != 3:
+            continue
+        for kind, arrays in candidates.items():
+            shaped = [a for a in arrays if tuple(a.shape) == tuple(init.dims)]
+            if shaped and any(np.array_equal(a, numpy_helper.to_array(init)) for a in shaped):
+                found[kind].append(init.name)
+                break
+    return found
+
+
+def _both_layouts(a: np.ndarray) -> list[np.ndarray]:
+    return [a, np.ascontiguousarray(np.swapaxes(a, -1, -2))]
 
 
 # --- finishing and saving --------------------------------------------------------------------

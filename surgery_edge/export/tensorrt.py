@@ -3,11 +3,14 @@
 The pure parts run anywhere and are tested without TensorRT: :func:`profile_shapes` turns the
 batch flags into an optimization profile (with clear errors), and :func:`builder_input` checks
 the ONNX handed to the builder (``onnx.checker`` full check, strict shape inference, engine
-metadata, dynamic batch). :func:`build_engine` then needs ``tensorrt`` and an NVIDIA GPU: it
-parses the ONNX (explicit batch: the only mode in TensorRT 10), sets the workspace pool, FP16,
-the profile and the timing cache, builds, and writes the engine and its metadata sidecar
-``<engine>.json`` atomically. ``tensorrt`` is imported only there; nothing is ever written when
-it is missing.
+metadata, dynamic batch), and :func:`precision_support` says what a GPU cannot build.
+:func:`build_engine` then needs ``tensorrt`` and an NVIDIA GPU: it parses the ONNX (explicit
+batch: the only mode in TensorRT 10), sets the workspace pool, FP16, the profile and the timing
+cache, builds, and writes the engine and its metadata sidecar ``<engine>.json`` atomically.
+An int8 or fp8 ONNX (ModelOpt's QDQ graph, :mod:`surgery_edge.export.quantize`) is built as a
+strongly typed network: the Q/DQ scales and the graph's own types decide each layer's
+precision, and no precision flag is set. ``tensorrt`` is imported only there; nothing is ever
+written when it is missing.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from surgery_edge.engine_format import (
     META_KEY,
     EngineMetadata,
     EngineMode,
+    Precision,
     parse_metadata,
     sidecar_path,
     validate_metadata,
@@ -32,6 +36,14 @@ from surgery_edge.io import atomic_path
 from surgery_edge.runtime.backends import import_tensorrt
 
 Shape = tuple[int, ...]
+# The least CUDA compute capability with the tensor-core kernels of each precision: int8
+# (Turing and newer; TensorRT 10 supports no older GPU) and fp8 (Ada and Hopper and newer).
+MIN_CAPABILITY = {
+    Precision.FP32: (7, 5),
+    Precision.FP16: (7, 5),
+    Precision.INT8: (7, 5),
+    Precision.FP8: (8, 9),
+}
 
 
 def profile_shapes(
@@ -92,11 +104,52 @@ def builder_input(onnx_path: str | os.PathLike) -> EngineMetadata:
     return meta
 
 
+def precision_support(
+    precision: Precision | str, capability: tuple[int, int] | None, gpu: str = "the GPU"
+) -> str | None:
+    """Why a GPU of compute ``capability`` cannot build a ``precision`` engine (None: it can).
+
+    ``capability`` is None when there is no CUDA GPU.
+    """
+    precision = Precision.parse(precision)
+    if capability is None:
+        return "TensorRT builds and runs engines on an NVIDIA GPU, and no CUDA GPU is available."
+    need = MIN_CAPABILITY[precision]
+    if tuple(capability) < need:
+        have = ".".join(map(str, capability))
+        return (
+            f"{gpu} (compute capability {have}) cannot build {precision} engines: they need "
+            f"compute capability {need[0]}.{need[1]} or newer"
+            + (" (Ada, Hopper, Blackwell)" if precision is Precision.FP8 else "")
+            + ". Use another precision (int8 or fp16), or build on such a GPU."
+        )
+    return None
+
+
+def check_precision_support(trt, precision: Precision | str) -> None:
+    """ExportError when this machine's GPU cannot build a ``precision`` engine with ``trt``."""
+    import torch  # deferred: the GPU query (export already depends on torch)
+
+    capability = gpu = None
+    if torch.cuda.is_available():
+        capability, gpu = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    reason = precision_support(precision, capability, gpu or "the GPU")
+    if reason is not None:
+        raise ExportError(f"{reason} (TensorRT {trt.__version__}.)")
+
+
 def check_workspace(workspace_gb: float) -> int:
     """``--workspace-gb`` -> bytes (must be a positive, finite number)."""
     if not (math.isfinite(workspace_gb) and workspace_gb > 0):
         raise ConfigError(f"--workspace-gb must be a positive number, got {workspace_gb}.")
     return int(workspace_gb * (1 << 30))
+
+
+def network_flags(trt, precision: Precision | str) -> int:
+    """``create_network`` flags: strongly typed for an int8 / fp8 (QDQ) graph, else none."""
+    if Precision.parse(precision).quantized:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
 
 
 def build_engine(
@@ -115,7 +168,7 @@ def build_engine(
         onnx_path: the ONNX file (from :func:`~surgery_edge.export.onnx.export_onnx`).
         engine_path: the serialized engine to write; its metadata goes to ``<engine>.json``.
         fp16: allow FP16 kernels (``BuilderFlag.FP16``); TensorRT keeps FP32 where it is faster
-            or needed.
+            or needed. Ignored for an int8 / fp8 ONNX, which is built strongly typed.
         min_batch, opt_batch, max_batch: the optimization profile's batch sizes.
         workspace_gb: the builder's workspace memory pool limit.
         timing_cache: a timing-cache file, read if it exists and written back after the build
@@ -131,10 +184,14 @@ def build_engine(
     )
     workspace = check_workspace(workspace_gb)
     trt = import_tensorrt()
+    check_precision_support(trt, meta.precision)
+    strongly_typed = meta.precision.quantized
+    fp16 = fp16 and not strongly_typed
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch: the only mode in TensorRT 10
+    # explicit batch is the only mode in TensorRT 10; a QDQ graph is built strongly typed
+    network = builder.create_network(network_flags(trt, meta.precision))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -162,6 +219,7 @@ def build_engine(
         "tensorrt": {
             "version": trt.__version__,
             "fp16": fp16,
+            "strongly_typed": strongly_typed,
             "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
             "min_batch": min_batch,
             "opt_batch": opt_batch,

@@ -1,12 +1,15 @@
-"""The demo's export step: one engine per surgery method, checked against PyTorch.
+"""The demo's export step: one engine per surgery method, in every precision, measured.
 
 :func:`export_and_check` exports the run's task-arithmetic model
 - with Surgery (V1) as an all-tasks engine (the backbone runs once, only the final adapters and
-  heads fan out), and
-- with SurgeryV2 as a routed engine (one task id per image), also in fp16,
-to ONNX and AOTInductor ``.pt2``, and measures parity with PyTorch on the suite's test split. It
-also exports a single expert alone (plain, routed, one task): the size every extra task would
-cost if each task shipped its own model.
+  heads fan out), in fp32 and int8, and
+- with SurgeryV2 as a routed engine (one task id per image), in fp32, fp16, int8 and fp8,
+to ONNX (and fp32 AOTInductor ``.pt2``). It also exports a single expert alone (plain, routed,
+one task) in fp32, fp16 and int8: the size every extra task would cost if each task shipped its
+own model, at each precision. Every artefact is checked for parity with PyTorch and every ONNX
+engine is evaluated through the runtime (:mod:`surgery_edge.run.engine_eval`): accuracy from the
+stored test images, the change against the PyTorch model, file size, and ONNX Runtime CPU
+latency at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -18,28 +21,46 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from surgery_edge.engine_format import EngineMode
-from surgery_edge.errors import ExportError
+from surgery_edge.engine_format import EngineMode, Precision
+from surgery_edge.errors import ConfigError, ExportError
+from surgery_edge.evaluation.accuracy import accuracy_on
+from surgery_edge.evaluation.engine import engine_report, split_images
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.parity import check_forward
+from surgery_edge.export.quantize import Target, default_recipe, quantize_engine
 from surgery_edge.io import fingerprint, write_json_atomic
+from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
 from surgery_edge.surgery.model import MultiTaskModel
 
 if TYPE_CHECKING:
     from surgery_edge.run.pipeline import Run
 
 MERGE = "task_arithmetic"
-# (engine name, surgery method, mode): V1 answers every task from one backbone pass; V2 routes.
+SINGLE_EXPERT = "single-expert"
+# (engine name, surgery method, mode, precisions): V1 answers every task from one backbone
+# pass; V2 routes. None: the single expert. fp32 comes first: int8 and fp8 quantise it.
 PLANS = (
-    ("surgery-all-tasks", "surgery", EngineMode.ALL_TASKS),
-    ("surgeryv2-routed", "surgeryv2", EngineMode.ROUTED),
+    (SINGLE_EXPERT, None, EngineMode.ROUTED, ("fp32", "fp16", "int8")),
+    ("surgery-all-tasks", "surgery", EngineMode.ALL_TASKS, ("fp32", "int8")),
+    ("surgeryv2-routed", "surgeryv2", EngineMode.ROUTED, ("fp32", "fp16", "int8", "fp8")),
 )
+
+
+def artefact_key(precision: str) -> str:
+    """``onnx`` for fp32, ``onnx-<precision>`` otherwise (the summary's and report's names)."""
+    return "onnx" if precision == "fp32" else f"onnx-{precision}"
 
 
 def _single_expert_model(run: Run) -> tuple[MultiTaskModel, str]:
     task = run.tasks[0]
     return run.layout.model(run.experts.experts[task], None, [task], run.arch, "cpu"), task
+
+
+def _calibration_split(run: Run) -> str:
+    # surgery's unlabelled split, as surgery_edge.run.pipeline.adaptation_split decides it
+    # (calibration_set refuses an empty one with a message)
+    return "test" if run.config.surgery.transductive else "adapt"
 
 
 def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, Any]:
@@ -49,52 +70,91 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
         run: a run with its experts loaded (:meth:`Run.require_experts`), the
             ``task_arithmetic`` merge and both surgery methods' adapters.
         out_dir: where the engines go.
-        aoti: also compile ``.pt2`` packages (needs a C++ compiler; ~30 s or more each on CPU).
-            A failed compile is recorded as ``{"error": ...}`` and the rest still runs.
+        aoti: also compile fp32 ``.pt2`` packages (needs a C++ compiler; ~30 s or more each on
+            CPU). A failed compile or quantisation is recorded as ``{"error": ...}`` and the
+            rest still runs.
 
     Returns:
         ``{"tasks", "arch", "single_expert": {...}, "engines": {name: {artefact: {...}}}}``:
         per artefact its file name, ``bytes``, ``parity`` (rows, max_abs_diff,
-        argmax_agreement in %, max_abs_logit) and export seconds; plus ``bytes_vs_single_expert``
-        and ``bytes_vs_all_experts`` for the ONNX engines.
+        argmax_agreement in %, max_abs_logit), export seconds, ``evaluation`` (accuracy per
+        task and average through the runtime, ``pytorch`` and ``delta``, ``latency``); plus
+        ``bytes_vs_single_expert`` (against the fp32 expert), ``bytes_vs_expert_same_precision``
+        and ``bytes_vs_all_experts`` for the multi-task ONNX engines.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The built-in suite's whole test split; a sample of 256 per task for data from disk.
     per_task = None if run.config.builtin else 256
     images, task_ids, _ = suite_test_split(run.suite, run.tasks, per_task, run.config.seed)
-
-    expert, expert_task = _single_expert_model(run)
-    t0 = time.perf_counter()
-    single = {"task": expert_task, **_describe(export_onnx(expert, out / "single-expert.onnx"), t0)}
+    data = split_images(run.suite, run.tasks, "test", per_task, run.config.seed)
+    split = _calibration_split(run)
     result: dict[str, Any] = {
         "arch": run.arch.name,
         "tasks": run.tasks,
         "merge": MERGE,
         "test_images": int(len(images)),
-        "single_expert": single,
+        "calibration": {"split": split, "per_task": DEFAULT_CALIBRATION_IMAGES},
         "engines": {},
     }
-
-    for name, method, mode in PLANS:
-        model, extra = run.layout.export_model(MERGE, method, device="cpu")
-        ids = task_ids if mode is EngineMode.ROUTED else None
-        engine: dict[str, Any] = {"method": method, "mode": mode.value}
-        routed = mode is EngineMode.ROUTED
-        targets = [("onnx", False), ("onnx-fp16", True)] if routed else [("onnx", False)]
-        for key, fp16 in targets:
+    expert_bytes: dict[str, int] = {}
+    for name, method, mode, precisions in PLANS:
+        if method is None:
+            model, task = _single_expert_model(run)
+            extra: dict[str, Any] = {"expert": task}
+            rows = task_ids == 0
+            ids, eval_images = task_ids[rows], images[rows]
+        else:
+            model, extra = run.layout.export_model(MERGE, method, device="cpu")
+            ids, eval_images = (task_ids if mode is EngineMode.ROUTED else None), images
+        source = {k: extra[k] for k in ("merge", "expert") if k in extra}
+        engine: dict[str, Any] = {"method": method or "none", "mode": mode.value, **source}
+        reference = accuracy_on(model, data, "cpu")
+        calibration = None
+        for precision in map(Precision.parse, precisions):
+            key = artefact_key(precision.value)
+            path = out / f"{name}{'' if precision is Precision.FP32 else f'-{precision}'}.onnx"
             t0 = time.perf_counter()
-            path = export_onnx(
-                model, out / f"{name}{'-fp16' if fp16 else ''}.onnx", mode, fp16, metadata=extra
-            )
-            engine[key] = _describe(path, t0)
-            engine[key]["parity"] = check_forward(model, path, images, ids).to_dict()
-            size = engine[key]["bytes"]
-            engine[key]["bytes_vs_single_expert"] = round(size / single["bytes"], 3)
-            engine[key]["bytes_vs_all_experts"] = round(
-                size / (single["bytes"] * len(run.tasks)), 3
-            )
-        if aoti:
+            if not precision.quantized:
+                export_onnx(model, path, mode, precision is Precision.FP16, metadata=extra)
+            else:  # no adaptation images, a missing quantisation extra or a failed check
+                try:  # is recorded, not fatal
+                    if calibration is None:
+                        calibration = calibration_set(
+                            run.suite,
+                            split,
+                            model.tasks,
+                            run.arch.preprocessing,
+                            DEFAULT_CALIBRATION_IMAGES,
+                            run.config.seed,
+                        )
+                    recipe = default_recipe(precision, Target.ONNXRUNTIME)
+                    # from the fp32 engine just exported (and checked against PyTorch)
+                    quantize_engine(out / engine["onnx"]["file"], path, recipe, calibration)
+                except (ConfigError, ExportError) as e:
+                    engine[key] = {"error": str(e)}
+                    continue
+            entry = _describe(path, t0)
+            entry["parity"] = check_forward(model, path, eval_images, ids).to_dict()
+            entry["evaluation"] = engine_report(path, data, reference)
+            engine[key] = entry
+        if method is None:
+            expert_bytes = {k: v["bytes"] for k, v in engine.items() if _ok(v)}
+            result["single_expert"] = {"task": extra["expert"], **engine["onnx"]}
+        else:
+            for key, entry in engine.items():
+                if not _ok(entry):
+                    continue
+                single = expert_bytes.get("onnx")
+                same = expert_bytes.get(key)
+                if single:
+                    entry["bytes_vs_single_expert"] = round(entry["bytes"] / single, 3)
+                    entry["bytes_vs_all_experts"] = round(
+                        entry["bytes"] / (single * len(run.tasks)), 3
+                    )
+                if same:
+                    entry["bytes_vs_expert_same_precision"] = round(entry["bytes"] / same, 3)
+        if aoti and method is not None:
             t0 = time.perf_counter()
             try:
                 path = export_aoti(model, out / f"{name}.pt2", mode, metadata=extra, device="cpu")
@@ -104,6 +164,10 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
                 engine["pt2"] = {"error": str(e)}
         result["engines"][name] = engine
     return result
+
+
+def _ok(entry: Any) -> bool:
+    return isinstance(entry, dict) and "bytes" in entry
 
 
 def suite_test_split(
@@ -138,15 +202,20 @@ def _describe(path: Path, t0: float) -> dict[str, Any]:
 
 
 def export_engines(run: Run) -> dict:
-    """The demo's export stage: the task-arithmetic engines, checked for parity.
+    """The demo's export stage: the task-arithmetic engines in every precision, checked for
+    parity and evaluated through the runtime.
 
     Reuses ``engines/summary.json`` when the merged model, adapters and experts are unchanged
     (by content) and every engine it lists is still there, unchanged (by content hash).
     """
-    needed = [run.merged.get(MERGE)] + [run.adapters.get((MERGE, m)) for _, m, _ in PLANS]
+    methods = [m for _, m, _, _ in PLANS if m is not None]
+    needed = [run.merged.get(MERGE)] + [run.adapters.get((MERGE, m)) for m in methods]
     if any(p is None for p in needed):
         return {"skipped": "needs the task_arithmetic merge with both surgery methods"}
-    fp = fingerprint(*(run.hashes.digest(p) for p in needed), run.experts.fingerprint(run.hashes))
+    plan = [(n, m, str(mode), list(p)) for n, m, mode, p in PLANS]
+    fp = fingerprint(
+        *(run.hashes.digest(p) for p in needed), run.experts.fingerprint(run.hashes), plan
+    )
     folder = run.layout.engines
     summary = folder / "summary.json"
     if summary.is_file():
@@ -170,6 +239,8 @@ def _files(result: Any) -> list[str]:
     if isinstance(result, dict):
         own = [result["file"]] if isinstance(result.get("file"), str) else []
         return own + [f for v in result.values() for f in _files(v)]
+    if isinstance(result, list):
+        return [f for v in result for f in _files(v)]
     return []
 
 

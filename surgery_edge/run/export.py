@@ -1,8 +1,9 @@
 """Exporting from a run directory: pick the merge and surgery, build the model, write engines.
 
-Everything comes from the run's checkpoints (:class:`~surgery_edge.run.layout.RunLayout`): no
-dataset is read, so exporting needs only the files under ``checkpoints/``, ``merged/`` and
-``adapters/``.
+The model comes from the run's checkpoints (:class:`~surgery_edge.run.layout.RunLayout`). fp32
+and fp16 engines need nothing else (no dataset is read); int8 and fp8 engines are calibrated on
+the run's unlabelled adaptation images (:func:`~surgery_edge.run.calibration.calibration_set`),
+so they read the run's data too.
 """
 
 from __future__ import annotations
@@ -13,16 +14,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery_edge.device import resolve_device
-from surgery_edge.engine_format import EngineMode, read_onnx_metadata, read_sidecar
+from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata, read_sidecar
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.onnx import export_onnx
-from surgery_edge.export.tensorrt import build_engine, check_workspace, profile_shapes
+from surgery_edge.export.quantize import (
+    Quantizer,
+    QuantRecipe,
+    Target,
+    default_recipe,
+    quantize_model,
+)
+from surgery_edge.export.tensorrt import (
+    build_engine,
+    check_precision_support,
+    check_workspace,
+    profile_shapes,
+)
 from surgery_edge.export.triton import TritonOptions, write_repository
 from surgery_edge.io import check_output
+from surgery_edge.run.calibration import (
+    DEFAULT_CALIBRATION_IMAGES,
+    calibration_set,
+    check_calibration_images,
+)
 from surgery_edge.run.layout import RunLayout
+from surgery_edge.run.pipeline import Run, prepare_suite
 from surgery_edge.runtime.backends import import_tensorrt
 from surgery_edge.runtime.describe import read_pt2_metadata
+from surgery_edge.surgery.model import MultiTaskModel
 
 
 @dataclass(frozen=True)
@@ -36,8 +56,40 @@ class TrtOptions:
     timing_cache: Path | None = None
 
 
-def default_onnx_path(run_dir: Path, merge: str, surgery: str, mode: str, fp16: bool) -> Path:
-    return Path(run_dir) / "engines" / f"{merge}-{surgery}-{mode}{'-fp16' if fp16 else ''}.onnx"
+def engine_stem(merge: str, surgery: str, mode: str, expert: str | None = None) -> str:
+    """``<merge>-<surgery>-<mode>``, or ``expert-<task>`` for a single expert."""
+    return f"expert-{expert}" if expert is not None else f"{merge}-{surgery}-{mode}"
+
+
+def default_onnx_path(run_dir: Path, stem: str, precision: Precision | str) -> Path:
+    """``RUN/engines/<stem>[-<precision>].onnx`` (no suffix for fp32)."""
+    precision = Precision.parse(precision)
+    suffix = "" if precision is Precision.FP32 else f"-{precision}"
+    return Path(run_dir) / "engines" / f"{stem}{suffix}.onnx"
+
+
+def quant_recipe(
+    precision: Precision | str, quantizer: str = "auto", trt: bool = False
+) -> QuantRecipe:
+    """The recipe for ``precision``: the measured default for the target (TensorRT when
+    ``trt``, else ONNX Runtime), or the default of the quantiser named by ``quantizer``."""
+    precision = Precision.parse(precision)
+    target = Target.TENSORRT if trt else Target.ONNXRUNTIME
+    if quantizer == "auto":
+        return default_recipe(precision, target)
+    chosen = Quantizer.parse(quantizer, "quantizer")
+    if trt and chosen is not Quantizer.MODELOPT:
+        raise ConfigError(
+            f"TensorRT builds {precision} engines from ModelOpt's QDQ graph; {chosen} writes "
+            "ONNX Runtime's own integer operators. Use --quantizer modelopt (or auto) with --trt."
+        )
+    recipe = default_recipe(precision, target)
+    if recipe.quantizer is chosen:
+        return recipe
+    if chosen is Quantizer.MODELOPT:
+        return QuantRecipe(precision, chosen, high_precision="fp16" if trt else "fp32")
+    method = "none" if chosen is Quantizer.ORT_DYNAMIC else "minmax"
+    return QuantRecipe(precision, chosen, calibration_method=method)
 
 
 def export_run(
@@ -46,44 +98,72 @@ def export_run(
     surgery: str = "surgeryv2",
     mode: EngineMode | str = EngineMode.ROUTED,
     onnx: str | os.PathLike | None = None,
-    fp16: bool = False,
+    precision: Precision | str = Precision.FP32,
     aoti: str | os.PathLike | None = None,
     trt: str | os.PathLike | None = None,
     trt_options: TrtOptions | None = None,
     device: str | None = None,
+    expert: str | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    quantizer: str = "auto",
     overwrite: bool = False,
     triton_repo: str | os.PathLike | None = None,
     triton_options: TritonOptions | None = None,
 ) -> dict[str, Path]:
-    """Export one multi-task engine of a run to ONNX, AOTInductor and/or TensorRT, and
-    optionally a Triton Inference Server model repository holding it.
-
-    TensorRT builds from the ONNX this call exports (``onnx``, or ``<trt>.onnx`` beside the
-    engine). TensorRT and Triton settings, TensorRT's availability and every output path are
-    checked before any export work. With no ONNX or TensorRT target given, writes
-    ``RUN/engines/<merge>-<surgery>-<mode>[-fp16].onnx`` (a Triton repository needs one). The
-    repository holds the TensorRT plan when one is built, else the ONNX engine.
+    """Export one engine of a run to ONNX, AOTInductor and/or TensorRT, and optionally a Triton
+    Inference Server model repository holding it.
 
     Args:
+        run_dir: the run directory.
+        merge, surgery: the merged backbone and its adapters (``surgery="none"``: the merge).
+        mode: ``routed`` or ``all-tasks``.
+        onnx, aoti, trt: the files to write; with none given,
+            ``RUN/engines/<merge>-<surgery>-<mode>[-<precision>].onnx``.
+        precision: ``fp32``, ``fp16``, ``int8`` or ``fp8``. int8 and fp8 quantise the fp32
+            engine (:mod:`surgery_edge.export.quantize`), for ONNX Runtime, or for TensorRT when
+            ``trt`` is given (the ONNX is then TensorRT's QDQ input). AOTInductor takes fp32 and
+            fp16 only.
+        trt_options: TensorRT build settings.
+        device: where the model is built and ``.pt2`` packages compiled.
+        expert: export this task's expert alone (one task, its own head) instead of a merge:
+            the baseline every multi-task engine is compared with.
+        calibration_images: adaptation images per task to calibrate on (as many again are held
+            out to check the quantised engine against the fp32 one).
+        quantizer: ``auto`` (the measured choice for the target) or a quantiser's name.
         overwrite: replace an existing engine made from other checkpoints or settings (a file
             that is not an engine is never replaced).
+        triton_repo, triton_options: also write a Triton model repository holding the TensorRT
+            plan when one is built, else the ONNX engine (an ONNX engine is then written).
+
+    TensorRT and Triton settings, TensorRT's availability, the precision's support, the
+    calibration data and every output path are all checked before any export work.
 
     Returns:
         ``{"onnx" | "pt2" | "tensorrt" | "triton": path}`` of what was written (``triton``:
         the model's folder in the repository).
     """
-    mode = EngineMode.parse(mode)
+    mode, precision = EngineMode.parse(mode), Precision.parse(precision)
     layout = RunLayout.open(run_dir)
     run_device = resolve_device(device or layout.read_config().device)
     opts = trt_options or TrtOptions()
+    if aoti is not None and precision.quantized:
+        raise ExportError(
+            f"AOTInductor packages are fp32 or fp16; a {precision} engine is an ONNX engine "
+            f"(ONNX Runtime) or a TensorRT engine. Drop --aoti, or use --precision fp16."
+        )
+    recipe = None
+    if precision.quantized:
+        check_calibration_images(calibration_images)
+        recipe = quant_recipe(precision, quantizer, trt is not None)
     if trt is not None:  # fail fast: before minutes of export work
         arch = layout.arch()
         profile_shapes(arch.image_size, mode, opts.min_batch, opts.opt_batch, opts.max_batch)
         check_workspace(opts.workspace_gb)
-        import_tensorrt()
+        check_precision_support(import_tensorrt(), precision)
     triton = (triton_options or TritonOptions()).check() if triton_repo is not None else None
     if onnx is None and trt is None and (aoti is None or triton is not None):
-        onnx = default_onnx_path(layout.root, merge, surgery, mode.value, fp16)
+        stem = engine_stem(merge, surgery, mode.value, expert)
+        onnx = default_onnx_path(layout.root, stem, precision)
     onnx_path = None
     if onnx is not None or trt is not None:
         onnx_path = Path(onnx) if onnx is not None else Path(trt).with_suffix(".onnx")
@@ -98,8 +178,11 @@ def export_run(
     ]
     for path, what, same in targets:
         check_output(path, what, same)
-    model, extra = layout.export_model(merge, surgery, device=run_device)
-    planned = {"source": extra["source"], "mode": mode.value, "fp16": fp16}
+    if expert is not None:
+        model, extra = expert_model(layout, expert, run_device)
+    else:
+        model, extra = layout.export_model(merge, surgery, device=run_device)
+    planned = _planned(extra, mode, precision)
     for path, what, _ in targets:
         if not Path(path).exists() or overwrite:
             continue
@@ -110,19 +193,43 @@ def export_run(
                 if made_from is None
                 else "was exported from other checkpoints or settings"
             )
+            this = f"the {expert} expert" if expert is not None else f"{merge} with {surgery}"
             raise ConfigError(
-                f"The {what} {path} exists and {why} (this export: {merge} with {surgery}, "
-                f"{mode.value}{', fp16' if fp16 else ''}). It was not replaced: pass --overwrite "
-                "to replace it, or choose another path."
+                f"The {what} {path} exists and {why} (this export: {this}, {mode.value}, "
+                f"{precision}). It was not replaced: pass --overwrite to replace it, or choose "
+                "another path."
             )
+    calibration = None
+    if recipe is not None:
+        run = Run.open(layout.root, log=lambda *a: None, device="cpu")
+        prepare_suite(run)
+        # the images surgery learned from (the test split in a transductive run); a task
+        # without adaptation images is calibration_set's error, which says to export in fp32
+        # or fp16 (adaptation_split's would say how to train surgery)
+        split = "test" if run.config.surgery.transductive else "adapt"
+        calibration = calibration_set(
+            run.suite,
+            split,
+            model.tasks,
+            model.encoder.arch.preprocessing,
+            calibration_images,
+            run.config.seed,
+        )
     written: dict[str, Path] = {}
     if onnx_path is not None:
-        written["onnx"] = export_onnx(model, onnx_path, mode, fp16, metadata=extra)
+        if recipe is None:
+            fp16 = precision is Precision.FP16
+            written["onnx"] = export_onnx(model, onnx_path, mode, fp16, metadata=extra)
+        else:
+            target = Target.TENSORRT if trt is not None else Target.ONNXRUNTIME
+            written["onnx"] = quantize_model(
+                model, onnx_path, mode, recipe, calibration, extra, target
+            )
     if trt is not None:
         written["tensorrt"] = build_engine(
             written["onnx"],
             trt,
-            fp16=fp16,
+            fp16=precision is Precision.FP16,
             min_batch=opts.min_batch,
             opt_batch=opts.opt_batch,
             max_batch=opts.max_batch,
@@ -130,6 +237,7 @@ def export_run(
             timing_cache=opts.timing_cache,
         )
     if aoti is not None:
+        fp16 = precision is Precision.FP16
         written["pt2"] = export_aoti(model, aoti, mode, fp16, metadata=extra, device=run_device)
     if triton is not None:
         engine = written.get("tensorrt", written.get("onnx"))
@@ -153,8 +261,18 @@ def _trt_engine(path: Path) -> bool:
     return True
 
 
+def _planned(extra: dict, mode: EngineMode, precision: Precision) -> dict:
+    return {
+        "source": extra.get("source"),
+        "expert": extra.get("expert"),
+        "mode": mode.value,
+        "precision": precision.value,
+    }
+
+
 def _made_from(path: str | os.PathLike) -> dict | None:
-    """What an existing engine was exported from (its metadata's source, mode and precision)."""
+    """What an existing engine was exported from: its metadata's source (or expert), mode and
+    precision (a TensorRT engine built in fp16 from an fp32 ONNX counts as fp16)."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".onnx":
@@ -165,8 +283,19 @@ def _made_from(path: str | os.PathLike) -> dict | None:
             meta = read_sidecar(path)
     except ExportError:
         return None
+    trt_fp16 = bool((meta.get("tensorrt") or {}).get("fp16"))
     return {
         "source": meta.get("source"),
+        "expert": meta.get("expert"),
         "mode": meta.mode.value,
-        "fp16": meta.precision.value == "fp16" or bool((meta.get("tensorrt") or {}).get("fp16")),
+        "precision": "fp16" if trt_fp16 else meta.precision.value,
     }
+
+
+def expert_model(layout: RunLayout, task: str, device="cpu") -> tuple[MultiTaskModel, dict]:
+    """One task's expert with its own head, and the metadata that names it."""
+    tasks = layout.tasks()
+    if task not in tasks:
+        raise ConfigError(f"Unknown task {task!r}; the run's tasks are {', '.join(tasks)}.")
+    model = layout.model(layout.expert(task), None, [task], device=device)
+    return model, {"expert": task, "source": {"expert": layout.hashes.digest(layout.expert(task))}}

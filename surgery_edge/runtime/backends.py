@@ -76,6 +76,13 @@ class Backend:
         return feeds
 
 
+def _half_compute(meta: EngineMetadata) -> bool:
+    """Whether the engine computes in fp16: an fp16 engine, or a quantised one whose
+    unquantised layers are fp16."""
+    recipe = (meta.get("quantization") or {}).get("recipe", {})
+    return meta.precision == "fp16" or recipe.get("high_precision") == "fp16"
+
+
 class OnnxBackend(Backend):
     """ONNX Runtime: CPUExecutionProvider, or CUDA (with IO binding) when available.
 
@@ -106,33 +113,38 @@ class OnnxBackend(Backend):
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_id}))
         self._ort, self._providers, self._threads = ort, providers, threads
         try:
-            self.session = self._session(fp16_on_cpu=False)
+            # The metadata first, from an unoptimised CPU session: it decides how to optimise.
+            probe = self._session(
+                ["CPUExecutionProvider"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise ExportError(
                 f"Engine {self.path} is not a readable ONNX model ({_first_line(e)}). It may be "
                 "truncated or corrupt: re-export it with `surgery-edge export`."
             ) from None
-        stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        stored = probe.get_modelmeta().custom_metadata_map.get(META_KEY)
         self.meta = parse_metadata(stored, self.path)
-        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        if self.meta.precision == "fp16" and self.device == "cpu":
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if _half_compute(self.meta) and providers == ["CPUExecutionProvider"]:
             # onnxruntime's CPU fusions (e.g. Transpose+MatMul -> FusedMatMul) strand fp16 nodes
-            # without a CPU kernel; 1.23 even crashes creating the session. Basic
-            # optimisations only: fp16 engines are meant for GPUs anyway.
-            self.session = self._session(fp16_on_cpu=True)
+            # without a CPU kernel; 1.23 and 1.32 even crash (segfault) creating such a
+            # session. Basic optimisations only: fp16 engines (and int8/fp8 ones quantised for
+            # TensorRT, whose other layers are fp16) are meant for GPUs anyway.
+            level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        del probe
+        self.session = self._session(providers, level)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self._outputs = list(self.meta.outputs)  # the order the Predictor reads them in
         if {o.name for o in self.session.get_outputs()} != set(self._outputs):
             raise ExportError(f"Engine {self.path}: its outputs do not match its metadata.")
 
-    def _session(self, fp16_on_cpu: bool):
-        ort = self._ort
-        options = ort.SessionOptions()
+    def _session(self, providers: list, level):
+        options = self._ort.SessionOptions()
         options.log_severity_level = 3
+        options.graph_optimization_level = level
         if self._threads is not None:
             options.intra_op_num_threads = int(self._threads)
-        if fp16_on_cpu:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        return ort.InferenceSession(str(self.path), options, providers=self._providers)
+        return self._ort.InferenceSession(str(self.path), options, providers=providers)
 
     def run(self, images: np.ndarray, task_ids: np.ndarray | None) -> list[np.ndarray]:
         feeds = self.feeds(images, task_ids)

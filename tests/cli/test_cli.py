@@ -20,6 +20,7 @@ COMMANDS = [
     "run",
     "export",
     "predict",
+    "eval-engine",
     "import task-vectors",
     "import open-clip",
     "import hf",

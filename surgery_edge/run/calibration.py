@@ -1,0 +1,87 @@
+"""Calibration data for int8 / fp8 engines: a run's unlabelled adaptation images, per task.
+
+Every task contributes the same number of images, each routed with its own task id, so the
+activation ranges cover every task's path through the adapters; as many others are held out to
+check the quantised engine against the fp32 one. The images are preprocessed by the runtime,
+exactly as a request is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from surgery_edge.data.suite import Suite
+from surgery_edge.engine_format import Preprocessing
+from surgery_edge.errors import ConfigError
+from surgery_edge.export.quantize import Calibration
+from surgery_edge.runtime.preprocess import preprocess
+
+DEFAULT_CALIBRATION_IMAGES = 32  # per task
+
+
+def check_calibration_images(n: int) -> int:
+    """``--calibration-images``: a positive number of images per task."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(
+            f"--calibration-images must be a positive number of images per task, got {n!r}: "
+            "int8 and fp8 engines are calibrated on (and checked against fp32 with) the run's "
+            "adaptation images."
+        )
+    return n
+
+
+def calibration_set(
+    suite: Suite,
+    split: str,
+    tasks: list[str],
+    preprocessing: Preprocessing,
+    per_task: int = DEFAULT_CALIBRATION_IMAGES,
+    seed: int = 0,
+) -> Calibration:
+    """``per_task`` images of ``split`` for every task in ``tasks`` (in task-id order), and as
+    many others held out (fewer when the split is small).
+
+    Args:
+        suite: the run's data.
+        split: ``adapt``, or ``test`` for a transductive run (the unlabelled images surgery
+            learned from; :func:`surgery_edge.run.pipeline.adaptation_split`).
+        tasks: the engine's tasks; task id ``t`` is ``tasks[t]``.
+        preprocessing: the engine's (the runtime applies it).
+        per_task: images per task to calibrate on.
+        seed: which images (a seeded sample).
+
+    Raises:
+        ConfigError: ``per_task`` < 1, or a task has no images in ``split``.
+    """
+    check_calibration_images(per_task)
+    rng = np.random.default_rng(seed)
+    calib: list[tuple[np.ndarray, np.ndarray]] = []
+    check: list[tuple[np.ndarray, np.ndarray]] = []
+    for t, task in enumerate(tasks):
+        data = suite.task(task)
+        pool = data.test_x if split == "test" else data.adapt_x
+        if len(pool) == 0:
+            raise ConfigError(
+                f"Task {task!r} has no adaptation images to calibrate an int8 / fp8 engine on. "
+                "Add an adapt/ (or train/) folder for it, or export in fp32 or fp16."
+            )
+        order = rng.permutation(len(pool))
+        for keep, out in ((order[:per_task], calib), (order[per_task : 2 * per_task], check)):
+            if len(keep):
+                images = preprocess(list(pool[np.sort(keep)]), preprocessing)
+                out.append((images, np.full(len(keep), t, np.int64)))
+    size = preprocessing.image_size
+
+    def stack(parts):
+        if not parts:
+            return np.zeros((0, 3, size, size), np.float32), np.zeros(0, np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    (images, ids), (check_images, check_ids) = stack(calib), stack(check)
+    return Calibration(
+        images,
+        ids,
+        check_images,
+        check_ids,
+        source={"split": split, "per_task": per_task, "seed": seed},
+    )

@@ -1,0 +1,296 @@
+"""INT8 / FP8 engines: recipes, node groups, the per-task tables, the checks before publishing.
+
+The quantised engines of the tiny run come from the demo hook (``engines`` in conftest.py:
+int8 through ONNX Runtime's dynamic quantiser, fp8 through ModelOpt); the rest quantise the
+fp32 engine of that hook directly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from cli_checks import user_error
+from onnx import TensorProto, helper, numpy_helper
+
+from surgery_edge.engine_format import Precision, read_onnx_metadata
+from surgery_edge.errors import ConfigError, ExportError
+from surgery_edge.export import quantize as q
+from surgery_edge.export.quantize import Calibration, Quantizer, QuantRecipe, Target
+from surgery_edge.runtime import load
+
+
+@pytest.fixture(scope="session")
+def calibration(run):
+    from surgery_edge.run.calibration import calibration_set
+
+    return calibration_set(run.suite, "adapt", run.tasks, run.arch.preprocessing, per_task=4)
+
+
+def test_default_recipes_are_the_measured_choices():
+    cpu = q.default_recipe("int8", Target.ONNXRUNTIME)
+    assert cpu.quantizer is Quantizer.ORT_DYNAMIC and cpu.tables == "int8"
+    trt = q.default_recipe("int8", "tensorrt")
+    assert trt.quantizer is Quantizer.MODELOPT and trt.high_precision == "fp16"
+    fp8 = q.default_recipe("fp8", "onnxruntime")
+    assert fp8.quantizer is Quantizer.MODELOPT and fp8.high_precision == "fp32"
+    assert set(fp8.keep) == {"patch_embedding", "attention", "adapters"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"precision": "fp16", "quantizer": "modelopt"}, "not quantised"),
+        ({"precision": "fp8", "quantizer": "ort-dynamic"}, "FP8 engines are made by ModelOpt"),
+        ({"precision": "int8", "quantizer": "modelopt", "keep": ("norms",)}, "Unknown node"),
+        ({"precision": "int8", "quantizer": "modelopt", "tables": "int4"}, "tables must be"),
+        ({"precision": "int8", "quantizer": "tflite"}, "Unknown quantizer 'tflite'"),
+    ],
+)
+def test_bad_recipes_are_refused(kwargs, match):
+    with pytest.raises((ConfigError, ExportError), match=match):
+        QuantRecipe(**kwargs)
+
+
+def test_no_calibration_images_is_refused():
+    empty = np.zeros((0, 3, 16, 16), np.float32)
+    with pytest.raises(ConfigError, match="No calibration images"):
+        Calibration(empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64))
+
+
+def test_calibration_routes_every_task_and_holds_images_out(calibration, run):
+    assert calibration.images.dtype == np.float32
+    assert calibration.images.shape[1:] == (3, run.arch.image_size, run.arch.image_size)
+    # 4 per task to calibrate, 4 others per task held out (the tiny suite has 16 per task)
+    assert np.bincount(calibration.task_ids).tolist() == [4] * len(run.tasks)
+    assert np.bincount(calibration.check_task_ids).tolist() == [4] * len(run.tasks)
+    assert calibration.source["split"] == "adapt"
+
+
+def test_node_groups_of_the_v2_engine(engines, run):
+    path = engines["dir"] / "surgeryv2-routed.onnx"
+    meta = read_onnx_metadata(path)
+    tables = meta["task_tables"]
+    # one head table; a down and an up table at every block and the final site
+    assert len(tables["heads"]) == 1 and len(tables["adapters"]) == 2 * len(run.arch.sites)
+    groups = q.node_groups(onnx.load(str(path)), tables)
+    layers = run.arch.layers
+    assert len(groups["patch_embedding"]) == 1
+    assert len(groups["attention"]) == 2 * layers  # Q.K^T and attention.V per block
+    assert len(groups["adapters"]) == len(tables["adapters"])  # down and up products per site
+    assert len(groups["heads"]) == 1
+    assert len(groups["layernorm"]) >= 2 * layers and len(groups["softmax"]) >= layers
+
+
+def test_v1_engine_records_its_transposed_adapter_tables(engines):
+    tables = read_onnx_metadata(engines["dir"] / "surgery-all-tasks.onnx")["task_tables"]
+    assert len(tables["adapters"]) == 2 and len(tables["heads"]) == 1  # the final site
+
+
+def _table_graph(table: np.ndarray) -> onnx.ModelProto:
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"])
+    out = helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["B", *table.shape[1:]])
+    node = helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)
+    graph = helper.make_graph([node], "g", [ids], [out], [numpy_helper.from_array(table, "table")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp16"])
+def test_tables_are_stored_small_and_read_back_per_row(storage):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    table[1] *= 100.0  # one task's rows far larger: per-row scales keep the others exact
+    table[2, 0] = 0.0  # an all-zero row
+    proto = _table_graph(table)
+    stored, saved = q.store_tables(proto, ["table"], storage)
+    assert stored == ["table"] and saved > 0
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"ids": np.array([0, 1, 2], np.int64)})[0]
+    rows = table.reshape(-1, 7)
+    bound = np.abs(rows).max(axis=1, keepdims=True) / 254 + 1e-7  # half a step of each row
+    if storage == "fp16":
+        bound = np.abs(rows) * 1e-3 + 1e-7
+    assert np.all(np.abs(got.reshape(-1, 7) - rows) <= bound)
+    assert np.array_equal(got[2, 0], np.zeros(7, np.float32))
+
+
+def test_int8_engine_from_the_demo_hook(engines, run):
+    report = engines["report"]["engines"]["surgeryv2-routed"]
+    entry = report["onnx-int8"]
+    assert "error" not in entry, entry
+    path = engines["dir"] / entry["file"]
+    meta = read_onnx_metadata(path)
+    assert meta.precision is Precision.INT8
+    quant = meta["quantization"]
+    assert quant["tool"] == "onnxruntime.quantization.quantize_dynamic"
+    assert quant["recipe"]["quantizer"] == "ort-dynamic"
+    assert quant["quantized_nodes"]["MatMulInteger"] >= 4 * run.arch.layers
+    assert (
+        quant["tables"]["stored"] == meta["task_tables"]["adapters"] + meta["task_tables"]["heads"]
+    )
+    assert quant["check"]["argmax_agreement"] >= q.MIN_AGREEMENT
+    assert quant["calibration"]["split"] == "adapt"
+    assert entry["bytes"] <= 0.6 * report["onnx"]["bytes"]  # micro model; the demo: 0.28
+    assert entry["parity"]["argmax_agreement"] >= 80.0  # against PyTorch, on the test split
+    # served by the runtime like any engine
+    predictor = load(path, device="cpu")
+    answers = predictor.predict(list(run.suite.task(run.tasks[0]).test_x[:3]), task=0)
+    assert all(r.ok for r in answers)
+
+
+def test_fp8_engine_keeps_its_recorded_groups_in_higher_precision(engines):
+    entry = engines["report"]["engines"]["surgeryv2-routed"]["onnx-fp8"]
+    assert "error" not in entry, entry
+    meta = read_onnx_metadata(engines["dir"] / entry["file"])
+    quant = meta["quantization"]
+    assert meta.precision is Precision.FP8 and quant["tool"] == "nvidia-modelopt"
+    assert set(quant["kept_in_higher_precision"]) == {"patch_embedding", "attention", "adapters"}
+    assert quant["recipe"]["calibration_method"] == "entropy"
+    proto = onnx.load(str(engines["dir"] / entry["file"]))
+    fp8 = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN}
+    assert fp8  # weights stored in fp8 beside their DequantizeLinear
+    assert quant["check"]["argmax_agreement"] >= q.MIN_AGREEMENT
+
+
+def test_modelopt_int8_for_tensorrt_is_qdq_with_fp16_elsewhere(engines, calibration, tmp_path):
+    recipe = q.default_recipe("int8", "tensorrt")
+    out = q.quantize_engine(
+        engines["dir"] / "surgeryv2-routed.onnx", tmp_path / "trt.onnx", recipe, calibration
+    )
+    proto = onnx.load(str(out))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
+    assert any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer)
+    assert read_onnx_metadata(out)["quantization"]["recipe"]["high_precision"] == "fp16"
+
+
+def test_a_failed_check_publishes_nothing(engines, calibration, tmp_path, monkeypatch):
+    monkeypatch.setattr(q, "MIN_AGREEMENT", 100.1)  # no engine can pass
+    out = tmp_path / "never.onnx"
+    recipe = q.default_recipe("int8", "onnxruntime")
+    with pytest.raises(ExportError, match="it was not written"):
+        q.quantize_engine(engines["dir"] / "surgeryv2-routed.onnx", out, recipe, calibration)
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary left behind
+
+
+def test_only_fp32_engines_are_quantised(engines, calibration, tmp_path):
+    recipe = q.default_recipe("int8", "onnxruntime")
+    with pytest.raises(ExportError, match="fp16 engine; quantise the fp32 engine"):
+        q.quantize_engine(
+            engines["dir"] / "surgeryv2-routed-fp16.onnx", tmp_path / "x.onnx", recipe, calibration
+        )
+
+
+def test_missing_modelopt_says_what_to_install(engines, calibration, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", None)
+    recipe = q.default_recipe("fp8", "onnxruntime")
+    with pytest.raises(ExportError, match=r"surgery-edge\[quant\]"):
+        q.quantize_engine(
+            engines["dir"] / "surgeryv2-routed.onnx", tmp_path / "x.onnx", recipe, calibration
+        )
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_quantised_engine_must_carry_its_record(engines):
+    from surgery_edge.engine_format import validate_metadata
+
+    meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
+    with pytest.raises(ExportError, match="must record its quantization"):
+        validate_metadata({**meta, "precision": "int8"}, "x.onnx")
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_export_int8_through_the_cli(tiny_run, tmp_path):
+    from surgery_edge.cli.app import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "v2-int8.onnx"
+    args = ["export", "--run", str(tiny_run[0]), "--precision", "int8", "--onnx", str(out)]
+    result = CliRunner().invoke(app, [*args, "--calibration-images", "3"])
+    assert result.exit_code == 0, result.output
+    meta = read_onnx_metadata(out)
+    assert meta.precision is Precision.INT8
+    assert meta["quantization"]["calibration"]["per_task"] == 3
+    assert json.dumps(meta.to_dict())
+
+
+def test_export_single_expert_int8(tiny_run, run):
+    from surgery_edge.cli.app import app
+    from typer.testing import CliRunner
+
+    task = run.tasks[1]
+    args = ["export", "--run", str(tiny_run[0]), "--expert", task, "--precision", "int8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    path = tiny_run[0] / "engines" / f"expert-{task}-int8.onnx"
+    meta = read_onnx_metadata(path)
+    assert list(meta.tasks) == [task] and meta["expert"] == task
+    assert meta.precision is Precision.INT8
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--precision", "int4"], "int4"),
+        (["--precision", "int8", "--calibration-images", "0"], "--calibration-images"),
+        (["--precision", "fp8", "--aoti", "x.pt2"], "AOTInductor packages are fp32 or fp16"),
+        (["--precision", "fp8", "--quantizer", "ort-dynamic"], "FP8 engines are made by"),
+        (["--precision", "int8", "--quantizer", "ort-dynamic", "--trt", "x.engine"], "TensorRT"),
+        (["--expert", "nope"], "Unknown task 'nope'"),
+    ],
+)
+def test_export_bad_precision_input(tiny_run, tmp_path, extra, message):
+    args = ["export", "--run", str(tiny_run[0]), "--onnx", str(tmp_path / "x.onnx"), *extra]
+    output = user_error(args)
+    assert message in output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_int8_without_adaptation_images(tiny_run, tmp_path, monkeypatch):
+    from surgery_edge.run import export as run_export
+
+    real = run_export.prepare_suite
+
+    def without_adaptation_split(run):  # as a folder task with neither adapt/ nor train/
+        suite = real(run)
+        first = suite.tasks[0]
+        first.adapt_x = first.adapt_x[:0]
+        return suite
+
+    monkeypatch.setattr(run_export, "prepare_suite", without_adaptation_split)
+    out = tmp_path / "x.onnx"
+    args = ["export", "--run", str(tiny_run[0]), "--precision", "int8", "--onnx", str(out)]
+    output = user_error(args)
+    assert "no adaptation images" in output and "fp32 or fp16" in output
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- TensorRT's pure parts --------------------------------------------------------------------
+
+
+def test_tensorrt_refuses_what_the_gpu_cannot_build():
+    from surgery_edge.export.tensorrt import precision_support
+
+    assert precision_support("fp8", (9, 0)) is None  # Hopper
+    assert precision_support("int8", (8, 0)) is None  # Ampere
+    ampere = precision_support("fp8", (8, 6), "NVIDIA A10")
+    assert "NVIDIA A10 (compute capability 8.6) cannot build fp8" in ampere and "8.9" in ampere
+    assert "no CUDA GPU" in precision_support("int8", None)
+
+
+def test_quantised_graphs_build_strongly_typed():
+    from types import SimpleNamespace
+
+    from surgery_edge.export.tensorrt import network_flags
+
+    trt = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1))
+    assert network_flags(trt, "int8") == network_flags(trt, "fp8") == 1 << 1
+    assert network_flags(trt, "fp16") == network_flags(trt, "fp32") == 0
