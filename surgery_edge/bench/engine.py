@@ -463,7 +463,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--paths", nargs="+", choices=PATHS, help=_default_help("paths"))
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
-    p.add_argument("--tasks", type=_positive, default=8)
+    p.add_argument("--num-tasks", type=_positive, default=8, help="tasks per engine (default 8)")
+    p.add_argument("--tasks", type=_positive, dest="num_tasks", help=argparse.SUPPRESS)  # 0.1
     p.add_argument("--rank", type=_positive, default=16)
     p.add_argument(
         "--rank-v2",
@@ -527,11 +528,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="folder for the JSON, Markdown and plots (default: benchmarks/results/engine)",
     )
     p.add_argument(
-        "--merge",
+        "--append",
         action="store_true",
         help="keep the rows of an earlier engine-<arch>.json in --out that this run does not "
         "measure (split a sweep over several commands)",
     )
+    p.add_argument("--merge", action="store_true", dest="append", help=argparse.SUPPRESS)  # 0.1
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed paths")
     return p
@@ -554,7 +556,7 @@ def config_from_args(args: argparse.Namespace) -> EngineBenchConfig:
         paths=tuple(given("paths")),
         device=args.device,
         dtype=args.dtype or ("fp16" if cuda else "fp32"),
-        num_tasks=args.tasks,
+        num_tasks=args.num_tasks,
         rank=args.rank,
         rank_v2=args.rank_v2,
         rounds=given("rounds"),
@@ -585,7 +587,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[Eng
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     command = command_line(argv, prog or f"{__name__}.main")
-    previous = Previous.read(args.out, config) if args.merge else Previous()
+    previous = Previous.read(args.out, config) if args.append else Previous()
     log = partial(print, file=sys.stderr, flush=True)
     rates = measure_rates(config.device, DTYPES[config.resolved_dtype()])
     write = partial(

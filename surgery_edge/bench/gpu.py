@@ -85,7 +85,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
     s = str(scratch)
     b32, l14 = ("micro-vit-16", "tiny-vit-32") if dry_run else ("ViT-B-32", "ViT-L-14")
     if dry_run:
-        engine_common = ["--device", "cpu", "--tasks", "2", "--rounds", "2"]
+        engine_common = ["--device", "cpu", "--num-tasks", "2", "--rounds", "2"]
         engine_common += ["--block-seconds", "0.002", "--no-plots", "--memory-jobs", "2"]
         fast = ["--paths", "eager", "fused", "cuda-graph", "tensorrt", "--time-interpreter"]
         b32_batches, l14_batches = ["--batches", "2"], ["--batches", "1"]
@@ -112,8 +112,8 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         training += ["--steps", "40", "--warmup", "5", "--device", "cuda"]
     # the compile passes add their rows to the files of the passes before; memory is measured
     # there already
-    b32_compile = ["--paths", "compile", *b32_compile, "--memory-paths", "--merge"]
-    l14_compile = ["--paths", "compile", *l14_compile, "--memory-paths", "--merge"]
+    b32_compile = ["--paths", "compile", *b32_compile, "--memory-paths", "--append"]
+    l14_compile = ["--paths", "compile", *l14_compile, "--memory-paths", "--append"]
 
     def engine(arch: str, batches: list[str], extra: list[str]) -> tuple[str, ...]:
         return ("benchmarks/bench_engine.py", *engine_common, "--archs", arch, *batches, *extra)

@@ -29,7 +29,7 @@ import torch
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.flops import task_classes
 from surgery_edge.bench.report import command_line, fmt, table, write_record
-from surgery_edge.bench.timing import measure
+from surgery_edge.bench.timing import TIMER, Contestant, interleaved
 from surgery_edge.evaluation.report import pyplot
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.io import atomic_path
@@ -58,9 +58,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=40, help="timed calls per engine, all rounds")
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds over the engines")
-    p.add_argument("--max-seconds", type=float, default=4.0, help="time budget per engine")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=4.0,
+        help="time per engine over all rounds (each round: a torch.utils.benchmark block)",
+    )
     p.add_argument("--out", type=Path, help="folder for the JSON, Markdown and plot")
     return p
 
@@ -101,18 +105,20 @@ class _Timer:
         return self._experts[classes]
 
     def medians(self, calls: dict[Any, Any]) -> dict[Any, float]:
-        """Median ms of every call, timed round by round (``--rounds``), interleaved."""
+        """Median ms of every call over ``--rounds`` interleaved rounds (the library's
+        :func:`~surgery_edge.bench.timing.interleaved`), each round at least
+        ``--max-seconds / --rounds`` per call."""
         a = self.args
-        per_round = max(1, a.iters // a.rounds)
-        budget = a.max_seconds / a.rounds
-        ms: dict[Any, list[float]] = {key: [] for key in calls}
-        for _ in range(a.rounds):
-            for key, fn in calls.items():
-                samples = measure(
-                    fn, self.cpu, a.warmup, per_round, min_iters=2, max_seconds=budget
-                )
-                ms[key] += samples.ms
-        return {key: float(np.median(v)) for key, v in ms.items()}
+        for fn in calls.values():  # warm: the first call of an ONNX Runtime session is slow
+            for _ in range(max(1, a.warmup)):
+                fn()
+        threads = torch.get_num_threads()
+        contestants = [Contestant(key, fn, threads) for key, fn in calls.items()]
+        done, failed = interleaved(contestants, self.cpu, a.rounds, a.max_seconds / a.rounds)
+        if failed:
+            key, error = next(iter(failed.items()))
+            raise RuntimeError(f"timing {key} failed: {error}") from error
+        return {key: done[key].median for key in calls}
 
 
 def measure_tasks(timer: _Timer, T: int) -> dict[str, Any]:
@@ -175,8 +181,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     counts = sorted({int(t) for t in args.tasks.split(",")})
     if not counts or counts[0] < 1 or args.batch < max(counts):
         raise SystemExit(f"--tasks must be positive and at most --batch ({args.batch})")
-    if args.rounds < 1 or args.iters < 1:
-        raise SystemExit("--rounds and --iters must be at least 1")
+    if args.rounds < 1 or args.max_seconds <= 0:
+        raise SystemExit("--rounds must be at least 1 and --max-seconds above 0")
     torch.set_num_threads(max(1, args.threads))
     load_before, start = _loadavg(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +206,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "rank": args.rank,
         "onnxruntime_threads": args.threads,
         "weights": "random (cost only)",
-        "timer": f"perf_counter, median per call over {args.rounds} interleaved rounds",
+        "timer": f"{TIMER}, median per call over {args.rounds} interleaved rounds",
         "command": command_line(argv, prog or f"{__name__}.main"),
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),

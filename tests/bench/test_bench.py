@@ -328,7 +328,7 @@ def test_merge_reads_the_stored_cpu_results(results, tmp_path):
 
 
 def test_bench_quick_through_the_cli(tmp_path):
-    args = ["bench", "--quick", "--device", "cpu", "--tasks", "2", "--threads", "2"]
+    args = ["bench", "--quick", "--device", "cpu", "--num-tasks", "2", "--threads", "2"]
     args += ["--configs", "experts", "experts-concurrent", "one-expert", "surgeryv2"]
     args += ["--memory-paths", "eager", "onnxruntime", "--memory-configs", "one-expert"]
     args += ["--out", str(tmp_path)]
@@ -379,7 +379,7 @@ def test_bench_help_lists_the_benchmark_options():
     r = CliRunner().invoke(app, ["bench", "--help"])
     assert r.exit_code == 0, r.output
     assert "usage: surgery-edge bench" in r.output
-    for option in ("--quick", "--archs", "--batches", "--paths", "--merge", "--out", "--rounds"):
+    for option in ("--quick", "--archs", "--batches", "--paths", "--append", "--out", "--rounds"):
         assert option in r.output
     for option in ("--budget-s", "--memory-paths", "--threads"):
         assert option in r.output
@@ -407,3 +407,12 @@ def test_importing_the_benchmarks_is_lean():
         "assert not torch.cuda.is_initialized()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_old_option_names_still_parse_for_one_release():
+    from surgery_edge.bench.engine import build_parser
+
+    old = build_parser().parse_args(["--merge", "--tasks", "3"])
+    new = build_parser().parse_args(["--append", "--num-tasks", "3"])
+    assert (old.append, old.num_tasks) == (new.append, new.num_tasks) == (True, 3)
+    assert "--merge" not in build_parser().format_help()  # hidden: --append is the name

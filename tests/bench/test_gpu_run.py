@@ -85,7 +85,7 @@ def test_the_dry_run_exercises_every_path_of_the_engine_steps(dry_run):
     assert status[("experts", "all-tasks", "cuda-graph")] == "unavailable"
     fused = [r for r in rows if r["path"] == "fused" and r["status"] == "ok"]
     assert all(r["max_abs_err_vs_eager"] < 1e-4 for r in fused)
-    assert [run["command"].count("--merge") for run in record["runs"]] == [0, 1]
+    assert [run["command"].count("--append") for run in record["runs"]] == [0, 1]
     memory = [r for r in rows if r["peak_mem_bytes"] is not None]
     assert memory and {r["config"] for r in memory} == {"experts"}
     kernels = json.loads((out / "kernels.json").read_text())
@@ -115,7 +115,7 @@ def test_the_gpu_plan_is_the_issue_17_run():
         fast, compiled = " ".join(steps[name].args), " ".join(steps[f"{name}-compile"].args)
         assert f"--archs {arch}" in fast and "--dtype fp16" in fast and "--device cuda" in fast
         assert "--paths eager fused cuda-graph" in fast and "--configs" not in fast  # all
-        assert "--paths compile" in compiled and "--merge" in compiled
+        assert "--paths compile" in compiled and "--append" in compiled
         assert steps[name].products == steps[f"{name}-compile"].products
     training = " ".join(steps["training"].args)
     assert "--arch ViT-B-32" in training and "--tasks 8" in training

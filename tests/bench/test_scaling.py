@@ -11,7 +11,7 @@ from surgery_edge.bench import scaling
 
 def test_scaling_records_every_engine_against_separate_experts(tmp_path):
     argv = ["--arch", "micro-vit-16", "--tasks", "2", "--batch", "4", "--rank", "4"]
-    argv += ["--warmup", "1", "--iters", "2", "--rounds", "2", "--out", str(tmp_path)]
+    argv += ["--warmup", "1", "--max-seconds", "0.1", "--rounds", "2", "--out", str(tmp_path)]
     record = scaling.main(argv, prog="bench_scaling")
     saved = json.loads((tmp_path / "scaling-micro-vit-16.json").read_text())
     assert saved["results"] == record["results"] and saved["command"].startswith("bench_scaling")
