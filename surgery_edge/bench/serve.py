@@ -60,7 +60,7 @@ import numpy as np
 
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.report import command_line, fmt, table, write_record
-from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build
+from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
 from surgery_edge.engine_format import EngineMetadata, EngineMode, read_onnx_metadata
 from surgery_edge.errors import ConfigError
 from surgery_edge.io import write_text_atomic
@@ -159,7 +159,7 @@ def build_engines(
         log(f"exporting {path.name} ({config.arch}, random weights)")
         if name in plans:
             method, mode = plans[name]
-            model = build(parts, method, config.rank, cpu, torch.float32)
+            model = build_engine_model(parts, method, config.rank, cpu, torch.float32)
         else:  # one expert: its own encoder and head, answering its one task
             t = parts.tasks.index(name.removeprefix("expert-"))
             encoder = copy.deepcopy(parts.encoder)
