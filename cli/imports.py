@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from surgery_edge.cli.common import parse_pairs, say, user_errors
+from surgery_edge.cli.common import Json, parse_pairs, say, user_errors
 
 from surgery_edge.errors import ConfigError
-from surgery_edge.io import safe_name, write_json_atomic
+from surgery_edge.io import printable, safe_name, write_json_atomic
 
 
 @user_errors
@@ -25,14 +26,26 @@ def import_task_vectors(
     ] = False,
     task: Annotated[list[str] | None, typer.Option(help="Import only these tasks.")] = None,
     overwrite: bool = False,
+    json_out: Json = False,
 ):
     """Convert the task_vectors / AdaMerging layout (pickled ImageEncoder / heads)."""
     from surgery_edge.models.convert import import_task_vectors as run_import  # deferred: torch
 
-    summary = run_import(root, model, out, trust_pickle, tasks=task, overwrite=overwrite, log=say)
+    log = _log(json_out)
+    summary = run_import(root, model, out, trust_pickle, tasks=task, overwrite=overwrite, log=log)
+    if json_out:
+        typer.echo(json.dumps({"checkpoints": str(out), **summary.to_dict()}, indent=2))
+        return
     for note in summary.to_dict().get("notes", []):
         say(f"note: {note}")
     say(f"checkpoints: {out}")
+
+
+def _log(json_out: bool):
+    """Progress lines: on stdout, or on stderr when stdout carries the JSON result."""
+    if not json_out:
+        return say
+    return lambda text: typer.echo(printable(text, keep_newlines=False), err=True)
 
 
 def _paths(values: list[str] | None, option: str) -> dict[str, Path]:
@@ -42,7 +55,16 @@ def _paths(values: list[str] | None, option: str) -> dict[str, Path]:
 
 
 def _import_weights(
-    fmt: str, model, pretrained, expert, out, clip_weights, classes, trust_pickle, overwrite
+    fmt: str,
+    model,
+    pretrained,
+    expert,
+    out,
+    clip_weights,
+    classes,
+    trust_pickle,
+    overwrite,
+    json_out=False,
 ):
     # deferred: these import torch
     from surgery_edge.data.disk import load_class_names
@@ -75,19 +97,20 @@ def _import_weights(
         trust_pickle=trust_pickle,
         clip_weights=clip_weights,
         class_names={t: names[t] for t in experts},
-        log=say,
+        log=_log(json_out),
     )
-    write_json_atomic(
-        out / "import.json",
-        {
-            "format": fmt,
-            "pretrained": str(pretrained),
-            "experts": {t: str(p) for t, p in experts.items()},
-            "heads": f"zero-shot from {clip_weights}",
-            "arch": arch.to_dict(),
-        },
-    )
-    say(f"checkpoints: {out} ({arch.name})")
+    record = {
+        "format": fmt,
+        "pretrained": str(pretrained),
+        "experts": {t: str(p) for t, p in experts.items()},
+        "heads": f"zero-shot from {clip_weights}",
+        "arch": arch.to_dict(),
+    }
+    write_json_atomic(out / "import.json", record)
+    if json_out:
+        typer.echo(json.dumps({"checkpoints": str(out), **record}, indent=2))
+    else:
+        say(f"checkpoints: {out} ({arch.name})")
 
 
 Experts = Annotated[
@@ -115,10 +138,20 @@ def import_open_clip(
     classes: Classes = None,
     trust_pickle: bool = False,
     overwrite: bool = False,
+    json_out: Json = False,
 ):
     """Convert open_clip state dicts (.pt / .safetensors) and build zero-shot heads."""
     _import_weights(
-        "open_clip", model, pretrained, expert, out, clip_weights, classes, trust_pickle, overwrite
+        "open_clip",
+        model,
+        pretrained,
+        expert,
+        out,
+        clip_weights,
+        classes,
+        trust_pickle,
+        overwrite,
+        json_out,
     )
 
 
@@ -131,6 +164,9 @@ def import_hf(
     clip_weights: ClipWeights,
     classes: Classes = None,
     overwrite: bool = False,
+    json_out: Json = False,
 ):
     """Convert Hugging Face CLIP vision experts (e.g. FusionBench's) and build zero-shot heads."""
-    _import_weights("hf", model, pretrained, expert, out, clip_weights, classes, False, overwrite)
+    _import_weights(
+        "hf", model, pretrained, expert, out, clip_weights, classes, False, overwrite, json_out
+    )

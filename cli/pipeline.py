@@ -9,6 +9,7 @@ import typer
 from surgery_edge.cli import launch
 from surgery_edge.cli.common import (
     Device,
+    Json,
     NProc,
     Overwrite,
     RunDir,
@@ -183,17 +184,29 @@ def train(
 def evaluate(
     run_dir: RunDir,
     device: Device = None,
+    json_out: Json = False,
 ):
-    """Evaluate everything in the run (experts, merges, surgeries) into report.json/.md."""
+    """Evaluate everything in the run (experts, merges, surgeries) into report.json/.md.
+
+    The exported engines' table is kept when the run's engines are up to date (made from its
+    current merge, adapters and experts); --json prints report.json's content.
+    """
     from surgery_edge.evaluation.report import write_report  # deferred: matplotlib
+    from surgery_edge.run.engines import cached_engines  # deferred: torch
     from surgery_edge.run.pipeline import Run, evaluate, report_dict  # deferred: torch
 
     run = Run.open(run_dir, device=device, write=True)
     run.require_experts()
     run.find_merges()
     run.find_adapters()
-    paths = write_report(run.out, report_dict(run, evaluate(run)))
-    say(f"report: {paths['md']}")
+    report = report_dict(run, evaluate(run))
+    engines = cached_engines(run)
+    report["engines"] = engines or {"skipped": "no up-to-date exported engines in the run"}
+    paths = write_report(run.out, report)
+    if json_out:
+        typer.echo(paths["json"].read_text())
+    else:
+        say(f"report: {paths['md']}")
 
 
 @user_errors

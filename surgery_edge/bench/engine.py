@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import json
 import sys
 import tempfile
 import time
@@ -535,6 +536,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--merge", action="store_true", dest="append", help=argparse.SUPPRESS)  # 0.1
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the written records (JSON) on stdout instead of their paths",
+    )
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed paths")
     return p
 
@@ -604,6 +610,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[Eng
         log(f"interrupted: the groups measured so far are in {args.out}")
         raise SystemExit(130) from None
     plots = not (args.no_plots or args.quick)
-    written = write(results, plots=plots, complete=True, quiet=False)
-    print("written: " + ", ".join(str(p) for p in written))
+    written = write(results, plots=plots, complete=True, quiet=args.json)
+    if args.json:
+        records = [json.loads(Path(p).read_text()) for p in written if Path(p).suffix == ".json"]
+        print(json.dumps({"written": [str(p) for p in written], "records": records}, indent=2))
+    else:
+        print("written: " + ", ".join(str(p) for p in written))
     return results

@@ -41,6 +41,7 @@ from PIL import Image
 from surgery_edge.data.suite import TaskData
 from surgery_edge.errors import ConfigError, DataError
 from surgery_edge.io import atomic_path
+from surgery_edge.progress import progress_bar
 from surgery_edge.runtime.inputs import IMAGE_EXTENSIONS
 from surgery_edge.runtime.preprocess import resize_crop
 
@@ -585,13 +586,17 @@ class _Loader:
             ThreadPoolExecutor(self.workers) as pool,
         ):
             f.write(_npy_header((len(split.items), size, size, 3)))
-            for begin in range(0, len(split.items), chunk):
-                for image, label in pool.map(decode, split.items[begin : begin + chunk]):
-                    if image is None:
-                        failures.append(label)
-                    else:
-                        f.write(image.tobytes())
-                        labels.append(label)
+            bar_name = f"decode {self.task.name} {split.name}"
+            with progress_bar(len(split.items), bar_name) as bar:
+                for begin in range(0, len(split.items), chunk):
+                    batch = split.items[begin : begin + chunk]
+                    for image, label in pool.map(decode, batch):
+                        if image is None:
+                            failures.append(label)
+                        else:
+                            f.write(image.tobytes())
+                            labels.append(label)
+                    bar.advance(len(batch))
             if not labels:
                 raise DataError(
                     f"Task {self.task.name!r}: none of the {len(split.items)} images of "

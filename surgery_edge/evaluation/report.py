@@ -160,8 +160,19 @@ def pyplot():
     return plt
 
 
+def _variant(surgery: str) -> str:
+    """``merged`` for no surgery, else ``w/ <label>`` (the legend's names)."""
+    known = SURGERY_METHODS.get(surgery)
+    return "merged" if surgery == NONE else f"w/ {known.label if known else surgery}"
+
+
 def plot_accuracy(report: dict, path: Path) -> Path:
-    """One panel per merge method: merged / w/ Surgery / w/ SurgeryV2 per task, experts marked."""
+    """One panel per merge method: merged / w/ Surgery / w/ SurgeryV2 per task, experts marked.
+
+    Every panel is titled with its merge and its y axis is the accuracy in %; one legend for the
+    whole figure sits below the panels (the averages are in each panel's title), so no bar is
+    hidden behind it.
+    """
     plt = pyplot()
 
     tasks, rows = report["tasks"], report["results"]
@@ -170,63 +181,118 @@ def plot_accuracy(report: dict, path: Path) -> Path:
         m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("individual", "pretrained")
     ]
     variants = [s for s in (NONE, *SURGERY_METHODS) if any((m, s) in by for m in merges)]
+    labels = {s: _variant(s) for s in variants}
+    colours = dict(zip(variants, ("tab:gray", "tab:orange", "tab:green", "tab:blue")))
     fig, axes = plt.subplots(
         len(merges),
         1,
-        figsize=(max(7, 1.1 * len(tasks)), 2.1 * len(merges)),
+        figsize=(max(8, 1.2 * len(tasks)), 2.3 * len(merges) + 1.0),
         sharex=True,
         squeeze=False,
     )
     x, width = np.arange(len(tasks)), 0.8 / max(1, len(variants))
-    experts = by.get(("individual", "none"))
+    experts = by.get(("individual", NONE))
     for ax, merge in zip(axes[:, 0], merges):
+        averages = []
         for i, s in enumerate(variants):
             r = by.get((merge, s))
-            if r is not None:
-                ax.bar(
-                    x + (i - (len(variants) - 1) / 2) * width,
-                    [r["per_task"][t] for t in tasks],
-                    width,
-                    label=f"{row_name('merged', s)} ({r['avg']:.1f})",
-                )
+            if r is None:
+                continue
+            ax.bar(
+                x + (i - (len(variants) - 1) / 2) * width,
+                [r["per_task"][t] for t in tasks],
+                width,
+                color=colours[s],
+                label=labels[s],
+            )
+            averages.append(f"{labels[s]} {r['avg']:.1f}")
         if experts:
             ax.scatter(
                 x,
                 [experts["per_task"][t] for t in tasks],
                 marker="_",
-                s=300,
+                s=400,
+                linewidths=2,
                 c="k",
-                label=f"experts ({experts['avg']:.1f})",
+                label="experts (one model per task)",
                 zorder=3,
             )
-        ax.set_ylim(0, 118)
+            averages.append(f"experts {experts['avg']:.1f}")
+        ax.set_title(f"{merge}: average " + ", ".join(averages), fontsize=9, loc="left")
+        ax.set_ylim(0, 105)
         ax.set_yticks([0, 25, 50, 75, 100])
-        ax.set_ylabel(merge, fontsize=8)
-        ax.legend(fontsize=6, ncol=4, loc="upper left", frameon=False)
-    axes[-1, 0].set_xticks(x, tasks, rotation=20)
-    fig.suptitle("Test accuracy (%) per task: each merge, before and after surgery")
-    fig.tight_layout()
+        ax.set_ylabel("accuracy (%)", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[-1, 0].set_xticks(x, tasks, rotation=20, fontsize=9)
+    axes[-1, 0].set_xlabel("task (test split)", fontsize=9)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+    fig.suptitle("Test accuracy per task: each merge, before and after surgery", fontsize=11)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
     _save_fig(fig, path)
     plt.close(fig)
     return path
 
 
+def _coinciding(a: dict[str, float], b: dict[str, float]) -> list[str]:
+    """The sites where two bias curves are equal (to plotting precision)."""
+    return [site for site in a if site in b and abs(a[site] - b[site]) <= 1e-6 * (1 + abs(a[site]))]
+
+
 def plot_bias(report: dict, path: Path) -> Path:
+    """Representation bias per site, one panel per merge. A curve that lies on the merged one
+    (V1 corrects only the final feature, so it equals the merge at every block) is said so in
+    the caption, and the merged curve is drawn wide underneath so that both stay visible."""
     plt = pyplot()
 
     bias = report["representation_bias"]
     merges = list(bias)
+    palette = iter(("tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:red"))
+    colours: dict[str, str] = {}
     fig, axes = plt.subplots(
-        1, len(merges), figsize=(3.2 * len(merges), 3.2), sharey=True, squeeze=False
+        1, len(merges), figsize=(3.3 * len(merges), 4.2), sharey=True, squeeze=False
     )
+    notes: dict[str, set[str]] = {}
     for ax, merge in zip(axes[0], merges):
-        for s, vals in bias[merge].items():
-            ax.plot(list(vals), list(vals.values()), marker="o", label=s)
+        curves = bias[merge]
+        base = curves.get(NONE)
+        for s, vals in curves.items():
+            sites, values = list(vals), list(vals.values())
+            if s == NONE:
+                ax.plot(sites, values, color="tab:gray", linewidth=5, alpha=0.45, marker="o",
+                        markersize=9, label=_variant(s), zorder=1)  # fmt: skip
+                continue
+            colour = colours.setdefault(s, next(palette, "k"))
+            ax.plot(sites, values, color=colour, linestyle="--", marker="s", markersize=5,
+                    label=_variant(s), zorder=2)  # fmt: skip
+            same = _coinciding(vals, base) if base is not None else []
+            if same:
+                notes.setdefault(s, set()).add(
+                    same[0] if len(same) == 1 else f"{same[0]} to {same[-1]}"
+                )
         ax.set_title(merge, fontsize=9)
-        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-    axes[0][0].set_ylabel("L1 distance to experts")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Representation bias per layer, before and after surgery")
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        ax.set_xlabel("site (block output, final feature)", fontsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("mean L1 distance to the experts", fontsize=9)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+    caption = []
+    for s, where in notes.items():
+        method = SURGERY_METHODS.get(s)
+        why = "" if method is None or method.every_block else " (it corrects only the final site)"
+        caption.append(
+            f"{_variant(s)} equals merged at {' / '.join(sorted(where))}{why}: "
+            "its dashed curve lies on the wide grey one there."
+        )
+    if caption:
+        fig.text(0.5, 0.09, "\n".join(caption), ha="center", fontsize=8, style="italic")
+    fig.suptitle(
+        "Representation bias per site, before and after surgery (lower is closer to the experts)",
+        fontsize=11,
+    )
+    bottom = (0.45 + 0.2 * len(caption) + 0.1) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     _save_fig(fig, path)
     plt.close(fig)
     return path

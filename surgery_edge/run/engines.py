@@ -30,6 +30,7 @@ from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.parity import check_forward
 from surgery_edge.export.quantize import Target, default_recipe, quantize_engine
 from surgery_edge.io import fingerprint, write_json_atomic
+from surgery_edge.progress import progress_bar
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
 from surgery_edge.surgery.model import MultiTaskModel
 
@@ -98,71 +99,78 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
         "engines": {},
     }
     expert_bytes: dict[str, int] = {}
-    for name, method, mode, precisions in PLANS:
-        if method is None:
-            model, task = _single_expert_model(run)
-            extra: dict[str, Any] = {"expert": task}
-            rows = task_ids == 0
-            ids, eval_images = task_ids[rows], images[rows]
-        else:
-            model, extra = run.layout.export_model(MERGE, method, device="cpu")
-            ids, eval_images = (task_ids if mode is EngineMode.ROUTED else None), images
-        source = {k: extra[k] for k in ("merge", "expert") if k in extra}
-        engine: dict[str, Any] = {"method": method or "none", "mode": mode.value, **source}
-        reference = accuracy_on(model, data, "cpu")
-        calibration = None
-        for precision in map(Precision.parse, precisions):
-            key = artefact_key(precision.value)
-            path = out / f"{name}{'' if precision is Precision.FP32 else f'-{precision}'}.onnx"
-            t0 = time.perf_counter()
-            if not precision.quantized:
-                export_onnx(model, path, mode, precision is Precision.FP16, metadata=extra)
-            else:  # no adaptation images, a missing quantisation extra or a failed check
-                try:  # is recorded, not fatal
-                    if calibration is None:
-                        calibration = calibration_set(
-                            run.suite,
-                            split,
-                            model.tasks,
-                            run.arch.preprocessing,
-                            DEFAULT_CALIBRATION_IMAGES,
-                            run.config.seed,
+    steps = sum(len(p) + (1 if aoti and m is not None else 0) for _, m, _, p in PLANS)
+    with progress_bar(steps, "export, parity, evaluation") as bar:
+        for name, method, mode, precisions in PLANS:
+            if method is None:
+                model, task = _single_expert_model(run)
+                extra: dict[str, Any] = {"expert": task}
+                rows = task_ids == 0
+                ids, eval_images = task_ids[rows], images[rows]
+            else:
+                model, extra = run.layout.export_model(MERGE, method, device="cpu")
+                ids, eval_images = (task_ids if mode is EngineMode.ROUTED else None), images
+            source = {k: extra[k] for k in ("merge", "expert") if k in extra}
+            engine: dict[str, Any] = {"method": method or "none", "mode": mode.value, **source}
+            reference = accuracy_on(model, data, "cpu")
+            calibration = None
+            for precision in map(Precision.parse, precisions):
+                key = artefact_key(precision.value)
+                path = out / f"{name}{'' if precision is Precision.FP32 else f'-{precision}'}.onnx"
+                t0 = time.perf_counter()
+                if not precision.quantized:
+                    export_onnx(model, path, mode, precision is Precision.FP16, metadata=extra)
+                else:  # no adaptation images, a missing quantisation extra or a failed check
+                    try:  # is recorded, not fatal
+                        if calibration is None:
+                            calibration = calibration_set(
+                                run.suite,
+                                split,
+                                model.tasks,
+                                run.arch.preprocessing,
+                                DEFAULT_CALIBRATION_IMAGES,
+                                run.config.seed,
+                            )
+                        recipe = default_recipe(precision, Target.ONNXRUNTIME)
+                        # from the fp32 engine just exported (and checked against PyTorch)
+                        quantize_engine(out / engine["onnx"]["file"], path, recipe, calibration)
+                    except (ConfigError, ExportError) as e:
+                        engine[key] = {"error": str(e)}
+                        bar.advance(engine=path.name)
+                        continue
+                entry = _describe(path, t0)
+                entry["parity"] = check_forward(model, path, eval_images, ids).to_dict()
+                entry["evaluation"] = engine_report(path, data, reference)
+                engine[key] = entry
+                bar.advance(engine=path.name)
+            if method is None:
+                expert_bytes = {k: v["bytes"] for k, v in engine.items() if _ok(v)}
+                result["single_expert"] = {"task": extra["expert"], **engine["onnx"]}
+            else:
+                for key, entry in engine.items():
+                    if not _ok(entry):
+                        continue
+                    single = expert_bytes.get("onnx")
+                    same = expert_bytes.get(key)
+                    if single:
+                        entry["bytes_vs_single_expert"] = round(entry["bytes"] / single, 3)
+                        entry["bytes_vs_all_experts"] = round(
+                            entry["bytes"] / (single * len(run.tasks)), 3
                         )
-                    recipe = default_recipe(precision, Target.ONNXRUNTIME)
-                    # from the fp32 engine just exported (and checked against PyTorch)
-                    quantize_engine(out / engine["onnx"]["file"], path, recipe, calibration)
-                except (ConfigError, ExportError) as e:
-                    engine[key] = {"error": str(e)}
-                    continue
-            entry = _describe(path, t0)
-            entry["parity"] = check_forward(model, path, eval_images, ids).to_dict()
-            entry["evaluation"] = engine_report(path, data, reference)
-            engine[key] = entry
-        if method is None:
-            expert_bytes = {k: v["bytes"] for k, v in engine.items() if _ok(v)}
-            result["single_expert"] = {"task": extra["expert"], **engine["onnx"]}
-        else:
-            for key, entry in engine.items():
-                if not _ok(entry):
-                    continue
-                single = expert_bytes.get("onnx")
-                same = expert_bytes.get(key)
-                if single:
-                    entry["bytes_vs_single_expert"] = round(entry["bytes"] / single, 3)
-                    entry["bytes_vs_all_experts"] = round(
-                        entry["bytes"] / (single * len(run.tasks)), 3
+                    if same:
+                        entry["bytes_vs_expert_same_precision"] = round(entry["bytes"] / same, 3)
+            if aoti and method is not None:
+                t0 = time.perf_counter()
+                try:
+                    path = export_aoti(
+                        model, out / f"{name}.pt2", mode, metadata=extra, device="cpu"
                     )
-                if same:
-                    entry["bytes_vs_expert_same_precision"] = round(entry["bytes"] / same, 3)
-        if aoti and method is not None:
-            t0 = time.perf_counter()
-            try:
-                path = export_aoti(model, out / f"{name}.pt2", mode, metadata=extra, device="cpu")
-                engine["pt2"] = _describe(path, t0)
-                engine["pt2"]["parity"] = check_forward(model, path, images, ids).to_dict()
-            except ExportError as e:
-                engine["pt2"] = {"error": str(e)}
-        result["engines"][name] = engine
+                    engine["pt2"] = _describe(path, t0)
+                    engine["pt2"]["parity"] = check_forward(model, path, images, ids).to_dict()
+                except ExportError as e:
+                    engine["pt2"] = {"error": str(e)}
+                bar.advance(engine=f"{name}.pt2")
+            result["engines"][name] = engine
     return result
 
 
@@ -208,30 +216,49 @@ def export_engines(run: Run) -> dict:
     Reuses ``engines/summary.json`` when the merged model, adapters and experts are unchanged
     (by content) and every engine it lists is still there, unchanged (by content hash).
     """
-    methods = [m for _, m, _, _ in PLANS if m is not None]
-    needed = [run.merged.get(MERGE)] + [run.adapters.get((MERGE, m)) for m in methods]
-    if any(p is None for p in needed):
+    fp = _fingerprint(run)
+    if fp is None:
         return {"skipped": "needs the task_arithmetic merge with both surgery methods"}
-    plan = [(n, m, str(mode), list(p)) for n, m, mode, p in PLANS]
-    fp = fingerprint(
-        *(run.hashes.digest(p) for p in needed), run.experts.fingerprint(run.hashes), plan
-    )
+    cached = cached_engines(run, fp)
+    if cached is not None:
+        run.log("reusing exported engines")
+        return cached
     folder = run.layout.engines
     summary = folder / "summary.json"
-    if summary.is_file():
-        try:
-            cached = json.loads(summary.read_text())
-        except (OSError, ValueError):
-            cached = {}
-        if isinstance(cached, dict) and cached.get("fingerprint") == fp and _intact(run, cached):
-            run.log("reusing exported engines")
-            return cached
     with run.stage("export"):
         result = export_and_check(run, folder)
     result["fingerprint"] = fp
     result["sha256"] = {f: run.hashes.digest(folder / f) for f in _files(result)}
     write_json_atomic(summary, result)
     return result
+
+
+def _fingerprint(run: Run) -> str | None:
+    """What the export stage's engines are made from (None: the run lacks a part of it)."""
+    methods = [m for _, m, _, _ in PLANS if m is not None]
+    needed = [run.merged.get(MERGE)] + [run.adapters.get((MERGE, m)) for m in methods]
+    if any(p is None for p in needed):
+        return None
+    plan = [(n, m, str(mode), list(p)) for n, m, mode, p in PLANS]
+    return fingerprint(
+        *(run.hashes.digest(p) for p in needed), run.experts.fingerprint(run.hashes), plan
+    )
+
+
+def cached_engines(run: Run, fp: str | None = None) -> dict | None:
+    """The export stage's ``engines/summary.json`` when it is up to date: made from the run's
+    current merge, adapters and experts, and every engine it lists unchanged. Else None."""
+    fp = fp or _fingerprint(run)
+    summary = run.layout.engines / "summary.json"
+    if fp is None or not summary.is_file():
+        return None
+    try:
+        cached = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(cached, dict) and cached.get("fingerprint") == fp and _intact(run, cached):
+        return cached
+    return None
 
 
 def _files(result: Any) -> list[str]:

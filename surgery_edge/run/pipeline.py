@@ -33,7 +33,7 @@ from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
 from surgery_edge.evaluation.bias import representation_bias
 from surgery_edge.evaluation.published import beside, published_table
-from surgery_edge.evaluation.report import write_report
+from surgery_edge.evaluation.report import row_name, write_report
 from surgery_edge.io import HashCache, check_output, fingerprint, safe_name, write_json_atomic
 from surgery_edge.merging import AdaMergingContext
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
@@ -544,13 +544,21 @@ def evaluate(run: Run) -> dict:
             {"method": method, "surgery": surgery, "per_task": per_task, "avg": average(per_task)}
         )
 
-    with run.stage("evaluation"):
+    methods = run.config.surgery.methods
+    pairs = [(m, s) for m in run.merged for s in methods if (m, s) in run.adapters]
+    total = 1 + len(run.tasks) + len(run.merged) + len(pairs)  # models evaluated
+    with run.stage("evaluation"), progress_bar(total, "evaluation", show=run.writer) as bar:
         row(
             "pretrained",
             NONE,
             routed_accuracy(run.model(run.experts.pretrained), run.suite, run.device),
         )
-        row("individual", NONE, {t: _expert_accuracy(run, t) for t in run.tasks})
+        bar.advance(model="pretrained")
+        experts = {}
+        for t in run.tasks:
+            experts[t] = _expert_accuracy(run, t)
+            bar.advance(model=f"expert {t}")
+        row("individual", NONE, experts)
         bias: dict[str, dict[str, dict[str, float]]] = {}
         test_images = {t: run.suite.task(t).test_x for t in run.tasks}
         expert_test = {t: expert_representations(run, t, "test")[:2] for t in run.tasks}
@@ -560,7 +568,8 @@ def evaluate(run: Run) -> dict:
             bias[merge_name] = {
                 NONE: representation_bias(model, test_images, expert_test, run.device)
             }
-            for method in run.config.surgery.methods:
+            bar.advance(model=merge_name)
+            for method in methods:
                 path = run.adapters.get((merge_name, method))
                 if path is None:
                     continue
@@ -569,6 +578,7 @@ def evaluate(run: Run) -> dict:
                 bias[merge_name][method] = representation_bias(
                     model, test_images, expert_test, run.device
                 )
+                bar.advance(model=row_name(merge_name, method))
     return {"rows": rows, "bias": bias}
 
 

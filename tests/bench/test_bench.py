@@ -331,10 +331,11 @@ def test_bench_quick_through_the_cli(tmp_path):
     args = ["bench", "--quick", "--device", "cpu", "--num-tasks", "2", "--threads", "2"]
     args += ["--configs", "experts", "experts-concurrent", "one-expert", "surgeryv2"]
     args += ["--memory-paths", "eager", "onnxruntime", "--memory-configs", "one-expert"]
-    args += ["--out", str(tmp_path)]
+    args += ["--out", str(tmp_path), "--json"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / f"engine-{ARCH}.json").read_text())
+    assert json.loads(r.stdout)["records"] == [record]  # --json: stdout is the record
     assert (tmp_path / f"engine-{ARCH}.md").is_file()
     assert not list(tmp_path.glob("*.png"))  # --quick writes no plots
     assert record["command"] == "surgery-edge bench " + " ".join(args[1:])

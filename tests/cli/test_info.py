@@ -184,3 +184,29 @@ def test_the_readme_python_example_runs(engines, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("['digits'")
     assert out[1].startswith("a.png ") and out[2].startswith("b.jpg ")
+
+
+def test_eval_keeps_the_engines_table_shows_progress_and_prints_json(
+    tiny_run, tmp_path, monkeypatch
+):
+    """`eval` rewrites the report with the exported engines while they are up to date, draws
+    its progress (unless -q), and --json prints report.json."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    assert "Exported engines" in (run / "report.md").read_text()  # as the demo wrote it
+    monkeypatch.delenv("SURGERY_EDGE_QUIET", raising=False)
+    result = runner.invoke(app, ["eval", "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "evaluation" in result.output and "report: " in result.output
+    assert "Exported engines" in (run / "report.md").read_text()
+    result = runner.invoke(app, ["-q", "eval", "--run", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads((run / "report.json").read_text())
+    assert report["engines"]["engines"]  # the table's data
+    # A summary that no longer matches the run is dropped from the report, never shown as current.
+    (run / "engines" / "summary.json").write_text("{}")
+    assert runner.invoke(app, ["-q", "eval", "--run", str(run)]).exit_code == 0
+    assert "Exported engines" not in (run / "report.md").read_text()

@@ -292,8 +292,11 @@ def test_import_commands(fmt, tmp_path, clip_family):
     assert result.exit_code == 2 and "No --classes for tasks ['EuroSAT']" in result.output
     assert not out.exists()
     classes += ["--classes", f"EuroSAT={tmp_path / 'eurosat.json'}"]
-    result = runner.invoke(app, [*args, *classes])
+    result = runner.invoke(app, [*args, *classes, "--json"])
     assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # progress lines go to stderr: stdout is the JSON
+    assert summary["checkpoints"] == str(out) and set(summary["experts"]) == set(src["experts"])
+    assert summary == {"checkpoints": str(out), **json.loads((out / "import.json").read_text())}
     for task, path in src["experts"].items():
         expert = load_encoder(out / "experts" / f"{task}.safetensors", arch)
         assert expert.meta["source"]["file"] == str(path)
