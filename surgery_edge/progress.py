@@ -30,11 +30,16 @@ class _Bar:
             self._progress.update(self._task, advance=n, info=desc)
 
 
+_ACTIVE: Progress | None = None  # rich allows one live display at a time: nested bars share it
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, description: str, show: bool = True) -> Iterator[_Bar]:
     """A rich progress bar; call ``bar.advance(loss=...)`` once per step.
 
-    ``show=False`` (e.g. on every rank of a distributed job but the first) draws nothing.
+    ``show=False`` (e.g. on every rank of a distributed job but the first) draws nothing. A
+    bar opened inside another's loop (an engine's accuracy inside the export stage) is a row
+    of the same display, removed when its loop ends.
     """
     if not show or quiet():
         yield _Bar(None, None)
@@ -47,8 +52,20 @@ def progress_bar(total: int, description: str, show: bool = True) -> Iterator[_B
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
+    global _ACTIVE
+    if _ACTIVE is not None:  # a bar inside another one's loop: a second row of the same display
+        task = _ACTIVE.add_task(description, total=total, info="")
+        try:
+            yield _Bar(_ACTIVE, task)
+        finally:
+            _ACTIVE.remove_task(task)
+        return
     with Progress(*columns, transient=False) as progress:
-        yield _Bar(progress, progress.add_task(description, total=total, info=""))
+        _ACTIVE = progress
+        try:
+            yield _Bar(progress, progress.add_task(description, total=total, info=""))
+        finally:
+            _ACTIVE = None
 
 
 def quiet() -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 from surgery_edge.data.suite import Suite
 from surgery_edge.engine_format import EngineMode
 from surgery_edge.errors import ConfigError, ExportError
+from surgery_edge.progress import progress_bar
 from surgery_edge.runtime.backends import OnnxBackend
 from surgery_edge.runtime.predictor import Predictor, load
 from surgery_edge.runtime.preprocess import preprocess
@@ -57,20 +58,23 @@ def engine_accuracy(
             f"No images for the engine's tasks {missing}; it serves {predictor.tasks}."
         )
     out = {}
-    for task in predictor.tasks:
-        images, labels = data[task].images, np.asarray(data[task].labels)
-        if len(images) == 0:
-            raise ExportError(f"Task {task!r} has no images to evaluate the engine on.")
-        correct = 0
-        for i in range(0, len(images), batch_size):
-            batch = np.asarray(images[i : i + batch_size])
-            results = predictor.predict(list(batch), task=task)
-            failed = [r.error for r in results if not r.ok]
-            if failed:
-                raise ExportError(f"The engine could not answer task {task!r}: {failed[0]}")
-            predicted = np.array([r[task].index for r in results])
-            correct += int((predicted == labels[i : i + batch_size]).sum())
-        out[task] = 100.0 * correct / len(images)
+    total = sum(len(data[t].images) for t in predictor.tasks)
+    with progress_bar(total, "engine accuracy") as bar:
+        for task in predictor.tasks:
+            images, labels = data[task].images, np.asarray(data[task].labels)
+            if len(images) == 0:
+                raise ExportError(f"Task {task!r} has no images to evaluate the engine on.")
+            correct = 0
+            for i in range(0, len(images), batch_size):
+                batch = np.asarray(images[i : i + batch_size])
+                results = predictor.predict(list(batch), task=task)
+                failed = [r.error for r in results if not r.ok]
+                if failed:
+                    raise ExportError(f"The engine could not answer task {task!r}: {failed[0]}")
+                predicted = np.array([r[task].index for r in results])
+                correct += int((predicted == labels[i : i + batch_size]).sum())
+                bar.advance(len(batch), task=task)
+            out[task] = 100.0 * correct / len(images)
     return out
 
 

@@ -210,3 +210,18 @@ def test_eval_keeps_the_engines_table_shows_progress_and_prints_json(
     (run / "engines" / "summary.json").write_text("{}")
     assert runner.invoke(app, ["-q", "eval", "--run", str(run)]).exit_code == 0
     assert "Exported engines" not in (run / "report.md").read_text()
+
+
+def test_nested_progress_bars_share_one_display(monkeypatch):
+    """rich allows one live display at a time: a bar inside another's loop must not raise."""
+    from surgery_edge.progress import progress_bar
+
+    monkeypatch.delenv("SURGERY_EDGE_QUIET", raising=False)
+    with progress_bar(2, "outer") as outer:
+        for _ in range(2):
+            with progress_bar(3, "inner") as inner:
+                for _ in range(3):
+                    inner.advance()
+            outer.advance()
+    with progress_bar(1, "after") as bar:  # the display was released
+        bar.advance()

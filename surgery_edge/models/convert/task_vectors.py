@@ -42,6 +42,7 @@ from surgery_edge.models.convert.towers import (
     with_activation,
 )
 from surgery_edge.models.heads import ClassificationHead
+from surgery_edge.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -255,29 +256,35 @@ def import_task_vectors(
         source = {"format": "task_vectors", "file": str(layout.zeroshot)}
         save_encoder(tmp / "pretrained.safetensors", arch, state, task=None, source=source)
         del state
-        for task, path in layout.experts.items():
-            log(f"reading {path}")
-            state, facts = _read_pickled_tower(path)
-            check_tower(f"Image tower of {path}", state, arch)
-            check_facts(path, facts, arch)
-            source = {"format": "task_vectors", "file": str(path)}
-            save_encoder(tmp / "experts" / f"{task}.safetensors", arch, state, task, source=source)
-            del state
-            head_path = layout.heads[task]
-            head = _read_pickled_head(head_path, arch)
-            names = list(class_names.get(task) or [f"class_{i}" for i in range(head.num_classes)])
-            if len(names) != head.num_classes:
-                origin = (class_names_source or {}).get(task)
-                raise ConfigError(
-                    f"{len(names)} class names given for task {task!r}"
-                    + (f" (from {origin})" if origin else "")
-                    + f", but {head_path} has {head.num_classes} classes. The data and the "
-                    "checkpoints must describe the same classes: check the task's class-name "
-                    "file or folders."
+        with progress_bar(len(layout.experts), "import experts") as bar:
+            for task, path in layout.experts.items():
+                log(f"reading {path}")
+                state, facts = _read_pickled_tower(path)
+                check_tower(f"Image tower of {path}", state, arch)
+                check_facts(path, facts, arch)
+                source = {"format": "task_vectors", "file": str(path)}
+                save_encoder(
+                    tmp / "experts" / f"{task}.safetensors", arch, state, task, source=source
                 )
-            if task not in class_names:
-                notes.append(f"Task {task!r}: no class names given; using class_0..class_N.")
-            save_head(tmp / "heads" / f"{task}.safetensors", arch, task, names, head)
+                del state
+                head_path = layout.heads[task]
+                head = _read_pickled_head(head_path, arch)
+                names = list(
+                    class_names.get(task) or [f"class_{i}" for i in range(head.num_classes)]
+                )
+                if len(names) != head.num_classes:
+                    origin = (class_names_source or {}).get(task)
+                    raise ConfigError(
+                        f"{len(names)} class names given for task {task!r}"
+                        + (f" (from {origin})" if origin else "")
+                        + f", but {head_path} has {head.num_classes} classes. The data and the "
+                        "checkpoints must describe the same classes: check the task's class-name "
+                        "file or folders."
+                    )
+                if task not in class_names:
+                    notes.append(f"Task {task!r}: no class names given; using class_0..class_N.")
+                save_head(tmp / "heads" / f"{task}.safetensors", arch, task, names, head)
+                bar.advance(expert=task)
         summary = ImportSummary(
             out_dir=out,
             arch=arch,

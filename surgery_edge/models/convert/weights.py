@@ -22,6 +22,7 @@ from surgery_edge.models.checkpoint import read_metadata, save_encoder, save_hea
 from surgery_edge.models.convert.hf import load_hf_clip_vision
 from surgery_edge.models.convert.open_clip import load_open_clip_image_tower
 from surgery_edge.models.convert.towers import check_tower, with_activation
+from surgery_edge.progress import progress_bar
 
 
 def checkpoint_arch(path: Path) -> ArchSpec:
@@ -87,16 +88,20 @@ def import_weights(
         arch, state = read(pretrained)
         source = {"format": fmt, "file": str(pretrained)}
         save_encoder(tmp / "pretrained.safetensors", arch, state, task=None, source=source)
-        for task, path in experts.items():
-            log(f"reading {path}")
-            found, state = read(path)
-            if found != arch:
-                raise CheckpointError(
-                    f"{path} uses {found.name!r} but the pretrained model {pretrained} uses "
-                    f"{arch.name!r}: the experts must be fine-tuned from the pretrained model."
+        with progress_bar(len(experts), "import experts") as bar:
+            for task, path in experts.items():
+                log(f"reading {path}")
+                found, state = read(path)
+                if found != arch:
+                    raise CheckpointError(
+                        f"{path} uses {found.name!r} but the pretrained model {pretrained} uses "
+                        f"{arch.name!r}: the experts must be fine-tuned from the pretrained model."
+                    )
+                source = {"format": fmt, "file": str(path)}
+                save_encoder(
+                    tmp / "experts" / f"{task}.safetensors", arch, state, task, source=source
                 )
-            source = {"format": fmt, "file": str(path)}
-            save_encoder(tmp / "experts" / f"{task}.safetensors", arch, state, task, source=source)
+                bar.advance(expert=task)
         if clip_weights is not None:
             zeroshot_heads(arch, clip_weights, class_names, tmp, device, log)
     return arch
