@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from surgery_edge.progress import silence_cuda_home_notice
+
 TIMER = "torch.utils.benchmark"
 SPREAD_WARNING = 0.10  # an interquartile range above 10% of the median is flagged
 
@@ -88,6 +90,7 @@ def interleaved(
         Per contestant key, its per-round samples; and the contestants that raised (they drop
         out of the later rounds), with their error.
     """
+    silence_cuda_home_notice()  # torch.utils.benchmark imports cpp_extension, which logs it
     from torch.utils.benchmark import Timer  # deferred: loads its helpers only when timing
 
     timers = {
