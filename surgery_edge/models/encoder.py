@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from surgery_edge.errors import ConfigError
 from surgery_edge.models.archs import ArchSpec
 
 
@@ -34,6 +35,24 @@ def _build_visual(arch: ArchSpec) -> nn.Module:
     )
 
 
+def check_batch_first(visual: nn.Module) -> None:
+    """Refuse a tower whose attention is sequence-first.
+
+    surgery-edge runs the blocks on (B, N, width) tensors. open_clip up to 2.25 built
+    ``nn.MultiheadAttention`` sequence-first and permuted to (N, B, width) inside its own
+    forward: called batch-first, such a block mixes images instead of tokens, every image gets
+    the same feature and every result is at chance, without an error.
+    """
+    for i, block in enumerate(visual.transformer.resblocks):
+        attn = getattr(block, "attn", None)
+        if isinstance(attn, nn.MultiheadAttention) and not attn.batch_first:
+            raise ConfigError(
+                f"Block {i} of the image tower runs its attention sequence-first (open_clip "
+                "before 2.26 builds it so); surgery-edge feeds blocks batch-first, which would "
+                "silently mix images. Upgrade: pip install 'open_clip_torch>=2.26'."
+            )
+
+
 class ImageEncoder(nn.Module):
     """A CLIP ViT image tower; ``forward(images) -> features (B, embed_dim)``."""
 
@@ -41,6 +60,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.arch = arch
         self.visual = _build_visual(arch)
+        check_batch_first(self.visual)
 
     @property
     def blocks(self) -> nn.ModuleList:

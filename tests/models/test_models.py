@@ -114,3 +114,20 @@ def test_arch_takes_normalisation_from_the_open_clip_config(tmp_path):
     assert arch.mean == (0.5, 0.5, 0.5) and arch.std == (0.25, 0.25, 0.25)
     assert arch.image_size == 16 and arch.width == 32 and arch.embed_dim == 24
     assert get_arch("ViT-B-32").mean == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_a_sequence_first_tower_is_refused(monkeypatch):
+    """open_clip < 2.26 builds attention sequence-first: fed batch-first it mixes images."""
+    from open_clip.transformer import Transformer
+
+    from surgery_edge.errors import ConfigError
+    from surgery_edge.models import encoder
+
+    real = Transformer.__init__
+
+    def sequence_first(self, *args, **kwargs):
+        real(self, *args, **{**kwargs, "batch_first": False})
+
+    monkeypatch.setattr(Transformer, "__init__", sequence_first)
+    with pytest.raises(ConfigError, match="Block 0 .* sequence-first.*open_clip_torch>=2.26"):
+        encoder.ImageEncoder(get_arch("micro-vit-16"))
