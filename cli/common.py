@@ -22,7 +22,7 @@ from typer.core import TyperCommand
 from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ConfigError, SurgeryEdgeError
 from surgery_edge.io import printable
-from surgery_edge.surgery.methods import surgery_names
+from surgery_edge.surgery.methods import SCHEDULES, surgery_names
 
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
 
@@ -167,6 +167,7 @@ def lazy_epilog(make: Callable[[], str]) -> type[TyperCommand]:
 # Choices as enums, so help lists them; built from the (torch-free) registries.
 SurgeryName = enum.Enum("SurgeryName", {n: n for n in surgery_names()}, type=str)
 SurgeryOrNone = enum.Enum("SurgeryOrNone", {n: n for n in surgery_names(with_none=True)}, type=str)
+Schedule = enum.Enum("Schedule", {n: n for n in SCHEDULES}, type=str)
 ModeName = enum.Enum("ModeName", {m.value: m.value for m in EngineMode}, type=str)
 PrecisionName = enum.Enum("PrecisionName", {p.value: p.value for p in Precision}, type=str)
 # "auto" and the quantisers of surgery_edge.export.quantize.Quantizer (which imports onnx: not

@@ -13,6 +13,7 @@ from surgery_edge.cli.common import (
     NProc,
     Overwrite,
     RunDir,
+    Schedule,
     SurgeryName,
     complete_merge_method,
     lazy_epilog,
@@ -130,6 +131,13 @@ def train(
     lr: float = 1e-3,
     seed: int = 0,
     checkpoint_every: int = 100,
+    schedule: Annotated[
+        Schedule,
+        typer.Option(
+            help="joint: one Adam step per batch of every task; reference: the authors' loop "
+            "(per task two batches, a step each, torch 1.10's zero_grad)."
+        ),
+    ] = Schedule.joint,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     transductive: Annotated[
         bool, typer.Option(help="Train on the unlabelled test images (the paper's protocol).")
@@ -167,6 +175,7 @@ def train(
         lr=lr,
         seed=seed,
         checkpoint_every=checkpoint_every,
+        schedule=schedule.value,
     )
     if launch.check_nproc(nproc) > 1:
         return launch.relaunch(ctx, nproc)

@@ -34,13 +34,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surgery_edge.bench.flops import task_classes
 from surgery_edge.bench.roofline import H200_FP16_TFLOPS
 from surgery_edge.engine_format import EngineMode
 from surgery_edge.models import ArchSpec, ClassificationHead, ImageEncoder, build_encoder
+from surgery_edge.models.heads import normalize_per_task, uniform_normalize
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.methods import SURGERY_METHODS, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
@@ -328,7 +328,9 @@ class StackedExperts(nn.Module):
                 weight[t, : h.num_classes], bias[t, : h.num_classes] = h.weight, h.bias
         self.register_buffer("head_weight", weight)  # (T, C_max, e), zero-padded
         self.register_buffer("head_bias", bias)  # (T, C_max)
-        self.class_counts, self.normalize = counts, all(h.normalize for h in heads)
+        self.class_counts, self.normalize = counts, uniform_normalize(heads)
+        flags = torch.tensor([bool(h.normalize) for h in heads])
+        self.register_buffer("head_normalize", flags, persistent=False)  # (T,)
 
     def _stacked(self, kind: str) -> dict[str, torch.Tensor]:
         return {n: getattr(self, f"{kind}__{n.replace('.', '__')}") for n in self._names[kind]}
@@ -343,8 +345,7 @@ class StackedExperts(nn.Module):
         z = torch.func.vmap(one, in_dims=(0, 0, None))(
             self._stacked("params"), self._stacked("buffers"), images
         )  # (T, B, e)
-        if self.normalize:
-            z = F.normalize(z, dim=-1)
+        z = normalize_per_task(z, self.head_normalize[:, None], self.normalize)  # (T, B, e)
         logits = torch.einsum("tbe,tce->tbc", z, self.head_weight) + self.head_bias[:, None]
         return [logits[t, :, :c] for t, c in enumerate(self.class_counts)]
 

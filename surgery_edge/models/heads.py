@@ -33,6 +33,28 @@ class ClassificationHead(nn.Module):
         return F.linear(features, self.weight, self.bias)
 
 
+def normalize_per_task(
+    z: torch.Tensor, flags: torch.Tensor | None, uniform: bool | None
+) -> torch.Tensor:
+    """Each head's own choice of L2 normalisation, for stacked heads.
+
+    Args:
+        z: features, last dim ``e``.
+        flags: bool, broadcastable against ``z[..., 0]``: whether the row's head normalises.
+        uniform: True or False when every head decides alike (then ``flags`` is not read, and
+            the graph holds no select), None when the heads differ.
+    """
+    if uniform is None:
+        return torch.where(flags.unsqueeze(-1), F.normalize(z, dim=-1), z)
+    return F.normalize(z, dim=-1) if uniform else z
+
+
+def uniform_normalize(heads) -> bool | None:
+    """True if every head normalises, False if none does, None if they differ."""
+    flags = {bool(h.normalize) for h in heads}
+    return flags.pop() if len(flags) == 1 else None
+
+
 @torch.no_grad()
 def prototype_head(
     features: torch.Tensor,  # (N, e)

@@ -20,7 +20,7 @@ from surgery_edge import merging
 from surgery_edge.data.suite import TASK_NAMES
 from surgery_edge.errors import ConfigError
 from surgery_edge.io import safe_name
-from surgery_edge.surgery.methods import SURGERY_METHODS, get_surgery
+from surgery_edge.surgery.methods import SCHEDULES, SURGERY_METHODS, get_surgery
 
 
 class _Frozen(BaseModel):
@@ -168,6 +168,11 @@ class SurgerySettings(_Frozen):
     params: dict[str, SurgeryMethodSettings] = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1, le=1 << 16)
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    schedule: Literal[tuple(SCHEDULES)] = Field(  # type: ignore[valid-type]
+        "joint",
+        description="joint: one step per batch of every task; reference: the authors' per-task "
+        "loop with torch 1.10's zero_grad (see surgery_edge.surgery.trainer).",
+    )
     transductive: bool = False
 
     @model_validator(mode="before")

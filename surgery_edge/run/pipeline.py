@@ -448,6 +448,7 @@ def surgery_config(run: Run, method: str) -> SurgeryConfig:
         batch_size=s.batch_size,
         lr=s.lr,
         seed=run.config.seed,
+        schedule=s.schedule,
     )
 
 

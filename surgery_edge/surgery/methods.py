@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 
 NONE = "none"  # no surgery: the plain merged model (a baseline row, an engine without adapters)
 
+# How training orders its updates (surgery_edge.surgery.trainer has the details).
+SCHEDULES = {
+    "joint": "one Adam step per batch of every task, all tasks in one routed pass",
+    "reference": "the authors' loop: per task two batches, one Adam step each, torch 1.10 "
+    "zero_grad (momentum moves every adapter at every step)",
+}
+
 
 @dataclass(frozen=True)
 class SurgeryMethod:

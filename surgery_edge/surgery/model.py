@@ -20,12 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surgery_edge import kernels  # cheap: the kernel modules load on first use
 from surgery_edge.models.encoder import ImageEncoder
-from surgery_edge.models.heads import ClassificationHead
+from surgery_edge.models.heads import ClassificationHead, normalize_per_task, uniform_normalize
 from surgery_edge.surgery.adapters import AdapterBank
 
 
@@ -63,7 +62,12 @@ class MultiTaskModel(nn.Module):
         self.register_buffer("head_weight", weight)  # (T, C_max, e), zero-padded
         self.register_buffer("head_bias", bias)  # (T, C_max), -inf beyond each class count
         self.class_counts = counts
-        self.normalize = all(h.normalize for h in heads)
+        # each head decides whether it normalises the feature (the reference decides per head);
+        # ``normalize`` is True only when every head does (the fused V1 kernel's condition)
+        self.uniform_normalize = uniform_normalize(heads)
+        self.normalize = self.uniform_normalize is True
+        flags = torch.tensor([bool(h.normalize) for h in heads])
+        self.register_buffer("head_normalize", flags, persistent=False)  # (T,)
         self.fused = False  # inference only: the kernels have no backward
 
     @property
@@ -104,13 +108,19 @@ class MultiTaskModel(nn.Module):
 
     # --- heads -----------------------------------------------------------------------------
 
-    def _prep(self, z: torch.Tensor) -> torch.Tensor:
-        return F.normalize(z, dim=-1) if self.normalize else z
+    def _prep(self, z: torch.Tensor, rows) -> torch.Tensor:
+        """``z`` as each row's head takes it; ``rows`` index ``head_normalize`` (read only when
+        the heads differ, so a uniform model's graph has no select)."""
+        uniform = self.uniform_normalize
+        return normalize_per_task(
+            z, None if uniform is not None else self.head_normalize[rows], uniform
+        )
 
     def routed_logits(self, z: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """(B, e) features, (B,) task ids -> (B, C_max) logits, -inf beyond each class count."""
         w, b = self.head_weight[task_ids], self.head_bias[task_ids]
-        return torch.einsum("be,bce->bc", self._prep(z), w) + b
+        z = self._prep(z, task_ids)
+        return torch.einsum("be,bce->bc", z, w) + b
 
     # --- the two modes ---------------------------------------------------------------------
 
@@ -147,9 +157,9 @@ class MultiTaskModel(nn.Module):
                 if self.bank is None
                 else self.bank.correct_all_tasks("final", z)
             )  # (T, B, e)
-            logits = torch.einsum(
-                "tbe,tce->tbc", self._prep(zt), self.head_weight
-            ) + self.head_bias.unsqueeze(1)
+            zt = self._prep(zt, (slice(None), None))
+            logits = torch.einsum("tbe,tce->tbc", zt, self.head_weight)
+            logits = logits + self.head_bias.unsqueeze(1)
             return [logits[t, :, : self.class_counts[t]] for t in range(T)]
         # expand+reshape, not repeat_interleave: the ONNX exporter gets the latter wrong for a
         # dynamic batch

@@ -6,9 +6,19 @@ final feature only; V2 adds, for every block, the token mean of the corrected bl
 Only adapter weights train (Adam, lr 1e-3, betas (0.9, 0.999), no weight decay); backbone and
 heads are frozen.
 
+Two update schedules (``SurgeryConfig.schedule``):
+- ``joint`` (the default): one step draws one batch of every task and sends all tasks through
+  the backbone together as a routed batch (T x batch rows); one Adam step per step. Its gradient
+  is the sum of the reference's per-task gradients, taken in one pass.
+- ``reference``: the authors' update sequence. Each iteration visits the tasks in order and
+  takes two batches of each (the first two batches of a fresh shuffle of its images), one Adam
+  step per batch, every task's adapters in one optimiser, with torch 1.10's ``zero_grad``: an
+  adapter that has had a gradient once keeps a zero gradient, not None, so every step also moves
+  it on its momentum alone. ``steps`` counts batches per task in both schedules, so ``reference``
+  makes ``T x steps`` Adam steps.
+
 Deliberate differences from the reference code (documented in the README):
-- One step draws one batch per task and sends all tasks through the backbone together as a
-  routed batch (T x batch rows): the same gradient as the reference's per-task loop, one pass.
+- The ``joint`` schedule is the default (see the README for the measurements behind it).
 - V1 caches the merged model's final features as well: its adapter sits after the frozen
   backbone, so re-running the backbone each step (as the reference does) changes nothing.
 - Batches are drawn by a generator seeded from (seed, step), so ``resume`` continues exactly the
@@ -39,9 +49,11 @@ from surgery_edge.io import atomic_path
 from surgery_edge.models.encoder import ImageEncoder
 from surgery_edge.progress import progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
-from surgery_edge.surgery.methods import get_surgery
+from surgery_edge.surgery.methods import SCHEDULES, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import BATCH
+
+REFERENCE_VISIT = 2  # batches of one task per visit in the authors' loop
 
 
 @dataclass(frozen=True)
@@ -55,10 +67,15 @@ class SurgeryConfig:
     lr: float = 1e-3
     seed: int = 0
     checkpoint_every: int = 100
+    schedule: str = "joint"  # one of SCHEDULES
 
     def __post_init__(self):
         """Every setting checked at once, as a ConfigError naming the setting and the value."""
         get_surgery(self.method)  # ConfigError listing the methods
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"Surgery setting schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}."
+            )
         _check_int("rank", self.rank, 1, 1 << 14)
         _check_int("steps", self.steps, 1, 10**9)
         _check_int("batch_size", self.batch_size, 1, 1 << 16)
@@ -91,6 +108,102 @@ class TaskTargets:
 def _batch_indices(seed: int, step: int, task: int, n: int, batch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + task) % (2**63))
     return torch.randint(0, n, (batch,), generator=g)
+
+
+def reference_batch_indices(
+    seed: int, iteration: int, task: int, n: int, batch: int, visit_batch: int
+) -> torch.Tensor:
+    """Batch ``visit_batch`` (0 or 1) of ``task`` in iteration ``iteration`` of the authors'
+    loop: the first batches of a fresh shuffle of the task's ``n`` images (drawn without
+    replacement; a task with fewer than two batches of images wraps round its shuffle)."""
+    g = torch.Generator().manual_seed(((seed * 1_000_033 + iteration) * 1013 + task) % (2**63))
+    order = torch.randperm(n, generator=g)
+    need = (visit_batch + 1) * batch
+    if need > n:
+        order = order.repeat(-(-need // n))
+    return order[visit_batch * batch : need]
+
+
+def schedule_length(cfg: SurgeryConfig, num_tasks: int) -> int:
+    """Optimiser steps of a training run: ``steps``, or ``T x steps`` for ``reference``."""
+    return cfg.steps * (num_tasks if cfg.schedule == "reference" else 1)
+
+
+def schedule_draws(
+    cfg: SurgeryConfig, update: int, sizes: list[int]
+) -> list[tuple[int, np.ndarray]]:
+    """The batches of optimiser step ``update``: ``[(task index, image indices), ...]``.
+
+    ``joint``: one batch of every task. ``reference``: one batch of one task; iteration ``k``
+    visits the tasks in order and takes ``REFERENCE_VISIT`` batches of each (fewer in a last,
+    partial iteration when ``steps`` is not a multiple of it).
+    """
+    B, T = cfg.batch_size, len(sizes)
+    if cfg.schedule == "joint":
+        return [(i, _batch_indices(cfg.seed, update, i, n, B).numpy()) for i, n in enumerate(sizes)]
+    full, per_iter = cfg.steps // REFERENCE_VISIT, T * REFERENCE_VISIT
+    if update < full * per_iter:
+        iteration, r = divmod(update, per_iter)
+        task, b = divmod(r, REFERENCE_VISIT)
+    else:  # the last, partial iteration: one batch of each task
+        iteration, task, b = full, update - full * per_iter, 0
+    idx = reference_batch_indices(cfg.seed, iteration, task, sizes[task], B, b)
+    return [(task, idx.numpy())]
+
+
+class _ReferenceAdam:
+    """torch.optim.Adam as the authors' loop drives it under torch 1.10.
+
+    The reference keeps one module per task, so Adam holds one parameter per (task, site,
+    weight): here a leaf per row of the bank's stacked tensors. A step copies the gradient of
+    the tasks in the batch into their leaves; ``zero_grad`` zeroes gradients instead of freeing
+    them, so a leaf that has had a gradient once takes part in every later step (moved by its
+    momentum alone), while one that never had one is skipped, as torch's Adam skips a None
+    gradient. The leaves are copied back into the bank after each step.
+    """
+
+    def __init__(self, bank: AdapterBank, lr: float):
+        self.bank = bank
+        self.rows = [(p, t) for p in bank.parameters() for t in range(p.shape[0])]
+        self.leaves = [torch.nn.Parameter(p.detach()[t].clone()) for p, t in self.rows]
+        self.opt = torch.optim.Adam(self.leaves, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 (as torch 1.10)
+        for p in self.bank.parameters():
+            p.grad = None
+        for leaf in self.leaves:
+            if leaf.grad is not None:
+                leaf.grad.zero_()
+
+    def step(self, tasks: set[int]) -> None:
+        for (p, t), leaf in zip(self.rows, self.leaves):
+            if t in tasks:  # the reference's graph reaches only these tasks' adapters
+                if leaf.grad is None:
+                    leaf.grad = p.grad[t].detach().clone()
+                else:
+                    leaf.grad.copy_(p.grad[t])
+        self.opt.step()
+        self._to_bank()
+
+    @torch.no_grad()
+    def _to_bank(self) -> None:
+        for (p, t), leaf in zip(self.rows, self.leaves):
+            p[t].copy_(leaf)
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Adam's state, for adapters already loaded into the bank: the leaves take the bank's
+        values, and every leaf Adam has stepped gets its zero gradient back."""
+        with torch.no_grad():
+            for (p, t), leaf in zip(self.rows, self.leaves):
+                leaf.copy_(p[t])
+                leaf.grad = None
+        self.opt.load_state_dict(state)
+        for leaf in self.leaves:
+            if self.opt.state.get(leaf):
+                leaf.grad = torch.zeros_like(leaf)
 
 
 def _state_path(out_path: Path) -> Path:
@@ -126,12 +239,16 @@ def _shaping(settings: dict) -> dict:
 
 
 def training_settings(cfg: SurgeryConfig) -> dict:
-    """``cfg`` as the adapters' provenance records it."""
-    return _shaping(asdict(cfg))
+    """``cfg`` as the adapters' provenance records it. The default ``joint`` schedule is left
+    out, so adapters written before schedules existed (all joint) still match their settings."""
+    settings = _shaping(asdict(cfg))
+    if settings["schedule"] == "joint":
+        del settings["schedule"]
+    return settings
 
 
 def _resume_from(
-    path: Path, bank: AdapterBank, opt, cfg: SurgeryConfig, inputs: str | None, device
+    path: Path, bank: AdapterBank, opt, cfg: SurgeryConfig, inputs: str | None, device, total: int
 ) -> tuple[int, str | None]:
     """Load the checkpoint at ``path`` into ``bank`` and ``opt``.
 
@@ -151,7 +268,7 @@ def _resume_from(
     if state.get("inputs") != inputs:
         return 0, "it was written for another merged model, other targets or another data split"
     step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step < cfg.steps:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step < total:
         return 0, f"it records an impossible step {step!r}"
     saved_bank, saved_opt = bank.state_dict(), opt.state_dict()
     try:
@@ -219,13 +336,19 @@ def train_surgery(
     for p in encoder.parameters():
         p.requires_grad_(False)
     model = MultiTaskModel(encoder, model_heads, tasks, bank).to(device)
-    opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    reference = cfg.schedule == "reference"
+    if reference:
+        opt = _ReferenceAdam(bank, cfg.lr)
+    else:
+        opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    T = len(tasks)
+    total = schedule_length(cfg, T)
     start = 0
     state_path = _state_path(out_path)
     if resume:
         resumed = None
         if world.is_writer and state_path.exists():
-            start, why = _resume_from(state_path, bank, opt, cfg, inputs, device)
+            start, why = _resume_from(state_path, bank, opt, cfg, inputs, device, total)
             if why is not None:
                 log(f"not resuming from {state_path}: {why}; training from step 0.")
             elif world.distributed:
@@ -236,46 +359,40 @@ def train_surgery(
             bank.load_state_dict(resumed[1])
             opt.load_state_dict(resumed[2])
 
-    T = len(tasks)
     v1 = bank.sites == ("final",)  # the adapter sits after the frozen backbone
     if v1 and merged_finals is None:
         merged_finals = _merged_finals(encoder, tasks, targets, device, world)
     rows = world.share(cfg.batch_size)  # this rank's rows of every task's batch
     local = len(rows)
-    task_ids = torch.arange(T, device=device).repeat_interleave(local)
+    sizes = [len(targets[t].images) for t in tasks]
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = [
-            _batch_indices(cfg.seed, step, i, len(targets[t].images), cfg.batch_size).numpy()[
-                rows.start : rows.stop
-            ]
-            for i, t in enumerate(tasks)
+        draws = [
+            (i, tasks[i], j[rows.start : rows.stop]) for i, j in schedule_draws(cfg, step, sizes)
         ]
+        task_ids = torch.tensor([i for i, _, _ in draws], device=device).repeat_interleave(local)
         tgt_final = torch.cat(
-            [torch.from_numpy(np.asarray(targets[t].final[j])) for t, j in zip(tasks, idx)]
+            [torch.from_numpy(np.asarray(targets[t].final[j])) for _, t, j in draws]
         ).to(device)
         if v1:
             z = torch.cat(
-                [torch.from_numpy(np.asarray(merged_finals[t][j])) for t, j in zip(tasks, idx)]
+                [torch.from_numpy(np.asarray(merged_finals[t][j])) for _, t, j in draws]
             ).to(device)
             final, block_means, tgt_blocks = bank.correct("final", z, task_ids), [], None
         else:
             images = torch.cat(
-                [
-                    to_model_input(targets[t].images[j], encoder.arch, device)
-                    for t, j in zip(tasks, idx)
-                ]
+                [to_model_input(targets[t].images[j], encoder.arch, device) for _, t, j in draws]
             )
             final, block_means = model.representations(images, task_ids)
             tgt_blocks = torch.cat(
-                [torch.from_numpy(np.asarray(targets[t].blocks[j])) for t, j in zip(tasks, idx)]
+                [torch.from_numpy(np.asarray(targets[t].blocks[j])) for _, t, j in draws]
             ).to(device)
         # per-task mean L1 over the global batch, summed over tasks (and over sites for V2);
         # scaled by the number of ranks, whose gradients DistributedDataParallel averages
         per_row = (final - tgt_final).abs().mean(dim=-1)
         for layer, m in enumerate(block_means):
             per_row = per_row + (m - tgt_blocks[:, layer]).abs().mean(dim=-1)
-        per_task = per_row.view(T, local).sum(dim=1) / cfg.batch_size
+        per_task = per_row.view(len(draws), local).sum(dim=1) / cfg.batch_size
         return per_task.sum() * world.size if world.distributed else per_task.sum()
 
     objective = world.wrap(_Objective(bank, loss_at))
@@ -284,8 +401,9 @@ def train_surgery(
     good = [p.detach().clone() for p in bank.parameters()]
     good_step: int | None = None
     writer = world.is_writer
-    with progress_bar(cfg.steps - start, f"{cfg.method} rank {cfg.rank}", show=writer) as bar:
-        for step in range(start, cfg.steps):
+    label = f"{cfg.method} rank {cfg.rank}" + (" (reference schedule)" if reference else "")
+    with progress_bar(total - start, label, show=writer) as bar:
+        for step in range(start, total):
             loss = objective(step)
             value = world.mean(loss.detach(), "training (sharing the loss)").item()
             if not math.isfinite(value):  # every rank sees the same value and stops
@@ -302,17 +420,20 @@ def train_surgery(
             opt.zero_grad(set_to_none=True)
             with world.lost("training (averaging the gradients)"):
                 loss.backward()
-            opt.step()
+            if reference:
+                opt.step({i for i, _ in schedule_draws(cfg, step, sizes)})
+            else:
+                opt.step()
             bar.advance(loss=value)
             if on_step:
                 on_step(step, value)
             done = step + 1
-            due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps
+            due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total
             if due and writer:
                 _save_state(state_path, bank, opt, done, cfg, inputs)
     if not all(bool(torch.isfinite(p).all()) for p in bank.parameters()):  # the last update
         raise TrainingError(
-            f"The last update of step {cfg.steps - 1} made the adapters non-finite. "
+            f"The last update of step {total - 1} made the adapters non-finite. "
             + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta, writer)
             + f" Lower the learning rate (--lr, now {cfg.lr})."
         )

@@ -344,3 +344,35 @@ def test_bad_adapter_files_are_refused(tmp_path):
         AdapterBank.load(path, arch=get_arch("tiny-vit-32"))
     with pytest.raises(AdapterError, match="does not exist"):
         AdapterBank.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("method", ["surgery", "surgeryv2", "none"])
+def test_each_head_decides_whether_it_normalises(method, tmp_path):
+    """Heads that differ in ``normalize`` (the reference decides per head) each get their own:
+    routed, all-tasks and the exported engine answer as every head alone would."""
+    m = _model(method)
+    heads = [
+        ClassificationHead(m.head_weight[t, :c], m.head_bias[t, :c])
+        for t, c in enumerate(m.class_counts)
+    ]
+    heads[1].normalize = False
+    mixed = MultiTaskModel(m.encoder, heads, TASKS, m.bank).eval()
+    assert mixed.uniform_normalize is None and not mixed.normalize
+    x = torch.randn(6, 3, 16, 16)
+    ids = torch.tensor([0, 1, 2, 2, 1, 0])
+    with torch.no_grad():
+        z = mixed.features(x, ids)
+        routed = mixed(x, ids)
+        all_tasks = mixed.forward_all_tasks(x)
+        for b, t in enumerate(ids.tolist()):
+            want = heads[t](z[b : b + 1])[0]
+            torch.testing.assert_close(routed[b, : len(want)], want)
+        for t in range(3):
+            zt = mixed.features(x, torch.full((6,), t))
+            torch.testing.assert_close(all_tasks[t], heads[t](zt), rtol=1e-5, atol=1e-5)
+        # the unnormalised head is not what a model that normalises everything gives
+        assert not torch.allclose(routed[1], m(x, ids)[1])
+    from surgery_edge.export import export_onnx  # deferred: onnx
+
+    for mode in ("routed", "all-tasks"):  # check=True: ONNX Runtime against the model
+        export_onnx(mixed, tmp_path / f"{mode}.onnx", mode)
