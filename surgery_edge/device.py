@@ -1,6 +1,8 @@
-"""Device selection."""
+"""Device selection, and torch's deterministic mode."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -18,3 +20,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"Device {name!r} was requested but no CUDA GPU is available.")
     return device
+
+
+def make_deterministic() -> None:
+    """Ask torch for deterministic kernels wherever it has them (every pipeline command does).
+
+    Every random draw of the pipeline already comes from the run's seeds (the suite's
+    ``suite.seed``; experts, merges and adapters from ``seed``, each through its own generator),
+    so what is left is kernel choice: with this, a run repeated on the same machine type, torch
+    build and thread count gives the same numbers. An operation without a deterministic kernel
+    warns instead of failing (``warn_only``); cuBLAS needs its workspace setting before its first
+    call, so it is set here unless the environment sets it.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False

@@ -27,7 +27,7 @@ import torch
 from surgery_edge import __version__, merging
 from surgery_edge.data.suite import Suite, load_or_generate_suite
 from surgery_edge.data.transforms import to_model_input
-from surgery_edge.device import resolve_device
+from surgery_edge.device import make_deterministic, resolve_device
 from surgery_edge.distributed import World
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
@@ -82,6 +82,7 @@ class Run:
         recorded one did (other settings need ``overwrite``: they would replace artefacts).
         """
         layout = RunLayout.create(out)
+        make_deterministic()
         run = cls(
             layout,
             config,
@@ -132,6 +133,7 @@ class Run:
         if device is not None:
             config = config.model_copy(update={"device": device})
         arch = get_arch(config.arch)
+        make_deterministic()
         return cls(layout, config, resolve_device(config.device), arch, log, overwrite=overwrite)
 
     def join(self, world: World) -> None:

@@ -295,6 +295,7 @@ def train_surgery(
     resume: bool = False,
     merged_finals: dict[str, np.ndarray] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_update: Callable[[int, AdapterBank], None] | None = None,
     extra_meta: dict | None = None,
     inputs: str | None = None,
     log: Callable[[str], None] = print,
@@ -314,6 +315,9 @@ def train_surgery(
         resume: continue from the ``.state.pt`` checkpoint if present. A checkpoint written
             with other settings or for other ``inputs`` is not used: training starts again from
             step 0, and ``log`` says so.
+        on_step: called with each optimiser step's index and the loss it descended.
+        on_update: called with the number of optimiser steps made so far and the adapters,
+            after each update (the tuning sweep scores intermediate adapters through it).
         extra_meta: added to the adapter file's metadata (e.g. its provenance).
         inputs: the identity of what the adapters are trained from (the merged model, the
             targets, the data split), recorded in the checkpoint and checked on resume.
@@ -428,6 +432,8 @@ def train_surgery(
             if on_step:
                 on_step(step, value)
             done = step + 1
+            if on_update:
+                on_update(done, bank)
             due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total
             if due and writer:
                 _save_state(state_path, bank, opt, done, cfg, inputs)

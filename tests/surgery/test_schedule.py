@@ -216,3 +216,45 @@ def test_the_schedule_is_checked_and_recorded():
         _cfg("surgeryv2", 4, schedule="per-task")
     assert training_settings(_cfg("surgeryv2", 4))["schedule"] == "reference"
     assert "schedule" not in training_settings(_cfg("surgeryv2", 4, schedule="joint"))
+
+
+@pytest.mark.parametrize("schedule", ["joint", "reference"])
+def test_the_seed_fixes_the_adapters(tmp_path, schedule):
+    """Initial adapters and every batch come from the seed: the same seed gives the same
+    adapters bit for bit, another seed other adapters."""
+    targets = _targets()
+    merged = _merged()
+
+    def train(seed, name):
+        cfg = SurgeryConfig(
+            method="surgeryv2",
+            rank=4,
+            steps=3,
+            batch_size=B,
+            lr=LR,
+            seed=seed,
+            schedule=schedule,
+            checkpoint_every=0,
+        )
+        heads = [ClassificationHead(torch.randn(2, ARCH.embed_dim)) for _ in TASKS]
+        torch.manual_seed(1234 + seed)  # the global generator's state must not matter
+        bank = train_surgery(
+            merged, heads, TASKS, targets, cfg, tmp_path / name, torch.device("cpu")
+        )
+        return _bank_weights(bank)
+
+    first, again, other = train(5, "a.safetensors"), train(5, "b.safetensors"), train(6, "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_pipeline_commands_run_torch_deterministically(tiny_run):
+    from surgery_edge.run.pipeline import Run
+
+    torch.use_deterministic_algorithms(False)
+    try:
+        Run.open(tiny_run[0])
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=True)
