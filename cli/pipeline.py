@@ -125,7 +125,7 @@ def train(
     rank: Annotated[int | None, typer.Option(help="Adapter rank (default: the method's).")] = None,
     steps: Annotated[
         int | None,
-        typer.Option(help="Steps, each one batch of every task (default: the method's)."),
+        typer.Option(help="Batches of each task to train on (default: the method's)."),
     ] = None,
     batch_size: int = 16,
     lr: float = 1e-3,

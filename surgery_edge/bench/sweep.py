@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from surgery_edge.bench.report import command_line, fmt, table, write_record
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
 from surgery_edge.evaluation.report import pyplot
-from surgery_edge.io import atomic_path
+from surgery_edge.io import atomic_path, fingerprint, write_json_atomic
 from surgery_edge.models.checkpoint import load_encoder
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.methods import get_surgery
@@ -111,8 +112,9 @@ class _Split:
             order = np.random.default_rng([seed, i]).permutation(len(t.images))
             k = max(1, int(round(holdout * len(order))))
             held, train = np.sort(order[:k]), np.sort(order[k:])
-            self.train[task] = TaskTargets(t.images[train], t.final[train], t.blocks[train])
-            self.held[task] = TaskTargets(t.images[held], t.final[held], t.blocks[held])
+            for part, rows, name in ((self.train, train, "train"), (self.held, held, "held")):
+                digest = fingerprint(t.digest, name, holdout, seed)
+                part[task] = TaskTargets(t.images[rows], t.final[rows], t.blocks[rows], digest)
 
 
 @torch.no_grad()
@@ -126,8 +128,9 @@ def _predict(model: MultiTaskModel, task_index: int, images: np.ndarray, device)
 class _Scorer:
     """Held-out agreement with the experts (the choice) and test accuracy (the record)."""
 
-    def __init__(self, run, split: _Split):
+    def __init__(self, run, split: _Split, holdout: float):
         self.run, self.split, self.device = run, split, run.device
+        self.identity = {"holdout": holdout, "version": 1}
         self.expert_top1 = {}
         for task in run.tasks:
             expert = run.layout.model(run.experts.experts[task], None, [task], run.arch, run.device)
@@ -153,7 +156,29 @@ class _Scorer:
 
 def _train(run, merge: str, cfg: SurgeryConfig, targets, snapshots, score, tmp: Path):
     """Train ``cfg`` on ``targets``; score the adapters after each step count in ``snapshots``
-    (steps per task). Returns ``({steps: scores}, seconds)``."""
+    (steps per task). Returns ``({steps: scores}, seconds)``.
+
+    Each result is kept in the run's ``cache/sweep/`` under the identity of everything it was
+    made from (merged model, targets, settings, snapshots, scorer), so an interrupted sweep
+    picks up where it stopped."""
+    key = fingerprint(
+        run.hashes.digest(run.merged[merge]),
+        {t: v.digest for t, v in targets.items()},
+        [len(v.images) for v in targets.values()],
+        asdict(cfg),
+        sorted(snapshots),
+        score.identity,
+    )
+    cached = run.out / "cache" / "sweep" / f"{key}.json"
+    if cached.is_file():
+        found = json.loads(cached.read_text())
+        return {int(k): v for k, v in found["points"].items()}, found["seconds"]
+    points, seconds = _train_now(run, merge, cfg, targets, snapshots, score, tmp)
+    write_json_atomic(cached, {"points": points, "seconds": seconds})
+    return points, seconds
+
+
+def _train_now(run, merge: str, cfg: SurgeryConfig, targets, snapshots, score, tmp: Path):
     encoder = load_encoder(run.merged[merge], run.arch).build(run.device)
     heads = run.heads()
     T = len(run.tasks)
@@ -302,9 +327,8 @@ def compare(run, choice: dict, current: dict, merges: list[str], full, score, tm
                         "train_seconds": seconds,
                     }
                 )
-                print(
-                    f"  {merge} {method} {name}: {s['test_avg']:.2f} ({seconds:.0f} s)", flush=True
-                )
+                took = "the run's adapters" if seconds is None else f"{seconds:.0f} s"
+                print(f"  {merge} {method} {name}: {s['test_avg']:.2f} ({took})", flush=True)
     return {"merged": merged_rows, "experts": experts, "rows": rows}
 
 
@@ -339,7 +363,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     }
     full = training_targets(run, adaptation_split(run))
     split = _Split(full, args.holdout)
-    score = _Scorer(run, split)
+    score = _Scorer(run, split, args.holdout)
     with tempfile.TemporaryDirectory() as tmp:
         print("tuning on", args.merge, flush=True)
         points = tune(args, run, split, score, current, Path(tmp))

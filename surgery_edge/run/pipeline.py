@@ -448,7 +448,7 @@ def surgery_config(run: Run, method: str) -> SurgeryConfig:
         rank=s.params[method].rank,
         steps=s.params[method].steps,
         batch_size=s.batch_size,
-        lr=s.lr,
+        lr=s.lr if s.params[method].lr is None else s.params[method].lr,
         seed=run.config.seed,
         schedule=s.schedule,
     )

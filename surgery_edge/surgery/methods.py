@@ -34,7 +34,8 @@ class SurgeryMethod:
         label: as printed in reports.
         every_block: corrects every block's output (all tokens) besides the final feature.
         rank: the default adapter rank.
-        steps: the default number of training steps (each draws one batch of every task).
+        steps: the default number of batches of each task that training takes (one step each
+            in the joint schedule, which draws one batch of every task per step).
         help: one line for help texts.
     """
 

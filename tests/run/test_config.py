@@ -12,10 +12,12 @@ def test_defaults_are_the_demos_over_the_registries():
     cfg = RunConfig()
     assert cfg.merge.params_for("ties_merging") == {"k": 0.2, "lam": 0.3}
     assert cfg.merge.params_for("adamerging_layerwise")["steps"] == 100  # the demo's budget
+    # the demo's V1 rank, steps and learning rate: the tuning sweep's choice
     assert {m: (p.rank, p.steps) for m, p in cfg.surgery.params.items()} == {
-        "surgery": (16, 1000),
+        "surgery": (80, 2000),
         "surgeryv2": (16, 500),
     }
+    assert (cfg.surgery.lr, cfg.surgery.schedule) == (3e-3, "joint")
 
 
 def test_params_merge_onto_the_defaults_one_parameter_at_a_time():
@@ -25,6 +27,24 @@ def test_params_merge_onto_the_defaults_one_parameter_at_a_time():
     assert cfg.merge.params_for("ties_merging") == {"k": 0.5, "lam": 0.3}
     assert cfg.merge.params_for("adamerging_taskwise")["steps"] == 100
     assert cfg.merge.params_for("adamerging_taskwise")["lr"] == 0.01
+
+
+def test_a_method_can_have_its_own_learning_rate_and_the_schedule_reaches_the_trainer():
+    from types import SimpleNamespace
+
+    from surgery_edge.run.pipeline import surgery_config
+
+    cfg = RunConfig.model_validate(
+        {
+            "seed": 3,
+            "surgery": {"lr": 0.002, "schedule": "reference", "params": {"surgery": {"lr": 0.01}}},
+        }
+    )
+    run = SimpleNamespace(config=cfg)
+    v1, v2 = surgery_config(run, "surgery"), surgery_config(run, "surgeryv2")
+    assert (v1.lr, v2.lr) == (0.01, 0.002)
+    assert v1.schedule == v2.schedule == "reference" and v1.seed == v2.seed == 3
+    assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
 def test_the_flat_keys_of_earlier_releases_still_load():
@@ -58,6 +78,8 @@ def test_the_flat_keys_of_earlier_releases_still_load():
         ({"surgery": {"methods": ["surgeryv3"]}}, "Unknown surgery method 'surgeryv3'"),
         ({"surgery": {"params": {"surgeryv2": {"rank": 0}}}}, "rank"),
         ({"surgery": {"lr": float("nan")}}, "lr"),
+        ({"surgery": {"params": {"surgery": {"lr": -1}}}}, "lr"),
+        ({"surgery": {"schedule": "per-task"}}, "schedule"),
     ],
 )
 def test_bad_settings_fail_when_the_file_is_read(tmp_path, settings, pattern):
