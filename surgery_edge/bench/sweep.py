@@ -56,6 +56,7 @@ from surgery_edge.surgery.trainer import (
 )
 
 METHODS = ("surgery", "surgeryv2")
+REFERENCE_LR = 1e-3  # the authors' learning rate, at which the reference schedule is run
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -206,7 +207,9 @@ def _train_now(run, merge: str, cfg: SurgeryConfig, targets, snapshots, score, t
 
 
 def _grid(args, run, method: str, current: dict) -> list[tuple[SurgeryConfig, list[int]]]:
-    base = SurgeryConfig(method=method, rank=current[method]["rank"], seed=run.config.seed)
+    base = SurgeryConfig(
+        method=method, rank=current[method]["rank"], lr=REFERENCE_LR, seed=run.config.seed
+    )
     current_steps = current[method]["steps"]
     if method == "surgery":
         named = {
@@ -277,7 +280,7 @@ def choose(points: list[dict[str, Any]], current: dict[str, dict], max_v2_steps)
         rows = {
             "current": at("joint", c["lr"], c["rank"], c["steps"]),
             "retuned": retuned,
-            "reference": at("reference", c["lr"], c["rank"], c["steps"]),
+            "reference": at("reference", REFERENCE_LR, c["rank"], c["steps"]),
         }
         best = max(
             (k for k in rows if rows[k] is not None),
