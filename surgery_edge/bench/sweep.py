@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ import torch
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.report import command_line, fmt, table, write_record
 from surgery_edge.data.transforms import to_model_input
+from surgery_edge.errors import SurgeryEdgeError
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
 from surgery_edge.evaluation.report import pyplot
 from surgery_edge.io import atomic_path, fingerprint, write_json_atomic
@@ -350,7 +352,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    run = Run.open(args.run, log=lambda *a: None)
+    try:
+        run = Run.open(args.run, log=lambda *a: None)
+    except SurgeryEdgeError as e:  # a user error: one paragraph, exit 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     run.require_experts()
     run.find_merges()
     run.find_adapters()  # the current settings' adapters, where the run trained them
