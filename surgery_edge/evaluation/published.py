@@ -1,9 +1,14 @@
-"""Published eight-task accuracies, printed beside a run's own figures.
+"""Published per-task accuracies, printed beside a run's own figures.
 
 The figures live in ``published.json`` beside this module (one table per name, each with its
-source). Source of the shipped tables: ``reference/paper_results.md`` of the design notes: the
-AdaMerging / Surgery papers' tables for the baselines, and the Representation Surgery authors'
-logs (step 500) for the "w/ Surgery" rows. No public per-task figures exist for SurgeryV2.
+source). Sources of the shipped tables:
+- ``paper_vit_b32`` / ``paper_vit_l14`` (the eight tasks): ``reference/paper_results.md`` of the
+  design notes: the AdaMerging / Surgery papers' tables for the baselines, and the
+  Representation Surgery authors' logs (step 500) for the "w/ Surgery" rows. No public per-task
+  figures exist for SurgeryV2.
+- ``paper_vit_{b32,l14}_tall{14,20}``: FusionBench's documentation, the zero-shot and fine-tuned
+  accuracies of its own experts on the twenty tasks (the 14-task tables are the first fourteen
+  columns). No merged figures on these suites were verified, so none are attached.
 Accuracy in percent.
 """
 

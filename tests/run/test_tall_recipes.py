@@ -21,6 +21,7 @@ from PIL import Image
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
+from surgery_edge.evaluation.published import published_table
 from surgery_edge.models.templates import PAPER_TASKS, TALL14_TASKS, TALL20_TASKS, templates_for
 from surgery_edge.run.config import load_config
 
@@ -43,7 +44,15 @@ def test_each_recipe_lists_its_suite_and_validates(name, monkeypatch, tmp_path):
     base = yaml.safe_load((CONFIGS / name.replace(f"_tall{len(RECIPES[name])}", "")).read_text())
     # The eight paper tasks are read exactly as the eight-task recipe reads them.
     assert {t: raw["data"]["tasks"][t] for t in PAPER_TASKS} == base["data"]["tasks"]
-    assert raw["arch"] == base["arch"] and "reference" not in raw  # no unverified figures
+    assert raw["arch"] == base["arch"]
+    # the reference column: published figures for exactly these tasks, each with its source
+    table = published_table(config.reference)
+    assert config.reference == name.removesuffix(".yaml")
+    assert table["tasks"] == list(RECIPES[name]) and "FusionBench" in table["source"]
+    assert {(r["method"], r["surgery"]) for r in table["rows"]} == {
+        ("pretrained", "none"),
+        ("individual", "none"),
+    }  # no merged figures: none were verified
     assert config.name.endswith(f"tall{len(RECIPES[name])}")
     for task in RECIPES[name]:
         assert templates_for(task) != templates_for("no such task"), task
@@ -168,6 +177,12 @@ def test_the_20_task_recipe_runs_end_to_end(tmp_path):
     for surgery in ("none", "surgery", "surgeryv2"):
         assert set(rows[("task_arithmetic", surgery)]["per_task"]) == set(TALL20_TASKS)
     assert set(rows[("individual", "none")]["per_task"]) == set(TALL20_TASKS)
+    # FusionBench's published figures beside the measured ones, for all twenty tasks
+    ref = {(r["method"], r["surgery"]): r for r in report["reference"]["rows"]}
+    pcam = ref[("individual", "none")]["per_task"]["PCAM"]
+    assert pcam == {"measured": rows[("individual", "none")]["per_task"]["PCAM"], "published": 87.96}
+    assert ref[("pretrained", "none")]["per_task"]["KMNIST"]["published"] == 9.95
+    assert "FusionBench" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
