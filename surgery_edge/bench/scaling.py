@@ -8,7 +8,8 @@ heads (all tasks, and routed), Surgery (V1) answering all tasks, and SurgeryV2 r
 set against T separate experts: T one-task engines, whose size is the sum of theirs and whose
 time is T calls of one (all tasks: each expert on the whole batch; routed: each on its own
 images). Random weights: cost only, no accuracy. The goals the record checks at the largest T:
-V1 all tasks within 1.1x the merged backbone, V2 routed within 1.05x.
+V1 all tasks within 1.1x the merged backbone, V2 routed within 1.05x. ``--no-experts`` leaves the
+experts out (at ViT-B width, T one-task engines are most of the export and timing time).
 
 Writes ``scaling-<arch>.json``, ``.md`` and ``.png`` into ``--out``, with the command and the
 machine's ``/proc/loadavg`` before and after (CPU timings on a shared machine are noisy).
@@ -64,6 +65,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=float,
         default=4.0,
         help="time per engine over all rounds (each round: a torch.utils.benchmark block)",
+    )
+    p.add_argument(
+        "--no-experts",
+        dest="experts",
+        action="store_false",
+        help="time the merged and surgery engines only (not T separate experts)",
     )
     p.add_argument("--out", type=Path, help="folder for the JSON, Markdown and plot")
     return p
@@ -137,26 +144,28 @@ def measure_tasks(timer: _Timer, T: int) -> dict[str, Any]:
         calls[name] = lambda b=backend, f=feed: b.run(images, f)
     # T experts: each on the whole batch (all tasks) or on its own images (routed)
     shares = [int((ids == t).sum()) for t in range(T)]
-    for c, n in {(c, args.batch) for c in classes} | {(c, n) for c, n in zip(classes, shares)}:
-        backend = timer.expert(c)[0]
-        if n:
-            calls[(c, n)] = lambda b=backend, n=n: b.run(images[:n], np.zeros(n, np.int64))
+    if args.experts:
+        for c, n in {(c, args.batch) for c in classes} | set(zip(classes, shares)):
+            backend = timer.expert(c)[0]
+            if n:
+                calls[(c, n)] = lambda b=backend, n=n: b.run(images[:n], np.zeros(n, np.int64))
     ms = timer.medians(calls)
-    expert_bytes = sum(timer.expert(c)[1] for c in classes)
     row: dict[str, Any] = {"tasks": T, "classes": classes, "engines": {}}
     for name in ENGINES:
         row["engines"][name] = _entry(ms[name], sizes[name], args.batch)
-    all_ms = sum(ms[(c, args.batch)] for c in classes)
-    routed_ms = sum(ms[(c, n)] for c, n in zip(classes, shares) if n)
-    row["engines"]["experts-all-tasks"] = _entry(all_ms, expert_bytes, args.batch)
-    row["engines"]["experts-routed"] = _entry(routed_ms, expert_bytes, args.batch)
     e = row["engines"]
     row["ratios"] = {
         "v1_all_tasks": _ratio(e["surgery-all-tasks"], e["merged-all-tasks"]),
         "v2_routed": _ratio(e["surgeryv2-routed"], e["merged-routed"]),
-        "experts_all_tasks": _ratio(e["experts-all-tasks"], e["merged-all-tasks"]),
-        "experts_routed": _ratio(e["experts-routed"], e["merged-routed"]),
     }
+    if args.experts:
+        expert_bytes = sum(timer.expert(c)[1] for c in classes)
+        all_ms = sum(ms[(c, args.batch)] for c in classes)
+        routed_ms = sum(ms[(c, n)] for c, n in zip(classes, shares) if n)
+        e["experts-all-tasks"] = _entry(all_ms, expert_bytes, args.batch)
+        e["experts-routed"] = _entry(routed_ms, expert_bytes, args.batch)
+        row["ratios"]["experts_all_tasks"] = _ratio(e["experts-all-tasks"], e["merged-all-tasks"])
+        row["ratios"]["experts_routed"] = _ratio(e["experts-routed"], e["merged-routed"])
     return row
 
 
@@ -206,6 +215,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "rank": args.rank,
         "onnxruntime_threads": args.threads,
         "weights": "random (cost only)",
+        "experts": args.experts,
         "timer": f"{TIMER}, median per call over {args.rounds} interleaved rounds",
         "command": command_line(argv, prog or f"{__name__}.main"),
         "loadavg_before": load_before,
@@ -226,7 +236,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
 
 def markdown(record: dict[str, Any]) -> list[str]:
     """The record as a Markdown report."""
-    names = list(ENGINES) + ["experts-all-tasks", "experts-routed"]
+    rows = record["results"]
+    names = list(rows[0]["engines"])
     lines = [
         f"# Task scaling: {record['arch']}, batch {record['batch']}, rank {record['rank']}",
         "",
@@ -240,7 +251,8 @@ def markdown(record: dict[str, Any]) -> list[str]:
         "## Median latency per call (ms)",
         "",
     ]
-    rows = record["results"]
+    if not record.get("experts", True):
+        lines += ["Separate experts not timed (`--no-experts`).", ""]
     lines += table(
         ["T", *names],
         [
@@ -265,7 +277,7 @@ def markdown(record: dict[str, Any]) -> list[str]:
         ],
     )
     lines += ["", "## Against the merged backbone (latency x, size x)", ""]
-    ratio_names = ["v1_all_tasks", "v2_routed", "experts_all_tasks", "experts_routed"]
+    ratio_names = list(rows[0]["ratios"])
     lines += table(
         ["T", *ratio_names],
         [
@@ -295,7 +307,7 @@ def plot(record: dict[str, Any], path: Path) -> Path:
     plt = pyplot()
     rows = record["results"]
     tasks = [r["tasks"] for r in rows]
-    names = list(ENGINES) + ["experts-all-tasks", "experts-routed"]
+    names = list(rows[0]["engines"])
     styles = {
         "merged-all-tasks": ("tab:gray", "-"),
         "surgery-all-tasks": ("tab:blue", "-"),

@@ -40,3 +40,17 @@ def test_scaling_records_every_engine_against_separate_experts(tmp_path):
 def test_more_tasks_than_images_is_refused():
     with pytest.raises(SystemExit, match="at most --batch"):
         scaling.main(["--tasks", "8", "--batch", "4"])
+
+
+def test_no_experts_times_the_shared_engines_alone(tmp_path):
+    argv = ["--arch", "micro-vit-16", "--tasks", "1,3", "--batch", "3", "--rank", "2"]
+    argv += ["--warmup", "1", "--max-seconds", "0.05", "--rounds", "1", "--no-experts"]
+    record = scaling.main([*argv, "--out", str(tmp_path)], prog="bench_scaling")
+    assert record["experts"] is False
+    for row in record["results"]:
+        assert set(row["engines"]) == set(scaling.ENGINES)
+        assert set(row["ratios"]) == {"v1_all_tasks", "v2_routed"}
+    assert record["goals"]["v1_all_tasks"]["tasks"] == 3
+    report = (tmp_path / "scaling-micro-vit-16.md").read_text()
+    assert "not timed (`--no-experts`)" in report and "experts-routed" not in report
+    assert (tmp_path / "scaling-micro-vit-16.png").stat().st_size > 1000
