@@ -8,7 +8,9 @@ source). Sources of the shipped tables:
   figures exist for SurgeryV2.
 - ``paper_vit_{b32,l14}_tall{14,20}``: FusionBench's documentation, the zero-shot and fine-tuned
   accuracies of its own experts on the twenty tasks (the 14-task tables are the first fourteen
-  columns). No merged figures on these suites were verified, so none are attached.
+  columns), and the TALL-masks authors' recorded accuracies of their fine-tuned checkpoints (the
+  ones these recipes import). No merged figures on these suites were verified, so none are
+  attached.
 Accuracy in percent.
 """
 

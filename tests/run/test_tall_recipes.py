@@ -53,6 +53,8 @@ def test_each_recipe_lists_its_suite_and_validates(name, monkeypatch, tmp_path):
         ("pretrained", "none"),
         ("individual", "none"),
     }  # no merged figures: none were verified
+    labels = [r["label"] for r in table["rows"]]
+    assert "Individual (TALL-masks checkpoints)" in labels and "tall_masks" in table["source"]
     assert config.name.endswith(f"tall{len(RECIPES[name])}")
     for task in RECIPES[name]:
         assert templates_for(task) != templates_for("no such task"), task
@@ -178,13 +180,14 @@ def test_the_20_task_recipe_runs_end_to_end(tmp_path):
         assert set(rows[("task_arithmetic", surgery)]["per_task"]) == set(TALL20_TASKS)
     assert set(rows[("individual", "none")]["per_task"]) == set(TALL20_TASKS)
     # FusionBench's published figures beside the measured ones, for all twenty tasks
-    ref = {(r["method"], r["surgery"]): r for r in report["reference"]["rows"]}
+    ref = {r["label"]: r for r in report["reference"]["rows"]}
     measured = rows[("individual", "none")]["per_task"]["PCAM"]
-    assert ref[("individual", "none")]["per_task"]["PCAM"] == {
+    assert ref["Individual (FusionBench's experts)"]["per_task"]["PCAM"] == {
         "measured": measured,
         "published": 87.96,
     }
-    assert ref[("pretrained", "none")]["per_task"]["KMNIST"]["published"] == 9.95
+    assert ref["Individual (TALL-masks checkpoints)"]["per_task"]["PCAM"]["published"] == 87.88
+    assert ref["Pre-trained (zero-shot)"]["per_task"]["KMNIST"]["published"] == 9.95
     assert "FusionBench" in (out / "report.md").read_text()
 
 
