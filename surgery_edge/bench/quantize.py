@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from surgery_edge.bench.env import environment
-from surgery_edge.bench.report import command_line, fmt, table, write_record
+from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ExportError
 from surgery_edge.evaluation.accuracy import accuracy_on
@@ -46,7 +46,6 @@ from surgery_edge.export.quantize import (
     default_recipe,
     quantize_engine,
 )
-from surgery_edge.io import write_text_atomic
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
 from surgery_edge.run.export import expert_model
 from surgery_edge.run.pipeline import Run, adaptation_split, prepare_suite
@@ -310,9 +309,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     if v2 is not None:
         record["targets"] = targets(v2)
     if args.out:
-        stem = f"quantize-{run.arch.name}"
-        write_record(args.out / f"{stem}.json", record)
-        write_text_atomic(args.out / f"{stem}.md", markdown(record))
+        write_record_set(args.out, f"quantize-{run.arch.name}", record, markdown(record))
     return record
 
 

@@ -8,7 +8,7 @@ import json
 import math
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,24 @@ def command_line(argv: Sequence[str] | None, prog: str) -> str:
 def write_record(path: Path, record: dict[str, Any]) -> Path:
     """Write one benchmark's JSON record (atomically, creating the folder); returns ``path``."""
     return write_json_atomic(path, record)
+
+
+def write_record_set(
+    folder: Path,
+    stem: str,
+    record: dict[str, Any],
+    markdown: str | Sequence[str],
+    plot: Callable[[dict[str, Any], Path], Any] | None = None,
+) -> Path:
+    """A benchmark's ``<stem>.json``, ``<stem>.md`` (a string, or its lines) and, given ``plot``,
+    ``<stem>.png`` in ``folder``, each written atomically; returns the JSON's path."""
+    folder = Path(folder)
+    text = markdown if isinstance(markdown, str) else "\n".join(markdown) + "\n"
+    path = write_record(folder / f"{stem}.json", record)
+    write_text_atomic(folder / f"{stem}.md", text)
+    if plot is not None:
+        plot(record, folder / f"{stem}.png")
+    return path
 
 
 def fmt(x: float | None, spec: str) -> str:

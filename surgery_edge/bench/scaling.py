@@ -29,7 +29,7 @@ import torch
 
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.flops import task_classes
-from surgery_edge.bench.report import command_line, fmt, table, write_record
+from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.timing import TIMER, Contestant, interleaved
 from surgery_edge.evaluation.report import pyplot
 from surgery_edge.export.onnx import export_onnx
@@ -226,11 +226,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "results": rows,
     }
     if args.out is not None:
-        stem = args.out / f"scaling-{timer.arch.name}"
-        write_record(stem.with_suffix(".json"), record)
-        with atomic_path(stem.with_suffix(".md")) as tmp:
-            Path(tmp).write_text("\n".join(markdown(record)) + "\n")
-        plot(record, stem.with_suffix(".png"))
+        write_record_set(args.out, f"scaling-{timer.arch.name}", record, markdown(record), plot)
     return record
 
 

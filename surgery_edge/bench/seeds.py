@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from surgery_edge.bench.report import command_line, table, write_record
-from surgery_edge.io import write_text_atomic
+from surgery_edge.bench.report import command_line, table, write_record_set
 
 SURGERIES = ("none", "surgery", "surgeryv2")
 
@@ -163,7 +162,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     record = summarise(args.runs)
     record["command"] = command_line(argv, prog or f"{__name__}.main")
     if args.out is not None:
-        write_record(args.out / "demo-seeds.json", record)
-        write_text_atomic(args.out / "demo-seeds.md", "\n".join(markdown(record)) + "\n")
+        write_record_set(args.out, "demo-seeds", record, markdown(record))
     print("\n".join(markdown(record)))
     return record

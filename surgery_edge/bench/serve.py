@@ -59,11 +59,10 @@ from typing import Any
 import numpy as np
 
 from surgery_edge.bench.env import environment
-from surgery_edge.bench.report import command_line, fmt, table, write_record
+from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
 from surgery_edge.engine_format import EngineMetadata, EngineMode, read_onnx_metadata
 from surgery_edge.errors import ConfigError
-from surgery_edge.io import write_text_atomic
 
 WORKLOADS = {"all-tasks": ("v1", "experts"), "mixed": ("v2", "merged", "experts")}
 # the targets of the serving issue: (workload, engine, baseline, least ratio, p99 no worse)
@@ -660,9 +659,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "results": [asdict(r) for r in results],
         "targets": targets(results),
     }
-    out = Path(args.out)
-    write_record(out / f"serve-{cfg.arch}.json", record)
-    write_text_atomic(out / f"serve-{cfg.arch}.md", markdown(record))
+    write_record_set(Path(args.out), f"serve-{cfg.arch}", record, markdown(record))
     print(markdown(record))
     return record
 

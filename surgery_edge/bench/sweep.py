@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from surgery_edge.bench.env import environment
-from surgery_edge.bench.report import command_line, fmt, table, write_record
+from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.errors import SurgeryEdgeError
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
@@ -397,11 +397,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "compare": compared,
     }
     if args.out is not None:
-        stem = args.out / f"surgery-sweep-{run.arch.name}"
-        write_record(stem.with_suffix(".json"), record)
-        with atomic_path(stem.with_suffix(".md")) as tmp:
-            Path(tmp).write_text("\n".join(markdown(record)) + "\n")
-        plot(record, stem.with_suffix(".png"))
+        stem = f"surgery-sweep-{run.arch.name}"
+        write_record_set(args.out, stem, record, markdown(record), plot)
     return record
 
 
