@@ -60,6 +60,7 @@ TORCHVISION_DATASETS = (
     "KMNIST",
     "Food101",
     "RenderedSST2",
+    "EMNIST",  # the digits split, as the TALL-masks code reads it
 )
 _NUM_CLASSES = {
     "SUN397": 397,
@@ -74,6 +75,7 @@ _NUM_CLASSES = {
     "KMNIST": 10,
     "Food101": 101,
     "RenderedSST2": 2,
+    "EMNIST": 10,
 }
 _TRAIN_FLAG = ("MNIST", "FashionMNIST", "KMNIST")  # train=True/False instead of a split name
 _TRAIN_SPLIT = {"OxfordIIITPet": "trainval"}  # the official training split's name, if not train
@@ -447,7 +449,9 @@ def _open_torchvision(task_name: str, name: str, root: Path, split: str) -> Any:
 
     cls = getattr(tvd, name)
     kwargs: dict[str, Any] = {}
-    if name in _TRAIN_FLAG:
+    if name == "EMNIST":  # images as torchvision returns them (not transposed), as TALL-masks
+        kwargs.update(split="digits", train=split == "train")
+    elif name in _TRAIN_FLAG:
         kwargs["train"] = split == "train"
     elif name == "DTD":
         kwargs.update(split=split, partition=1)

@@ -81,12 +81,14 @@ def write_idx(path: Path, data: np.ndarray) -> None:
     path.write_bytes(struct.pack(">" + "i" * (1 + data.ndim), magic, *data.shape) + data.tobytes())
 
 
-def write_mnist_like(root: Path, name: str, seed: int) -> None:
-    """torchvision's raw idx files (``<name>/raw/``), labels 0..9 in both splits."""
+def write_mnist_like(
+    root: Path, name: str, seed: int, prefixes: tuple[str, str] = ("train", "t10k")
+) -> None:
+    """torchvision's raw idx files (``<name>/raw/<prefix>-...``), labels 0..9 in both splits."""
     raw = root / name / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    for prefix in ("train", "t10k"):
+    for prefix in prefixes:
         labels = np.arange(10, dtype=np.uint8)
         images = np.stack([pixels(rng, int(c), 28, gray=True) for c in labels])
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
@@ -141,6 +143,12 @@ TORCHVISION = {
     "KMNIST": (lambda root, seed: write_mnist_like(root, "KMNIST", seed), 10),
     "Food101": (write_food101, 2),
     "RenderedSST2": (write_sst2, 2),
+    "EMNIST": (
+        lambda root, seed: write_mnist_like(
+            root, "EMNIST", seed, ("emnist-digits-train", "emnist-digits-test")
+        ),
+        10,
+    ),
 }
 
 
@@ -209,7 +217,7 @@ def test_the_added_torchvision_sources_read_labels_names_and_splits(name, tmp_pa
         assert data.class_names == expected[name]
         assert sorted(data.test_y.tolist()) == [0, 0, 1, 1]
         assert sorted(data.train_y.tolist()) == [0, 0, 1, 1]
-    else:  # FashionMNIST / KMNIST: torchvision's ten names, one image per class and split
+    else:  # FashionMNIST / KMNIST / EMNIST digits: ten names, one image per class and split
         assert data.num_classes == 10 and data.test_y.tolist() == list(range(10))
         assert data.train_y.tolist() == list(range(10))
     assert data.test_x.shape[1:] == (8, 8, 3) and data.adapt_x.shape == (2, 8, 8, 3)
