@@ -659,7 +659,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "results": [asdict(r) for r in results],
         "targets": targets(results),
     }
-    write_record_set(Path(args.out), f"serve-{cfg.arch}", record, markdown(record))
+    write_record_set(args.out, f"serve-{cfg.arch}", record, markdown(record))
     print(markdown(record))
     return record
 

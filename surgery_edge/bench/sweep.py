@@ -397,8 +397,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "compare": compared,
     }
     if args.out is not None:
-        stem = f"surgery-sweep-{run.arch.name}"
-        write_record_set(args.out, stem, record, markdown(record), plot)
+        write_record_set(args.out, f"surgery-sweep-{run.arch.name}", record, markdown(record), plot)
     return record
 
 
