@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,serve,quant]'
+	$(BIN)/python -m pip install -q -e '.[dev,serve,quant,datasets]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,7 +17,9 @@ Two sources:
 - ``folder``: ``<path>/train/<class>/*``, ``<path>/test/<class>/*`` and optionally
   ``<path>/adapt/`` (unlabelled images, directly inside it or in any sub-folders);
 - ``torchvision``: one of :data:`TORCHVISION_DATASETS`, read from files the user placed under
-  the root (surgery-edge never downloads).
+  the root (surgery-edge never downloads), by torchvision's class or, for CIFAR, STL10,
+  Flowers102 and FER2013, by :mod:`surgery_edge.data.tv_files` (no unrestricted pickle, no
+  re-hashing of the files on every run).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from surgery_edge.data import tv_files
 from surgery_edge.data.suite import TaskData
 from surgery_edge.errors import ConfigError, DataError
 from surgery_edge.io import atomic_path
@@ -61,6 +64,12 @@ TORCHVISION_DATASETS = (
     "Food101",
     "RenderedSST2",
     "EMNIST",  # the digits split, as the TALL-masks code reads it
+    "CIFAR10",
+    "CIFAR100",
+    "STL10",
+    "Flowers102",
+    "FER2013",
+    "PCAM",  # needs h5py (the `datasets` extra)
 )
 _NUM_CLASSES = {
     "SUN397": 397,
@@ -76,6 +85,12 @@ _NUM_CLASSES = {
     "Food101": 101,
     "RenderedSST2": 2,
     "EMNIST": 10,
+    "CIFAR10": 10,
+    "CIFAR100": 100,
+    "STL10": 10,
+    "Flowers102": 102,
+    "FER2013": 7,
+    "PCAM": 2,
 }
 _TRAIN_FLAG = ("MNIST", "FashionMNIST", "KMNIST")  # train=True/False instead of a split name
 _TRAIN_SPLIT = {"OxfordIIITPet": "trainval"}  # the official training split's name, if not train
@@ -445,6 +460,22 @@ def _load_torchvision_task(loader: _Loader, seed: int, n_adapt: int, need_train:
 
 def _open_torchvision(task_name: str, name: str, root: Path, split: str) -> Any:
     """Build the dataset with ``download=False``; missing files become a :class:`DataError`."""
+    if name in tv_files.READERS:  # read here: see surgery_edge.data.tv_files for why
+        try:
+            return tv_files.open_dataset(name, root, split)
+        except DataError as e:
+            raise DataError(
+                f"Task {task_name!r}: torchvision {name} ({split}) at {root}: {e} "
+                + _PLACE_FILES.format(name=name)
+            ) from None
+    if name == "PCAM":
+        try:
+            import h5py  # noqa: F401 (torchvision's PCAM reads HDF5)
+        except ImportError:
+            raise DataError(
+                f"Task {task_name!r}: torchvision PCAM reads HDF5 files, which needs h5py: "
+                "pip install 'surgery-edge[datasets]' (or pip install h5py)."
+            ) from None
     import torchvision.datasets as tvd  # deferred: a slow import, for torchvision sources only
 
     cls = getattr(tvd, name)
@@ -462,10 +493,15 @@ def _open_torchvision(task_name: str, name: str, root: Path, split: str) -> Any:
     except Exception as e:  # each class signals missing files its own way
         raise DataError(
             f"Task {task_name!r}: torchvision {name} ({split}) could not be opened at {root} "
-            f"({type(e).__name__}: {e}). surgery-edge never downloads: place the files there "
-            f"yourself, e.g. by running torchvision.datasets.{name}(root, download=True) once "
-            "on a machine with network access and copying the root over."
+            f"({type(e).__name__}: {e}). " + _PLACE_FILES.format(name=name)
         ) from None
+
+
+_PLACE_FILES = (
+    "surgery-edge never downloads: place the files there yourself, e.g. by running "
+    "torchvision.datasets.{name}(root, download=True) once on a machine with network access "
+    "and copying the root over."
+)
 
 
 def _dataset_item(dataset: Any, index: int) -> tuple[Image.Image, int]:

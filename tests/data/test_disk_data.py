@@ -292,8 +292,10 @@ def test_torchvision_errors(tmp_path):
 
     with pytest.raises(DataError, match=r"MNIST .*nothing-here.*never downloads"):
         load("MNIST")
-    with pytest.raises(ConfigError, match="unknown torchvision dataset 'CIFAR10'.*'SUN397'"):
-        load("CIFAR10")
+    with pytest.raises(DataError, match=r"batches.meta is missing .*never downloads"):
+        load("CIFAR10")  # read by surgery-edge itself: the same advice
+    with pytest.raises(ConfigError, match="unknown torchvision dataset 'ImageNet'.*'SUN397'"):
+        load("ImageNet")
     with pytest.raises(ConfigError, match="RESISC45 is not a torchvision dataset: use the folder"):
         load("RESISC45")
 

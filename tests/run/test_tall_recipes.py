@@ -3,8 +3,9 @@
 Every recipe holds its suite's tasks in the papers' order and validates; the TALL20 recipe
 runs end to end (``surgery-edge run``) on a micro CLIP task_vectors tree and data written here
 for all twenty tasks in the real formats at the places the recipe names: torchvision's own files
-for OxfordIIITPet, FashionMNIST, KMNIST, Food101 and RenderedSST2 (read by torchvision), image
-folders for the rest; only the architecture and the step counts are made small.
+for the twelve added tasks (tests/dataset_formats.py writes CIFAR, STL10, Flowers102, FER2013 and
+PCAM), image folders for the eight paper tasks; only the architecture and the step counts are
+made small.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from checkpoint_formats import write_task_vectors_tree
+from dataset_formats import write_cifar, write_fer2013, write_flowers102, write_pcam, write_stl10
 from PIL import Image
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
@@ -149,6 +151,12 @@ TORCHVISION = {
         ),
         10,
     ),
+    "CIFAR10": (lambda root, seed: write_cifar(root, "CIFAR10", seed), 10),
+    "CIFAR100": (lambda root, seed: write_cifar(root, "CIFAR100", seed), 100),
+    "STL10": (write_stl10, 10),
+    "Flowers102": (write_flowers102, 102),
+    "FER2013": (write_fer2013, 7),
+    "PCAM": (write_pcam, 2),
 }
 
 
@@ -215,6 +223,8 @@ def test_the_added_torchvision_sources_read_labels_names_and_splits(name, tmp_pa
     }
     if name in expected:
         assert data.class_names == expected[name]
+    if "MNIST" not in name:  # two images of each of classes 0 and 1 per split
+        assert data.num_classes == TORCHVISION[name][1]
         assert sorted(data.test_y.tolist()) == [0, 0, 1, 1]
         assert sorted(data.train_y.tolist()) == [0, 0, 1, 1]
     else:  # FashionMNIST / KMNIST / EMNIST digits: ten names, one image per class and split
