@@ -24,7 +24,12 @@ from surgery_edge.errors import AdapterError, CheckpointError, ConfigError
 from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.checkpoint import load_tensors, save_tensors
 from surgery_edge.models.metadata import AdapterMeta, parse_meta
-from surgery_edge.surgery.functional import all_tasks_correction, routed_correction
+from surgery_edge.surgery.functional import (
+    TaskGroups,
+    all_tasks_correction,
+    grouped_correction,
+    routed_correction,
+)
 from surgery_edge.surgery.methods import get_surgery
 
 
@@ -78,11 +83,16 @@ class AdapterBank(nn.Module):
     def has(self, site: str) -> bool:
         return _key(site) in self.down
 
-    def correct(self, site: str, z: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """Routed correction at ``site``; identity for sites this bank does not correct."""
+    def correct(
+        self, site: str, z: torch.Tensor, task_ids: torch.Tensor | TaskGroups
+    ) -> torch.Tensor:
+        """Routed correction at ``site`` (a task id per row, or a batch laid out by task);
+        identity for sites this bank does not correct."""
         if not self.has(site):
             return z
         down, up = self.weights(site)
+        if isinstance(task_ids, TaskGroups):
+            return grouped_correction(z, task_ids, down, up)
         return routed_correction(z, task_ids, down, up)
 
     def correct_all_tasks(self, site: str, z: torch.Tensor) -> torch.Tensor:

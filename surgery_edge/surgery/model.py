@@ -26,6 +26,7 @@ from surgery_edge import kernels  # cheap: the kernel modules load on first use
 from surgery_edge.models.encoder import ImageEncoder
 from surgery_edge.models.heads import ClassificationHead, normalize_per_task, uniform_normalize
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.functional import TaskGroups
 
 
 class MultiTaskModel(nn.Module):
@@ -80,13 +81,15 @@ class MultiTaskModel(nn.Module):
 
     # --- representations -------------------------------------------------------------------
 
-    def _correct(self, site: str, z: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def _correct(
+        self, site: str, z: torch.Tensor, task_ids: torch.Tensor | TaskGroups
+    ) -> torch.Tensor:
         return z if self.bank is None else self.bank.correct(site, z, task_ids)
 
     def representations(
         self,
-        images: torch.Tensor,
-        task_ids: torch.Tensor,  # (B, 3, H, W), (B,)
+        images: torch.Tensor,  # (B, 3, H, W)
+        task_ids: torch.Tensor | TaskGroups,  # (B,), or the batch's runs of one task each
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Corrected final feature (B, e) and every corrected block output's token mean (B, d)."""
         x = self.encoder.embed(images)

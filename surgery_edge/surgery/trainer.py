@@ -49,6 +49,7 @@ from surgery_edge.io import atomic_path
 from surgery_edge.models.encoder import ImageEncoder
 from surgery_edge.progress import progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.functional import TaskGroups
 from surgery_edge.surgery.methods import SCHEDULES, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import BATCH
@@ -374,7 +375,8 @@ def train_surgery(
         draws = [
             (i, tasks[i], j[rows.start : rows.stop]) for i, j in schedule_draws(cfg, step, sizes)
         ]
-        task_ids = torch.tensor([i for i, _, _ in draws], device=device).repeat_interleave(local)
+        # the batch is laid out by task: each task's adapters are applied once to its rows
+        groups = TaskGroups(torch.tensor([i for i, _, _ in draws], device=device), local)
         tgt_final = torch.cat(
             [torch.from_numpy(np.asarray(targets[t].final[j])) for _, t, j in draws]
         ).to(device)
@@ -382,12 +384,12 @@ def train_surgery(
             z = torch.cat(
                 [torch.from_numpy(np.asarray(merged_finals[t][j])) for _, t, j in draws]
             ).to(device)
-            final, block_means, tgt_blocks = bank.correct("final", z, task_ids), [], None
+            final, block_means, tgt_blocks = bank.correct("final", z, groups), [], None
         else:
             images = torch.cat(
                 [to_model_input(targets[t].images[j], encoder.arch, device) for _, t, j in draws]
             )
-            final, block_means = model.representations(images, task_ids)
+            final, block_means = model.representations(images, groups)
             tgt_blocks = torch.cat(
                 [torch.from_numpy(np.asarray(targets[t].blocks[j])) for _, t, j in draws]
             ).to(device)

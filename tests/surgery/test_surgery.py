@@ -8,6 +8,7 @@ from surgery_edge.errors import AdapterError, ConfigError, TrainingError
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.functional import (
+    TaskGroups,
     all_tasks_correction,
     routed_correction,
     surgery_correction,
@@ -64,6 +65,29 @@ def test_routed_correction_uses_each_images_task():
     out = routed_correction(z, ids, down, up)
     for b, t in enumerate(ids.tolist()):
         torch.testing.assert_close(out[b], surgery_correction(z[b], down[t], up[t]))
+
+
+@pytest.mark.parametrize("tokens", [(), (7,)], ids=["features", "tokens"])
+def test_a_batch_laid_out_by_task_routes_as_its_task_ids(tokens):
+    """Training's grouped routing gives the per-row routing's values and gradients (the
+    products are shaped differently, so equal to rounding, not bit for bit: float64 here)."""
+    d = ARCH.embed_dim
+    z = torch.randn(6, *tokens, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    groups = TaskGroups(torch.tensor([2, 0, 1]), rows=2)  # rows 0-1 task 2, 2-3 task 0, ...
+    assert groups.task_ids().tolist() == [2, 2, 0, 0, 1, 1]
+    results = []
+    for route in (groups, groups.task_ids()):
+        torch.manual_seed(0)  # the same adapters for both routings
+        bank = AdapterBank(TASKS, ARCH, "surgery", rank=3).double()
+        with torch.no_grad():
+            bank.up["final"].normal_(generator=torch.Generator().manual_seed(1))
+        out = bank.correct("final", z, route)
+        (out**2).sum().backward()
+        results.append((out, bank.down["final"].grad, bank.up["final"].grad))
+    for grouped, routed in zip(*results):
+        torch.testing.assert_close(grouped, routed)
+    with pytest.raises(ValueError, match="5 rows are not 3 runs of 2"):
+        bank.correct("final", z[:5], groups)
 
 
 def _model(method, seed=0, nonzero_up=True):
