@@ -4,12 +4,14 @@
 - with Surgery (V1) as an all-tasks engine (the backbone runs once, only the final adapters and
   heads fan out), in fp32 and int8, and
 - with SurgeryV2 as a routed engine (one task id per image), in fp32, fp16, int8 and fp8,
-to ONNX (and fp32 AOTInductor ``.pt2``). It also exports a single expert alone (plain, routed,
-one task) in fp32, fp16 and int8: the size every extra task would cost if each task shipped its
-own model, at each precision. Every artefact is checked for parity with PyTorch and every ONNX
-engine is evaluated through the runtime (:mod:`surgery_edge.run.engine_eval`): accuracy from the
-stored test images, the change against the PyTorch model, file size, and ONNX Runtime CPU
-latency at batch 1 and 8.
+to ONNX, and the routed V2 engine (the one a deployment serves) also as an fp32 AOTInductor
+``.pt2`` (the all-tasks engine compiles the same way, through ``surgery-edge export --aoti``;
+the demo leaves it out to keep within its time budget). It also exports a single expert alone
+(plain, routed, one task) in fp32, fp16 and int8: the size every extra task would cost if each
+task shipped its own model, at each precision. Every artefact is checked for parity with PyTorch
+and every ONNX engine is evaluated through the runtime (:mod:`surgery_edge.run.engine_eval`):
+accuracy from the stored test images, the change against the PyTorch model, file size, and ONNX
+Runtime CPU latency at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -39,12 +41,12 @@ if TYPE_CHECKING:
 
 MERGE = "task_arithmetic"
 SINGLE_EXPERT = "single-expert"
-# (engine name, surgery method, mode, precisions): V1 answers every task from one backbone
-# pass; V2 routes. None: the single expert. fp32 comes first: int8 and fp8 quantise it.
+# (engine name, surgery method, mode, precisions, also .pt2): V1 answers every task from one
+# backbone pass; V2 routes. None: the single expert. fp32 comes first: int8 and fp8 quantise it.
 PLANS = (
-    (SINGLE_EXPERT, None, EngineMode.ROUTED, ("fp32", "fp16", "int8")),
-    ("surgery-all-tasks", "surgery", EngineMode.ALL_TASKS, ("fp32", "int8")),
-    ("surgeryv2-routed", "surgeryv2", EngineMode.ROUTED, ("fp32", "fp16", "int8", "fp8")),
+    (SINGLE_EXPERT, None, EngineMode.ROUTED, ("fp32", "fp16", "int8"), False),
+    ("surgery-all-tasks", "surgery", EngineMode.ALL_TASKS, ("fp32", "int8"), False),
+    ("surgeryv2-routed", "surgeryv2", EngineMode.ROUTED, ("fp32", "fp16", "int8", "fp8"), True),
 )
 
 
@@ -71,9 +73,9 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
         run: a run with its experts loaded (:meth:`Run.require_experts`), the
             ``task_arithmetic`` merge and both surgery methods' adapters.
         out_dir: where the engines go.
-        aoti: also compile fp32 ``.pt2`` packages (needs a C++ compiler; ~30 s or more each on
-            CPU). A failed compile or quantisation is recorded as ``{"error": ...}`` and the
-            rest still runs.
+        aoti: also compile the routed V2 engine as an fp32 ``.pt2`` package (needs a C++
+            compiler; about 30 s on a 2-core CPU). A failed compile or quantisation is
+            recorded as ``{"error": ...}`` and the rest still runs.
 
     Returns:
         ``{"tasks", "arch", "single_expert": {...}, "engines": {name: {artefact: {...}}}}``:
@@ -99,9 +101,9 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
         "engines": {},
     }
     expert_bytes: dict[str, int] = {}
-    steps = sum(len(p) + (1 if aoti and m is not None else 0) for _, m, _, p in PLANS)
+    steps = sum(len(p) + (aoti and pt2) for _, _, _, p, pt2 in PLANS)
     with progress_bar(steps, "export, parity, evaluation") as bar:
-        for name, method, mode, precisions in PLANS:
+        for name, method, mode, precisions, pt2 in PLANS:
             if method is None:
                 model, task = _single_expert_model(run)
                 extra: dict[str, Any] = {"expert": task}
@@ -159,7 +161,7 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
                         )
                     if same:
                         entry["bytes_vs_expert_same_precision"] = round(entry["bytes"] / same, 3)
-            if aoti and method is not None:
+            if aoti and pt2:
                 t0 = time.perf_counter()
                 try:
                     path = export_aoti(
