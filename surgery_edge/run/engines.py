@@ -237,11 +237,11 @@ def export_engines(run: Run) -> dict:
 
 def _fingerprint(run: Run) -> str | None:
     """What the export stage's engines are made from (None: the run lacks a part of it)."""
-    methods = [m for _, m, _, _ in PLANS if m is not None]
+    methods = [m for _, m, _, _, _ in PLANS if m is not None]
     needed = [run.merged.get(MERGE)] + [run.adapters.get((MERGE, m)) for m in methods]
     if any(p is None for p in needed):
         return None
-    plan = [(n, m, str(mode), list(p)) for n, m, mode, p in PLANS]
+    plan = [(n, m, str(mode), list(p), pt2) for n, m, mode, p, pt2 in PLANS]
     return fingerprint(
         *(run.hashes.digest(p) for p in needed), run.experts.fingerprint(run.hashes), plan
     )
