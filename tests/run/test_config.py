@@ -15,7 +15,7 @@ def test_defaults_are_the_demos_over_the_registries():
     # the demo's V1 rank, steps and learning rate: the tuning sweep's choice
     assert {m: (p.rank, p.steps) for m, p in cfg.surgery.params.items()} == {
         "surgery": (80, 2000),
-        "surgeryv2": (16, 1000),
+        "surgeryv2": (16, 500),
     }
     assert (cfg.surgery.lr, cfg.surgery.schedule) == (3e-3, "joint")
 
