@@ -78,9 +78,12 @@ def test_the_wheel_holds_the_whole_package(venv, tmp_path):
 
 def test_the_installed_cli_benchmarks_and_exports(venv, tiny_run, tmp_path):
     cli = str(venv / "bin" / "surgery-edge")
-    _run([cli, "bench", "--quick", "--out", str(tmp_path / "bench")], tmp_path, timeout=600)
+    # one engine through both paths (tests/bench covers the rest of the benchmark)
+    bench = ["bench", "--quick", "--num-tasks", "2", "--configs", "surgeryv2", "--modes", "routed"]
+    _run([cli, *bench, "--batches", "1", "--out", str(tmp_path / "bench")], tmp_path, timeout=600)
     rows = json.loads(next((tmp_path / "bench").glob("*.json")).read_text())["results"]
-    assert rows and all(r["status"] == "ok" for r in rows if r["path"] == "onnxruntime")
+    assert {r["path"] for r in rows} == {"eager", "onnxruntime"}
+    assert all(r["status"] == "ok" for r in rows)
     engine = tmp_path / "engine.onnx"
     done = _run([cli, "export", "--run", str(tiny_run[0]), "--onnx", str(engine)], tmp_path)
     assert engine.is_file() and f"onnx: {engine}" in done.stdout

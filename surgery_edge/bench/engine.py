@@ -454,7 +454,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="smoke run: micro-vit-16, batches 1 and 4, eager and ONNX Runtime, 3 short rounds, "
-        "no memory processes, JSON and Markdown but no plots (about half a minute on a 2-core "
+        "no memory processes, JSON and Markdown but no plots (1.5 min on a 2.0 GHz 2-core "
         "CPU); the options given explicitly still apply",
     )
     p.add_argument("--device", type=_device, help="default: cuda when available, else cpu")

@@ -70,8 +70,11 @@ def test_demo_hook_reports_sizes_and_parity(engines, run):
         assert entry["parity"]["argmax_agreement"] == 100.0
     assert v2["onnx-fp16"]["parity"]["argmax_agreement"] >= 99.5
     assert v2["onnx-fp16"]["bytes"] < 0.7 * v2["onnx"]["bytes"]
-    assert "pt2" not in v1  # aoti=False
-    for name in ("single-expert.onnx", "surgery-all-tasks.onnx", "surgeryv2-routed-fp16.onnx"):
+    assert "pt2" not in v1  # only the routed V2 engine is compiled as a .pt2
+    assert v2["pt2"]["parity"]["max_abs_diff"] <= 1e-4
+    assert v2["pt2"]["parity"]["argmax_agreement"] == 100.0
+    files = ("single-expert.onnx", "surgery-all-tasks.onnx", "surgeryv2-routed-fp16.onnx")
+    for name in (*files, "surgeryv2-routed.pt2"):
         assert (engines["dir"] / name).is_file()
 
 
