@@ -16,8 +16,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/surgery-edge demo --out runs/demo
 
+# two workers (pytest-xdist), each test file on one worker so its module fixtures are built once
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check surgery_edge kernels cli tests benchmarks
