@@ -396,7 +396,7 @@ def _render_split(task: TaskDef, task_index: int, split: str, n: int, seed: int,
 def generate_suite(
     seed: int = 0,
     n_train: int = 2000,
-    n_adapt: int = 400,
+    n_adapt: int = 1000,
     n_test: int = 500,
     size: int = 32,
     tasks: list[str] | None = None,
@@ -540,7 +540,7 @@ def _task_order(name: str) -> int:
     return TASK_NAMES.index(name) if name in TASK_NAMES else len(TASK_NAMES)
 
 
-def _matches(suite: Suite, n_train=2000, n_adapt=400, n_test=500, size=32, tasks=None) -> bool:
+def _matches(suite: Suite, n_train=2000, n_adapt=1000, n_test=500, size=32, tasks=None) -> bool:
     sizes = {(len(t.train_x), len(t.adapt_x), len(t.test_x)) for t in suite.tasks}
     return (
         sizes == {(n_train, n_adapt, n_test)}

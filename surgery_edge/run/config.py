@@ -45,7 +45,7 @@ def _safe_names(names, what: str):
 class SuiteSettings(_Frozen):
     seed: Seed = 0
     n_train: int = Field(2000, ge=10, le=10**6)
-    n_adapt: int = Field(400, ge=10, le=10**6)
+    n_adapt: int = Field(1000, ge=10, le=10**6)
     n_test: int = Field(500, ge=10, le=10**6)
     tasks: list[str] | None = None
 
