@@ -1,9 +1,10 @@
-"""The surgery tuning sweep (surgery_edge.bench.sweep) on the tiny run."""
+"""The surgery sweep and the adaptation-size measurement (surgery_edge.bench) on the tiny run."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from surgery_edge.bench import sweep
@@ -119,3 +120,32 @@ def test_sweep_tunes_on_held_out_images_and_compares_every_merge(tiny_run, tmp_p
 def test_a_merge_that_is_not_in_the_run_is_refused(tiny_run):
     with pytest.raises(SystemExit, match="no merge 'nope'"):
         sweep.main(["--run", str(tiny_run[0]), "--merge", "nope"])
+
+
+def test_adapt_size_redraws_only_the_adaptation_split_and_scores_every_size(tiny_run, tmp_path):
+    from surgery_edge.bench import adapt_size
+    from surgery_edge.data.suite import generate_suite
+
+    suite = generate_suite(0, n_train=5, n_adapt=3, n_test=4, tasks=["digits", "shapes"])
+    bigger = adapt_size.with_adaptation_pool(suite, 30)
+    for old, new in zip(suite.tasks, bigger.tasks):
+        assert len(new.adapt_x) == 30
+        assert np.array_equal(old.train_x, new.train_x) and np.array_equal(old.test_y, new.test_y)
+
+    argv = ["--run", str(tiny_run[0]), "--sizes", "4,20", "--pool", "28", "--held", "8"]
+    record = adapt_size.main([*argv, "--out", str(tmp_path)], prog="adapt_size")
+    assert [(r["method"], r["images"]) for r in record["rows"]] == [
+        (m, n) for m in ("surgery", "surgeryv2") for n in (4, 20)
+    ]
+    # the run's own settings (tiny config): V1 6 steps at rank 4, V2 3 steps
+    assert {(r["method"], r["steps"], r["rank"]) for r in record["rows"]} == {
+        ("surgery", 6, 4),
+        ("surgeryv2", 3, 4),
+    }
+    for r in record["rows"]:
+        assert 0.0 <= r["heldout_agreement"] <= 100.0 and r["heldout_l1"] > 0
+    saved = json.loads((tmp_path / "adapt-size-micro-vit-16.json").read_text())
+    assert saved["rows"] == record["rows"]
+    assert "| surgeryv2 | 20 |" in (tmp_path / "adapt-size-micro-vit-16.md").read_text()
+    with pytest.raises(SystemExit, match="must lie in 1..20"):
+        adapt_size.main([*argv[:-4], "--pool", "28", "--held", "8", "--sizes", "21"])
