@@ -1,6 +1,6 @@
 """How many unlabelled adaptation images surgery needs, decided on held-out images alone.
 
-    python benchmarks/adapt_size.py --run runs/demo --sizes 400,1000 --pool 1200 \
+    python benchmarks/adapt_size.py --run runs/demo --sizes 400,1000,2000 --pool 2200 \
         --out benchmarks/results/cpu
 
 On a finished run of the built-in suite: every task's adaptation split is drawn again, with
@@ -36,8 +36,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished demo run")
     p.add_argument("--merge", default="task_arithmetic", help="the merge surgery corrects")
-    p.add_argument("--sizes", default="400,1000", help="training images per task")
-    p.add_argument("--pool", type=int, default=1200, help="adaptation images drawn per task")
+    p.add_argument("--sizes", default="400,1000,2000", help="training images per task")
+    p.add_argument("--pool", type=int, default=2200, help="adaptation images drawn per task")
     p.add_argument("--held", type=int, default=200, help="of them, held out per task")
     p.add_argument("--out", type=Path, default=None, help="folder for the record")
     return p
