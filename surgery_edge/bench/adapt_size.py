@@ -26,7 +26,7 @@ from typing import Any
 
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
-from surgery_edge.bench.sweep import METHODS, _Scorer, _Split, _train_now
+from surgery_edge.bench.sweep import METHODS, _ints, _Scorer, _Split, _train_now
 from surgery_edge.data.suite import Suite, TaskData, generate_suite
 from surgery_edge.errors import SurgeryEdgeError
 from surgery_edge.surgery.trainer import TaskTargets
@@ -36,11 +36,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished demo run")
     p.add_argument("--merge", default="task_arithmetic", help="the merge surgery corrects")
-    p.add_argument("--sizes", default="400,1000,2000", help="training images per task")
+    p.add_argument("--sizes", type=_sizes, default="400,1000,2000", help="training images per task")
     p.add_argument("--pool", type=int, default=2200, help="adaptation images drawn per task")
     p.add_argument("--held", type=int, default=200, help="of them, held out per task")
     p.add_argument("--out", type=Path, default=None, help="folder for the record")
     return p
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return _ints(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers such as 400,1000, got {text!r}"
+        ) from None
 
 
 def with_adaptation_pool(suite: Suite, pool: int) -> Suite:
@@ -134,10 +143,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     from surgery_edge.run.pipeline import Run  # deferred: the training stack
 
     args = build_parser(prog).parse_args(argv)
-    sizes = sorted({int(v) for v in args.sizes.split(",") if v.strip()})
+    sizes = args.sizes
     if not sizes or sizes[0] < 1 or sizes[-1] > args.pool - args.held or args.held < 1:
         raise SystemExit(
-            f"--sizes {args.sizes} must lie in 1..{args.pool - args.held} (--pool minus --held)"
+            f"--sizes {','.join(map(str, sizes))} must lie in 1..{args.pool - args.held} "
+            "(--pool minus --held)"
         )
     start = time.perf_counter()
     try:
