@@ -63,6 +63,7 @@ from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
 from surgery_edge.engine_format import EngineMetadata, EngineMode, read_onnx_metadata
 from surgery_edge.errors import ConfigError
+from surgery_edge.runtime.triton_models import FLUSH_S
 
 WORKLOADS = {"all-tasks": ("v1", "experts"), "mixed": ("v2", "merged", "experts")}
 # the targets of the serving issue: (workload, engine, baseline, least ratio, p99 no worse)
@@ -355,6 +356,7 @@ def measure_window(
 
     with _MemorySampler() as memory:
         done = asyncio.run(run())
+    time.sleep(2 * FLUSH_S)  # the models send their counters every FLUSH_S, off the request path
     after = _counters(server.metrics_url, "surgery_edge_engine_calls_total")
     inside = [(s, e, ok) for s, e, ok in done if window[0] <= e <= window[1]]
     histogram: dict[int, int] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import urllib.request
 
 import numpy as np
@@ -14,6 +15,7 @@ from image_files import png_bytes, png_header
 from serving_checks import engine_inputs, free_ports, image_input, images
 
 from surgery_edge.errors import ExportError
+from surgery_edge.runtime.triton_models import FLUSH_S
 
 pytest.importorskip("pytriton")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -58,11 +60,20 @@ def http(server):
     client.close()
 
 
-def metric(server, name: str) -> dict[str, float]:
-    """``{labels: value}`` of one Prometheus counter."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    found = re.findall(rf"^{name}\{{(.*)\}} (\S+)$", text, re.M)
-    return {labels: float(value) for labels, value in found}
+def metric(server, name: str, until=lambda values: True) -> dict[str, float]:
+    """``{labels: value}`` of one Prometheus counter, once ``until(values)`` holds.
+
+    The models send their counters every ``FLUSH_S``, not on the request path: a reading
+    waits two flushes, then polls (bounded) for what the test expects."""
+    time.sleep(2 * FLUSH_S)
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        found = re.findall(rf"^{name}\{{(.*)\}} (\S+)$", text, re.M)
+        values = {labels: float(value) for labels, value in found}
+        if until(values) or time.monotonic() > deadline:
+            return values
+        time.sleep(FLUSH_S)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -127,13 +138,20 @@ def test_requests_for_different_tasks_share_engine_calls(server, http, predictor
     want = predictors["engine"].routed_logits(x, np.arange(24) % 3)
     for i in range(1, 24, 2):
         np.testing.assert_allclose(answers[i].as_numpy("logits")[0], want[i], atol=1e-5)
-    after = metric(server, "surgery_edge_engine_calls_total")
-    new = {k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)}
-    engine_calls = {k: v for k, v in new.items() if 'model="engine"' in k}
-    rows = sum(int(re.search(r'rows="(\d+)"', k)[1]) * v for k, v in engine_calls.items())
+
+    def engine_calls(after: dict[str, float]) -> dict[str, float]:
+        new = {k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)}
+        return {k: v for k, v in new.items() if 'model="engine"' in k}
+
+    def engine_rows(after: dict[str, float]) -> float:
+        calls = engine_calls(after)
+        return sum(int(re.search(r'rows="(\d+)"', k)[1]) * v for k, v in calls.items())
+
+    after = metric(server, "surgery_edge_engine_calls_total", until=lambda m: engine_rows(m) >= 24)
+    rows = engine_rows(after)
     assert rows == 24  # every request reached the engine once, its task-model ones by BLS
-    mixed = [k for k in engine_calls if int(re.search(r'tasks="(\d+)"', k)[1]) >= 2]
-    assert mixed, f"no engine call held more than one task: {engine_calls}"
+    mixed = [k for k in engine_calls(after) if int(re.search(r'tasks="(\d+)"', k)[1]) >= 2]
+    assert mixed, f"no engine call held more than one task: {engine_calls(after)}"
 
 
 def test_a_bad_request_fails_alone(server, http, predictors):
@@ -179,7 +197,9 @@ def test_a_bad_request_fails_alone(server, http, predictors):
         assert message.lower() in answer.message().lower(), (what, answer.message())
         assert answer.status() in ("400", "404"), (what, answer.status())
     assert "Traceback" not in " ".join(str(r) for r in results)
-    rejected = metric(server, "surgery_edge_rejected_requests_total")
+    reasons = ('reason="task_id"', 'reason="too_large"')
+    rejected = metric(server, "surgery_edge_rejected_requests_total",
+                      until=lambda m: all(any(r in k for k in m) for r in reasons))  # fmt: skip
     assert any('reason="task_id"' in k for k in rejected)
     assert any('reason="too_large"' in k for k in rejected)
     # the server is healthy and answers the next good request
@@ -292,6 +312,61 @@ def test_task_requests_decode_with_the_engines_preprocessing(predictors):
     assert answer["classes"].tolist() == [[1, 4]] and answer["probs"].dtype == np.float32
     with pytest.raises(ExportError, match="not one of"):
         TaskRequests(meta, "sunsets", 3, 100)
+
+
+def test_model_counters_are_summed_and_sent_off_the_request_path():
+    """The stub's counters cost a round trip to the server each: requests only add to sums,
+    which a thread sends; a failing send is logged once and never reaches a request."""
+    from types import SimpleNamespace
+
+    from surgery_edge.runtime.triton_models import _Metrics
+
+    sent, warnings, broken = [], [], []
+
+    class Family:
+        COUNTER = "counter"
+
+        def __init__(self, name, description, kind):
+            self.name = name
+
+        def Metric(self, labels):  # noqa: N802 (pb_utils's name)
+            family = self.name
+
+            class Metric:
+                def increment(self, value):
+                    if broken:
+                        raise RuntimeError("the server went away")
+                    sent.append((family, labels, value))
+
+            return Metric()
+
+    pb = SimpleNamespace(MetricFamily=Family, Logger=SimpleNamespace(log_warn=warnings.append))
+    metrics = _Metrics(pb, "engine", flush_s=3600)  # the thread never wakes: flush by hand
+    for _ in range(3):
+        metrics.add("calls", rows="4", tasks="2")
+    metrics.add("rows", 5.0, task="digits")
+    assert sent == []  # nothing on the request path
+    metrics.flush()
+    calls = ("surgery_edge_engine_calls_total", {"model": "engine", "rows": "4", "tasks": "2"})
+    assert sent == [(*calls, 3.0), ("surgery_edge_engine_rows_total",
+                                     {"model": "engine", "task": "digits"}, 5.0)]  # fmt: skip
+    metrics.add("calls", rows="4", tasks="2")
+    metrics.close()  # what is left goes out at finalize
+    assert sent[-1] == (*calls, 1.0) and not metrics._thread.is_alive()
+    with pytest.raises(KeyError, match="no metric family"):
+        metrics.add("latency")
+    fast = _Metrics(pb, "v1", flush_s=0.01)
+    broken.append(True)
+    fast.add("rejected", reason="shape")
+    fast.add("rejected", reason="shape")
+    deadline = time.monotonic() + 10
+    while not warnings and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fast.add("rejected", reason="shape")
+    time.sleep(0.05)
+    fast._stop.set()
+    fast._thread.join()
+    assert len(warnings) == 1 and "v1: metrics not sent: the server went away" in warnings[0]
 
 
 def test_the_stub_gets_this_interpreters_libpython():
