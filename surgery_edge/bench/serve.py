@@ -7,7 +7,7 @@ driven over loopback gRPC by a closed-loop load generator (``tritonclient.grpc.a
 
 * ``all-tasks``: each request is one image that must be answered for every task:
   - ``v1``: one request to the V1 engine (Surgery, all-tasks: backbone once, then every
-    task's adapter and head);
+    task's adapter and head), which answers with every task's logits in one tensor;
   - ``experts``: one request to each of the eight expert models, together; the request is
     answered when the last expert is;
 * ``mixed``: each request is one image for one task, drawn at random (a mixed-task stream):
@@ -16,11 +16,16 @@ driven over loopback gRPC by a closed-loop load generator (``tritonclient.grpc.a
     lower bound on what one shared backbone costs;
   - ``experts``: the expert model of the request's task.
 
+Each request names the one output it needs: a routed engine's ``logits`` (not ``probs``), an
+expert's logits, the V1 engine's stacked ``logits`` (B, T, C_max) rather than T tensors.
+
 Per (workload, configuration, concurrency), over ``--repeats`` windows that take turns with the
 configurations it is compared with (a shared machine's load drifts): requests/s (the median
 window), latency p50/p99/mean (every request), and, read from the server's Prometheus counters
 (``surgery_edge_engine_calls_total``), the histogram of rows per engine call (the batch sizes
-Triton's dynamic batcher formed) and of the distinct tasks per call; the server's resident
+Triton's dynamic batcher formed) and of the distinct tasks per call, over the whole load, its
+warm-up included (the models send their counters every 50 ms, so they are read before and
+after a load, not while it runs); the server's resident
 memory (tritonserver and every model's stub process, peak during the windows) and that of the
 models the configuration uses. Batching:
 ``--max-queue-delay-us`` 0 by default, Triton's own default (a batch holds what queued while
@@ -63,7 +68,7 @@ from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
 from surgery_edge.engine_format import EngineMetadata, EngineMode, read_onnx_metadata
 from surgery_edge.errors import ConfigError
-from surgery_edge.runtime.triton_models import FLUSH_S
+from surgery_edge.runtime.triton_models import FLUSH_S, STACKED_OUTPUT
 
 WORKLOADS = {"all-tasks": ("v1", "experts"), "mixed": ("v2", "merged", "experts")}
 # the targets of the serving issue: (workload, engine, baseline, least ratio, p99 no worse)
@@ -111,6 +116,7 @@ class ServeResult:
     mean_rows_per_call: float | None
     batch_histogram: dict[int, int] = field(default_factory=dict)  # rows per call -> calls
     task_mix: dict[str, int] = field(default_factory=dict)  # distinct tasks per call -> calls
+    histogram_requests: int = 0  # the requests the histograms hold (warm-ups included)
     server_rss_mb: float | None = None  # tritonserver + every stub, peak in the window
     models_rss_mb: float | None = None  # the stubs of this configuration's models, peak
 
@@ -181,6 +187,19 @@ class _Requests:
         self._grpc, self._metas, self._cache = grpc, metas, {}
         self._image = image  # (1, 3, S, S) float32
 
+    def outputs(self, model: str):
+        """The one output each model is asked for: a routed engine's ``logits``, an expert's
+        logits, the V1 engine's stacked ``logits`` (every task in one tensor, not eight)."""
+        key = ("outputs", model)
+        if key not in self._cache:
+            meta = self._metas[model]
+            if meta.mode is EngineMode.ROUTED:
+                name = "logits"
+            else:
+                name = meta.outputs[0] if len(meta.outputs) == 1 else STACKED_OUTPUT
+            self._cache[key] = [self._grpc.InferRequestedOutput(name)]
+        return self._cache[key]
+
     def inputs(self, model: str, task: int):
         key = (model, task)
         if key not in self._cache:
@@ -224,7 +243,10 @@ async def _load(
                 start = time.monotonic()
                 try:
                     await asyncio.gather(
-                        *(client.infer(m, requests.inputs(m, t)) for m, t in calls)
+                        *(
+                            client.infer(m, requests.inputs(m, t), outputs=requests.outputs(m))
+                            for m, t in calls
+                        )
                     )
                     ok = True
                 except Exception:  # a failed request is counted, the load goes on
@@ -323,8 +345,9 @@ class Window:
 
     latencies_ms: list[float]  # of the requests answered in the window
     errors: int
-    histogram: dict[int, int]  # rows per engine call -> calls
-    mix: dict[str, int]  # distinct tasks per engine call -> calls
+    histogram: dict[int, int]  # rows per engine call -> calls, over the whole load
+    mix: dict[str, int]  # distinct tasks per engine call -> calls, over the whole load
+    counted: int  # the requests the histograms hold: all of the load's, the warm-up's too
     server_rss: int  # bytes, peak
     models_rss: int
 
@@ -337,27 +360,23 @@ def measure_window(
     concurrency: int,
     cfg: ServeBenchConfig,
 ) -> Window:
-    """Load ``models`` at ``concurrency`` for ``warmup_s + seconds``; measure the last part."""
+    """Load ``models`` at ``concurrency`` for ``warmup_s + seconds``; measure the last part.
+
+    The engine-call counters are read before the load and after it: the models send them
+    every ``FLUSH_S``, off the request path, so a reading during the load would miss up to
+    that much. The histograms cover every request of the load, the warm-up included
+    (``Window.counted``); rates and latencies cover the window only."""
+    name = "surgery_edge_engine_calls_total"
+    time.sleep(2 * FLUSH_S)  # what the last load left in the models' sums is sent
+    before = _counters(server.metrics_url, name)
     start = time.monotonic()
     window = (start + cfg.warmup_s, start + cfg.warmup_s + cfg.seconds)
-    before: dict[str, float] = {}
-
-    async def run() -> list[tuple[float, float, bool]]:
-        loop = asyncio.get_running_loop()
-
-        async def snapshot() -> None:  # the counters when the window opens
-            await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
-            name = "surgery_edge_engine_calls_total"
-            before.update(await loop.run_in_executor(None, _counters, server.metrics_url, name))
-
-        load = _load(server.grpc_url, requests, route, concurrency, window[1], cfg.seed)
-        done, _ = await asyncio.gather(load, snapshot())
-        return done
-
     with _MemorySampler() as memory:
-        done = asyncio.run(run())
-    time.sleep(2 * FLUSH_S)  # the models send their counters every FLUSH_S, off the request path
-    after = _counters(server.metrics_url, "surgery_edge_engine_calls_total")
+        done = asyncio.run(
+            _load(server.grpc_url, requests, route, concurrency, window[1], cfg.seed)
+        )
+    time.sleep(2 * FLUSH_S)
+    after = _counters(server.metrics_url, name)
     inside = [(s, e, ok) for s, e, ok in done if window[0] <= e <= window[1]]
     histogram: dict[int, int] = {}
     mix: dict[str, int] = {}
@@ -373,6 +392,7 @@ def measure_window(
         errors=sum(1 for _, _, ok in inside if not ok),
         histogram=histogram,
         mix=mix,
+        counted=len(done),
         server_rss=memory.total,
         models_rss=sum(memory.models.get(m, 0) for m in models),
     )
@@ -417,6 +437,7 @@ def summarise(
         mean_rows_per_call=rows / calls if calls else None,
         batch_histogram=dict(sorted(histogram.items())),
         task_mix=dict(sorted(mix.items())),
+        histogram_requests=sum(w.counted for w in windows),
         server_rss_mb=max(w.server_rss for w in windows) / 2**20,
         models_rss_mb=max(w.models_rss for w in windows) / 2**20,
     )

@@ -68,6 +68,7 @@ from surgery_edge.runtime.triton_config import (
     parameters,
     to_pbtxt,
 )
+from surgery_edge.runtime.triton_models import STACKED_OUTPUT
 
 SERVE_INSTALL = "Install it with `pip install 'surgery-edge[serve]'` (nvidia-pytriton, Linux only)."
 MODEL_PY = "from surgery_edge.runtime.triton_models import {cls} as TritonPythonModel\n"
@@ -233,6 +234,9 @@ def _engine_config(
         {"name": n, "data_type": Enum("TYPE_FP32"), "dims": [w]}
         for n, w in zip(meta.outputs, widths)
     ]
+    if meta.mode is EngineMode.ALL_TASKS:  # every task in one tensor, sent only when asked for
+        dims = [len(meta.tasks), max(meta.class_counts)]
+        outputs.append({"name": STACKED_OUTPUT, "data_type": Enum("TYPE_FP32"), "dims": dims})
     values = {
         **_common_parameters(),
         "engine": str(path),

@@ -50,6 +50,9 @@ Inputs = dict[str, np.ndarray]
 Answer = dict[str, np.ndarray] | Rejected
 
 
+STACKED_OUTPUT = "logits"  # every task's logits of an all-tasks engine, (B, T, C_max)
+
+
 class EngineRequests:
     """One engine answering batches of requests, each request checked on its own.
 
@@ -62,6 +65,8 @@ class EngineRequests:
         self.routed = self.meta.mode is EngineMode.ROUTED
         self.inputs = list(self.meta.inputs)
         self.outputs = list(self.meta.outputs)
+        # an all-tasks engine also answers every task in one tensor, when a request asks for it
+        self.stacked = None if self.routed else STACKED_OUTPUT
         # the last engine call: its rows, and (routed) the task of each row
         self.last_rows, self.last_tasks = 0, np.zeros(0, np.int64)
 
@@ -118,6 +123,16 @@ class EngineRequests:
             }
             start += rows
         return answers
+
+    def stack(self, answer: dict[str, np.ndarray]) -> np.ndarray:
+        """An all-tasks answer as one (B, T, C_max) float32 tensor, ``-inf`` beyond each task's
+        classes (as the routed engine pads): one output to send instead of T."""
+        first = answer[self.outputs[0]]
+        out = np.full((len(first), len(self.outputs), max(self.meta.class_counts)), -np.inf,
+                      np.float32)  # fmt: skip
+        for t, name in enumerate(self.outputs):
+            out[:, t, : answer[name].shape[1]] = answer[name]
+        return out
 
 
 class TaskRequests:
@@ -326,6 +341,8 @@ class EngineModel:
                 continue
             wanted = set(request.requested_output_names()) or set(answer)
             tensors = [pb.Tensor(n, v) for n, v in answer.items() if n in wanted]
+            if engine.stacked in wanted:
+                tensors.append(pb.Tensor(engine.stacked, engine.stack(answer)))
             responses.append(pb.InferenceResponse(output_tensors=tensors))
         return responses
 

@@ -104,6 +104,20 @@ def test_the_engine_model_answers_as_the_runtime_does(server, http, predictors):
     answer = http.infer("v1", engine_inputs(httpclient, x, None))
     for task, logits in zip(predictors["v1"].tasks, every):
         np.testing.assert_allclose(answer.as_numpy(f"logits_{task}"), logits, rtol=1e-5, atol=1e-5)
+    # and every task in one tensor: unnamed outputs are all sent (KServe), or ask for it alone
+    answers = [answer]
+    for client, url in ((httpclient, server.http_url), (grpcclient, server.grpc_url)):
+        c = client.InferenceServerClient(url)
+        asked = [client.InferRequestedOutput("logits")]
+        answers.append(c.infer("v1", engine_inputs(client, x, None), outputs=asked))
+        c.close()
+        assert answers[-1].as_numpy("logits_digits") is None
+    for stacked in (a.as_numpy("logits") for a in answers):
+        assert stacked.shape == (5, len(every), max(e.shape[1] for e in every))
+        for t, logits in enumerate(every):
+            width = logits.shape[1]
+            np.testing.assert_allclose(stacked[:, t, :width], logits, rtol=1e-5, atol=1e-5)
+            assert np.isneginf(stacked[:, t, width:]).all()
 
 
 def test_task_models_take_image_bytes(http, predictors):
@@ -237,6 +251,16 @@ def test_the_serving_repository_is_valid_triton_config(engines, tmp_path):
     assert engine.instance_group[0].count == 2
     assert [i.name for i in engine.input] == ["images", "task_ids"]
     assert list(engine.input[0].dims) == [3, 16, 16]
+    assert [o.name for o in engine.output] == ["logits", "probs"]
+    v1 = engines["dir"] / "surgery-all-tasks.onnx"
+    only = ServeOptions(task_models=False)
+    meta = serving_repository({"v1": v1}, tmp_path / "v1", only)["v1"]
+    config = text_format.Parse((tmp_path / "v1" / "v1" / "config.pbtxt").read_text(),
+                               pb2.ModelConfig())  # fmt: skip
+    outputs = {o.name: list(o.dims) for o in config.output}
+    width = max(meta.class_counts)
+    assert outputs == {**{f"logits_{t}": [c] for t, c in zip(meta.tasks, meta.class_counts)},
+                       "logits": [len(meta.tasks), width]}  # fmt: skip
 
 
 def test_serving_refuses_bad_engines_and_options(engines, tmp_path):
@@ -292,6 +316,15 @@ def test_engine_requests_answer_each_request_on_its_own(predictors):
     assert isinstance(
         handler.check({"images": x[:1].astype(np.float64), "task_ids": np.zeros(1)}), Rejected
     )
+    assert handler.stacked is None  # a routed engine pads one output already
+    every = EngineRequests(predictors["v1"].backend)
+    answer = every.run([{"images": x[:2]}])[0]
+    stacked = every.stack(answer)
+    counts = predictors["v1"].backend.meta.class_counts
+    assert stacked.shape == (2, len(counts), max(counts)) and stacked.dtype == np.float32
+    for t, name in enumerate(every.outputs):
+        assert np.array_equal(stacked[:, t, : counts[t]], answer[name])
+        assert np.isneginf(stacked[:, t, counts[t] :]).all()
 
 
 def test_task_requests_decode_with_the_engines_preprocessing(predictors):
