@@ -349,7 +349,8 @@ def test_task_requests_decode_with_the_engines_preprocessing(predictors):
 
 def test_model_counters_are_summed_and_sent_off_the_request_path():
     """The stub's counters cost a round trip to the server each: requests only add to sums,
-    which a thread sends; a failing send is logged once and never reaches a request."""
+    sent at most every flush_s (after an execute, or by a thread once the model is idle); a
+    failing send is logged once and never reaches a request."""
     from types import SimpleNamespace
 
     from surgery_edge.runtime.triton_models import _Metrics
@@ -383,6 +384,14 @@ def test_model_counters_are_summed_and_sent_off_the_request_path():
     calls = ("surgery_edge_engine_calls_total", {"model": "engine", "rows": "4", "tasks": "2"})
     assert sent == [(*calls, 3.0), ("surgery_edge_engine_rows_total",
                                      {"model": "engine", "task": "digits"}, 5.0)]  # fmt: skip
+    with metrics.executing():  # the end of an execute sends only once flush_s has passed
+        metrics.add("calls", rows="4", tasks="2")
+    assert len(sent) == 2
+    metrics._flush_s = 0.0
+    with metrics.executing():
+        metrics.add("calls", rows="4", tasks="2")
+    assert sent[-1] == (*calls, 2.0)  # both executes' calls, in one increment
+    metrics._flush_s = 3600
     metrics.add("calls", rows="4", tasks="2")
     metrics.close()  # what is left goes out at finalize
     assert sent[-1] == (*calls, 1.0) and not metrics._thread.is_alive()
