@@ -227,8 +227,9 @@ class _Metrics:
     :meth:`add` only sums, and the sums are sent at most every ``flush_s``: by the model's own
     thread at the end of an ``execute`` (:meth:`executing`), and, once the model has been idle
     for ``flush_s``, by a background thread, so the last requests' counts do not wait for the
-    next request. Under load only the model's thread sends: sending from the background thread
-    while ``execute`` runs slowed the serving benchmark's requests 1.2-3x on the 2-core CPU.
+    next request. Under load only the model's thread sends, so the stub's IPC is never used by
+    two threads at once on the request path (a short A/B on the 2-core CPU with the background
+    thread sending during load gave 1.2-1.5x lower request rates, on a noisy machine).
     The counters trail the requests by up to about ``flush_s``; :meth:`close` sends the rest.
     """
 
