@@ -184,21 +184,20 @@ class _Requests:
     """The requests of one configuration: inputs prepared once per task, sent over gRPC."""
 
     def __init__(self, grpc, metas: dict[str, EngineMetadata], image: np.ndarray):
-        self._grpc, self._metas, self._cache = grpc, metas, {}
+        self._grpc, self._metas, self._cache, self._outputs = grpc, metas, {}, {}
         self._image = image  # (1, 3, S, S) float32
 
     def outputs(self, model: str):
         """The one output each model is asked for: a routed engine's ``logits``, an expert's
         logits, the V1 engine's stacked ``logits`` (every task in one tensor, not eight)."""
-        key = ("outputs", model)
-        if key not in self._cache:
+        if model not in self._outputs:
             meta = self._metas[model]
             if meta.mode is EngineMode.ROUTED:
                 name = "logits"
             else:
                 name = meta.outputs[0] if len(meta.outputs) == 1 else STACKED_OUTPUT
-            self._cache[key] = [self._grpc.InferRequestedOutput(name)]
-        return self._cache[key]
+            self._outputs[model] = [self._grpc.InferRequestedOutput(name)]
+        return self._outputs[model]
 
     def inputs(self, model: str, task: int):
         key = (model, task)
