@@ -27,7 +27,13 @@ Triton's dynamic batcher formed) and of the distinct tasks per call, over the wh
 warm-up included (the models send their counters every 50 ms, so they are read before and
 after a load, not while it runs); the server's resident
 memory (tritonserver and every model's stub process, peak during the windows) and that of the
-models the configuration uses. Batching:
+models the configuration uses; and the CPU time (user + system) that tritonserver, every stub
+and the client process spent in the windows, per answered request and as cores kept busy, with
+the time the hypervisor stole from the machine. The request rate is cores busy / CPU per
+request, so a ratio of request rates splits into what one configuration saves per request and
+how many cores the load let each use (one client's single request in flight is one chain of
+processes taking turns, at most about one core; eight expert calls sent together can use
+every core). Batching:
 ``--max-queue-delay-us`` 0 by default, Triton's own default (a batch holds what queued while
 the model was busy; nothing waits for more).
 
@@ -119,6 +125,12 @@ class ServeResult:
     histogram_requests: int = 0  # the requests the histograms hold (warm-ups included)
     server_rss_mb: float | None = None  # tritonserver + every stub, peak in the window
     models_rss_mb: float | None = None  # the stubs of this configuration's models, peak
+    # CPU time in the windows (medians over them): the server's processes and this client's,
+    # per answered request, and as cores kept busy; requests/s = cores_busy / CPU per request
+    server_cpu_ms_per_request: float | None = None
+    client_cpu_ms_per_request: float | None = None
+    cores_busy: float | None = None
+    cores_stolen: float | None = None  # by the hypervisor, from the whole machine (noise)
 
 
 # --- engines -------------------------------------------------------------------------------
@@ -307,9 +319,9 @@ class _MemorySampler:
     """Peak RSS of the server (total, and per model) while a window runs; the process tree is
     read once, then only the RSS of its processes, so sampling costs the load next to nothing."""
 
-    def __init__(self, period_s: float = 0.5):
+    def __init__(self, processes: dict[int, str | None], period_s: float = 0.5):
         self.period_s, self.total, self.models = period_s, 0, {}
-        self._processes = server_processes()
+        self._processes = processes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -335,6 +347,53 @@ class _MemorySampler:
         self._thread.join()
 
 
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of ``pids`` (every thread of each), in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _stolen_seconds() -> float:
+    """CPU time the hypervisor gave to others, summed over this machine's CPUs (``steal`` in
+    ``/proc/stat``): on a shared virtual machine, what makes one run slower than the next."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+class _CpuClock:
+    """The CPU time the server's processes and this process (the clients) spend between two
+    moments (monotonic), and the time stolen from the machine, read by a thread of its own."""
+
+    def __init__(self, pids: Sequence[int], start: float, end: float):
+        self.server_s = self.client_s = self.stolen_s = 0.0
+        self._pids = list(pids)
+        self._marks = (start, end)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> tuple[float, float, float]:
+        return _cpu_seconds(self._pids), time.process_time(), _stolen_seconds()
+
+    def _run(self) -> None:
+        readings = []
+        for mark in self._marks:
+            time.sleep(max(0.0, mark - time.monotonic()))
+            readings.append(self._read())
+        self.server_s, self.client_s, self.stolen_s = (b - a for a, b in zip(*readings))
+
+    def __enter__(self) -> _CpuClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.join()
+
+
 # --- one measurement -----------------------------------------------------------------------
 
 
@@ -349,6 +408,9 @@ class Window:
     counted: int  # the requests the histograms hold: all of the load's, the warm-up's too
     server_rss: int  # bytes, peak
     models_rss: int
+    server_cpu_s: float  # CPU time in the window: the server's processes
+    client_cpu_s: float  # and this process, the clients
+    stolen_s: float  # the machine's, by the hypervisor
 
 
 def measure_window(
@@ -368,9 +430,10 @@ def measure_window(
     name = "surgery_edge_engine_calls_total"
     time.sleep(2 * FLUSH_S)  # what the last load left in the models' sums is sent
     before = _counters(server.metrics_url, name)
+    processes = server_processes()
     start = time.monotonic()
     window = (start + cfg.warmup_s, start + cfg.warmup_s + cfg.seconds)
-    with _MemorySampler() as memory:
+    with _MemorySampler(processes) as memory, _CpuClock(processes, *window) as cpu:
         done = asyncio.run(
             _load(server.grpc_url, requests, route, concurrency, window[1], cfg.seed)
         )
@@ -394,6 +457,9 @@ def measure_window(
         counted=len(done),
         server_rss=memory.total,
         models_rss=sum(memory.models.get(m, 0) for m in models),
+        server_cpu_s=cpu.server_s,
+        client_cpu_s=cpu.client_s,
+        stolen_s=cpu.stolen_s,
     )
 
 
@@ -418,6 +484,13 @@ def summarise(
             mix[k] = mix.get(k, 0) + v
     calls, rows = sum(histogram.values()), sum(r * c for r, c in histogram.items())
     rates = [len(w.latencies_ms) / seconds for w in windows]
+
+    def per_request(cpu_s: Callable[[Window], float]) -> float | None:
+        answered = [w for w in windows if w.latencies_ms]
+        if not answered:
+            return None
+        return statistics.median(cpu_s(w) / len(w.latencies_ms) * 1e3 for w in answered)
+
     return ServeResult(
         workload=workload,
         config=config,
@@ -439,6 +512,10 @@ def summarise(
         histogram_requests=sum(w.counted for w in windows),
         server_rss_mb=max(w.server_rss for w in windows) / 2**20,
         models_rss_mb=max(w.models_rss for w in windows) / 2**20,
+        server_cpu_ms_per_request=per_request(lambda w: w.server_cpu_s),
+        client_cpu_ms_per_request=per_request(lambda w: w.client_cpu_s),
+        cores_busy=statistics.median((w.server_cpu_s + w.client_cpu_s) / seconds for w in windows),
+        cores_stolen=statistics.median(w.stolen_s / seconds for w in windows),
     )
 
 
@@ -499,7 +576,8 @@ def run_serve_bench(
                         f"  {workload:9s} {config:8s} c={concurrency:<3d} "
                         f"{r.requests_per_s:8.1f} req/s {r.rates}  p50 {fmt(r.p50_ms, '.2f')} ms  "
                         f"p99 {fmt(r.p99_ms, '.2f')} ms  rows/call "
-                        f"{fmt(r.mean_rows_per_call, '.2f')}  errors {r.errors}"
+                        f"{fmt(r.mean_rows_per_call, '.2f')}  cores {fmt(r.cores_busy, '.2f')}  "
+                        f"stolen {fmt(r.cores_stolen, '.2f')}  errors {r.errors}"
                     )
                     results.append(r)
     return results
@@ -526,6 +604,7 @@ def targets(results: list[ServeResult]) -> list[dict[str, Any]]:
             if a is None or b is None or not b.requests_per_s:
                 continue
             ratio = a.requests_per_s / b.requests_per_s
+            cpu = [_cpu_per_request(a), _cpu_per_request(b)]
             p99_ok = a.p99_ms is not None and b.p99_ms is not None and a.p99_ms <= b.p99_ms
             out.append(
                 {
@@ -534,10 +613,21 @@ def targets(results: list[ServeResult]) -> list[dict[str, Any]]:
                     "concurrency": c,
                     "ratio": round(ratio, 3),
                     "p99_ms": [a.p99_ms, b.p99_ms],
+                    # the ratio = (baseline's CPU per request / the engine's) x (the cores each
+                    # kept busy): what sharing the backbone saves, and what the load let it use
+                    "cpu_ms_per_request": cpu,
+                    "cpu_ratio": round(cpu[1] / cpu[0], 3) if None not in cpu else None,
+                    "cores_busy": [a.cores_busy, b.cores_busy],
                     "met": bool(ratio >= least and (p99_ok or not p99_no_worse)),
                 }
             )
     return out
+
+
+def _cpu_per_request(r: ServeResult) -> float | None:
+    if r.server_cpu_ms_per_request is None or r.client_cpu_ms_per_request is None:
+        return None
+    return r.server_cpu_ms_per_request + r.client_cpu_ms_per_request
 
 
 LABELS = {
@@ -564,7 +654,12 @@ def markdown(record: dict[str, Any]) -> str:
         f"max batch {cfg['max_batch']}, queue delay {cfg['max_queue_delay_us']} us",
         f"- closed-loop gRPC clients on the same machine; per point {cfg['repeats']} windows of "
         f"{cfg['seconds']} s (each after {cfg['warmup_s']} s of warm-up), taken in turns with the "
-        "configurations it is compared with; req/s is their median, the latencies pool them",
+        "configurations it is compared with; req/s is their median (the windows' range beside "
+        "it), the latencies pool them",
+        "- CPU: user + system time in the windows of tritonserver, every stub and the client "
+        "process, per answered request (server + client) and as cores kept busy (medians over "
+        "the windows); req/s = cores busy / CPU per request; stolen: the cores' worth of time the "
+        "hypervisor gave to other machines (`steal` in /proc/stat; a noisy phase shows here)",
         "- engines with random weights at the demo's architecture (timing only)",
         "",
     ]
@@ -572,12 +667,16 @@ def markdown(record: dict[str, Any]) -> str:
         "configuration",
         "clients",
         "req/s",
+        "windows req/s",
         "answers/s",
         "p50 ms",
         "p99 ms",
         "rows/call",
         "batch sizes (rows: calls)",
         "tasks per call",
+        "CPU ms/req (server + client)",
+        "cores busy",
+        "stolen",
         "models RSS MB",
         "server RSS MB",
     ]
@@ -592,12 +691,16 @@ def markdown(record: dict[str, Any]) -> str:
                     LABELS[(workload, r["config"])].format(tasks=cfg["tasks"]),
                     str(r["concurrency"]),
                     fmt(r["requests_per_s"], ".1f"),
+                    f"{min(r['rates']):.0f}–{max(r['rates']):.0f}" if r["rates"] else "—",
                     fmt(r["requests_per_s"] * r["answers_per_request"], ".1f"),
                     fmt(r["p50_ms"], ".2f"),
                     fmt(r["p99_ms"], ".2f"),
                     fmt(r["mean_rows_per_call"], ".2f"),
                     hist or "—",
                     mix or "—",
+                    _cpu_cell(r),
+                    fmt(r["cores_busy"], ".2f"),
+                    fmt(r["cores_stolen"], ".2f"),
                     fmt(r["models_rss_mb"], ".0f"),
                     fmt(r["server_rss_mb"], ".0f"),
                 ]
@@ -611,12 +714,23 @@ def markdown(record: dict[str, Any]) -> str:
             str(t["concurrency"]),
             f"{t['ratio']:.2f}x",
             " / ".join(fmt(p, ".2f") for p in t["p99_ms"]),
+            f"{t['cpu_ratio']:.2f}x" if t["cpu_ratio"] is not None else "—",
+            " / ".join(fmt(c, ".2f") for c in t["cores_busy"]),
             "met" if t["met"] else "not met",
         ]
         for t in record["targets"]
     ]
-    lines += table(["target", "clients", "ratio", "p99 ms (engine / baseline)", ""], rows)
+    header = ["target", "clients", "ratio", "p99 ms (engine / baseline)"]
+    header += ["CPU per request (baseline / engine)", "cores busy (engine / baseline)", ""]
+    lines += table(header, rows)
     return "\n".join(lines) + "\n"
+
+
+def _cpu_cell(r: dict[str, Any]) -> str:
+    server, client = r["server_cpu_ms_per_request"], r["client_cpu_ms_per_request"]
+    if server is None or client is None:
+        return "—"
+    return f"{server + client:.2f} ({server:.2f} + {client:.2f})"
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

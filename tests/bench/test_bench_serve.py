@@ -4,6 +4,7 @@ in for the benchmark's (the figures are not checked, what they are made of is)."
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
@@ -49,9 +50,27 @@ def test_a_short_serving_benchmark(bench_engines, tmp_path):
         assert r["histogram_requests"] > r["requests"], r  # the warm-ups are counted too
         assert rows == r["histogram_requests"] * calls_per_request, r
         assert r["server_rss_mb"] > r["models_rss_mb"] > 10
+        # CPU time: the server's processes and the clients both worked, no more cores were
+        # busy than the machine has, and the rate is what those cores did per request
+        server_ms, client_ms = r["server_cpu_ms_per_request"], r["client_cpu_ms_per_request"]
+        assert server_ms > 0 and client_ms > 0, r
+        assert 0 < r["cores_busy"] <= 1.1 * os.cpu_count(), r
+        assert r["requests_per_s"] == pytest.approx(
+            r["cores_busy"] / (server_ms + client_ms) * 1e3, rel=0.5
+        )
+        assert 0 <= r["cores_stolen"] <= os.cpu_count(), r
     v1 = next(r for r in results if r["config"] == "v1")
     assert v1["answers_per_request"] == 3 and set(v1["task_mix"]) == {"all"}
     assert [t["concurrency"] for t in record["targets"]] == [2, 2]
+    by_config = {(r["workload"], r["config"]): r for r in results}
+    v1_target = record["targets"][0]
+    experts = by_config[("all-tasks", "experts")]
+
+    def cpu(r):
+        return r["server_cpu_ms_per_request"] + r["client_cpu_ms_per_request"]
+
+    assert v1_target["cpu_ratio"] == pytest.approx(cpu(experts) / cpu(v1), abs=1e-3)
+    assert v1_target["cores_busy"] == [v1["cores_busy"], experts["cores_busy"]]
     stored = json.loads((out / "serve-micro-vit-16.json").read_text())
     assert stored["loadavg_before"] and stored["command"].endswith(f"--out {out}")
     text = (out / "serve-micro-vit-16.md").read_text()
