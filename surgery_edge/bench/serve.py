@@ -98,6 +98,7 @@ class ServeBenchConfig:
     max_batch: int = 32
     max_queue_delay_us: int = 0  # Triton's default: batch what is queued, wait for nothing
     threads: int = 1  # ONNX Runtime threads per model instance
+    instances: int = 1  # instances of every model (each its own stub process)
     seed: int = 0
 
 
@@ -543,6 +544,7 @@ def run_serve_bench(
         max_queue_delay_us=cfg.max_queue_delay_us,
         device="cpu",
         threads=cfg.threads,
+        instances=cfg.instances,
         task_models=False,
         drain_timeout_s=5,
     )
@@ -650,7 +652,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"- {env['device_name']}; load average before {record['loadavg_before']}, after "
         f"{record['loadavg_after']} (1/5/15 min; a shared machine: other work ran too)",
         f"- one tritonserver (PyTriton {record['pytriton']}), Python-backend models over ONNX "
-        f"Runtime {env['onnxruntime']}, {cfg['threads']} thread(s) per model; dynamic batching: "
+        f"Runtime {env['onnxruntime']}, {cfg['instances']} instance(s) of each model, "
+        f"{cfg['threads']} thread(s) per instance; dynamic batching: "
         f"max batch {cfg['max_batch']}, queue delay {cfg['max_queue_delay_us']} us",
         f"- closed-loop gRPC clients on the same machine; per point {cfg['repeats']} windows of "
         f"{cfg['seconds']} s (each after {cfg['warmup_s']} s of warm-up), taken in turns with the "
@@ -746,6 +749,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us)
     p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime threads/model")
+    p.add_argument("--instances", type=int, default=d.instances, help="instances of each model")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--engines", type=Path, help="folder of the engines (built there if missing)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
@@ -758,8 +762,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     import tempfile  # deferred: only the command line needs a scratch folder
 
     args = build_parser(prog).parse_args(argv)
-    if min(args.tasks, args.repeats, *args.concurrency) < 1 or args.seconds <= 0:
-        raise ConfigError("--tasks, --repeats, --concurrency and --seconds must be positive.")
+    if min(args.tasks, args.repeats, args.instances, *args.concurrency) < 1 or args.seconds <= 0:
+        raise ConfigError(
+            "--tasks, --repeats, --instances, --concurrency and --seconds must be positive."
+        )
     cfg = ServeBenchConfig(
         arch=args.arch,
         tasks=args.tasks,
@@ -771,6 +777,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         max_batch=args.max_batch,
         max_queue_delay_us=args.max_queue_delay_us,
         threads=args.threads,
+        instances=args.instances,
         seed=args.seed,
     )
 

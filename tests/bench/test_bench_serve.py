@@ -33,7 +33,7 @@ def test_a_short_serving_benchmark(bench_engines, tmp_path):
 
     out = tmp_path / "out"
     args = ["--engines", str(bench_engines), "--concurrency", "2", "--seconds", "0.4"]
-    args += ["--repeats", "2"]
+    args += ["--repeats", "2", "--instances", "2"]
     record = main([*args, "--warmup-s", "0.2", "--arch", "micro-vit-16", "--out", str(out)])
     results = record["results"]
     points = {(r["workload"], r["config"], r["concurrency"]) for r in results}
@@ -75,6 +75,7 @@ def test_a_short_serving_benchmark(bench_engines, tmp_path):
     assert stored["loadavg_before"] and stored["command"].endswith(f"--out {out}")
     text = (out / "serve-micro-vit-16.md").read_text()
     assert "## Targets" in text and "V2 engine, routed" in text
+    assert stored["config"]["instances"] == 2 and "2 instance(s) of each model" in text
 
 
 def test_a_partial_engine_folder_is_refused(bench_engines, tmp_path):
