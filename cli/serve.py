@@ -37,7 +37,14 @@ def serve(
         ),
     ] = 0,
     preferred_batch: Preferred = None,
-    instances: Annotated[int, typer.Option(min=1, help="Engine instances, side by side.")] = 1,
+    instances: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Engine instances, side by side, each its own process "
+            "(on a CPU, about one per core, with --threads 1).",
+        ),
+    ] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     threads: Annotated[
         int | None, typer.Option(min=1, help="ONNX Runtime threads per instance.")
