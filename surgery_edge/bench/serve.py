@@ -29,7 +29,8 @@ after a load, not while it runs); the server's resident
 memory (tritonserver and every model's stub process, peak during the windows) and that of the
 models the configuration uses; and the CPU time (user + system) that tritonserver, every stub
 and the client process spent in the windows, per answered request and as cores kept busy, with
-the time the hypervisor stole from the machine. The request rate is cores busy / CPU per
+the time the hypervisor stole from the machine (a slow phase of a shared machine need not show
+there; it does show as more CPU per request). The request rate is cores busy / CPU per
 request, so a ratio of request rates splits into what one configuration saves per request and
 how many cores the load let each use (one client's single request in flight is one chain of
 processes taking turns, at most about one core; eight expert calls sent together can use
@@ -42,7 +43,7 @@ only: the values do not change the work), into ``--engines DIR`` when given (reu
 run); or a run's own engines are taken from there: ``v1.onnx``, ``v2.onnx``, ``merged.onnx``
 and ``expert-<task>.onnx`` for every task of ``v2.onnx``.
 
-    python benchmarks/bench_serve.py --out benchmarks/results/cpu
+    python benchmarks/bench_serve.py --instances 2 --out benchmarks/results/cpu  # the record
     python benchmarks/bench_serve.py --arch micro-vit-16 --tasks 2 --concurrency 1 2 \\
         --seconds 1 --out /tmp/serve-bench                               # a smoke run
 
@@ -662,7 +663,8 @@ def markdown(record: dict[str, Any]) -> str:
         "- CPU: user + system time in the windows of tritonserver, every stub and the client "
         "process, per answered request (server + client) and as cores kept busy (medians over "
         "the windows); req/s = cores busy / CPU per request; stolen: the cores' worth of time the "
-        "hypervisor gave to other machines (`steal` in /proc/stat; a noisy phase shows here)",
+        "hypervisor gave to other machines (`steal` in /proc/stat). A slow phase of a shared "
+        "machine need not show as steal: it shows as more CPU per request than another run's",
         "- engines with random weights at the demo's architecture (timing only)",
         "",
     ]
