@@ -74,7 +74,7 @@ from surgery_edge.bench.env import environment
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
 from surgery_edge.engine_format import EngineMetadata, EngineMode, read_onnx_metadata
-from surgery_edge.errors import ConfigError
+from surgery_edge.errors import ConfigError, SurgeryEdgeError
 from surgery_edge.runtime.triton_models import FLUSH_S, STACKED_OUTPUT
 
 WORKLOADS = {"all-tasks": ("v1", "experts"), "mixed": ("v2", "merged", "experts")}
@@ -763,11 +763,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     ``.md`` under ``--out``; returns the record."""
     import tempfile  # deferred: only the command line needs a scratch folder
 
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     if min(args.tasks, args.repeats, args.instances, *args.concurrency) < 1 or args.seconds <= 0:
-        raise ConfigError(
-            "--tasks, --repeats, --instances, --concurrency and --seconds must be positive."
-        )
+        parser.error("--tasks, --repeats, --instances, --concurrency, --seconds must be positive")
     cfg = ServeBenchConfig(
         arch=args.arch,
         tasks=args.tasks,
@@ -790,8 +789,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     with tempfile.TemporaryDirectory() as scratch:
         root = args.engines or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        engines = build_engines(cfg, root, log)
-        results = run_serve_bench(cfg, engines, log)
+        try:
+            engines = build_engines(cfg, root, log)
+            results = run_serve_bench(cfg, engines, log)
+        except SurgeryEdgeError as e:  # a user error: one paragraph, exit 2, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     record = {
         "benchmark": "serve",
         "command": command_line(argv, prog or f"{__name__}.main"),

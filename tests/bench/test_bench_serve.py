@@ -85,3 +85,26 @@ def test_a_partial_engine_folder_is_refused(bench_engines, tmp_path):
     (tmp_path / "v2.onnx").symlink_to(bench_engines / "v2.onnx")
     with pytest.raises(ConfigError, match="merged.onnx"):
         build_engines(ServeBenchConfig(), tmp_path, print)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--instances", "0"], "must be positive"),
+        (["--concurrency", "4", "0"], "must be positive"),
+        (["--engines", "PARTIAL"], "merged.onnx"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(bench_engines, tmp_path, capsys, args, says):
+    from surgery_edge.bench.serve import main
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "v2.onnx").symlink_to(bench_engines / "v2.onnx")
+    args = [str(partial) if a == "PARTIAL" else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
