@@ -282,6 +282,12 @@ def _label(labels: str, key: str) -> str:
 # --- memory --------------------------------------------------------------------------------
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (``state`` first, so field
+    N of proc(5) is at N - 3); the name is cut at its last ``)``, as it may hold spaces."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def server_processes() -> dict[int, str | None]:
     """This process's server: ``{pid: model}`` of its descendants (tritonserver and the
     Python-backend stubs; ``None`` for processes that serve no one model)."""
@@ -290,11 +296,11 @@ def server_processes() -> dict[int, str | None]:
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(_stat(entry)[1])
             argv[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        parents[int(entry)] = ppid
     children: dict[int, list[int]] = {}
     for pid, ppid in parents.items():
         children.setdefault(ppid, []).append(pid)
@@ -354,7 +360,7 @@ def _cpu_seconds(pids: Sequence[int]) -> float:
     ticks = 0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat(pid)
         except OSError:
             continue
         ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
