@@ -24,7 +24,8 @@ from surgery_edge.progress import silence_cuda_home_notice
 EXIT_CODES = (
     "Exit codes: 0 done; 1 a partial result (e.g. some images could not be read: the others "
     "were answered); 2 a usage or input error (the message names the file or value to fix); "
-    "130 interrupted."
+    "3 a worker, a server or a dependency failed (not the input: run again, or install what "
+    "the message names); 130 interrupted."
 )
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 

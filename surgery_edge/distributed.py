@@ -31,20 +31,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from surgery_edge.errors import ConfigError, SurgeryEdgeError
+from surgery_edge.errors import ConfigError, WorkerError
 
 U = TypeVar("U")
 _HEADER = 16  # int64 slots describing one unit's arrays: count, then (ndim, *shape) per array
 TIMEOUT = datetime.timedelta(minutes=30)  # a peer that hangs (not one that dies) is waited for
 
 
-class DistributedError(SurgeryEdgeError):
+class DistributedError(WorkerError):
     """A rank of a distributed job stopped (killed, crashed, unreachable): the job stops too.
 
-    Not the user's input, so not exit code 2: the command may simply be run again.
+    Not the user's input, so not exit code 2 but 3 (``WorkerError``): the command may simply be
+    run again.
     """
-
-    exit_code = 1
 
 
 def launched() -> bool:
