@@ -46,7 +46,7 @@ from surgery_edge.errors import ConfigError, DataError
 from surgery_edge.io import atomic_path
 from surgery_edge.progress import progress_bar
 from surgery_edge.runtime.inputs import IMAGE_EXTENSIONS
-from surgery_edge.runtime.preprocess import resize_crop
+from surgery_edge.runtime.preprocess import open_image_file, resize_crop
 
 SOURCES = ("folder", "torchvision")
 TORCHVISION_DATASETS = (
@@ -389,7 +389,7 @@ def _file_identity(path: Path, root: Path) -> tuple[str, int, int]:
 
 def _open_image_file(item: tuple[Path, int]) -> tuple[Image.Image, int]:
     path, label = item
-    with Image.open(path) as image:
+    with open_image_file(path) as image:
         # In its own mode, as a user's file reaches the runtime: preprocess_image resizes, then
         # converts to RGB (open_clip's order). A copy, usable after the file is closed.
         return image.copy(), label
