@@ -5,26 +5,27 @@ classes, preprocessing, architecture, merge recipe, precision, the version that 
 for ONNX, the graph's declared inputs and outputs. Nothing is loaded onto a device and torch is
 never imported: an ``.onnx`` file is read with ``onnx`` (weights left on disk), a ``.pt2``
 package is a zip archive whose AOTInductor metadata is read as JSON, and a TensorRT engine is
-described by the sidecar written beside it.
+described by the sidecar written beside it. The engine is verified against the digest its
+export recorded first, as ``load`` does: a changed copy is refused, not described.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from surgery_edge.engine_format import (
-    META_KEY,
+    INTEGRITY_KEY,
     EngineMetadata,
     EngineMode,
-    parse_metadata,
+    check_graph_inputs,
     read_onnx_metadata,
+    read_pt2_metadata,
     read_sidecar,
     sidecar_path,
+    verify_engine,
 )
 from surgery_edge.errors import ExportError
 from surgery_edge.runtime.backends import engine_kind
@@ -78,13 +79,20 @@ class EngineInfo:
         }
 
 
-def _onnx_specs(values) -> list[TensorSpec]:
+def _onnx_specs(values, source: Path) -> list[TensorSpec]:
     from onnx import helper  # deferred: only ONNX files are read with onnx
 
     specs = []
     for v in values:
         t = v.type.tensor_type
-        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+        except KeyError:  # a number ONNX does not define
+            raise ExportError(
+                f"Engine {source}: its graph's {v.name!r} has element type {t.elem_type}, which "
+                "is no ONNX tensor type: the graph is corrupt or was edited. Re-export the "
+                "engine with `surgery-edge export`."
+            ) from None
         shape = [d.dim_param or d.dim_value for d in t.shape.dim]
         specs.append(TensorSpec(v.name, dtype, shape))
     return specs
@@ -106,20 +114,6 @@ def _declared_specs(meta: EngineMetadata) -> list[list[TensorSpec]]:
     ]
 
 
-def read_pt2_metadata(path: str | os.PathLike) -> EngineMetadata:
-    """The metadata compiled into a ``.pt2`` package (AOTInductor's ``*_metadata.json``)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("wrapper_metadata.json")]
-            stored = json.loads(z.read(names[0])) if names else {}
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ExportError(
-            f"{path} is not a readable AOTInductor package ({e}); re-export it with "
-            "`surgery-edge export --aoti`."
-        ) from None
-    return parse_metadata(stored.get(META_KEY), path)
-
-
 def describe_engine(path: str | os.PathLike) -> EngineInfo:
     """Read what ``path`` (an ``.onnx``, ``.pt2`` or TensorRT engine) holds.
 
@@ -136,19 +130,23 @@ def describe_engine(path: str | os.PathLike) -> EngineInfo:
         import onnx  # deferred: only ONNX files are read with onnx
 
         meta = read_onnx_metadata(p)
+        verify_engine(p, meta, kind)
         proto = onnx.load(str(p), load_external_data=False)
         for init in proto.graph.initializer:
             for entry in init.external_data:
                 if entry.key == "location" and entry.value not in files:
                     data = p.parent / entry.value
                     files[entry.value] = data.stat().st_size if data.is_file() else 0
-        inputs, outputs = _onnx_specs(proto.graph.input), _onnx_specs(proto.graph.output)
+        inputs, outputs = _onnx_specs(proto.graph.input, p), _onnx_specs(proto.graph.output, p)
+        check_graph_inputs(p, meta, [(s.name, s.dtype, s.shape) for s in inputs])
         io_source = "graph"
     elif kind == "pt2":
         meta = read_pt2_metadata(p)
+        verify_engine(p, meta, kind)
         inputs, outputs = _declared_specs(meta)
     else:
         meta = read_sidecar(p)
+        verify_engine(p, meta, kind)
         files[sidecar_path(p).name] = sidecar_path(p).stat().st_size
         inputs, outputs = _declared_specs(meta)
     return EngineInfo(str(p), kind, files, meta, inputs, outputs, io_source)
@@ -241,4 +239,7 @@ def format_info(info: EngineInfo) -> list[str]:
             )
     if made:
         lines.append("  exported   " + ", ".join(made))
+    digest = (raw.get(INTEGRITY_KEY) or {}).get("sha256")
+    if digest:  # describe_engine verified it
+        lines.append(f"  integrity  SHA-256 {digest[:16]}... verified (graph, weights, metadata)")
     return lines

@@ -329,6 +329,7 @@ def test_profile_shapes():
 
 def test_builder_input_checks_the_onnx(engines, tmp_path):
     from surgery_edge.export import builder_input
+    from surgery_edge.export.onnx import write_engine
 
     good = engines["dir"] / "surgeryv2-routed.onnx"
     meta = builder_input(good)
@@ -349,6 +350,9 @@ def test_builder_input_checks_the_onnx(engines, tmp_path):
     for value in list(model.graph.input) + list(model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_value = 4  # a fixed batch
     onnx.save(model, str(tmp_path / "fixed.onnx"))
+    with pytest.raises(ExportError, match="changed or corrupted after export"):
+        builder_input(tmp_path / "fixed.onnx")  # a changed ONNX is not built into an engine
+    write_engine(model, tmp_path / "fixed.onnx")  # sealed as if it had been exported so
     with pytest.raises(ExportError, match="fixed batch size"):
         builder_input(tmp_path / "fixed.onnx")
 

@@ -217,7 +217,7 @@ def test_corrupt_engine_files(engines, tmp_path, name):
 def test_tensorrt_engine_needs_its_sidecar_and_tensorrt(engines, tmp_path, monkeypatch):
     import sys
 
-    from surgery_edge.engine_format import read_onnx_metadata, write_sidecar
+    from surgery_edge.engine_format import file_sha256, read_onnx_metadata, write_sidecar
     from surgery_edge.runtime import load
 
     engine = tmp_path / "model.engine"
@@ -225,7 +225,7 @@ def test_tensorrt_engine_needs_its_sidecar_and_tensorrt(engines, tmp_path, monke
     with pytest.raises(ExportError, match="model.engine.json"):
         load(engine)
     meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx")
-    write_sidecar(engine, meta.to_dict())
+    write_sidecar(engine, meta.to_dict(), file_sha256(engine))
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(ExportError, match=r"surgery-edge\[trt\]"):
         load(engine)
