@@ -42,7 +42,7 @@ import mmap
 import os
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,7 +365,9 @@ def read_pt2_metadata(path: str | os.PathLike) -> EngineMetadata:
     from the zip archive: nothing is loaded or run."""
     try:
         with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("wrapper_metadata.json")]
+            names = [i for i in z.infolist() if i.filename.endswith("wrapper_metadata.json")]
+            if names and names[0].file_size > _MAX_METADATA_BYTES:
+                raise ValueError(f"{names[0].filename} is {names[0].file_size:,} bytes")
             stored = json.loads(z.read(names[0])) if names else {}
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise ExportError(
@@ -432,6 +434,7 @@ def read_sidecar(engine_path: str | os.PathLike) -> EngineMetadata:
 # --- integrity -------------------------------------------------------------------------------
 
 _BLOCK = 1 << 22
+_MAX_METADATA_BYTES = 1 << 24  # a package's metadata JSON is kilobytes; not read whole beyond
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIFFER = "the SHA-256 digest its export recorded"
 # SHA-256s computed in this process: (path, size, mtime, inode, device, token) -> digest. A
@@ -476,32 +479,46 @@ def _sealed_file_digest(path: Path, token: str) -> str | None:
     return h.hexdigest()
 
 
-def _is_metadata_member(name: str) -> bool:
-    return name.endswith(".json")
+def _is_metadata_member(info: zipfile.ZipInfo) -> bool:
+    """A package member that may hold the engine metadata: a small JSON file (read whole)."""
+    return info.filename.endswith(".json") and info.file_size <= _MAX_METADATA_BYTES
+
+
+def _members_digest(z: zipfile.ZipFile, metadata: Callable[[bytes], bytes]) -> str:
+    """SHA-256 of an archive's members (name, size, contents, in archive order), each metadata
+    member's contents as ``metadata`` turns them (read whole), the others streamed."""
+    h = hashlib.sha256()
+    for info in z.infolist():
+        h.update(info.filename.encode("utf-8") + b"\0")
+        if _is_metadata_member(info):
+            data = metadata(z.read(info))
+            h.update(len(data).to_bytes(8, "little") + data)
+            continue
+        h.update(info.file_size.to_bytes(8, "little"))
+        with z.open(info) as member:
+            while block := member.read(_BLOCK):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _pt2_digest(path: Path, token: str) -> str | None:
-    """SHA-256 of a ``.pt2`` archive's members (name, size, contents, in archive order) with
-    ``token`` read as the placeholder in its JSON members; None when ``token`` is in none of
-    them or the archive is damaged (a member fails its CRC check)."""
+    """The digest of a ``.pt2`` package with ``token`` read as the placeholder in its metadata
+    members; None when no member holds ``token`` or the archive is damaged (a member fails its
+    CRC check)."""
     needle, placeholder = token.encode("ascii"), DIGEST_PLACEHOLDER.encode("ascii")
-    h, found = hashlib.sha256(), 0
+    found = 0
+
+    def metadata(data: bytes) -> bytes:
+        nonlocal found
+        found += data.count(needle)
+        return data.replace(needle, placeholder)
+
     try:
         with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                h.update(info.filename.encode("utf-8") + b"\0")
-                h.update(info.file_size.to_bytes(8, "little"))
-                if _is_metadata_member(info.filename):
-                    data = z.read(info)
-                    found += data.count(needle)
-                    h.update(data.replace(needle, placeholder))
-                    continue
-                with z.open(info) as member:
-                    while block := member.read(_BLOCK):
-                        h.update(block)
+            digest = _members_digest(z, metadata)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return None
-    return h.hexdigest() if found else None
+    return digest if found else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -539,25 +556,45 @@ def write_sealed(path: str | os.PathLike, data: bytes) -> str:
     return digest
 
 
-def seal_pt2(path: str | os.PathLike) -> str:
-    """Seal a ``.pt2`` package compiled with :data:`DIGEST_PLACEHOLDER` in its metadata:
-    rewrite the archive with the digest in the placeholder's place; returns the digest."""
+def seal_pt2(path: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """Store ``meta`` in a compiled ``.pt2`` package and seal it; returns the digest.
+
+    The package's metadata members (AOTInductor's ``*_metadata.json``) get ``meta`` under
+    :data:`META_KEY`, with the digest of the package in its ``integrity`` record. Written here,
+    not trusted from the compiler: Inductor's compile cache can hand back a package compiled
+    earlier with the same graph and another export's metadata.
+    """
     path = Path(path)
-    digest = _pt2_digest(path, DIGEST_PLACEHOLDER)
-    if digest is None:
+    text = json.dumps({**meta, INTEGRITY_KEY: {"sha256": DIGEST_PLACEHOLDER}})
+    placeholder, stored = DIGEST_PLACEHOLDER.encode("ascii"), 0
+
+    def with_meta(data: bytes) -> bytes:
+        nonlocal stored
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return data
+        if not isinstance(obj, dict) or META_KEY not in obj:
+            return data
+        stored += 1
+        return json.dumps({**obj, META_KEY: text}).encode("utf-8")
+
+    with zipfile.ZipFile(path) as z:
+        digest = _members_digest(z, with_meta)
+    if not stored:
         raise ExportError(
-            f"Cannot seal {path}: no JSON member of the package holds the metadata's digest "
-            "placeholder (this torch version stores AOTInductor metadata elsewhere)."
+            f"Cannot seal {path}: no member of the package holds AOTInductor's metadata (this "
+            "torch version stores it elsewhere); the package was not written."
         )
-    placeholder = DIGEST_PLACEHOLDER.encode("ascii")
     with atomic_path(path) as tmp:
         # a new archive: a member's CRC-32 covers its contents, so it cannot be patched in place
         with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w") as out:
             for info in src.infolist():
                 copy = zipfile.ZipInfo(info.filename, info.date_time)
                 copy.compress_type, copy.external_attr = info.compress_type, info.external_attr
-                if _is_metadata_member(info.filename):
-                    out.writestr(copy, src.read(info).replace(placeholder, digest.encode()))
+                if _is_metadata_member(info):
+                    data = with_meta(src.read(info)).replace(placeholder, digest.encode("ascii"))
+                    out.writestr(copy, data)
                     continue
                 copy.file_size = info.file_size
                 with src.open(info) as r, out.open(copy, "w", force_zip64=True) as w:

@@ -184,22 +184,18 @@ def test_each_file_is_hashed_once_while_it_is_unchanged(tmp_path, monkeypatch):
 def test_a_pt2_package_is_sealed_and_verified_member_by_member(tmp_path):
     import zipfile
 
-    from surgery_edge.engine_format import (
-        DIGEST_PLACEHOLDER,
-        read_pt2_metadata,
-        seal_pt2,
-        verify_engine,
-    )
+    from surgery_edge.engine_format import read_pt2_metadata, seal_pt2, verify_engine
 
-    meta = {**copy.deepcopy(GOOD), "integrity": {"sha256": DIGEST_PLACEHOLDER}}
-    stored = json.dumps({"surgery_edge": json.dumps(meta), "AOTI_DEVICE_KEY": "cpu"})
+    # as a compile cache may hand it back: another export's metadata
+    stale = {**copy.deepcopy(GOOD), "tasks": ["a", "b"]}
+    stored = json.dumps({"surgery_edge": json.dumps(stale), "AOTI_DEVICE_KEY": "cpu"})
     package = tmp_path / "m.pt2"
     with zipfile.ZipFile(package, "w") as z:
         z.writestr("m/data/aotinductor/model/x.wrapper_metadata.json", stored)
         z.writestr("m/data/aotinductor/model/x.wrapper.so", bytes(range(256)) * 40)
-    digest = seal_pt2(package)
+    digest = seal_pt2(package, copy.deepcopy(GOOD))
     meta = read_pt2_metadata(package)
-    assert meta["integrity"]["sha256"] == digest
+    assert meta["integrity"]["sha256"] == digest and meta.tasks == ("digits", "shapes")
     verify_engine(package, meta, "pt2")
     with zipfile.ZipFile(package) as z:
         members = {i.filename: z.read(i) for i in z.infolist()}
