@@ -23,7 +23,7 @@ def test_unrestricted_pillow_would_run_the_fake_gs(tmp_path, monkeypatch):
     """The trap works: Pillow's own ``Image.open`` runs it on EPS bytes."""
     marker = fake_ghostscript(tmp_path, monkeypatch)
     with pytest.raises(OSError), Image.open(io.BytesIO(EPS_BYTES)) as image:
-        image.load()  # the fake gs writes no image
+        image.load()  # the fake gs renders no image
     assert marker.exists()
 
 

@@ -332,3 +332,26 @@ def test_external_weights_travel_sealed(engines, tmp_path):
     assert "keeps its weights in big.onnx.data, which is not beside it" in " ".join(
         user_error(["info", str(path)]).split()
     )
+
+
+def test_the_demo_exports_engines_of_an_older_format_again(tiny_run, monkeypatch):
+    from surgery_edge.run import engines
+    from surgery_edge.run.pipeline import Run
+
+    run = Run.open(tiny_run[0], log=lambda *a: None)
+    run.require_experts()
+    run.find_merges()
+    run.find_adapters()
+    assert engines.cached_engines(run) is not None  # its own engines: reused
+    monkeypatch.setattr(engines, "FORMAT_VERSION", engines.FORMAT_VERSION + 1)
+    assert engines.cached_engines(run) is None  # after a format change: exported again
+
+
+def test_serve_refuses_a_changed_engine_before_its_server_starts(engines, tmp_path):
+    from surgery_edge.runtime.serving import ServeOptions, serving_repository
+
+    changed = _flip_middle_byte(engines["dir"] / ROUTED, tmp_path / "x.onnx")
+    repo = tmp_path / "repo"
+    with pytest.raises(ExportError, match=f"x.onnx {CHANGED}"):
+        serving_repository({"engine": changed}, repo, ServeOptions())
+    assert not (repo / "engine").exists()
