@@ -574,7 +574,8 @@ def seal_pt2(path: str | os.PathLike, meta: dict[str, Any]) -> str:
             obj = json.loads(data)
         except ValueError:
             return data
-        if not isinstance(obj, dict) or META_KEY not in obj:
+        # AOTInductor's metadata members: the keys it writes itself (AOTI_DEVICE_KEY, ...)
+        if not isinstance(obj, dict) or not any(k.startswith("AOTI_") for k in obj):
             return data
         stored += 1
         return json.dumps({**obj, META_KEY: text}).encode("utf-8")
