@@ -355,3 +355,9 @@ def test_serve_refuses_a_changed_engine_before_its_server_starts(engines, tmp_pa
     with pytest.raises(ExportError, match=f"x.onnx {CHANGED}"):
         serving_repository({"engine": changed}, repo, ServeOptions())
     assert not (repo / "engine").exists()
+
+
+def test_eval_engine_refuses_a_changed_engine_before_reading_data(engines, tiny_run, tmp_path):
+    changed = _meta_edit(_swap_tasks)(engines["dir"] / ROUTED, tmp_path / "x.onnx")
+    output = " ".join(user_error(["eval-engine", str(changed), "--run", str(tiny_run[0])]).split())
+    assert f"x.onnx {CHANGED}" in output and REEXPORT in output
