@@ -387,7 +387,8 @@ def test_bench_help_lists_the_benchmark_options():
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_engine", "bench_kernels", "bench_training", "bench_decode", "onnx_sizes"]
+    "script",
+    ["bench_engine", "bench_kernels", "bench_training", "bench_decode", "onnx_sizes", "replot"],
 )
 def test_scripts_are_entry_points(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
