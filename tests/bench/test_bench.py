@@ -11,8 +11,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
@@ -31,6 +33,7 @@ from surgery_edge.bench.memory import MemorySpec, run_children
 from surgery_edge.bench.ratios import BEST_VS_BEST, SAME_RUNTIME, ceilings, derive_ratios
 from surgery_edge.bench.report import Previous, read_previous, write_outputs
 from surgery_edge.bench.roofline import DeviceRates
+from surgery_edge.bench.runners import Workload
 from surgery_edge.bench.workloads import (
     BASELINES,
     CONFIG_MODES,
@@ -38,8 +41,13 @@ from surgery_edge.bench.workloads import (
     DTYPES,
     EngineBenchConfig,
     EngineResult,
+    Inputs,
+    Parts,
+    build_all,
+    vmappable_attention,
 )
-from surgery_edge.models import get_arch
+from surgery_edge.models import build_encoder, get_arch
+from surgery_edge.surgery.methods import SURGERY_METHODS
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 ARCH = "micro-vit-16"
@@ -146,6 +154,60 @@ def test_flops_and_bytes_by_hand():
     # the published profile numbers (GFLOPs per image at 224 px)
     assert backbone_flops(get_arch("ViT-B-32")) / 1e9 == pytest.approx(8.82, rel=0.01)
     assert backbone_flops(get_arch("ViT-L-14")) / 1e9 == pytest.approx(162.03, rel=0.01)
+
+
+# FlopCounterMode counts matmuls, convolutions and SDPA at the dispatcher; so does the formula
+# (LayerNorm, softmax, GELU, bias adds and the residuals are in neither). MultiheadAttention's
+# inference fast path is one fused op the counter has no formula for, so the count is taken
+# with it off and SDPA on its math backend (matmuls): the same arithmetic.
+STACKED_HEADS = {"experts-vmap", "merged", *SURGERY_METHODS}  # heads padded to the most classes
+
+
+def _padding_flops(arch, config, mode, ids, classes) -> int:
+    """What stacked heads compute beyond the formula, which counts each task's own classes:
+    every head at the largest class count (the padded logits are -inf or cut off)."""
+    if config not in STACKED_HEADS:
+        return 0
+    most, e = max(classes), arch.embed_dim
+    if mode == "routed":
+        return sum(2 * e * (most - classes[t]) for t in ids)
+    return len(ids) * 2 * e * (len(classes) * most - sum(classes))
+
+
+@pytest.mark.parametrize("arch_name", ["micro-vit-16", "tiny-vit-32"])  # tiny: the demo's width
+def test_flops_formula_matches_flop_counter_mode(arch_name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    arch, cpu, num_tasks, rank = get_arch(arch_name), torch.device("cpu"), 3, 4
+    parts = Parts.random(arch, num_tasks, 0)
+    models = build_all(parts, CONFIGS, dict.fromkeys(SURGERY_METHODS, rank), cpu, torch.float32)
+    bench = SimpleNamespace(arch=arch, device=cpu)
+    x = Inputs.make(arch, 3, num_tasks, cpu, torch.float32)  # one image per task
+    ids, classes = x.task_ids.tolist(), task_classes(arch, num_tasks)
+    for config in CONFIGS:
+        # the concurrent experts' threads are out of the counter's (thread-local) sight: their
+        # modules and work are the sequential experts'
+        runs_as = "experts" if config == "experts-concurrent" else config
+        for mode in CONFIG_MODES[config]:
+            call = Workload(bench, models[config], runs_as, mode, rank).call()
+            with torch.inference_mode(), vmappable_attention():
+                with FlopCounterMode(display=False) as counter:
+                    call(x)
+            formula = workload_flops(arch, config, mode, ids, classes, rank)
+            padding = _padding_flops(arch, config, mode, ids, classes)
+            assert counter.get_total_flops() == formula + padding, (config, mode)
+
+
+def test_backbone_flops_at_vit_b32_width_match_flop_counter_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    arch = get_arch("ViT-B-32")
+    with torch.device("meta"):  # shapes only: the counter needs no values
+        encoder = build_encoder(arch).eval()
+        images = torch.empty(2, 3, arch.image_size, arch.image_size)
+    with vmappable_attention(), FlopCounterMode(display=False) as counter:
+        encoder(images)
+    assert counter.get_total_flops() == 2 * backbone_flops(arch)
 
 
 def _row(config, path, median, mode="all-tasks", batch=1, flops=8, nbytes=8, answers=8):
