@@ -1,6 +1,6 @@
-"""The benchmarks' plots: the engine benchmark's latency and weights, the axis helpers the
-task-scaling and sweep plots share, and :func:`replot` (a record's plots drawn again from its
-JSON, without measuring anything).
+"""The benchmarks' plots: the engine benchmark's latency and weights, and the axis helpers and
+writer the task-scaling and sweep plots share (:mod:`~surgery_edge.bench.replot` draws a
+record's plots again from its JSON).
 
 Each plot is a function that returns a matplotlib figure (tests read its axes, labels and lines)
 and a writer that saves it; matplotlib is imported only when a plot is drawn.
@@ -8,19 +8,13 @@ and a writer that saves it; matplotlib is imported only when a plot is drawn.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from surgery_edge.bench.choices import CONFIGS, MODES, PATHS
 from surgery_edge.bench.ratios import COUNTERPART
-from surgery_edge.bench.workloads import (
-    CONFIGS,
-    MODES,
-    PATHS,
-    RANDOM_WEIGHTS_NOTE,
-    EngineResult,
-)
+from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, EngineResult
 from surgery_edge.evaluation.report import pyplot
 from surgery_edge.io import atomic_path
 
@@ -224,39 +218,3 @@ def engine_results(record: dict[str, Any]) -> list[EngineResult]:
     """The rows of an ``engine-<arch>.json`` record (fields it does not know are left out)."""
     known = set(EngineResult.__dataclass_fields__)
     return [EngineResult(**{k: v for k, v in r.items() if k in known}) for r in record["results"]]
-
-
-def replot(path: Path) -> list[Path]:
-    """Draw a benchmark record's plots again from its JSON, beside it (nothing is measured);
-    returns the files written (none for a benchmark without plots)."""
-    record = json.loads(Path(path).read_text())
-    kind, folder = record.get("benchmark"), Path(path).parent
-    if kind == "engine":
-        rows = engine_results(record)
-        return write_plots(rows, record["derived"], folder, record["arch"]["name"], record["label"])
-    if kind == "task-scaling":
-        from surgery_edge.bench import scaling  # deferred: exports engines, imports onnx
-
-        return [scaling.plot(record, Path(path).with_suffix(".png"))]
-    if kind == "surgery-sweep":
-        from surgery_edge.bench import sweep  # deferred: imports the training code
-
-        return [sweep.plot(record, Path(path).with_suffix(".png"))]
-    return []
-
-
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    """``python benchmarks/replot.py RECORD.json ...``: each record's plots drawn again."""
-    import argparse  # deferred: only the script parses options
-
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/replot.py",
-        description="Draw the plots of benchmark records again from their JSON, beside them "
-        "(nothing is measured; records of benchmarks without plots are skipped).",
-    )
-    parser.add_argument("records", nargs="+", type=Path, help="engine-, scaling- or sweep JSON")
-    written = []
-    for path in parser.parse_args(argv).records:
-        written += replot(path)
-    print("written: " + (", ".join(map(str, written)) or "nothing"))
-    return written

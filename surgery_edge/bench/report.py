@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery_edge.bench.choices import CONFIGS, PATHS
 from surgery_edge.bench.env import LOAD_WARNING, environment
 from surgery_edge.bench.flops import FLOPS_FORMULA, backbone_flops, one_expert_bytes, task_classes
 from surgery_edge.bench.plots import engine_results, write_plots
@@ -22,9 +23,7 @@ from surgery_edge.bench.timing import SPREAD_WARNING
 from surgery_edge.bench.workloads import (
     CONFIG_LABELS,
     CONFIG_MODES,
-    CONFIGS,
     DTYPES,
-    PATHS,
     RANDOM_WEIGHTS_NOTE,
     EngineBenchConfig,
     EngineResult,
