@@ -218,14 +218,15 @@ def test_cli_predicts_a_known_image(engines, known):
     assert result.stdout.split("\t")[:3] == [str(path), "shapes", label]
     result = runner.invoke(app, ["predict", engine, str(path), "--task", "1", "--json"])
     assert result.exit_code == 0, result.output
-    (answer,) = json.loads(result.stdout)
+    (line,) = result.stdout.splitlines()  # JSON Lines: one object per image
+    answer = json.loads(line)
     shapes = answer["predictions"]["shapes"]
-    assert answer["image"] == str(path) and shapes["label"] == label
+    assert answer["source"] == str(path) and shapes["label"] == label
     assert shapes["index"] == int(np.argmax(probs))
     np.testing.assert_allclose(shapes["probs"], probs, atol=1e-5)
     result = runner.invoke(app, ["predict", engine, str(path), "--all-tasks", "--json"])
     assert result.exit_code == 0, result.output
-    assert list(json.loads(result.stdout)[0]["predictions"]) == ["digits", "shapes", "colours"]
+    assert list(json.loads(result.stdout)["predictions"]) == ["digits", "shapes", "colours"]
 
 
 def test_cli_predict_bad_input(engines, known, tmp_path):
