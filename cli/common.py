@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperCommand
 
@@ -134,7 +133,7 @@ EXTRAS = {
 }
 
 
-def missing_extra(e: ModuleNotFoundError, command: str) -> DependencyError | None:
+def missing_extra(e: ModuleNotFoundError) -> DependencyError | None:
     """The error for a command that needs an extra this installation lacks (None when the
     missing module is no extra's)."""
     root = (e.name or "").split(".")[0]
@@ -150,7 +149,7 @@ def missing_extra(e: ModuleNotFoundError, command: str) -> DependencyError | Non
         "datasets": "the datasets extra (h5py, for PCAM)",
     }[extra]
     return DependencyError(
-        f"`{command}` needs {root}, which is not installed: install "
+        f"This command needs {root}, which is not installed: install "
         f"`pip install 'surgery-edge[{extra}]'`, {what}. The base install runs engines only "
         "(predict, info, env)."
     )
@@ -170,8 +169,7 @@ def user_errors(fn: Callable) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except ModuleNotFoundError as e:
-                ctx = click.get_current_context(silent=True)
-                missing = missing_extra(e, ctx.command_path if ctx else "surgery-edge")
+                missing = missing_extra(e)
                 if missing is None:
                     raise
                 raise missing from None
