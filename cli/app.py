@@ -55,8 +55,8 @@ def root(
         typer.Option(
             "--quiet",
             "-q",
-            help="No progress or status lines on stderr (warnings and notes stay); the same as "
-            "SURGERY_EDGE_QUIET=1. Results always go to stdout, everything else to stderr.",
+            help="No progress bars or progress lines; the same as SURGERY_EDGE_QUIET=1. Results "
+            "always go to stdout, progress and messages to stderr.",
         ),
     ] = False,
     verbose: Annotated[

@@ -113,8 +113,8 @@ def say(text: str) -> None:
 
 
 def note(text: str) -> None:
-    """A status line on stderr, control characters escaped (``-q`` keeps only warnings and
-    notes); the ``log`` that commands pass to the library."""
+    """A status line on stderr, control characters escaped; the ``log`` that commands pass to
+    the library."""
     from surgery_edge.progress import message  # deferred: keeps this module's imports light
 
     message(printable(text, keep_newlines=False))

@@ -4,7 +4,7 @@ results), metrics logs of the training stages, and which dependency notices are 
 - Progress: a rich bar when stderr is a terminal; otherwise (CI, ``nohup``, a file) plain lines
   with every column, one every :data:`LINE_INTERVAL_S` seconds or every 10% of the steps,
   whichever comes first. ``SURGERY_EDGE_QUIET=1`` (``surgery-edge -q``) turns both off.
-- Messages (:func:`message`): status lines on stderr; ``-q`` keeps only warnings and notes.
+- Messages (:func:`message`): status lines on stderr (``-q`` turns progress off, not these).
 - Metrics (:class:`MetricsLog`): one JSON object per line in ``RUN/logs/<stage>.jsonl``, and
   TensorBoard scalars where ``tensorboard`` is installed.
 
@@ -36,10 +36,8 @@ def quiet() -> bool:
 
 
 def message(text: str) -> None:
-    """Print a status line on stderr (``reusing ...``, ``device: ...``); under ``-q`` only
-    warnings and notes (lines that start with ``warning`` or ``note``) are printed."""
-    if quiet() and not text.startswith(("warning", "note")):
-        return
+    """Print a status line on stderr (``reusing ...``, ``note: ...``): never on stdout, which
+    holds only results, so that ``--json`` output parses when piped."""
     print(text, file=sys.stderr, flush=True)
 
 

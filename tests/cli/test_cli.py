@@ -109,7 +109,7 @@ def test_merge_train_eval_commands(tiny_run, tmp_path):
     assert r.exit_code == 0 and "reusing merge task_arithmetic" in r.stderr, r.output
     assert r.stdout == f"task_arithmetic: {merged}\n"
     r = runner.invoke(app, ["-q", *args, "--lam", "0.5"])
-    assert r.exit_code == 0 and "reusing" not in r.output
+    assert r.exit_code == 0 and "reusing" in r.stderr and "reusing" not in r.stdout
     # Eval refuses the stale pair, naming both files and the command that fixes it.
     text = user_error(["eval", "--run", str(run)])
     assert "adapters/task_arithmetic/surgery" in text and "merged/task_arithmetic" in text
