@@ -402,11 +402,24 @@ def test_each_head_decides_whether_it_normalises(method, tmp_path):
         export_onnx(mixed, tmp_path / f"{mode}.onnx", mode)
 
 
-def test_the_metrics_log_holds_every_step_the_trainer_computed(tmp_path):
+def test_the_metrics_log_holds_every_step_the_trainer_computed(tmp_path, monkeypatch):
+    from surgery_edge import progress
     from surgery_edge.progress import read_metrics
 
+    scalars = []  # what TensorBoard's SummaryWriter would get (tensorboard is not installed)
+
+    class Board:
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(progress, "_tensorboard", lambda folder: Board())
     log = tmp_path / "logs" / "train.jsonl"
     _, losses = _train(tmp_path, "surgeryv2", 4, metrics=log)
+    assert [(s, v) for t, v, s in scalars if t == "loss"] == list(enumerate(losses))
+    assert {t for t, _, _ in scalars} == {"loss", "lr", *(f"loss_per_task/{t}" for t in TASKS)}
     start, *rows = read_metrics(log)
     assert start["event"] == "start" and start["settings"]["rank"] == 4
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
