@@ -255,7 +255,7 @@ def test_progress_without_a_terminal_is_plain_lines_on_stderr(monkeypatch, capsy
     with progress.progress_bar(40, "training") as bar:
         for _ in range(8):
             bar.advance(loss=0.25)
-        time.sleep(1.5)  # a slow step: the log is not left silent
+        time.sleep(0.6)  # a slow step: the log is not left silent
         bar.advance(32)
     out, err = capsys.readouterr()
     assert out == ""  # stdout is for results
