@@ -171,7 +171,7 @@ def test_unreadable_images_are_named_and_the_rest_answered(routed, known, tmp_pa
     assert "missing.png" in results[2].error and "does not exist" in results[2].error
     assert "not an image" in results[3].error and "(7,)" in results[3].error
     assert results[1]["colours"].label == label
-    assert results[0].to_dict() == {"image": str(broken), "error": results[0].error}
+    assert results[0].to_dict() == {"source": str(broken), "error": results[0].error}
 
 
 @pytest.mark.parametrize("name", ["engine.onnx", "engine.pt2", "engine.bin"])
