@@ -51,7 +51,13 @@ def root(
         ),
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars or progress lines.")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress bars or progress lines; the same as SURGERY_EDGE_QUIET=1. Results "
+            "always go to stdout, progress and messages to stderr.",
+        ),
     ] = False,
     verbose: Annotated[
         bool,
@@ -101,7 +107,7 @@ def bench(ctx: typer.Context):
     """Benchmark the engines against eight experts on the same paths (`bench --help` lists
     the options).
 
-    Example: surgery-edge bench --quick --out /tmp/bench (a smoke run, about a minute on a CPU);
+    Example: surgery-edge bench --quick --out /tmp/bench (a smoke run);
     surgery-edge bench --archs ViT-B-32 --batches 1 8 64 --out benchmarks/results/h200
     """
     from surgery_edge.bench.engine import main as run_bench  # deferred: imports torch

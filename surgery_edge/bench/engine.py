@@ -25,7 +25,7 @@ Ratios are same-runtime or best-vs-best only, each beside its ceiling
 
 Usage::
 
-    surgery-edge bench --quick --out /tmp/bench            # a smoke run, ~30 s on a CPU
+    surgery-edge bench --quick --out /tmp/bench            # a smoke run (README: its duration)
     python benchmarks/bench_engine.py --device cpu --archs tiny-vit-32 --threads 2 \\
         --out benchmarks/results/cpu
     python benchmarks/bench_engine.py --archs ViT-B-32 --out benchmarks/results/h200   # CUDA
@@ -454,8 +454,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="smoke run: micro-vit-16, batches 1 and 4, eager and ONNX Runtime, 3 short rounds, "
-        "no memory processes, JSON and Markdown but no plots (1.5 min on a 2.0 GHz 2-core "
-        "CPU); the options given explicitly still apply",
+        "no memory processes, JSON and Markdown but no plots; the options given explicitly "
+        "still apply",
     )
     p.add_argument("--device", type=_device, help="default: cuda when available, else cpu")
     p.add_argument("--archs", nargs="+", help=_default_help("archs"))
