@@ -50,7 +50,13 @@ def root(
         ),
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars or progress lines.")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress bars or progress lines; the same as SURGERY_EDGE_QUIET=1. Results "
+            "always go to stdout, progress and messages to stderr.",
+        ),
     ] = False,
     verbose: Annotated[
         bool,

@@ -116,8 +116,8 @@ def bench(
         typer.Option(
             "--quick",
             help="Smoke run: micro-vit-16, batches 1 and 4, eager and ONNX Runtime, 3 short "
-            "rounds, no memory processes, JSON and Markdown but no plots (1.5 min on a 2.0 GHz "
-            "2-core CPU); the options given still apply.",
+            "rounds, no memory processes, JSON and Markdown but no plots (the README says how "
+            "long it takes); the options given still apply.",
         ),
     ] = False,
     device: Device = None,

@@ -25,7 +25,7 @@ Ratios are same-runtime or best-vs-best only, each beside its ceiling
 
 Usage (the command line is :mod:`surgery_edge.cli.bench`; lists are repeated options)::
 
-    surgery-edge bench --quick --out /tmp/bench     # a smoke run, 1.5 min on a 2-core CPU
+    surgery-edge bench --quick --out /tmp/bench     # a smoke run (README: its duration)
     python benchmarks/bench_engine.py --device cpu --arch tiny-vit-32 --threads 2 \\
         --out benchmarks/results/cpu
     surgery-edge bench --arch ViT-B-32 --batch 1 --batch 8 --out benchmarks/results/h200
