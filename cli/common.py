@@ -124,7 +124,7 @@ def note(text: str) -> None:
 EXTRAS = {
     "train": (
         "torch torchvision open_clip triton onnx onnxscript safetensors pydantic yaml sklearn "
-        "matplotlib"
+        "matplotlib psutil"
     ).split(),
     "serve": ["pytriton", "tritonclient"],
     "quant": ["modelopt", "onnx_graphsurgeon", "onnxslim", "lief", "ml_dtypes"],
