@@ -52,6 +52,7 @@ from surgery_edge.runtime.triton_config import (
     META_PARAMETER,
     Enum,
     check_model_name,
+    model_config_pb2,
     parameters,
     string_map,
     to_pbtxt,
@@ -173,7 +174,7 @@ def write_repository(
             names = meta.class_names[meta.tasks.index(task)]
             (tmp / file).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
         (tmp / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
-        if _model_config_pb2(required=False) is not None:
+        if model_config_pb2() is not None:
             _validate_model(tmp, name)
     return repo / name
 
@@ -357,7 +358,12 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
 def _validate_model(folder: Path, name: str):
     from google.protobuf import text_format  # deferred: with tritonclient's schema below
 
-    pb2 = _model_config_pb2(required=True)
+    pb2 = model_config_pb2()
+    if pb2 is None:
+        raise ExportError(
+            "Checking a Triton model repository needs tritonclient: "
+            "`pip install 'surgery-edge[serve]'`."
+        )
     config_path = folder / "config.pbtxt"
     try:
         config = text_format.Parse(config_path.read_text(encoding="utf-8"), pb2.ModelConfig())
@@ -426,16 +432,3 @@ def _check_io(
             raise ExportError(
                 f"{where}: the config's {section}s {got} do not match the engine's {want}."
             )
-
-
-def _model_config_pb2(required: bool):
-    try:
-        from tritonclient.grpc import model_config_pb2  # deferred: optional, surgery-edge[serve]
-    except ImportError:
-        if required:
-            raise ExportError(
-                "Checking a Triton model repository needs tritonclient: "
-                "`pip install 'surgery-edge[serve]'`."
-            ) from None
-        return None
-    return model_config_pb2

@@ -117,7 +117,9 @@ def test_weights_in_an_external_file_travel_with_the_graph(engines, tmp_path):
 def test_validation_finds_a_config_that_does_not_fit_the_engine(engines, tmp_path):
     model = write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path)
     text = (model / "config.pbtxt").read_text()
-    (model / "config.pbtxt").write_text(text.replace("dims: [3, 16, 16]", "dims: [3, 32, 32]"))
+    (model / "config.pbtxt").write_text(
+        text.replace("dims: 16\n  dims: 16", "dims: 32\n  dims: 32")
+    )
     with pytest.raises(ExportError, match=r"config.pbtxt.*inputs"):
         validate_repository(tmp_path)
     (model / "config.pbtxt").write_text(text.replace("max_batch_size", "max_batch"))
@@ -190,3 +192,37 @@ def test_export_writes_a_triton_repository(run, tmp_path):
     config = validate_repository(tmp_path / "repo")["e"]
     assert config.max_batch_size == 8 and list(config.dynamic_batching.preferred_batch_size) == [8]
     assert config_io(config) == graph_io(tmp_path / "e.onnx")
+
+
+def test_config_text_is_protobufs_and_the_fallback_writes_the_same(engines, monkeypatch):
+    """Every config (routed, all-tasks with label files, the accelerator's string map, the
+    serving repository's Python models) is written by protobuf's text_format over
+    tritonclient's schema; without tritonclient the hand writer gives the same message."""
+    from surgery_edge.export.triton import engine_io, model_config
+    from surgery_edge.runtime import serving, triton_config
+    from surgery_edge.runtime.serving import ServeOptions
+
+    configs = []
+    for file in ("surgeryv2-routed.onnx", "surgery-all-tasks.onnx"):
+        engine = engines["dir"] / file
+        meta = read_onnx_metadata(engine)
+        labels = {t: f"labels_{t}.txt" for t in meta.tasks}
+        graph = engine_io(engine, "onnx", meta)
+        opts = TritonOptions(preferred_batches=(4,), accelerator_fp16=True)
+        configs.append(model_config("m", "onnx", meta, graph, labels, opts))
+        serve = ServeOptions(preferred_batches=(2, 4), threads=1)
+        configs.append(serving._engine_config("e", engine, meta, serve))
+        configs.append(serving._task_config(meta.tasks[0], "e", meta, serve))
+    written = [triton_config.to_pbtxt(c) for c in configs]
+    assert all(text == text_format.MessageToString(parse_text(text)) for text in written)
+    monkeypatch.setattr(triton_config, "model_config_pb2", lambda: None)
+    by_hand = [triton_config.to_pbtxt(c) for c in configs]
+    assert by_hand != written  # the fallback really ran
+    assert [parse_text(t) for t in by_hand] == [parse_text(t) for t in written]
+    monkeypatch.undo()
+    with pytest.raises(ExportError, match="not a Triton model config"):
+        triton_config.to_pbtxt({"name": "m", "max_batch": 4})
+
+
+def parse_text(text: str) -> pb2.ModelConfig:
+    return text_format.Parse(text, pb2.ModelConfig())
