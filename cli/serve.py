@@ -113,10 +113,17 @@ def triton_repo(
         bool, typer.Option(help="ONNX on a GPU: run it through ONNX Runtime's TensorRT.")
     ] = True,
     accelerator_fp16: Annotated[bool, typer.Option(help="That TensorRT in FP16.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace a model folder of this name that triton-repo wrote."
+        ),
+    ] = False,
 ):
     """Write a Triton Inference Server model repository for an ONNX or TensorRT engine.
 
-    The official tritonserver container loads it unchanged (ONNX Runtime or TensorRT).
+    The official tritonserver container loads it unchanged (ONNX Runtime or TensorRT). An
+    existing model folder is replaced only with --overwrite, and only if triton-repo wrote it.
     """
     from surgery_edge.export.triton import TritonOptions, write_repository  # deferred: onnx
 
@@ -130,7 +137,7 @@ def triton_repo(
         accelerator=accelerator,
         accelerator_fp16=accelerator_fp16,
     )
-    model = write_repository(engine, out, options)
+    model = write_repository(engine, out, options, overwrite=overwrite)
     typer.echo(f"model {model.name}: {model}")
     typer.echo(
         f"serve it: docker run --gpus all -p 8000-8002:8000-8002 -v {out.resolve()}:/models "
