@@ -40,6 +40,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import platform
@@ -283,15 +284,31 @@ def _task_config(
 
 
 def stub_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment changes the Python-backend stub needs: this interpreter's shared
-    libpython first on ``LD_LIBRARY_PATH`` (empty for a statically linked interpreter)."""
+    """The environment changes tritonserver and the Python-backend stub need, as
+    ``LD_LIBRARY_PATH``: this interpreter's shared libpython first (none for a statically
+    linked interpreter), and the libraries PyTriton bundles for tritonserver (PyTriton looks
+    for them in the wrong place when it is reached through a ``.pth`` path, not a site
+    folder)."""
     environ = os.environ if environ is None else environ
+    paths = [p for p in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
     shared = sysconfig.get_config_var("Py_ENABLE_SHARED")
-    if not (shared and libdir and library and (Path(libdir) / library).exists()):
-        return {}
-    rest = [p for p in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
-    return {"LD_LIBRARY_PATH": os.pathsep.join([libdir, *rest])}
+    if shared and libdir and library and (Path(libdir) / library).exists():
+        paths = [libdir, *(p for p in paths if p != libdir)]
+    bundled = _pytriton_libs()
+    if bundled is not None and str(bundled) not in paths:
+        paths.append(str(bundled))
+    joined = os.pathsep.join(paths)
+    return {} if joined == environ.get("LD_LIBRARY_PATH", "") else {"LD_LIBRARY_PATH": joined}
+
+
+def _pytriton_libs() -> Path | None:
+    """``nvidia_pytriton.libs`` beside the installed ``pytriton`` package, if there is one."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = Path(next(iter(spec.submodule_search_locations))).parent / "nvidia_pytriton.libs"
+    return libs if libs.is_dir() else None
 
 
 @contextlib.contextmanager

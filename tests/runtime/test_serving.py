@@ -414,15 +414,15 @@ def test_model_counters_are_summed_and_sent_off_the_request_path():
 def test_the_stub_gets_this_interpreters_libpython():
     import sysconfig
 
-    from surgery_edge.runtime.serving import stub_environment
+    from surgery_edge.runtime.serving import _pytriton_libs, stub_environment
     from surgery_edge.runtime.triton_models import check_interpreter
 
     env = stub_environment({"LD_LIBRARY_PATH": "/opt/x:" + str(sysconfig.get_config_var("LIBDIR"))})
+    paths = env["LD_LIBRARY_PATH"].split(":")
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        first, *rest = env["LD_LIBRARY_PATH"].split(":")
-        assert first == sysconfig.get_config_var("LIBDIR") and rest == ["/opt/x"]
-    else:
-        assert env == {}
+        assert paths[:2] == [sysconfig.get_config_var("LIBDIR"), "/opt/x"]
+    assert paths[-1] == str(_pytriton_libs())  # tritonserver's own libraries, found
+    assert stub_environment(env) == {}  # nothing more to change
     check_interpreter({"python_version": __import__("platform").python_version()})
     with pytest.raises(ExportError, match="another libpython"):
         check_interpreter({"python_version": "3.11.2-other"})
