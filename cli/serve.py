@@ -3,6 +3,7 @@ repository for the official tritonserver container."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -23,9 +24,9 @@ def serve(
     http_port: Annotated[int, typer.Option(help="KServe v2 over HTTP.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="KServe v2 over gRPC.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics.")] = 8002,
-    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[
+        str, typer.Option(help="Address to bind (0.0.0.0: every interface; ::1 IPv6 loopback).")
+    ] = "127.0.0.1",
     name: Annotated[str, typer.Option(help="The engine model's name.")] = "engine",
     max_batch: MaxBatch = 32,
     max_queue_delay_us: Annotated[
@@ -57,6 +58,12 @@ def serve(
         int | None,
         typer.Option(min=1, help="Most pixels an image sent to a task model may declare."),
     ] = None,
+    max_request_mb: Annotated[
+        int,
+        typer.Option(
+            min=1, max=2047, help="Most MiB an HTTP request body may hold, after decompression."
+        ),
+    ] = 64,
     drain_timeout_s: Annotated[
         int, typer.Option(min=1, max=25, help="On SIGTERM, how long in-flight requests get.")
     ] = 20,
@@ -66,7 +73,8 @@ def serve(
 
     KServe v2 (HTTP, gRPC), health, Prometheus metrics; batches mix tasks in one engine call.
 
-    SIGTERM or Ctrl-C stops it; requests in flight are answered first. Needs the serve extra.
+    SIGTERM or Ctrl-C stops it: requests in flight are answered first, and the command exits
+    with 0 (130 when the signal came before the server was ready). Needs the serve extra.
     """
     from surgery_edge.runtime.serving import ServeOptions, Server  # deferred: PyTriton, ORT
 
@@ -85,16 +93,29 @@ def serve(
         threads=threads,
         task_models=task_models,
         top_k=top_k,
+        max_request_mb=max_request_mb,
         drain_timeout_s=drain_timeout_s,
         log_file=log_file,
         **limits,
     )
-    server = Server(engine, options).start()
-    for line in server.describe():
-        typer.echo(line)
-    typer.echo("ready: SIGTERM or Ctrl-C stops the server (requests in flight are answered).")
-    server.serve_forever()
+    server = Server(engine, options)
+    # until the server is ready, SIGTERM interrupts as Ctrl-C does (exit 130); the start
+    # removes what it made either way
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.start()
+        for line in server.describe():
+            typer.echo(line)
+        typer.echo("ready: SIGTERM or Ctrl-C stops the server (requests in flight are answered).")
+        server.serve_forever()
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
     typer.echo("stopped.")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 @user_errors

@@ -3,10 +3,15 @@ only, every wait bounded. The request handling is also tested without a server."
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import struct
 import time
 import urllib.request
+import zlib
+from http.client import HTTPConnection
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +226,111 @@ def test_a_bad_request_fails_alone(server, http, predictors):
     answer = http.infer("engine", engine_inputs(httpclient, x[:1], [2]))
     want = predictors["engine"].routed_logits(x[:1], np.array([2]))
     np.testing.assert_allclose(answer.as_numpy("logits"), want, atol=1e-5)
+
+
+def gzip_bomb(mib: int) -> bytes:
+    """A gzip stream of ``mib`` MiB of zeros, about a thousandth of that in size, built without
+    holding what it inflates to: one MiB compressed and fully flushed (which resets the
+    compressor, so every MiB gives the same bytes), repeated; the CRC is streamed."""
+    zeros = bytes(1 << 20)
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = raw.compress(zeros) + raw.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(mib):
+        crc = zlib.crc32(zeros, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    trailer = struct.pack("<II", crc, (mib << 20) & 0xFFFFFFFF)
+    return header + block * mib + raw.flush() + trailer
+
+
+def _peak_rss_reset() -> bool:
+    """Reset this process's peak RSS (VmHWM), where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_mb(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M)[1]) / 1024
+
+
+def test_hostile_requests_are_refused_before_the_engine(server, http, predictors):
+    """What took the server down or grew it by gigabytes: KServe JSON declaring 2^31 images,
+    1x3x32x2^31, 2^31 task ids; a body that is not JSON (Triton's own answer: 500); a 1 MB
+    gzip body inflating to 1 GiB. The HTTP front (in this process) refuses each with 400 or
+    413 and a one-line message, reading at most --max-request-mb of the bomb; after each the
+    server is ready and answers a normal request."""
+    import gzip
+
+    assert gzip.decompress(gzip_bomb(3)) == bytes(3 << 20)  # the builder makes real gzip
+    images_input = {"name": "images", "datatype": "FP32", "data": [0.0]}
+    good = {"name": "images", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0] * 768}
+    cases = [
+        ("v1", {"inputs": [{**images_input, "shape": [2**31]}]}, 400, "unexpected shape"),
+        ("v1", {"inputs": [{**images_input, "shape": [1, 3, 32, 2**31]}]}, 400,
+         "expected [B, 3, 16, 16] with B from 1 to 16"),
+        ("engine", {"inputs": [good, {"name": "task_ids", "shape": [2**31, 1], "datatype": "INT64",
+                                      "data": [0]}]}, 400, "'task_ids' of model 'engine'"),
+        ("v1", b"{not json", 400, "not JSON"),
+        ("v1", {"inputs": [{**good, "data": "abc"}]}, 400, "'data' must be an array"),
+        ("v1", gzip_bomb(1025), 413, "larger than 67108864 bytes"),
+    ]  # fmt: skip
+    host, port = server.http_url.rsplit(":", 1)
+    x = images(2, seed=9)
+    want = predictors["engine"].routed_logits(x, np.array([2, 0]))
+    for model, body, status, message in cases:
+        headers = {"Content-Type": "application/json"}
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        elif body.startswith(b"\x1f\x8b"):
+            headers["Content-Encoding"] = "gzip"
+            assert len(body) < 1.1e6
+            measured = _peak_rss_reset()
+            before = _rss_mb("VmRSS")
+        connection = HTTPConnection(host, int(port), timeout=TIMEOUT_S)
+        connection.request("POST", f"/v2/models/{model}/infer", body=body, headers=headers)
+        reply = connection.getresponse()
+        answer = json.loads(reply.read())
+        connection.close()
+        assert (reply.status, message in answer["error"]) == (status, True), answer
+        if status == 413 and measured:  # the front read 64 MiB of the bomb, not 1 GiB
+            assert _rss_mb("VmHWM") - before < 400
+        assert http.is_server_ready() and all(http.is_model_ready(m) for m in server.models)
+        got = http.infer("engine", engine_inputs(httpclient, x, [2, 0])).as_numpy("logits")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # a client's compressed request and answer pass the front both ways
+    got = http.infer("engine", engine_inputs(httpclient, x, [2, 0]),
+                     request_compression_algorithm="gzip",
+                     response_compression_algorithm="gzip").as_numpy("logits")  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_grpc_requests_are_bounded_by_triton(server):
+    """gRPC does not pass the HTTP front: Triton itself refuses the same shapes before it
+    allocates (INVALID_ARGUMENT), and the server stays ready."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    channel = grpc.insecure_channel(server.grpc_url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    cases = [("v1", {"images": [2**31]}), ("v1", {"images": [1, 3, 32, 2**31]}),
+             ("engine", {"images": [1, 3, 16, 16], "task_ids": [2**31, 1]})]  # fmt: skip
+    for model, shapes in cases:
+        request = service_pb2.ModelInferRequest(model_name=model)
+        for name, shape in shapes.items():
+            tensor = request.inputs.add(name=name, shape=shape)
+            tensor.datatype = "FP32" if name == "images" else "INT64"
+            request.raw_input_contents.append(bytes(3072 if shape[0] == 1 else 8))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=TIMEOUT_S)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    assert client.is_server_ready()
+    client.close()
 
 
 # --- the repository and the request handling, without a server ------------------------------
