@@ -4,6 +4,7 @@ only, every wait bounded. The request handling is also tested without a server."
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import struct
@@ -519,6 +520,44 @@ def test_model_counters_are_summed_and_sent_off_the_request_path():
     fast._stop.set()
     fast._thread.join()
     assert len(warnings) == 1 and "v1: metrics not sent: the server went away" in warnings[0]
+
+
+def test_the_next_start_removes_what_a_dead_server_left(tmp_path):
+    """``sweep_stale`` (called by every start): a work folder and segments named after a pid
+    that no process has are removed, and a process still running from that folder (an
+    orphaned stub) is killed; a live owner's folder and a segment a process names are kept."""
+    import subprocess
+    import sys
+
+    from surgery_edge.runtime import server_processes as sp
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    stale = tmp_path / f"{sp.WORK_PREFIX}{gone.pid}-abcd1234"
+    (stale / "repository").mkdir(parents=True)
+    live = tmp_path / f"{sp.WORK_PREFIX}{os.getpid()}-abcd1234"
+    live.mkdir()
+    other = tmp_path / "surgery-edge-serve-someone-else"  # not named after a pid: not ours
+    other.mkdir()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               f"{stale}/repository/model.py"])  # fmt: skip
+    segments = [sp.SHM_DIR / f"{sp.SHM_PREFIX}{gone.pid}-test{i}" for i in range(2)]
+    try:
+        for segment in segments:
+            segment.write_bytes(b"")
+        named = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  segments[1].name])  # fmt: skip
+        removed = sp.sweep_stale(tmp_path)
+        named.kill()
+        named.wait()
+        assert orphan.wait(timeout=10) < 0  # ended by a signal
+        assert sorted(removed) == sorted([str(stale), str(segments[0])])
+        assert not stale.exists() and live.is_dir() and other.is_dir()
+        assert not segments[0].exists() and segments[1].exists()
+    finally:
+        orphan.kill()
+        for segment in segments:
+            segment.unlink(missing_ok=True)
 
 
 def test_the_stub_gets_this_interpreters_libpython():
