@@ -8,8 +8,9 @@ images aborted it, so every client lost the service. (Triton's ``--http-max-inpu
 in a later release.) So ``serve`` binds Triton's HTTP and metrics endpoints to loopback ports
 of their own and puts this front (aiohttp) on the public ports. For every request it:
 
-- reads at most ``max_request_bytes`` of body, counted after inflating it (aiohttp inflates in
-  bounded steps, so a compression bomb costs at most that much memory): beyond it, 413;
+- reads at most ``max_request_bytes`` of body, and inflates a gzip or deflate body (the two
+  encodings Triton takes) to at most that many bytes, in C (``zlib``, told the most it may
+  write), so a compression bomb costs that much memory and a few milliseconds: beyond, 413;
 - for an inference request (``POST /v2/models/<model>[/versions/<v>]/infer``) parses the JSON
   header (the whole body, or its first ``Inference-Header-Content-Length`` bytes when binary
   tensors follow) and checks every input against the model's ``config.pbtxt``: a name the
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
         "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"}  # fmt: skip
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _SHOWN = 80  # characters of a client's value quoted in a message
-LINGER_S = 1.0
+_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # zlib's names for the encodings
 
 
 @dataclass(frozen=True)
@@ -292,11 +294,10 @@ class HttpFront:
             app = web.Application(client_max_size=max_body)
             forward = self._handler(f"http://127.0.0.1:{upstream}", guarded)
             app.router.add_route("*", "/{path:.*}", forward)
-            # lingering: after an answer to a body it did not read whole (a 413), aiohttp reads
-            # on, inflating and dropping, so the client can finish sending and read the answer:
-            # 1 s of that, not its 10 s default (a compression bomb is 10 s of CPU)
+            # bodies are inflated here (_inflate), not by aiohttp: its own inflation runs in
+            # small Python-level steps (64 MiB took seconds) and goes on while it lingers
             runner = web.AppRunner(
-                app, access_log=None, shutdown_timeout=self._drain_s, lingering_time=LINGER_S
+                app, access_log=None, shutdown_timeout=self._drain_s, auto_decompress=False
             )
             await runner.setup()
             self._runners.append(runner)
@@ -314,14 +315,9 @@ class HttpFront:
         from yarl import URL  # deferred: aiohttp's
 
         async def forward(request: web.Request) -> web.StreamResponse:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                limit = self.max_request_bytes
-                return _error(413, f"the request body is larger than {limit} bytes (counted "
-                                   "after decompression; serve --max-request-mb).")  # fmt: skip
-            except Exception as e:  # a body aiohttp cannot read or inflate
-                return _error(400, f"cannot read the request body ({_short(str(e))}).")
+            body = await self._body(request)
+            if isinstance(body, tuple):
+                return _error(*body)
             if guarded and request.method == "POST":
                 refused = self._check(request.path, body, request.headers.get(HEADER_LENGTH))
                 if refused is not None:
@@ -341,6 +337,34 @@ class HttpFront:
 
         return forward
 
+    async def _body(self, request) -> bytes | tuple[int, str]:
+        """The request's body, inflated; or the status and message that refuse it."""
+        from aiohttp import web  # deferred: serve
+
+        limit = self.max_request_bytes
+        too_large = (413, f"the request body is larger than {limit} bytes (counted after "
+                          "decompression; serve --max-request-mb).")  # fmt: skip
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return too_large
+        except Exception as e:  # a body aiohttp cannot read
+            return 400, f"cannot read the request body ({_short(str(e))})."
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "identity":
+            return body
+        if encoding not in _WBITS:
+            return 415, (
+                f"Content-Encoding {_short(encoding)!r} is not taken: send gzip, deflate or an "
+                "unencoded body."
+            )
+        inflated = _inflate(body, _WBITS[encoding], limit)
+        if inflated is True:
+            return too_large
+        if inflated is False:
+            return 400, f"the request body is not one valid {encoding} stream."
+        return inflated
+
     def _check(self, path: str, body: bytes, header_length: str | None) -> tuple[int, str] | None:
         parts = path.strip("/").split("/")
         # v2/models/<model>/infer or v2/models/<model>/versions/<version>/infer
@@ -352,6 +376,19 @@ class HttpFront:
             return 404, f"Request for unknown model: {model!r} is not served here ({served})."
         refused = check_inference(model, self.limits[model], body, header_length)
         return None if refused is None else (400, refused)
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes | bool:
+    """``data`` inflated, if it is one whole stream of at most ``limit`` bytes; ``True`` if it
+    would be larger (zlib stops after ``limit + 1`` bytes), ``False`` if it is not valid."""
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error:
+        return False
+    if len(out) > limit:
+        return True
+    return out if inflater.eof and not inflater.unused_data else False
 
 
 def _error(status: int, message: str):

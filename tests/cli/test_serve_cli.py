@@ -116,10 +116,11 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(engines):
 
 
 def test_a_stop_while_starting_leaves_nothing(engines):
-    """Three starts stopped while tritonserver loads the models (its shared-memory segments
-    exist): Ctrl-C (SIGINT to the process group: serve, tritonserver and the stubs at once)
-    and SIGTERM exit with 130; SIGKILL cannot clean up by itself, so its watchdog does. None
-    leaves a process, a work folder or a segment."""
+    """Three starts stopped early: SIGTERM once the work folder exists (before tritonserver),
+    Ctrl-C (SIGINT to the process group: serve, tritonserver and the stubs at once) and
+    SIGKILL while tritonserver loads the models (its shared-memory segments exist). The first
+    two exit with 130; SIGKILL cannot clean up by itself, so the watchdog does. None leaves a
+    process, a work folder or a segment."""
     engine = engines["dir"] / "surgeryv2-routed.onnx"
     stops = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
     processes = {
@@ -138,7 +139,9 @@ def test_a_stop_while_starting_leaves_nothing(engines):
         while waiting and time.monotonic() < deadline:
             for name, process in list(waiting.items()):
                 assert process.poll() is None, process.communicate()[0]
-                if list(Path("/dev/shm").glob(f"pytrtion{process.pid}-*")):
+                where = Path(tempfile.gettempdir()) if name == "sigterm" else Path("/dev/shm")
+                prefix = "surgery-edge-serve-" if name == "sigterm" else "pytrtion"
+                if list(where.glob(f"{prefix}{process.pid}-*")):
                     if name == "ctrl-c":
                         os.killpg(process.pid, stops[name])
                     else:

@@ -160,3 +160,21 @@ def test_the_http_front_checks_a_kserve_request_against_the_model():
     assert "not a length" in check(header, bytes(48), "-1")
     # an unknown datatype is Triton's to name (400); its data are not counted here
     assert check({"inputs": [{**images, "datatype": "FP8X"}]}) is None
+
+
+def test_the_http_front_inflates_within_its_limit():
+    """gzip and deflate bodies are inflated by zlib told the most it may write: a stream that
+    would be larger is refused after ``limit + 1`` bytes; a truncated stream, or one with
+    bytes after its end, is not taken."""
+    import gzip
+    import zlib
+
+    from surgery_edge.runtime.http_front import _WBITS, _inflate
+
+    body = b'{"inputs": []}' * 100
+    for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        assert _inflate(packed, _WBITS[encoding], len(body)) == body
+        assert _inflate(packed, _WBITS[encoding], len(body) - 1) is True
+        assert _inflate(packed[:-6], _WBITS[encoding], 10**6) is False  # truncated
+        assert _inflate(packed + b"x", _WBITS[encoding], 10**6) is False
+    assert _inflate(b"not deflate at all", _WBITS["deflate"], 10**6) is False
