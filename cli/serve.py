@@ -101,21 +101,30 @@ def serve(
     server = Server(engine, options)
     # until the server is ready, SIGTERM interrupts as Ctrl-C does (exit 130); the start
     # removes what it made either way
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    signals: list[int] = []
+
+    def interrupt(signum: int, _) -> None:
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, interrupt) for s in held}
     try:
-        server.start()
+        try:
+            server.start()
+        except Exception:
+            if signals:  # the interrupt became another error on its way (e.g. an ImportError
+                raise KeyboardInterrupt from None  # when it hit a C extension's import)
+            raise
         for line in server.describe():
             typer.echo(line)
         typer.echo("ready: SIGTERM or Ctrl-C stops the server (requests in flight are answered).")
         server.serve_forever()
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     typer.echo("stopped.")
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 @user_errors

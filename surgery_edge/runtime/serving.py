@@ -53,6 +53,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import sysconfig
@@ -89,6 +90,10 @@ from surgery_edge.runtime.triton_models import STACKED_OUTPUT
 SERVE_INSTALL = "Install it with `pip install 'surgery-edge[serve]'` (nvidia-pytriton, Linux only)."
 MODEL_PY = "from surgery_edge.runtime.triton_models import {cls} as TritonPythonModel\n"
 MAX_DRAIN_S = 25  # PyTriton waits 30 s for the server to exit before it kills it
+# how Triton's log names a model it could not load: its config refused, or its load failed
+_LOAD_FAILED = re.compile(
+    r"(?:Poll failed for model directory|failed to load) '([^']+)'(?: version \d+)?: (.*)"
+)
 
 
 @dataclass(frozen=True)
@@ -487,6 +492,12 @@ class Server:
     def log_file(self) -> Path:
         return self.options.log_file or self._work / "tritonserver.log"
 
+    @property
+    def token_file(self) -> Path | None:
+        """The file (mode 0600, in the server's work folder, gone at stop) that holds
+        :attr:`access_token`, for a user of ``surgery-edge serve``."""
+        return None if self._work is None else self._work / "access-token"
+
     # lifecycle --------------------------------------------------------------------------------
 
     def __enter__(self) -> Server:
@@ -531,6 +542,9 @@ class Server:
                 log_file=self.log_file,
             )
             self._triton = Triton(config=config, workspace=self._work / "pytriton")
+            descriptor = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as token:
+                token.write(self._triton.get_access_token() + "\n")
             self._launch()
             self._front = HttpFront(
                 host, opts.http_port, http, opts.metrics_port, metrics, model_limits(repo),
@@ -590,10 +604,20 @@ class Server:
         return True
 
     def _failure(self, what: str) -> str:
-        errors = []
+        """What went wrong, from Triton's log: each model that failed to load, with the
+        server's message (its first line), else the log's last error lines."""
+        lines = []
         if self.log_file.is_file():
             lines = self.log_file.read_text(errors="replace").splitlines()
-            errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()][-6:]
+        failed = {}
+        for line in lines:
+            found = _LOAD_FAILED.search(line)
+            if found:  # Triton writes the message's newlines as \n inside quotes
+                failed[found[1]] = found[2].split("\\n")[0].rstrip('"').strip()
+        if failed:
+            reasons = "; ".join(f"model {m!r} failed to load: {why}" for m, why in failed.items())
+            return f"Triton Inference Server {what}: {reasons}"
+        errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()][-6:]
         detail = " | ".join(errors) if errors else f"no error in its log ({self.log_file})"
         return f"Triton Inference Server {what}: {detail}"
 
@@ -653,5 +677,10 @@ class Server:
         lines.append(
             f"HTTP requests: bodies up to {self.options.max_request_mb} MiB after decompression, "
             "shapes checked against each model's config"
+        )
+        header = f"triton-access-token: $(cat {self.token_file})"
+        lines.append(
+            "statistics and the repository API take the header in the access token file: "
+            f'curl -H "{header}" http://{self.http_url}/v2/models/{self.options.name}/stats'
         )
         return lines

@@ -115,26 +115,45 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(engines):
     np.testing.assert_allclose(np.concatenate(answers), want, atol=1e-5)
 
 
+# `surgery-edge serve` with an engine model that Triton refuses to load (a preferred batch
+# above its max_batch_size: refused before any stub starts, so the failure comes fast)
+FAILING_LOAD = """
+import surgery_edge.runtime.serving as serving
+config = serving._engine_config
+def broken(*args, **kwargs):
+    out = config(*args, **kwargs)
+    out["dynamic_batching"]["preferred_batch_size"] = [out["max_batch_size"] + 1]
+    return out
+serving._engine_config = broken
+from surgery_edge.cli.app import main
+main()
+"""
+
+
 def test_a_stop_while_starting_leaves_nothing(engines):
-    """Three starts stopped early: SIGTERM once the work folder exists (before tritonserver),
+    """Four starts that end early: SIGTERM once the work folder exists (before tritonserver),
     Ctrl-C (SIGINT to the process group: serve, tritonserver and the stubs at once) and
-    SIGKILL while tritonserver loads the models (its shared-memory segments exist). The first
-    two exit with 130; SIGKILL cannot clean up by itself, so the watchdog does. None leaves a
-    process, a work folder or a segment."""
+    SIGKILL while tritonserver loads the models (its shared-memory segments exist), and a
+    model that fails to load. Ctrl-C and SIGTERM exit with 130, the failed load with 2,
+    naming the model and the server's message; SIGKILL cannot clean up by itself, so the
+    watchdog does. None leaves a process, a work folder or a segment."""
     engine = engines["dir"] / "surgeryv2-routed.onnx"
     stops = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
+    commands = {name: serve_command(engine, "--drain-timeout-s", "1") for name in stops}
+    failing = serve_command(engine, "--drain-timeout-s", "1", "--no-task-models")
+    commands["load fails"] = [sys.executable, "-c", FAILING_LOAD, *failing[3:]]
     processes = {
         name: subprocess.Popen(
-            serve_command(engine, "--drain-timeout-s", "1"),
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
         )  # fmt: skip
-        for name in stops
+        for name, command in commands.items()
     }
     try:
-        waiting = dict(processes)
+        waiting = {name: processes[name] for name in stops}
         deadline = time.monotonic() + 120
         while waiting and time.monotonic() < deadline:
             for name, process in list(waiting.items()):
@@ -149,7 +168,7 @@ def test_a_stop_while_starting_leaves_nothing(engines):
                     del waiting[name]
             time.sleep(0.1)
         assert not waiting, f"no model started loading in {list(waiting)}"
-        outputs = {name: p.communicate(timeout=60)[0] for name, p in processes.items()}
+        outputs = {name: p.communicate(timeout=120)[0] for name, p in processes.items()}
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -159,6 +178,10 @@ def test_a_stop_while_starting_leaves_nothing(engines):
         assert processes[name].returncode == 130, outputs[name]
         assert "interrupted" in outputs[name] and "Traceback" not in outputs[name]
     assert processes["sigkill"].returncode == -signal.SIGKILL
+    failed = " ".join(outputs["load fails"].split())
+    assert processes["load fails"].returncode == 2, failed
+    assert "model 'engine' failed to load: dynamic batching preferred size must be <=" in failed
+    assert "Traceback" not in failed
     for process in processes.values():
         nothing_left(process.pid)
 

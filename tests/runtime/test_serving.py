@@ -9,6 +9,7 @@ import re
 import socket
 import struct
 import time
+import urllib.error
 import urllib.request
 import zlib
 from http.client import HTTPConnection
@@ -331,6 +332,21 @@ def test_hostile_requests_are_refused_before_the_engine(server, http, predictors
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_statistics_are_reachable_with_the_access_token(server):
+    """Triton's statistics and repository API want PyTriton's token: the server writes it to
+    a 0600 file that ``serve`` names, and it passes the HTTP front."""
+    token = server.token_file.read_text().strip()
+    assert token == server.access_token and server.token_file.stat().st_mode & 0o777 == 0o600
+    assert str(server.token_file) in "\n".join(server.describe())
+    url = f"http://{server.http_url}/v2/models/engine/stats"
+    with pytest.raises(urllib.error.HTTPError, match="restricted|403|401|400"):
+        urllib.request.urlopen(url, timeout=TIMEOUT_S)
+    asked = urllib.request.Request(url, headers={"triton-access-token": token})
+    with urllib.request.urlopen(asked, timeout=TIMEOUT_S) as reply:
+        stats = json.loads(reply.read())
+    assert stats["model_stats"][0]["name"] == "engine"
+
+
 def test_grpc_requests_are_bounded_by_triton(server):
     """gRPC does not pass the HTTP front: Triton itself refuses the same shapes before it
     allocates (INVALID_ARGUMENT), and the server stays ready."""
@@ -542,6 +558,27 @@ def test_model_counters_are_summed_and_sent_off_the_request_path():
     fast._stop.set()
     fast._thread.join()
     assert len(warnings) == 1 and "v1: metrics not sent: the server went away" in warnings[0]
+
+
+def test_a_failed_start_names_each_model_and_the_servers_message(engines, tmp_path):
+    """From Triton's log (lines as Triton 2.51 writes them): a model whose stub failed to
+    initialise and one whose config was refused, each named with the message's first line."""
+    from surgery_edge.runtime.serving import ServeOptions, Server
+
+    log = tmp_path / "triton.log"
+    log.write_text(
+        'E1206 17:34:05.128184 27545 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+        "E1206 17:34:13.435749 27545 model_lifecycle.cc:642] \"failed to load 'digits' version 1"
+        ': Internal: ExportError: the stub loaded another libpython.\\n\\nAt:\\n  model.py(2)"\n'
+        'E1206 17:40:49.043898 32068 model_repository_manager.cc:1460] "Poll failed for model '
+        "directory 'engine': dynamic batching preferred size must be <= max batch size\"\n"
+    )
+    server = Server(engines["dir"] / "surgeryv2-routed.onnx", ServeOptions(log_file=log))
+    assert server._failure("exited while loading the models") == (
+        "Triton Inference Server exited while loading the models: model 'digits' failed to "
+        "load: Internal: ExportError: the stub loaded another libpython.; model 'engine' failed "
+        "to load: dynamic batching preferred size must be <= max batch size"
+    )
 
 
 def test_the_next_start_removes_what_a_dead_server_left(tmp_path):
