@@ -41,7 +41,7 @@ PyTriton's Python-backend stub is linked against ``libpython3.X.so``; on an inte
 with a shared libpython, the loader may find the system's library of another patch release
 first, and the models then fail in odd ways. The server is therefore started with this
 interpreter's library directory first on ``LD_LIBRARY_PATH`` (:func:`stub_environment`), and
-every model checks at load that its stub runs the server's Python.
+every model checks at load that its stub runs the server's Python version.
 """
 
 from __future__ import annotations
