@@ -90,7 +90,7 @@ def sweep_stale(tmp: str | os.PathLike | None = None) -> list[str]:
     removed = []
     for folder in Path(tmp or tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
         owner = _owner(folder.name, WORK_PREFIX)
-        if owner is None or _alive(owner) or not folder.is_dir() or folder.is_symlink():
+        if owner is None or alive(owner) or not folder.is_dir() or folder.is_symlink():
             continue
         _end(processes_using(f"{folder}{os.sep}"), 0.0)
         shutil.rmtree(folder, ignore_errors=True)
@@ -101,7 +101,7 @@ def sweep_stale(tmp: str | os.PathLike | None = None) -> list[str]:
         segments = []
     for segment in segments:
         owner = _owner(segment.name, SHM_PREFIX)
-        if owner is not None and not _alive(owner) and not processes_using(segment.name):
+        if owner is not None and not alive(owner) and not processes_using(segment.name):
             if _unlink(segment):
                 removed.append(str(segment))
     return removed
@@ -148,7 +148,7 @@ def _end(pids: list[int], grace_s: float) -> None:
                 pass
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
         while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
+            pids = [p for p in pids if alive(p)]
             time.sleep(0.05)
 
 
@@ -157,7 +157,7 @@ def _owner(name: str, prefix: str) -> int | None:
     return int(found[1]) if found else None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether ``pid`` is a process that has not exited (a zombie has)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

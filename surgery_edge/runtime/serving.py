@@ -72,6 +72,7 @@ from surgery_edge.runtime.backends import open_backend
 from surgery_edge.runtime.http_front import HttpFront, model_limits
 from surgery_edge.runtime.preprocess import DEFAULT_MAX_PIXELS, check_max_pixels
 from surgery_edge.runtime.server_processes import (
+    alive,
     start_watchdog,
     stop_watchdog,
     sweep,
@@ -578,19 +579,23 @@ class Server:
             self._owner.start()
             deadline = time.monotonic() + self.options.startup_timeout_s
             while not self._all_ready():
-                if failure or (self._spawned() and not self._triton.is_alive()):
+                pid = self._server_pid()
+                if failure or (pid is not None and not alive(pid)):
                     raise ExportError(self._failure("exited while loading the models"))
                 if time.monotonic() > deadline:
                     timeout = f"{self.options.startup_timeout_s:.0f} s"
                     raise ExportError(self._failure(f"did not load every model in {timeout}"))
                 time.sleep(0.2)
 
-    def _spawned(self) -> bool:
-        """Whether PyTriton has started the tritonserver process (it may have exited since).
-        PyTriton does not say so publicly; without these attributes a server that dies at
-        once is found at the startup timeout instead."""
+    def _server_pid(self) -> int | None:
+        """tritonserver's pid, once PyTriton has started it (it may have exited since).
+
+        PyTriton does not say it publicly, and its ``is_alive()`` must not be asked while the
+        server starts: when it finds the server gone it runs PyTriton's ``stop`` in the asking
+        thread, which then waits up to 120 s for a lock the starting thread holds. Without
+        these attributes a server that dies while loading is found at the startup timeout."""
         server = getattr(self._triton, "_triton_server", None)
-        return getattr(server, "_tritonserver_running_cmd", None) is not None
+        return getattr(getattr(server, "_tritonserver_running_cmd", None), "pid", None)
 
     def _all_ready(self) -> bool:
         for model in self.models:

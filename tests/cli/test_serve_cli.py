@@ -168,7 +168,7 @@ def test_a_stop_while_starting_leaves_nothing(engines):
                     del waiting[name]
             time.sleep(0.1)
         assert not waiting, f"no model started loading in {list(waiting)}"
-        outputs = {name: p.communicate(timeout=120)[0] for name, p in processes.items()}
+        outputs = {name: p.communicate(timeout=60)[0] for name, p in processes.items()}
     finally:
         for process in processes.values():
             if process.poll() is None:
