@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery_edge.bench.choices import BASELINES
 from surgery_edge.bench.roofline import Peaks, peaks_for
 from surgery_edge.io import write_json_atomic, write_text_atomic
 
@@ -58,9 +59,6 @@ MODULE = "surgery_edge.bench.gpu"
 TOTAL_BUDGET_S = 450.0  # of the 8-minute call, after the installation
 LOG_TAIL_CHARS = 60_000  # per step, in log.txt
 TEST_PATHS = ("tests/kernels/test_kernels.py", "tests/surgery/test_fused.py")
-# the eight-expert baselines (surgery_edge.bench.workloads.BASELINES, which imports torch: the
-# orchestrating process does not)
-BASELINES = ("experts", "experts-concurrent", "experts-vmap")
 TEST_LOG = "tests.jsonl"  # the tests step's per-test results, written as each test ends
 
 
@@ -89,6 +87,11 @@ class StepResult:
     files: list[str] = field(default_factory=list)
 
 
+def _each(option: str, *values: str) -> list[str]:
+    """``option`` once per value: the engine benchmark's lists are repeated options."""
+    return [word for value in values for word in (option, value)]
+
+
 def plan(dry_run: bool, scratch: Path) -> list[Step]:
     """The steps, at full size on a GPU or (``dry_run``) at tiny size on the CPU."""
     s = str(scratch)
@@ -98,15 +101,15 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         engine_common += ["--block-seconds", "0.002", "--no-plots", "--memory-jobs", "2"]
         # dynamo only for compile: the GPU's inductor makes Triton kernels, which a CPU cannot
         # check anyway
-        paths = ["--compile-backend", "eager", "--paths", "eager", "cuda-graph", "tensorrt"]
-        b32_paths = [*paths, "fused", "compile", "--time-interpreter"]
-        b32_batches, l14_batches = ["--batches", "2"], ["--batches", "1"]
-        memory = [*b32_paths, "--memory-paths", "eager", "--memory-configs", "experts"]
+        paths = ["--compile-backend", "eager", *_each("--path", "eager", "cuda-graph", "tensorrt")]
+        b32_paths = [*paths, *_each("--path", "fused", "compile"), "--time-interpreter"]
+        b32_batches, l14_batches = ["--batch", "2"], ["--batch", "1"]
+        b32_extra = [*b32_paths, "--memory-path", "eager", "--memory-config", "experts"]
         # the b32 step checks every configuration, the fused path under the (slow) Triton
         # interpreter, compile (dynamo: about 2 s a model here) and the memory processes; this
         # one, the second step's options at another width
-        l14_extra = [*paths, "--memory-paths"]
-        l14_extra += ["--configs", "experts", "merged", "surgery", "surgeryv2"]
+        l14_extra = [*paths, "--no-memory"]
+        l14_extra += _each("--config", "experts", "merged", "surgery", "surgeryv2")
         kernels = ["--cpu-smoke", "--batches", "1"]
         training = ["--arch", "micro-vit-16", "--tasks", "2", "--batch-size", "4"]
         training += ["--steps", "3", "--warmup", "1", "--device", "cpu"]
@@ -114,12 +117,14 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         engine_common = ["--device", "cuda", "--dtype", "fp16", "--rounds", "5"]
         engine_common += ["--block-seconds", "0.02", "--no-plots", "--memory-jobs", "4"]
         # compile runs last in each step, in the share of its budget kept for it
-        paths = ["--paths", "eager", "fused", "cuda-graph", "onnxruntime", "tensorrt", "compile"]
+        paths = _each(
+            "--path", "eager", "fused", "cuda-graph", "onnxruntime", "tensorrt", "compile"
+        )
         # the targets' batches first (the engine bench runs all-tasks groups, then routed at
         # --overhead-batch 64, then the rest): a budget cut drops the last
-        b32_batches = ["--batches", "1", "8", "64", "128"]
-        l14_batches = ["--batches", "128", "64", "1", "8"]
-        memory = l14_extra = [*paths, "--memory-paths", "eager"]
+        b32_batches = _each("--batch", "1", "8", "64", "128")
+        l14_batches = _each("--batch", "128", "64", "1", "8")
+        b32_extra = l14_extra = [*paths, "--memory-path", "eager"]
         kernels = ["--dtype", "fp16", "--batches", "1", "8", "32", "64", "128"]
         training = ["--arch", "ViT-B-32", "--tasks", "8", "--batch-size", "16"]
         training += ["--steps", "40", "--warmup", "5", "--device", "cuda"]
@@ -128,7 +133,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         return (
             "benchmarks/bench_engine.py",
             *engine_common,
-            "--archs",
+            "--arch",
             arch,
             *batches,
             *extra,
@@ -159,7 +164,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         Step(
             "engine-b32",
             f"engine benchmark {b32}: eager, fused, CUDA graphs, then torch.compile",
-            engine(b32, b32_batches, memory),
+            engine(b32, b32_batches, b32_extra),
             100,
             (f"engine-{b32}.json",),
             "engine",
