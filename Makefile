@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean gpu-dry-run-device
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,23 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The GPU run's dry run under the GPU machine's package versions (torch 2.11, triton 3.6, ...:
+# benchmarks/gpu/device-requirements.txt) in .venv-device (ignored by git, several GB), with
+# the project installed the way benchmarks/gpu/run.sh installs it there (the wheels of
+# benchmarks/gpu/wheels.txt, downloaded into .whl/ as for the real run). Not part of `make test`.
+DEVICE_VENV := .venv-device
+WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
+
+$(DEVICE_VENV)/.installed: benchmarks/gpu/device-requirements.txt
+	test -x $(DEVICE_VENV)/bin/python || python3.12 -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q -r benchmarks/gpu/device-requirements.txt
+	touch $@
+
+gpu-dry-run-device: $(DEVICE_VENV)/.installed
+	$(DEVICE_VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp $(addprefix --platform ,$(WHEEL_PLATFORMS)) \
+		-d .whl -r benchmarks/gpu/wheels.txt
+	PYTHON=$(CURDIR)/$(DEVICE_VENV)/bin/python SURGERY_EDGE_SITE=$(CURDIR)/$(DEVICE_VENV)/site \
+		bash benchmarks/gpu/run.sh --dry-run --install

@@ -203,7 +203,8 @@ def bench(
     peak_tflops: Annotated[
         float | None,
         typer.Option(
-            help="Dense fp16 peak of the GPU, for the % of peak column. Default: 989 (H200)."
+            help="Dense fp16 peak of the GPU, for the % of peak column. Default: the datasheet's "
+            "for the GPU's name (989 for an H100 SXM or H200), measured for a GPU not listed."
         ),
     ] = None,
     overhead_batch: Annotated[

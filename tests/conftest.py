@@ -75,7 +75,9 @@ def pytest_collection_modifyitems(config, items):
     skip_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "slow" in item.keywords and os.environ.get("RUN_SLOW") != "1":
+        # the markers, not item.keywords: keywords also hold the names of the folders above
+        # (a checkout in a folder named "gpu" would skip every test)
+        if item.get_closest_marker("slow") and os.environ.get("RUN_SLOW") != "1":
             item.add_marker(skip_slow)
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(skip_gpu)

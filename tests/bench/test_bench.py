@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -321,11 +323,11 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
     real = engine_bench._ArchRun.bench_group
     calls = []
 
-    def interrupt_second(self, works, batch):
+    def interrupt_second(self, works, batch, paths, deadline):
         calls.append(batch)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, works, batch)
+        return real(self, works, batch, paths, deadline)
 
     monkeypatch.setattr(engine_bench._ArchRun, "bench_group", interrupt_second)
     args = ["bench", "--device", "cpu", "--arch", ARCH, "--batch", "1", "--path", "eager"]
@@ -341,6 +343,94 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
         ("surgery", "all-tasks"),
     }
     assert all(r["status"] == "ok" for r in record["results"])
+
+
+def test_groups_run_in_the_order_the_targets_need():
+    # every all-tasks group (the speedups), then routed at the overhead batch, then the rest
+    order = engine_bench.group_order((128, 64, 1), ("all-tasks", "routed"), 64)
+    assert order == [
+        (128, "all-tasks"), (64, "all-tasks"), (1, "all-tasks"),
+        (64, "routed"), (128, "routed"), (1, "routed"),
+    ]  # fmt: skip
+    assert engine_bench.group_order((1, 8), ("routed",), 64) == [(1, "routed"), (8, "routed")]
+
+
+def _budgeted(**fields) -> EngineBenchConfig:
+    base = dict(
+        archs=(ARCH,), batches=(1,), modes=("all-tasks",), configs=("experts", "merged"),
+        device="cpu", num_tasks=2, rounds=1, block_seconds=0.001, memory_paths=(),
+        budget_s=600.0, compile_backend="eager",
+    )  # fmt: skip
+    return EngineBenchConfig(**{**base, **fields})
+
+
+def test_compile_runs_last_in_its_share_and_says_what_did_not_fit(monkeypatch):
+    real = engine_bench._ArchRun.prepare
+
+    def slow_first_compile(self, work, path, batch, x, references, reference):
+        status = real(self, work, path, batch, x, references, reference)
+        if path == "compile" and not self.compile_seconds:  # as if it took 10 minutes
+            fn, _, err = status
+            return fn, 600.0, err
+        return status
+
+    monkeypatch.setattr(engine_bench._ArchRun, "prepare", slow_first_compile)
+    config = _budgeted(configs=("experts", "one-expert", "merged"), paths=("eager", "compile"))
+    snapshots = []
+    rows = run_engine_bench(config, on_group=lambda rows: snapshots.append(list(rows)))
+    # the eager group first, on its own; then compile: the experts' encoder (compiled once,
+    # reused by one expert alone at the same shape), and no time left for the merged model
+    assert [r.path for r in snapshots[0]] == ["eager"] * 3
+    compile_rows = {r.config: r for r in rows if r.path == "compile"}
+    assert compile_rows["experts"].status == compile_rows["one-expert"].status == "ok"
+    merged = compile_rows["merged"]
+    assert merged.status == "skipped" and merged.reason.startswith("compile: not measured (budget)")
+    assert "a compile here took 600 s" in merged.reason
+
+
+def test_a_contestant_not_prepared_in_time_is_recorded_and_the_others_timed(monkeypatch):
+    real = engine_bench._ArchRun.prepare
+
+    def budget_spent_after_first(self, work, path, batch, x, references, reference):
+        status = real(self, work, path, batch, x, references, reference)
+        # the budget runs out during the group
+        monkeypatch.setattr(engine_bench._ArchRun, "over_budget", lambda self, deadline=0: True)
+        return status
+
+    monkeypatch.setattr(engine_bench._ArchRun, "prepare", budget_spent_after_first)
+    rows = run_engine_bench(_budgeted(paths=("eager",)))
+    status = {r.config: (r.status, r.reason) for r in rows}
+    assert status["experts"] == ("ok", None)  # prepared in time: timed
+    assert status["merged"] == ("skipped", "the time budget of 600 s was spent")
+
+
+def test_a_sigterm_records_the_group_in_progress(monkeypatch):
+    real = engine_bench._ArchRun.prepare
+    calls = []
+
+    def stopped_at_the_fourth(self, work, path, batch, x, references, reference):
+        calls.append((work.config, batch))
+        if len(calls) == 4:  # the second group's second contestant: the step's slot ends
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, work, path, batch, x, references, reference)
+
+    monkeypatch.setattr(engine_bench._ArchRun, "prepare", stopped_at_the_fourth)
+    handler = signal.getsignal(signal.SIGTERM)
+    snapshots = []
+    with pytest.raises(engine_bench.Stopped):
+        run_engine_bench(
+            _budgeted(batches=(1, 2), paths=("eager",)),
+            on_group=lambda rows: snapshots.append(list(rows)),
+        )
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    first, second = snapshots[-1][:2], snapshots[-1][2:]
+    assert [(r.batch, r.status) for r in first] == [(1, "ok"), (1, "ok")]
+    assert [(r.config, r.batch, r.status) for r in second] == [
+        ("experts", 2, "skipped"),
+        ("merged", 2, "skipped"),
+    ]
+    assert second[0].reason == "prepared, not timed: stopped by SIGTERM"
+    assert second[1].reason.startswith("preparation: not measured (stopped after")
 
 
 def test_peak_memory_is_measured_in_a_process_of_its_own():
