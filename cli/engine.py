@@ -200,7 +200,8 @@ def predict(
     from surgery_edge.runtime import load  # deferred: onnxruntime loads on use
     from surgery_edge.runtime.inputs import expand_images  # deferred with the runtime
 
-    files = list(expand_images(images))  # every argument checked before any work
+    skipped: list[str] = []  # what folders and globs hold that could not be read
+    files = list(expand_images(images, skipped))  # every argument checked before any work
     limits = {"max_pixels": max_pixels} if max_pixels is not None else {}
     predictor = load(engine, device=device or "auto", batch_size=batch_size, **limits)
     answered, failed = [], []
@@ -215,6 +216,12 @@ def predict(
             typer.echo("\t".join(printable(f, keep_newlines=False) for f in fields))
     if json_out:
         typer.echo(json.dumps(answered, indent=2))
+    report = []  # a partial result: what could not be answered or read, named
     if failed:
-        err(f"Could not answer {len(failed)} of {len(files)} images: {' '.join(failed)}")
+        report.append(f"Could not answer {len(failed)} of {len(files)} images: {' '.join(failed)}")
+    if skipped:
+        report.append(f"Skipped {len(skipped)} input(s) that could not be read: "
+                      + "; ".join(skipped) + ".")  # fmt: skip
+    if report:
+        err(" ".join(report))
         raise typer.Exit(1)
