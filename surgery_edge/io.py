@@ -293,6 +293,17 @@ def not_a_file(path: str | os.PathLike) -> str | None:
     return f"is {kind_of(mode)}, not a file"
 
 
+def not_a_folder(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a folder (through links); else what it is instead, as
+    :func:`not_a_file` says it (``does not exist``, ``is a regular file, not a folder``, ...)."""
+    problem = not_a_file(path)
+    if problem is None:
+        return "is a file, not a folder"
+    if problem.startswith("is a folder"):
+        return None
+    return problem.replace(", not a file", ", not a folder")
+
+
 @dataclass
 class Walk:
     """What :func:`walk_files` found under a folder.
@@ -315,6 +326,8 @@ def walk_files(
     keep: Callable[[tuple[str, ...]], bool] = lambda parts: True,
     enter: Callable[[tuple[str, ...]], bool] = lambda parts: True,
     same_file_once: bool = False,
+    seen_folders: set[tuple[int, int]] | None = None,
+    seen_files: set[tuple[int, int]] | None = None,
 ) -> Walk:
     """The regular files under ``folder`` (any depth), following links, each folder once.
 
@@ -329,11 +342,15 @@ def walk_files(
         keep: takes a file by its path relative to ``folder``, as parts.
         enter: whether to look into a sub-folder, by its relative parts (to bound a glob).
         same_file_once: a file reached under a second name (a link, a hard link) is kept once.
+        seen_folders, seen_files: (device, inode) pairs shared by several walks and updated:
+            a folder in ``seen_folders`` is not entered through a link (the root always is),
+            a file in ``seen_files`` is not taken again (with ``same_file_once``).
     """
     root = Path(folder)
     walk = Walk()
-    seen_dirs = {_identity(os.stat(root))}
-    seen_files: set[tuple[int, int]] = set()
+    seen_dirs = set() if seen_folders is None else seen_folders
+    seen_dirs.add(_identity(os.stat(root)))
+    seen_files = set() if seen_files is None else seen_files
     pending: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
     while pending:
         directory, parts = pending.pop()
