@@ -290,7 +290,10 @@ def prepare_experts(run: Run) -> ExpertSet:
             files += run.experts.heads.values()
             imported = not record.is_file() or record.read_bytes() != before
             for path in files:  # what an import just wrote is the run's; what it kept, checked
-                run.record(path) if imported else run.verify(path)
+                if imported:
+                    run.record(path)
+                else:
+                    run.verify(path)
             return run.experts
         run.experts = build_experts(
             run.out / "checkpoints",

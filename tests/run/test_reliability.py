@@ -655,6 +655,7 @@ def test_33_7_what_an_engine_or_adapters_are_made_from_is_hashed_from_its_bytes(
     assert {p: HashCache(hashes.store).digest(p) for p in old} == old  # the stat cache trusts
     text = user_error(["export", "--run", str(copy), "--onnx", str(tmp_path / "x.onnx")])
     assert "merged/task_arithmetic.safetensors is not the file this run made" in text
+    assert not (tmp_path / "x.onnx").exists()  # refused before the export, not after it
     out = ok(["train", "--run", str(copy), "--merge", "weight_averaging", "--surgery", "surgery",
               "--steps", "2", "--adapters", str(tmp_path / "a.safetensors")])  # fmt: skip
     assert re.search(r"warning: Representation cache .*shapes-adapt-.* changed .*; rebuilt", out)
