@@ -8,13 +8,13 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,serve,quant,datasets]'
+	$(BIN)/python -m pip install -q -e '.[train,dev,serve,quant,datasets]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/surgery-edge demo --out runs/demo
+	$(BIN)/surgery-edge demo --run runs/demo
 
 # two workers (pytest-xdist), each test file on one worker so its module fixtures are built once
 TEST_WORKERS ?= 2

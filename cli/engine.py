@@ -175,7 +175,14 @@ def predict(
     ],
     task: Annotated[str | None, typer.Option(help="Task name or id to answer.")] = None,
     all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Answer every task.")] = False,
-    json_out: Json = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print JSON Lines on stdout: one object per image as it is answered, with "
+            "the Python API's fields (source, then predictions or error).",
+        ),
+    ] = False,
     device: Device = None,
     max_pixels: Annotated[
         int | None,
@@ -192,8 +199,9 @@ def predict(
 ):
     """Classify images with an exported engine, a batch at a time, printing as it goes.
 
-    One line per image and task: file, task, class name, (class index, probability). An
-    unreadable image is reported and the others are still answered; the exit code is then 1.
+    One line per image and task: file, task, class name, (class index, probability); with
+    --json one JSON object per image (JSON Lines). An unreadable image is reported and the
+    others are still answered; the exit code is then 1.
     Any number of files fits in memory. Names from the engine are printed with control
     characters escaped.
     """
@@ -204,18 +212,16 @@ def predict(
     files = list(expand_images(images, skipped))  # every argument checked before any work
     limits = {"max_pixels": max_pixels} if max_pixels is not None else {}
     predictor = load(engine, device=device or "auto", batch_size=batch_size, **limits)
-    answered, failed = [], []
+    failed = []
     for r in predictor.iter_predict(files, task=task, all_tasks=all_tasks):
         if not r.ok:
             failed.append(r.error)
-        if json_out:  # JSON escapes control characters itself
-            answered.append(r.to_dict())
+        if json_out:  # one line per image, flushed: a pipe reads each answer as it comes
+            typer.echo(json.dumps(r.to_dict()))  # JSON escapes control characters itself
             continue
         for p in r.predictions:
             fields = [r.source, p.task, p.label, f"(class {p.index}, p={p.score:.3f})"]
             typer.echo("\t".join(printable(f, keep_newlines=False) for f in fields))
-    if json_out:
-        typer.echo(json.dumps(answered, indent=2))
     report = []  # a partial result: what could not be answered or read, named
     if failed:
         report.append(f"Could not answer {len(failed)} of {len(files)} images: {' '.join(failed)}")

@@ -23,12 +23,12 @@ afterwards, one process per (configuration, mode, path) (:mod:`surgery_edge.benc
 Ratios are same-runtime or best-vs-best only, each beside its ceiling
 (:mod:`surgery_edge.bench.ratios`). fp16 on the GPU, fp32 on the CPU.
 
-Usage::
+Usage (the command line is :mod:`surgery_edge.cli.bench`; lists are repeated options)::
 
-    surgery-edge bench --quick --out /tmp/bench            # a smoke run, ~30 s on a CPU
-    python benchmarks/bench_engine.py --device cpu --archs tiny-vit-32 --threads 2 \\
+    surgery-edge bench --quick --out /tmp/bench     # a smoke run (README: its duration)
+    python benchmarks/bench_engine.py --device cpu --arch tiny-vit-32 --threads 2 \\
         --out benchmarks/results/cpu
-    python benchmarks/bench_engine.py --archs ViT-B-32 --out benchmarks/results/h200   # CUDA
+    surgery-edge bench --arch ViT-B-32 --batch 1 --batch 8 --out benchmarks/results/h200
 
 Outputs, per architecture, under ``--out``: ``engine-<arch>.json`` (device, versions, threads,
 load, caches, measured device rates, the exact command, every result, derived ratios),
@@ -38,35 +38,31 @@ and ``engine-<arch>-weights.png``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
-import json
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from surgery_edge.bench.choices import DEFAULTS, ENGINES, MODES
 from surgery_edge.bench.env import load_average, machine_is_loaded
 from surgery_edge.bench.flops import module_bytes, task_classes, workload_bytes, workload_flops
 from surgery_edge.bench.memory import MemorySpec, run_children
-from surgery_edge.bench.report import Previous, command_line, write_outputs
+from surgery_edge.bench.report import Previous, write_outputs
 from surgery_edge.bench.roofline import H200_FP16_TFLOPS, measure_rates
 from surgery_edge.bench.runners import EXPERT_CONFIGS, ArchBench, Workload, max_abs_err
 from surgery_edge.bench.runners import unavailable_reason as path_unavailable
 from surgery_edge.bench.timing import Contestant, interleaved, sync
 from surgery_edge.bench.workloads import (
-    CONFIGS,
     DTYPES,
-    ENGINES,
-    MODES,
-    PATHS,
     EngineBenchConfig,
     EngineResult,
     Inputs,
@@ -77,17 +73,9 @@ from surgery_edge.bench.workloads import (
     config_modes,
     plan_paths,
 )
+from surgery_edge.errors import ConfigError
 from surgery_edge.models import get_arch
 
-# Defaults that depend on where the benchmark runs: (on CUDA, on the CPU, with --quick).
-DEFAULTS = {
-    "archs": (["tiny-vit-32", "ViT-B-32", "ViT-L-14"], ["tiny-vit-32"], ["micro-vit-16"]),
-    "batches": ([1, 8, 32, 64, 128], [1, 8, 32], [1, 4]),
-    "paths": (list(PATHS), list(PATHS), ["eager", "onnxruntime"]),
-    "rounds": (10, 7, 3),
-    "block_seconds": (0.05, 0.1, 0.01),
-    "memory_paths": (["eager"], ["eager", "onnxruntime"], []),
-}
 Log = Callable[[str], None]
 SAME_AS_EXPERTS = ("experts-concurrent", "experts-vmap")  # the experts' outputs, computed otherwise
 
@@ -420,200 +408,72 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
-# --- command line ----------------------------------------------------------------------------
+# --- what the command line asks for ------------------------------------------------------------
 
 
-def _device(text: str) -> str:
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}: use cpu, cuda or cuda:N"
-        ) from None
-    return text
+def resolve_config(quick: bool = False, **given: Any) -> EngineBenchConfig:
+    """The benchmark configuration ``surgery-edge bench`` asks for.
+
+    ``given`` holds :class:`EngineBenchConfig` fields; those missing or None take the defaults
+    of :data:`~surgery_edge.bench.choices.DEFAULTS` for where the benchmark runs (CUDA, the
+    CPU, or ``quick``), the rest the dataclass's. ``device`` None or ``auto``: CUDA when there
+    is one. ``threads`` given sets torch's intra-op threads.
+
+    Raises:
+        ConfigError: CUDA asked for where there is none, or an unknown architecture.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    device = given.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: there is no CUDA device here; pass --device cpu.")
+    column = 2 if quick else 0 if cuda else 1
+    for name, values in DEFAULTS.items():
+        given.setdefault(name, values[column])
+    for arch in given["archs"]:
+        get_arch(arch)  # an unknown name is refused before anything is measured
+    if given.get("threads"):
+        torch.set_num_threads(given["threads"])
+    given |= {
+        "device": device,
+        "dtype": given.get("dtype") or ("fp16" if cuda else "fp32"),
+        "peak_tflops": given.get("peak_tflops", H200_FP16_TFLOPS) if cuda else None,
+        "threads": given.get("threads") or torch.get_num_threads(),
+    }
+    sequences = {f.name for f in dataclasses.fields(EngineBenchConfig) if "tuple" in str(f.type)}
+    return EngineBenchConfig(**{k: tuple(v) if k in sequences else v for k, v in given.items()})
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def run_and_write(
+    config: EngineBenchConfig,
+    out: Path,
+    command: str,
+    append: bool = False,
+    plots: bool = True,
+    quiet: bool = False,
+    verbose: bool = False,
+) -> list[Path]:
+    """Run the benchmark and write its JSON and Markdown under ``out`` after every group, and
+    the plots at the end (``plots``); returns the files written.
 
-
-def _default_help(name: str) -> str:
-    cuda, cpu, quick = (" ".join(map(str, v)) if isinstance(v, list) else v for v in DEFAULTS[name])
-    where = cuda if cuda == cpu else f"{cuda} on CUDA, {cpu} on the CPU"
-    return f"default: {where}, {quick or 'none'} with --quick"
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The engine benchmark's options (shared by ``benchmarks/bench_engine.py`` and
-    ``surgery-edge bench``)."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: micro-vit-16, batches 1 and 4, eager and ONNX Runtime, 3 short rounds, "
-        "no memory processes, JSON and Markdown but no plots (1.5 min on a 2.0 GHz 2-core "
-        "CPU); the options given explicitly still apply",
-    )
-    p.add_argument("--device", type=_device, help="default: cuda when available, else cpu")
-    p.add_argument("--archs", nargs="+", help=_default_help("archs"))
-    p.add_argument("--batches", type=_positive, nargs="+", help=_default_help("batches"))
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--paths", nargs="+", choices=PATHS, help=_default_help("paths"))
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
-    p.add_argument("--num-tasks", type=_positive, default=8, help="tasks per engine (default 8)")
-    p.add_argument("--tasks", type=_positive, dest="num_tasks", help=argparse.SUPPRESS)  # 0.1
-    p.add_argument("--rank", type=_positive, default=16)
-    p.add_argument(
-        "--rank-v2",
-        type=_positive,
-        help="SurgeryV2 rank (default: 4 for ViT-L as in the paper, else --rank)",
-    )
-    p.add_argument(
-        "--rounds",
-        type=_positive,
-        help="interleaved rounds per group (ABCABC...); " + _default_help("rounds"),
-    )
-    p.add_argument(
-        "--block-seconds",
-        type=float,
-        help="the length of one timed block of calls; " + _default_help("block_seconds"),
-    )
-    p.add_argument(
-        "--budget-s",
-        type=float,
-        help="stop starting new groups after this many seconds (the rest is recorded as "
-        "skipped); default: no limit",
-    )
-    p.add_argument(
-        "--memory-paths",
-        nargs="*",
-        choices=["eager", "onnxruntime"],
-        help="paths whose peak memory is measured, one process per configuration; "
-        + _default_help("memory_paths"),
-    )
-    p.add_argument(
-        "--memory-configs",
-        nargs="+",
-        choices=CONFIGS,
-        help="configurations whose peak memory is measured (default: all of --configs)",
-    )
-    p.add_argument("--memory-jobs", type=_positive, default=1, help="memory processes at once")
-    p.add_argument(
-        "--time-interpreter",
-        action="store_true",
-        help="run the fused path under TRITON_INTERPRET=1 on the CPU (checks the benchmark; the "
-        "timings mean nothing)",
-    )
-    p.add_argument(
-        "--compile-backend",
-        default="inductor",
-        help="torch.compile's backend (default inductor; eager: dynamo tracing only, to check "
-        "the compile path quickly)",
-    )
-    p.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=H200_FP16_TFLOPS,
-        help="dense fp16 peak of the GPU, for the %% of peak column (default: 989 = H200)",
-    )
-    p.add_argument("--overhead-batch", type=_positive, default=64)
-    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("benchmarks/results/engine"),
-        help="folder for the JSON, Markdown and plots (default: benchmarks/results/engine)",
-    )
-    p.add_argument(
-        "--append",
-        action="store_true",
-        help="keep the rows of an earlier engine-<arch>.json in --out that this run does not "
-        "measure (split a sweep over several commands)",
-    )
-    p.add_argument("--merge", action="store_true", dest="append", help=argparse.SUPPRESS)  # 0.1
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print the written records (JSON) on stdout instead of their paths",
-    )
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failed paths")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> EngineBenchConfig:
-    """The benchmark configuration the parsed options ask for, defaults resolved."""
-    cuda = torch.device(args.device).type == "cuda"
-    column = 2 if args.quick else 0 if cuda else 1
-
-    def given(name: str):
-        value = getattr(args, name)
-        return DEFAULTS[name][column] if value is None else value
-
-    return EngineBenchConfig(
-        archs=tuple(given("archs")),
-        batches=tuple(given("batches")),
-        configs=tuple(args.configs),
-        modes=tuple(args.modes),
-        paths=tuple(given("paths")),
-        device=args.device,
-        dtype=args.dtype or ("fp16" if cuda else "fp32"),
-        num_tasks=args.num_tasks,
-        rank=args.rank,
-        rank_v2=args.rank_v2,
-        rounds=given("rounds"),
-        block_seconds=given("block_seconds"),
-        peak_tflops=args.peak_tflops if cuda else None,
-        overhead_batch=args.overhead_batch,
-        threads=args.threads or torch.get_num_threads(),
-        budget_s=args.budget_s,
-        memory_paths=tuple(given("memory_paths")),
-        memory_configs=None if args.memory_configs is None else tuple(args.memory_configs),
-        memory_jobs=args.memory_jobs,
-        time_interpreter=args.time_interpreter,
-        compile_backend=args.compile_backend,
-    )
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[EngineResult]:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the benchmark, write its JSON and Markdown
-    under ``--out`` after every group, and the plots at the end. ``prog`` names the command in
-    the usage and the record."""
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device: pass --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = config_from_args(args)
-    command = command_line(argv, prog or f"{__name__}.main")
-    previous = Previous.read(args.out, config) if args.append else Previous()
+    ``command`` is recorded; ``append`` keeps the rows of an earlier ``engine-<arch>.json`` in
+    ``out`` that this run does not measure; ``quiet``: the Markdown is not printed. Progress goes
+    to stderr. Interrupted, it says where the groups measured so far are, and re-raises.
+    """
+    previous = Previous.read(out, config) if append else Previous()
     log = partial(print, file=sys.stderr, flush=True)
     rates = measure_rates(config.device, DTYPES[config.resolved_dtype()])
-    write = partial(
-        write_outputs, config, out=args.out, command=command, previous=previous, rates=rates
-    )
+    write = partial(write_outputs, config, out=out, command=command, previous=previous, rates=rates)
     try:
         results = run_engine_bench(
             config,
             log=log,
-            verbose=args.verbose,
+            verbose=verbose,
             on_group=lambda rows: write(rows, plots=False, complete=False, quiet=True),
         )
     except KeyboardInterrupt:
-        log(f"interrupted: the groups measured so far are in {args.out}")
-        raise SystemExit(130) from None
-    plots = not (args.no_plots or args.quick)
-    written = write(results, plots=plots, complete=True, quiet=args.json)
-    if args.json:
-        records = [json.loads(Path(p).read_text()) for p in written if Path(p).suffix == ".json"]
-        print(json.dumps({"written": [str(p) for p in written], "records": records}, indent=2))
-    else:
-        print("written: " + ", ".join(str(p) for p in written))
-    return results
+        log(f"interrupted: the groups measured so far are in {out}")
+        raise
+    return write(results, plots=plots, complete=True, quiet=quiet)

@@ -80,6 +80,11 @@ class StepResult:
     files: list[str] = field(default_factory=list)
 
 
+def _each(option: str, *values: str) -> list[str]:
+    """``option`` once per value: the engine benchmark's lists are repeated options."""
+    return [word for value in values for word in (option, value)]
+
+
 def plan(dry_run: bool, scratch: Path) -> list[Step]:
     """The steps, at full size on a GPU or (``dry_run``) at tiny size on the CPU."""
     s = str(scratch)
@@ -87,36 +92,36 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
     if dry_run:
         engine_common = ["--device", "cpu", "--num-tasks", "2", "--rounds", "2"]
         engine_common += ["--block-seconds", "0.002", "--no-plots", "--memory-jobs", "2"]
-        fast = ["--paths", "eager", "fused", "cuda-graph", "tensorrt", "--time-interpreter"]
-        b32_batches, l14_batches = ["--batches", "2"], ["--batches", "1"]
-        memory = ["--memory-paths", "eager", "--memory-configs", "experts"]
-        l14_memory = ["--memory-paths"]  # none: the b32 step checks the memory processes
+        fast = [*_each("--path", "eager", "fused", "cuda-graph", "tensorrt"), "--time-interpreter"]
+        b32_batches, l14_batches = ["--batch", "2"], ["--batch", "1"]
+        memory = ["--memory-path", "eager", "--memory-config", "experts"]
+        l14_memory = ["--no-memory"]  # the b32 step checks the memory processes
         # one compiled encoder shared by the experts; one compiled engine; dynamo only (the
         # GPU's inductor makes Triton kernels, which a CPU cannot check anyway)
-        b32_compile = ["--configs", "experts", "--compile-backend", "eager"]
-        l14_compile = ["--configs", "surgeryv2", "--compile-backend", "eager"]
+        b32_compile = ["--config", "experts", "--compile-backend", "eager"]
+        l14_compile = ["--config", "surgeryv2", "--compile-backend", "eager"]
         kernels = ["--cpu-smoke", "--batches", "1"]
         training = ["--arch", "micro-vit-16", "--tasks", "2", "--batch-size", "4"]
         training += ["--steps", "3", "--warmup", "1", "--device", "cpu"]
     else:
         engine_common = ["--device", "cuda", "--dtype", "fp16", "--rounds", "5"]
         engine_common += ["--block-seconds", "0.02", "--no-plots", "--memory-jobs", "4"]
-        fast = ["--paths", "eager", "fused", "cuda-graph", "onnxruntime", "tensorrt"]
+        fast = _each("--path", "eager", "fused", "cuda-graph", "onnxruntime", "tensorrt")
         # the targets' batches first: a budget cut drops the last
-        b32_batches = ["--batches", "1", "64", "8", "128"]
-        l14_batches = ["--batches", "1", "64", "128", "8"]
-        memory = l14_memory = ["--memory-paths", "eager"]
+        b32_batches = _each("--batch", "1", "64", "8", "128")
+        l14_batches = _each("--batch", "1", "64", "128", "8")
+        memory = l14_memory = ["--memory-path", "eager"]
         b32_compile = l14_compile = []
         kernels = ["--dtype", "fp16", "--batches", "1", "8", "32", "64", "128"]
         training = ["--arch", "ViT-B-32", "--tasks", "8", "--batch-size", "16"]
         training += ["--steps", "40", "--warmup", "5", "--device", "cuda"]
     # the compile passes add their rows to the files of the passes before; memory is measured
     # there already
-    b32_compile = ["--paths", "compile", *b32_compile, "--memory-paths", "--append"]
-    l14_compile = ["--paths", "compile", *l14_compile, "--memory-paths", "--append"]
+    b32_compile = ["--path", "compile", *b32_compile, "--no-memory", "--append"]
+    l14_compile = ["--path", "compile", *l14_compile, "--no-memory", "--append"]
 
     def engine(arch: str, batches: list[str], extra: list[str]) -> tuple[str, ...]:
-        return ("benchmarks/bench_engine.py", *engine_common, "--archs", arch, *batches, *extra)
+        return ("benchmarks/bench_engine.py", *engine_common, "--arch", arch, *batches, *extra)
 
     tests = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *TEST_PATHS)
     tests += ("--junitxml", f"{s}/tests.xml", "-o", "junit_family=xunit1")

@@ -13,18 +13,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery_edge.bench.choices import CONFIGS, PATHS
 from surgery_edge.bench.env import LOAD_WARNING, environment
 from surgery_edge.bench.flops import FLOPS_FORMULA, backbone_flops, one_expert_bytes, task_classes
-from surgery_edge.bench.plots import write_plots
+from surgery_edge.bench.plots import engine_results, write_plots
 from surgery_edge.bench.ratios import BEST_VS_BEST, derive_ratios
 from surgery_edge.bench.roofline import DeviceRates
 from surgery_edge.bench.timing import SPREAD_WARNING
 from surgery_edge.bench.workloads import (
     CONFIG_LABELS,
     CONFIG_MODES,
-    CONFIGS,
     DTYPES,
-    PATHS,
     RANDOM_WEIGHTS_NOTE,
     EngineBenchConfig,
     EngineResult,
@@ -34,8 +33,6 @@ from surgery_edge.errors import ConfigError
 from surgery_edge.io import write_json_atomic, write_text_atomic
 from surgery_edge.models import get_arch
 from surgery_edge.surgery.methods import SURGERY_METHODS
-
-WEIGHT_NAMES = {"one_expert": "one expert (analytic: encoder + head)"}
 
 
 def command_line(argv: Sequence[str] | None, prog: str) -> str:
@@ -430,8 +427,7 @@ def read_previous(
             f"{path} holds results from {old.get('device_name')!r} ({old_dtype}), not "
             f"{device_name!r} ({dtype}): use another --out, or run without --merge to replace it."
         )
-    known = set(EngineResult.__dataclass_fields__)
-    rows = [EngineResult(**{k: v for k, v in r.items() if k in known}) for r in old["results"]]
+    rows = engine_results(old)
     runs = old.get("runs") or [{"command": old.get("command"), "config": old.get("config")}]
     return rows, runs
 

@@ -36,9 +36,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from surgery_edge.bench.choices import (  # the names, torch-free for the command line
+    ALL_TASKS,
+    CONFIGS,
+    DTYPE_NAMES,
+    ENGINES,
+    MERGED,
+    MODES,
+    ONE_EXPERT,
+    PATHS,
+    ROUTED,
+)
 from surgery_edge.bench.flops import task_classes
 from surgery_edge.bench.roofline import H200_FP16_TFLOPS
-from surgery_edge.engine_format import EngineMode
 from surgery_edge.models import ArchSpec, ClassificationHead, ImageEncoder, build_encoder
 from surgery_edge.models.heads import normalize_per_task, uniform_normalize
 from surgery_edge.surgery.adapters import AdapterBank
@@ -46,13 +56,6 @@ from surgery_edge.surgery.methods import SURGERY_METHODS, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 
 RANDOM_WEIGHTS_NOTE = "random weights: timing only"
-ALL_TASKS, ROUTED = EngineMode.ALL_TASKS.value, EngineMode.ROUTED.value
-MODES = (ALL_TASKS, ROUTED)
-MERGED = "merged"
-ONE_EXPERT = "one-expert"
-BASELINES = ("experts", "experts-concurrent", "experts-vmap")
-ENGINES = tuple(SURGERY_METHODS)  # one engine per registered surgery method
-CONFIGS = (*BASELINES, ONE_EXPERT, MERGED, *ENGINES)
 CONFIG_LABELS = {
     "experts": "8 separate experts, one after another",
     "experts-concurrent": "8 separate experts at once (CPU: a thread each, on the engine's "
@@ -81,8 +84,7 @@ def config_modes(config: str) -> tuple[str, ...]:
 
 
 CONFIG_MODES = {c: config_modes(c) for c in CONFIGS}
-PATHS = ("eager", "fused", "compile", "cuda-graph", "onnxruntime", "tensorrt")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)

@@ -424,10 +424,33 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
                     raise ConfigError(f"Cannot set {dotted} in {path}: {key} is not a mapping.")
             node[leaf] = value
         return RunConfig.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as e:
+    except ValidationError as e:
+        raise ConfigError(f"Config file {path} is invalid: {config_errors(e)}") from None
+    except yaml.YAMLError as e:
         raise ConfigError(f"Config file {path} is invalid:\n{e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"Config file {path} is unreadable ({e}).") from None
+
+
+def config_errors(e: ValidationError) -> str:
+    """pydantic's errors as one sentence per setting, without its URLs, e.g.
+    ``surgery.lr must be greater than 0 (got -1).``"""
+    sentences = []
+    for error in e.errors(include_url=False):
+        where = ".".join(str(x) for x in error["loc"]) or "The config"
+        got = repr(error.get("input"))
+        got = f" (got {got if len(got) <= 60 else got[:57] + '...'})"
+        message = error["msg"].removeprefix("Value error, ").rstrip(".")
+        if error["type"] == "extra_forbidden":
+            sentence = f"{where} is not a setting (check its spelling)"
+        elif error["type"] == "missing":
+            sentence = f"{where} is required"
+        elif message.startswith("Input should be"):
+            sentence = f"{where} {message.replace('Input should be', 'must be', 1)}{got}"
+        else:  # a validator's own sentence
+            sentence = f"{where}: {message}"
+        sentences.append(sentence + ".")
+    return " ".join(sentences)
 
 
 # Settings that shape no artefact: where the run executes, what it prints, which methods of the

@@ -31,7 +31,7 @@ from surgery_edge.export.tensorrt import (
     check_workspace,
     profile_shapes,
 )
-from surgery_edge.export.triton import TritonOptions, write_repository
+from surgery_edge.export.triton import TritonOptions, check_model_folder, write_repository
 from surgery_edge.io import check_output
 from surgery_edge.run.calibration import (
     DEFAULT_CALIBRATION_IMAGES,
@@ -133,7 +133,9 @@ def export_run(
         overwrite: replace an existing engine made from other checkpoints or settings (a file
             that is not an engine is never replaced).
         triton_repo, triton_options: also write a Triton model repository holding the TensorRT
-            plan when one is built, else the ONNX engine (an ONNX engine is then written).
+            plan when one is built, else the ONNX engine (an ONNX engine is then written). An
+            existing model folder of that name is replaced only with ``overwrite`` and only if
+            ``triton-repo`` wrote it.
 
     TensorRT and Triton settings, TensorRT's availability, the precision's support, the
     calibration data and every output path are all checked before any export work.
@@ -178,6 +180,9 @@ def export_run(
     ]
     for path, what, same in targets:
         check_output(path, what, same)
+    if triton is not None:
+        model_stem = Path(trt if trt is not None else onnx_path).stem
+        check_model_folder(triton_repo, triton.name or model_stem, overwrite)
     if expert is not None:
         model, extra = expert_model(layout, expert, run_device)
     else:
@@ -241,7 +246,7 @@ def export_run(
         written["pt2"] = export_aoti(model, aoti, mode, fp16, metadata=extra, device=run_device)
     if triton is not None:
         engine = written.get("tensorrt", written.get("onnx"))
-        written["triton"] = write_repository(engine, triton_repo, triton)
+        written["triton"] = write_repository(engine, triton_repo, triton, overwrite=overwrite)
     return written
 
 

@@ -77,7 +77,7 @@ class RunLayout:
         if not layout.config_file.is_file():
             raise ConfigError(
                 f"{layout.root} is not a surgery-edge run directory (no config.json). Create one "
-                f"with `surgery-edge experts --out {root}` or `surgery-edge demo --out {root}`."
+                f"with `surgery-edge experts --run {root}` or `surgery-edge demo --run {root}`."
             )
         if write:
             check_writable(layout.root, "run directory")
@@ -90,7 +90,7 @@ class RunLayout:
         layout = cls(Path(root))
         if layout.root.exists() and not layout.root.is_dir():
             raise ConfigError(
-                f"{layout.root} is a file, not a run directory. Choose another --out."
+                f"{layout.root} is a file, not a run directory. Choose another --run."
             )
         if (
             layout.root.is_dir()
@@ -100,7 +100,7 @@ class RunLayout:
             raise ConfigError(
                 f"{layout.root} already holds other files and is not a surgery-edge run "
                 "directory (no config.json), so nothing was written there. Choose a new or empty "
-                "folder for --out."
+                "folder for --run."
             )
         check_writable(layout.root, "run directory")
         return layout
@@ -205,7 +205,7 @@ class RunLayout:
         if meta is None or "arch" not in meta:
             raise CheckpointError(
                 f"Checkpoint {self.pretrained} is missing or unreadable. Run "
-                f"`surgery-edge experts --out {self.root}` (or `surgery-edge run CONFIG`) first."
+                f"`surgery-edge experts --run {self.root}` (or `surgery-edge run CONFIG`) first."
             )
         try:
             return ArchSpec.from_dict(meta["arch"])
@@ -222,7 +222,7 @@ class RunLayout:
                 raise CheckpointError(
                     f"Head {self.head(task)} was saved for task {head.task!r}, not {task!r}: it "
                     "is another task's head (or another tool's file). Restore the run's own head "
-                    f"file, or re-make the run's checkpoints (surgery-edge experts --out "
+                    f"file, or re-make the run's checkpoints (surgery-edge experts --run "
                     f"{self.root} --overwrite)."
                 )
             self.verify(self.head(task), fresh)

@@ -38,7 +38,7 @@ from surgery_edge.io import HashCache, check_output, fingerprint, safe_name, wri
 from surgery_edge.merging import AdaMergingContext
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
 from surgery_edge.models.checkpoint import file_kind
-from surgery_edge.progress import progress_bar
+from surgery_edge.progress import MetricsLog, progress_bar
 from surgery_edge.run.config import RunConfig, differences, shaping_settings
 from surgery_edge.run.engines import export_engines
 from surgery_edge.run.experts import ExpertSet, FinetuneConfig, PretrainConfig, build_experts
@@ -46,7 +46,7 @@ from surgery_edge.run.layout import RunLayout
 from surgery_edge.run.provenance import check_replace, recorded, up_to_date
 from surgery_edge.run.recipe import disk_suite, import_checkpoints
 from surgery_edge.surgery.adapters import AdapterBank
-from surgery_edge.surgery.methods import NONE, SURGERY_METHODS
+from surgery_edge.surgery.methods import NONE, SURGERY_METHODS, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import Representations, Request, cached_representations_many
 from surgery_edge.surgery.trainer import (
@@ -107,7 +107,7 @@ class Run:
                     f"Run directory {layout.root} was made with other settings ("
                     + "; ".join(changed[:8])
                     + "). Pass --overwrite to redo what they change (its artefacts are replaced), "
-                    "or choose another --out."
+                    "or choose another --run."
                 )
             if changed:
                 log(f"settings changed ({'; '.join(changed[:8])}): redoing what they shape")
@@ -186,9 +186,9 @@ class Run:
         for p in [layout.pretrained, *experts.values(), *heads.values()]:
             if not p.is_file():
                 make = (
-                    f"surgery-edge experts --out {self.out}"
+                    f"surgery-edge experts --run {self.out}"
                     if self.config.builtin
-                    else f"surgery-edge run CONFIG --out {self.out}"
+                    else f"surgery-edge run CONFIG --run {self.out}"
                 )
                 raise CheckpointError(
                     f"Checkpoint {p} does not exist. Run `{make}` first, or restore the file."
@@ -242,6 +242,22 @@ class Run:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
+@contextmanager
+def unused_run_removed(out: str | Path):
+    """Remove the run folder this block creates if the block fails before anything but the
+    run's ``config.json`` was written into it (e.g. the data it names is missing), so that a
+    failed first command leaves nothing behind; a run that holds artefacts is kept."""
+    root = Path(out)
+    existed = root.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and root.is_dir() and [p.name for p in root.iterdir()] == ["config.json"]:
+            (root / "config.json").unlink()
+            root.rmdir()
+        raise
+
+
 def prepare_suite(run: Run) -> Suite:
     """The built-in suite (generated once, cached), or the config's tasks read from disk
     (in a distributed job the writer first, so that the others only read what it wrote)."""
@@ -253,6 +269,15 @@ def prepare_suite(run: Run) -> Suite:
             _prepare_suite(run)
         return run.suite
     return _prepare_suite(run)
+
+
+LOGS = "logs"  # RUN/logs/<stage>.jsonl: the training stages' metrics (progress.MetricsLog)
+
+
+def metrics_file(run: Run, stage: str) -> Path | None:
+    """``RUN/logs/<stage>.jsonl``, the metrics log of a training stage (None on the ranks of
+    a distributed job that do not write)."""
+    return run.layout.root / LOGS / f"{stage}.jsonl" if run.writer else None
 
 
 def _silent(*args, **kwargs) -> None:
@@ -315,6 +340,7 @@ def prepare_experts(run: Run) -> ExpertSet:
             log=run.log,
             hashes=run.hashes,
             overwrite=run.overwrite,
+            logs=run.layout.root / LOGS,
             checksums=run.layout.checksums,
         )
     return run.experts
@@ -414,8 +440,12 @@ def run_merges(
             if context is None:
                 result = spec(pre.state_dict, experts, **params)
             else:
-                with progress_bar(params["steps"], name, show=run.writer) as bar:
+                with (
+                    progress_bar(params["steps"], name, show=run.writer) as bar,
+                    MetricsLog(metrics_file(run, f"merge-{name}"), method=name, params=params) as m,
+                ):
                     context.progress = lambda step, loss: bar.advance(entropy=loss)
+                    context.metrics = m
                     result = spec(pre.state_dict, experts, context=context, **params)
             if run.writer:
                 save_encoder(
@@ -503,16 +533,25 @@ def _split_images(suite: Suite, task: str, split: str) -> np.ndarray:
 
 
 def surgery_config(run: Run, method: str) -> SurgeryConfig:
-    s = run.config.surgery
-    return SurgeryConfig(
-        method=method,
-        rank=s.params[method].rank,
-        steps=s.params[method].steps,
-        batch_size=s.batch_size,
-        lr=s.lr if s.params[method].lr is None else s.params[method].lr,
-        seed=run.config.seed,
-        schedule=s.schedule,
-    )
+    return surgery_settings(run.config, method)
+
+
+def surgery_settings(config: RunConfig, method: str, **given) -> SurgeryConfig:
+    """``method``'s training settings as ``config`` records them, with each ``given`` value
+    that is not None instead (``train``'s options: the run's config is their default)."""
+    s = config.surgery
+    get_surgery(method)  # an unknown method: ConfigError listing the known ones
+    settings = {
+        "method": method,
+        "rank": s.params[method].rank,
+        "steps": s.params[method].steps,
+        "batch_size": s.batch_size,
+        "lr": s.lr if s.params[method].lr is None else s.params[method].lr,
+        "seed": config.seed,
+        "schedule": s.schedule,
+    }
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return SurgeryConfig(**settings)
 
 
 def training_targets(run: Run, split: str, fresh: bool = False) -> dict[str, TaskTargets]:
@@ -625,6 +664,7 @@ def train_one(
             inputs=fingerprint({k: v for k, v in provenance.items() if k != "settings"}),
             log=run.log,
             world=run.world,
+            metrics=metrics_file(run, f"train-{merge_name}-{cfg.method}"),
         )
     run.record(path)
     return path
@@ -736,10 +776,11 @@ def run_pipeline(out: str | Path, config: RunConfig, log=print, overwrite: bool 
     reference = None
     if config.reference:
         reference = published_table(config.reference)  # unknown names fail before any work
-    run = Run.create(out, config, log, overwrite=overwrite)
-    log(f"device: {run.device}; arch: {run.arch.name}; run directory: {run.out}")
-    prepare_suite(run)
-    prepare_experts(run)
+    with unused_run_removed(out):  # a missing data folder leaves no run folder behind
+        run = Run.create(out, config, log, overwrite=overwrite)
+        log(f"device: {run.device}; arch: {run.arch.name}; run directory: {run.out}")
+        prepare_suite(run)
+        prepare_experts(run)
     run_merges(run)
     run_surgery(run)
     evaluation = evaluate(run)

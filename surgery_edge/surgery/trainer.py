@@ -48,7 +48,7 @@ from surgery_edge.distributed import World
 from surgery_edge.errors import ConfigError, TrainingError
 from surgery_edge.io import atomic_path
 from surgery_edge.models.encoder import ImageEncoder
-from surgery_edge.progress import progress_bar
+from surgery_edge.progress import MetricsLog, progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.functional import TaskGroups
 from surgery_edge.surgery.methods import SCHEDULES, get_surgery
@@ -339,6 +339,7 @@ def train_surgery(
     inputs: str | None = None,
     log: Callable[[str], None] = print,
     world: World | None = None,
+    metrics: str | os.PathLike | None = None,
 ) -> AdapterBank:
     """Train an AdapterBank for ``tasks`` and save it to ``out_path``.
 
@@ -363,6 +364,9 @@ def train_surgery(
         log: receives what happened to a checkpoint that could not be resumed.
         world: the ranks of a distributed job (default: this process alone). ``cfg.batch_size``
             is the global batch per task; ``device`` must be this rank's.
+        metrics: a metrics log (:class:`~surgery_edge.progress.MetricsLog`, ``.jsonl``) to
+            append one row per step to: ``step`` (0-based, as ``on_step``), ``loss`` (the
+            value ``on_step`` gets), ``loss_per_task`` (their sum is ``loss``), ``lr``.
 
     Raises:
         TrainingError: if the loss becomes NaN/inf. ``out_path`` is left as it was (a file there
@@ -408,6 +412,7 @@ def train_surgery(
     rows = world.share(cfg.batch_size)  # this rank's rows of every task's batch
     local = len(rows)
     sizes = [len(targets[t].images) for t in tasks]
+    last: dict = {}  # the last step's per-task losses, for the metrics log
 
     def loss_at(step: int) -> torch.Tensor:
         draws = [
@@ -437,6 +442,7 @@ def train_surgery(
         for layer, m in enumerate(block_means):
             per_row = per_row + (m - tgt_blocks[:, layer]).abs().mean(dim=-1)
         per_task = per_row.view(len(draws), local).sum(dim=1) / cfg.batch_size
+        last["per_task"] = ([t for _, t, _ in draws], per_task.detach())
         return per_task.sum() * world.size if world.distributed else per_task.sum()
 
     objective = world.wrap(_Objective(bank, loss_at))
@@ -446,7 +452,15 @@ def train_surgery(
     good_step: int | None = None
     writer = world.is_writer
     label = f"{cfg.method} rank {cfg.rank}" + (" (reference schedule)" if reference else "")
-    with progress_bar(total - start, label, show=writer) as bar:
+    with (
+        progress_bar(total - start, label, show=writer) as bar,
+        MetricsLog(
+            metrics if writer else None,
+            method=cfg.method,
+            settings=training_settings(cfg),
+            first_step=start,  # > 0: resumed from a checkpoint
+        ) as metrics_log,
+    ):
         for step in range(start, total):
             loss = objective(step)
             value = world.mean(loss.detach(), "training (sharing the loss)").item()
@@ -469,6 +483,7 @@ def train_surgery(
             else:
                 opt.step()
             bar.advance(loss=value)
+            metrics_log.write(step, loss=value, loss_per_task=_task_losses(last, world), lr=cfg.lr)
             if on_step:
                 on_step(step, value)
             done = step + 1
@@ -489,6 +504,18 @@ def train_surgery(
         last_good_path(out_path).unlink(missing_ok=True)
     world.barrier("saving the adapters")
     return bank
+
+
+def _task_losses(last: dict, world: World) -> dict[str, float]:
+    """The last step's loss per task over the whole batch (every rank's share summed)."""
+    names, per_task = last["per_task"]
+    if world.distributed:  # each rank holds its rows' share: their sum is the task's loss
+        what = "training (sharing the per-task losses)"
+        per_task = torch.stack([world.mean(x, what) * world.size for x in per_task])
+    out: dict[str, float] = {}
+    for name, value in zip(names, per_task.tolist()):
+        out[name] = out.get(name, 0.0) + value
+    return out
 
 
 class _Objective(torch.nn.Module):

@@ -113,9 +113,10 @@ def test_the_gpu_plan_is_the_issue_17_run():
     assert "--dtype fp16" in kernels and "--batches 1 8 32 64 128" in kernels
     for name, arch in (("engine-b32", "ViT-B-32"), ("engine-l14", "ViT-L-14")):
         fast, compiled = " ".join(steps[name].args), " ".join(steps[f"{name}-compile"].args)
-        assert f"--archs {arch}" in fast and "--dtype fp16" in fast and "--device cuda" in fast
-        assert "--paths eager fused cuda-graph" in fast and "--configs" not in fast  # all
-        assert "--paths compile" in compiled and "--append" in compiled
+        assert f"--arch {arch}" in fast and "--dtype fp16" in fast and "--device cuda" in fast
+        assert "--path eager --path fused --path cuda-graph" in fast
+        assert "--config" not in fast  # all
+        assert "--path compile" in compiled and "--append" in compiled
         assert steps[name].products == steps[f"{name}-compile"].products
     training = " ".join(steps["training"].args)
     assert "--arch ViT-B-32" in training and "--tasks 8" in training

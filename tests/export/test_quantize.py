@@ -214,8 +214,11 @@ def test_export_int8_through_the_cli(tiny_run, tmp_path):
 
     out = tmp_path / "v2-int8.onnx"
     args = ["export", "--run", str(tiny_run[0]), "--precision", "int8", "--onnx", str(out)]
-    result = CliRunner().invoke(app, [*args, "--calibration-images", "3"])
+    env = {"SURGERY_EDGE_QUIET": "0"}  # progress on: stdout holds the JSON document alone
+    result = CliRunner().invoke(app, [*args, "--calibration-images", "3", "--json"], env=env)
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["written"]["onnx"] == str(out)
+    assert "engine accuracy" in result.stderr
     meta = read_onnx_metadata(out)
     assert meta.precision is Precision.INT8
     assert meta["quantization"]["calibration"]["per_task"] == 3

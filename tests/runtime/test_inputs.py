@@ -55,7 +55,7 @@ def test_predict_a_folder_and_a_glob(engines, photos):
     runner = CliRunner()
     result = runner.invoke(app, ["predict", engine, str(photos), "--task", "digits", "--json"])
     assert result.exit_code == 0, result.output
-    sources = [r["image"] for r in json.loads(result.stdout)]
+    sources = [json.loads(line)["source"] for line in result.stdout.splitlines()]
     assert sources == [str(p) for p in expand_images([photos])] and len(sources) == 4
     result = runner.invoke(
         app, ["predict", engine, str(photos / "sub" / "*.png"), "--task", "digits"]
