@@ -23,7 +23,7 @@ from surgery_edge.cli.common import (
 )
 
 from surgery_edge.errors import ConfigError
-from surgery_edge.io import printable
+from surgery_edge.io import printable, require_file
 
 ENGINE_FILES = ("onnx", "pt2", "tensorrt")  # what export writes that the runtime can measure
 
@@ -208,6 +208,7 @@ def predict(
     from surgery_edge.runtime import load  # deferred: onnxruntime loads on use
     from surgery_edge.runtime.inputs import expand_images  # deferred with the runtime
 
+    require_file(engine, "engine")  # a FIFO or device is named as such, never opened
     skipped: list[str] = []  # what folders and globs hold that could not be read
     files = list(expand_images(images, skipped))  # every argument checked before any work
     limits = {"max_pixels": max_pixels} if max_pixels is not None else {}

@@ -293,6 +293,15 @@ def not_a_file(path: str | os.PathLike) -> str | None:
     return f"is {kind_of(mode)}, not a file"
 
 
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` when it is a regular file; ConfigError saying what it is otherwise ("The engine
+    /dev/null is a character device, not a file."), without opening it."""
+    problem = not_a_file(path)
+    if problem is not None:
+        raise ConfigError(f"The {what} {path} {problem}.")
+    return Path(path)
+
+
 def not_a_folder(path: str | os.PathLike) -> str | None:
     """None when ``path`` is a folder (through links); else what it is instead, as
     :func:`not_a_file` says it (``does not exist``, ``is a regular file, not a folder``, ...)."""
@@ -398,6 +407,7 @@ def _identity(info: os.stat_result) -> tuple[int, int]:
 
 
 MAX_YAML_BYTES = 1 << 20  # a run config is a few kB; a larger one is not a config
+MAX_YAML_DEPTH = 50  # a run config nests about 5 levels
 
 
 def load_yaml(text: str, what: str) -> Any:
@@ -405,7 +415,7 @@ def load_yaml(text: str, what: str) -> Any:
 
     Aliases (``*name``) are refused: a few hundred bytes of nested aliases expand to gigabytes
     (the "billion laughs"), and no setting needs them. Text above :data:`MAX_YAML_BYTES` and
-    nesting deeper than Python's recursion limit are refused too.
+    nesting deeper than :data:`MAX_YAML_DEPTH` are refused too.
 
     Raises:
         ConfigError: naming ``what``, the line and what to do.
@@ -419,20 +429,28 @@ def load_yaml(text: str, what: str) -> Any:
         )
 
     class NoAliases(yaml.SafeLoader):
+        depth = 0
+
         def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
                 raise ConfigError(
                     f"{what}, line {event.start_mark.line + 1}: the alias *{event.anchor} is not "
                     "allowed (aliases can expand a few bytes into gigabytes); write the value out "
                     "where it is needed."
                 )
-            return super().compose_node(parent, index)
+            if self.depth >= MAX_YAML_DEPTH:
+                raise ConfigError(
+                    f"{what}, line {event.start_mark.line + 1}: nested more than "
+                    f"{MAX_YAML_DEPTH} levels deep, which no settings file is."
+                )
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
 
-    try:
-        return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader subclass)
-    except RecursionError:
-        raise ConfigError(f"{what} is nested too deeply to be a settings file.") from None
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader subclass)
 
 
 # --- identities: settings and content, never locations ------------------------------------

@@ -704,6 +704,9 @@ def test_41_5_messages_name_the_problem_before_any_work(copy, tmp_path, monkeypa
     engine = str(engines["dir"] / "surgeryv2-routed.onnx")
     text = user_error(["eval-engine", engine, "--run", str(copy), "--out", str(tmp_path)])
     assert "is a folder" in text  # was an IsADirectoryError after 18 s of evaluation
+    os.mkfifo(tmp_path / "engine.onnx")  # was "does not exist"; never opened (it would block)
+    text = user_error(["eval-engine", str(tmp_path / "engine.onnx"), "--run", str(copy)])
+    assert "engine.onnx is a FIFO (named pipe), not a file" in text
     text = user_error(["train", "--run", str(copy), "--device", "cuda"])
     assert "[gpu]" not in text and "GPU" in text  # no extra of that name exists
     (copy / "checksums.json").unlink()  # a run made before records: the merge's provenance

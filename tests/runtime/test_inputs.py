@@ -123,3 +123,5 @@ def test_an_unreadable_folder_is_a_skipped_input(photos, engines, monkeypatch):
     out = partial_result(["predict", engine, str(photos), "--task", "digits"])
     assert "Skipped 1 input(s)" in out and "deeper (a folder that cannot be listed" in out
     assert "sub/c.png" in out  # the readable images were answered
+    text = user_error(["predict", "/dev/null", str(photos), "--task", "digits"])
+    assert "The engine /dev/null is a character device, not a file" in text  # not "missing"
