@@ -23,7 +23,7 @@ from typer.core import TyperCommand
 
 from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ConfigError, DependencyError, SurgeryEdgeError
-from surgery_edge.io import printable
+from surgery_edge.io import load_yaml, printable
 from surgery_edge.surgery.methods import SCHEDULES, surgery_names
 
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
@@ -273,7 +273,7 @@ def parse_values(values: list[str] | None, option: str, example: str) -> dict[st
     out = {}
     for key, text in parse_pairs(values, option, example).items():
         try:
-            out[key] = yaml.safe_load(text)
+            out[key] = load_yaml(text, f"{option} {key}")  # no aliases: a value, not a bomb
         except yaml.YAMLError as e:
             raise ConfigError(f"{option} {key}={text!r} is not a value ({e}).") from None
     return out

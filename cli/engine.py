@@ -23,7 +23,7 @@ from surgery_edge.cli.common import (
 )
 
 from surgery_edge.errors import ConfigError
-from surgery_edge.io import printable
+from surgery_edge.io import printable, require_file
 
 ENGINE_FILES = ("onnx", "pt2", "tensorrt")  # what export writes that the runtime can measure
 
@@ -208,7 +208,9 @@ def predict(
     from surgery_edge.runtime import load  # deferred: onnxruntime loads on use
     from surgery_edge.runtime.inputs import expand_images  # deferred with the runtime
 
-    files = list(expand_images(images))  # every argument checked before any work
+    require_file(engine, "engine")  # a FIFO or device is named as such, never opened
+    skipped: list[str] = []  # what folders and globs hold that could not be read
+    files = list(expand_images(images, skipped))  # every argument checked before any work
     limits = {"max_pixels": max_pixels} if max_pixels is not None else {}
     predictor = load(engine, device=device or "auto", batch_size=batch_size, **limits)
     failed = []
@@ -221,6 +223,12 @@ def predict(
         for p in r.predictions:
             fields = [r.source, p.task, p.label, f"(class {p.index}, p={p.score:.3f})"]
             typer.echo("\t".join(printable(f, keep_newlines=False) for f in fields))
+    report = []  # a partial result: what could not be answered or read, named
     if failed:
-        err(f"Could not answer {len(failed)} of {len(files)} images: {' '.join(failed)}")
+        report.append(f"Could not answer {len(failed)} of {len(files)} images: {' '.join(failed)}")
+    if skipped:
+        report.append(f"Skipped {len(skipped)} input(s) that could not be read: "
+                      + "; ".join(skipped) + ".")  # fmt: skip
+    if report:
+        err(" ".join(report))
         raise typer.Exit(1)

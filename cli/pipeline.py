@@ -102,23 +102,25 @@ def merge(
     on it are then refused until re-trained). AdaMerging learns on several processes with
     --nproc N, or under torchrun.
     """
-    overrides = parse_values(param, "--param", "lam=0.5")
-    if launch.check_nproc(nproc) > 1:
-        return launch.relaunch(ctx, nproc)
-    from surgery_edge.distributed import joined  # deferred: imports torch
-    from surgery_edge.run.pipeline import Run, run_merges  # deferred: imports torch
+    with launch.worker():  # one rank of a job: dies with its launcher, reports errors once
+        overrides = parse_values(param, "--param", "lam=0.5")
+        for name, value in (("lam", lam), ("k", k)):
+            if value is not None:
+                overrides.setdefault(name, value)
+        from surgery_edge.distributed import joined  # deferred: imports torch
+        from surgery_edge.run.pipeline import Run, check_merges, run_merges  # deferred: torch
 
-    for name, value in (("lam", lam), ("k", k)):
-        if value is not None:
-            overrides.setdefault(name, value)
-    run = Run.open(run_dir, log=note, device=device, write=True, overwrite=overwrite)
-    with joined(run.device) as world:
-        run.join(world)
-        run.require_experts()
-        merged = run_merges(run, method, overrides)
-    if run.writer:
-        for name, path in merged.items():
-            say(f"{name}: {path}")
+        run = Run.open(run_dir, log=note, device=device, write=True, overwrite=overwrite)
+        if launch.check_nproc(nproc) > 1:
+            check_merges(run, method, overrides, processes=nproc)  # before any process starts
+            return launch.relaunch(ctx, nproc)
+        with joined(run.device) as world:
+            run.join(world)
+            run.require_experts()
+            merged = run_merges(run, method, overrides)
+        if run.writer:
+            for name, path in merged.items():
+                say(f"{name}: {path}")
 
 
 @user_errors
@@ -175,36 +177,46 @@ def train(
     elsewhere. --nproc N (or torchrun) splits the expert targets and every step's batch
     (--batch-size per task, the global batch) over N processes.
     """
-    from surgery_edge.distributed import joined  # deferred: imports torch
-    from surgery_edge.run.layout import RunLayout  # deferred with the pipeline
-    from surgery_edge.run.pipeline import Run, surgery_settings, train_one  # deferred: torch
+    with launch.worker():  # one rank of a job: dies with its launcher, reports errors once
+        from surgery_edge.distributed import check_gpus, check_rows, joined  # deferred: torch
+        from surgery_edge.run.layout import RunLayout  # deferred with the pipeline
+        from surgery_edge.run.pipeline import (  # deferred: imports torch
+            Run,
+            check_training,
+            surgery_settings,
+            train_one,
+        )
 
-    method = SurgeryName(renamed("--method", "--surgery", method, surgery)).value
-    out = renamed("--out", "--adapters", out, adapters)
-    recorded = RunLayout.open(run_dir).read_config()  # the run's settings are the defaults
-    cfg = surgery_settings(  # every number checked (ConfigError) before any process starts
-        recorded,
-        method,
-        rank=rank,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        schedule=None if schedule is None else Schedule(schedule).value,
-    )
-    if transductive is None:
-        transductive = recorded.surgery.transductive
-    if launch.check_nproc(nproc) > 1:
-        return launch.relaunch(ctx, nproc)
-    run = Run.open(run_dir, log=note, device=device, write=out is None, overwrite=overwrite)
-    with joined(run.device) as world:
-        run.join(world)
-        run.require_experts()
+        method = SurgeryName(renamed("--method", "--surgery", method, surgery)).value
+        out = renamed("--out", "--adapters", out, adapters)
+        recorded = RunLayout.open(run_dir).read_config()  # the run's settings are the defaults
+        cfg = surgery_settings(  # every number checked (ConfigError) before any process starts
+            recorded,
+            method,
+            rank=rank,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            schedule=None if schedule is None else Schedule(schedule).value,
+        )
+        if transductive is None:
+            transductive = recorded.surgery.transductive
+        processes = launch.check_nproc(nproc)
+        check_rows(cfg.batch_size, processes, "The batch size per task (--batch-size)")
+        run = Run.open(run_dir, log=note, device=device, write=out is None, overwrite=overwrite)
         run.find_merges()
-        path = train_one(run, merge_name, cfg, out, transductive=transductive, resume=resume)
-    if run.writer:
-        say(f"adapters: {path}")
+        if processes > 1:  # everything that can be checked before the processes start
+            check_gpus(run.device, processes)
+            check_training(run, merge_name, cfg, out, transductive)
+            return launch.relaunch(ctx, processes)
+        with joined(run.device) as world:
+            run.join(world)
+            run.require_experts()
+            path = train_one(run, merge_name, cfg, out, transductive=transductive, resume=resume)
+        if run.writer:
+            say(f"adapters: {path}")
 
 
 @user_errors

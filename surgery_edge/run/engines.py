@@ -57,7 +57,8 @@ def artefact_key(precision: str) -> str:
 
 def _single_expert_model(run: Run) -> tuple[MultiTaskModel, str]:
     task = run.tasks[0]
-    return run.layout.model(run.experts.experts[task], None, [task], run.arch, "cpu"), task
+    expert = run.experts.experts[task]  # hashed from its bytes: an engine is published from it
+    return run.layout.model(expert, None, [task], run.arch, "cpu", fresh=True), task
 
 
 def _calibration_split(run: Run) -> str:

@@ -34,7 +34,7 @@ from surgery_edge.models import (
     save_head,
 )
 from surgery_edge.progress import MetricsLog, progress_bar
-from surgery_edge.run.provenance import check_replace, recorded
+from surgery_edge.run.provenance import Checksums, check_replace, recorded
 
 
 @dataclass(frozen=True)
@@ -253,6 +253,7 @@ def build_experts(
     hashes: HashCache | None = None,
     overwrite: bool = False,
     logs: Path | None = None,
+    checksums: Checksums | None = None,
 ) -> ExpertSet:
     """Pretrain and fine-tune every task's expert into ``out_dir``; finished work is reused.
 
@@ -262,16 +263,31 @@ def build_experts(
     the task's training split's content hashes, and the class names). ``logs``: a folder for
     the metrics logs of what is trained (``pretrain.jsonl``, ``expert-<task>.jsonl``).
 
+    ``checksums`` (the run's record of what it made) records every checkpoint written; one
+    that would be reused but whose content changed since is made again with ``overwrite``.
+
     Raises:
         ConfigError: a checkpoint made with other settings or inputs exists and ``overwrite``
             is False (it is never replaced silently).
+        CheckpointError: a checkpoint's content is not what the run made, without ``overwrite``.
     """
     out = Path(out_dir)
     hashes = hashes or HashCache()
+
+    def as_made(*paths: Path) -> bool:  # each holds what the run made (or --overwrite redoes it)
+        return checksums is None or all(
+            checksums.reusable(p, hashes, overwrite, log) for p in paths
+        )
+
+    def made(*paths: Path) -> None:
+        if checksums is not None:
+            for p in paths:
+                checksums.record(p, hashes)
+
     pre_path = out / "pretrained.safetensors"
     pre_cfg = {"pretrain": asdict(pretrain_cfg)}
     reuse = _reusable(pre_path, arch, {"train_config": pre_cfg})
-    if reuse:
+    if reuse and as_made(pre_path):
         pretrained = load_encoder(pre_path, arch).state_dict
         log(f"reusing {pre_path}")
     else:
@@ -286,6 +302,7 @@ def build_experts(
             )
         pretrained = pretrain(arch, pretrain_cfg, device, _log_file(logs, "pretrain"))
         save_encoder(pre_path, arch, pretrained, task=None, train_config=pre_cfg)
+        made(pre_path)
     experts, heads = {}, {}
     ft_cfg = {"pretrain": asdict(pretrain_cfg), "finetune": asdict(finetune_cfg)}
     pre_digest = hashes.digest(pre_path)
@@ -302,13 +319,14 @@ def build_experts(
         }
         record = {"train_config": ft_cfg, "provenance": provenance}
         reuse = _reusable(e_path, arch, record)
-        if reuse and _head_fits(h_path, arch, name, provenance):
+        fits = reuse and _head_fits(h_path, arch, name, provenance)
+        if fits and as_made(e_path, h_path):
             log(f"reusing expert {name}")
-        else:
+        else:  # (fits: changed since the run made it, and --overwrite said so: made again)
             if reuse is False:
                 old = _train_record(e_path)
                 check_replace(e_path, f"expert of {name!r}", record, overwrite, log, old=old)
-            elif h_path.exists():
+            elif not fits and h_path.exists():
                 meta = recorded(h_path)
                 old = meta and {"task": meta.get("task"), "provenance": meta.get("provenance")}
                 new = {"task": name, "provenance": provenance}
@@ -317,6 +335,7 @@ def build_experts(
             state, head = finetune_expert(arch, pretrained, task, finetune_cfg, device, metrics)
             save_head(h_path, arch, name, task.class_names, head, provenance=provenance)
             save_encoder(e_path, arch, state, task=name, train_config=ft_cfg, provenance=provenance)
+            made(h_path, e_path)
         experts[name], heads[name] = e_path, h_path
     return ExpertSet(pre_path, experts, heads)
 

@@ -302,5 +302,6 @@ def expert_model(layout: RunLayout, task: str, device="cpu") -> tuple[MultiTaskM
     tasks = layout.tasks()
     if task not in tasks:
         raise ConfigError(f"Unknown task {task!r}; the run's tasks are {', '.join(tasks)}.")
-    model = layout.model(layout.expert(task), None, [task], device=device)
-    return model, {"expert": task, "source": {"expert": layout.hashes.digest(layout.expert(task))}}
+    path = layout.expert(task)  # hashed from its bytes: an engine is published from it
+    model = layout.model(path, None, [task], device=device, fresh=True)
+    return model, {"expert": task, "source": {"expert": layout.hashes.digest(path, fresh=True)}}

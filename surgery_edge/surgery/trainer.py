@@ -33,6 +33,7 @@ checkpoints and adapters; a resumed checkpoint is sent from it to the other rank
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -221,17 +222,46 @@ def last_good_path(out_path: str | os.PathLike) -> Path:
 def _save_state(
     path: Path, bank: AdapterBank, opt, step: int, cfg: SurgeryConfig, inputs: str | None
 ) -> None:
+    state = {
+        "bank": bank.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "config": asdict(cfg),
+        "inputs": inputs,
+    }
+    state["digest"] = state_digest(state)
     with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "bank": bank.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "config": asdict(cfg),
-                "inputs": inputs,
-            },
-            tmp,
-        )
+        torch.save(state, tmp)
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 of a training checkpoint's content: every tensor's dtype, shape and bytes and
+    every other value, in key order (the ``digest`` entry itself left out).
+
+    A checkpoint carries it, so flipped bytes or edited numbers (even finite ones) are found
+    before training continues from them.
+    """
+    h = hashlib.sha256()
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            h.update(f"dict {len(value)};".encode())
+            for key in sorted(value, key=repr):
+                h.update(f"{key!r}:".encode())
+                add(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"list {len(value)};".encode())
+            for item in value:
+                add(item)
+        else:
+            h.update(f"{type(value).__name__} {value!r};".encode())
+
+    add({k: v for k, v in state.items() if k != "digest"})
+    return h.hexdigest()
 
 
 def _shaping(settings: dict) -> dict:
@@ -254,9 +284,10 @@ def _resume_from(
     """Load the checkpoint at ``path`` into ``bank`` and ``opt``.
 
     Returns:
-        (the step to continue from, None), or (0, why the checkpoint was not used): it was
-        written with other settings or for other inputs (merged model, targets, split), or it
-        is unreadable. ``bank`` and ``opt`` are untouched then.
+        (the step to continue from, None), or (0, why the checkpoint was not used): it is
+        unreadable, its content does not match the digest it was saved with (damaged or
+        edited), or it was written with other settings or for other inputs (merged model,
+        targets, split). ``bank`` and ``opt`` are untouched then.
     """
     try:
         state = torch.load(path, map_location=device, weights_only=True)
@@ -264,6 +295,13 @@ def _resume_from(
         return 0, f"it is unreadable ({type(e).__name__})"
     if not isinstance(state, dict) or not {"bank", "opt", "step", "config"} <= set(state):
         return 0, "it is not a surgery training checkpoint"
+    if "digest" not in state:
+        return 0, "it records no digest of its content (written by an earlier version)"
+    if state["digest"] != state_digest(state):
+        return 0, (
+            "its content does not match the digest it was saved with: it was damaged or "
+            "edited since, and training from it could go anywhere"
+        )
     if not isinstance(state["config"], dict) or _shaping(state["config"]) != _shaping(asdict(cfg)):
         return 0, f"it was written with other settings ({state['config']})"
     if state.get("inputs") != inputs:
