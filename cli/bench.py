@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from surgery_edge.cli.common import Device, Json, say, user_errors
 from surgery_edge.cli.launch import command_line
@@ -89,7 +88,7 @@ def _note(old: str, new: str) -> None:
 class BenchCommand(TyperCommand):
     """The bench command, reading the 0.1 spellings of its options too."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, new_spellings(list(args)))
 
 
