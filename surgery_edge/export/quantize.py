@@ -597,12 +597,13 @@ def gate(
     low_avg, low_task = check["agreement_avg"] < floor_avg, tasks[worst]["agreement"] < floor_task
     if low_avg or low_task:
         target_avg, target_task = ACCURACY_TARGETS[precision]
+        low = tasks[worst]["agreement"]
         raise GateError(
-            f"The {precision} engine agrees with the fp32 engine on {check['agreement_avg']:.2f}% "
-            f"of {check['images']} held-out adaptation images on average over the tasks (at "
-            f"least {floor_avg:g}% is required), and on {tasks[worst]['agreement']:.2f}% of "
-            f"task {worst!r}'s {tasks[worst]['images']} (its worst task; at least "
-            f"{floor_task:g}% on each): its accuracy could move by more than the target "
+            f"The {precision} engine agrees with the fp32 engine on {low:.2f}% "
+            f"of task {worst!r}'s {tasks[worst]['images']} held-out adaptation images (its worst "
+            f"task; at least {floor_task:g}% on each is required) and on "
+            f"{check['agreement_avg']:.2f}% of {check['images']} on average over the tasks (at "
+            f"least {floor_avg:g}%): its accuracy could move by more than the target "
             f"({target_avg:g} point on average, {target_task:g} on a task). It was not "
             "written. Keep more node groups in higher precision, or use more calibration "
             "images.",
