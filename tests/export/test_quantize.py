@@ -17,7 +17,7 @@ import pytest
 from cli_checks import user_error
 from onnx import TensorProto, helper, numpy_helper
 
-from surgery_edge.engine_format import Precision, read_onnx_metadata
+from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.export import quantize as q
 from surgery_edge.export.quantize import Calibration, Quantizer, QuantRecipe, Target
@@ -175,6 +175,129 @@ def test_node_groups_of_the_v2_engine(engines, run):
 def test_v1_engine_records_its_transposed_adapter_tables(engines):
     tables = read_onnx_metadata(engines["dir"] / "surgery-all-tasks.onnx")["task_tables"]
     assert len(tables["adapters"]) == 2 and len(tables["heads"]) == 1  # the final site
+
+
+def _grouped_graph() -> onnx.ModelProto:
+    """One node of every group: a patch Conv, a LayerNorm, a constant-weight MatMul, an
+    activation product with a Softmax, and products with gathered adapter and head tables."""
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    inits = {
+        "conv_w": rng.standard_normal((4, 3, 2, 2)),
+        "ln_s": np.ones(4),
+        "ln_b": np.zeros(4),
+        "w": rng.standard_normal((4, 4)),
+        "adapter": rng.standard_normal((2, 4, 4)),
+        "head": rng.standard_normal((2, 4, 3)),
+        "shape": np.array([1, 4, 4], np.int64),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], name="patch", strides=[2, 2]),
+        helper.make_node("Reshape", ["c", "shape"], ["t"], name="tokens"),
+        helper.make_node("LayerNormalization", ["t", "ln_s", "ln_b"], ["n"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["n", "w"], ["q"], name="linear"),
+        helper.make_node("Transpose", ["q"], ["qt"], name="qt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "qt"], ["scores"], name="qk"),
+        helper.make_node("Softmax", ["scores"], ["attn"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["attn", "q"], ["ctx"], name="av"),
+        helper.make_node("Gather", ["adapter", "ids"], ["a"], name="gather_a", axis=0),
+        helper.make_node("MatMul", ["ctx", "a"], ["adapted"], name="adapt"),
+        helper.make_node("Gather", ["head", "ids"], ["h"], name="gather_h", axis=0),
+        helper.make_node("MatMul", ["adapted", "h"], ["y"], name="classify"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", f, [1, 3, 4, 4]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("y", f, None)],
+        [
+            numpy_helper.from_array(v if v.dtype == np.int64 else v.astype(np.float32), k)
+            for k, v in inits.items()
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_node_groups_sort_every_product_by_what_it_multiplies():
+    groups = q.node_groups(_grouped_graph(), {"adapters": ["adapter"], "heads": ["head"]})
+    assert groups == {
+        "patch_embedding": ["patch"],
+        "linear": ["linear"],
+        "attention": ["qk", "av"],
+        "adapters": ["adapt"],
+        "heads": ["classify"],
+        "layernorm": ["ln"],
+        "softmax": ["softmax"],
+    }
+    # without the tables' names the gathered products are ordinary constant-weight layers
+    plain = q.node_groups(_grouped_graph(), {})
+    assert plain["linear"] == ["linear", "adapt", "classify"] and plain["adapters"] == []
+
+
+def test_quantised_nodes_and_opset_are_counted_from_the_graph():
+    proto = _grouped_graph()
+    assert q._quantized_nodes(proto) == {} and q._opset(proto) == 18
+    proto.graph.node.extend(
+        [
+            helper.make_node("DequantizeLinear", ["a", "b"], ["c"]),
+            helper.make_node("DequantizeLinear", ["d", "e"], ["f"]),
+            helper.make_node("MatMulInteger", ["g", "h"], ["i"]),
+            helper.make_node("ConvInteger", ["j", "k"], ["l"]),
+        ]
+    )
+    assert q._quantized_nodes(proto) == {
+        "DequantizeLinear": 2,
+        "MatMulInteger": 1,
+        "ConvInteger": 1,
+    }
+
+
+def test_calibration_feeds_route_only_a_routed_engine_in_batches():
+    ids = np.array([0, 1, 1, 2, 0], np.int64)
+    images = np.arange(5 * 3 * 2 * 2, dtype=np.float64).reshape(5, 3, 2, 2)
+    calibration = Calibration(images, ids, -images[:1] - 1, ids[:1])
+    routed = calibration.feeds(EngineMode.ROUTED)
+    assert routed["images"].dtype == np.float32 and routed["task_ids"].tolist() == ids.tolist()
+    assert set(calibration.feeds(EngineMode.ALL_TASKS)) == {"images"}
+    batches = list(calibration.batches(EngineMode.ROUTED, 2))
+    assert [len(b["images"]) for b in batches] == [2, 2, 1]
+    assert np.concatenate([b["task_ids"] for b in batches]).tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="differ in length"):
+        Calibration(images, ids[:4], images[:0], ids[:0])
+
+
+def test_a_recipe_records_itself_as_plain_values():
+    recipe = QuantRecipe("fp8", "modelopt", keep=["attention"], high_precision="fp16")
+    assert recipe.to_dict() == {
+        "precision": "fp8",
+        "quantizer": "modelopt",
+        "keep": ["attention"],
+        "tables": "int8",
+        "high_precision": "fp16",
+        "calibration_method": "entropy",
+        "per_channel": False,
+    }
+    json.dumps(recipe.to_dict())
+    with pytest.raises(ConfigError, match="high_precision must be fp32 or fp16"):
+        QuantRecipe("int8", "modelopt", high_precision="bf16")
+
+
+class _Broken(_Engine):
+    def routed_logits(self, images, task_ids):
+        logits = super().routed_logits(images, task_ids)
+        logits[:, 1] = np.nan
+        return logits
+
+
+def test_non_finite_logits_of_real_classes_are_refused():
+    with pytest.raises(ExportError, match="non-finite logits for real classes"):
+        calibration = _sets(False, False, 2)
+        q.agreement(
+            _Broken(False), _Engine(False), calibration.check_images, calibration.check_task_ids
+        )
 
 
 def _table_graph(table: np.ndarray) -> onnx.ModelProto:
