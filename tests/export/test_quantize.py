@@ -285,6 +285,41 @@ def test_a_recipe_records_itself_as_plain_values():
         QuantRecipe("int8", "modelopt", high_precision="bf16")
 
 
+class _Padded:
+    """Two tasks of 3 and 2 classes, each routed to its own answer; as an engine (``shift``),
+    every real logit moved by ``shift`` and the padding column filled with a large number, as
+    an fp16 graph's padding is not -inf; images whose first pixel is 1 get the second class."""
+
+    tasks, class_counts, path = ("a", "b"), (3, 2), Path("padded.onnx")
+
+    def __init__(self, shift: float = 0.0):
+        self.shift = shift
+
+    def routed_logits(self, images, task_ids):
+        rows = np.array([[3.0, 2.0, 1.0], [1.0, 3.0, -np.inf]], np.float32)[task_ids]
+        marked = images.reshape(len(images), -1)[:, 0] == 1.0
+        if self.shift:
+            rows[:, :2] += self.shift
+            rows[:, 2] = np.where(task_ids == 1, 100.0, rows[:, 2] + self.shift)
+            rows[marked & (task_ids == 0), 1] = 9.0
+        return rows
+
+
+def test_agreement_counts_every_task_across_batches_within_its_classes():
+    ids = np.arange(150) % 2  # three batches of at most 64
+    images = np.zeros((150, 1, 2, 2), np.float32)
+    images[[0, 2, 4], 0, 0, 0] = 1.0  # three of task a's images answered differently
+    check = q.agreement(_Padded(0.25), _Padded(), images, ids)
+    assert check["images"] == 150 and check["per_task"] == {
+        "a": {"images": 75, "agree": 72},
+        "b": {"images": 75, "agree": 75},  # the padding column (100.0) is not a class of b
+    }
+    assert check["argmax_agreement"] == 98.0  # 147 of 150
+    assert check["max_abs_logit_diff"] == pytest.approx(7.0)  # 9.0 against 2.0, real classes
+    same = q.agreement(_Padded(), _Padded(), images, ids)
+    assert same["argmax_agreement"] == 100.0 and same["max_abs_logit_diff"] == 0.0
+
+
 class _Broken(_Engine):
     def routed_logits(self, images, task_ids):
         logits = super().routed_logits(images, task_ids)
