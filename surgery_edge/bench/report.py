@@ -47,11 +47,14 @@ def command_line(argv: Sequence[str] | None, prog: str) -> str:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> Path:
-    """Write one benchmark's JSON record (atomically, creating the folder) with its
-    :func:`~surgery_edge.bench.env.provenance` (commit, command, machine, load, date) under
-    ``provenance``; returns ``path``."""
-    made = record.get("provenance") or provenance(record.get("command"))
-    return write_json_atomic(path, {**record, "provenance": made})
+    """Write one benchmark's JSON record (atomically, creating the folder); returns ``path``.
+
+    The record gets its :func:`~surgery_edge.bench.env.provenance` (commit, command, machine,
+    load, date) under ``provenance`` first, in place, so what a benchmark returns is what it
+    wrote."""
+    if "provenance" not in record:
+        record["provenance"] = provenance(record.get("command"))
+    return write_json_atomic(path, record)
 
 
 def provenance_line(made: dict[str, Any]) -> str:
@@ -78,7 +81,7 @@ def write_record_set(
     each written atomically; returns the JSON's path."""
     folder = Path(folder)
     text = markdown if isinstance(markdown, str) else "\n".join(markdown) + "\n"
-    record = {**record, "provenance": provenance(record.get("command"))}
+    record["provenance"] = provenance(record.get("command"))  # in place, as write_record
     text = text.rstrip("\n") + "\n\n" + provenance_line(record["provenance"]) + "\n"
     path = write_record(folder / f"{stem}.json", record)
     write_text_atomic(folder / f"{stem}.md", text)
