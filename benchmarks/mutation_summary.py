@@ -49,6 +49,12 @@ def summarise(folder: Path) -> dict:
             "score": round(100.0 * (counts["killed"] + counts["timeout"]) / reached, 1)
             if reached
             else None,
+            "score_all": round(
+                100.0 * (counts["killed"] + counts["timeout"]) / (len(codes) - counts["not run"]),
+                1,
+            )
+            if len(codes) > counts["not run"]
+            else None,
             "survivors": sorted(k for k, c in codes.items() if status(c) == "survived"),
         }
     return modules
@@ -67,15 +73,23 @@ def markdown(record: dict) -> list[str]:
         "",
         "Each mutant ran the tests of the listed test files that executed the function it "
         "changes (mutmut's per-function selection; the tests that need the tiny run are left to "
-        "`make test`). Score: (killed + timeouts) / mutants the tests reach.",
+        "`make test`). Score: (killed + timeouts) / mutants the tests reach; of all: / every "
+        "mutant run, the unreached ones (no tests) counted as missed.",
         "",
     ]
+
+    def pct(x):
+        return "—" if x is None else f"{x:.1f}%"
+
     rows = [
-        [m, *(str(v[c]) for c in COLUMNS), "—" if v["score"] is None else f"{v['score']:.1f}%"]
+        [m, *(str(v[c]) for c in COLUMNS), pct(v["score"]), pct(v["score_all"])]
         for m, v in record["modules"].items()
     ]
-    rows.append(["all", *(str(total[c]) for c in COLUMNS), f"{total['score']:.1f}%"])
-    return lines + table(["module", *COLUMNS, "score"], rows)
+    rows.append(
+        ["all", *(str(total[c]) for c in COLUMNS), pct(total["score"]), pct(total["score_all"])]
+    )
+    notes = ["", record["notes"].rstrip("\n")] if record.get("notes") else []
+    return lines + table(["module", *COLUMNS, "score", "of all"], rows) + notes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,11 +98,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, help="folder for mutation.json / .md")
     p.add_argument("--survivors", action="store_true", help="print the surviving mutants")
     p.add_argument("--ran", default="make mutate", help="the command that ran the mutants")
+    p.add_argument(
+        "--notes", type=Path, help="Markdown appended to the summary (survivors' reasons)"
+    )
     args = p.parse_args(argv)
     modules = summarise(args.mutants)
     total = {c: sum(v[c] for v in modules.values()) for c in COLUMNS}
     reached = total["mutants"] - total["no tests"] - total["not run"]
     total["score"] = round(100.0 * (total["killed"] + total["timeout"]) / max(reached, 1), 1)
+    ran = total["mutants"] - total["not run"]
+    total["score_all"] = round(100.0 * (total["killed"] + total["timeout"]) / max(ran, 1), 1)
     record = {
         "benchmark": "mutation",
         "tool": "mutmut",
@@ -98,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         "modules": modules,
         "total": total,
     }
+    if args.notes:
+        record["notes"] = args.notes.read_text()
     if args.survivors:
         print("\n".join(s for v in modules.values() for s in v["survivors"]))
     if args.out:
