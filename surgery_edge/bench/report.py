@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery_edge.bench.choices import CONFIGS, PATHS
-from surgery_edge.bench.env import LOAD_WARNING, environment
+from surgery_edge.bench.env import LOAD_WARNING, environment, provenance
 from surgery_edge.bench.flops import FLOPS_FORMULA, backbone_flops, one_expert_bytes, task_classes
 from surgery_edge.bench.plots import engine_results, write_plots
 from surgery_edge.bench.ratios import BEST_VS_BEST, derive_ratios
@@ -44,8 +44,26 @@ def command_line(argv: Sequence[str] | None, prog: str) -> str:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> Path:
-    """Write one benchmark's JSON record (atomically, creating the folder); returns ``path``."""
+    """Write one benchmark's JSON record (atomically, creating the folder); returns ``path``.
+
+    The record gets its :func:`~surgery_edge.bench.env.provenance` (commit, command, machine,
+    load, date) under ``provenance`` first, in place, so what a benchmark returns is what it
+    wrote."""
+    if "provenance" not in record:
+        record["provenance"] = provenance(record.get("command"))
     return write_json_atomic(path, record)
+
+
+def provenance_line(made: dict[str, Any]) -> str:
+    """The Markdown line that says where a record comes from."""
+    commit = made.get("commit") or "no git checkout"
+    dirty = " (uncommitted changes in the tree)" if made.get("dirty") else ""
+    machine = made.get("machine", {})
+    return (
+        f"Made at commit {commit}{dirty} on {made.get('date')}: `{made.get('command')}`, on "
+        f"{machine.get('cpu')} ({machine.get('cores')} cores); load average before "
+        f"{made.get('load_before')}, after {made.get('load_after')}."
+    )
 
 
 def write_record_set(
@@ -55,10 +73,13 @@ def write_record_set(
     markdown: str | Sequence[str],
     plot: Callable[[dict[str, Any], Path], Any] | None = None,
 ) -> Path:
-    """A benchmark's ``<stem>.json``, ``<stem>.md`` (a string, or its lines) and, given ``plot``,
-    ``<stem>.png`` in ``folder``, each written atomically; returns the JSON's path."""
+    """A benchmark's ``<stem>.json``, ``<stem>.md`` (a string, or its lines; the record's
+    provenance is added as its last line) and, given ``plot``, ``<stem>.png`` in ``folder``,
+    each written atomically; returns the JSON's path."""
     folder = Path(folder)
     text = markdown if isinstance(markdown, str) else "\n".join(markdown) + "\n"
+    record["provenance"] = provenance(record.get("command"))  # in place, as write_record
+    text = text.rstrip("\n") + "\n\n" + provenance_line(record["provenance"]) + "\n"
     path = write_record(folder / f"{stem}.json", record)
     write_text_atomic(folder / f"{stem}.md", text)
     if plot is not None:
@@ -495,11 +516,14 @@ def write_outputs(
             "derived": derived,
             "warnings": warnings(rows, derived, env.get("cpu_count") or 1),
         }
+        record["provenance"] = provenance(command)
         write_record(json_path, record)
         md = markdown_report(
             rows, derived, label, arch.name, env, [run["command"] for run in runs], complete
         )
-        write_text_atomic(md_path, md)
+        write_text_atomic(
+            md_path, md.rstrip("\n") + "\n\n" + provenance_line(record["provenance"]) + "\n"
+        )
         if not quiet:
             print(md)
         written += [json_path, md_path]

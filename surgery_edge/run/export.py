@@ -1,8 +1,9 @@
 """Exporting from a run directory: pick the merge and surgery, build the model, write engines.
 
 The model comes from the run's checkpoints (:class:`~surgery_edge.run.layout.RunLayout`). fp32
-and fp16 engines need nothing else (no dataset is read); int8 and fp8 engines are calibrated on
-the run's unlabelled adaptation images (:func:`~surgery_edge.run.calibration.calibration_set`),
+engines need nothing else (no dataset is read); int8 and fp8 engines are calibrated on the run's
+unlabelled adaptation images (:func:`~surgery_edge.run.calibration.calibration_set`), and they
+and fp16 engines are checked against the fp32 engine on held-out ones before they are written,
 so they read the run's data too.
 """
 
@@ -23,6 +24,7 @@ from surgery_edge.export.quantize import (
     QuantRecipe,
     Target,
     default_recipe,
+    export_half,
     quantize_model,
 )
 from surgery_edge.export.tensorrt import (
@@ -205,12 +207,14 @@ def export_run(
                 "another path."
             )
     calibration = None
-    if recipe is not None:
+    # int8 and fp8 calibrate on adaptation images; they and fp16 are checked against fp32 on
+    # held-out ones before they are written (surgery_edge.export.quantize.gate)
+    if recipe is not None or (precision is Precision.FP16 and onnx_path is not None):
         run = Run.open(layout.root, log=lambda *a: None, device="cpu")
         prepare_suite(run)
         # the images surgery learned from (the test split in a transductive run); a task
         # without adaptation images is calibration_set's error, which says to export in fp32
-        # or fp16 (adaptation_split's would say how to train surgery)
+        # (adaptation_split's would say how to train surgery)
         split = "test" if run.config.surgery.transductive else "adapt"
         calibration = calibration_set(
             run.suite,
@@ -222,9 +226,10 @@ def export_run(
         )
     written: dict[str, Path] = {}
     if onnx_path is not None:
-        if recipe is None:
-            fp16 = precision is Precision.FP16
-            written["onnx"] = export_onnx(model, onnx_path, mode, fp16, metadata=extra)
+        if precision is Precision.FP16:
+            written["onnx"], _ = export_half(model, onnx_path, mode, calibration, extra)
+        elif recipe is None:
+            written["onnx"] = export_onnx(model, onnx_path, mode, metadata=extra)
         else:
             target = Target.TENSORRT if trt is not None else Target.ONNXRUNTIME
             written["onnx"] = quantize_model(
