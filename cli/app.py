@@ -16,8 +16,7 @@ import sys
 from typing import Annotated
 
 import typer
-from surgery_edge.cli import engine, evaluate, imports, info, pipeline, serve
-from surgery_edge.cli.common import user_errors
+from surgery_edge.cli import bench, engine, evaluate, imports, info, pipeline, serve
 
 from surgery_edge.progress import silence_cuda_home_notice
 
@@ -51,7 +50,13 @@ def root(
         ),
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars or progress lines.")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress bars or progress lines; the same as SURGERY_EDGE_QUIET=1. Results "
+            "always go to stdout, progress and messages to stderr.",
+        ),
     ] = False,
     verbose: Annotated[
         bool,
@@ -92,21 +97,7 @@ import_app.command("hf")(imports.import_hf)
 app.add_typer(import_app, name="import")
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,  # -h/--help go to the benchmark's parser, which knows its options
-)
-@user_errors
-def bench(ctx: typer.Context):
-    """Benchmark the engines against eight experts on the same paths (`bench --help` lists
-    the options).
-
-    Example: surgery-edge bench --quick --out /tmp/bench (a smoke run, about a minute on a CPU);
-    surgery-edge bench --archs ViT-B-32 --batches 1 8 64 --out benchmarks/results/h200
-    """
-    from surgery_edge.bench.engine import main as run_bench  # deferred: imports torch
-
-    run_bench(list(ctx.args), prog="surgery-edge bench")
+app.command(cls=bench.BenchCommand)(bench.bench)
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
-"""What every command shares: user errors as exit code 2, common options, registry choices.
+"""What every command shares: user errors as exit code 2 (a missing extra as 3), common
+options, registry choices, and where output goes (results on stdout, the rest on stderr).
 
 Nothing here imports torch: ``surgery-edge --help`` stays fast. The surgery methods and engine
 modes are enums built from their (torch-free) registries, so help lists them; the merge methods'
-registry needs torch, so it is imported only when ``--method`` is parsed or ``merge --help``
-lists the methods and their parameters.
+registry needs torch, so ``--method`` is checked against :data:`MERGE_METHOD_NAMES` (a test
+keeps it equal to the registry) and only ``merge --help`` imports the registry, to list the
+methods' parameters.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import typer
 from typer.core import TyperCommand
 
 from surgery_edge.engine_format import EngineMode, Precision
-from surgery_edge.errors import ConfigError, SurgeryEdgeError
-from surgery_edge.io import printable
+from surgery_edge.errors import ConfigError, DependencyError, SurgeryEdgeError
+from surgery_edge.io import load_yaml, printable
 from surgery_edge.surgery.methods import SCHEDULES, surgery_names
 
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
@@ -44,6 +46,17 @@ RunDir = Annotated[
         help="Run directory (made by `experts`/`demo`); under torchrun spell it --run-dir.",
     ),
 ]
+# The run folder of the commands that create one (experts, demo, run): None when not given,
+# so that the hidden --out of 0.1 can be told apart (see :func:`renamed`).
+NewRunDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--run",
+        "--run-dir",
+        help="Run directory to create or continue (default: runs/demo; `run`: runs/<config>).",
+    ),
+]
+OldRunDir = Annotated[Path | None, typer.Option("--out", hidden=True)]  # 0.1: --out
 Device = Annotated[str | None, typer.Option(parser=device_name, help="auto | cpu | cuda | cuda:N.")]
 Json = Annotated[
     bool, typer.Option("--json", help="Print the result as JSON on stdout (nothing else there).")
@@ -74,6 +87,14 @@ def renamed(old: str, new: str, old_value: Any, new_value: Any) -> Any:
     return old_value
 
 
+def run_folder(run_dir: Path | None, out: Path | None, default: Path) -> Path:
+    """The run folder of ``--run`` (or the hidden ``--out`` of 0.1, with a note), else
+    ``default``; giving both is a usage error."""
+    if run_dir is not None and out is not None:
+        raise ConfigError("--out is the old name of --run: give only --run.")
+    return renamed("--out", "--run", out, run_dir) or default
+
+
 def err(message: str) -> None:
     """Print ``message`` as one paragraph on stderr (markup in it is shown, not interpreted;
     control characters, e.g. terminal escapes from a file's names, are shown escaped)."""
@@ -86,12 +107,57 @@ def err(message: str) -> None:
 
 
 def say(text: str) -> None:
-    """Print one line of results, control characters escaped (names come from files)."""
+    """Print one line of results on stdout, control characters escaped (names come from
+    files)."""
     typer.echo(printable(text, keep_newlines=False))
 
 
+def note(text: str) -> None:
+    """A status line on stderr, control characters escaped; the ``log`` that commands pass to
+    the library."""
+    from surgery_edge.progress import message  # deferred: keeps this module's imports light
+
+    message(printable(text, keep_newlines=False))
+
+
+# The packages of each extra (by import name), for the message a missing one gets.
+EXTRAS = {
+    "train": (
+        "torch torchvision open_clip triton onnx onnxscript safetensors pydantic yaml sklearn "
+        "matplotlib psutil"
+    ).split(),
+    "serve": ["pytriton", "tritonclient"],
+    "quant": ["modelopt", "onnx_graphsurgeon", "onnxslim", "lief", "ml_dtypes"],
+    "trt": ["tensorrt"],
+    "datasets": ["h5py"],
+}
+
+
+def missing_extra(e: ModuleNotFoundError) -> DependencyError | None:
+    """The error for a command that needs an extra this installation lacks (None when the
+    missing module is no extra's)."""
+    root = (e.name or "").split(".")[0]
+    extra = next((x for x, modules in EXTRAS.items() if root in modules), None)
+    if extra is None:
+        return None
+    what = {
+        "train": "the training extra (torch, open_clip, Triton, the ONNX exporter); on a "
+        "machine without a GPU install the CPU build of torch first",
+        "serve": "the serving extra (PyTriton and its Triton Inference Server)",
+        "quant": "the quantisation extra (NVIDIA ModelOpt's ONNX quantiser)",
+        "trt": "the TensorRT extra (an NVIDIA GPU machine)",
+        "datasets": "the datasets extra (h5py, for PCAM)",
+    }[extra]
+    return DependencyError(
+        f"This command needs {root}, which is not installed: install "
+        f"`pip install 'surgery-edge[{extra}]'`, {what}. The base install runs engines only "
+        "(predict, info, env)."
+    )
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn SurgeryEdgeError into a one-paragraph message and exit code 2 (no traceback).
+    """Turn SurgeryEdgeError into a one-paragraph message and its exit code (2; 3 for a
+    missing extra: a ModuleNotFoundError of an extra's package), without a traceback.
 
     A file that may not be written or read (permissions, a read-only or full disk) is the
     user's to fix as well, and is reported the same way.
@@ -100,7 +166,13 @@ def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except ModuleNotFoundError as e:
+                missing = missing_extra(e)
+                if missing is None:
+                    raise
+                raise missing from None
         except SurgeryEdgeError as e:
             err(str(e))
             raise typer.Exit(e.exit_code) from None
@@ -123,22 +195,29 @@ def user_errors(fn: Callable) -> Callable:
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
-def merge_method(value: str) -> str:
-    """A registered merge method's name (``--method``); the registry loads on first use."""
-    from surgery_edge import merging  # deferred: the methods import torch
+# The registered merge methods' names, as merging.available() lists them, for --method without
+# importing the registry (which imports torch): tests/cli checks that they are the registry's.
+MERGE_METHOD_NAMES = (
+    "adamerging_layerwise",
+    "adamerging_taskwise",
+    "task_arithmetic",
+    "ties_merging",
+    "weight_averaging",
+)
 
-    if value not in merging.MERGE_METHODS:
+
+def merge_method(value: str) -> str:
+    """A registered merge method's name (``--method``), checked without importing torch."""
+    if value not in MERGE_METHOD_NAMES:
         raise typer.BadParameter(
-            f"unknown merge method {value!r}; use one of: {', '.join(merging.available())}."
+            f"unknown merge method {value!r}; use one of: {', '.join(MERGE_METHOD_NAMES)}."
         )
     return value
 
 
 def complete_merge_method(incomplete: str) -> list[str]:
-    """Shell completion of ``--method``: the registered names that start with ``incomplete``."""
-    from surgery_edge import merging  # deferred: the methods import torch
-
-    return [n for n in merging.available() if n.startswith(incomplete)]
+    """Shell completion of ``--method``: the merge methods that start with ``incomplete``."""
+    return [n for n in MERGE_METHOD_NAMES if n.startswith(incomplete)]
 
 
 def merge_methods_help() -> str:
@@ -194,7 +273,7 @@ def parse_values(values: list[str] | None, option: str, example: str) -> dict[st
     out = {}
     for key, text in parse_pairs(values, option, example).items():
         try:
-            out[key] = yaml.safe_load(text)
+            out[key] = load_yaml(text, f"{option} {key}")  # no aliases: a value, not a bomb
         except yaml.YAMLError as e:
             raise ConfigError(f"{option} {key}={text!r} is not a value ({e}).") from None
     return out

@@ -23,7 +23,7 @@ from surgery_edge.cli.common import (
 )
 
 from surgery_edge.errors import ConfigError
-from surgery_edge.io import printable
+from surgery_edge.io import printable, require_file
 
 ENGINE_FILES = ("onnx", "pt2", "tensorrt")  # what export writes that the runtime can measure
 
@@ -175,7 +175,14 @@ def predict(
     ],
     task: Annotated[str | None, typer.Option(help="Task name or id to answer.")] = None,
     all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Answer every task.")] = False,
-    json_out: Json = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print JSON Lines on stdout: one object per image as it is answered, with "
+            "the Python API's fields (source, then predictions or error).",
+        ),
+    ] = False,
     device: Device = None,
     max_pixels: Annotated[
         int | None,
@@ -192,29 +199,36 @@ def predict(
 ):
     """Classify images with an exported engine, a batch at a time, printing as it goes.
 
-    One line per image and task: file, task, class name, (class index, probability). An
-    unreadable image is reported and the others are still answered; the exit code is then 1.
+    One line per image and task: file, task, class name, (class index, probability); with
+    --json one JSON object per image (JSON Lines). An unreadable image is reported and the
+    others are still answered; the exit code is then 1.
     Any number of files fits in memory. Names from the engine are printed with control
     characters escaped.
     """
     from surgery_edge.runtime import load  # deferred: onnxruntime loads on use
     from surgery_edge.runtime.inputs import expand_images  # deferred with the runtime
 
-    files = list(expand_images(images))  # every argument checked before any work
+    require_file(engine, "engine")  # a FIFO or device is named as such, never opened
+    skipped: list[str] = []  # what folders and globs hold that could not be read
+    files = list(expand_images(images, skipped))  # every argument checked before any work
     limits = {"max_pixels": max_pixels} if max_pixels is not None else {}
     predictor = load(engine, device=device or "auto", batch_size=batch_size, **limits)
-    answered, failed = [], []
+    failed = []
     for r in predictor.iter_predict(files, task=task, all_tasks=all_tasks):
         if not r.ok:
             failed.append(r.error)
-        if json_out:  # JSON escapes control characters itself
-            answered.append(r.to_dict())
+        if json_out:  # one line per image, flushed: a pipe reads each answer as it comes
+            typer.echo(json.dumps(r.to_dict()))  # JSON escapes control characters itself
             continue
         for p in r.predictions:
             fields = [r.source, p.task, p.label, f"(class {p.index}, p={p.score:.3f})"]
             typer.echo("\t".join(printable(f, keep_newlines=False) for f in fields))
-    if json_out:
-        typer.echo(json.dumps(answered, indent=2))
+    report = []  # a partial result: what could not be answered or read, named
     if failed:
-        err(f"Could not answer {len(failed)} of {len(files)} images: {' '.join(failed)}")
+        report.append(f"Could not answer {len(failed)} of {len(files)} images: {' '.join(failed)}")
+    if skipped:
+        report.append(f"Skipped {len(skipped)} input(s) that could not be read: "
+                      + "; ".join(skipped) + ".")  # fmt: skip
+    if report:
+        err(" ".join(report))
         raise typer.Exit(1)

@@ -28,10 +28,17 @@ def eval_engine(
 ):
     """Measure an engine through the runtime: per-task accuracy from the stored images, the
     change against the PyTorch model's row, file size, ONNX Runtime CPU latency at batch 1 and 8."""
-    from surgery_edge.io import write_json_atomic  # deferred: keep --help light
+    from surgery_edge.io import (  # deferred: keep --help light
+        check_output,
+        require_file,
+        write_json_atomic,
+    )
     from surgery_edge.run.engine_eval import evaluate_engine  # deferred: imports torch
 
     split = Split(split).value
+    require_file(engine, "engine")  # a FIFO or device is named as such, never opened
+    if out is not None:  # before the evaluation, not after it
+        check_output(out, "evaluation JSON", lambda p: p.suffix.lower() == ".json")
     report = evaluate_engine(engine, run_dir, split, device, threads)
     if out is not None:
         write_json_atomic(out, report)

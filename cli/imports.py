@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from surgery_edge.cli.common import Json, parse_pairs, say, user_errors
+from surgery_edge.cli.common import Json, note, parse_pairs, say, user_errors
 
 from surgery_edge.errors import ConfigError
-from surgery_edge.io import printable, safe_name, write_json_atomic
+from surgery_edge.io import safe_name, write_json_atomic
 
 
 @user_errors
@@ -31,21 +31,13 @@ def import_task_vectors(
     """Convert the task_vectors / AdaMerging layout (pickled ImageEncoder / heads)."""
     from surgery_edge.models.convert import import_task_vectors as run_import  # deferred: torch
 
-    log = _log(json_out)
-    summary = run_import(root, model, out, trust_pickle, tasks=task, overwrite=overwrite, log=log)
+    summary = run_import(root, model, out, trust_pickle, tasks=task, overwrite=overwrite, log=note)
     if json_out:
         typer.echo(json.dumps({"checkpoints": str(out), **summary.to_dict()}, indent=2))
         return
-    for note in summary.to_dict().get("notes", []):
-        say(f"note: {note}")
+    for text in summary.to_dict().get("notes", []):
+        note(f"note: {text}")
     say(f"checkpoints: {out}")
-
-
-def _log(json_out: bool):
-    """Progress lines: on stdout, or on stderr when stdout carries the JSON result."""
-    if not json_out:
-        return say
-    return lambda text: typer.echo(printable(text, keep_newlines=False), err=True)
 
 
 def _paths(values: list[str] | None, option: str) -> dict[str, Path]:
@@ -97,7 +89,7 @@ def _import_weights(
         trust_pickle=trust_pickle,
         clip_weights=clip_weights,
         class_names={t: names[t] for t in experts},
-        log=_log(json_out),
+        log=note,
     )
     record = {
         "format": fmt,

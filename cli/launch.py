@@ -3,23 +3,50 @@
 The command is started again, N times, as ``python -m surgery_edge.cli <command> <options>``
 (its options as given, ``--nproc`` left out) by torch's elastic launcher, exactly as
 ``torchrun --standalone --nproc-per-node N -m surgery_edge.cli ...`` starts it; each process
-finds its rank in the environment (:mod:`surgery_edge.distributed`). When a process fails, the
-launcher stops the others and the command reports which rank stopped and how, in one paragraph.
-Across machines, start the command with ``torchrun`` itself (README: "Distributed training").
+finds its rank in the environment (:mod:`surgery_edge.distributed`). Across machines, start the
+command with ``torchrun`` itself (README: "Distributed training").
+
+How a job stops, whichever way it stops, is one paragraph and one exit code:
+
+- The settings are checked before any process starts (the command's own checks, run here).
+- Each process runs its command inside :func:`worker`: it dies with the process that started it
+  (``prctl(PR_SET_PDEATHSIG)``: a launcher killed with SIGKILL leaves no process that goes on
+  and writes), and its own error is handed to the launcher instead of being printed by every
+  rank (under plain torchrun, only local rank 0 prints it).
+- The launcher prints the cause once: a rank's input error (exit 2, nothing to resume), a rank
+  that was killed or crashed (exit 3, "run it again, with --resume"), or SIGTERM / SIGINT to the
+  launcher, which stops every process (exit 130).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import typer
 
-from surgery_edge.errors import ConfigError
+from surgery_edge.errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, SurgeryEdgeError
 
-LOST_CONTACT = 1  # the exit code of a rank that stopped because another one did
+REPORTS = "SURGERY_EDGE_RANK_REPORTS"  # where the ranks of a --nproc job leave their errors
+LAUNCHER = "SURGERY_EDGE_LAUNCHER_PID"  # the process that started them
+_HANDLED = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # torch's launcher sets it from its config
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class Interrupted(SurgeryEdgeError):
+    """SIGTERM or SIGINT reached the launcher: every process was stopped (exit code 130)."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 def check_nproc(nproc: int | None) -> int:
@@ -63,19 +90,83 @@ def _text(value) -> str:
     return str(getattr(value, "value", value))
 
 
+# --- in each process of a job ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def worker() -> Iterator[None]:
+    """The body of a command that may run as one rank of a job (nothing changes otherwise).
+
+    A rank dies with the process that started it, even when that one is killed with SIGKILL.
+    Its user error, lost peer or interrupt goes to the ``--nproc`` launcher, which prints the
+    cause once; under plain torchrun, local rank 0 prints it and the others only exit with its
+    code (every rank meets the same error: they read the same run and settings).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    die_with_parent()
+    try:
+        yield
+    except SurgeryEdgeError as e:
+        _hand_over(e.exit_code, str(e), type(e).__name__, e)
+    except KeyboardInterrupt as e:
+        _hand_over(EXIT_INTERRUPTED, "interrupted", "Interrupted", e)
+
+
+def _hand_over(code: int, message: str, kind: str, error: BaseException) -> None:
+    reports = os.environ.get(REPORTS)
+    if reports:
+        rank = os.environ.get("RANK", "0")
+        report = {"code": code, "kind": kind, "message": message}
+        with contextlib.suppress(OSError):
+            Path(reports, f"{rank}.json").write_text(json.dumps(report))
+        raise typer.Exit(code) from None
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        raise typer.Exit(code) from None
+    raise error
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the process that started it dies.
+
+    Without it, killing the launcher (``kill -9``, an out-of-memory kill) leaves the ranks
+    running on their own, and the writer goes on to write adapters nobody asked for. A rank
+    of ``--nproc`` whose launcher is already gone by the time this runs (it imported torch
+    first) stops here.
+    """
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    launcher = os.environ.get(LAUNCHER, "")
+    if launcher.isdigit() and os.getppid() != int(launcher):
+        os._exit(EXIT_INTERRUPTED)
+
+
+# --- the launcher ----------------------------------------------------------------------------
+
+
 def relaunch(ctx: typer.Context, nproc: int) -> None:
     """Run this command as ``nproc`` processes of one job on this machine; returns when all have
-    finished. DistributedError naming the rank that stopped first (and how) otherwise."""
-    from torch.distributed.elastic.multiprocessing.errors import (  # deferred: imports torch
-        ChildFailedError,
-    )
+    finished. Otherwise raises the cause, once: a rank's own error (as that rank raised it),
+    :class:`~surgery_edge.distributed.DistributedError` naming the rank that stopped first (and
+    how), or :class:`Interrupted` when this process got SIGTERM or SIGINT."""
+    from torch.distributed.elastic.multiprocessing import SignalException  # deferred: torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # (torch)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # deferred: torch
 
-    from surgery_edge.distributed import DistributedError  # deferred: imports torch
+    for name in list(logging.Logger.manager.loggerDict):  # each sets its own level
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # the summary says it once
+    received: list[signal.Signals] = []
 
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # the summary below says it once
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes share the cores
+    def stop(signum: int, frame) -> None:
+        # SIGINT as well as SIGTERM stops the ranks with SIGTERM: a rank that is still starting
+        # Python dies quietly of it, where SIGINT would print an interpreter traceback there.
+        received.append(signal.Signals(signum))
+        raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.SIGTERM)
+
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -85,43 +176,97 @@ def relaunch(ctx: typer.Context, nproc: int) -> None:
         rdzv_endpoint="127.0.0.1:0",  # a free port on this machine (torchrun --standalone)
         max_restarts=0,
         monitor_interval=0.1,
+        signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",  # SIGINT is left to `stop`
     )
     args = ["-m", "surgery_edge.cli", *command_line(ctx)]
+    reports = Path(tempfile.mkdtemp(prefix="surgery-edge-ranks-"))
+    saved = {k: os.environ.get(k) for k in (REPORTS, LAUNCHER, _HANDLED, "OMP_NUM_THREADS")}
+    os.environ.update({REPORTS: str(reports), LAUNCHER: str(os.getpid())})
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes share the cores
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as e:
-        raise DistributedError(_summary(e.failures, nproc)) from None
+        raise _stopped(e.failures, _read_reports(reports), nproc) from None
+    except SignalException as e:
+        name = (received[-1] if received else e.sigval).name
+        raise Interrupted(
+            f"Stopped by {name}: the {nproc} processes of the job were stopped too. Nothing "
+            "partial was written: finished artefacts and the last training checkpoint are "
+            "kept, so the same command (with --resume for train) continues from there."
+        ) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(reports, ignore_errors=True)
 
 
-def _summary(failures: dict, nproc: int) -> str:
-    """Which rank stopped the job and how, and what the others did. The cause is told apart
-    from its consequences: a rank killed by a signal, or exiting with its own error, comes
-    before one that exited with code 1 (it lost contact with the others) or that the launcher
-    stopped with SIGTERM."""
+def _read_reports(folder: Path) -> dict[int, dict]:
+    found = {}
+    for path in folder.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads(path.read_text())
+            if path.stem.isdigit() and isinstance(report, dict):
+                found[int(path.stem)] = report
+    return found
+
+
+def _stopped(failures: dict, reports: dict[int, dict], nproc: int) -> SurgeryEdgeError:
+    """The error that says why the job stopped: the first cause, told apart from what it
+    caused (ranks that lost contact with it, ranks the launcher then stopped with SIGTERM)."""
     ordered = sorted(
-        failures.items(), key=lambda item: (_rank(item[1]), item[1].timestamp, item[0])
+        failures.items(),
+        key=lambda item: (_order(item[1], reports.get(item[0])), item[1].timestamp, item[0]),
     )
     rank, first = ordered[0]
-    how = _how(first)
-    others = [f"rank {r} {_how(f)}" for r, f in ordered[1:]]
-    return (
+    report = reports.get(rank)
+    if report is not None and report.get("kind") != "DistributedError":
+        code, message = int(report.get("code", EXIT_FAILED)), str(report.get("message", ""))
+        if code == EXIT_INTERRUPTED:
+            return Interrupted(
+                f"Rank {rank} of the {nproc}-process job was interrupted; the job stopped. "
+                "Finished artefacts and the last training checkpoint are kept."
+            )
+        if code != EXIT_FAILED:  # the input's fault: the message says what to fix
+            error = SurgeryEdgeError(
+                f"{message} (Rank {rank} of the {nproc}-process job stopped on this; the other "
+                "processes were stopped with it, and nothing was written.)"
+            )
+            error.exit_code = code
+            return error
+    from surgery_edge.distributed import DistributedError  # deferred: imports torch
+
+    how = _how(first, report)
+    others = [f"rank {r} {_how(f, reports.get(r))}" for r, f in ordered[1:]]
+    return DistributedError(
         f"The {nproc}-process job stopped: rank {rank} (pid {first.pid}) {how}"
         + (f"; then {', '.join(others)}" if others else "")
-        + ". Each process's own message above says what it was doing. Nothing partial was "
-        "written: the representation cache, merged models and adapters hold only complete "
-        "files, and the last training checkpoint is intact, so the same command (with --resume "
-        "for train) continues from there."
+        + ". Nothing partial was written: the representation cache, merged models and adapters "
+        "hold only complete files, and the last training checkpoint is intact, so the same "
+        "command (with --resume for train) continues from there."
     )
 
 
-def _rank(failure) -> int:
+def _order(failure, report: dict | None) -> int:
+    """0: killed by a signal; 1: its own error; 2: lost contact; 3: stopped by the launcher."""
     code = failure.exitcode
     if code is not None and code < 0:
         return 3 if failure.signal_name() == "SIGTERM" else 0
-    return 2 if code == LOST_CONTACT else 1
+    if report is not None and report.get("kind") == "DistributedError":
+        return 2
+    return 1
 
 
-def _how(failure) -> str:
+def _how(failure, report: dict | None) -> str:
     if failure.exitcode is not None and failure.exitcode < 0:
         return f"was killed by {failure.signal_name()}"
-    return f"exited with code {failure.exitcode}"
+    if report is not None and report.get("kind") == "DistributedError":
+        return "lost contact with it"
+    if report is not None:
+        return f"stopped: {report.get('message', '')}"
+    return f"exited with code {failure.exitcode} (its own message above says why)"

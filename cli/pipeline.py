@@ -10,7 +10,9 @@ from surgery_edge.cli import launch
 from surgery_edge.cli.common import (
     Device,
     Json,
+    NewRunDir,
     NProc,
+    OldRunDir,
     Overwrite,
     RunDir,
     Schedule,
@@ -19,13 +21,15 @@ from surgery_edge.cli.common import (
     lazy_epilog,
     merge_method,
     merge_methods_help,
+    note,
     parse_values,
     renamed,
+    run_folder,
     say,
     user_errors,
 )
 
-from surgery_edge.surgery.methods import get_surgery
+RUN_DEFAULT = "(default: the run's config)"
 
 
 def _config(config: Path | None, device: str | None):
@@ -39,19 +43,25 @@ def _config(config: Path | None, device: str | None):
 
 @user_errors
 def experts(
-    out: Annotated[Path, typer.Option(help="Run directory to create or continue.")] = Path(
-        "runs/demo"
-    ),
+    run_dir: NewRunDir = None,
     config: Annotated[Path | None, typer.Option(help="YAML run config.")] = None,
     device: Device = None,
     overwrite: Overwrite = False,
+    out: OldRunDir = None,
 ):
     """Generate the suite, pretrain the backbone and fine-tune one expert per task."""
-    from surgery_edge.run.pipeline import Run, prepare_experts, prepare_suite  # deferred: torch
+    from surgery_edge.run.pipeline import (  # deferred: imports torch
+        Run,
+        prepare_experts,
+        prepare_suite,
+        unused_run_removed,
+    )
 
-    run = Run.create(out, _config(config, device), overwrite=overwrite)
-    prepare_suite(run)
-    es = prepare_experts(run)
+    run_dir = run_folder(run_dir, out, Path("runs/demo"))
+    with unused_run_removed(run_dir):
+        run = Run.create(run_dir, _config(config, device), log=note, overwrite=overwrite)
+        prepare_suite(run)
+        es = prepare_experts(run)
     say(f"pretrained: {es.pretrained}")
     say(f"experts:    {es.pretrained.parent / 'experts'}")
 
@@ -92,23 +102,25 @@ def merge(
     on it are then refused until re-trained). AdaMerging learns on several processes with
     --nproc N, or under torchrun.
     """
-    overrides = parse_values(param, "--param", "lam=0.5")
-    if launch.check_nproc(nproc) > 1:
-        return launch.relaunch(ctx, nproc)
-    from surgery_edge.distributed import joined  # deferred: imports torch
-    from surgery_edge.run.pipeline import Run, run_merges  # deferred: imports torch
+    with launch.worker():  # one rank of a job: dies with its launcher, reports errors once
+        overrides = parse_values(param, "--param", "lam=0.5")
+        for name, value in (("lam", lam), ("k", k)):
+            if value is not None:
+                overrides.setdefault(name, value)
+        from surgery_edge.distributed import joined  # deferred: imports torch
+        from surgery_edge.run.pipeline import Run, check_merges, run_merges  # deferred: torch
 
-    for name, value in (("lam", lam), ("k", k)):
-        if value is not None:
-            overrides.setdefault(name, value)
-    run = Run.open(run_dir, device=device, write=True, overwrite=overwrite)
-    with joined(run.device) as world:
-        run.join(world)
-        run.require_experts()
-        merged = run_merges(run, method, overrides)
-    if run.writer:
-        for name, path in merged.items():
-            say(f"{name}: {path}")
+        run = Run.open(run_dir, log=note, device=device, write=True, overwrite=overwrite)
+        if launch.check_nproc(nproc) > 1:
+            check_merges(run, method, overrides, processes=nproc)  # before any process starts
+            return launch.relaunch(ctx, nproc)
+        with joined(run.device) as world:
+            run.join(world)
+            run.require_experts()
+            merged = run_merges(run, method, overrides)
+        if run.writer:
+            for name, path in merged.items():
+                say(f"{name}: {path}")
 
 
 @user_errors
@@ -122,26 +134,32 @@ def train(
         SurgeryName, typer.Option("--surgery", help="Surgery method.")
     ] = SurgeryName.surgeryv2,
     method: Annotated[SurgeryName | None, typer.Option("--method", hidden=True)] = None,
-    rank: Annotated[int | None, typer.Option(help="Adapter rank (default: the method's).")] = None,
+    rank: Annotated[int | None, typer.Option(help=f"Adapter rank {RUN_DEFAULT}.")] = None,
     steps: Annotated[
-        int | None,
-        typer.Option(help="Batches of each task to train on (default: the method's)."),
+        int | None, typer.Option(help=f"Batches of each task to train on {RUN_DEFAULT}.")
     ] = None,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    seed: int = 0,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Images per task in a batch {RUN_DEFAULT}.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Adam's learning rate {RUN_DEFAULT}.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seeds the adapters and batches (default: the run's).")
+    ] = None,
     checkpoint_every: int = 100,
     schedule: Annotated[
-        Schedule,
+        Schedule | None,
         typer.Option(
             help="joint: one Adam step per batch of every task; reference: the authors' loop "
-            "(per task two batches, a step each, torch 1.10's zero_grad)."
+            f"(per task two batches, a step each, torch 1.10's zero_grad) {RUN_DEFAULT}."
         ),
-    ] = Schedule.joint,
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     transductive: Annotated[
-        bool, typer.Option(help="Train on the unlabelled test images (the paper's protocol).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            help=f"Train on the unlabelled test images (the paper's protocol) {RUN_DEFAULT}."
+        ),
+    ] = None,
     adapters: Annotated[
         Path | None,
         typer.Option("--adapters", help="Adapter file to write (default: in the run)."),
@@ -153,40 +171,52 @@ def train(
 ):
     """Train surgery adapters (unsupervised) on a merged model of the run.
 
-    Adapters trained with other settings or on another merge are replaced only with
-    --overwrite; --adapters FILE writes them elsewhere. --nproc N (or torchrun) splits the
-    expert targets and every step's batch (--batch-size per task, the global batch) over N
-    processes.
+    Every setting not given is the run's (its config's surgery settings for the method), so
+    re-running the run's own training reuses its adapters. Adapters trained with other settings
+    or on another merge are replaced only with --overwrite; --adapters FILE writes them
+    elsewhere. --nproc N (or torchrun) splits the expert targets and every step's batch
+    (--batch-size per task, the global batch) over N processes.
     """
-    from surgery_edge.distributed import joined  # deferred: imports torch
-    from surgery_edge.run.pipeline import Run, train_one  # deferred: imports torch
-    from surgery_edge.surgery.trainer import SurgeryConfig  # deferred with the pipeline
+    with launch.worker():  # one rank of a job: dies with its launcher, reports errors once
+        from surgery_edge.distributed import check_gpus, check_rows, joined  # deferred: torch
+        from surgery_edge.run.layout import RunLayout  # deferred with the pipeline
+        from surgery_edge.run.pipeline import (  # deferred: imports torch
+            Run,
+            check_training,
+            surgery_settings,
+            train_one,
+        )
 
-    method = SurgeryName(renamed("--method", "--surgery", method, surgery)).value
-    out = renamed("--out", "--adapters", out, adapters)
-    spec = get_surgery(method)
-    rank = spec.rank if rank is None else rank
-    steps = spec.steps if steps is None else steps
-    cfg = SurgeryConfig(  # every number checked (ConfigError) before the run is opened
-        method=method,
-        rank=rank,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        schedule=schedule.value,
-    )
-    if launch.check_nproc(nproc) > 1:
-        return launch.relaunch(ctx, nproc)
-    run = Run.open(run_dir, device=device, write=out is None, overwrite=overwrite)
-    with joined(run.device) as world:
-        run.join(world)
-        run.require_experts()
+        method = SurgeryName(renamed("--method", "--surgery", method, surgery)).value
+        out = renamed("--out", "--adapters", out, adapters)
+        recorded = RunLayout.open(run_dir).read_config()  # the run's settings are the defaults
+        cfg = surgery_settings(  # every number checked (ConfigError) before any process starts
+            recorded,
+            method,
+            rank=rank,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            schedule=None if schedule is None else Schedule(schedule).value,
+        )
+        if transductive is None:
+            transductive = recorded.surgery.transductive
+        processes = launch.check_nproc(nproc)
+        check_rows(cfg.batch_size, processes, "The batch size per task (--batch-size)")
+        run = Run.open(run_dir, log=note, device=device, write=out is None, overwrite=overwrite)
         run.find_merges()
-        path = train_one(run, merge_name, cfg, out, transductive=transductive, resume=resume)
-    if run.writer:
-        say(f"adapters: {path}")
+        if processes > 1:  # everything that can be checked before the processes start
+            check_gpus(run.device, processes)
+            check_training(run, merge_name, cfg, out, transductive)
+            return launch.relaunch(ctx, processes)
+        with joined(run.device) as world:
+            run.join(world)
+            run.require_experts()
+            path = train_one(run, merge_name, cfg, out, transductive=transductive, resume=resume)
+        if run.writer:
+            say(f"adapters: {path}")
 
 
 @user_errors
@@ -204,7 +234,7 @@ def evaluate(
     from surgery_edge.run.engines import cached_engines  # deferred: torch
     from surgery_edge.run.pipeline import Run, evaluate, report_dict  # deferred: torch
 
-    run = Run.open(run_dir, device=device, write=True)
+    run = Run.open(run_dir, log=note, device=device, write=True)
     run.require_experts()
     run.find_merges()
     run.find_adapters()
@@ -220,17 +250,19 @@ def evaluate(
 
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    run_dir: NewRunDir = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML run config (default: the demo's).")
     ] = None,
     device: Device = None,
     overwrite: Overwrite = False,
+    out: OldRunDir = None,
 ):
     """The whole pipeline on the built-in suite: experts, merges, surgery, evaluation."""
     from surgery_edge.run.pipeline import run_pipeline  # deferred: imports torch
 
-    report = run_pipeline(out, _config(config, device), overwrite=overwrite)
+    run_dir = run_folder(run_dir, out, Path("runs/demo"))
+    report = run_pipeline(run_dir, _config(config, device), log=note, overwrite=overwrite)
     say(f"report: {report}")
 
 
@@ -242,9 +274,7 @@ def run_recipe(
             help="A YAML run config, or a shipped recipe's name: paper_vit_b32, paper_vit_l14."
         ),
     ],
-    out: Annotated[
-        Path | None, typer.Option(help="Run directory (default: runs/<config file name>).")
-    ] = None,
+    run_dir: NewRunDir = None,
     data_root: Annotated[
         Path | None, typer.Option(help="Overrides data.root (where the task folders are).")
     ] = None,
@@ -260,6 +290,7 @@ def run_recipe(
     ] = None,
     device: Device = None,
     overwrite: Overwrite = False,
+    out: OldRunDir = None,
 ):
     """Run a config end to end: data, experts, merges, surgery, evaluation, engines, report."""
     from surgery_edge.run.config import find_config, load_config  # deferred: imports torch
@@ -272,6 +303,7 @@ def run_recipe(
         overrides["checkpoints.root"] = str(checkpoint_root)
     if device is not None:
         overrides["device"] = device
+    run_dir = run_folder(run_dir, out, Path("runs") / config.stem)
     cfg = load_config(find_config(config), overrides)
-    report = run_pipeline(out or Path("runs") / config.stem, cfg, overwrite=overwrite)
+    report = run_pipeline(run_dir, cfg, log=note, overwrite=overwrite)
     say(f"report: {report}")

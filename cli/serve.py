@@ -3,6 +3,7 @@ repository for the official tritonserver container."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -23,9 +24,9 @@ def serve(
     http_port: Annotated[int, typer.Option(help="KServe v2 over HTTP.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="KServe v2 over gRPC.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics.")] = 8002,
-    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[
+        str, typer.Option(help="Address to bind (0.0.0.0: every interface; ::1 IPv6 loopback).")
+    ] = "127.0.0.1",
     name: Annotated[str, typer.Option(help="The engine model's name.")] = "engine",
     max_batch: MaxBatch = 32,
     max_queue_delay_us: Annotated[
@@ -57,6 +58,12 @@ def serve(
         int | None,
         typer.Option(min=1, help="Most pixels an image sent to a task model may declare."),
     ] = None,
+    max_request_mb: Annotated[
+        int,
+        typer.Option(
+            min=1, max=2047, help="Most MiB an HTTP request body may hold, after decompression."
+        ),
+    ] = 64,
     drain_timeout_s: Annotated[
         int, typer.Option(min=1, max=25, help="On SIGTERM, how long in-flight requests get.")
     ] = 20,
@@ -66,7 +73,8 @@ def serve(
 
     KServe v2 (HTTP, gRPC), health, Prometheus metrics; batches mix tasks in one engine call.
 
-    SIGTERM or Ctrl-C stops it; requests in flight are answered first. Needs the serve extra.
+    SIGTERM or Ctrl-C stops it: requests in flight are answered first, and the command exits
+    with 0 (130 when the signal came before the server was ready). Needs the serve extra.
     """
     from surgery_edge.runtime.serving import ServeOptions, Server  # deferred: PyTriton, ORT
 
@@ -85,15 +93,37 @@ def serve(
         threads=threads,
         task_models=task_models,
         top_k=top_k,
+        max_request_mb=max_request_mb,
         drain_timeout_s=drain_timeout_s,
         log_file=log_file,
         **limits,
     )
-    server = Server(engine, options).start()
-    for line in server.describe():
-        typer.echo(line)
-    typer.echo("ready: SIGTERM or Ctrl-C stops the server (requests in flight are answered).")
-    server.serve_forever()
+    server = Server(engine, options)
+    # until the server is ready, SIGTERM interrupts as Ctrl-C does (exit 130); the start
+    # removes what it made either way
+    signals: list[int] = []
+
+    def interrupt(signum: int, _) -> None:
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, interrupt) for s in held}
+    try:
+        try:
+            server.start()
+        except Exception:
+            if signals:  # the interrupt became another error on its way (e.g. an ImportError
+                raise KeyboardInterrupt from None  # when it hit a C extension's import)
+            raise
+        for line in server.describe():
+            typer.echo(line)
+        typer.echo("ready: SIGTERM or Ctrl-C stops the server (requests in flight are answered).")
+        server.serve_forever()
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     typer.echo("stopped.")
 
 
@@ -113,10 +143,17 @@ def triton_repo(
         bool, typer.Option(help="ONNX on a GPU: run it through ONNX Runtime's TensorRT.")
     ] = True,
     accelerator_fp16: Annotated[bool, typer.Option(help="That TensorRT in FP16.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace a model folder of this name that triton-repo wrote."
+        ),
+    ] = False,
 ):
     """Write a Triton Inference Server model repository for an ONNX or TensorRT engine.
 
-    The official tritonserver container loads it unchanged (ONNX Runtime or TensorRT).
+    The official tritonserver container loads it unchanged (ONNX Runtime or TensorRT). An
+    existing model folder is replaced only with --overwrite, and only if triton-repo wrote it.
     """
     from surgery_edge.export.triton import TritonOptions, write_repository  # deferred: onnx
 
@@ -130,7 +167,7 @@ def triton_repo(
         accelerator=accelerator,
         accelerator_fp16=accelerator_fp16,
     )
-    model = write_repository(engine, out, options)
+    model = write_repository(engine, out, options, overwrite=overwrite)
     typer.echo(f"model {model.name}: {model}")
     typer.echo(
         f"serve it: docker run --gpus all -p 8000-8002:8000-8002 -v {out.resolve()}:/models "

@@ -37,9 +37,14 @@ _LAZY = {
 __all__ = ["can_launch", "has_triton", "triton_interpreter_enabled", *_LAZY]
 
 
+# looked up once, without importing Triton: the public functions check it inside code that
+# torch.compile traces, and torch 2.11's dynamo refuses to trace importlib's find_spec
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def has_triton() -> bool:
     """Whether Triton is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def triton_interpreter_enabled() -> bool:
@@ -69,6 +74,43 @@ def _jit(fn: Callable) -> Callable:
     import triton  # deferred: importing this package must not import Triton
 
     return triton.jit(fn)
+
+
+def _launcher(kernel: Any) -> Any:
+    """What the registered op launches ``kernel`` through: ``torch.library.wrap_triton`` (so
+    that ``torch.compile`` traces into it) for compiled kernels; the kernel itself under the
+    interpreter, where the op is an opaque ``custom_op`` (:func:`_register_op`) and torch 2.11's
+    ``wrap_triton`` refuses the ``InterpretedFunction`` that Triton 3.6's ``triton.jit`` makes
+    there (the GPU machines' versions)."""
+    if triton_interpreter_enabled():
+        _squeeze_interpreter_index()
+        return kernel
+    from torch.library import wrap_triton  # deferred: only a launch needs it
+
+    return wrap_triton(kernel)
+
+
+def _squeeze_interpreter_index() -> None:
+    """Let Triton 3.6's interpreter take NumPy 2.5 (the GPU machines' pair, for a CPU dry run).
+
+    The interpreter holds a scalar kernel argument as a one-element array and turns it into a
+    loop bound (``range(0, R)``) with ``int(array)``, which NumPy 2.5 refuses ("only
+    0-dimensional arrays can be converted"); Triton 3.8 squeezes the array first. This does the
+    same, once, by wrapping the interpreter's patch of ``tl.tensor``; harmless where Triton
+    already squeezes.
+    """
+    from triton.runtime import interpreter  # deferred: only under the interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes_index", False):
+        return
+
+    def squeezing(tensor: Any, scope: Any) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    squeezing.squeezes_index = True
+    interpreter._patch_lang_tensor = squeezing
 
 
 def _require_launchable(x: torch.Tensor) -> None:

@@ -22,13 +22,12 @@ import torch.nn.functional as F
 
 from surgery_edge.surgery.functional import all_tasks_correction
 
-from . import _jit, _register_op, _require_launchable
+from . import _jit, _launcher, _register_op, _require_launchable
 from .surgery_correction import _adapter_correction
 
 try:
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
 except ImportError:  # no Triton wheel for this platform: the reference still works
     triton = None
 
@@ -225,7 +224,7 @@ def _final_site_all_tasks_launch(
     logits = torch.empty((num_tasks, batch, num_classes), dtype=feat.dtype, device=feat.device)
     config = _launch_config(width, feat.dtype)
     grid = (triton.cdiv(batch, config["BLOCK_B"]), num_tasks)
-    wrap_triton(_final_site_all_tasks_kernel)[grid](
+    _launcher(_final_site_all_tasks_kernel)[grid](
         feat, down, up, head_w, head_b, zn, logits,
         batch, width, rank, num_classes, _NORM_EPS, **config,
     )  # fmt: skip

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 
 from surgery_edge.surgery.functional import routed_correction
 
-from . import _jit, _register_op, _require_launchable
+from . import _jit, _launcher, _register_op, _require_launchable
 
 try:
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
 except ImportError:  # no Triton wheel for this platform: the references still work
     triton = None
 
@@ -306,7 +305,7 @@ def _surgery_correct_layernorm_launch(
     y = torch.empty_like(x_corr)
     config = _launch_config(width, x.dtype)
     grid = (triton.cdiv(tokens, config["BLOCK_M"]), batch)
-    wrap_triton(_surgery_correct_layernorm_kernel)[grid](
+    _launcher(_surgery_correct_layernorm_kernel)[grid](
         x, task_ids, down, up, ln_weight, ln_bias, x_corr, y,
         tokens, width, rank, num_tasks, x.stride(0), x.stride(1), eps, **config,
     )  # fmt: skip

@@ -18,7 +18,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device {name!r} was requested but no CUDA GPU is available.")
+        if torch.version.cuda is None:
+            why = (
+                "this torch is a CPU-only build: CUDA needs a CUDA build of torch (see "
+                "pytorch.org for the command that fits your driver) on a machine with an NVIDIA GPU"
+            )
+        else:
+            why = (
+                f"torch (a CUDA {torch.version.cuda} build) finds no GPU here: CUDA needs an "
+                "NVIDIA GPU and its driver (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+            )
+        raise ConfigError(f"Device {name!r} was requested, but {why}; or use --device cpu.")
     return device
 
 

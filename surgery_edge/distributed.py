@@ -98,12 +98,7 @@ class World:
 
     def require_rows(self, rows: int, what: str) -> None:
         """ConfigError unless every rank gets at least one of ``rows`` rows per step."""
-        if rows < self.size:
-            raise ConfigError(
-                f"{what} is {rows}, smaller than the {self.size} processes of this job: every "
-                f"process needs at least one image per step. Use --batch-size {self.size} or "
-                f"more, or fewer processes."
-            )
+        check_rows(rows, self.size, what)
 
     # --- collectives --------------------------------------------------------------------------
 
@@ -256,6 +251,27 @@ class World:
             ) from None
 
 
+def check_rows(rows: int, processes: int, what: str) -> None:
+    """ConfigError unless each of ``processes`` gets at least one of ``rows`` rows per step
+    (checked before a launcher starts them, and by each of them)."""
+    if rows < processes:
+        raise ConfigError(
+            f"{what} is {rows}, smaller than the {processes} processes of this job: every "
+            f"process needs at least one image per step. Use --batch-size {processes} or "
+            f"more, or fewer processes."
+        )
+
+
+def check_gpus(device: torch.device, processes: int) -> None:
+    """ConfigError when ``processes`` ranks on this machine would share fewer CUDA GPUs."""
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        raise ConfigError(
+            f"{processes} processes on this machine need one GPU each, and it has "
+            f"{torch.cuda.device_count()}. Start at most that many processes per node "
+            "(--nproc / --nproc-per-node), or use --device cpu."
+        )
+
+
 @contextlib.contextmanager
 def joined(device: torch.device) -> Iterator[World]:
     """This process's :class:`World` for the block: a rank of the torchrun job that started it,
@@ -270,13 +286,8 @@ def joined(device: torch.device) -> Iterator[World]:
         return
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"Local rank {local_rank} has no GPU: this machine has "
-                f"{torch.cuda.device_count()}. Start at most that many processes per node "
-                "(--nproc / --nproc-per-node), or use --device cpu."
-            )
+    if device.type == "cuda":  # the same answer on every rank, so rank 0 can say it
+        check_gpus(device, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), local_rank + 1))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -11,6 +11,9 @@ Everything here is what every writer and reader of a run directory shares:
   component, so nothing is ever written outside the folder meant for it.
 - :func:`fingerprint` and :class:`HashCache`: identities from settings and content hashes,
   never from paths or modification times, so a moved or copied run reuses what it holds.
+- :func:`walk_files` and :func:`not_a_file`: folder walks that follow a link into a folder
+  once at most and never open a FIFO, socket or device; what a path is when it is not a file.
+- :func:`load_yaml`: YAML from a user, without aliases and within a size limit.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +252,207 @@ def printable(text: str, keep_newlines: bool = True) -> str:
     return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+# --- reading what a user names: files, folder walks, YAML --------------------------------
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def kind_of(mode: int) -> str:
+    """What ``st_mode`` describes, in words: ``a folder``, ``a FIFO (named pipe)``, ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a regular file (through links); else what it is instead, as the
+    end of a sentence that starts with the path: ``does not exist``, ``is a folder``, ``is a
+    FIFO (named pipe), not a file``, ``is a link to X, which does not exist``, ...
+
+    Only ``stat`` is used: nothing is opened, so a FIFO never blocks the caller.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a link to {os.readlink(path)}, which does not exist"
+        return "does not exist"
+    except OSError as e:  # ELOOP, EACCES on a parent folder, ENAMETOOLONG ...
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    return f"is {kind_of(mode)}, not a file"
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` when it is a regular file; ConfigError saying what it is otherwise ("The engine
+    /dev/null is a character device, not a file."), without opening it."""
+    problem = not_a_file(path)
+    if problem is not None:
+        raise ConfigError(f"The {what} {path} {problem}.")
+    return Path(path)
+
+
+def not_a_folder(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a folder (through links); else what it is instead, as
+    :func:`not_a_file` says it (``does not exist``, ``is a regular file, not a folder``, ...)."""
+    problem = not_a_file(path)
+    if problem is None:
+        return "is a file, not a folder"
+    if problem.startswith("is a folder"):
+        return None
+    return problem.replace(", not a file", ", not a folder")
+
+
+@dataclass
+class Walk:
+    """What :func:`walk_files` found under a folder.
+
+    Attributes:
+        files: the regular files kept, sorted by their path relative to the folder.
+        skipped: ``"PATH (why)"`` for each entry that could not be read: a folder that cannot
+            be listed, a FIFO, socket or device, a link that leads nowhere.
+        repeated: ``"PATH (why)"`` for each link to a folder (or, with ``same_file_once``, a
+            file) already reached another way: not read twice, so a loop ends.
+    """
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    repeated: list[str] = field(default_factory=list)
+
+
+def walk_files(
+    folder: str | os.PathLike,
+    keep: Callable[[tuple[str, ...]], bool] = lambda parts: True,
+    enter: Callable[[tuple[str, ...]], bool] = lambda parts: True,
+    same_file_once: bool = False,
+    seen_folders: set[tuple[int, int]] | None = None,
+    seen_files: set[tuple[int, int]] | None = None,
+) -> Walk:
+    """The regular files under ``folder`` (any depth), following links, each folder once.
+
+    Every folder is identified by its (device, inode): a link back to a folder already listed
+    (``loop -> .``) is noted in ``repeated`` and not entered, so no walk runs forever or counts
+    a file twice through a loop. The type of each entry comes from ``os.stat`` (nothing is
+    opened): a FIFO, socket or device that ``keep`` would take is listed in ``skipped``, as are
+    folders that cannot be listed and links that lead nowhere. Hidden entries (``.name``) are
+    passed over.
+
+    Args:
+        keep: takes a file by its path relative to ``folder``, as parts.
+        enter: whether to look into a sub-folder, by its relative parts (to bound a glob).
+        same_file_once: a file reached under a second name (a link, a hard link) is kept once.
+        seen_folders, seen_files: (device, inode) pairs shared by several walks and updated:
+            a folder in ``seen_folders`` is not entered through a link (the root always is),
+            a file in ``seen_files`` is not taken again (with ``same_file_once``).
+    """
+    root = Path(folder)
+    walk = Walk()
+    seen_dirs = set() if seen_folders is None else seen_folders
+    seen_dirs.add(_identity(os.stat(root)))
+    seen_files = set() if seen_files is None else seen_files
+    pending: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
+    while pending:
+        directory, parts = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as e:
+            walk.skipped.append(f"{directory} (a folder that cannot be listed: {e.strerror or e})")
+            continue
+        below = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = (*parts, entry.name)
+            try:
+                info = os.stat(entry.path)
+            except OSError as e:  # a link to nothing (or to itself), a file that just went
+                if keep(rel) or not os.path.splitext(entry.name)[1]:  # an image, or a folder?
+                    gone = isinstance(e, FileNotFoundError) and entry.is_symlink()
+                    why = "a link that leads nowhere" if gone else (e.strerror or str(e))
+                    walk.skipped.append(f"{entry.path} ({why})")
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if _identity(info) in seen_dirs:
+                    walk.repeated.append(f"{entry.path} (a link to a folder already searched)")
+                elif enter(rel):
+                    seen_dirs.add(_identity(info))
+                    below.append((Path(entry.path), rel))
+            elif not keep(rel):
+                continue
+            elif not stat.S_ISREG(info.st_mode):
+                walk.skipped.append(f"{entry.path} ({kind_of(info.st_mode)}, not a file)")
+            elif same_file_once and _identity(info) in seen_files:
+                walk.repeated.append(f"{entry.path} (another name of a file already listed)")
+            else:
+                seen_files.add(_identity(info))
+                walk.files.append(Path(entry.path))
+        pending.extend(reversed(below))  # depth first, in name order
+    walk.files.sort(key=lambda p: p.relative_to(root).parts)
+    return walk
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+MAX_YAML_BYTES = 1 << 20  # a run config is a few kB; a larger one is not a config
+MAX_YAML_DEPTH = 50  # a run config nests about 5 levels
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Parse YAML a user wrote (a config file, a ``--set`` value) with the safe loader.
+
+    Aliases (``*name``) are refused: a few hundred bytes of nested aliases expand to gigabytes
+    (the "billion laughs"), and no setting needs them. Text above :data:`MAX_YAML_BYTES` and
+    nesting deeper than :data:`MAX_YAML_DEPTH` are refused too.
+
+    Raises:
+        ConfigError: naming ``what``, the line and what to do.
+    """
+    import yaml  # deferred: only commands that read YAML need it
+
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{what} holds {len(text):,} characters; a run config is a few kB, and more than "
+            f"{MAX_YAML_BYTES:,} are refused. Give the settings file itself."
+        )
+
+    class NoAliases(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(
+                    f"{what}, line {event.start_mark.line + 1}: the alias *{event.anchor} is not "
+                    "allowed (aliases can expand a few bytes into gigabytes); write the value out "
+                    "where it is needed."
+                )
+            if self.depth >= MAX_YAML_DEPTH:
+                raise ConfigError(
+                    f"{what}, line {event.start_mark.line + 1}: nested more than "
+                    f"{MAX_YAML_DEPTH} levels deep, which no settings file is."
+                )
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader subclass)
+
+
 # --- identities: settings and content, never locations ------------------------------------
 
 
@@ -268,8 +474,14 @@ class HashCache:
     """SHA-256 content hashes of files, remembered by (size, mtime, inode) in a JSON file.
 
     Hashing a multi-GB checkpoint costs seconds; a file whose size, modification time and inode
-    are unchanged keeps its hash. The hash itself is always the content's, so identities built
-    from it do not change when a run is moved or copied (a copy is hashed once again).
+    are unchanged keeps its hash, so re-running a stage over an unchanged run costs no hashing.
+    The hash itself is always the content's, so identities built from it do not change when a
+    run is moved or copied (a copy is hashed once again).
+
+    The stat is a promise, not a proof: a file changed in place with its size and modification
+    time restored keeps its old hash here (git makes the same trade). So a stage that is about to
+    publish something made from a file (adapters, an engine) asks for ``fresh=True``: the bytes
+    are hashed again (once per process and stat), and the stored hash is corrected.
 
     Args:
         store: the JSON file (e.g. ``RUN/cache/hashes.json``); ``None`` remembers nothing.
@@ -279,6 +491,7 @@ class HashCache:
     def __init__(self, store: str | os.PathLike | None = None):
         self.store = Path(store) if store is not None else None
         self._entries: dict[str, dict[str, Any]] | None = None
+        self._read_now: set[tuple[str, tuple[int, ...]]] = set()  # hashed from bytes here
 
     def _load(self) -> dict[str, dict[str, Any]]:
         if self._entries is None:
@@ -292,19 +505,27 @@ class HashCache:
                         }
         return self._entries
 
-    def digest(self, path: str | os.PathLike) -> str:
-        """The SHA-256 of ``path``'s content (hex)."""
+    def digest(self, path: str | os.PathLike, fresh: bool = False) -> str:
+        """The SHA-256 of ``path``'s content (hex).
+
+        Args:
+            fresh: hash the bytes even when the stat is unchanged (unless this process already
+                hashed them at this stat): for inputs of what is about to be published.
+        """
         path = Path(path)
         st = path.stat()
         key = str(path.resolve())
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         entries = self._load()
         entry = entries.get(key)
-        if entry is not None and entry.get("stat") == stamp:
+        known = entry is not None and entry.get("stat") == stamp
+        if known and (not fresh or (key, tuple(stamp)) in self._read_now):
             return entry["sha256"]
         value = sha256_file(path)
-        entries[key] = {"stat": stamp, "sha256": value}
-        self._save()
+        self._read_now.add((key, tuple(stamp)))
+        if not known or entry["sha256"] != value:
+            entries[key] = {"stat": stamp, "sha256": value}
+            self._save()
         return value
 
     def _save(self) -> None:

@@ -71,11 +71,20 @@ def engines(tiny_run):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip ``slow`` tests unless RUN_SLOW=1, and ``gpu`` tests when CUDA is absent."""
+    """Skip ``slow`` tests unless RUN_SLOW=1, ``gpu`` tests when CUDA is absent, and tests
+    that need the tiny run under mutation testing."""
     skip_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # under `make mutate` (SURGERY_EDGE_MUTATING=1) every mutant would
+    # build the tiny run again: those tests are left to `make test`
+    mutating = os.environ.get("SURGERY_EDGE_MUTATING") == "1"
+    skip_mutating = pytest.mark.skip(reason="needs the tiny run: not run per mutant")
     for item in items:
-        if "slow" in item.keywords and os.environ.get("RUN_SLOW") != "1":
+        # the markers, not item.keywords: keywords also hold the names of the folders above
+        # (a checkout in a folder named "gpu" would skip every test)
+        if item.get_closest_marker("slow") and os.environ.get("RUN_SLOW") != "1":
             item.add_marker(skip_slow)
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if mutating and "tiny_run" in item.fixturenames:
+            item.add_marker(skip_mutating)

@@ -87,16 +87,20 @@ def rank_pid(root: int, rank: int) -> int | None:
     return None
 
 
-def kill_rank_when(args: list[str], ready, timeout: float = 180) -> tuple[int, str]:
-    """Start ``args`` as a 2-process job; SIGKILL rank 1 once ``ready()`` holds. Returns the
-    job's exit code and stderr."""
+def kill_rank_when(
+    args: list[str], ready, timeout: float = 180, launcher: signal.Signals | None = None
+) -> tuple[int, str]:
+    """Start ``args`` as a 2-process job; SIGKILL rank 1 once ``ready()`` holds (or send the
+    launcher ``launcher``, and check that no rank outlives it). Returns the job's exit code and
+    stderr."""
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline, killed = time.monotonic() + timeout, False
+    deadline, killed, ranks = time.monotonic() + timeout, False, []
     try:
         while proc.poll() is None and time.monotonic() < deadline and not killed:
             victim = rank_pid(proc.pid, 1)
             if victim is not None and ready():
-                os.kill(victim, signal.SIGKILL)
+                ranks = [victim, rank_pid(proc.pid, 0)]
+                os.kill(*((proc.pid, launcher) if launcher else (victim, signal.SIGKILL)))
                 killed = True
             time.sleep(0.001)
         _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
@@ -105,7 +109,15 @@ def kill_rank_when(args: list[str], ready, timeout: float = 180) -> tuple[int, s
             proc.kill()
             proc.wait()
     assert killed, "the job ended before rank 1 could be killed"
+    assert not [pid for pid in ranks if pid and _running(pid)], "a rank outlived its launcher"
     return proc.returncode, stderr.decode()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 def assert_stopped_clearly(code: int, stderr: str) -> None:
@@ -137,11 +149,15 @@ def test_two_gloo_processes_train_as_one_and_a_killed_rank_corrupts_nothing(tiny
     args = ["train", "--run", str(two), *TRAIN, "--adapters", str(out), "--resume"]
     cache = two / "cache"
 
-    # 1. Rank 1 killed while the writer assembles the cache (its temporary files are open).
+    # 1. SIGTERM to the launcher while the writer assembles the cache (its temporary files are
+    # open): every rank stops with it (a traceback and exit 1 before), nothing is published.
     def assembling() -> bool:
         return any(n.startswith(".") and "-adapt-" in n for n in os.listdir(cache))
 
-    assert_stopped_clearly(*kill_rank_when(cli(*args, "--nproc", "2"), assembling))
+    job = cli(*args, "--nproc", "2")
+    code, stderr = kill_rank_when(job, assembling, launcher=signal.SIGTERM)
+    assert code == 130 and "Traceback" not in stderr, stderr  # errors.EXIT_INTERRUPTED
+    assert "error: Stopped by SIGTERM: the 2 processes of the job were stopped too" in stderr
     assert_no_corrupt_entry(cache)
     assert not out.exists()
 
@@ -215,3 +231,70 @@ def test_nproc_is_checked_and_refused_under_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="leave --nproc out under torchrun"):
         launch.check_nproc(2)
+
+
+def test_settings_are_checked_before_any_process_starts(tiny_run, tmp_path, monkeypatch):
+    """`--nproc 2 --batch-size 1` exited 1 after starting the processes; a settings conflict
+    was printed by every rank, with advice to --resume that could not fix it."""
+    from cli_checks import user_error
+
+    def never(ctx, nproc):
+        raise AssertionError("the processes were started")
+
+    monkeypatch.setattr(launch, "relaunch", never)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    train = ["train", "--run", str(run), "--merge", "task_arithmetic", "--surgery", "surgeryv2"]
+    text = user_error([*train, "--nproc", "2", "--batch-size", "1"])
+    assert "is 1, smaller than the 2 processes" in text
+    text = user_error([*train, "--nproc", "4", "--steps", "20"])
+    assert text.count("error:") == 1 and "settings.steps: 3 -> 20" in text
+    assert "--resume" not in text
+    merge = ["merge", "--run", str(run), "--method", "adamerging_taskwise", "--nproc", "2"]
+    assert "batch_size is 1, smaller than the 2" in user_error([*merge, "--param", "batch_size=1"])
+    assert "params.steps: 3 -> 5" in user_error([*merge, "--param", "steps=5"])
+
+
+def test_the_launcher_prints_the_cause_once_with_its_exit_code():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, code: int, at: float) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="")
+        f.timestamp = at
+        return f
+
+    lost = {"kind": "DistributedError", "code": 3, "message": "Rank 1 lost contact ..."}
+    usage = {"kind": "ConfigError", "code": 2, "message": "The adapter file X exists but ..."}
+    # a user error on rank 0: its message once, exit 2, no advice to resume
+    error = launch._stopped({0: failure(0, 2, 1.0), 1: failure(1, -15, 2.0)}, {0: usage}, 2)
+    assert error.exit_code == 2 and str(error).startswith(usage["message"])
+    assert "--resume" not in str(error)
+    # a rank killed by a signal is the cause; the rank that lost contact with it comes after
+    error = launch._stopped({0: failure(0, 3, 1.0), 1: failure(1, -9, 2.0)}, {0: lost}, 2)
+    assert error.exit_code == 3 and "rank 1 (pid 101) was killed by SIGKILL" in str(error)
+    assert "then rank 0 lost contact with it" in str(error) and "--resume" in str(error)
+    error = launch._stopped({1: failure(1, 130, 1.0)}, {1: {"kind": "x", "code": 130}}, 2)
+    assert error.exit_code == 130
+
+
+def test_a_rank_dies_with_the_process_that_started_it(tmp_path):
+    """Killing the launcher of a job (SIGKILL) left two ranks that went on and wrote adapters."""
+    ready = tmp_path / "ready"
+    child = (
+        "import time; from surgery_edge.cli.launch import die_with_parent; die_with_parent(); "
+        f"open({str(ready)!r}, 'w').close(); time.sleep(60)"
+    )
+    parent = (
+        f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+        "print(p.pid, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL: no handler runs in the parent
+    proc.wait()
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _running(pid)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,9 +17,11 @@ from surgery_edge.io import (
     atomic_path,
     check_output,
     fingerprint,
+    load_yaml,
     printable,
     safe_name,
     staged_dir,
+    walk_files,
 )
 
 
@@ -107,3 +111,69 @@ def test_hashes_are_of_content_and_remembered_by_stat(tmp_path):
 def test_fingerprints_are_canonical():
     assert fingerprint({"a": 1, "b": [2, 3]}) == fingerprint({"b": [2, 3], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_a_file_changed_in_place_is_seen_when_fresh_bytes_are_asked_for(tmp_path):
+    """Same size, same mtime, same inode: the stat cache keeps the old hash (that is what makes
+    re-runs fast); ``fresh=True``, asked for before publishing, reads the bytes again."""
+    path = tmp_path / "merged.bin"
+    path.write_bytes(b"weights")
+    cache = HashCache(tmp_path / "hashes.json")
+    old = cache.digest(path)
+    st = path.stat()
+    with open(path, "r+b") as f:  # edited in place, its modification time put back
+        f.write(b"W")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    later = HashCache(tmp_path / "hashes.json")
+    assert later.digest(path) == old  # trusted from the stat
+    new = later.digest(path, fresh=True)
+    assert new != old and later.digest(path) == new  # and the stored hash is corrected
+    assert HashCache(tmp_path / "hashes.json").digest(path) == new
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (not hang) when the block takes longer: a walk that follows a loop never ends."""
+
+    def fail(*args):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_walk_enters_each_folder_once_and_opens_no_fifo(tmp_path):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "a.png").write_bytes(b"a")
+    os.symlink(".", tmp_path / "cls" / "loop")
+    os.symlink("..", tmp_path / "cls" / "up")
+    os.symlink("a.png", tmp_path / "cls" / "b.png")
+    os.mkfifo(tmp_path / "cls" / "zz.png")
+    with deadline(20):  # two links back up made an exponential walk
+        walk = walk_files(tmp_path, keep=lambda parts: parts[-1].endswith(".png"))
+    assert [p.name for p in walk.files] == ["a.png", "b.png"]
+    assert [s.split(" (")[0].rsplit("/", 1)[1] for s in walk.skipped] == ["zz.png"]
+    assert sorted(r.split(" (")[0].rsplit("/", 1)[1] for r in walk.repeated) == ["loop", "up"]
+    once = walk_files(tmp_path, keep=lambda parts: True, same_file_once=True)
+    assert [p.name for p in once.files] == ["a.png"]  # b.png is another name of it
+
+
+def test_yaml_aliases_are_refused_before_they_expand():
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, n in zip("abcdefgh", "bcdefghi")
+    )  # 9**9 (387 million) strings from 470 bytes
+    with pytest.raises(ConfigError, match=r"bomb.yaml, line 2: the alias \*a is not allowed"):
+        load_yaml(bomb, "bomb.yaml")
+    with pytest.raises(ConfigError, match="deep.yaml, line 1: nested more than 50 levels"):
+        load_yaml("[" * 200 + "]" * 200, "deep.yaml")  # stopped before any recursion limit
+    with pytest.raises(ConfigError, match="a run config is a few kB"):
+        load_yaml("x" * (2 << 20), "big.yaml")
+    assert load_yaml("surgery: {lr: 1.0e-3, methods: [surgery]}", "ok") == {
+        "surgery": {"lr": 1e-3, "methods": ["surgery"]}
+    }

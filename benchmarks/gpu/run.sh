@@ -18,9 +18,12 @@
 #
 #   command: bash benchmarks/gpu/run.sh      carry: [".whl"]      timeout_s: 540
 #
-# Usage: benchmarks/gpu/run.sh [--dry-run] [--out DIR] [--budget-s S] [--only STEP ...]
+# Usage: benchmarks/gpu/run.sh [--dry-run [--install]] [--out DIR] [--budget-s S] [--only STEP ...]
 #   --dry-run  every step at tiny size on the CPU under TRITON_INTERPRET=1, with $PYTHON (default
 #              python3) and nothing installed: what `make test` runs (tests/bench/test_gpu_run.py).
+#   --install  with --dry-run: install first, as the real run does (the wheels of .whl/ into
+#              $SURGERY_EDGE_SITE, the project into $PYTHON's environment): what
+#              `make gpu-dry-run-device` runs, under the GPU machine's versions (.venv-device).
 #   --out      where the results go (default $OUT; a new temporary folder for a dry run).
 #   --budget-s the seconds all steps share (default: 8 minutes less the installation and a margin).
 # Exit status: 0 when every step succeeded, 1 when one failed or ran out of time, 2 when the
@@ -33,7 +36,20 @@ MARGIN_SECONDS=20  # the final summary, and the device tool's own overhead
 PY=${PYTHON:-python3}
 SITE=${SURGERY_EDGE_SITE:-/tmp/site}
 dry=0
-for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry=1; done
+install=0
+args=()  # what goes on to python -m surgery_edge.bench.gpu
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) dry=1; args+=("$arg") ;;
+        --install) install=1 ;;
+        *) args+=("$arg") ;;
+    esac
+done
+if [ "$install" = 1 ] && [ "$dry" = 0 ]; then
+    echo "benchmarks/gpu/run.sh: --install goes with --dry-run (the real run always installs)" >&2
+    exit 2
+fi
+[ "$dry" = 0 ] && install=1
 
 missing_wheels() {
     # each pinned requirement needs its wheel in .whl/ (wheel names use _ and lowercase)
@@ -51,7 +67,7 @@ missing_wheels() {
     return $found
 }
 
-if [ "$dry" = 1 ]; then
+if [ "$install" = 0 ]; then
     echo "dry run: nothing is installed; python: $($PY -c 'import sys; print(sys.executable)')"
     if missing=$(missing_wheels); then
         echo "dry run: .whl/ holds every wheel of benchmarks/gpu/wheels.txt"
@@ -70,12 +86,11 @@ else
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 2
     $PY -c "import open_clip, pydantic, surgery_edge.bench.gpu" || exit 2
-    echo "installed in ${SECONDS} s"
+    echo "installed in ${SECONDS} s into $($PY -c 'import sys; print(sys.prefix)') and $SITE"
 fi
 
-out_args=()
 if [ -z "${OUT:-}" ] && [[ " $* " != *" --out "* ]]; then
-    out_args=(--out "$(mktemp -d)")
+    args+=(--out "$(mktemp -d)")
 fi
 budget=$((CALL_SECONDS - SECONDS - MARGIN_SECONDS))
-exec "$PY" -m surgery_edge.bench.gpu --budget-s "$budget" ${out_args[@]+"${out_args[@]}"} "$@"
+exec "$PY" -m surgery_edge.bench.gpu --budget-s "$budget" ${args[@]+"${args[@]}"}

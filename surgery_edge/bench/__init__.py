@@ -17,6 +17,9 @@
   surgery training speed, dataset decoding, ONNX file sizes;
 * :mod:`~surgery_edge.bench.gpu`: the GPU run (``benchmarks/gpu/run.sh``), every step budgeted.
 
-Each benchmark module has a ``main(argv)``. Importing any of them imports neither Triton nor
+Each benchmark module has a ``main(argv)``, except the engine benchmark, whose command line is
+``surgery-edge bench`` (:mod:`surgery_edge.cli.bench`; its names and defaults, torch-free, in
+:mod:`~surgery_edge.bench.choices`); :mod:`~surgery_edge.bench.replot` draws a record's
+plots again from its JSON. Importing any of them imports neither Triton nor
 matplotlib nor onnxruntime, and does not initialise CUDA.
 """

@@ -23,12 +23,12 @@ afterwards, one process per (configuration, mode, path) (:mod:`surgery_edge.benc
 Ratios are same-runtime or best-vs-best only, each beside its ceiling
 (:mod:`surgery_edge.bench.ratios`). fp16 on the GPU, fp32 on the CPU.
 
-Usage::
+Usage (the command line is :mod:`surgery_edge.cli.bench`; lists are repeated options)::
 
-    surgery-edge bench --quick --out /tmp/bench            # a smoke run, ~30 s on a CPU
-    python benchmarks/bench_engine.py --device cpu --archs tiny-vit-32 --threads 2 \\
+    surgery-edge bench --quick --out /tmp/bench     # a smoke run (README: its duration)
+    python benchmarks/bench_engine.py --device cpu --arch tiny-vit-32 --threads 2 \\
         --out benchmarks/results/cpu
-    python benchmarks/bench_engine.py --archs ViT-B-32 --out benchmarks/results/h200   # CUDA
+    surgery-edge bench --arch ViT-B-32 --batch 1 --batch 8 --out benchmarks/results/h200
 
 Outputs, per architecture, under ``--out``: ``engine-<arch>.json`` (device, versions, threads,
 load, caches, measured device rates, the exact command, every result, derived ratios),
@@ -38,35 +38,33 @@ and ``engine-<arch>-weights.png``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
-import json
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from surgery_edge.bench.choices import ALL_TASKS, DEFAULTS, ENGINES, MERGED, ROUTED
 from surgery_edge.bench.env import load_average, machine_is_loaded
 from surgery_edge.bench.flops import module_bytes, task_classes, workload_bytes, workload_flops
 from surgery_edge.bench.memory import MemorySpec, run_children
-from surgery_edge.bench.report import Previous, command_line, write_outputs
-from surgery_edge.bench.roofline import H200_FP16_TFLOPS, measure_rates
+from surgery_edge.bench.report import Previous, write_outputs
+from surgery_edge.bench.roofline import device_peaks, measure_rates
 from surgery_edge.bench.runners import EXPERT_CONFIGS, ArchBench, Workload, max_abs_err
 from surgery_edge.bench.runners import unavailable_reason as path_unavailable
 from surgery_edge.bench.timing import Contestant, interleaved, sync
 from surgery_edge.bench.workloads import (
-    CONFIGS,
     DTYPES,
-    ENGINES,
-    MODES,
-    PATHS,
     EngineBenchConfig,
     EngineResult,
     Inputs,
@@ -77,17 +75,9 @@ from surgery_edge.bench.workloads import (
     config_modes,
     plan_paths,
 )
+from surgery_edge.errors import ConfigError
 from surgery_edge.models import get_arch
 
-# Defaults that depend on where the benchmark runs: (on CUDA, on the CPU, with --quick).
-DEFAULTS = {
-    "archs": (["tiny-vit-32", "ViT-B-32", "ViT-L-14"], ["tiny-vit-32"], ["micro-vit-16"]),
-    "batches": ([1, 8, 32, 64, 128], [1, 8, 32], [1, 4]),
-    "paths": (list(PATHS), list(PATHS), ["eager", "onnxruntime"]),
-    "rounds": (10, 7, 3),
-    "block_seconds": (0.05, 0.1, 0.01),
-    "memory_paths": (["eager"], ["eager", "onnxruntime"], []),
-}
 Log = Callable[[str], None]
 SAME_AS_EXPERTS = ("experts-concurrent", "experts-vmap")  # the experts' outputs, computed otherwise
 
@@ -99,6 +89,13 @@ def run_engine_bench(
     on_group: Callable[[list[EngineResult]], None] | None = None,
 ) -> list[EngineResult]:
     """Run every (architecture, configuration, mode, path, batch) of ``config``.
+
+    The groups run in the order the targets need them (:func:`group_order`). With a budget
+    (``config.budget_s``), the ``compile`` path runs after the others, in groups of its own,
+    with ``config.compile_share`` of each architecture's time kept for it; a compile that would
+    not fit in what is left is recorded as "compile: not measured (budget)". A SIGTERM (the GPU
+    run's step reached the end of its slot) records the group in progress, each contestant with
+    why it was not measured, hands the rows to ``on_group`` and raises :class:`Stopped`.
 
     Args:
         config: what to run and how to time it.
@@ -123,13 +120,77 @@ def run_engine_bench(
     dynamo = torch._dynamo.config
     strict = hasattr(dynamo, "fail_on_recompile_limit_hit")
     try:
-        with dynamo.patch(fail_on_recompile_limit_hit=True) if strict else contextlib.nullcontext():
+        with (
+            _stop_on_sigterm(),
+            dynamo.patch(fail_on_recompile_limit_hit=True) if strict else contextlib.nullcontext(),
+        ):
             for arch_name in config.archs:
                 run = _ArchRun(config, arch_name, paths, unavailable, log, verbose, deadline)
                 run.bench_all(results, on_group or (lambda rows: None))
     finally:
         torch.set_num_threads(saved_threads)
     return results
+
+
+def with_device_peaks(config: EngineBenchConfig) -> EngineBenchConfig:
+    """``config`` with the dense fp16 peak of its CUDA device (``--peak-tflops`` where given,
+    else the datasheet's for the GPU's name, else measured) and where it came from; on the CPU
+    unchanged, without a peak."""
+    if torch.device(config.device).type != "cuda":
+        return dataclasses.replace(config, peak_tflops=None, peak_source=None)
+    peaks = device_peaks(config.device, tflops=config.peak_tflops)
+    return dataclasses.replace(
+        config, peak_tflops=peaks.dense_fp16_tflops, peak_source=peaks.source
+    )
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM): its groups so far are handed over first."""
+
+
+# set by the SIGTERM handler, for the rare exception that replaces Stopped on its way up (a
+# CUDA graph capture ended by it fails with an error of its own, which a path records)
+_STOP = threading.Event()
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Turn a SIGTERM into :class:`Stopped` (once: a second one is ignored while the rows are
+    written). Only the main thread can take signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _STOP.set()
+        raise Stopped
+
+    _STOP.clear()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def group_order(
+    batches: Sequence[int], modes: Sequence[str], overhead_batch: int
+) -> list[tuple[int, str]]:
+    """The groups, (batch, mode), in the order the targets need them: every all-tasks group in
+    the order of ``batches`` (the engines against the eight experts), then the routed group at
+    ``overhead_batch`` (the routed engine's overhead over the merged backbone), then the other
+    routed groups."""
+    order = [(b, ALL_TASKS) for b in batches if ALL_TASKS in modes]
+    if ROUTED in modes:
+        routed = sorted(batches, key=lambda b: b != overhead_batch)  # stable: the rest in order
+        order += [(b, ROUTED) for b in routed]
+    return order
+
+
+# the compile phase's order: the experts' one compiled encoder first (it serves three
+# baselines), then the engines the targets compare with them, then the rest
+COMPILE_ORDER = ("experts", "experts-concurrent", "one-expert", *ENGINES, MERGED, "experts-vmap")
 
 
 class _ArchRun:
@@ -151,9 +212,27 @@ class _ArchRun:
         self.device, self.dtype = torch.device(config.device), DTYPES[config.resolved_dtype()]
         self.threads = torch.get_num_threads()
         self.classes = task_classes(self.arch, config.num_tasks)
+        # seconds each compiled function took to compile (and run once), and the shapes it has
+        # run at: what the next compile is expected to cost
+        self.compile_seconds: dict[object, float] = {}
+        self.compiled_at: set[tuple[object, str, int]] = set()
 
-    def over_budget(self) -> bool:
-        return self.deadline is not None and time.perf_counter() > self.deadline
+    def over_budget(self, deadline: float | None = None) -> bool:
+        deadline = self.deadline if deadline is None else deadline
+        return deadline is not None and time.perf_counter() > deadline
+
+    def phases(self) -> list[tuple[list[str], float | None]]:
+        """(paths, deadline) per phase: one phase of every path; or, with a budget and the
+        compile path, the other paths until ``1 - compile_share`` of the time left, then compile
+        until the end."""
+        if self.deadline is None or "compile" not in self.paths or len(self.paths) == 1:
+            return [(self.paths, self.deadline)]
+        now = time.perf_counter()
+        fast_until = now + (1 - self.config.compile_share) * max(0.0, self.deadline - now)
+        return [
+            ([p for p in self.paths if p != "compile"], fast_until),
+            (["compile"], self.deadline),
+        ]
 
     def bench_all(self, results: list[EngineResult], on_group: Callable) -> None:
         cfg, arch = self.config, self.arch
@@ -181,12 +260,16 @@ class _ArchRun:
                 if m in cfg.modes
             ]
             try:
-                for batch in cfg.batches:
-                    for mode in (m for m in MODES if m in cfg.modes):
+                for paths, deadline in self.phases():
+                    for batch, mode in group_order(cfg.batches, cfg.modes, cfg.overhead_batch):
                         group = [w for w in works if w.mode == mode]
-                        if group:
-                            results += self.bench_group(group, batch)
-                            on_group(results)
+                        if not group:
+                            continue
+                        rows, stopped = self.bench_group(group, batch, paths, deadline)
+                        results += rows
+                        on_group(results)
+                        if stopped:
+                            raise Stopped
                 self.attach_memory(results, works, bench)
                 on_group(results)
             finally:
@@ -238,32 +321,72 @@ class _ArchRun:
         )
         return EngineResult(**{**base, **fields})
 
-    def bench_group(self, works: list[Workload], batch: int) -> list[EngineResult]:
-        """Build and check every contestant of the group, then time them interleaved."""
+    def bench_group(
+        self, works: list[Workload], batch: int, paths: Sequence[str], deadline: float | None
+    ) -> tuple[list[EngineResult], bool]:
+        """Build and check the group's contestants on ``paths`` one by one while ``deadline``
+        allows, then time those that are ready, interleaved. A contestant not prepared in time
+        is recorded as skipped, with why; the others are still timed. Returns the rows and
+        whether a SIGTERM stopped the group (then nothing was timed)."""
         cfg, log, mode = self.config, self.log, works[0].mode
         x = Inputs.make(self.arch, batch, cfg.num_tasks, self.device, self.dtype)
-        planned = [(w, p) for w in works for p in self.paths if applicable(p, w.config)]
-        if self.over_budget():
-            reason = f"the time budget of {cfg.budget_s:g} s was spent"
-            return [self.row(w, p, batch, x, status="skipped", reason=reason) for w, p in planned]
+        planned = [(w, p) for w in works for p in paths if applicable(p, w.config)]
+        if paths == ["compile"]:
+            planned.sort(key=lambda wp: COMPILE_ORDER.index(wp[0].config))
+        if self.over_budget(deadline):
+            rows = [
+                self.row(w, p, batch, x, status="skipped", reason=self.spent(p, deadline))
+                for w, p in planned
+            ]
+            return rows, False
         load = load_average()
         log(f"{self.arch.name} {mode} B={batch}: {len(planned)} contestants (load {load})")
         rows: dict[tuple[str, str], EngineResult] = {}
         contestants, ready = [], {}
         by_config = {w.config: w for w in works}
         references: dict[str, object] = {}
-        for work, path in planned:
-            key = (work.config, path)
-            # the concurrent and vmapped experts are checked against the sequential experts
-            reference = by_config.get("experts") if work.config in SAME_AS_EXPERTS else None
-            status = self.prepare(work, path, batch, x, references, reference or work)
-            if isinstance(status, EngineResult):
-                rows[key] = status
-                continue
-            fn, setup, err = status
-            contestants.append(Contestant(key, fn, work.threads))
-            ready[key] = (work, setup, err)
-        samples, failed = interleaved(contestants, self.device, cfg.rounds, cfg.block_seconds)
+        current: tuple[Workload, str, float] | None = None
+        try:
+            for work, path in planned:
+                if _STOP.is_set():
+                    raise Stopped
+                key = (work.config, path)
+                reason = self.not_started(work, path, batch, deadline)
+                if reason is not None:
+                    rows[key] = self.row(work, path, batch, x, status="skipped", reason=reason)
+                    continue
+                # the concurrent and vmapped experts are checked against the sequential experts
+                reference = by_config.get("experts") if work.config in SAME_AS_EXPERTS else None
+                current = (work, path, time.perf_counter())
+                status = self.prepare(work, path, batch, x, references, reference or work)
+                current = None
+                if isinstance(status, EngineResult):
+                    rows[key] = status
+                    continue
+                fn, setup, err = status
+                if path == "compile":
+                    self.note_compile(work, batch, setup)
+                contestants.append(Contestant(key, fn, work.threads))
+                ready[key] = (work, setup, err)
+            if _STOP.is_set():
+                raise Stopped
+            samples, failed = interleaved(contestants, self.device, cfg.rounds, cfg.block_seconds)
+        except Stopped:
+            log(f"{self.arch.name} {mode} B={batch}: stopped (SIGTERM): recording the group")
+            for work, path in planned:
+                key = (work.config, path)
+                if key in rows:
+                    continue
+                if current is not None and (current[0], current[1]) == (work, path):
+                    spent = time.perf_counter() - current[2]
+                    what = "compile" if path == "compile" else "preparation"
+                    reason = f"{what}: not measured (stopped after {spent:.0f} s by SIGTERM)"
+                elif key in ready:
+                    reason = "prepared, not timed: stopped by SIGTERM"
+                else:
+                    reason = "not started: stopped by SIGTERM"
+                rows[key] = self.row(work, path, batch, x, status="skipped", reason=reason)
+            return [rows[(w.config, p)] for w, p in planned], True
         peak = cfg.peak_tflops if self.device.type == "cuda" else None
         for key, (work, setup, err) in ready.items():
             if key in failed:
@@ -303,7 +426,58 @@ class _ArchRun:
             )
         if machine_is_loaded(self.threads):
             log(f"  warning: the machine is loaded ({load_average()}): timings are unreliable")
-        return [rows[(w.config, p)] for w, p in planned]
+        return [rows[(w.config, p)] for w, p in planned], False
+
+    # --- the compile share ----------------------------------------------------------------------
+
+    @staticmethod
+    def compiled_function(work: Workload) -> object:
+        """What ``torch.compile`` compiles for ``work``: the experts' one shared encoder, or the
+        workload's own call."""
+        return "expert-encoder" if work.config in EXPERT_CONFIGS else (work.config, work.mode)
+
+    def compile_estimate(self, work: Workload, batch: int) -> float:
+        """The seconds a compile of ``work`` at ``batch`` is expected to take: none where its
+        function already ran at this shape, its own last compile where it compiled at another,
+        else the longest compile so far (0 before the first)."""
+        fn = self.compiled_function(work)
+        if (fn, work.mode, batch) in self.compiled_at:
+            return 0.0
+        if fn in self.compile_seconds:
+            return self.compile_seconds[fn]
+        return max(self.compile_seconds.values(), default=0.0)
+
+    def note_compile(self, work: Workload, batch: int, seconds: float | None) -> None:
+        fn = self.compiled_function(work)
+        if (fn, work.mode, batch) not in self.compiled_at and seconds is not None:
+            self.compile_seconds[fn] = seconds
+        self.compiled_at.add((fn, work.mode, batch))
+
+    def spent(self, path: str, deadline: float | None) -> str:
+        """Why a contestant was skipped once its phase's ``deadline`` passed."""
+        budget = f"the time budget of {self.config.budget_s:g} s"
+        if path == "compile":
+            return f"compile: not measured (budget): {budget} was spent"
+        if deadline != self.deadline:  # the phase before the compile share
+            return f"{budget}, less its compile share, was spent"
+        return f"{budget} was spent"
+
+    def not_started(
+        self, work: Workload, path: str, batch: int, deadline: float | None
+    ) -> str | None:
+        """Why the contestant is not prepared (the budget), or None: prepare it."""
+        if self.over_budget(deadline):
+            return self.spent(path, deadline)
+        if path != "compile" or deadline is None or self.unavailable[path] is not None:
+            return None
+        left = deadline - time.perf_counter()
+        expected = self.compile_estimate(work, batch)
+        if expected > left:
+            return (
+                f"compile: not measured (budget): {left:.0f} s of the compile share left, "
+                f"a compile here took {expected:.0f} s"
+            )
+        return None
 
     def prepare(
         self,
@@ -420,200 +594,73 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
-# --- command line ----------------------------------------------------------------------------
+# --- what the command line asks for ------------------------------------------------------------
 
 
-def _device(text: str) -> str:
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}: use cpu, cuda or cuda:N"
-        ) from None
-    return text
+def resolve_config(quick: bool = False, **given: Any) -> EngineBenchConfig:
+    """The benchmark configuration ``surgery-edge bench`` asks for.
+
+    ``given`` holds :class:`EngineBenchConfig` fields; those missing or None take the defaults
+    of :data:`~surgery_edge.bench.choices.DEFAULTS` for where the benchmark runs (CUDA, the
+    CPU, or ``quick``), the rest the dataclass's. ``device`` None or ``auto``: CUDA when there
+    is one. ``threads`` given sets torch's intra-op threads.
+
+    Raises:
+        ConfigError: CUDA asked for where there is none, or an unknown architecture.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    device = given.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: there is no CUDA device here; pass --device cpu.")
+    column = 2 if quick else 0 if cuda else 1
+    for name, values in DEFAULTS.items():
+        given.setdefault(name, values[column])
+    for arch in given["archs"]:
+        get_arch(arch)  # an unknown name is refused before anything is measured
+    if given.get("threads"):
+        torch.set_num_threads(given["threads"])
+    given |= {
+        "device": device,
+        "dtype": given.get("dtype") or ("fp16" if cuda else "fp32"),
+        "peak_tflops": given.get("peak_tflops"),
+        "threads": given.get("threads") or torch.get_num_threads(),
+    }
+    sequences = {f.name for f in dataclasses.fields(EngineBenchConfig) if "tuple" in str(f.type)}
+    config = EngineBenchConfig(**{k: tuple(v) if k in sequences else v for k, v in given.items()})
+    return with_device_peaks(config)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def run_and_write(
+    config: EngineBenchConfig,
+    out: Path,
+    command: str,
+    append: bool = False,
+    plots: bool = True,
+    quiet: bool = False,
+    verbose: bool = False,
+) -> list[Path]:
+    """Run the benchmark and write its JSON and Markdown under ``out`` after every group, and
+    the plots at the end (``plots``); returns the files written.
 
-
-def _default_help(name: str) -> str:
-    cuda, cpu, quick = (" ".join(map(str, v)) if isinstance(v, list) else v for v in DEFAULTS[name])
-    where = cuda if cuda == cpu else f"{cuda} on CUDA, {cpu} on the CPU"
-    return f"default: {where}, {quick or 'none'} with --quick"
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The engine benchmark's options (shared by ``benchmarks/bench_engine.py`` and
-    ``surgery-edge bench``)."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: micro-vit-16, batches 1 and 4, eager and ONNX Runtime, 3 short rounds, "
-        "no memory processes, JSON and Markdown but no plots (1.5 min on a 2.0 GHz 2-core "
-        "CPU); the options given explicitly still apply",
-    )
-    p.add_argument("--device", type=_device, help="default: cuda when available, else cpu")
-    p.add_argument("--archs", nargs="+", help=_default_help("archs"))
-    p.add_argument("--batches", type=_positive, nargs="+", help=_default_help("batches"))
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--paths", nargs="+", choices=PATHS, help=_default_help("paths"))
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
-    p.add_argument("--num-tasks", type=_positive, default=8, help="tasks per engine (default 8)")
-    p.add_argument("--tasks", type=_positive, dest="num_tasks", help=argparse.SUPPRESS)  # 0.1
-    p.add_argument("--rank", type=_positive, default=16)
-    p.add_argument(
-        "--rank-v2",
-        type=_positive,
-        help="SurgeryV2 rank (default: 4 for ViT-L as in the paper, else --rank)",
-    )
-    p.add_argument(
-        "--rounds",
-        type=_positive,
-        help="interleaved rounds per group (ABCABC...); " + _default_help("rounds"),
-    )
-    p.add_argument(
-        "--block-seconds",
-        type=float,
-        help="the length of one timed block of calls; " + _default_help("block_seconds"),
-    )
-    p.add_argument(
-        "--budget-s",
-        type=float,
-        help="stop starting new groups after this many seconds (the rest is recorded as "
-        "skipped); default: no limit",
-    )
-    p.add_argument(
-        "--memory-paths",
-        nargs="*",
-        choices=["eager", "onnxruntime"],
-        help="paths whose peak memory is measured, one process per configuration; "
-        + _default_help("memory_paths"),
-    )
-    p.add_argument(
-        "--memory-configs",
-        nargs="+",
-        choices=CONFIGS,
-        help="configurations whose peak memory is measured (default: all of --configs)",
-    )
-    p.add_argument("--memory-jobs", type=_positive, default=1, help="memory processes at once")
-    p.add_argument(
-        "--time-interpreter",
-        action="store_true",
-        help="run the fused path under TRITON_INTERPRET=1 on the CPU (checks the benchmark; the "
-        "timings mean nothing)",
-    )
-    p.add_argument(
-        "--compile-backend",
-        default="inductor",
-        help="torch.compile's backend (default inductor; eager: dynamo tracing only, to check "
-        "the compile path quickly)",
-    )
-    p.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=H200_FP16_TFLOPS,
-        help="dense fp16 peak of the GPU, for the %% of peak column (default: 989 = H200)",
-    )
-    p.add_argument("--overhead-batch", type=_positive, default=64)
-    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("benchmarks/results/engine"),
-        help="folder for the JSON, Markdown and plots (default: benchmarks/results/engine)",
-    )
-    p.add_argument(
-        "--append",
-        action="store_true",
-        help="keep the rows of an earlier engine-<arch>.json in --out that this run does not "
-        "measure (split a sweep over several commands)",
-    )
-    p.add_argument("--merge", action="store_true", dest="append", help=argparse.SUPPRESS)  # 0.1
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print the written records (JSON) on stdout instead of their paths",
-    )
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failed paths")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> EngineBenchConfig:
-    """The benchmark configuration the parsed options ask for, defaults resolved."""
-    cuda = torch.device(args.device).type == "cuda"
-    column = 2 if args.quick else 0 if cuda else 1
-
-    def given(name: str):
-        value = getattr(args, name)
-        return DEFAULTS[name][column] if value is None else value
-
-    return EngineBenchConfig(
-        archs=tuple(given("archs")),
-        batches=tuple(given("batches")),
-        configs=tuple(args.configs),
-        modes=tuple(args.modes),
-        paths=tuple(given("paths")),
-        device=args.device,
-        dtype=args.dtype or ("fp16" if cuda else "fp32"),
-        num_tasks=args.num_tasks,
-        rank=args.rank,
-        rank_v2=args.rank_v2,
-        rounds=given("rounds"),
-        block_seconds=given("block_seconds"),
-        peak_tflops=args.peak_tflops if cuda else None,
-        overhead_batch=args.overhead_batch,
-        threads=args.threads or torch.get_num_threads(),
-        budget_s=args.budget_s,
-        memory_paths=tuple(given("memory_paths")),
-        memory_configs=None if args.memory_configs is None else tuple(args.memory_configs),
-        memory_jobs=args.memory_jobs,
-        time_interpreter=args.time_interpreter,
-        compile_backend=args.compile_backend,
-    )
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[EngineResult]:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the benchmark, write its JSON and Markdown
-    under ``--out`` after every group, and the plots at the end. ``prog`` names the command in
-    the usage and the record."""
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device: pass --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = config_from_args(args)
-    command = command_line(argv, prog or f"{__name__}.main")
-    previous = Previous.read(args.out, config) if args.append else Previous()
+    ``command`` is recorded; ``append`` keeps the rows of an earlier ``engine-<arch>.json`` in
+    ``out`` that this run does not measure; ``quiet``: the Markdown is not printed. Progress goes
+    to stderr. Interrupted, it says where the groups measured so far are, and re-raises.
+    """
+    previous = Previous.read(out, config) if append else Previous()
     log = partial(print, file=sys.stderr, flush=True)
     rates = measure_rates(config.device, DTYPES[config.resolved_dtype()])
-    write = partial(
-        write_outputs, config, out=args.out, command=command, previous=previous, rates=rates
-    )
+    write = partial(write_outputs, config, out=out, command=command, previous=previous, rates=rates)
     try:
         results = run_engine_bench(
             config,
             log=log,
-            verbose=args.verbose,
+            verbose=verbose,
             on_group=lambda rows: write(rows, plots=False, complete=False, quiet=True),
         )
     except KeyboardInterrupt:
-        log(f"interrupted: the groups measured so far are in {args.out}")
-        raise SystemExit(130) from None
-    plots = not (args.no_plots or args.quick)
-    written = write(results, plots=plots, complete=True, quiet=args.json)
-    if args.json:
-        records = [json.loads(Path(p).read_text()) for p in written if Path(p).suffix == ".json"]
-        print(json.dumps({"written": [str(p) for p in written], "records": records}, indent=2))
-    else:
-        print("written: " + ", ".join(str(p) for p in written))
-    return results
+        log(f"interrupted: the groups measured so far are in {out}")
+        raise
+    return write(results, plots=plots, complete=True, quiet=quiet)

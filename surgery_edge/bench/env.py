@@ -1,4 +1,5 @@
-"""The environment a benchmark ran in: device, library versions, threads, load, caches."""
+"""The environment a benchmark ran in: device, library versions, threads, load, caches, and
+the provenance every record carries (commit, command, machine, load before and after, date)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,17 @@ def _version(module: str) -> str | None:
 def cpu_name() -> str:
     """The processor (or, where Python cannot tell, the machine architecture)."""
     return platform.processor() or platform.machine()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else :func:`cpu_name`."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu_name()
 
 
 def device_name(device: torch.device) -> str:
@@ -131,4 +145,48 @@ def _gpu_details(device: torch.device) -> dict[str, Any]:
         "gpu_memory_bytes": props.total_memory,
         "multiprocessors": props.multi_processor_count,
         "compute_capability": f"{props.major}.{props.minor}",
+    }
+
+
+# The load when the benchmark library was first imported: before any measurement of the process.
+LOAD_AT_START = load_average()
+
+
+def git_state(where: str | Path | None = None) -> dict[str, Any]:
+    """The commit of the checkout holding ``where`` (default: this package's source) and whether
+    its tracked files differ from it (``dirty``); ``commit`` None outside a git checkout (an
+    installed wheel)."""
+    folder = Path(where) if where is not None else Path(surgery_edge.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=20
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """What a results file records about how it was made: the commit (and whether the tree was
+    dirty), the command, the machine (CPU model, cores), the load average when the benchmark
+    started and now, and the date (UTC, ISO 8601)."""
+    return {
+        **git_state(),
+        "command": command if command is not None else " ".join(["python", *sys.argv]),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "system": f"{platform.system()} {platform.release()}",
+        },
+        "load_before": LOAD_AT_START,
+        "load_after": load_average(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

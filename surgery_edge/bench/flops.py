@@ -11,7 +11,11 @@ N = P + 1 tokens, width d, MLP width m, L blocks, embed e, rank r)::
     head_t   = 2*e*C_t
 
 LayerNorm, softmax, GELU, biases and the residual adds are not counted. This gives 8.83 GFLOP per
-image for ViT-B/32 and 162.0 for ViT-L/14 (open_clip's profile: 8.82 and 162.03). A call costs:
+image for ViT-B/32 and 162.0 for ViT-L/14 (open_clip's profile: 8.82 and 162.03). The count
+equals ``torch.utils.flop_counter.FlopCounterMode``'s (matmuls, convolutions, SDPA) for every
+configuration and mode, except that stacked heads (the engines, the vmapped experts) compute
+every task's logits at the largest class count: those padded FLOPs are not counted here
+(``tests/bench/test_bench.py``). A call costs:
 experts all-tasks (each baseline: one after another, concurrent, vmapped) B * sum_t(backbone +
 head_t); one expert B * (backbone + head_0); merged all-tasks B * (backbone + sum_t head_t);
 V1 all-tasks B * (backbone + sum_t(adapter_final + head_t)); V2 all-tasks

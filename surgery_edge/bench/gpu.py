@@ -5,30 +5,34 @@ runs each step in a process of its own, within its share of the time, keeps goin
 fails or runs out of time, and after every step rewrites what it has under ``--out``
 (``$OUT``): at most eight files, no folders, so that everything comes back from the machine:
 
-* ``report.md``: the targets with the measured figure and whether each was met, then every
-  step's Markdown; ``summary.json``: the steps (command, status, seconds, budget), the
-  environment (device, driver, CUDA, torch, triton), the test results and the targets;
-  ``log.txt``: the steps' output;
+* ``report.md``: the targets with the measured figure, whether each was met, the peak it was
+  judged against and the baselines a "best" was taken over, then every step's Markdown;
+  ``summary.json``: the steps (command, status, seconds, budget), the environment (device,
+  driver, CUDA, torch, triton, the device's peaks and where they came from), the test results
+  and the targets; ``log.txt``: the steps' output;
 * ``kernels.json``, ``engine-<arch>.json`` (one per architecture), ``training.json``.
 
-The steps, in order of what the targets need most (the slow ``torch.compile`` passes last, their
-rows merged into the same engine files):
+The steps, in order of what the targets need most:
 
-1. ``env``: the environment and the measured matmul and copy rates;
+1. ``env``: the environment, the measured matmul and copy rates, and the device's peaks (the
+   datasheet's for its name, :mod:`surgery_edge.bench.roofline`; measured for a GPU not listed);
 2. ``tests``: the gpu-marked tests (the kernels at fp16, bf16 and fp32; the fused model against
-   eager at ViT-B/32 width);
-3. ``kernels``: the fused correction kernel against PyTorch and ``torch.compile``, ViT-B/32 and
-   ViT-L/14 shapes, batch 1-128, fp16;
-4. ``engine-b32``, ``engine-l14``: eight experts (one after another, on CUDA streams, vmapped)
-   against the merged backbone and the V1 and V2 engines, fp16: eager, fused, CUDA graphs;
+   eager at ViT-B/32 width), each result logged as it finishes (``tests.jsonl``), so that a step
+   stopped at the end of its slot keeps what passed and failed;
+3. ``kernels``: the fused correction kernel against PyTorch and ``torch.compile``, ViT-L/14
+   batch 64 first (the targets' shape), then ViT-B/32 and ViT-L/14 at batch 1-128, fp16;
+4. ``engine-b32``: eight experts (one after another, on CUDA streams, vmapped) against the
+   merged backbone and the V1 and V2 engines, fp16: eager, fused, CUDA graphs at batch 1, 8 and
+   64 first, then ``torch.compile`` in the share of the step kept for it (each model built and
+   compiled once, in the same process);
 5. ``training``: SurgeryV2 (and V1) training speed, ViT-B/32, 8 tasks x batch 16;
-6. ``engine-b32-compile``, ``engine-l14-compile``: the same under ``torch.compile``.
+6. ``engine-l14``: the same at ViT-L/14, batch 128 first (the backbone's fraction of peak).
 
 Each step ends by the end of its slot in a cumulative schedule (time an earlier step did not use
 passes to the later ones); the benchmarks also get a budget of their own, so that they stop
-between measurements and write what they have. ``--dry-run`` runs every step at tiny size on
-the CPU under the Triton interpreter (timings meaningless), to check the whole run before a GPU
-is lent.
+between measurements and write what they have, and an engine step stopped at its slot records
+the group in progress before it exits. ``--dry-run`` runs every step at tiny size on the CPU
+under the Triton interpreter (timings meaningless), to check the whole run before a GPU is lent.
 """
 
 from __future__ import annotations
@@ -47,12 +51,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery_edge.bench.choices import BASELINES
+from surgery_edge.bench.roofline import Peaks, peaks_for
 from surgery_edge.io import write_json_atomic, write_text_atomic
 
 MODULE = "surgery_edge.bench.gpu"
 TOTAL_BUDGET_S = 450.0  # of the 8-minute call, after the installation
 LOG_TAIL_CHARS = 60_000  # per step, in log.txt
 TEST_PATHS = ("tests/kernels/test_kernels.py", "tests/surgery/test_fused.py")
+TEST_LOG = "tests.jsonl"  # the tests step's per-test results, written as each test ends
 
 
 @dataclass(frozen=True)
@@ -80,78 +87,86 @@ class StepResult:
     files: list[str] = field(default_factory=list)
 
 
+def _each(option: str, *values: str) -> list[str]:
+    """``option`` once per value: the engine benchmark's lists are repeated options."""
+    return [word for value in values for word in (option, value)]
+
+
 def plan(dry_run: bool, scratch: Path) -> list[Step]:
     """The steps, at full size on a GPU or (``dry_run``) at tiny size on the CPU."""
     s = str(scratch)
     b32, l14 = ("micro-vit-16", "tiny-vit-32") if dry_run else ("ViT-B-32", "ViT-L-14")
     if dry_run:
-        engine_common = ["--device", "cpu", "--num-tasks", "2", "--rounds", "2"]
+        engine_common = ["--device", "cpu", "--num-tasks", "2", "--rounds", "1"]
         engine_common += ["--block-seconds", "0.002", "--no-plots", "--memory-jobs", "2"]
-        fast = ["--paths", "eager", "fused", "cuda-graph", "tensorrt", "--time-interpreter"]
-        b32_batches, l14_batches = ["--batches", "2"], ["--batches", "1"]
-        memory = ["--memory-paths", "eager", "--memory-configs", "experts"]
-        l14_memory = ["--memory-paths"]  # none: the b32 step checks the memory processes
-        # one compiled encoder shared by the experts; one compiled engine; dynamo only (the
-        # GPU's inductor makes Triton kernels, which a CPU cannot check anyway)
-        b32_compile = ["--configs", "experts", "--compile-backend", "eager"]
-        l14_compile = ["--configs", "surgeryv2", "--compile-backend", "eager"]
+        # dynamo only for compile: the GPU's inductor makes Triton kernels, which a CPU cannot
+        # check anyway
+        paths = ["--compile-backend", "eager", *_each("--path", "eager", "cuda-graph", "tensorrt")]
+        b32_paths = [*paths, *_each("--path", "fused", "compile"), "--time-interpreter"]
+        b32_batches, l14_batches = ["--batch", "2"], ["--batch", "1"]
+        b32_extra = [*b32_paths, "--memory-path", "eager", "--memory-config", "experts"]
+        # the b32 step checks every configuration, the fused path under the (slow) Triton
+        # interpreter, compile (dynamo: about 2 s a model here) and the memory processes; this
+        # one, the second step's options at another width
+        l14_extra = [*paths, "--no-memory"]
+        l14_extra += _each("--config", "experts", "merged", "surgery", "surgeryv2")
         kernels = ["--cpu-smoke", "--batches", "1"]
         training = ["--arch", "micro-vit-16", "--tasks", "2", "--batch-size", "4"]
         training += ["--steps", "3", "--warmup", "1", "--device", "cpu"]
     else:
         engine_common = ["--device", "cuda", "--dtype", "fp16", "--rounds", "5"]
         engine_common += ["--block-seconds", "0.02", "--no-plots", "--memory-jobs", "4"]
-        fast = ["--paths", "eager", "fused", "cuda-graph", "onnxruntime", "tensorrt"]
-        # the targets' batches first: a budget cut drops the last
-        b32_batches = ["--batches", "1", "64", "8", "128"]
-        l14_batches = ["--batches", "1", "64", "128", "8"]
-        memory = l14_memory = ["--memory-paths", "eager"]
-        b32_compile = l14_compile = []
+        # compile runs last in each step, in the share of its budget kept for it
+        paths = _each(
+            "--path", "eager", "fused", "cuda-graph", "onnxruntime", "tensorrt", "compile"
+        )
+        # the targets' batches first (the engine bench runs all-tasks groups, then routed at
+        # --overhead-batch 64, then the rest): a budget cut drops the last
+        b32_batches = _each("--batch", "1", "8", "64", "128")
+        l14_batches = _each("--batch", "128", "64", "1", "8")
+        b32_extra = l14_extra = [*paths, "--memory-path", "eager"]
         kernels = ["--dtype", "fp16", "--batches", "1", "8", "32", "64", "128"]
         training = ["--arch", "ViT-B-32", "--tasks", "8", "--batch-size", "16"]
         training += ["--steps", "40", "--warmup", "5", "--device", "cuda"]
-    # the compile passes add their rows to the files of the passes before; memory is measured
-    # there already
-    b32_compile = ["--paths", "compile", *b32_compile, "--memory-paths", "--append"]
-    l14_compile = ["--paths", "compile", *l14_compile, "--memory-paths", "--append"]
 
     def engine(arch: str, batches: list[str], extra: list[str]) -> tuple[str, ...]:
-        return ("benchmarks/bench_engine.py", *engine_common, "--archs", arch, *batches, *extra)
+        return (
+            "benchmarks/bench_engine.py",
+            *engine_common,
+            "--arch",
+            arch,
+            *batches,
+            *extra,
+            "--out",
+            s,
+        )
 
     tests = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *TEST_PATHS)
     tests += ("--junitxml", f"{s}/tests.xml", "-o", "junit_family=xunit1")
+    tests += ("-p", MODULE, "--result-log", f"{s}/{TEST_LOG}")  # a line per test as it ends
     return [
         Step(
             "env",
-            "environment and measured device rates",
+            "environment, measured device rates, the device's peaks",
             ("-m", MODULE, "--capture-env", f"{s}/env.json"),
-            30,
+            25,
         ),
-        Step("tests", "gpu-marked tests: kernels fp16/bf16/fp32, fused model vs eager", tests, 75),
+        Step("tests", "gpu-marked tests: kernels fp16/bf16/fp32, fused model vs eager", tests, 70),
         Step(
             "kernels",
             "fused correction kernel vs torch and torch.compile",
             ("benchmarks/bench_kernels.py", *kernels, "--out", f"{s}/kernels.json"),
-            60,
+            55,
             ("kernels.json",),
             "json",
             True,
         ),
         Step(
             "engine-b32",
-            f"engine benchmark {b32}: eager, fused, CUDA graphs",
-            engine(b32, b32_batches, [*fast, *memory, "--out", s]),
-            70,
+            f"engine benchmark {b32}: eager, fused, CUDA graphs, then torch.compile",
+            engine(b32, b32_batches, b32_extra),
+            100,
             (f"engine-{b32}.json",),
-            "engine",
-            True,
-        ),
-        Step(
-            "engine-l14",
-            f"engine benchmark {l14}: eager, fused, CUDA graphs",
-            engine(l14, l14_batches, [*fast, *l14_memory, "--out", s]),
-            110,
-            (f"engine-{l14}.json",),
             "engine",
             True,
         ),
@@ -164,19 +179,10 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
             "json",
         ),
         Step(
-            "engine-b32-compile",
-            f"engine benchmark {b32}: torch.compile",
-            engine(b32, b32_batches, [*b32_compile, "--out", s]),
-            35,
-            (f"engine-{b32}.json",),
-            "engine",
-            True,
-        ),
-        Step(
-            "engine-l14-compile",
-            f"engine benchmark {l14}: torch.compile",
-            engine(l14, l14_batches, [*l14_compile, "--out", s]),
-            35,
+            "engine-l14",
+            f"engine benchmark {l14}: eager, fused, CUDA graphs, then torch.compile",
+            engine(l14, l14_batches, l14_extra),
+            165,
             (f"engine-{l14}.json",),
             "engine",
             True,
@@ -230,10 +236,12 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
-def test_results(path: Path) -> dict[str, Any] | None:
-    """Totals and the non-passing tests of a JUnit XML file (pytest ``--junitxml``)."""
+def test_results(path: Path, log: Path | None = None) -> dict[str, Any] | None:
+    """Totals and the non-passing tests: from the JUnit XML file (pytest ``--junitxml``,
+    written when pytest ends) or, where it is missing (the step was stopped), from the per-test
+    log (``--result-log``, :class:`ResultLog`), marked incomplete."""
     if not path.is_file():
-        return None
+        return _results_from_log(log) if log is not None and log.is_file() else None
     root = ET.parse(path).getroot()
     cases = root.iter("testcase")
     totals = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
@@ -253,7 +261,88 @@ def test_results(path: Path) -> dict[str, Any] | None:
             totals["skipped"] += 1
         else:
             totals["passed"] += 1
-    return {**totals, "problems": problems}
+    return {**totals, "problems": problems, "complete": True, "source": path.name}
+
+
+def _results_from_log(log: Path) -> dict[str, Any]:
+    """The totals of a :class:`ResultLog` file: each test's worst outcome over its phases."""
+    collected = None
+    outcome: dict[str, tuple[str, str]] = {}  # test -> (outcome, message)
+    rank = {"passed": 0, "skipped": 1, "failed": 2, "errors": 3}
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # the last line, cut by the kill
+            continue
+        if "collected" in entry:
+            collected = entry["collected"]
+            continue
+        kind = entry["outcome"]
+        if kind == "failed" and entry["when"] != "call":
+            kind = "errors"  # a fixture failed, as JUnit counts it
+        test = entry["test"]
+        if test not in outcome or rank[kind] > rank[outcome[test][0]]:
+            outcome[test] = (kind, entry.get("message", ""))
+    totals = {k: sum(1 for o, _ in outcome.values() if o == k) for k in rank}
+    problems = [
+        {"test": test, "outcome": o, "message": message}
+        for test, (o, message) in outcome.items()
+        if o in ("failed", "errors")
+    ]
+    return {
+        **totals,
+        "problems": problems,
+        "complete": False,
+        "source": log.name,
+        "collected": collected,
+        "reported": len(outcome),
+    }
+
+
+class ResultLog:
+    """A pytest plugin (``-p surgery_edge.bench.gpu --result-log FILE``) that appends one JSON
+    line per test phase as it ends (the call, and a setup or teardown that did not pass), so
+    that a run stopped before pytest writes its JUnit XML keeps the results so far."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.write_text("")
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        with self.path.open("a") as f:  # flushed at close: a kill loses at most the next line
+            f.write(json.dumps(entry) + "\n")
+
+    def pytest_collection_finish(self, session: Any) -> None:
+        self._write({"collected": len(session.items)})
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.when != "call" and report.outcome == "passed":
+            return
+        message = ""
+        if report.outcome == "failed":  # the exception's first line, as JUnit's message
+            crash = getattr(report.longrepr, "reprcrash", None)
+            text = crash.message if crash is not None else str(report.longrepr)
+            message = (text.strip().splitlines() or [""])[0][:300]
+        self._write(
+            {
+                "test": report.nodeid,
+                "when": report.when,
+                "outcome": report.outcome,
+                "message": message,
+            }
+        )
+
+
+def pytest_addoption(parser: Any) -> None:
+    """``--result-log FILE`` (this module loaded as a pytest plugin)."""
+    parser.addoption("--result-log", type=Path, help="append each test's result to FILE (JSON)")
+
+
+def pytest_configure(config: Any) -> None:
+    """Register :class:`ResultLog` where ``--result-log`` was given."""
+    path = config.getoption("--result-log")
+    if path is not None:
+        config.pluginmanager.register(ResultLog(path), "surgery-edge-result-log")
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -263,45 +352,78 @@ def _load(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def targets(out: Path, b32: str, l14: str) -> list[dict[str, Any]]:
-    """Issue 17's targets against what the files under ``out`` hold (None: not measured)."""
-    rows: list[dict[str, Any]] = []
+def env_peaks(env: dict[str, Any] | None) -> Peaks | None:
+    """The peaks the targets are judged against: those the env step recorded for the device
+    (its datasheet's, or measured for a GPU not in the table), else the datasheet's for the
+    device name in ``env``; None without a GPU's."""
+    if not env:
+        return None
+    if env.get("peaks"):
+        return Peaks(**env["peaks"])
+    return peaks_for(env.get("device_name") or "")
 
-    def add(target: str, value: float | None, ok: bool | None, unit: str = "x") -> None:
-        rows.append({"target": target, "measured": value, "unit": unit, "met": ok})
+
+def targets(
+    out: Path, b32: str, l14: str, env: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Issue 17's targets against what the files under ``out`` hold (None: not measured), the
+    fractions of peak against the peaks of the device in ``env`` (:func:`env_peaks`). Each
+    row's ``note`` says which peak, or which baselines a "best" was taken over."""
+    rows: list[dict[str, Any]] = []
+    peaks = env_peaks(env)
+
+    def add(
+        target: str, value: float | None, ok: bool | None, unit: str = "x", note: str = ""
+    ) -> None:
+        rows.append({"target": target, "measured": value, "unit": unit, "met": ok, "note": note})
 
     for arch in (b32, l14):
-        record = _load(out / f"engine-{arch}.json")
-        derived = (record or {}).get("derived", {})
+        record = _load(out / f"engine-{arch}.json") or {}
+        results, derived = record.get("results", []), record.get("derived", {})
         vs = derived.get("vs_experts", {})
         best = [r for rows_ in vs.get("surgery", {}).values() for r in rows_]
         best = [r for r in best if r["kind"] == "best-vs-best"]
         for batch in (1, 8, 64):
             row = next((r for r in best if r["batch"] == batch), None)
             value = None if row is None else row["speedup"]
-            add(f"{arch}: V1 >= 7x best 8-expert baseline, B={batch}", value, _ge(value, 7.0))
+            note = baselines_note(results, batch, "all-tasks", row)
+            add(
+                f"{arch}: V1 >= 7x best 8-expert baseline, B={batch}",
+                value,
+                _ge(value, 7.0),
+                note=note,
+            )
         weight = derived.get("weight_ratio_vs_one_expert", {}).get("surgery")
         add(f"{arch}: V1 weights <= 1.05x one expert", weight, _le(weight, 1.05))
         v2 = [r for rows_ in vs.get("surgeryv2", {}).values() for r in rows_]
-        row = next(
-            (
-                r
-                for r in v2
-                if (r["kind"], r["batch"], r["mode"]) == ("best-vs-best", 1, "all-tasks")
-            ),
-            None,
-        )
+        where = ("best-vs-best", 1, "all-tasks")
+        row = next((r for r in v2 if (r["kind"], r["batch"], r["mode"]) == where), None)
         value = None if row is None else row["latency_ratio"]
-        add(f"{arch}: V2 batch-1 latency <= 0.35x eight experts", value, _le(value, 0.35))
+        note = baselines_note(results, 1, "all-tasks", row)
+        add(
+            f"{arch}: V2 batch-1 latency <= 0.35x eight experts", value, _le(value, 0.35), note=note
+        )
         over = derived.get("routed_overhead_over_merged", {})
         rows_ = over.get("rows", {}).get("surgeryv2", []) if over.get("batch") == 64 else []
         row = next((r for r in rows_ if r["kind"] == "best-vs-best"), None)
         value = None if row is None else 100 * row["overhead"]
         add(f"{arch}: V2 routed overhead over merged <= 5% at B=64", value, _le(value, 5.0), "%")
         if arch == l14:
-            peaks = [p for p in derived.get("merged_peak_fraction", []) if p["batch"] == 128]
-            value = max((100 * p["peak_fraction"] for p in peaks), default=None)
-            add(f"{arch}: backbone >= 50% of dense fp16 peak at B=128", value, _ge(value, 50), "%")
+            merged = [
+                r
+                for r in results
+                if (r["config"], r["mode"], r["batch"], r["status"])
+                == ("merged", "all-tasks", 128, "ok")
+            ]
+            fastest = max(merged, key=lambda r: r["tflops"], default=None)
+            value, note = None, "no GPU peak: the environment names no GPU"
+            if peaks is not None:
+                note = f"of {peaks.describe('tflops')}"
+                if fastest is not None:
+                    value = 100 * fastest["tflops"] / peaks.dense_fp16_tflops
+                    note = f"{fastest['path']}, {fastest['tflops']:.0f} TFLOP/s {note}"
+            target = f"{arch}: backbone >= 50% of dense fp16 peak at B=128"
+            add(target, value, _ge(value, 50), "%", note)
     kernels = _load(out / "kernels.json") or {}
     at = [
         r
@@ -314,14 +436,54 @@ def targets(out: Path, b32: str, l14: str) -> list[dict[str, Any]]:
     ):
         value = min((r[key] for r in at if r[key] is not None), default=None)
         add(name, value, _ge(value, bound))
-    fractions = [t["peak_fraction"] for r in at for t in r["timings"] if t["impl"] == "fused"]
-    value = min((100 * f for f in fractions if f is not None), default=None)
-    add("fused kernel >= 70% of HBM bandwidth (ViT-L/14 B=64)", value, _ge(value, 70.0), "%")
+    gbps = [t["gbps"] for r in at for t in r["timings"] if t["impl"] == "fused"]
+    value, note = None, "no GPU peak: the environment names no GPU"
+    if peaks is not None:
+        note = f"of {peaks.describe('bw')}"
+        if gbps:  # the slowest of the shapes (ranks 4 and 16)
+            value = 100 * min(gbps) * 1e9 / peaks.hbm_bytes_per_s
+            note = f"{min(gbps):.0f} GB/s {note}"
+    add("fused kernel >= 70% of HBM bandwidth (ViT-L/14 B=64)", value, _ge(value, 70.0), "%", note)
     training = _load(out / "training.json") or {}
     v2 = [r for r in training.get("results", []) if r["config"]["method"] == "surgeryv2"]
     value = v2[0]["seconds_per_1000_steps"] if v2 else None
     add("SurgeryV2 training 8 tasks x 1,000 steps x 16 <= 60 s", value, _le(value, 60.0), " s")
     return rows
+
+
+def baselines_note(
+    results: list[dict[str, Any]], batch: int, mode: str, best: dict[str, Any] | None
+) -> str:
+    """Which eight-expert baselines a "best" was taken over at (batch, mode): the fastest, the
+    configurations measured on each path, and why the others were not (a compile that did not
+    fit its budget, a path unavailable here)."""
+    rows = [
+        r for r in results if r["config"] in BASELINES and (r["batch"], r["mode"]) == (batch, mode)
+    ]
+    if not rows:
+        return "no baseline measured"
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    measured = []
+    missing = []
+    for path in paths:
+        ok = [r["config"] for r in rows if r["path"] == path and r["status"] == "ok"]
+        if ok:
+            measured.append(f"{path} ({', '.join(ok)})")
+        for r in rows:
+            if r["path"] == path and r["status"] != "ok":
+                missing.append((path, r["config"], r["status"], r["reason"] or ""))
+    parts = []
+    if best is not None:
+        parts.append(f"best: {best['baseline']} / {best['baseline_path']}")
+    parts.append("over " + ("; ".join(measured) if measured else "nothing measured"))
+    unmeasured = {}
+    for path, config, status, reason in missing:
+        unmeasured.setdefault((path, status, reason), []).append(config)
+    parts += [
+        f"not measured: {path} for {', '.join(configs)} ({status}: {reason[:120]})"
+        for (path, status, reason), configs in unmeasured.items()
+    ]
+    return "; ".join(parts)
 
 
 def _ge(value: float | None, bound: float) -> bool | None:
@@ -342,9 +504,9 @@ def write_summary(
     archs: tuple[str, str],
 ) -> None:
     """Rewrite ``report.md``, ``summary.json`` and ``log.txt`` under ``out``."""
-    tests = test_results(scratch / "tests.xml")
+    tests = test_results(scratch / "tests.xml", scratch / TEST_LOG)
     env = _load(scratch / "env.json")
-    goals = targets(out, *archs)
+    goals = targets(out, *archs, env=env)
     summary = {
         **meta,
         "environment": env,
@@ -358,7 +520,14 @@ def write_summary(
     lines += [f"Command: `{meta['command']}`", ""]
     if env:
         keys = ("device_name", "driver", "cuda", "torch", "triton", "surgery_edge", "python")
-        lines += ["- " + ", ".join(f"{k}: {env.get(k)}" for k in keys), ""]
+        lines += ["- " + ", ".join(f"{k}: {env.get(k)}" for k in keys)]
+        peaks = env_peaks(env)
+        if peaks is not None:
+            lines.append(
+                f"- peaks the targets use: HBM {peaks.describe('bw')}; dense fp16 "
+                f"{peaks.describe('tflops')}"
+            )
+        lines.append("")
     lines += [
         "## Steps",
         "",
@@ -368,17 +537,24 @@ def write_summary(
     for r in results:
         lines.append(f"| {r.name} | {r.status} | {r.seconds} | {r.timeout_s} | {r.what} |")
     if tests:
+        stopped = ""
+        if not tests["complete"]:
+            stopped = (
+                f" The tests step stopped before pytest ended: {tests['reported']} of "
+                f"{tests['collected']} tests reported, read from its per-test log."
+            )
         lines += [
             "",
             f"Tests: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} "
-            f"errors, {tests['skipped']} skipped.",
+            f"errors, {tests['skipped']} skipped.{stopped}",
         ]
         lines += [f"- {p['outcome']}: {p['test']}: {p['message']}" for p in tests["problems"]]
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "## Targets", ""]
+    lines += ["| target | measured | met | peak, baselines |", "|---|---|---|---|"]
     for g in goals:
         value = "—" if g["measured"] is None else f"{g['measured']:.3g}{g['unit']}"
         met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
-        lines.append(f"| {g['target']} | {value} | {met} |")
+        lines.append(f"| {g['target']} | {value} | {met} | {g['note']} |")
     # a file several steps write (an engine file and its compile pass) is shown once, as last
     # written
     last = {name: step.name for step in steps for name in step.products}
@@ -407,12 +583,17 @@ def capture_env(path: Path) -> None:
     import torch  # deferred: only this step needs it in the orchestrating process' children
 
     from surgery_edge.bench.env import environment
-    from surgery_edge.bench.roofline import measure_rates
+    from surgery_edge.bench.roofline import measure_rates, smi_gpu_names
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(device)
     dtype = torch.float16 if device == "cuda" else torch.float32
-    env["rates"] = asdict(measure_rates(device, dtype))
+    rates = measure_rates(device, dtype)
+    env["rates"] = asdict(rates)
+    peaks = None
+    if device == "cuda":  # the datasheet's for the name; the rates just measured if not listed
+        peaks = peaks_for(env["device_name"], rates, smi_gpu_names())
+    env["peaks"] = None if peaks is None else asdict(peaks)
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
         env["nvidia_smi"] = smi.stdout

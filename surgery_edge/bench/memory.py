@@ -6,8 +6,10 @@ peak of the ones before it. So each (configuration, mode, path) runs in a fresh 
 (``python -m surgery_edge.bench.memory SPEC``) that builds only its own model (random weights,
 the benchmark's seed), runs its batch sizes in increasing order, and prints one JSON line:
 
-* on the CPU the peak resident set size (``ru_maxrss``) after each batch, and the RSS after the
-  imports, before any model was built (``baseline_bytes``);
+* on the CPU the peak resident set size after each batch, since the model was built (the
+  kernel's high-water mark ``VmHWM``, reset through ``/proc/self/clear_refs``; ``ru_maxrss``, the
+  lifetime peak, where that is not available), and the RSS (psutil) after the imports, before
+  any model was built (``baseline_bytes``);
 * on the GPU ``torch.cuda.max_memory_allocated`` after each batch, reset before it (it includes
   the resident weights).
 
@@ -28,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 RSS, CUDA = "rss", "cuda-max-allocated"
 
@@ -51,11 +55,13 @@ class MemorySpec:
     concurrent_workers: int = 1  # the ONNX Runtime path: sessions run at once
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes, if readable."""
+def _peak_since_reset() -> int | None:
+    """The kernel's high-water mark of this process's RSS (``VmHWM`` in ``/proc/self/status``,
+    bytes), if readable. psutil (7.2) reports the current RSS but not this peak, nor resets it
+    (its issue #1540), so this one field is read here."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
@@ -73,16 +79,18 @@ class PeakRSS:
     def reset(self) -> None:
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self.since_reset = _status_bytes("VmHWM") is not None
+            self.since_reset = _peak_since_reset() is not None
         except OSError:
             self.since_reset = False
 
     def now(self) -> int:
-        return _status_bytes("VmRSS") or self.peak()
+        """The resident set size now, in bytes."""
+        return psutil.Process().memory_info().rss
 
     def peak(self) -> int:
+        """The peak resident set size since :meth:`reset` (or the process's lifetime), bytes."""
         if self.since_reset:
-            return _status_bytes("VmHWM") or 0
+            return _peak_since_reset() or 0
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

@@ -43,6 +43,7 @@ from surgery_edge.export.quantize import (
     Quantizer,
     QuantRecipe,
     Target,
+    check_engine,
     default_recipe,
     quantize_engine,
 )
@@ -165,12 +166,15 @@ def measure_engine(
     kept: dict[str, Path] = {}
     for label, path in (("fp32", fp32), ("fp16", fp16)):
         report = engine_report(path, data, reference, threads=threads)
-        rows.append(_row(label, report, {"quantizer": None}))
+        extra = {"quantizer": None}
+        if path is fp16:
+            extra["gate"] = _gate(path, fp32, calibration)
+        rows.append(_row(label, report, extra))
     for label, recipe in candidates(full):
         out = tmp / f"{name}-{len(rows)}.onnx"
         t0 = time.perf_counter()
-        try:
-            quantize_engine(fp32, out, recipe, calibration)
+        try:  # measured, not gated: the gate's verdict is recorded beside it
+            quantize_engine(fp32, out, recipe, calibration, check=False)
         except ExportError as e:
             rows.append({"recipe": label, "precision": str(recipe.precision), "error": str(e)})
             continue
@@ -185,6 +189,7 @@ def measure_engine(
                     "quantizer": str(recipe.quantizer),
                     "recipe_detail": recipe.to_dict(),
                     "agreement_heldout_adapt": check["argmax_agreement"],
+                    "gate": _gate(out, fp32, calibration),
                     "quantize_s": seconds,
                 },
             )
@@ -213,6 +218,16 @@ def measure_engine(
         "choice": choose(rows),
         "default": DEFAULTS,
     }
+
+
+def _gate(engine: Path, fp32: Path, calibration) -> str:
+    """The publishing gate's verdict on ``engine`` (its worst task and that task's agreement)."""
+    try:
+        check = check_engine(engine, fp32, calibration)
+    except ExportError as e:
+        return "refused: " + str(e).split(": its accuracy could move")[0]
+    worst = check["worst_task"]
+    return f"pass (worst task {worst}: {check['per_task'][worst]['agreement']:.2f}%)"
 
 
 def head_to_head(
@@ -400,7 +415,7 @@ def markdown(record: dict[str, Any]) -> str:
         rows = []
         for r in eng["rows"]:
             if "error" in r:
-                rows.append([r["recipe"], r["precision"], "failed: " + r["error"][:60]] + [""] * 8)
+                rows.append([r["recipe"], r["precision"], "failed: " + r["error"][:60]] + [""] * 9)
                 continue
             rows.append(
                 [
@@ -415,6 +430,7 @@ def markdown(record: dict[str, Any]) -> str:
                     fmt(r["ms_batch_8"], ".3f"),
                     fmt(r.get("ms_batch_8_head_to_head"), ".3f"),
                     fmt(r.get("quantize_s"), ".1f"),
+                    r.get("gate", "—"),
                 ]
             )
         lines += table(
@@ -430,6 +446,7 @@ def markdown(record: dict[str, Any]) -> str:
                 "ms @8",
                 "ms @8 head to head",
                 "quantise (s)",
+                "gate",
             ],
             rows,
         )

@@ -22,17 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from surgery_edge.bench.choices import ALL_TASKS, BASELINES, ENGINES, MERGED, ONE_EXPERT, ROUTED
 from surgery_edge.bench.roofline import DeviceRates
-from surgery_edge.bench.workloads import (
-    ALL_TASKS,
-    BASELINES,
-    ENGINES,
-    MERGED,
-    ONE_EXPERT,
-    ROUTED,
-    EngineResult,
-    config_modes,
-)
+from surgery_edge.bench.workloads import EngineResult, config_modes
 
 SAME_RUNTIME, BEST_VS_BEST = "same-runtime", "best-vs-best"
 # the baseline path an engine path runs on the same runtime as

@@ -13,18 +13,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery_edge.bench.env import LOAD_WARNING, environment
+from surgery_edge.bench.choices import CONFIGS, PATHS
+from surgery_edge.bench.env import LOAD_WARNING, environment, provenance
 from surgery_edge.bench.flops import FLOPS_FORMULA, backbone_flops, one_expert_bytes, task_classes
-from surgery_edge.bench.plots import write_plots
+from surgery_edge.bench.plots import engine_results, write_plots
 from surgery_edge.bench.ratios import BEST_VS_BEST, derive_ratios
 from surgery_edge.bench.roofline import DeviceRates
 from surgery_edge.bench.timing import SPREAD_WARNING
 from surgery_edge.bench.workloads import (
     CONFIG_LABELS,
     CONFIG_MODES,
-    CONFIGS,
     DTYPES,
-    PATHS,
     RANDOM_WEIGHTS_NOTE,
     EngineBenchConfig,
     EngineResult,
@@ -34,8 +33,6 @@ from surgery_edge.errors import ConfigError
 from surgery_edge.io import write_json_atomic, write_text_atomic
 from surgery_edge.models import get_arch
 from surgery_edge.surgery.methods import SURGERY_METHODS
-
-WEIGHT_NAMES = {"one_expert": "one expert (analytic: encoder + head)"}
 
 
 def command_line(argv: Sequence[str] | None, prog: str) -> str:
@@ -47,8 +44,26 @@ def command_line(argv: Sequence[str] | None, prog: str) -> str:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> Path:
-    """Write one benchmark's JSON record (atomically, creating the folder); returns ``path``."""
+    """Write one benchmark's JSON record (atomically, creating the folder); returns ``path``.
+
+    The record gets its :func:`~surgery_edge.bench.env.provenance` (commit, command, machine,
+    load, date) under ``provenance`` first, in place, so what a benchmark returns is what it
+    wrote."""
+    if "provenance" not in record:
+        record["provenance"] = provenance(record.get("command"))
     return write_json_atomic(path, record)
+
+
+def provenance_line(made: dict[str, Any]) -> str:
+    """The Markdown line that says where a record comes from."""
+    commit = made.get("commit") or "no git checkout"
+    dirty = " (uncommitted changes in the tree)" if made.get("dirty") else ""
+    machine = made.get("machine", {})
+    return (
+        f"Made at commit {commit}{dirty} on {made.get('date')}: `{made.get('command')}`, on "
+        f"{machine.get('cpu')} ({machine.get('cores')} cores); load average before "
+        f"{made.get('load_before')}, after {made.get('load_after')}."
+    )
 
 
 def write_record_set(
@@ -58,10 +73,13 @@ def write_record_set(
     markdown: str | Sequence[str],
     plot: Callable[[dict[str, Any], Path], Any] | None = None,
 ) -> Path:
-    """A benchmark's ``<stem>.json``, ``<stem>.md`` (a string, or its lines) and, given ``plot``,
-    ``<stem>.png`` in ``folder``, each written atomically; returns the JSON's path."""
+    """A benchmark's ``<stem>.json``, ``<stem>.md`` (a string, or its lines; the record's
+    provenance is added as its last line) and, given ``plot``, ``<stem>.png`` in ``folder``,
+    each written atomically; returns the JSON's path."""
     folder = Path(folder)
     text = markdown if isinstance(markdown, str) else "\n".join(markdown) + "\n"
+    record["provenance"] = provenance(record.get("command"))  # in place, as write_record
+    text = text.rstrip("\n") + "\n\n" + provenance_line(record["provenance"]) + "\n"
     path = write_record(folder / f"{stem}.json", record)
     write_text_atomic(folder / f"{stem}.md", text)
     if plot is not None:
@@ -430,8 +448,7 @@ def read_previous(
             f"{path} holds results from {old.get('device_name')!r} ({old_dtype}), not "
             f"{device_name!r} ({dtype}): use another --out, or run without --merge to replace it."
         )
-    known = set(EngineResult.__dataclass_fields__)
-    rows = [EngineResult(**{k: v for k, v in r.items() if k in known}) for r in old["results"]]
+    rows = engine_results(old)
     runs = old.get("runs") or [{"command": old.get("command"), "config": old.get("config")}]
     return rows, runs
 
@@ -499,11 +516,14 @@ def write_outputs(
             "derived": derived,
             "warnings": warnings(rows, derived, env.get("cpu_count") or 1),
         }
+        record["provenance"] = provenance(command)
         write_record(json_path, record)
         md = markdown_report(
             rows, derived, label, arch.name, env, [run["command"] for run in runs], complete
         )
-        write_text_atomic(md_path, md)
+        write_text_atomic(
+            md_path, md.rstrip("\n") + "\n\n" + provenance_line(record["provenance"]) + "\n"
+        )
         if not quiet:
             print(md)
         written += [json_path, md_path]

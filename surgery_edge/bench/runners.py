@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from surgery_edge import kernels
+from surgery_edge.bench.choices import ALL_TASKS, ONE_EXPERT
 from surgery_edge.bench.timing import cuda_graph
 from surgery_edge.bench.workloads import (
-    ALL_TASKS,
-    ONE_EXPERT,
     Inputs,
     SeparateExperts,
     compiled_expert_runner,

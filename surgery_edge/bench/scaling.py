@@ -29,11 +29,11 @@ import torch
 
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.flops import task_classes
+from surgery_edge.bench.plots import plain_scale, plain_ticks, save
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.timing import TIMER, Contestant, interleaved
 from surgery_edge.evaluation.report import pyplot
 from surgery_edge.export.onnx import export_onnx
-from surgery_edge.io import atomic_path
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.runtime.backends import OnnxBackend
 from surgery_edge.surgery.adapters import AdapterBank
@@ -298,44 +298,105 @@ def markdown(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot(record: dict[str, Any], path: Path) -> Path:
-    """Latency and engine size against T, one line per engine (log scale)."""
+STYLES = {  # engine -> (colour, line style): routed dashed, experts red
+    "merged-all-tasks": ("tab:gray", "-"),
+    "surgery-all-tasks": ("tab:blue", "-"),
+    "merged-routed": ("tab:gray", "--"),
+    "surgeryv2-routed": ("tab:green", "--"),
+    "experts-all-tasks": ("tab:red", "-"),
+    "experts-routed": ("tab:red", "--"),
+}
+# a goal's ratio -> (its engine's line, a label)
+GOAL_LINES = {
+    "v1_all_tasks": ("surgery-all-tasks", "V1 all tasks / merged all tasks"),
+    "v2_routed": ("surgeryv2-routed", "V2 routed / merged routed"),
+}
+
+
+def figure(record: dict[str, Any]) -> Any:
+    """Three panels against T: latency per call (ms), engine size (MB), and the goals' ratio,
+    each engine's latency over the merged backbone's in the same mode, on a linear axis with
+    each goal's limit drawn (the ratio a log axis of milliseconds cannot show)."""
     plt = pyplot()
     rows = record["results"]
     tasks = [r["tasks"] for r in rows]
     names = list(rows[0]["engines"])
-    styles = {
-        "merged-all-tasks": ("tab:gray", "-"),
-        "surgery-all-tasks": ("tab:blue", "-"),
-        "merged-routed": ("tab:gray", "--"),
-        "surgeryv2-routed": ("tab:green", "--"),
-        "experts-all-tasks": ("tab:red", "-"),
-        "experts-routed": ("tab:red", "--"),
-    }
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    for ax, key, label in (
-        (axes[0], "median_ms", "median latency per call (ms)"),
-        (axes[1], "engine_bytes", "engine size (bytes)"),
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
+    for ax, key, label, scale in (
+        (axes[0], "median_ms", "median latency per call (ms)", 1.0),
+        (axes[1], "engine_bytes", "engine size (MB)", 1e-6),
     ):
+        values = []
         for name in names:
-            colour, line = styles[name]
-            values = [r["engines"][name][key] for r in rows]
-            ax.plot(tasks, values, line, color=colour, marker="o", ms=3, label=name)
+            colour, line = STYLES[name]
+            ys = [r["engines"][name][key] * scale for r in rows]
+            ax.plot(tasks, ys, line, color=colour, marker="o", ms=3, label=name)
+            values += ys
         ax.set_xlabel("tasks T")
         ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.set_xticks(tasks)
+        plain_scale(ax, values)
+        plain_ticks(ax.xaxis, tasks)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
+    ax, shown = axes[2], [1.0]
+    for name, (engine, label) in GOAL_LINES.items():
+        colour, line = STYLES[engine]
+        ratios = [r["ratios"][name]["latency"] for r in rows]
+        ax.plot(tasks, ratios, line, color=colour, marker="o", ms=3, label=label)
+        goal = record["goals"][name]
+        ax.axhline(goal["limit"], color=colour, linestyle=":", linewidth=1)
+        ax.annotate(f"limit {goal['limit']:g}x", (tasks[-1], goal["limit"]), xytext=(0, 2),
+                    textcoords="offset points", ha="right", fontsize=7, color=colour)  # fmt: skip
+        shown += [*ratios, goal["limit"]]
+        ax.annotate(
+            f"{goal['latency']:.3f}x ({'met' if goal['met'] else 'NOT met'}: "
+            f"goal <= {goal['limit']:g}x)",
+            (goal["tasks"], goal["latency"]),
+            xytext=(-6, 6 if name == "v1_all_tasks" else -12),
+            textcoords="offset points",
+            ha="right",
+            fontsize=8,
+            color=colour,
+        )
+    ax.axhline(1.0, color="k", linewidth=0.6)
+    low, high = min(shown), max(shown)
+    ax.set_ylim(low - 0.08 * (high - low), high + 0.35 * (high - low))  # the legend above all
+    ax.set_xlabel("tasks T")
+    ax.set_ylabel("latency / merged backbone's, same mode (x)")
+    ax.set_title("the goals: dotted lines are the limits", fontsize=9)
+    plain_ticks(ax.xaxis, tasks)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    last = rows[-1]
+    sizes = {name: last["ratios"][name]["engine_bytes"] for name in GOAL_LINES}
+    axes[1].set_title(
+        f"at T = {tasks[-1]}: V1 {sizes['v1_all_tasks']:.2f}x, V2 {sizes['v2_routed']:.2f}x"
+        + (
+            f", experts {last['ratios']['experts_all_tasks']['engine_bytes']:.1f}x"
+            if "experts_all_tasks" in last["ratios"]
+            else ""
+        )
+        + " the merged engine's size",
+        fontsize=8,
+    )
+    if "experts_all_tasks" in last["ratios"]:
+        e = last["ratios"]
+        axes[0].set_title(
+            f"at T = {tasks[-1]}: separate experts {e['experts_all_tasks']['latency']:.1f}x "
+            f"(all tasks), {e['experts_routed']['latency']:.2f}x (routed) the merged latency",
+            fontsize=8,
+        )
     fig.suptitle(
         f"Cost as tasks grow: {record['arch']}, batch {record['batch']} (CPU, ONNX Runtime, "
         f"{record['onnxruntime_threads']} thread)"
     )
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return fig
 
 
-__all__ = ["ENGINES", "GOALS", "TASK_COUNTS", "build_parser", "main", "markdown", "plot"]
+def plot(record: dict[str, Any], path: Path) -> Path:
+    """``path``: the record's :func:`figure` as a PNG."""
+    return save(figure(record), path)
+
+
+__all__ = ["ENGINES", "GOALS", "TASK_COUNTS", "build_parser", "figure", "main", "markdown", "plot"]

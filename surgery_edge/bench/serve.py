@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
@@ -282,45 +283,26 @@ def _label(labels: str, key: str) -> str:
 # --- memory --------------------------------------------------------------------------------
 
 
-def _stat(pid: int | str) -> list[str]:
-    """The fields of ``/proc/<pid>/stat`` after the command name (``state`` first, so field
-    N of proc(5) is at N - 3); the name is cut at its last ``)``, as it may hold spaces."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
 def server_processes() -> dict[int, str | None]:
     """This process's server: ``{pid: model}`` of its descendants (tritonserver and the
     Python-backend stubs; ``None`` for processes that serve no one model)."""
-    parents, argv = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    out = {}
+    for process in psutil.Process().children(recursive=True):
         try:
-            ppid = int(_stat(entry)[1])
-            argv[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            args = process.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        parents[int(entry)] = ppid
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    out, stack = {}, list(children.get(os.getpid(), []))
-    while stack:
-        pid = stack.pop()
-        stack += children.get(pid, [])
-        args = [a.decode(errors="replace") for a in argv[pid]]
         stub = args and args[0].endswith("triton_python_backend_stub") and len(args) > 1
-        out[pid] = Path(args[1]).parent.parent.name if stub else None  # <model>/1/model.py
+        out[process.pid] = Path(args[1]).parent.parent.name if stub else None  # <model>/1/model.py
     return out
 
 
 def _rss(pid: int) -> int:
+    """The resident set size of ``pid`` in bytes (``VmRSS``), 0 once it has exited."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+        return psutil.Process(pid).memory_info().rss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
-    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-    return int(found[1]) * 1024 if found else 0
 
 
 class _MemorySampler:
@@ -356,22 +338,22 @@ class _MemorySampler:
 
 
 def _cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of ``pids`` (every thread of each), in seconds."""
-    ticks = 0
+    """User + system CPU time of ``pids`` (every thread of each, not their children's), in
+    seconds; a process that has exited counts nothing."""
+    total = 0.0
     for pid in pids:
         try:
-            fields = _stat(pid)
-        except OSError:
+            times = psutil.Process(pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
+        total += times.user + times.system
+    return total
 
 
 def _stolen_seconds() -> float:
-    """CPU time the hypervisor gave to others, summed over this machine's CPUs (``steal`` in
-    ``/proc/stat``): on a shared virtual machine, what makes one run slower than the next."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    """CPU time the hypervisor gave to others, summed over this machine's CPUs (``steal``, Linux
+    only): on a shared virtual machine, what makes one run slower than the next."""
+    return getattr(psutil.cpu_times(), "steal", 0.0)
 
 
 class _CpuClock:

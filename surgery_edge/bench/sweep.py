@@ -40,12 +40,13 @@ import numpy as np
 import torch
 
 from surgery_edge.bench.env import environment
+from surgery_edge.bench.plots import plain_ticks, save
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.errors import SurgeryEdgeError
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
 from surgery_edge.evaluation.report import pyplot
-from surgery_edge.io import atomic_path, fingerprint, write_json_atomic
+from surgery_edge.io import fingerprint, write_json_atomic
 from surgery_edge.models.checkpoint import load_encoder
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.methods import get_surgery
@@ -474,10 +475,11 @@ def markdown(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot(record: dict[str, Any], path: Path) -> None:
-    """Held-out agreement against steps, one line per setting, a panel per method."""
+def figure(record: dict[str, Any]) -> Any:
+    """Held-out agreement against steps, one line per setting, a panel per method; the x axis
+    is labelled with the swept step counts themselves."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
     for ax, method in zip(axes, METHODS):
         points = [p for p in record["tune"] if p["method"] == method]
         settings = sorted({(p["schedule"], p["lr"], p["rank"]) for p in points})
@@ -490,13 +492,23 @@ def plot(record: dict[str, Any], path: Path) -> None:
             label = f"{schedule} lr {lr:g}" + (f" rank {rank}" if method == "surgery" else "")
             style = "--" if schedule == "reference" else "-"
             ax.plot(*zip(*line), style, marker="o", label=label)
-        ax.set_xscale("log", base=2)
+        chosen = record.get("choice", {}).get(method, {}).get("settings", {})
+        for name, marker, size in (("current", "o", 11), ("retuned", "*", 15)):
+            p = chosen.get(name)
+            if p is not None:  # the defaults ringed, the held-out choice starred
+                ax.plot(p["steps"], p["heldout_agreement"], marker, ms=size, mfc="none",
+                        mec="k", label=f"{name}: {_setting(p)}")  # fmt: skip
+        ax.set_xscale("log", base=2)  # the grid doubles its steps: evenly spaced
+        plain_ticks(ax.xaxis, sorted({p["steps"] for p in points}))
         ax.set_xlabel("steps per task")
         ax.set_ylabel("held-out agreement with the experts (%)")
         ax.set_title(f"{method} on {record['tuned_on']}")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    return fig
+
+
+def plot(record: dict[str, Any], path: Path) -> Path:
+    """``path``: the record's :func:`figure` as a PNG."""
+    return save(figure(record), path)

@@ -36,9 +36,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from surgery_edge.bench.choices import (  # the names, torch-free for the command line
+    ALL_TASKS,
+    CONFIGS,
+    DTYPE_NAMES,
+    ENGINES,
+    MERGED,
+    MODES,
+    ONE_EXPERT,
+    PATHS,
+    ROUTED,
+)
 from surgery_edge.bench.flops import task_classes
-from surgery_edge.bench.roofline import H200_FP16_TFLOPS
-from surgery_edge.engine_format import EngineMode
 from surgery_edge.models import ArchSpec, ClassificationHead, ImageEncoder, build_encoder
 from surgery_edge.models.heads import normalize_per_task, uniform_normalize
 from surgery_edge.surgery.adapters import AdapterBank
@@ -46,13 +55,6 @@ from surgery_edge.surgery.methods import SURGERY_METHODS, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 
 RANDOM_WEIGHTS_NOTE = "random weights: timing only"
-ALL_TASKS, ROUTED = EngineMode.ALL_TASKS.value, EngineMode.ROUTED.value
-MODES = (ALL_TASKS, ROUTED)
-MERGED = "merged"
-ONE_EXPERT = "one-expert"
-BASELINES = ("experts", "experts-concurrent", "experts-vmap")
-ENGINES = tuple(SURGERY_METHODS)  # one engine per registered surgery method
-CONFIGS = (*BASELINES, ONE_EXPERT, MERGED, *ENGINES)
 CONFIG_LABELS = {
     "experts": "8 separate experts, one after another",
     "experts-concurrent": "8 separate experts at once (CPU: a thread each, on the engine's "
@@ -81,8 +83,7 @@ def config_modes(config: str) -> tuple[str, ...]:
 
 
 CONFIG_MODES = {c: config_modes(c) for c in CONFIGS}
-PATHS = ("eager", "fused", "compile", "cuda-graph", "onnxruntime", "tensorrt")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,13 @@ class EngineBenchConfig:
     """What to run and how to time it.
 
     ``rank_v2=None`` means the paper's choice: rank 4 for ViT-L, otherwise ``rank``.
-    ``peak_tflops`` is ignored (null fractions) on the CPU. Each (mode, batch) is one group:
-    its configurations and paths are timed in ``rounds`` interleaved rounds (ABCABC...), each
-    round one block of calls of every contestant lasting about ``block_seconds``.
+    ``peak_tflops`` is the dense fp16 peak the %-of-peak column divides by (None: no such
+    column; ``engine.with_device_peaks`` fills it from the GPU's datasheet, with
+    ``peak_source`` saying where it came from); it is ignored on the CPU. Each (mode, batch) is
+    one group: its configurations and paths are timed in ``rounds`` interleaved rounds
+    (ABCABC...), each round one block of calls of every contestant lasting about
+    ``block_seconds``. With a ``budget_s``, the ``compile`` path runs after the others, and
+    ``compile_share`` of the time is kept for it.
     """
 
     archs: tuple[str, ...] = ("tiny-vit-32",)
@@ -107,10 +112,12 @@ class EngineBenchConfig:
     rank_v2: int | None = None
     rounds: int = 7
     block_seconds: float = 0.05
-    peak_tflops: float | None = H200_FP16_TFLOPS
+    peak_tflops: float | None = None
+    peak_source: str | None = None  # datasheet, measured or given: where peak_tflops came from
     overhead_batch: int = 64  # the batch of the "V2 fused routed vs merged backbone" target
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     budget_s: float | None = None  # stop starting groups after this many seconds
+    compile_share: float = 0.4  # of the budget, kept for the compile path (run last)
     memory_paths: tuple[str, ...] = ("eager", "onnxruntime")  # peak memory, one process each
     memory_configs: tuple[str, ...] | None = None  # None: every configuration
     memory_jobs: int = 1

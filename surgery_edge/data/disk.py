@@ -43,7 +43,7 @@ from PIL import Image
 from surgery_edge.data import tv_files
 from surgery_edge.data.suite import TaskData
 from surgery_edge.errors import ConfigError, DataError
-from surgery_edge.io import atomic_path
+from surgery_edge.io import Walk, atomic_path, not_a_file, not_a_folder, walk_files
 from surgery_edge.progress import progress_bar
 from surgery_edge.runtime.inputs import IMAGE_EXTENSIONS
 from surgery_edge.runtime.preprocess import open_image_file, resize_crop
@@ -226,8 +226,9 @@ def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool
     task = loader.task
     root = Path(task.path).expanduser().resolve()
     layout = f"{root}/test/<class>/<images>, optionally train/<class>/<images> and adapt/<images>"
-    if not root.is_dir():
-        raise DataError(f"Task {task.name!r}: folder {root} does not exist; expected {layout}.")
+    problem = not_a_folder(root)
+    if problem is not None:
+        raise DataError(f"Task {task.name!r}: folder {root} {problem}; expected {layout}.")
     if task.split_lists:
         folders, test_dir, test_files, train_dir, train_files = _listed_splits(task, root)
     else:
@@ -264,7 +265,7 @@ def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool
     adapt_dir = root / "adapt"
     adapt_x = _empty(loader.image_size)[0]
     if adapt_dir.is_dir():
-        adapt_files = [(p, _UNLABELLED) for p in _image_files(adapt_dir)]
+        adapt_files = [(p, _UNLABELLED) for p in _image_files(adapt_dir, task.name)]
         if not adapt_files:
             raise DataError(
                 f"Task {task.name!r}: {adapt_dir} holds no images; put unlabelled images in it "
@@ -289,7 +290,7 @@ def _folder_splits(task: DiskTask, root: Path, layout: str):
     if not test_dir.is_dir():
         raise DataError(f"Task {task.name!r}: {test_dir} is missing; expected {layout}.")
     folders = _class_folders(test_dir)
-    test_files = _labelled_files(test_dir, folders)
+    test_files = _labelled_files(test_dir, folders, task.name)
     if not test_files:
         raise DataError(
             f"Task {task.name!r}: {test_dir} holds no images in class folders; expected {layout} "
@@ -307,7 +308,7 @@ def _folder_splits(task: DiskTask, root: Path, layout: str):
                 f"(only in test: {_preview(only_test)}; only in train: {_preview(only_train)}); "
                 "give both splits the same class folders."
             )
-        train_files = _labelled_files(train_dir, folders)
+        train_files = _labelled_files(train_dir, folders, task.name)
     return folders, test_dir, test_files, train_dir, train_files
 
 
@@ -320,7 +321,7 @@ def _listed_splits(task: DiskTask, root: Path):
             f"Task {task.name!r}: split_lists needs a 'test' list and may have a 'train' list; "
             f"got {sorted(lists)}."
         )
-    images = _image_files(root)
+    images = _image_files(root, task.name)
     by_rel = {p.relative_to(root).as_posix(): p for p in images}
     by_name: dict[str, list[Path]] = {}
     for p in images:
@@ -328,8 +329,9 @@ def _listed_splits(task: DiskTask, root: Path):
     listed: dict[str, list[Path]] = {}
     for split, name in lists.items():
         path = root / name
-        if not path.is_file():
-            raise DataError(f"Task {task.name!r}: split list {path} does not exist.")
+        problem = not_a_file(path)
+        if problem is not None:
+            raise DataError(f"Task {task.name!r}: split list {path} {problem}.")
         found, missing = [], []
         for line in path.read_text().splitlines():
             entry = line.strip()
@@ -364,22 +366,60 @@ def _listed_splits(task: DiskTask, root: Path):
 
 
 def _class_folders(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in split_dir.iterdir() if e.is_dir() and not e.name.startswith("."))
+    """The class folders of a split: its visible sub-folders, but not a link back to it."""
+    here = split_dir.stat()
+    return sorted(
+        e.name
+        for e in split_dir.iterdir()
+        if e.is_dir() and not e.name.startswith(".") and not os.path.samestat(e.stat(), here)
+    )
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (any depth), sorted by relative path; hidden ones skipped."""
+def _image_files(folder: Path, task: str) -> list[Path]:
+    """Image files under ``folder`` (any depth), sorted by relative path; hidden ones skipped.
+
+    Each folder is entered once and each file taken once, however many links lead to it (a
+    ``loop -> .`` link made one class count its images over and over); FIFOs, sockets and
+    devices named like images are never opened. What was passed over is named in a warning.
+    """
+    walk = walk_files(folder, keep=_is_image_name, same_file_once=True)
+    _warn_walk(task, folder, walk)
+    return walk.files
+
+
+def _labelled_files(split_dir: Path, folders: list[str], task: str) -> list[tuple[Path, int]]:
+    """``(image, label)`` of every class folder of ``split_dir``: no link leads from one class
+    into another class (or back to the split), and no image is taken for two classes."""
+    classes = [split_dir / f for f in folders]
+    seen_folders = {(s.st_dev, s.st_ino) for s in map(os.stat, [split_dir, *classes])}
+    seen_files: set[tuple[int, int]] = set()
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath, name))
-    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+    for label, folder in enumerate(classes):
+        walk = walk_files(folder, _is_image_name, same_file_once=True,
+                          seen_folders=seen_folders, seen_files=seen_files)  # fmt: skip
+        _warn_walk(task, folder, walk)
+        found += [(p, label) for p in walk.files]
+    return found
 
 
-def _labelled_files(split_dir: Path, folders: list[str]) -> list[tuple[Path, int]]:
-    return [(p, label) for label, f in enumerate(folders) for p in _image_files(split_dir / f)]
+def _is_image_name(parts: tuple[str, ...]) -> bool:
+    return os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
+
+
+def _warn_walk(task: str, folder: Path, walk: Walk) -> None:
+    said = []
+    if walk.skipped:
+        said.append(
+            f"skipped {len(walk.skipped)} entries that are not readable image files: "
+            + _preview(walk.skipped, 3)
+        )
+    if walk.repeated:
+        said.append(
+            f"did not follow {len(walk.repeated)} links to a folder or an image already read, "
+            f"so each image counts once: {_preview(walk.repeated, 3)}"
+        )
+    if said:
+        warnings.warn(f"Task {task!r}: in {folder}, {'; '.join(said)}.", stacklevel=3)
 
 
 def _file_identity(path: Path, root: Path) -> tuple[str, int, int]:
@@ -389,6 +429,8 @@ def _file_identity(path: Path, root: Path) -> tuple[str, int, int]:
 
 def _open_image_file(item: tuple[Path, int]) -> tuple[Image.Image, int]:
     path, label = item
+    if (problem := not_a_file(path)) is not None:  # never open a FIFO: it would block
+        raise DataError(f"{path} {problem}")
     with open_image_file(path) as image:
         # In its own mode, as a user's file reaches the runtime: preprocess_image resizes, then
         # converts to RGB (open_clip's order). A copy, usable after the file is closed.
@@ -594,7 +636,7 @@ class _Loader:
             return None
         try:
             x, y = np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # EOFError: an empty file
             return None  # damaged by hand: decode again, which replaces both files
         size = self.image_size
         if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3) or y.shape != x.shape[:1]:

@@ -1,16 +1,26 @@
-"""Published per-task accuracies, printed beside a run's own figures.
+"""Published accuracies, printed beside a run's own figures.
 
-The figures live in ``published.json`` beside this module (one table per name, each with its
-source). Sources of the shipped tables:
+The figures live in ``published.json`` beside this module: one table per name, its task names,
+and its rows. A row holds a method and surgery (matched with a run's rows), a label, the
+per-task accuracies (``per_task``, one per task, or ``null`` where the source prints only an
+average), the average the source prints (``avg``, where it prints one) and its ``source``: rows
+of one table come from different places. ``avg_differs`` explains a row whose printed average
+disagrees with the average of its own cells (a discrepancy in the source, kept as printed);
+``tests/evaluation/test_published.py`` recomputes every average and requires that explanation
+wherever the two differ by more than the printed precision.
+
+Sources of the shipped tables:
 - ``paper_vit_b32`` / ``paper_vit_l14`` (the eight tasks): ``reference/paper_results.md`` of the
   design notes: the AdaMerging / Surgery papers' tables for the baselines, and the
-  Representation Surgery authors' logs (step 500) for the "w/ Surgery" rows. No public per-task
-  figures exist for SurgeryV2.
-- ``paper_vit_{b32,l14}_tall{14,20}``: FusionBench's documentation, the zero-shot and fine-tuned
-  accuracies of its own experts on the twenty tasks (the 14-task tables are the first fourteen
-  columns), and the TALL-masks authors' recorded accuracies of their fine-tuned checkpoints (the
-  ones these recipes import). No merged figures on these suites were verified, so none are
-  attached.
+  Representation Surgery authors' logs (step 500) for the "w/ Surgery" rows; on ViT-B/32 also
+  the 87.5 that the SyMerge page (and some papers) quote for AdaMerging w/ Surgery, beside the
+  authors' log's 86.10. No public per-task figures exist for SurgeryV2.
+- ``paper_vit_{b32,l14}_tall{14,20}``: FusionBench's documentation (zero-shot and its own
+  experts, per task; the 14-task tables are the first fourteen columns), the TALL-masks
+  authors' recorded accuracies of their fine-tuned checkpoints (the ones these recipes import;
+  DTD from their validation figure, see the row's source), and the SyMerge project page's
+  averages (individual experts, task arithmetic, Ties, AdaMerging, Surgery and ProbSurgery w/
+  AdaMerging, EMR-Merging, SyMerge).
 Accuracy in percent.
 """
 
@@ -36,23 +46,32 @@ def published_names() -> list[str]:
 
 
 def published_table(name: str) -> dict[str, Any]:
-    """``{"name", "source", "tasks", "rows": [{"method", "surgery", "label", "per_task", "avg"}]}``
-    with ``per_task`` keyed by task name."""
+    """``{"name", "source", "tasks", "rows"}``; each row ``{"method", "surgery", "label",
+    "per_task", "avg", "computed_avg", "source", "avg_differs"}`` with ``per_task`` keyed by
+    task name (``None`` for a row the source gives as an average only), ``avg`` the source's
+    printed average where it prints one (else the average of the cells) and ``computed_avg``
+    the average of the cells (``None`` without cells)."""
     tables = _tables()
     if name not in tables:
         raise ConfigError(f"Unknown reference {name!r}; known: {published_names()}.")
     table = tables[name]
     tasks = table["tasks"]
-    rows = [
-        {
-            "method": row["method"],
-            "surgery": row["surgery"],
-            "label": row["label"],
-            "per_task": dict(zip(tasks, row["per_task"], strict=True)),
-            "avg": round(sum(row["per_task"]) / len(row["per_task"]), 2),
-        }
-        for row in table["rows"]
-    ]
+    rows = []
+    for row in table["rows"]:
+        cells = row.get("per_task")
+        computed = None if cells is None else round(sum(cells) / len(cells), 2)
+        rows.append(
+            {
+                "method": row["method"],
+                "surgery": row["surgery"],
+                "label": row["label"],
+                "per_task": None if cells is None else dict(zip(tasks, cells, strict=True)),
+                "avg": row.get("avg", computed),
+                "computed_avg": computed,
+                "source": row.get("source", table["source"]),
+                "avg_differs": row.get("avg_differs"),
+            }
+        )
     return {"name": name, "source": table["source"], "tasks": list(tasks), "rows": rows}
 
 
@@ -73,7 +92,7 @@ def beside(report_rows: list[dict], tasks: list[str], reference: dict) -> list[d
             pt = ref_tasks.get(key(t))
             per_task[t] = {
                 "measured": None if m is None else m["per_task"].get(t),
-                "published": None if pt is None else ref["per_task"][pt],
+                "published": None if pt is None or ref["per_task"] is None else ref["per_task"][pt],
             }
         out.append(
             {
@@ -83,6 +102,7 @@ def beside(report_rows: list[dict], tasks: list[str], reference: dict) -> list[d
                 "per_task": per_task,
                 "measured_avg": None if m is None else m["avg"],
                 "published_avg": ref["avg"],
+                "source": ref["source"],
             }
         )
     return out

@@ -70,18 +70,25 @@ def markdown(report: dict[str, Any]) -> str:
     if ref:
         lines += [
             "",
-            f"Published figures beside this run's, as measured / published (%): {ref['name']} "
-            f"({ref['source']}). A dash: no such row on that side.",
+            f"Published figures beside this run's, as measured / published (%): {ref['name']}. "
+            "A dash: no such row or cell on that side (some sources print only an average). "
+            "The number after each method names its source, listed below the table.",
             "",
             "| method | " + " | ".join(tasks) + " | avg |",
             "|---" * (len(tasks) + 2) + "|",
         ]
+        sources: list[str] = []
         for r in ref["rows"]:
+            source = r.get("source") or ref["source"]
+            if source not in sources:
+                sources.append(source)
             cells = [
                 _pair(r["per_task"][t]["measured"], r["per_task"][t]["published"]) for t in tasks
             ]
             cells.append(_pair(r["measured_avg"], r["published_avg"]))
-            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+            label = f"{r['label']} [{sources.index(source) + 1}]"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "Sources:"] + [f"{i}. {s}." for i, s in enumerate(sources, 1)]
     lines += engines_table(report.get("engines") or {})
     if report.get("timings_s"):
         lines += [

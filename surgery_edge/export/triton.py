@@ -5,6 +5,8 @@
     REPO/MODEL/config.pbtxt         platform, batching, inputs, outputs, instances, metadata
     REPO/MODEL/1/model.onnx         the engine (onnxruntime_onnx), or 1/model.plan (tensorrt_plan)
     REPO/MODEL/labels_<task>.txt    each task's class names, one per line, in class order
+    REPO/MODEL/surgery-edge-model.json  the marker: what wrote the folder, from which engine,
+                                    and every file it holds
 
 ``docker run --gpus all -v $PWD/REPO:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3
 tritonserver --model-repository=/models`` serves it unchanged. The configuration:
@@ -25,6 +27,11 @@ the inputs and outputs against the ONNX graph (or, for a TensorRT plan, its meta
 text against Triton's own schema (``tritonclient.grpc.model_config_pb2``) where tritonclient is
 installed. :func:`validate_repository` runs both checks on any repository. Neither torch nor
 the ONNX exporter is imported here.
+
+The writer never replaces what it did not write: an existing ``REPO/MODEL`` is replaced only
+when it holds the marker and nothing but the files the marker lists, and only when asked
+(``overwrite``); anything else there (a user's folder, a run's ``engines`` or ``checkpoints``,
+a file) is refused before anything is written (:func:`check_model_folder`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery_edge import __version__
 from surgery_edge.engine_format import (
     EngineMetadata,
     EngineMode,
@@ -46,12 +54,13 @@ from surgery_edge.engine_format import (
     validate_metadata,
 )
 from surgery_edge.errors import ConfigError, ExportError
-from surgery_edge.io import staged_dir
+from surgery_edge.io import check_writable, staged_dir
 from surgery_edge.runtime.backends import engine_kind
 from surgery_edge.runtime.triton_config import (
     META_PARAMETER,
     Enum,
     check_model_name,
+    model_config_pb2,
     parameters,
     string_map,
     to_pbtxt,
@@ -65,7 +74,9 @@ KINDS = ("gpu", "cpu")
 # ONNX TensorProto element types -> Triton data types
 ONNX_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL",
               10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}  # fmt: skip
-_FILE_SAFE = re.compile(r"[A-Za-z0-9_.-]+")
+_FILE_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+MARKER = "surgery-edge-model.json"  # in every model folder written here
+WRITER = "surgery-edge triton-repo"
 
 
 @dataclass(frozen=True)
@@ -132,18 +143,23 @@ class TensorSpec:
 
 
 def write_repository(
-    engine: str | os.PathLike, repo: str | os.PathLike, options: TritonOptions | None = None
+    engine: str | os.PathLike,
+    repo: str | os.PathLike,
+    options: TritonOptions | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``engine`` as one model of the Triton model repository ``repo``.
 
-    Other models already in ``repo`` are kept; a model of the same name is replaced, atomically
-    (a failure leaves it as it was).
+    Other models already in ``repo`` are kept. An existing ``repo/<name>`` is replaced
+    (atomically: a failure leaves it as it was) only with ``overwrite`` and only if this writer
+    made it (:func:`check_model_folder`); anything else there is refused with ExportError.
 
     Args:
         engine: an ONNX engine (``.onnx``) or a TensorRT plan (``.plan`` / ``.engine`` with its
             ``.json`` metadata sidecar) made by ``surgery-edge export``.
         repo: the repository folder (created if needed).
         options: batching, instances and accelerator settings.
+        overwrite: replace a model folder of the same name that this writer made.
 
     Returns:
         The model's folder, ``repo/<name>``.
@@ -152,6 +168,8 @@ def write_repository(
     kind = _engine_kind(engine)
     meta = read_onnx_metadata(engine) if kind == "onnx" else read_sidecar(engine)
     name = check_model_name(opts.name or engine.stem, "Model name (--name)")
+    repo = Path(repo)
+    check_model_folder(repo, name, overwrite)
     if kind == "tensorrt":
         profile_max = int(meta.get("tensorrt", {}).get("max_batch", 0))
         if profile_max and opts.max_batch > profile_max:
@@ -161,10 +179,9 @@ def write_repository(
                 "engine with a larger --max-batch."
             )
     graph = engine_io(engine, kind, meta)
-    labels = _label_files(meta)
+    labels = _label_files(meta, engine)
     config = model_config(name, kind, meta, graph, labels, opts)
     _check_io(config["input"], config["output"], graph, engine)
-    repo = Path(repo)
     with staged_dir(repo / name) as tmp:
         version = tmp / "1"
         version.mkdir()
@@ -173,9 +190,97 @@ def write_repository(
             names = meta.class_names[meta.tasks.index(task)]
             (tmp / file).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
         (tmp / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
-        if _model_config_pb2(required=False) is not None:
+        if model_config_pb2() is not None:
             _validate_model(tmp, name)
+        _write_marker(tmp, name, engine)
+        check_model_folder(repo, name, overwrite)  # nothing else appeared there meanwhile
     return repo / name
+
+
+def check_model_folder(repo: str | os.PathLike, name: str, overwrite: bool = False) -> None:
+    """Refuse (ExportError) a model folder ``repo/name`` that the writer may not replace.
+
+    Refused: ``repo`` or ``repo/name`` is a file or a link; ``repo/name`` is a folder without
+    this writer's marker (a user's folder, a run's ``engines``), or one that holds files the
+    marker does not list (added since: they would be lost); a folder this writer made, unless
+    ``overwrite``. Nothing is written here; :func:`write_repository` calls it first, so
+    ``export --triton-repo`` can call it before any export work.
+    """
+    repo = Path(repo)
+    check_model_name(name, "Model name (--name)")
+    check_writable(repo, "model repository")
+    folder = repo / name
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ExportError(
+            f"The model folder {folder} exists and is not a folder (a file or a link), so it "
+            "was not replaced. Choose another --name or --out, or move it away."
+        )
+    if not folder.exists():
+        return
+    marker = _read_marker(folder)
+    if marker is None:
+        raise ExportError(
+            f"{folder} exists and was not written by `{WRITER}` (it holds no valid {MARKER}), "
+            "so nothing in it was replaced. Choose another --name or --out, or move the folder "
+            "away."
+        )
+    unlisted = _unlisted(folder, marker["files"])
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (
+            f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else ""
+        )
+        raise ExportError(
+            f"The model folder {folder} was written by `{WRITER}` but now also holds {shown}, "
+            "which it did not write, so it was not replaced. Move those away, or choose another "
+            "--name or --out."
+        )
+    if not overwrite:
+        raise ExportError(
+            f"The model folder {folder} exists (written by `{WRITER}` from {marker['engine']}); "
+            "pass --overwrite to replace it, or choose another --name."
+        )
+
+
+def _write_marker(folder: Path, name: str, engine: Path) -> None:
+    """The marker: who wrote the folder, from what, and every file in it (relative paths)."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    marker = {"written_by": WRITER, "version": __version__, "model": name,
+              "engine": str(engine.resolve()), "files": files}  # fmt: skip
+    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    path = folder / MARKER
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = (
+        isinstance(marker, dict)
+        and marker.get("written_by") == WRITER
+        and isinstance(marker.get("files"), list)
+        and all(isinstance(f, str) for f in marker["files"])
+    )
+    return marker if ok else None
+
+
+def _unlisted(folder: Path, listed: list[str]) -> list[str]:
+    """What ``folder`` holds beside ``listed`` files, the marker and their folders; links
+    are never followed and always count."""
+    keep = {MARKER, *listed}
+    parents = {p.as_posix() for f in listed for p in Path(f).parents if p != Path(".")}
+    out = []
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        for entry in sorted(dirs + files):
+            rel = (base / entry).as_posix()
+            is_dir = entry in dirs and not (Path(root) / entry).is_symlink()
+            if rel not in (parents if is_dir else keep):
+                out.append(rel + "/" if is_dir else rel)
+        dirs[:] = [d for d in dirs if (base / d).as_posix() in parents]
+    return out
 
 
 def model_config(
@@ -300,11 +405,23 @@ def _onnx_io(engine: Path, meta: EngineMetadata) -> tuple[list[TensorSpec], list
     return specs(graph.input, meta.inputs), specs(graph.output, meta.outputs)
 
 
-def _label_files(meta: EngineMetadata) -> dict[str, str]:
-    return {
-        task: f"labels_{task if _FILE_SAFE.fullmatch(task) else f'task{i}'}.txt"
-        for i, task in enumerate(meta.tasks)
-    }
+def _label_files(meta: EngineMetadata, engine: Path) -> dict[str, str]:
+    """``{task: label file name}``: ``labels_<task>.txt``, the task's name with anything but
+    letters, digits, ``_ . -`` as ``_``. Two tasks whose files would be one (also on a file
+    system that ignores case) are refused rather than written into one file."""
+    files: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for task in meta.tasks:
+        file = f"labels_{_FILE_UNSAFE.sub('_', task)[:100]}.txt"
+        other = taken.setdefault(file.lower(), task)
+        if other != task:
+            raise ExportError(
+                f"Tasks {other!r} and {task!r} of {engine} would share the label file {file} "
+                "(names are kept to letters, digits, '_', '.', '-' in file names). Rename one "
+                "of them and re-export the engine."
+            )
+        files[task] = file
+    return files
 
 
 def _copy_engine(engine: Path, kind: str, version: Path) -> None:
@@ -357,7 +474,12 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
 def _validate_model(folder: Path, name: str):
     from google.protobuf import text_format  # deferred: with tritonclient's schema below
 
-    pb2 = _model_config_pb2(required=True)
+    pb2 = model_config_pb2()
+    if pb2 is None:
+        raise ExportError(
+            "Checking a Triton model repository needs tritonclient: "
+            "`pip install 'surgery-edge[serve]'`."
+        )
     config_path = folder / "config.pbtxt"
     try:
         config = text_format.Parse(config_path.read_text(encoding="utf-8"), pb2.ModelConfig())
@@ -426,16 +548,3 @@ def _check_io(
             raise ExportError(
                 f"{where}: the config's {section}s {got} do not match the engine's {want}."
             )
-
-
-def _model_config_pb2(required: bool):
-    try:
-        from tritonclient.grpc import model_config_pb2  # deferred: optional, surgery-edge[serve]
-    except ImportError:
-        if required:
-            raise ExportError(
-                "Checking a Triton model repository needs tritonclient: "
-                "`pip install 'surgery-edge[serve]'`."
-            ) from None
-        return None
-    return model_config_pb2

@@ -162,6 +162,8 @@ def _adamerging(
         module.eval()  # no dropout: the coefficients are learned for inference
     learn = steps if keys else 0  # nothing floating-point: nothing to learn
 
+    per_task: dict[str, torch.Tensor] = {}  # the last step's terms, for the metrics log
+
     def step_loss(step: int) -> torch.Tensor:
         """This rank's share of one step's loss: the sum over tasks of the batch-mean entropy."""
         batches, sizes = [], []
@@ -182,10 +184,13 @@ def _adamerging(
         else:
             features = [functional_call(context.encoder, params_now, (b,)) for b in batches]
         loss = torch.zeros((), device=device)
+        per_task.clear()
         for t, f, size in zip(tasks, features, sizes, strict=True):
             head, head_params = heads[t]
             entropy = _entropy(functional_call(head, head_params, (f,)))
-            loss = loss + (entropy.sum() / size if world.distributed else entropy.mean())
+            term = entropy.sum() / size if world.distributed else entropy.mean()
+            per_task[t] = term.detach()
+            loss = loss + term
         return loss * world.size if world.distributed else loss
 
     objective = world.wrap(_Step(learned, step_loss)) if learn else None
@@ -204,6 +209,13 @@ def _adamerging(
             optimizer.step()
             if context.progress is not None:
                 context.progress(step, value)
+            if context.metrics is not None:
+                what = f"{method} (sharing the per-task losses)"
+                losses = {  # each rank's term is its rows' share of the task's batch mean
+                    t: (world.mean(v, what) * world.size).item() if world.distributed else v.item()
+                    for t, v in per_task.items()
+                }
+                context.metrics.write(step, loss=value, loss_per_task=losses, lr=lr)
     finally:
         for m, mode in modes:
             m.train(mode)

@@ -17,6 +17,7 @@ import torch
 
 from surgery_edge.distributed import World
 from surgery_edge.errors import MergeError
+from surgery_edge.progress import MetricsLog
 
 StateDict = dict[str, torch.Tensor]
 
@@ -54,6 +55,10 @@ class AdaMergingContext:
         seed: seeds the generator that samples the batches.
         device: where the coefficients are learned.
         progress: called as ``progress(step, loss)`` after every step.
+        metrics: a metrics log (:class:`~surgery_edge.progress.MetricsLog`) that gets every
+            step's ``loss``, ``loss_per_task`` (each task's batch-mean entropy) and ``lr``. In
+            a distributed job every rank passes one (``MetricsLog(None)`` writes nothing): the
+            per-task values are summed over the ranks.
         transform: turns ``images[t][idx]`` into the encoder's input on ``device``, per batch.
         world: the ranks of a distributed job (None: this process alone). Every rank draws the
             same batches and computes the loss of its share of their rows; the coefficients'
@@ -69,6 +74,7 @@ class AdaMergingContext:
     progress: Callable[[int, float], None] | None = None
     transform: Callable[[Any], torch.Tensor] | None = None
     world: World | None = None
+    metrics: MetricsLog | None = None
 
 
 def _listed(keys: list[str]) -> str:

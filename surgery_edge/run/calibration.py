@@ -13,10 +13,17 @@ import numpy as np
 from surgery_edge.data.suite import Suite
 from surgery_edge.engine_format import Preprocessing
 from surgery_edge.errors import ConfigError
-from surgery_edge.export.quantize import Calibration
+from surgery_edge.export.quantize import Calibration, image_digests
 from surgery_edge.runtime.preprocess import preprocess
 
 DEFAULT_CALIBRATION_IMAGES = 32  # per task
+# held out per task to check an engine against fp32 with: a task's agreement resolves 1/128
+# (0.8 point), finer than the per-task targets (2 points int8, 0.5 fp16)
+DEFAULT_CHECK_IMAGES = 128
+
+
+def _digest(image: np.ndarray) -> bytes:
+    return next(iter(image_digests(image[None])))
 
 
 def check_calibration_images(n: int) -> int:
@@ -37,9 +44,14 @@ def calibration_set(
     preprocessing: Preprocessing,
     per_task: int = DEFAULT_CALIBRATION_IMAGES,
     seed: int = 0,
+    check_per_task: int = DEFAULT_CHECK_IMAGES,
 ) -> Calibration:
-    """``per_task`` images of ``split`` for every task in ``tasks`` (in task-id order), and as
-    many others held out (fewer when the split is small).
+    """``per_task`` images of ``split`` for every task in ``tasks`` (in task-id order), and
+    ``check_per_task`` others held out, never calibrated on, to check the engine with.
+
+    A small split is shared: at most half of a task's images are held out and the calibration
+    takes at most the rest, so both sets get images whenever a task has two or more. A
+    held-out image equal to a calibration image (a duplicate in the data) is dropped.
 
     Args:
         suite: the run's data.
@@ -49,6 +61,7 @@ def calibration_set(
         preprocessing: the engine's (the runtime applies it).
         per_task: images per task to calibrate on.
         seed: which images (a seeded sample).
+        check_per_task: images per task held out for the check.
 
     Raises:
         ConfigError: ``per_task`` < 1, or a task has no images in ``split``.
@@ -62,14 +75,22 @@ def calibration_set(
         pool = data.test_x if split == "test" else data.adapt_x
         if len(pool) == 0:
             raise ConfigError(
-                f"Task {task!r} has no adaptation images to calibrate an int8 / fp8 engine on. "
-                "Add an adapt/ (or train/) folder for it, or export in fp32 or fp16."
+                f"Task {task!r} has no adaptation images to calibrate or check an fp16, int8 or "
+                "fp8 engine with (each is checked against the fp32 engine on held-out "
+                "adaptation images). Add an adapt/ (or train/) folder for it, or export in fp32."
             )
         order = rng.permutation(len(pool))
-        for keep, out in ((order[:per_task], calib), (order[per_task : 2 * per_task], check)):
-            if len(keep):
-                images = preprocess(list(pool[np.sort(keep)]), preprocessing)
-                out.append((images, np.full(len(keep), t, np.int64)))
+        n_check = min(check_per_task, len(pool) // 2)
+        n_calib = min(per_task, len(pool) - n_check)
+        calib_images = preprocess(list(pool[np.sort(order[:n_calib])]), preprocessing)
+        calib.append((calib_images, np.full(n_calib, t, np.int64)))
+        if n_check:
+            held = preprocess(
+                list(pool[np.sort(order[n_calib : n_calib + n_check])]), preprocessing
+            )
+            seen = image_digests(calib_images)
+            held = held[[d not in seen for d in map(_digest, held)]]
+            check.append((held, np.full(len(held), t, np.int64)))
     size = preprocessing.image_size
 
     def stack(parts):
@@ -83,5 +104,10 @@ def calibration_set(
         ids,
         check_images,
         check_ids,
-        source={"split": split, "per_task": per_task, "seed": seed},
+        source={
+            "split": split,
+            "per_task": per_task,
+            "check_per_task": check_per_task,
+            "seed": seed,
+        },
     )

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from surgery_edge import merging
 from surgery_edge.data.suite import TASK_NAMES
 from surgery_edge.errors import ConfigError
-from surgery_edge.io import safe_name
+from surgery_edge.io import MAX_YAML_BYTES, load_yaml, not_a_file, safe_name
 from surgery_edge.surgery.methods import SCHEDULES, SURGERY_METHODS, get_surgery
 
 
@@ -381,8 +381,11 @@ def find_config(name_or_path: str | Path) -> Path:
         ConfigError: neither exists; the message lists the shipped names.
     """
     path = Path(name_or_path)
-    if path.is_file():
+    problem = not_a_file(path)
+    if problem is None:
         return path
+    if problem != "does not exist":  # a folder, a FIFO, /dev/null: never opened
+        raise ConfigError(f"Config {path} {problem}; give a YAML file or a shipped recipe's name.")
     shipped = shipped_configs()
     if len(path.parts) == 1 and path.stem in shipped and path.suffix in ("", ".yaml", ".yml"):
         return shipped[path.stem]
@@ -395,13 +398,21 @@ def find_config(name_or_path: str | Path) -> Path:
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a YAML run config; ``overrides`` maps dotted keys (``data.root``) to values.
 
-    ``~`` and ``$VARS`` in paths are expanded.
+    ``~`` and ``$VARS`` in paths are expanded. The file is read only when it is a regular file
+    of at most :data:`~surgery_edge.io.MAX_YAML_BYTES`, and YAML aliases are refused
+    (:func:`~surgery_edge.io.load_yaml`), all before pydantic sees the settings.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist.")
+    problem = not_a_file(path)
+    if problem is not None:  # checked before opening: reading a FIFO would block
+        raise ConfigError(f"Config file {path} {problem}.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(
+                f"Config file {path} holds {path.stat().st_size:,} bytes; a run config is a few "
+                f"kB, and files above {MAX_YAML_BYTES:,} bytes are refused."
+            )
+        data = load_yaml(path.read_text(), f"Config file {path}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of settings.")
         for dotted, value in (overrides or {}).items():
@@ -413,10 +424,33 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
                     raise ConfigError(f"Cannot set {dotted} in {path}: {key} is not a mapping.")
             node[leaf] = value
         return RunConfig.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as e:
+    except ValidationError as e:
+        raise ConfigError(f"Config file {path} is invalid: {config_errors(e)}") from None
+    except yaml.YAMLError as e:
         raise ConfigError(f"Config file {path} is invalid:\n{e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"Config file {path} is unreadable ({e}).") from None
+
+
+def config_errors(e: ValidationError) -> str:
+    """pydantic's errors as one sentence per setting, without its URLs, e.g.
+    ``surgery.lr must be greater than 0 (got -1).``"""
+    sentences = []
+    for error in e.errors(include_url=False):
+        where = ".".join(str(x) for x in error["loc"]) or "The config"
+        got = repr(error.get("input"))
+        got = f" (got {got if len(got) <= 60 else got[:57] + '...'})"
+        message = error["msg"].removeprefix("Value error, ").rstrip(".")
+        if error["type"] == "extra_forbidden":
+            sentence = f"{where} is not a setting (check its spelling)"
+        elif error["type"] == "missing":
+            sentence = f"{where} is required"
+        elif message.startswith("Input should be"):
+            sentence = f"{where} {message.replace('Input should be', 'must be', 1)}{got}"
+        else:  # a validator's own sentence
+            sentence = f"{where}: {message}"
+        sentences.append(sentence + ".")
+    return " ".join(sentences)
 
 
 # Settings that shape no artefact: where the run executes, what it prints, which methods of the

@@ -30,7 +30,13 @@ from surgery_edge.evaluation.engine import engine_report, split_images
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.parity import check_forward
-from surgery_edge.export.quantize import Target, default_recipe, quantize_engine
+from surgery_edge.export.quantize import (
+    GateError,
+    Target,
+    default_recipe,
+    export_half,
+    quantize_engine,
+)
 from surgery_edge.io import fingerprint, write_json_atomic
 from surgery_edge.progress import progress_bar
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
@@ -57,7 +63,8 @@ def artefact_key(precision: str) -> str:
 
 def _single_expert_model(run: Run) -> tuple[MultiTaskModel, str]:
     task = run.tasks[0]
-    return run.layout.model(run.experts.experts[task], None, [task], run.arch, "cpu"), task
+    expert = run.experts.experts[task]  # hashed from its bytes: an engine is published from it
+    return run.layout.model(expert, None, [task], run.arch, "cpu", fresh=True), task
 
 
 def _calibration_split(run: Run) -> str:
@@ -120,8 +127,9 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
                 key = artefact_key(precision.value)
                 path = out / f"{name}{'' if precision is Precision.FP32 else f'-{precision}'}.onnx"
                 t0 = time.perf_counter()
-                if not precision.quantized:
-                    export_onnx(model, path, mode, precision is Precision.FP16, metadata=extra)
+                check = None
+                if precision is Precision.FP32:
+                    export_onnx(model, path, mode, metadata=extra)
                 else:  # no adaptation images, a missing quantisation extra or a failed check
                     try:  # is recorded, not fatal
                         if calibration is None:
@@ -133,14 +141,22 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
                                 DEFAULT_CALIBRATION_IMAGES,
                                 run.config.seed,
                             )
-                        recipe = default_recipe(precision, Target.ONNXRUNTIME)
-                        # from the fp32 engine just exported (and checked against PyTorch)
-                        quantize_engine(out / engine["onnx"]["file"], path, recipe, calibration)
+                        # against the fp32 engine just exported (and checked against PyTorch)
+                        fp32 = out / engine["onnx"]["file"]
+                        if precision is Precision.FP16:
+                            _, check = export_half(model, path, mode, calibration, extra, fp32)
+                        else:
+                            recipe = default_recipe(precision, Target.ONNXRUNTIME)
+                            quantize_engine(fp32, path, recipe, calibration)
                     except (ConfigError, ExportError) as e:
                         engine[key] = {"error": str(e)}
+                        if isinstance(e, GateError):  # what the refused engine measured
+                            engine[key].update(check=e.check, quantization=e.record)
                         bar.advance(engine=path.name)
                         continue
                 entry = _describe(path, t0)
+                if check is not None:
+                    entry["check"] = check
                 entry["parity"] = check_forward(model, path, eval_images, ids).to_dict()
                 entry["evaluation"] = engine_report(path, data, reference)
                 engine[key] = entry

@@ -33,8 +33,8 @@ from surgery_edge.models import (
     save_encoder,
     save_head,
 )
-from surgery_edge.progress import progress_bar
-from surgery_edge.run.provenance import check_replace, recorded
+from surgery_edge.progress import MetricsLog, progress_bar
+from surgery_edge.run.provenance import Checksums, check_replace, recorded
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,13 @@ def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[keep], target[keep])
 
 
-def pretrain(arch: ArchSpec, cfg: PretrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pretrain an encoder on the task-label-free pretext mixture; return its state dict."""
+def pretrain(
+    arch: ArchSpec, cfg: PretrainConfig, device: torch.device, metrics: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """Pretrain an encoder on the task-label-free pretext mixture; return its state dict.
+
+    ``metrics``: a metrics log (``.jsonl``) to append each step's loss and lr to.
+    """
     torch.manual_seed(cfg.seed)
     corpus = pretraining_corpus(cfg.seed, cfg.n_per_source, arch.image_size)
     images = corpus.images
@@ -126,7 +131,10 @@ def pretrain(arch: ArchSpec, cfg: PretrainConfig, device: torch.device) -> dict[
     g = torch.Generator().manual_seed(cfg.seed)
     sources, letters = torch.from_numpy(corpus.sources), torch.from_numpy(corpus.letters)
     encoder.train()
-    with progress_bar(total, "pretraining") as bar:
+    with (
+        progress_bar(total, "pretraining") as bar,
+        MetricsLog(metrics, stage="pretraining", settings=asdict(cfg)) as metrics_log,
+    ):
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(images), generator=g)
             for s in range(steps_per_epoch):
@@ -139,9 +147,12 @@ def pretrain(arch: ArchSpec, cfg: PretrainConfig, device: torch.device) -> dict[
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
+                lr = sched.get_last_lr()[0]
                 opt.step()
                 sched.step()
-                bar.advance(loss=loss.item())
+                value = loss.item()
+                bar.advance(loss=value)
+                metrics_log.write(sched.last_epoch - 1, loss=value, lr=lr)
     return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
 
 
@@ -151,8 +162,12 @@ def finetune_expert(
     task: TaskData,
     cfg: FinetuneConfig,
     device: torch.device,
+    metrics: Path | None = None,
 ) -> tuple[dict[str, torch.Tensor], ClassificationHead]:
-    """Fine-tune the whole encoder and a prototype-initialised head on ``task``'s train split."""
+    """Fine-tune the whole encoder and a prototype-initialised head on ``task``'s train split.
+
+    ``metrics``: a metrics log (``.jsonl``) to append each step's loss and lr to.
+    """
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(arch)
     encoder.load_state_dict(pretrained)
@@ -169,7 +184,10 @@ def finetune_expert(
     g = torch.Generator().manual_seed(cfg.seed)
     labels = torch.from_numpy(task.train_y)
     encoder.train()
-    with progress_bar(total, f"expert {task.name}") as bar:
+    with (
+        progress_bar(total, f"expert {task.name}") as bar,
+        MetricsLog(metrics, stage="expert", task=task.name, settings=asdict(cfg)) as metrics_log,
+    ):
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(task.train_x), generator=g)
             for s in range(steps_per_epoch):
@@ -179,9 +197,12 @@ def finetune_expert(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
+                lr = sched.get_last_lr()[0]
                 opt.step()
                 sched.step()
-                bar.advance(loss=loss.item())
+                value = loss.item()
+                bar.advance(loss=value)
+                metrics_log.write(sched.last_epoch - 1, loss=value, lr=lr)
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     return state, head.cpu().eval()
 
@@ -231,24 +252,42 @@ def build_experts(
     log=print,
     hashes: HashCache | None = None,
     overwrite: bool = False,
+    logs: Path | None = None,
+    checksums: Checksums | None = None,
 ) -> ExpertSet:
     """Pretrain and fine-tune every task's expert into ``out_dir``; finished work is reused.
 
     Layout: ``pretrained.safetensors``, ``experts/<task>.safetensors`` and
     ``heads/<task>.safetensors``. A checkpoint is reused only when it records the requested
     training config and provenance (for an expert and its head: the pretrained checkpoint's and
-    the task's training split's content hashes, and the class names).
+    the task's training split's content hashes, and the class names). ``logs``: a folder for
+    the metrics logs of what is trained (``pretrain.jsonl``, ``expert-<task>.jsonl``).
+
+    ``checksums`` (the run's record of what it made) records every checkpoint written; one
+    that would be reused but whose content changed since is made again with ``overwrite``.
 
     Raises:
         ConfigError: a checkpoint made with other settings or inputs exists and ``overwrite``
             is False (it is never replaced silently).
+        CheckpointError: a checkpoint's content is not what the run made, without ``overwrite``.
     """
     out = Path(out_dir)
     hashes = hashes or HashCache()
+
+    def as_made(*paths: Path) -> bool:  # each holds what the run made (or --overwrite redoes it)
+        return checksums is None or all(
+            checksums.reusable(p, hashes, overwrite, log) for p in paths
+        )
+
+    def made(*paths: Path) -> None:
+        if checksums is not None:
+            for p in paths:
+                checksums.record(p, hashes)
+
     pre_path = out / "pretrained.safetensors"
     pre_cfg = {"pretrain": asdict(pretrain_cfg)}
     reuse = _reusable(pre_path, arch, {"train_config": pre_cfg})
-    if reuse:
+    if reuse and as_made(pre_path):
         pretrained = load_encoder(pre_path, arch).state_dict
         log(f"reusing {pre_path}")
     else:
@@ -261,8 +300,9 @@ def build_experts(
                 log,
                 old=_train_record(pre_path),
             )
-        pretrained = pretrain(arch, pretrain_cfg, device)
+        pretrained = pretrain(arch, pretrain_cfg, device, _log_file(logs, "pretrain"))
         save_encoder(pre_path, arch, pretrained, task=None, train_config=pre_cfg)
+        made(pre_path)
     experts, heads = {}, {}
     ft_cfg = {"pretrain": asdict(pretrain_cfg), "finetune": asdict(finetune_cfg)}
     pre_digest = hashes.digest(pre_path)
@@ -279,22 +319,29 @@ def build_experts(
         }
         record = {"train_config": ft_cfg, "provenance": provenance}
         reuse = _reusable(e_path, arch, record)
-        if reuse and _head_fits(h_path, arch, name, provenance):
+        fits = reuse and _head_fits(h_path, arch, name, provenance)
+        if fits and as_made(e_path, h_path):
             log(f"reusing expert {name}")
-        else:
+        else:  # (fits: changed since the run made it, and --overwrite said so: made again)
             if reuse is False:
                 old = _train_record(e_path)
                 check_replace(e_path, f"expert of {name!r}", record, overwrite, log, old=old)
-            elif h_path.exists():
+            elif not fits and h_path.exists():
                 meta = recorded(h_path)
                 old = meta and {"task": meta.get("task"), "provenance": meta.get("provenance")}
                 new = {"task": name, "provenance": provenance}
                 check_replace(h_path, f"head of {name!r}", new, overwrite, log, old=old)
-            state, head = finetune_expert(arch, pretrained, task, finetune_cfg, device)
+            metrics = _log_file(logs, f"expert-{name}")
+            state, head = finetune_expert(arch, pretrained, task, finetune_cfg, device, metrics)
             save_head(h_path, arch, name, task.class_names, head, provenance=provenance)
             save_encoder(e_path, arch, state, task=name, train_config=ft_cfg, provenance=provenance)
+            made(h_path, e_path)
         experts[name], heads[name] = e_path, h_path
     return ExpertSet(pre_path, experts, heads)
+
+
+def _log_file(logs: Path | None, stage: str) -> Path | None:
+    return None if logs is None else logs / f"{stage}.jsonl"
 
 
 def _train_record(path: Path) -> dict[str, Any] | None:

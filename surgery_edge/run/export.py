@@ -1,8 +1,9 @@
 """Exporting from a run directory: pick the merge and surgery, build the model, write engines.
 
 The model comes from the run's checkpoints (:class:`~surgery_edge.run.layout.RunLayout`). fp32
-and fp16 engines need nothing else (no dataset is read); int8 and fp8 engines are calibrated on
-the run's unlabelled adaptation images (:func:`~surgery_edge.run.calibration.calibration_set`),
+engines need nothing else (no dataset is read); int8 and fp8 engines are calibrated on the run's
+unlabelled adaptation images (:func:`~surgery_edge.run.calibration.calibration_set`), and they
+and fp16 engines are checked against the fp32 engine on held-out ones before they are written,
 so they read the run's data too.
 """
 
@@ -24,6 +25,7 @@ from surgery_edge.export.quantize import (
     QuantRecipe,
     Target,
     default_recipe,
+    export_half,
     quantize_model,
 )
 from surgery_edge.export.tensorrt import (
@@ -32,7 +34,7 @@ from surgery_edge.export.tensorrt import (
     check_workspace,
     profile_shapes,
 )
-from surgery_edge.export.triton import TritonOptions, write_repository
+from surgery_edge.export.triton import TritonOptions, check_model_folder, write_repository
 from surgery_edge.io import check_output
 from surgery_edge.run.calibration import (
     DEFAULT_CALIBRATION_IMAGES,
@@ -134,7 +136,9 @@ def export_run(
         overwrite: replace an existing engine made from other checkpoints or settings (a file
             that is not an engine is never replaced).
         triton_repo, triton_options: also write a Triton model repository holding the TensorRT
-            plan when one is built, else the ONNX engine (an ONNX engine is then written).
+            plan when one is built, else the ONNX engine (an ONNX engine is then written). An
+            existing model folder of that name is replaced only with ``overwrite`` and only if
+            ``triton-repo`` wrote it.
 
     TensorRT and Triton settings, TensorRT's availability, the precision's support, the
     calibration data and every output path are all checked before any export work.
@@ -179,6 +183,9 @@ def export_run(
     ]
     for path, what, same in targets:
         check_output(path, what, same)
+    if triton is not None:
+        model_stem = Path(trt if trt is not None else onnx_path).stem
+        check_model_folder(triton_repo, triton.name or model_stem, overwrite)
     if expert is not None:
         model, extra = expert_model(layout, expert, run_device)
         files = WeightFiles(str(layout.expert(expert)), None, [str(layout.head(expert))])
@@ -208,12 +215,14 @@ def export_run(
                 "another path."
             )
     calibration = None
-    if recipe is not None:
+    # int8 and fp8 calibrate on adaptation images; they and fp16 are checked against fp32 on
+    # held-out ones before they are written (surgery_edge.export.quantize.gate)
+    if recipe is not None or (precision is Precision.FP16 and onnx_path is not None):
         run = Run.open(layout.root, log=lambda *a: None, device="cpu")
         prepare_suite(run)
         # the images surgery learned from (the test split in a transductive run); a task
         # without adaptation images is calibration_set's error, which says to export in fp32
-        # or fp16 (adaptation_split's would say how to train surgery)
+        # (adaptation_split's would say how to train surgery)
         split = "test" if run.config.surgery.transductive else "adapt"
         calibration = calibration_set(
             run.suite,
@@ -225,9 +234,10 @@ def export_run(
         )
     written: dict[str, Path] = {}
     if onnx_path is not None:
-        if recipe is None:
-            fp16 = precision is Precision.FP16
-            written["onnx"] = export_onnx(model, onnx_path, mode, fp16, metadata=extra)
+        if precision is Precision.FP16:
+            written["onnx"], _ = export_half(model, onnx_path, mode, calibration, extra)
+        elif recipe is None:
+            written["onnx"] = export_onnx(model, onnx_path, mode, metadata=extra)
         else:
             target = Target.TENSORRT if trt is not None else Target.ONNXRUNTIME
             written["onnx"] = quantize_model(
@@ -249,7 +259,7 @@ def export_run(
         written["pt2"] = export_aoti(model, aoti, mode, fp16, metadata=extra, device=run_device)
     if triton is not None:
         engine = written.get("tensorrt", written.get("onnx"))
-        written["triton"] = write_repository(engine, triton_repo, triton)
+        written["triton"] = write_repository(engine, triton_repo, triton, overwrite=overwrite)
     return written
 
 
@@ -305,5 +315,6 @@ def expert_model(layout: RunLayout, task: str, device="cpu") -> tuple[MultiTaskM
     tasks = layout.tasks()
     if task not in tasks:
         raise ConfigError(f"Unknown task {task!r}; the run's tasks are {', '.join(tasks)}.")
-    model = layout.model(layout.expert(task), None, [task], device=device)
-    return model, {"expert": task, "source": {"expert": layout.hashes.digest(layout.expert(task))}}
+    path = layout.expert(task)  # hashed from its bytes: an engine is published from it
+    model = layout.model(path, None, [task], device=device, fresh=True)
+    return model, {"expert": task, "source": {"expert": layout.hashes.digest(path, fresh=True)}}

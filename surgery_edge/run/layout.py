@@ -11,6 +11,7 @@
     adapters/<merge>/<surgery>.safetensors  surgery adapters
     cache/                                  expert representations, decoded datasets
     cache/hashes.json                       content hashes of files, by (size, mtime, inode)
+    checksums.json                          each checkpoint's content hash, recorded when made
     engines/                                exported engines
     report.json, report.md, *.png
 
@@ -23,15 +24,17 @@ Every artefact records its provenance in its metadata: a merged model the identi
 and the method's parameters, adapters the content hash of the merged model and of the targets they
 were trained on, a head its task. :meth:`RunLayout.model` refuses a pair that does not belong
 together (adapters trained on another merge, a head of another task), naming both files and the
-command that fixes it. Names that become paths (tasks, merges, methods) are checked to be plain
-file names, so nothing is ever read or written outside the run directory.
+command that fixes it, and a checkpoint whose content is not what the run made
+(:class:`~surgery_edge.run.provenance.Checksums`). Names that become paths (tasks, merges,
+methods) are checked to be plain file names, so nothing is ever read or written outside the run
+directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from surgery_edge.io import HashCache, check_writable, safe_name
 from surgery_edge.models.archs import ArchSpec
 from surgery_edge.models.checkpoint import HeadCheckpoint, load_encoder, load_head, read_metadata
 from surgery_edge.run.config import RunConfig
+from surgery_edge.run.provenance import Checksums
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.methods import NONE, SURGERY_METHODS, check_surgery
 from surgery_edge.surgery.model import MultiTaskModel
@@ -50,9 +54,16 @@ from surgery_edge.surgery.model import MultiTaskModel
 
 @dataclass(frozen=True)
 class RunLayout:
-    """The paths of one run directory (nothing is created by building one)."""
+    """The paths of one run directory (nothing is created by building one).
+
+    Attributes:
+        root: the run directory.
+        writer: this process writes into the run (False for the ranks of a distributed job
+            other than the first: their content hashes are remembered in memory only).
+    """
 
     root: Path
+    writer: bool = field(default=True, compare=False)
 
     @classmethod
     def open(cls, root: str | os.PathLike, write: bool = False) -> RunLayout:
@@ -66,7 +77,7 @@ class RunLayout:
         if not layout.config_file.is_file():
             raise ConfigError(
                 f"{layout.root} is not a surgery-edge run directory (no config.json). Create one "
-                f"with `surgery-edge experts --out {root}` or `surgery-edge demo --out {root}`."
+                f"with `surgery-edge experts --run {root}` or `surgery-edge demo --run {root}`."
             )
         if write:
             check_writable(layout.root, "run directory")
@@ -79,7 +90,7 @@ class RunLayout:
         layout = cls(Path(root))
         if layout.root.exists() and not layout.root.is_dir():
             raise ConfigError(
-                f"{layout.root} is a file, not a run directory. Choose another --out."
+                f"{layout.root} is a file, not a run directory. Choose another --run."
             )
         if (
             layout.root.is_dir()
@@ -89,7 +100,7 @@ class RunLayout:
             raise ConfigError(
                 f"{layout.root} already holds other files and is not a surgery-edge run "
                 "directory (no config.json), so nothing was written there. Choose a new or empty "
-                "folder for --out."
+                "folder for --run."
             )
         check_writable(layout.root, "run directory")
         return layout
@@ -97,7 +108,35 @@ class RunLayout:
     @cached_property
     def hashes(self) -> HashCache:
         """Content hashes of the run's files, remembered in ``cache/hashes.json``."""
-        return HashCache(self.cache / "hashes.json")
+        return HashCache(self.cache / "hashes.json" if self.writer else None)
+
+    @cached_property
+    def checksums(self) -> Checksums:
+        """The content hash of each checkpoint, recorded when the run made it."""
+        return Checksums(self.root, self.remake)
+
+    def verify(self, path: Path, fresh: bool = False, explain=None) -> None:
+        """Refuse (exit 2) a checkpoint of the run whose content is not what the run made.
+
+        Args:
+            fresh: hash its bytes again (before publishing what is made from it).
+            explain: loads a changed file as what it should be, so that one of another
+                architecture (say) is refused as such, the more useful message.
+        """
+        self.checksums.verify(path, self.hashes, fresh, explain)
+
+    def remake(self, path: Path) -> str:
+        """The command that makes the run's file ``path`` again."""
+        parts = Path(path).resolve().relative_to(self.root.resolve()).parts
+        run = str(self.root)
+        if parts[:1] == ("merged",):
+            return f"surgery-edge merge --run {run} --method {Path(parts[-1]).stem} --overwrite"
+        if parts[:1] == ("adapters",) and len(parts) == 3:
+            merge, method = parts[1], Path(parts[2]).stem
+            return f"surgery-edge train --run {run} --merge {merge} --surgery {method} --overwrite"
+        if self.read_config().builtin:
+            return f"surgery-edge experts --out {run} --overwrite"
+        return f"surgery-edge run CONFIG --out {run} --overwrite (the run's own config)"
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -166,15 +205,16 @@ class RunLayout:
         if meta is None or "arch" not in meta:
             raise CheckpointError(
                 f"Checkpoint {self.pretrained} is missing or unreadable. Run "
-                f"`surgery-edge experts --out {self.root}` (or `surgery-edge run CONFIG`) first."
+                f"`surgery-edge experts --run {self.root}` (or `surgery-edge run CONFIG`) first."
             )
         try:
             return ArchSpec.from_dict(meta["arch"])
         except ConfigError as e:
             raise CheckpointError(f"Checkpoint {self.pretrained}: {e} Re-create it.") from None
 
-    def heads(self, tasks: list[str], arch: ArchSpec) -> list[HeadCheckpoint]:
-        """Every task's head, in ``tasks`` order; each must say it is that task's head."""
+    def heads(self, tasks: list[str], arch: ArchSpec, fresh: bool = False) -> list[HeadCheckpoint]:
+        """Every task's head, in ``tasks`` order; each must say it is that task's head, and
+        hold what the run made (``fresh``: read its bytes again, before publishing)."""
         out = []
         for task in tasks:
             head = load_head(self.head(task), arch)
@@ -182,17 +222,19 @@ class RunLayout:
                 raise CheckpointError(
                     f"Head {self.head(task)} was saved for task {head.task!r}, not {task!r}: it "
                     "is another task's head (or another tool's file). Restore the run's own head "
-                    f"file, or re-make the run's checkpoints (surgery-edge experts --out "
+                    f"file, or re-make the run's checkpoints (surgery-edge experts --run "
                     f"{self.root} --overwrite)."
                 )
+            self.verify(self.head(task), fresh)
             out.append(head)
         return out
 
-    def check_adapters(self, merged: Path, adapters: Path, meta: dict) -> None:
+    def check_adapters(self, merged: Path, adapters: Path, meta: dict, fresh: bool = False) -> None:
         """Refuse adapters that were not trained on ``merged`` as it is now, or did not finish.
 
         The adapter file records the content hash of the merged model it was trained on; a
         merge that was re-made since (other parameters, other experts) no longer fits them.
+        ``fresh``: hash the merged model's bytes again (before publishing an engine).
         """
         if meta.get("complete", True) is not True:
             raise AdapterError(
@@ -211,7 +253,7 @@ class RunLayout:
                 f"older or foreign file), so they cannot be checked against {merged}. Re-train "
                 f"them: `{fix}`."
             )
-        if recorded != self.hashes.digest(merged):
+        if recorded != self.hashes.digest(merged, fresh=fresh):
             raise AdapterError(
                 f"Adapters {adapters} were trained on another version of {merged} (the merged "
                 "model was re-made since, with other parameters or experts), so they do not fit "
@@ -248,27 +290,33 @@ class RunLayout:
         arch: ArchSpec | None = None,
         device: str | torch.device = "cpu",
         surgery: str | None = None,
+        fresh: bool = False,
     ) -> MultiTaskModel:
         """The multi-task model of a merged backbone (+ adapters) with the run's heads.
 
         Args:
             surgery: the method the adapters must be (default: the adapter file's name, e.g.
                 ``surgeryv2`` for ``adapters/<merge>/surgeryv2.safetensors``).
+            fresh: hash the checkpoints' bytes again, not the hash cache's stat (before an
+                engine is published from them).
 
         Raises:
             AdapterError: the adapters are of another method, were trained on another version
                 of ``merged``, or are incomplete.
+            CheckpointError: a checkpoint's content is not what the run made.
         """
         tasks = tasks if tasks is not None else self.tasks()
         arch = arch or self.arch()
-        heads = self.heads(tasks, arch)
+        self.verify(Path(merged), fresh, lambda p: load_encoder(p, arch))
+        heads = self.heads(tasks, arch, fresh)
         encoder = load_encoder(merged, arch).build(device)
         bank = None
         if adapters is not None:
             adapters = Path(adapters)
             method = surgery or (adapters.stem if adapters.stem in SURGERY_METHODS else None)
             bank, meta = AdapterBank.load(adapters, arch=arch, tasks=tasks, method=method)
-            self.check_adapters(Path(merged), adapters, meta)
+            self.check_adapters(Path(merged), adapters, meta, fresh)
+            self.verify(adapters, fresh)
         names = [h.class_names for h in heads]
         model = MultiTaskModel(encoder, [h.head.eval() for h in heads], tasks, bank, names)
         return model.to(device).eval()
@@ -277,7 +325,11 @@ class RunLayout:
         self, merge: str, surgery: str, device: str | torch.device = "cpu"
     ) -> tuple[MultiTaskModel, dict]:
         """The model of merge ``merge`` with ``surgery``'s adapters (``none``: the plain merge),
-        and the engine metadata that describes where it came from."""
+        and the engine metadata that describes where it came from.
+
+        An engine is published from it, so every checkpoint is hashed from its bytes here (a
+        file changed in place with its modification time restored is seen), not trusted from
+        the hash cache's stat."""
         check_surgery(surgery, allow_none=True)
         merges = self.merges()
         if merge not in merges:
@@ -293,7 +345,7 @@ class RunLayout:
                     f"No {surgery} adapters for {merge!r} in {adapters.parent}. Train them with "
                     f"`surgery-edge train --run {self.root} --merge {merge} --surgery {surgery}`."
                 )
-        model = self.model(merges[merge], adapters, device=device, surgery=surgery)
+        model = self.model(merges[merge], adapters, device=device, surgery=surgery, fresh=True)
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise CheckpointError(
@@ -301,7 +353,7 @@ class RunLayout:
                 f"weights (e.g. {bad[:3]}); no engine was exported. Re-create the broken file."
             )
         recipe = dict((read_metadata(merges[merge]) or {}).get("recipe", {}))
-        source = {"merged": self.hashes.digest(merges[merge])}
+        source = {"merged": self.hashes.digest(merges[merge], fresh=True)}
         if adapters is not None:
-            source["adapters"] = self.hashes.digest(adapters)
+            source["adapters"] = self.hashes.digest(adapters, fresh=True)
         return model, {"merge": merge, "merge_recipe": recipe, "source": source}

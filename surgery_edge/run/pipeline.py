@@ -28,7 +28,7 @@ from surgery_edge import __version__, merging
 from surgery_edge.data.suite import Suite, load_or_generate_suite
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.device import make_deterministic, resolve_device
-from surgery_edge.distributed import World
+from surgery_edge.distributed import World, check_rows
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
 from surgery_edge.evaluation.bias import representation_bias
@@ -38,14 +38,15 @@ from surgery_edge.io import HashCache, check_output, fingerprint, safe_name, wri
 from surgery_edge.merging import AdaMergingContext
 from surgery_edge.models import ArchSpec, get_arch, load_encoder, save_encoder
 from surgery_edge.models.checkpoint import file_kind
-from surgery_edge.progress import progress_bar
+from surgery_edge.progress import MetricsLog, progress_bar
 from surgery_edge.run.config import RunConfig, differences, shaping_settings
 from surgery_edge.run.engines import export_engines
 from surgery_edge.run.experts import ExpertSet, FinetuneConfig, PretrainConfig, build_experts
 from surgery_edge.run.layout import RunLayout
-from surgery_edge.run.provenance import check_replace, up_to_date
+from surgery_edge.run.provenance import check_replace, recorded, up_to_date
 from surgery_edge.run.recipe import disk_suite, import_checkpoints
-from surgery_edge.surgery.methods import NONE, SURGERY_METHODS
+from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.methods import NONE, SURGERY_METHODS, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import Representations, Request, cached_representations_many
 from surgery_edge.surgery.trainer import (
@@ -106,7 +107,7 @@ class Run:
                     f"Run directory {layout.root} was made with other settings ("
                     + "; ".join(changed[:8])
                     + "). Pass --overwrite to redo what they change (its artefacts are replaced), "
-                    "or choose another --out."
+                    "or choose another --run."
                 )
             if changed:
                 log(f"settings changed ({'; '.join(changed[:8])}): redoing what they shape")
@@ -142,7 +143,7 @@ class Run:
         self.world, self.device = world, world.device
         if not world.is_writer:
             self.log = _silent
-            self._hashes = HashCache()  # in memory: one writer per file
+            self.layout = RunLayout(self.layout.root, writer=False)  # hashes in memory only
 
     @property
     def writer(self) -> bool:
@@ -150,7 +151,21 @@ class Run:
 
     @property
     def hashes(self) -> HashCache:
-        return getattr(self, "_hashes", None) or self.layout.hashes
+        return self.layout.hashes
+
+    def verify(self, path: Path, fresh: bool = False, explain=None) -> None:
+        """Refuse (exit 2) a checkpoint of the run whose content is not what the run made
+        (``explain``: loads it as what it should be, for a more specific error first)."""
+        self.layout.verify(path, fresh, explain)
+
+    def as_encoder(self, path: Path) -> None:
+        """Load ``path`` as an encoder of the run's architecture (CheckpointError otherwise)."""
+        load_encoder(path, self.arch)
+
+    def record(self, path: Path) -> None:
+        """Remember a checkpoint just written as what the run made (the writer only)."""
+        if self.writer:
+            self.layout.checksums.record(path, self.hashes)
 
     @property
     def out(self) -> Path:
@@ -171,13 +186,15 @@ class Run:
         for p in [layout.pretrained, *experts.values(), *heads.values()]:
             if not p.is_file():
                 make = (
-                    f"surgery-edge experts --out {self.out}"
+                    f"surgery-edge experts --run {self.out}"
                     if self.config.builtin
-                    else f"surgery-edge run CONFIG --out {self.out}"
+                    else f"surgery-edge run CONFIG --run {self.out}"
                 )
                 raise CheckpointError(
                     f"Checkpoint {p} does not exist. Run `{make}` first, or restore the file."
                 )
+        for p in [layout.pretrained, *experts.values()]:  # heads: where they are loaded
+            self.verify(p, explain=self.as_encoder)
         self.experts = ExpertSet(layout.pretrained, experts, heads)
         return self.experts
 
@@ -189,21 +206,21 @@ class Run:
         self.adapters = self.layout.trained_adapters(list(self.merged))
         return self.adapters
 
-    def images_digest(self, task: str, split: str) -> str:
+    def images_digest(self, task: str, split: str, fresh: bool = False) -> str:
         """The content hash of ``task``'s ``split`` images (a decoded split on disk is hashed
-        through the run's hash cache, by file)."""
+        through the run's hash cache, by file; ``fresh``: from its bytes)."""
         data = self.suite.task(task)
         name = f"{split}_x"
         arr = getattr(data, name)
-        if name not in data.digests and isinstance(arr, np.memmap) and arr.filename:
+        if (fresh or name not in data.digests) and isinstance(arr, np.memmap) and arr.filename:
             file = Path(arr.filename)
             if arr.flags.c_contiguous and arr.nbytes == file.stat().st_size - arr.offset:
-                data.digests[name] = fingerprint(self.hashes.digest(file), arr.shape)
+                data.digests[name] = fingerprint(self.hashes.digest(file, fresh), arr.shape)
         return data.digest(name)
 
-    def split_digest(self, split: str) -> str:
+    def split_digest(self, split: str, fresh: bool = False) -> str:
         """The identity of every task's ``split`` images."""
-        return fingerprint({t: self.images_digest(t, split) for t in self.tasks})
+        return fingerprint({t: self.images_digest(t, split, fresh) for t in self.tasks})
 
     def heads(self) -> list:
         """The heads of the run's tasks, in task order (each checked to be its task's)."""
@@ -225,6 +242,22 @@ class Run:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
+@contextmanager
+def unused_run_removed(out: str | Path):
+    """Remove the run folder this block creates if the block fails before anything but the
+    run's ``config.json`` was written into it (e.g. the data it names is missing), so that a
+    failed first command leaves nothing behind; a run that holds artefacts is kept."""
+    root = Path(out)
+    existed = root.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and root.is_dir() and [p.name for p in root.iterdir()] == ["config.json"]:
+            (root / "config.json").unlink()
+            root.rmdir()
+        raise
+
+
 def prepare_suite(run: Run) -> Suite:
     """The built-in suite (generated once, cached), or the config's tasks read from disk
     (in a distributed job the writer first, so that the others only read what it wrote)."""
@@ -236,6 +269,15 @@ def prepare_suite(run: Run) -> Suite:
             _prepare_suite(run)
         return run.suite
     return _prepare_suite(run)
+
+
+LOGS = "logs"  # RUN/logs/<stage>.jsonl: the training stages' metrics (progress.MetricsLog)
+
+
+def metrics_file(run: Run, stage: str) -> Path | None:
+    """``RUN/logs/<stage>.jsonl``, the metrics log of a training stage (None on the ranks of
+    a distributed job that do not write)."""
+    return run.layout.root / LOGS / f"{stage}.jsonl" if run.writer else None
 
 
 def _silent(*args, **kwargs) -> None:
@@ -266,7 +308,17 @@ def prepare_experts(run: Run) -> ExpertSet:
     e = run.config.experts
     with run.stage("experts"):
         if not run.config.builtin:
+            record = run.layout.checkpoints / "import.json"
+            before = record.read_bytes() if record.is_file() else None
             run.experts = import_checkpoints(run)
+            files = [run.experts.pretrained, *run.experts.experts.values()]
+            files += run.experts.heads.values()
+            imported = not record.is_file() or record.read_bytes() != before
+            for path in files:  # what an import just wrote is the run's; what it kept, checked
+                if imported:
+                    run.record(path)
+                else:
+                    run.verify(path)
             return run.experts
         run.experts = build_experts(
             run.out / "checkpoints",
@@ -288,20 +340,19 @@ def prepare_experts(run: Run) -> ExpertSet:
             log=run.log,
             hashes=run.hashes,
             overwrite=run.overwrite,
+            logs=run.layout.root / LOGS,
+            checksums=run.layout.checksums,
         )
     return run.experts
 
 
-def run_merges(
-    run: Run, methods: list[str] | None = None, overrides: dict | None = None
-) -> dict[str, Path]:
-    """Merge the experts with every configured method (reusing up-to-date merges).
-
-    Args:
-        methods: merge only these (default: the config's list).
-        overrides: parameter overrides, e.g. ``{"lam": 0.5}``, for every method that declares
-            them; a name no chosen method declares is an error.
-    """
+def check_merges(
+    run: Run, methods: list[str] | None = None, overrides: dict | None = None, processes: int = 1
+) -> tuple[dict, dict[str, dict]]:
+    """What merging checks before any work (and before ``--nproc`` starts its processes): the
+    methods and their parameters, every output, a learning method's batch against the number
+    of processes, and merges already there made with other parameters (ConfigError, unless
+    ``run.overwrite``). Returns ``({method: spec}, {method: parameters})``."""
     methods = methods or run.config.merge.methods
     specs = {name: merging.get(name) for name in methods}  # unknown names fail before any work
     declared = {p.name for spec in specs.values() for p in spec.params}
@@ -316,10 +367,33 @@ def run_merges(
         params = run.config.merge.params_for(name)
         given = {k: v for k, v in (overrides or {}).items() if k in params}
         plans[name] = spec.resolve({**params, **given})  # values checked before any work
+        if spec.needs_data and "batch_size" in plans[name]:
+            check_rows(plans[name]["batch_size"], processes, f"Merge method {name!r}: batch_size")
+    for name in specs:  # every output checked before any merge is computed
+        path = check_output(run.layout.merged(name), "merged model", _is("encoder"))
+        old = (recorded(path) or {}).get("provenance") if path.exists() else None
+        new = {"method": name, "params": plans[name]}
+        if isinstance(old, dict) and not run.overwrite and {k: old.get(k) for k in new} != new:
+            what = f"merged model {name!r}"
+            check_replace(path, what, new, False, run.log, old={k: old.get(k) for k in new})
+    return specs, plans
+
+
+def run_merges(
+    run: Run, methods: list[str] | None = None, overrides: dict | None = None
+) -> dict[str, Path]:
+    """Merge the experts with every configured method (reusing up-to-date merges).
+
+    Args:
+        methods: merge only these (default: the config's list).
+        overrides: parameter overrides, e.g. ``{"lam": 0.5}``, for every method that declares
+            them; a name no chosen method declares is an error.
+    """
+    specs, plans = check_merges(run, methods, overrides)
     experts_fp = run.experts.fingerprint(run.hashes)
     todo = {}
-    for name, spec in specs.items():  # every output checked before any merge is computed
-        path = check_output(run.layout.merged(name), "merged model", _is("encoder"))
+    for name, spec in specs.items():
+        path = run.layout.merged(name)
         params = plans[name]
         provenance: dict = {"experts": experts_fp, "method": name, "params": params}
         if spec.needs_data:
@@ -330,11 +404,13 @@ def run_merges(
                 "images": run.split_digest(split),
             }
         fp = fingerprint(provenance)
-        if up_to_date(path, fp):
+        if up_to_date(path, fp) and run.layout.checksums.reusable(
+            path, run.hashes, run.overwrite, run.log
+        ):
             run.log(f"reusing merge {name}")
             run.merged[name] = path
             continue
-        if path.exists():
+        if path.exists() and not up_to_date(path, fp):
             check_replace(path, f"merged model {name!r}", provenance, run.overwrite, run.log)
         todo[name] = (path, provenance, fp)
     if not todo:
@@ -364,8 +440,12 @@ def run_merges(
             if context is None:
                 result = spec(pre.state_dict, experts, **params)
             else:
-                with progress_bar(params["steps"], name, show=run.writer) as bar:
+                with (
+                    progress_bar(params["steps"], name, show=run.writer) as bar,
+                    MetricsLog(metrics_file(run, f"merge-{name}"), method=name, params=params) as m,
+                ):
                     context.progress = lambda step, loss: bar.advance(entropy=loss)
+                    context.metrics = m
                     result = spec(pre.state_dict, experts, context=context, **params)
             if run.writer:
                 save_encoder(
@@ -377,6 +457,7 @@ def run_merges(
                     provenance=provenance,
                     fingerprint=fp,
                 )
+                run.record(path)
         run.merged[name] = path
         stale = run.layout.trained_adapters([name])
         for (_, method), adapters in stale.items():
@@ -396,13 +477,22 @@ def expert_representations(run: Run, task: str, split: str) -> Representations:
     return experts_representations(run, [task], split)[task]
 
 
-def experts_representations(run: Run, tasks: list[str], split: str) -> dict[str, Representations]:
+def experts_representations(
+    run: Run, tasks: list[str], split: str, fresh: bool = False
+) -> dict[str, Representations]:
     """:func:`expert_representations` of several tasks at once: in a distributed job, the
-    missing entries are computed by all ranks and written by the first."""
+    missing entries are computed by all ranks and written by the first.
+
+    Args:
+        fresh: hash the experts, images and cache entries from their bytes (before training
+            adapters that will be published), not the hash cache's stat.
+    """
     requests = []
     for task in tasks:
         path = run.experts.experts[task]
-        key = fingerprint(run.hashes.digest(path), run.images_digest(task, split), run.arch.name)
+        key = fingerprint(
+            run.hashes.digest(path, fresh), run.images_digest(task, split, fresh), run.arch.name
+        )
         requests.append(
             Request(
                 f"{safe_name(task, 'Task name')}-{split}-{key}",
@@ -417,6 +507,7 @@ def experts_representations(run: Run, tasks: list[str], split: str) -> dict[str,
         hashes=run.hashes,
         warn=lambda message: run.log(f"warning: {message}"),
         world=run.world,
+        fresh=fresh,
     )
     return dict(zip(tasks, found))
 
@@ -442,25 +533,77 @@ def _split_images(suite: Suite, task: str, split: str) -> np.ndarray:
 
 
 def surgery_config(run: Run, method: str) -> SurgeryConfig:
-    s = run.config.surgery
-    return SurgeryConfig(
-        method=method,
-        rank=s.params[method].rank,
-        steps=s.params[method].steps,
-        batch_size=s.batch_size,
-        lr=s.lr if s.params[method].lr is None else s.params[method].lr,
-        seed=run.config.seed,
-        schedule=s.schedule,
-    )
+    return surgery_settings(run.config, method)
 
 
-def training_targets(run: Run, split: str) -> dict[str, TaskTargets]:
-    found = experts_representations(run, run.tasks, split)
+def surgery_settings(config: RunConfig, method: str, **given) -> SurgeryConfig:
+    """``method``'s training settings as ``config`` records them, with each ``given`` value
+    that is not None instead (``train``'s options: the run's config is their default)."""
+    s = config.surgery
+    get_surgery(method)  # an unknown method: ConfigError listing the known ones
+    settings = {
+        "method": method,
+        "rank": s.params[method].rank,
+        "steps": s.params[method].steps,
+        "batch_size": s.batch_size,
+        "lr": s.lr if s.params[method].lr is None else s.params[method].lr,
+        "seed": config.seed,
+        "schedule": s.schedule,
+    }
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return SurgeryConfig(**settings)
+
+
+def training_targets(run: Run, split: str, fresh: bool = False) -> dict[str, TaskTargets]:
+    found = experts_representations(run, run.tasks, split, fresh)
     return {t: TaskTargets(_split_images(run.suite, t, split), *found[t]) for t in run.tasks}
 
 
 def _is(kind: str):
     return lambda path: file_kind(path) == kind
+
+
+def check_training(
+    run: Run,
+    merge_name: str,
+    cfg: SurgeryConfig,
+    out_path: Path | None = None,
+    transductive: bool = False,
+) -> Path:
+    """What training checks before any work (and before ``--nproc`` starts its processes): the
+    merge exists, the output is an adapter file or new, and adapters already there were trained
+    with these settings on this split (else ConfigError, unless ``run.overwrite``). Returns the
+    adapters' path. Their other inputs (merged model, targets, images) are compared once the
+    targets are known."""
+    if merge_name not in run.merged:
+        raise ConfigError(
+            f"No merged model {merge_name!r} in {run.out / 'merged'}; found {sorted(run.merged)}. "
+            f"Create it with `surgery-edge merge --run {run.out} --method {merge_name}`."
+        )
+    path = Path(out_path) if out_path is not None else run.layout.adapters(merge_name, cfg.method)
+    check_output(path, "surgery adapter file", _is("adapters"))
+    meta = (recorded(path) or {}) if path.exists() else {}
+    old = meta.get("provenance")
+    if isinstance(old, dict) and not run.overwrite:
+        split = "test" if (transductive or run.config.surgery.transductive) else "adapt"
+        new = {"settings": training_settings(cfg), "split": split}
+        old = {k: old.get(k) for k in new}
+        if old != new:
+            check_replace(path, f"{cfg.method} adapter file", new, False, run.log, old=old)
+    return path
+
+
+def _training_provenance(
+    run: Run, merged: Path, targets: dict[str, TaskTargets], split: str, cfg: SurgeryConfig,
+    fresh: bool = False,
+) -> dict:  # fmt: skip
+    return {
+        "merged": run.hashes.digest(merged, fresh),
+        "targets": fingerprint({t: targets[t].digest for t in run.tasks}),
+        "split": split,
+        "images": run.split_digest(split, fresh),
+        "settings": training_settings(cfg),
+    }
 
 
 def train_one(
@@ -472,31 +615,36 @@ def train_one(
     resume: bool = True,
     targets: dict[str, TaskTargets] | None = None,
 ) -> Path:
-    """Train one surgery method on one merged backbone (reused when already up to date)."""
-    if merge_name not in run.merged:
-        raise ConfigError(
-            f"No merged model {merge_name!r} in {run.out / 'merged'}; found {sorted(run.merged)}. "
-            f"Create it with `surgery-edge merge --run {run.out} --method {merge_name}`."
-        )
+    """Train one surgery method on one merged backbone (reused when already up to date).
+
+    Reused adapters must hold what the run made. Adapters about to be trained are published
+    from inputs hashed from their bytes (experts, merged model, targets, images), not trusted
+    from the hash cache's stat: a file changed in place with its modification time restored is
+    seen (and refused, or a changed cache entry rebuilt) before any training step.
+    """
+    path = check_training(run, merge_name, cfg, out_path, transductive)
     merged_path = run.merged[merge_name]
     split = adaptation_split(run, transductive)
-    path = Path(out_path) if out_path is not None else run.layout.adapters(merge_name, cfg.method)
-    check_output(path, "surgery adapter file", _is("adapters"))
+    run.verify(merged_path, explain=run.as_encoder)
     if targets is None:
         with run.stage("surgery:targets"):
             targets = training_targets(run, split)
-    provenance = {
-        "merged": run.hashes.digest(merged_path),
-        "targets": fingerprint({t: targets[t].digest for t in run.tasks}),
-        "split": split,
-        "images": run.split_digest(split),
-        "settings": training_settings(cfg),
-    }
+    provenance = _training_provenance(run, merged_path, targets, split, cfg)
     fp = fingerprint(provenance)
+    remade = False
     if up_to_date(path, fp):
-        run.log(f"reusing {cfg.method} adapters on {merge_name}")
-        return path
-    if path.exists():
+        if run.layout.checksums.reusable(path, run.hashes, run.overwrite, run.log):
+            run.log(f"reusing {cfg.method} adapters on {merge_name}")
+            return path
+        remade = True  # changed since the run made it, and --overwrite: trained again
+    for expert in run.experts.experts.values():
+        run.verify(expert, fresh=True, explain=run.as_encoder)
+    run.verify(merged_path, fresh=True, explain=run.as_encoder)
+    with run.stage("surgery:targets"):
+        targets = training_targets(run, split, fresh=True)
+    provenance = _training_provenance(run, merged_path, targets, split, cfg, fresh=True)
+    fp = fingerprint(provenance)
+    if path.exists() and not remade:
         what = f"{cfg.method} adapter file"
         check_replace(path, what, provenance, run.overwrite, run.log)
     merged = load_encoder(merged_path, run.arch)
@@ -516,7 +664,9 @@ def train_one(
             inputs=fingerprint({k: v for k, v in provenance.items() if k != "settings"}),
             log=run.log,
             world=run.world,
+            metrics=metrics_file(run, f"train-{merge_name}-{cfg.method}"),
         )
+    run.record(path)
     return path
 
 
@@ -549,6 +699,13 @@ def evaluate(run: Run) -> dict:
 
     methods = run.config.surgery.methods
     pairs = [(m, s) for m in run.merged for s in methods if (m, s) in run.adapters]
+    for path in run.merged.values():  # every checkpoint as the run made it, before any work
+        run.verify(path, explain=run.as_encoder)
+    for merge, method in pairs:
+        run.verify(
+            run.adapters[(merge, method)],
+            explain=lambda p, m=method: AdapterBank.load(p, run.arch, run.tasks, method=m),
+        )
     total = 1 + len(run.tasks) + len(run.merged) + len(pairs)  # models evaluated
     with run.stage("evaluation"), progress_bar(total, "evaluation", show=run.writer) as bar:
         row(
@@ -619,10 +776,11 @@ def run_pipeline(out: str | Path, config: RunConfig, log=print, overwrite: bool 
     reference = None
     if config.reference:
         reference = published_table(config.reference)  # unknown names fail before any work
-    run = Run.create(out, config, log, overwrite=overwrite)
-    log(f"device: {run.device}; arch: {run.arch.name}; run directory: {run.out}")
-    prepare_suite(run)
-    prepare_experts(run)
+    with unused_run_removed(out):  # a missing data folder leaves no run folder behind
+        run = Run.create(out, config, log, overwrite=overwrite)
+        log(f"device: {run.device}; arch: {run.arch.name}; run directory: {run.out}")
+        prepare_suite(run)
+        prepare_experts(run)
     run_merges(run)
     run_surgery(run)
     evaluation = evaluate(run)

@@ -120,8 +120,9 @@ class OnnxBackend(Backend):
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         if device.startswith("cuda") and not has_cuda:
             raise ExportError(
-                "CUDA was requested but this onnxruntime has no CUDA provider; install "
-                "`pip install 'surgery-edge[gpu]'` (onnxruntime-gpu), or use --device cpu."
+                "CUDA was requested but this onnxruntime has no CUDA provider: swap it for "
+                "onnxruntime-gpu (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`), "
+                "or use --device cpu."
             )
         self.device_id = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
         providers: list = ["CPUExecutionProvider"]

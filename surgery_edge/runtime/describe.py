@@ -2,10 +2,11 @@
 
 Everything comes from what the engine carries: the metadata every export writes (tasks and
 classes, preprocessing, architecture, merge recipe, precision, the version that made it) and,
-for ONNX, the graph's declared inputs and outputs. Nothing is loaded onto a device and torch is
-never imported: an ``.onnx`` file is read with ``onnx`` (weights left on disk), a ``.pt2``
-package is a zip archive whose AOTInductor metadata is read as JSON, and a TensorRT engine is
-described by the sidecar written beside it. The engine is verified against the digest its
+for ONNX, the graph's declared inputs and outputs. Nothing is run or loaded onto a device, and
+neither torch nor onnx is imported (``info`` works on the base install): an ``.onnx`` file is
+opened by ONNX Runtime on the CPU, unoptimised, for its metadata and its inputs and outputs; a
+``.pt2`` package is a zip archive whose AOTInductor metadata is read as JSON; a TensorRT engine
+is described by the sidecar written beside it. The engine is verified against the digest its
 export recorded first, as ``load`` does: a changed copy is refused, not described.
 """
 
@@ -18,10 +19,11 @@ from typing import Any
 
 from surgery_edge.engine_format import (
     INTEGRITY_KEY,
+    META_KEY,
     EngineMetadata,
     EngineMode,
     check_graph_inputs,
-    read_onnx_metadata,
+    parse_metadata,
     read_pt2_metadata,
     read_sidecar,
     sidecar_path,
@@ -79,23 +81,35 @@ class EngineInfo:
         }
 
 
-def _onnx_specs(values, source: Path) -> list[TensorSpec]:
-    from onnx import helper  # deferred: only ONNX files are read with onnx
+# ONNX Runtime's element type names ("tensor(float)") -> numpy's, where they differ
+_ORT_DTYPES = {"float": "float32", "double": "float64"}
 
+
+def _onnx_specs(values) -> list[TensorSpec]:
+    """ONNX Runtime's NodeArgs as specs: a dynamic axis is named by its symbol (``batch``)."""
     specs = []
     for v in values:
-        t = v.type.tensor_type
-        try:
-            dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
-        except KeyError:  # a number ONNX does not define
-            raise ExportError(
-                f"Engine {source}: its graph's {v.name!r} has element type {t.elem_type}, which "
-                "is no ONNX tensor type: the graph is corrupt or was edited. Re-export the "
-                "engine with `surgery-edge export`."
-            ) from None
-        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
-        specs.append(TensorSpec(v.name, dtype, shape))
+        elem = v.type.removeprefix("tensor(").removesuffix(")")
+        specs.append(TensorSpec(v.name, _ORT_DTYPES.get(elem, elem), list(v.shape)))
     return specs
+
+
+def _onnx_session(path: Path):
+    """An unoptimised CPU session of ``path``: what the graph declares, as ONNX Runtime reads
+    it (the runtime's own library: no onnx needed)."""
+    import onnxruntime as ort  # deferred: only ONNX files are opened with it
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(
+            f"{path} is not a readable ONNX file ({first}). It may be truncated, or its weights "
+            f"file ({path.name}.data) may be missing: re-export it with `surgery-edge export`."
+        ) from None
 
 
 def _declared_specs(meta: EngineMetadata) -> list[list[TensorSpec]]:
@@ -127,17 +141,13 @@ def describe_engine(path: str | os.PathLike) -> EngineInfo:
     files = {p.name: p.stat().st_size}
     io_source = "metadata"
     if kind == "onnx":
-        import onnx  # deferred: only ONNX files are read with onnx
-
-        meta = read_onnx_metadata(p)
+        session = _onnx_session(p)
+        meta = parse_metadata(session.get_modelmeta().custom_metadata_map.get(META_KEY), p)
         verify_engine(p, meta, kind)
-        proto = onnx.load(str(p), load_external_data=False)
-        for init in proto.graph.initializer:
-            for entry in init.external_data:
-                if entry.key == "location" and entry.value not in files:
-                    data = p.parent / entry.value
-                    files[entry.value] = data.stat().st_size if data.is_file() else 0
-        inputs, outputs = _onnx_specs(proto.graph.input, p), _onnx_specs(proto.graph.output, p)
+        data = p.with_name(p.name + ".data")  # the weights of a large export (export/onnx.py)
+        if data.is_file():
+            files[data.name] = data.stat().st_size
+        inputs, outputs = _onnx_specs(session.get_inputs()), _onnx_specs(session.get_outputs())
         check_graph_inputs(p, meta, [(s.name, s.dtype, s.shape) for s in inputs])
         io_source = "graph"
     elif kind == "pt2":

@@ -70,7 +70,9 @@ class ImageResult:
         raise KeyError(task)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"image": self.source}
+        """JSON-able, with the attributes' names: ``source``, then ``predictions`` (task ->
+        answer) or ``error``."""
+        out: dict[str, Any] = {"source": self.source}
         if self.error is not None:
             out["error"] = self.error
         else:

@@ -20,13 +20,22 @@ It serves:
   engine's preprocessing; outputs ``labels`` (B, k) BYTES, ``probs`` (B, k) FP32 and ``classes``
   (B, k) INT64; the request parameter ``top_k`` sets k.
 - Triton's endpoints: ``/v2/health/live``, ``/v2/health/ready`` (ready once every model is),
-  model metadata and statistics, and Prometheus metrics on the metrics port.
+  model metadata and statistics, and Prometheus metrics on the metrics port (HTTP and metrics
+  through the front below, gRPC from Triton itself).
 
 Each request is checked on its own: an unknown task, a task id out of range, a wrong shape or
 dtype, an empty batch, corrupt image bytes or a decompression bomb get an error response; the
-other requests of the same batch are answered. :meth:`Server.serve_forever` stops on SIGTERM or
-SIGINT: Triton stops taking requests, answers those in flight (up to ``drain_timeout_s``) and
-exits.
+other requests of the same batch are answered. What a request may ask for is bounded before
+the engine sees it: HTTP requests pass an HTTP front (:mod:`surgery_edge.runtime.http_front`:
+body size after decompression, the declared shapes against each model's config), gRPC
+requests Triton's own checks (the batch and dims of the config, before it allocates; a
+message of at most 2 GB, gRPC's limit as Triton sets it) and the models' (above).
+
+:meth:`Server.serve_forever` stops on SIGTERM or SIGINT: the front stops taking connections
+and lets the requests in flight finish, then Triton does the same for gRPC (each up to
+``drain_timeout_s``) and exits. Whatever the stop (a signal while starting, a failed start,
+the owner killed), no process, work folder or shared-memory segment of the server is left
+behind (:mod:`surgery_edge.runtime.server_processes`).
 
 PyTriton's Python-backend stub is linked against ``libpython3.X.so``; on an interpreter built
 with a shared libpython, the loader may find the system's library of another patch release
@@ -40,14 +49,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import platform
-import shutil
+import re
 import signal
 import socket
 import sysconfig
-import tempfile
 import threading
 import time
 import urllib.error
@@ -58,9 +67,18 @@ from pathlib import Path
 from typing import Any
 
 from surgery_edge.engine_format import EngineMetadata, EngineMode
-from surgery_edge.errors import ExportError
+from surgery_edge.errors import ExportError, WorkerError
 from surgery_edge.runtime.backends import open_backend
+from surgery_edge.runtime.http_front import HttpFront, model_limits
 from surgery_edge.runtime.preprocess import DEFAULT_MAX_PIXELS, check_max_pixels
+from surgery_edge.runtime.server_processes import (
+    alive,
+    start_watchdog,
+    stop_watchdog,
+    sweep,
+    sweep_stale,
+    work_folder,
+)
 from surgery_edge.runtime.triton_config import (
     META_PARAMETER,
     Enum,
@@ -73,6 +91,10 @@ from surgery_edge.runtime.triton_models import STACKED_OUTPUT
 SERVE_INSTALL = "Install it with `pip install 'surgery-edge[serve]'` (nvidia-pytriton, Linux only)."
 MODEL_PY = "from surgery_edge.runtime.triton_models import {cls} as TritonPythonModel\n"
 MAX_DRAIN_S = 25  # PyTriton waits 30 s for the server to exit before it kills it
+# how Triton's log names a model it could not load: its config refused, or its load failed
+_LOAD_FAILED = re.compile(
+    r"(?:Poll failed for model directory|failed to load) '([^']+)'(?: version \d+)?: (.*)"
+)
 
 
 @dataclass(frozen=True)
@@ -93,10 +115,12 @@ class ServeOptions:
         task_models: also serve one model per task that takes encoded image bytes.
         top_k: classes a task model returns when a request does not set ``top_k``.
         max_pixels: the most pixels an image sent to a task model may declare.
+        max_request_mb: the most an HTTP request body may hold, in MiB, counted after
+            decompression (413 beyond it).
         drain_timeout_s: on stop, how long requests in flight may take to finish.
         startup_timeout_s: how long the server may take to load every model.
-        log_file: where Triton writes its log (default: a file beside the repository, deleted
-            on stop); errors from it are quoted when a model fails to load.
+        log_file: where Triton writes its log (default: a file in the server's work folder,
+            deleted on stop); errors from it are quoted when a model fails to load.
     """
 
     host: str = "127.0.0.1"
@@ -113,6 +137,7 @@ class ServeOptions:
     task_models: bool = True
     top_k: int = 5
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_mb: int = 64
     drain_timeout_s: int = 20
     startup_timeout_s: float = 180.0
     log_file: Path | None = None
@@ -130,13 +155,34 @@ class ServeOptions:
         _integer("--instances", self.instances, 1)
         _integer("--top-k", self.top_k, 1)
         _integer("--drain-timeout-s", self.drain_timeout_s, 1, MAX_DRAIN_S)
+        _integer("--max-request-mb", self.max_request_mb, 1, 2047)
         if self.threads is not None:
             _integer("--threads", self.threads, 1)
         for b in self.preferred_batches:
             _integer("--preferred-batch", b, 1, self.max_batch)
         check_max_pixels(self.max_pixels)
         check_model_name(self.name, "Engine model name (--name)")
+        if self.log_file is not None:
+            _check_log_file(Path(self.log_file))
         return self
+
+
+def _check_log_file(log: Path) -> None:
+    """``--log-file`` must be a file Triton can write: refused before anything starts."""
+    if log.is_dir():
+        raise ExportError(
+            f"--log-file {log} is a folder; give a file path, e.g. {log / 'tritonserver.log'}."
+        )
+    if not log.parent.is_dir():
+        raise ExportError(
+            f"--log-file {log}: the folder {log.parent} does not exist; create it, or choose "
+            "another path."
+        )
+    if log.exists() and not log.is_file():
+        raise ExportError(f"--log-file {log} exists and is not a regular file.")
+    writable = os.access(log, os.W_OK) if log.exists() else os.access(log.parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise ExportError(f"--log-file {log} cannot be written (permission denied).")
 
 
 def _integer(flag: str, value: Any, least: int, most: int | None = None) -> None:
@@ -283,15 +329,31 @@ def _task_config(
 
 
 def stub_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment changes the Python-backend stub needs: this interpreter's shared
-    libpython first on ``LD_LIBRARY_PATH`` (empty for a statically linked interpreter)."""
+    """The environment changes tritonserver and the Python-backend stub need, as
+    ``LD_LIBRARY_PATH``: this interpreter's shared libpython first (none for a statically
+    linked interpreter), and the libraries PyTriton bundles for tritonserver (PyTriton looks
+    for them in the wrong place when it is reached through a ``.pth`` path, not a site
+    folder)."""
     environ = os.environ if environ is None else environ
+    paths = [p for p in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
     shared = sysconfig.get_config_var("Py_ENABLE_SHARED")
-    if not (shared and libdir and library and (Path(libdir) / library).exists()):
-        return {}
-    rest = [p for p in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
-    return {"LD_LIBRARY_PATH": os.pathsep.join([libdir, *rest])}
+    if shared and libdir and library and (Path(libdir) / library).exists():
+        paths = [libdir, *(p for p in paths if p != libdir)]
+    bundled = _pytriton_libs()
+    if bundled is not None and str(bundled) not in paths:
+        paths.append(str(bundled))
+    joined = os.pathsep.join(paths)
+    return {} if joined == environ.get("LD_LIBRARY_PATH", "") else {"LD_LIBRARY_PATH": joined}
+
+
+def _pytriton_libs() -> Path | None:
+    """``nvidia_pytriton.libs`` beside the installed ``pytriton`` package, if there is one."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = Path(next(iter(spec.submodule_search_locations))).parent / "nvidia_pytriton.libs"
+    return libs if libs.is_dir() else None
 
 
 @contextlib.contextmanager
@@ -322,6 +384,15 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
             raise ExportError(f"Cannot listen on {host}:{port} ({e}); check --host.") from None
 
 
+def _loopback_ports(n: int) -> list[int]:
+    """``n`` free loopback ports, for Triton's own HTTP and metrics endpoints."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def _import_pytriton():
     try:
         from pytriton.triton import Triton, TritonConfig  # deferred: optional, [serve] extra
@@ -330,6 +401,29 @@ def _import_pytriton():
             f"Serving needs PyTriton, which is not installed ({e}). {SERVE_INSTALL}"
         ) from None
     return Triton, TritonConfig
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored while a server is stopped, so a second Ctrl-C does not cut
+    the clean-up short (from the main thread only: elsewhere Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _bounded(fn, timeout_s: float) -> None:
+    """``fn()`` in a thread, waited for at most ``timeout_s``."""
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    thread.join(timeout=timeout_s)
 
 
 class Server:
@@ -360,14 +454,22 @@ class Server:
         self.metadata: dict[str, EngineMetadata] = {}
         self.models: list[str] = []
         self._triton = None
+        self._front: HttpFront | None = None
         self._work: Path | None = None
+        self._watchdog = None
+        self._upstream = ""  # Triton's own HTTP endpoint, on loopback
         self._release = threading.Event()
 
     # endpoints ------------------------------------------------------------------------------
 
     @property
     def _local_host(self) -> str:
-        return "127.0.0.1" if self.options.host in ("0.0.0.0", "") else self.options.host
+        host = self.options.host
+        if host in ("0.0.0.0", ""):
+            return "127.0.0.1"
+        if host == "::":
+            return "[::1]"
+        return f"[{host}]" if ":" in host else host
 
     @property
     def http_url(self) -> str:
@@ -391,6 +493,12 @@ class Server:
     def log_file(self) -> Path:
         return self.options.log_file or self._work / "tritonserver.log"
 
+    @property
+    def token_file(self) -> Path | None:
+        """The file (mode 0600, in the server's work folder, gone at stop) that holds
+        :attr:`access_token`, for a user of ``surgery-edge serve``."""
+        return None if self._work is None else self._work / "access-token"
+
     # lifecycle --------------------------------------------------------------------------------
 
     def __enter__(self) -> Server:
@@ -400,27 +508,34 @@ class Server:
         self.stop()
 
     def start(self) -> Server:
-        """Write the repository, start the server and wait until every model is ready."""
+        """Write the repository, start the server, wait until every model is ready, then open
+        the HTTP front. Whatever ends a start early (an error, KeyboardInterrupt) stops what
+        it started and removes what it wrote."""
         if self._triton is not None:
             return self
         opts = self.options
         Triton, TritonConfig = _import_pytriton()
+        sweep_stale()  # what servers killed with their watchdog left (kill -9 of a group)
         for flag, port in (("--http-port", opts.http_port), ("--grpc-port", opts.grpc_port),
                            ("--metrics-port", opts.metrics_port)):  # fmt: skip
             _check_port_free(opts.host, port, flag)
-        self._work = Path(tempfile.mkdtemp(prefix="surgery-edge-serve-"))
+        http, metrics = _loopback_ports(2)
+        self._upstream = f"127.0.0.1:{http}"
+        self._work = work_folder()
         try:
+            self._watchdog = start_watchdog(self._work, grace_s=opts.drain_timeout_s + 5)
             repo = self._work / "repository"
             self.metadata = serving_repository(self.engines, repo, opts)
             self.models = sorted(p.name for p in repo.iterdir())
+            host = opts.host
             config = TritonConfig(
                 model_repository=repo,
-                http_address=opts.host,
-                http_port=opts.http_port,
-                grpc_address=opts.host,
+                http_address="127.0.0.1",
+                http_port=http,
+                grpc_address=f"[{host}]" if ":" in host else host,  # gRPC's spelling
                 grpc_port=opts.grpc_port,
-                metrics_address=opts.host,
-                metrics_port=opts.metrics_port,
+                metrics_address="127.0.0.1",
+                metrics_port=metrics,
                 allow_gpu_metrics=False,
                 strict_readiness=True,
                 exit_timeout_secs=opts.drain_timeout_s,
@@ -428,9 +543,16 @@ class Server:
                 log_file=self.log_file,
             )
             self._triton = Triton(config=config, workspace=self._work / "pytriton")
+            descriptor = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as token:
+                token.write(self._triton.get_access_token() + "\n")
             self._launch()
+            self._front = HttpFront(
+                host, opts.http_port, http, opts.metrics_port, metrics, model_limits(repo),
+                max_request_bytes=opts.max_request_mb << 20, drain_s=opts.drain_timeout_s,
+            ).start()  # fmt: skip
         except BaseException:
-            self._abandon()
+            self.stop(grace_s=2)
             raise
         return self
 
@@ -456,20 +578,28 @@ class Server:
             self._owner = threading.Thread(target=own, name="tritonserver-owner", daemon=True)
             self._owner.start()
             deadline = time.monotonic() + self.options.startup_timeout_s
-            seen_alive = False
             while not self._all_ready():
-                alive = self._triton.is_alive()
-                seen_alive = seen_alive or alive
-                if failure or (seen_alive and not alive):
+                pid = self._server_pid()
+                if failure or (pid is not None and not alive(pid)):
                     raise ExportError(self._failure("exited while loading the models"))
                 if time.monotonic() > deadline:
                     timeout = f"{self.options.startup_timeout_s:.0f} s"
                     raise ExportError(self._failure(f"did not load every model in {timeout}"))
                 time.sleep(0.2)
 
+    def _server_pid(self) -> int | None:
+        """tritonserver's pid, once PyTriton has started it (it may have exited since).
+
+        PyTriton does not say it publicly, and its ``is_alive()`` must not be asked while the
+        server starts: when it finds the server gone it runs PyTriton's ``stop`` in the asking
+        thread, which then waits up to 120 s for a lock the starting thread holds. Without
+        these attributes a server that dies while loading is found at the startup timeout."""
+        server = getattr(self._triton, "_triton_server", None)
+        return getattr(getattr(server, "_tritonserver_running_cmd", None), "pid", None)
+
     def _all_ready(self) -> bool:
         for model in self.models:
-            url = f"http://{self.http_url}/v2/models/{model}/ready"
+            url = f"http://{self._upstream}/v2/models/{model}/ready"
             try:
                 with urllib.request.urlopen(url, timeout=2) as reply:
                     if reply.status != 200:
@@ -479,34 +609,46 @@ class Server:
         return True
 
     def _failure(self, what: str) -> str:
-        errors = []
+        """What went wrong, from Triton's log: each model that failed to load, with the
+        server's message (its first line), else the log's last error lines."""
+        lines = []
         if self.log_file.is_file():
             lines = self.log_file.read_text(errors="replace").splitlines()
-            errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()][-6:]
+        failed = {}
+        for line in lines:
+            found = _LOAD_FAILED.search(line)
+            if found:  # Triton writes the message's newlines as \n inside quotes
+                failed[found[1]] = found[2].split("\\n")[0].rstrip('"').strip()
+        if failed:
+            reasons = "; ".join(f"model {m!r} failed to load: {why}" for m, why in failed.items())
+            return f"Triton Inference Server {what}: {reasons}"
+        errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()][-6:]
         detail = " | ".join(errors) if errors else f"no error in its log ({self.log_file})"
         return f"Triton Inference Server {what}: {detail}"
 
-    def _abandon(self) -> None:
-        """Clean up after a failed start without waiting on PyTriton's startup thread."""
-        triton, self._triton = self._triton, None
-        if triton is not None:
-            atexit.unregister(triton.stop)  # it would wait for the startup thread at exit
-            stopper = threading.Thread(target=triton.stop, daemon=True)
-            stopper.start()
-            stopper.join(timeout=5)
-            self._release.set()
-        if self._work is not None and self.options.log_file is None:
-            shutil.rmtree(self._work, ignore_errors=True)
-
-    def stop(self) -> None:
-        """Stop taking requests, answer those in flight (up to ``drain_timeout_s``), exit."""
-        triton, self._triton = self._triton, None
-        if triton is None:
-            return
-        triton.stop()
-        self._release.set()  # only now may the thread that spawned the server end
-        if self._work is not None:
-            shutil.rmtree(self._work, ignore_errors=True)
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop taking requests, answer those in flight (HTTP, then gRPC, each up to
+        ``drain_timeout_s``), stop Triton, then remove every process, shared-memory segment
+        and file of the server (those still running ``grace_s`` after SIGTERM are killed).
+        Safe to call at any point, and more than once."""
+        with _signals_held():
+            front, self._front = self._front, None
+            if front is not None:
+                front.stop()
+            triton, self._triton = self._triton, None
+            if triton is not None:
+                atexit.unregister(triton.stop)  # PyTriton's own, at exit: done here instead
+                # PyTriton sends SIGINT and waits up to 30 s for Triton's drain; a start cut
+                # short has nothing to drain: the sweep below ends it
+                drain = self.options.drain_timeout_s + 10 if front is not None else grace_s
+                _bounded(triton.stop, drain)
+                self._release.set()  # only now may the thread that spawned the server end
+            work, self._work = self._work, None
+            if work is not None:
+                sweep(work, os.getpid(), grace_s)
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                stop_watchdog(watchdog)
 
     def serve_forever(self) -> None:
         """Serve until SIGTERM or SIGINT (or until the server dies), then stop, draining."""
@@ -517,11 +659,11 @@ class Server:
         try:
             while not stop.wait(0.5):
                 if self._triton is None or not self._triton.is_alive():
-                    raise ExportError(self._failure("stopped unexpectedly"))
+                    raise WorkerError(self._failure("stopped unexpectedly"))
         finally:
+            self.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            self.stop()
 
     def describe(self) -> list[str]:
         """Lines saying what is served where."""
@@ -537,4 +679,13 @@ class Server:
         tasks = [m for m in self.models if m not in self.metadata]
         if tasks:
             lines.append(f"task models (encoded image bytes in, top-k out): {', '.join(tasks)}")
+        lines.append(
+            f"HTTP requests: bodies up to {self.options.max_request_mb} MiB after decompression, "
+            "shapes checked against each model's config"
+        )
+        header = f"triton-access-token: $(cat {self.token_file})"
+        lines.append(
+            "statistics and the repository API take the header in the access token file: "
+            f'curl -H "{header}" http://{self.http_url}/v2/models/{self.options.name}/stats'
+        )
         return lines

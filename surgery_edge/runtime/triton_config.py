@@ -5,11 +5,14 @@ container loads (ONNX Runtime and TensorRT backends, :mod:`surgery_edge.export.t
 one ``surgery-edge serve`` runs through PyTriton (Python-backend models over the runtime,
 :mod:`surgery_edge.runtime.serving`).
 
-A configuration is a plain dict that mirrors ``model_config.proto`` (``inference.ModelConfig``):
-a dict is a message, a list of dicts a repeated message, a list of scalars a repeated scalar,
-:class:`Enum` an enum value (``TYPE_FP32``, ``KIND_GPU``). :func:`to_pbtxt` writes it without
-protobuf or tritonclient; the tests parse every file it writes with the schema tritonclient
-ships (``tritonclient.grpc.model_config_pb2``).
+A configuration is a plain dict in protobuf's JSON mapping of ``model_config.proto``
+(``inference.ModelConfig``): a dict is a message, a list a repeated field, :class:`Map` a map
+field, :class:`Enum` an enum value (``TYPE_FP32``, ``KIND_GPU``); ``None`` leaves a field out.
+:func:`to_pbtxt` hands it to protobuf (``json_format.ParseDict`` into the schema tritonclient
+ships, ``tritonclient.grpc.model_config_pb2``, then ``text_format``), so a field or value the
+schema does not know fails here. Where tritonclient is not installed (``triton-repo`` on a
+machine without the serve extra) the same dict is written by :func:`_by_hand`; the tests parse
+both texts with the schema and compare them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ class Enum(str):
     """An enum value, written without quotes."""
 
 
+class Map(dict):
+    """A protobuf map field (``map<string, ...>``): its keys are data, not field names."""
+
+
 def check_model_name(name: str, what: str = "model name") -> str:
     """``name`` if Triton can serve a model under it (letters, digits, ``_ . -``)."""
     if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
@@ -40,21 +47,56 @@ def check_model_name(name: str, what: str = "model name") -> str:
     return name
 
 
-def parameters(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+def parameters(values: Mapping[str, Any]) -> Map:
     """Model ``parameters`` (a ``map<string, ModelParameter>``): strings stay, anything else
     is stored as JSON."""
-    return [
-        {"key": k, "value": {"string_value": v if isinstance(v, str) else json.dumps(v)}}
-        for k, v in values.items()
-    ]
+    return Map(
+        (k, {"string_value": v if isinstance(v, str) else json.dumps(v)}) for k, v in values.items()
+    )
 
 
-def string_map(values: Mapping[str, Any]) -> list[dict[str, str]]:
+def string_map(values: Mapping[str, Any]) -> Map:
     """A ``map<string, string>`` field (e.g. an execution accelerator's parameters)."""
-    return [{"key": k, "value": str(v)} for k, v in values.items()]
+    return Map((k, str(v)) for k, v in values.items())
 
 
-def to_pbtxt(message: Mapping[str, Any]) -> str:
+def model_config_pb2():
+    """tritonclient's ``model_config_pb2`` (Triton's schema), or ``None`` where it is not
+    installed (it comes with ``pip install 'surgery-edge[serve]'``)."""
+    try:
+        from tritonclient.grpc import model_config_pb2 as pb2  # deferred: optional, [serve]
+    except ImportError:
+        return None
+    return pb2
+
+
+def to_pbtxt(config: Mapping[str, Any]) -> str:
+    """``config`` (an ``inference.ModelConfig`` as a dict) in protobuf text format."""
+    pb2 = model_config_pb2()
+    if pb2 is None:
+        return _by_hand(config)
+    from google.protobuf import json_format, text_format  # deferred: with tritonclient
+
+    try:
+        message = json_format.ParseDict(_present(config), pb2.ModelConfig())
+    except json_format.ParseError as e:  # a writer here made a field the schema lacks
+        raise ExportError(f"Model {config.get('name')!r}: not a Triton model config: {e}") from e
+    return text_format.MessageToString(message)
+
+
+def _present(value: Any) -> Any:
+    """``value`` without the ``None`` fields (left out), maps and enums as plain JSON."""
+    if isinstance(value, Mapping):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_present(v) for v in value]
+    return value
+
+
+# --- without tritonclient ------------------------------------------------------------------
+
+
+def _by_hand(message: Mapping[str, Any]) -> str:
     """``message`` in protobuf text format, one field per line, two-space indents."""
     return "\n".join(_fields(message, 0)) + "\n"
 
@@ -64,7 +106,11 @@ def _fields(message: Mapping[str, Any], depth: int) -> list[str]:
     for key, value in message.items():
         if value is None:
             continue
-        if isinstance(value, Mapping):
+        if isinstance(value, Map):  # one entry block per key
+            for k, v in value.items():
+                entry = {"key": k, "value": v}
+                lines += [f"{pad}{key} {{", *_fields(entry, depth + 1), f"{pad}}}"]
+        elif isinstance(value, Mapping):
             lines += [f"{pad}{key} {{", *_fields(value, depth + 1), f"{pad}}}"]
         elif isinstance(value, (list, tuple)) and value and isinstance(value[0], Mapping):
             for item in value:  # a repeated message: one block per element

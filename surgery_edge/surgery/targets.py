@@ -117,12 +117,17 @@ def cached_representations_many(
     warn: Callable[[str], Any] | None = None,
     world: World | None = None,
     batch_size: int = BATCH,
+    fresh: bool = False,
 ) -> list[Representations]:
     """:func:`cached_representations` for several entries, computed by every rank of ``world``.
 
     The writer decides which entries must be (re)built and tells the others; every rank computes
     its share of their chunks; the writer assembles and publishes them; then every rank opens
     every entry. One process (``world`` None) does all of it itself, writing the same files.
+
+    Args:
+        fresh: check the entries' checksums against their bytes, not the hash cache's stat
+            (before training adapters that will be published from them).
 
     Raises:
         CheckpointError: an expert gives non-finite representations (nothing is published).
@@ -136,7 +141,7 @@ def cached_representations_many(
         for i, request in enumerate(requests):
             paths, record_path = _paths(cache, request.key)
             if any(p.exists() for p in [record_path, *paths.values()]):
-                problem = _cache_problem(record_path, paths, len(request.images), hashes)
+                problem = _cache_problem(record_path, paths, len(request.images), hashes, fresh)
                 if problem is None:
                     continue
                 (warn or _warn)(
@@ -252,7 +257,7 @@ class _EntryWriter:
 
 
 def _cache_problem(
-    record_path: Path, paths: dict[str, Path], n: int, hashes: HashCache
+    record_path: Path, paths: dict[str, Path], n: int, hashes: HashCache, fresh: bool = False
 ) -> str | None:
     """Why a cache entry cannot be trusted, or None when it can."""
     try:
@@ -268,13 +273,13 @@ def _cache_problem(
             return f"lacks its {name} file"
         try:
             arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            return f"has an unreadable {name} file ({e})"
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+            return f"has an unreadable {name} file ({type(e).__name__}: {e})"
         if list(arr.shape) != entry.get("shape") or str(arr.dtype) != entry.get("dtype"):
             return f"has a {name} file of shape {arr.shape} {arr.dtype}, not the recorded one"
         if arr.dtype != np.float32 or len(arr) != n:
             return f"has a {name} file of {arr.dtype} {arr.shape}, not float32 for {n} images"
-        if hashes.digest(path) != entry.get("sha256"):
+        if hashes.digest(path, fresh=fresh) != entry.get("sha256"):
             return f"has a {name} file whose content changed since it was written (checksum)"
         if not np.isfinite(arr).all():
             return f"has non-finite values in its {name} file"

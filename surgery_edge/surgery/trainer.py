@@ -33,6 +33,7 @@ checkpoints and adapters; a resumed checkpoint is sent from it to the other rank
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from surgery_edge.distributed import World
 from surgery_edge.errors import ConfigError, TrainingError
 from surgery_edge.io import atomic_path
 from surgery_edge.models.encoder import ImageEncoder
-from surgery_edge.progress import progress_bar
+from surgery_edge.progress import MetricsLog, progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.functional import TaskGroups
 from surgery_edge.surgery.methods import SCHEDULES, get_surgery
@@ -221,17 +222,46 @@ def last_good_path(out_path: str | os.PathLike) -> Path:
 def _save_state(
     path: Path, bank: AdapterBank, opt, step: int, cfg: SurgeryConfig, inputs: str | None
 ) -> None:
+    state = {
+        "bank": bank.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "config": asdict(cfg),
+        "inputs": inputs,
+    }
+    state["digest"] = state_digest(state)
     with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "bank": bank.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "config": asdict(cfg),
-                "inputs": inputs,
-            },
-            tmp,
-        )
+        torch.save(state, tmp)
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 of a training checkpoint's content: every tensor's dtype, shape and bytes and
+    every other value, in key order (the ``digest`` entry itself left out).
+
+    A checkpoint carries it, so flipped bytes or edited numbers (even finite ones) are found
+    before training continues from them.
+    """
+    h = hashlib.sha256()
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            h.update(f"dict {len(value)};".encode())
+            for key in sorted(value, key=repr):
+                h.update(f"{key!r}:".encode())
+                add(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"list {len(value)};".encode())
+            for item in value:
+                add(item)
+        else:
+            h.update(f"{type(value).__name__} {value!r};".encode())
+
+    add({k: v for k, v in state.items() if k != "digest"})
+    return h.hexdigest()
 
 
 def _shaping(settings: dict) -> dict:
@@ -254,9 +284,10 @@ def _resume_from(
     """Load the checkpoint at ``path`` into ``bank`` and ``opt``.
 
     Returns:
-        (the step to continue from, None), or (0, why the checkpoint was not used): it was
-        written with other settings or for other inputs (merged model, targets, split), or it
-        is unreadable. ``bank`` and ``opt`` are untouched then.
+        (the step to continue from, None), or (0, why the checkpoint was not used): it is
+        unreadable, its content does not match the digest it was saved with (damaged or
+        edited), or it was written with other settings or for other inputs (merged model,
+        targets, split). ``bank`` and ``opt`` are untouched then.
     """
     try:
         state = torch.load(path, map_location=device, weights_only=True)
@@ -264,6 +295,13 @@ def _resume_from(
         return 0, f"it is unreadable ({type(e).__name__})"
     if not isinstance(state, dict) or not {"bank", "opt", "step", "config"} <= set(state):
         return 0, "it is not a surgery training checkpoint"
+    if "digest" not in state:
+        return 0, "it records no digest of its content (written by an earlier version)"
+    if state["digest"] != state_digest(state):
+        return 0, (
+            "its content does not match the digest it was saved with: it was damaged or "
+            "edited since, and training from it could go anywhere"
+        )
     if not isinstance(state["config"], dict) or _shaping(state["config"]) != _shaping(asdict(cfg)):
         return 0, f"it was written with other settings ({state['config']})"
     if state.get("inputs") != inputs:
@@ -301,6 +339,7 @@ def train_surgery(
     inputs: str | None = None,
     log: Callable[[str], None] = print,
     world: World | None = None,
+    metrics: str | os.PathLike | None = None,
 ) -> AdapterBank:
     """Train an AdapterBank for ``tasks`` and save it to ``out_path``.
 
@@ -325,6 +364,9 @@ def train_surgery(
         log: receives what happened to a checkpoint that could not be resumed.
         world: the ranks of a distributed job (default: this process alone). ``cfg.batch_size``
             is the global batch per task; ``device`` must be this rank's.
+        metrics: a metrics log (:class:`~surgery_edge.progress.MetricsLog`, ``.jsonl``) to
+            append one row per step to: ``step`` (0-based, as ``on_step``), ``loss`` (the
+            value ``on_step`` gets), ``loss_per_task`` (their sum is ``loss``), ``lr``.
 
     Raises:
         TrainingError: if the loss becomes NaN/inf. ``out_path`` is left as it was (a file there
@@ -370,6 +412,7 @@ def train_surgery(
     rows = world.share(cfg.batch_size)  # this rank's rows of every task's batch
     local = len(rows)
     sizes = [len(targets[t].images) for t in tasks]
+    last: dict = {}  # the last step's per-task losses, for the metrics log
 
     def loss_at(step: int) -> torch.Tensor:
         draws = [
@@ -399,6 +442,7 @@ def train_surgery(
         for layer, m in enumerate(block_means):
             per_row = per_row + (m - tgt_blocks[:, layer]).abs().mean(dim=-1)
         per_task = per_row.view(len(draws), local).sum(dim=1) / cfg.batch_size
+        last["per_task"] = ([t for _, t, _ in draws], per_task.detach())
         return per_task.sum() * world.size if world.distributed else per_task.sum()
 
     objective = world.wrap(_Objective(bank, loss_at))
@@ -408,7 +452,15 @@ def train_surgery(
     good_step: int | None = None
     writer = world.is_writer
     label = f"{cfg.method} rank {cfg.rank}" + (" (reference schedule)" if reference else "")
-    with progress_bar(total - start, label, show=writer) as bar:
+    with (
+        progress_bar(total - start, label, show=writer) as bar,
+        MetricsLog(
+            metrics if writer else None,
+            method=cfg.method,
+            settings=training_settings(cfg),
+            first_step=start,  # > 0: resumed from a checkpoint
+        ) as metrics_log,
+    ):
         for step in range(start, total):
             loss = objective(step)
             value = world.mean(loss.detach(), "training (sharing the loss)").item()
@@ -431,6 +483,7 @@ def train_surgery(
             else:
                 opt.step()
             bar.advance(loss=value)
+            metrics_log.write(step, loss=value, loss_per_task=_task_losses(last, world), lr=cfg.lr)
             if on_step:
                 on_step(step, value)
             done = step + 1
@@ -451,6 +504,18 @@ def train_surgery(
         last_good_path(out_path).unlink(missing_ok=True)
     world.barrier("saving the adapters")
     return bank
+
+
+def _task_losses(last: dict, world: World) -> dict[str, float]:
+    """The last step's loss per task over the whole batch (every rank's share summed)."""
+    names, per_task = last["per_task"]
+    if world.distributed:  # each rank holds its rows' share: their sum is the task's loss
+        what = "training (sharing the per-task losses)"
+        per_task = torch.stack([world.mean(x, what) * world.size for x in per_task])
+    out: dict[str, float] = {}
+    for name, value in zip(names, per_task.tolist()):
+        out[name] = out.get(name, 0.0) + value
+    return out
 
 
 class _Objective(torch.nn.Module):

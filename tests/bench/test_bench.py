@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+import typer
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
 from surgery_edge.bench import engine as engine_bench
+from surgery_edge.bench.choices import BASELINES, CONFIGS
 from surgery_edge.bench.decode import main as decode_main
 from surgery_edge.bench.engine import run_engine_bench
 from surgery_edge.bench.flops import (
@@ -31,15 +37,19 @@ from surgery_edge.bench.memory import MemorySpec, run_children
 from surgery_edge.bench.ratios import BEST_VS_BEST, SAME_RUNTIME, ceilings, derive_ratios
 from surgery_edge.bench.report import Previous, read_previous, write_outputs
 from surgery_edge.bench.roofline import DeviceRates
+from surgery_edge.bench.runners import Workload
 from surgery_edge.bench.workloads import (
-    BASELINES,
     CONFIG_MODES,
-    CONFIGS,
     DTYPES,
     EngineBenchConfig,
     EngineResult,
+    Inputs,
+    Parts,
+    build_all,
+    vmappable_attention,
 )
 from surgery_edge.models import get_arch
+from surgery_edge.surgery.methods import SURGERY_METHODS
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 ARCH = "micro-vit-16"
@@ -146,6 +156,47 @@ def test_flops_and_bytes_by_hand():
     # the published profile numbers (GFLOPs per image at 224 px)
     assert backbone_flops(get_arch("ViT-B-32")) / 1e9 == pytest.approx(8.82, rel=0.01)
     assert backbone_flops(get_arch("ViT-L-14")) / 1e9 == pytest.approx(162.03, rel=0.01)
+
+
+# FlopCounterMode counts matmuls, convolutions and SDPA at the dispatcher; so does the formula
+# (LayerNorm, softmax, GELU, bias adds and the residuals are in neither). MultiheadAttention's
+# inference fast path is one fused op the counter has no formula for, so the count is taken
+# with it off and SDPA on its math backend (matmuls): the same arithmetic.
+STACKED_HEADS = {"experts-vmap", "merged", *SURGERY_METHODS}  # heads padded to the most classes
+
+
+def _padding_flops(arch, config, mode, ids, classes) -> int:
+    """What stacked heads compute beyond the formula, which counts each task's own classes:
+    every head at the largest class count (the padded logits are -inf or cut off)."""
+    if config not in STACKED_HEADS:
+        return 0
+    most, e = max(classes), arch.embed_dim
+    if mode == "routed":
+        return sum(2 * e * (most - classes[t]) for t in ids)
+    return len(ids) * 2 * e * (len(classes) * most - sum(classes))
+
+
+@pytest.mark.parametrize("arch_name", ["micro-vit-16", "tiny-vit-32"])  # tiny: the demo's width
+def test_flops_formula_matches_flop_counter_mode(arch_name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    arch, cpu, num_tasks, rank = get_arch(arch_name), torch.device("cpu"), 3, 4
+    parts = Parts.random(arch, num_tasks, 0)
+    models = build_all(parts, CONFIGS, dict.fromkeys(SURGERY_METHODS, rank), cpu, torch.float32)
+    bench = SimpleNamespace(arch=arch, device=cpu)
+    x = Inputs.make(arch, 3, num_tasks, cpu, torch.float32)  # one image per task
+    ids, classes = x.task_ids.tolist(), task_classes(arch, num_tasks)
+    for config in CONFIGS:
+        if config == "experts-concurrent":  # the experts' modules and work, run from threads the
+            continue  # counter (thread-local) does not see; the formula says the same as experts'
+        for mode in CONFIG_MODES[config]:
+            call = Workload(bench, models[config], config, mode, rank).call()
+            with torch.inference_mode(), vmappable_attention():
+                with FlopCounterMode(display=False) as counter:
+                    call(x)
+            formula = workload_flops(arch, config, mode, ids, classes, rank)
+            padding = _padding_flops(arch, config, mode, ids, classes)
+            assert counter.get_total_flops() == formula + padding, (config, mode)
 
 
 def _row(config, path, median, mode="all-tasks", batch=1, flops=8, nbytes=8, answers=8):
@@ -272,19 +323,19 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
     real = engine_bench._ArchRun.bench_group
     calls = []
 
-    def interrupt_second(self, works, batch):
+    def interrupt_second(self, works, batch, paths, deadline):
         calls.append(batch)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, works, batch)
+        return real(self, works, batch, paths, deadline)
 
     monkeypatch.setattr(engine_bench._ArchRun, "bench_group", interrupt_second)
-    args = ["--device", "cpu", "--archs", ARCH, "--batches", "1", "--paths", "eager"]
-    args += ["--configs", "merged", "surgery", "--rounds", "2", "--block-seconds", "0.001"]
-    args += ["--memory-paths", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit) as stop:
-        engine_bench.main(args)
-    assert stop.value.code == 130
+    args = ["bench", "--device", "cpu", "--arch", ARCH, "--batch", "1", "--path", "eager"]
+    args += ["--config", "merged", "--config", "surgery", "--rounds", "2"]
+    args += ["--block-seconds", "0.001", "--no-memory", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 130, r.output
+    assert f"the groups measured so far are in {tmp_path}" in r.stderr
     record = json.loads((tmp_path / f"engine-{ARCH}.json").read_text())
     assert record["complete"] is False
     assert {(r["config"], r["mode"]) for r in record["results"]} == {
@@ -292,6 +343,94 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
         ("surgery", "all-tasks"),
     }
     assert all(r["status"] == "ok" for r in record["results"])
+
+
+def test_groups_run_in_the_order_the_targets_need():
+    # every all-tasks group (the speedups), then routed at the overhead batch, then the rest
+    order = engine_bench.group_order((128, 64, 1), ("all-tasks", "routed"), 64)
+    assert order == [
+        (128, "all-tasks"), (64, "all-tasks"), (1, "all-tasks"),
+        (64, "routed"), (128, "routed"), (1, "routed"),
+    ]  # fmt: skip
+    assert engine_bench.group_order((1, 8), ("routed",), 64) == [(1, "routed"), (8, "routed")]
+
+
+def _budgeted(**fields) -> EngineBenchConfig:
+    base = dict(
+        archs=(ARCH,), batches=(1,), modes=("all-tasks",), configs=("experts", "merged"),
+        device="cpu", num_tasks=2, rounds=1, block_seconds=0.001, memory_paths=(),
+        budget_s=600.0, compile_backend="eager",
+    )  # fmt: skip
+    return EngineBenchConfig(**{**base, **fields})
+
+
+def test_compile_runs_last_in_its_share_and_says_what_did_not_fit(monkeypatch):
+    real = engine_bench._ArchRun.prepare
+
+    def slow_first_compile(self, work, path, batch, x, references, reference):
+        status = real(self, work, path, batch, x, references, reference)
+        if path == "compile" and not self.compile_seconds:  # as if it took 10 minutes
+            fn, _, err = status
+            return fn, 600.0, err
+        return status
+
+    monkeypatch.setattr(engine_bench._ArchRun, "prepare", slow_first_compile)
+    config = _budgeted(configs=("experts", "one-expert", "merged"), paths=("eager", "compile"))
+    snapshots = []
+    rows = run_engine_bench(config, on_group=lambda rows: snapshots.append(list(rows)))
+    # the eager group first, on its own; then compile: the experts' encoder (compiled once,
+    # reused by one expert alone at the same shape), and no time left for the merged model
+    assert [r.path for r in snapshots[0]] == ["eager"] * 3
+    compile_rows = {r.config: r for r in rows if r.path == "compile"}
+    assert compile_rows["experts"].status == compile_rows["one-expert"].status == "ok"
+    merged = compile_rows["merged"]
+    assert merged.status == "skipped" and merged.reason.startswith("compile: not measured (budget)")
+    assert "a compile here took 600 s" in merged.reason
+
+
+def test_a_contestant_not_prepared_in_time_is_recorded_and_the_others_timed(monkeypatch):
+    real = engine_bench._ArchRun.prepare
+
+    def budget_spent_after_first(self, work, path, batch, x, references, reference):
+        status = real(self, work, path, batch, x, references, reference)
+        # the budget runs out during the group
+        monkeypatch.setattr(engine_bench._ArchRun, "over_budget", lambda self, deadline=0: True)
+        return status
+
+    monkeypatch.setattr(engine_bench._ArchRun, "prepare", budget_spent_after_first)
+    rows = run_engine_bench(_budgeted(paths=("eager",)))
+    status = {r.config: (r.status, r.reason) for r in rows}
+    assert status["experts"] == ("ok", None)  # prepared in time: timed
+    assert status["merged"] == ("skipped", "the time budget of 600 s was spent")
+
+
+def test_a_sigterm_records_the_group_in_progress(monkeypatch):
+    real = engine_bench._ArchRun.prepare
+    calls = []
+
+    def stopped_at_the_fourth(self, work, path, batch, x, references, reference):
+        calls.append((work.config, batch))
+        if len(calls) == 4:  # the second group's second contestant: the step's slot ends
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, work, path, batch, x, references, reference)
+
+    monkeypatch.setattr(engine_bench._ArchRun, "prepare", stopped_at_the_fourth)
+    handler = signal.getsignal(signal.SIGTERM)
+    snapshots = []
+    with pytest.raises(engine_bench.Stopped):
+        run_engine_bench(
+            _budgeted(batches=(1, 2), paths=("eager",)),
+            on_group=lambda rows: snapshots.append(list(rows)),
+        )
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    first, second = snapshots[-1][:2], snapshots[-1][2:]
+    assert [(r.batch, r.status) for r in first] == [(1, "ok"), (1, "ok")]
+    assert [(r.config, r.batch, r.status) for r in second] == [
+        ("experts", 2, "skipped"),
+        ("merged", 2, "skipped"),
+    ]
+    assert second[0].reason == "prepared, not timed: stopped by SIGTERM"
+    assert second[1].reason.startswith("preparation: not measured (stopped after")
 
 
 def test_peak_memory_is_measured_in_a_process_of_its_own():
@@ -328,17 +467,17 @@ def test_merge_reads_the_stored_cpu_results(results, tmp_path):
 
 
 def test_bench_quick_through_the_cli(tmp_path):
-    args = ["bench", "--quick", "--device", "cpu", "--num-tasks", "2", "--threads", "2"]
-    args += ["--configs", "experts", "experts-concurrent", "one-expert", "surgeryv2"]
-    args += ["--memory-paths", "eager", "onnxruntime", "--memory-configs", "one-expert"]
-    args += ["--out", str(tmp_path), "--json"]
+    configs = ["experts", "experts-concurrent", "one-expert", "surgeryv2"]
+    args = ["bench", "--quick", "--device", "cpu", *(w for c in configs for w in ("--config", c))]
+    args += ["--num-tasks", "2", "--memory-path", "eager", "--memory-path", "onnxruntime"]
+    args += ["--memory-config", "one-expert", "--threads", "2", "--out", str(tmp_path), "--json"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / f"engine-{ARCH}.json").read_text())
     assert json.loads(r.stdout)["records"] == [record]  # --json: stdout is the record
     assert (tmp_path / f"engine-{ARCH}.md").is_file()
     assert not list(tmp_path.glob("*.png"))  # --quick writes no plots
-    assert record["command"] == "surgery-edge bench " + " ".join(args[1:])
+    assert record["command"] == "surgery-edge " + " ".join(args)  # the options in declared order
     ok = {
         (r["config"], r["mode"], r["path"], r["batch"]): r
         for r in record["results"]
@@ -377,24 +516,26 @@ def test_the_onnx_memory_process_imports_no_torch(tmp_path):
 
 
 def test_bench_help_lists_the_benchmark_options():
-    r = CliRunner().invoke(app, ["bench", "--help"])
+    r = CliRunner().invoke(app, ["bench", "--help"], terminal_width=200)
     assert r.exit_code == 0, r.output
-    assert "usage: surgery-edge bench" in r.output
-    for option in ("--quick", "--archs", "--batches", "--paths", "--append", "--out", "--rounds"):
+    assert "Usage: surgery-edge bench [OPTIONS]" in r.output
+    for option in ("--quick", "--arch", "--batch", "--path", "--append", "--out", "--rounds"):
         assert option in r.output
-    for option in ("--budget-s", "--memory-paths", "--threads"):
+    for option in ("--budget-s", "--memory-path", "--no-memory", "--threads", "--json"):
         assert option in r.output
+    assert "--batches" not in r.output and "--merge" not in r.output  # old spellings: hidden
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_engine", "bench_kernels", "bench_training", "bench_decode", "onnx_sizes"]
+    "script",
+    ["bench_engine", "bench_kernels", "bench_training", "bench_decode", "onnx_sizes", "replot"],
 )
 def test_scripts_are_entry_points(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(BENCHMARKS / f"{script}.py"), run_name="__main__")
     assert exit_info.value.code == 0
-    assert "usage:" in capsys.readouterr().out
+    assert "usage:" in capsys.readouterr().out.lower()
 
 
 def test_importing_the_benchmarks_is_lean():
@@ -410,10 +551,20 @@ def test_importing_the_benchmarks_is_lean():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_old_option_names_still_parse_for_one_release():
-    from surgery_edge.bench.engine import build_parser
+def test_old_spellings_still_parse_for_one_release(capsys):
+    from surgery_edge.cli.bench import new_spellings
 
-    old = build_parser().parse_args(["--merge", "--tasks", "3"])
-    new = build_parser().parse_args(["--append", "--num-tasks", "3"])
-    assert (old.append, old.num_tasks) == (new.append, new.num_tasks) == (True, 3)
-    assert "--merge" not in build_parser().format_help()  # hidden: --append is the name
+    old = ["--archs", "a", "b", "--batches", "1", "8", "--merge", "--tasks=3", "--memory-paths"]
+    assert new_spellings([*old, "--json"]) == [
+        "--arch", "a", "--arch", "b", "--batch", "1", "--batch", "8", "--append",
+        "--num-tasks=3", "--no-memory", "--json",
+    ]  # fmt: skip
+    notes = capsys.readouterr().err
+    assert "note: --batches 1 8 is now --batch 1 --batch 8" in notes
+    assert "note: --memory-paths is now --no-memory" in notes
+    # click reads the rewritten options as the new ones
+    command = typer.main.get_command(app).commands["bench"]
+    given = ["--paths", "eager", "onnxruntime", "--configs", "merged", "--batch", "4"]
+    params = command.make_context("bench", given).params
+    assert [p.value for p in params["path"]] == ["eager", "onnxruntime"]
+    assert [c.value for c in params["config"]] == ["merged"] and params["batch"] == [4]

@@ -8,6 +8,7 @@ import sys
 import pytest
 from cli_checks import user_error
 from surgery_edge.cli.app import app
+from surgery_edge.cli.common import MERGE_METHOD_NAMES
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -80,6 +81,7 @@ def test_second_run_reuses_everything(tiny_run, tiny_config_path):
     before = [p.stat().st_mtime_ns for p in watched]
     result = runner.invoke(app, ["demo", "--out", str(out), "--config", str(tiny_config_path)])
     assert result.exit_code == 0, result.output
+    assert "--out is now --run" in result.stderr  # 0.1's spelling of the run folder, for now
     assert [p.stat().st_mtime_ns for p in watched] == before
     timings = json.loads((out / "report.json").read_text())["timings_s"]
     assert not any(k.startswith(("merge:", "surgery:surgery")) for k in timings)
@@ -102,8 +104,12 @@ def test_merge_train_eval_commands(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     assert "no longer fits" in r.output  # the adapters trained on lambda 0.3 are now stale
     assert read_metadata(merged)["recipe"]["lam"] == 0.5
-    r = runner.invoke(app, [*args, "--lam", "0.5"])  # --lam: the hidden old spelling; same merge
-    assert r.exit_code == 0 and "reusing merge task_arithmetic" in r.output, r.output
+    # --lam: the hidden old spelling; the same merge. Messages go to stderr, results to stdout.
+    r = runner.invoke(app, [*args, "--lam", "0.5"], env={"SURGERY_EDGE_QUIET": "0"})
+    assert r.exit_code == 0 and "reusing merge task_arithmetic" in r.stderr, r.output
+    assert r.stdout == f"task_arithmetic: {merged}\n"
+    r = runner.invoke(app, ["-q", *args, "--lam", "0.5"])
+    assert r.exit_code == 0 and "reusing" in r.stderr and "reusing" not in r.stdout
     # Eval refuses the stale pair, naming both files and the command that fixes it.
     text = user_error(["eval", "--run", str(run)])
     assert "adapters/task_arithmetic/surgery" in text and "merged/task_arithmetic" in text
@@ -129,11 +135,14 @@ def test_help_lists_the_registries():
     def help_of(command: str) -> str:  # wide, so that no choice list is wrapped
         return runner.invoke(app, [command, "--help"], env={"COLUMNS": "250"}).output
 
+    assert MERGE_METHOD_NAMES == tuple(merging.available())  # --method's torch-free list
     text = help_of("merge")
     for name in merging.available():
         assert merging.get(name).describe().split(":")[0] in text
     assert "k=0.2" in text and "lam=0.3" in text and "steps=500" in text
-    assert "surgery|surgeryv2" in help_of("train") and "(default: the method's)" in help_of("train")
+    assert "surgery|surgeryv2" in help_of("train") and "(default: the run's config)" in help_of(
+        "train"
+    )
     export_help = help_of("export")
     assert "routed|all-tasks" in export_help and "none|surgery|" in export_help
 
@@ -150,7 +159,7 @@ def test_unknown_method_and_task(tiny_run, tmp_path):
     assert "surgeryv3" in msg
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("suite: {tasks: [digits, sudoku]}\n")
-    msg = user_error(["experts", "--out", str(tmp_path / "x"), "--config", str(cfg)])
+    msg = user_error(["experts", "--run", str(tmp_path / "x"), "--config", str(cfg)])
     assert "sudoku" in msg and "digits" in msg
     msg = user_error(["train", "--run", str(out), "--merge", "nope"])
     assert "nope" in msg
@@ -255,3 +264,67 @@ def test_import_task_vectors_refuses_pickles_without_trust(tmp_path):
     )
     assert "--trust-pickle" in msg
     assert not (tmp_path / "out").exists()
+
+
+def _readme_lines(command: str, run) -> list[list[str]]:
+    """The README pipeline block's `surgery-edge COMMAND` lines, on ``run`` for runs/x."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("Each step is a command that works on a run directory:")[1]
+    block = block.split("```bash\n")[1].split("```")[0]
+    lines = [line.split("#")[0] for line in block.splitlines()]
+    return [
+        shlex.split(line.replace("runs/x", str(run)))[1:]
+        for line in lines
+        if line.startswith(f"surgery-edge {command} ")
+    ]
+
+
+def test_readme_merge_and_train_use_the_runs_settings(tiny_run, tmp_path):
+    """The README's merge and train lines, as written, re-use what the run made (its config is
+    every option's default); a value given that differs is refused, or obeyed with --overwrite."""
+    from surgery_edge.progress import read_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run, ignore=shutil.ignore_patterns("engines"))
+    env = {"SURGERY_EDGE_QUIET": "0"}
+    (train,) = _readme_lines("train", run)
+    for args in [*_readme_lines("merge", run), train]:
+        r = runner.invoke(app, args, env=env)
+        assert r.exit_code == 0, r.output
+        assert "reusing" in r.stderr and "reusing" not in r.stdout, r.output
+    text = user_error([*train, "--lr", "0.5"])
+    assert "settings.lr: 0.003 -> 0.5" in text and "--overwrite" in text
+    adapters = run / "adapters/task_arithmetic/surgeryv2.safetensors"
+    r = runner.invoke(app, [*train, "--steps", "2", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"adapters: {adapters}\n"
+    rows = read_metrics(run / "logs/train-task_arithmetic-surgeryv2.jsonl")
+    assert rows[-3]["event"] == "start" and rows[-3]["settings"]["steps"] == 2
+    assert rows[-3]["settings"]["lr"] == 0.003  # the run's, not a CLI default
+    assert [r["step"] for r in rows[-2:]] == [0, 1]
+
+
+def test_every_training_stage_leaves_its_metrics_log(tiny_run):
+    from surgery_edge.progress import read_metrics
+
+    logs = tiny_run[0] / "logs"
+    steps = {"pretrain": 1, "expert-digits": 2, "merge-adamerging_taskwise": 3}
+    steps |= {f"train-{m}-surgeryv2": 3 for m in MERGES} | {f"train-{m}-surgery": 6 for m in MERGES}
+    for stage, n in steps.items():
+        start, *rows = read_metrics(logs / f"{stage}.jsonl")
+        assert start["event"] == "start", stage
+        assert [r["step"] for r in rows] == list(range(n)), stage
+        assert all(r["loss"] > 0 and r["lr"] > 0 and r["elapsed_s"] >= 0 for r in rows), stage
+    (row, *_) = read_metrics(logs / "merge-adamerging_layerwise.jsonl")[1:]
+    assert list(row["loss_per_task"]) == ["digits", "shapes", "colours"]
+    assert sum(row["loss_per_task"].values()) == pytest.approx(row["loss"], rel=1e-5)
+
+
+def test_a_run_that_fails_on_its_data_leaves_no_folder(tmp_path):
+    run = tmp_path / "b32"
+    args = ["run", "paper_vit_b32", "--data-root", str(tmp_path / "none"), "--run", str(run)]
+    msg = user_error([*args, "--checkpoint-root", str(tmp_path)])
+    assert "does not exist" in msg and not run.exists()  # not even its config.json

@@ -141,7 +141,13 @@ def test_cuda_home_notice_is_dropped_and_nothing_else():
 
 
 def test_help_stays_torch_free():
-    code = "import sys; sys.modules['torch'] = None\nfrom surgery_edge.cli.app import main\nmain()"
+    """Help, and the completion and check of merge methods, never import torch (1.8 s)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from surgery_edge.cli.common import complete_merge_method, merge_method\n"
+        "assert complete_merge_method('ties') == [merge_method('ties_merging')]\n"
+        "from surgery_edge.cli.app import main\nmain()"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code, "info", "-h"], capture_output=True, text=True, timeout=120
     )
@@ -189,8 +195,9 @@ def test_the_readme_python_example_runs(engines, tmp_path, monkeypatch, capsys):
 def test_eval_keeps_the_engines_table_shows_progress_and_prints_json(
     tiny_run, tmp_path, monkeypatch
 ):
-    """`eval` rewrites the report with the exported engines while they are up to date, draws
-    its progress (unless -q), and --json prints report.json."""
+    """`eval` rewrites the report with the exported engines while they are up to date, shows
+    its progress on stderr (plain lines without a terminal; none with -q), and --json prints
+    report.json on stdout, which parses when piped with the progress on."""
     import shutil
 
     run = tmp_path / "run"
@@ -199,11 +206,20 @@ def test_eval_keeps_the_engines_table_shows_progress_and_prints_json(
     monkeypatch.delenv("SURGERY_EDGE_QUIET", raising=False)
     result = runner.invoke(app, ["eval", "--run", str(run)])
     assert result.exit_code == 0, result.output
-    assert "evaluation" in result.output and "report: " in result.output
+    assert result.stdout == f"report: {run / 'report.md'}\n"
+    n = 1 + 3 + 5 + 10  # pretrained, experts, merges, merges x surgeries
+    assert f"evaluation  {n}/{n}  100%  elapsed " in result.stderr  # a plain line, all columns
     assert "Exported engines" in (run / "report.md").read_text()
-    result = runner.invoke(app, ["-q", "eval", "--run", str(run), "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    piped = subprocess.run(  # the real command, stdout into a pipe, progress on
+        [sys.executable, "-m", "surgery_edge.cli", "eval", "--run", str(run), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "SURGERY_EDGE_QUIET"},
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert f"evaluation  {n}/{n}  100%" in piped.stderr
+    report = json.loads(piped.stdout)
     assert report == json.loads((run / "report.json").read_text())
     assert report["engines"]["engines"]  # the table's data
     # A summary that no longer matches the run is dropped from the report, never shown as current.
@@ -225,3 +241,70 @@ def test_nested_progress_bars_share_one_display(monkeypatch):
             outer.advance()
     with progress_bar(1, "after") as bar:  # the display was released
         bar.advance()
+
+
+def test_progress_without_a_terminal_is_plain_lines_on_stderr(monkeypatch, capsys):
+    """CI and log files get whole lines (every column, the step count), at the start, every
+    10% of the steps, every LINE_INTERVAL_S seconds while a step runs, and at the end."""
+    import time
+
+    from surgery_edge import progress
+
+    monkeypatch.delenv("SURGERY_EDGE_QUIET", raising=False)
+    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.05)
+    with progress.progress_bar(40, "training") as bar:
+        for _ in range(8):
+            bar.advance(loss=0.25)
+        time.sleep(0.6)  # a slow step: the log is not left silent
+        bar.advance(32)
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout is for results
+    lines = err.splitlines()
+    assert lines[0].startswith("training  0/40  0%  elapsed 0:00:00")
+    assert "training  4/40  10%" in err and "training  8/40  20%" in err
+    assert sum("8/40  20%" in line for line in lines) >= 2  # said again while the step ran
+    assert lines[-1].startswith("training  40/40  100%") and lines[-1].endswith("done  loss 0.25")
+    monkeypatch.setenv("SURGERY_EDGE_QUIET", "1")  # -q: no progress; messages on stderr
+    with progress.progress_bar(3, "quiet") as bar:
+        bar.advance(3)
+    progress.message("reusing merge y")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "reusing merge y\n"
+
+
+def test_a_missing_extra_is_named_with_exit_code_3():
+    from surgery_edge.cli.common import missing_extra
+
+    error = missing_extra(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert error.exit_code == 3 and "needs torch, which is not installed" in str(error)
+    assert "pip install 'surgery-edge[train]'" in str(error)
+    assert "the CPU build of torch" in str(error)
+    error = missing_extra(ModuleNotFoundError(name="pytriton.triton"))
+    assert "surgery-edge[serve]" in str(error)
+    assert missing_extra(ModuleNotFoundError(name="numpyy")) is None  # a bug, not an extra
+
+
+def test_one_version_everywhere():
+    """The package and the CHANGELOG's top release carry one version (the wheel's is read from
+    the package: tests/test_packaging.py), and it is not the version of the refused 0.1 engines
+    (test_info_describes_a_routed_engine: an engine records it)."""
+    from pathlib import Path
+
+    changelog = (Path(__file__).resolve().parents[2] / "CHANGELOG.md").read_text()
+    top = changelog.split("\n## ")[1].splitlines()[0]
+    assert f"({__version__})" in top or f"[{__version__}]" in top, top
+    assert __version__ != "0.1.0"
+
+
+def test_readme_runs_benchmark_scripts_as_they_can_be_run():
+    """A `benchmarks/*.py` command in the README starts with `python`, or the script is
+    executable with a shebang."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    for match in re.finditer(r"(python3? )?(benchmarks/[\w/]+\.py) (?=[-\w])", readme):
+        script = root / match.group(2)
+        runnable = script.read_text().startswith("#!") and os.access(script, os.X_OK)
+        assert match.group(1) or runnable, match.group(0)

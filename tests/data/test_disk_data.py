@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -363,3 +364,31 @@ def test_split_lists_as_resisc45_ships_them(tmp_path):
         load_disk_task(
             DiskTask("RESISC45", path=root, split_lists=lists[1:]), S, tmp_path / "cache"
         )
+
+
+def test_links_and_fifos_never_change_the_image_count(tmp_path):
+    """One ``loop -> .`` link made a class count its images 215 times instead of 15; two of
+    them, or a FIFO named like an image, hung the run."""
+    root = _make_task(tmp_path / "sat", train=False)
+    forest = root / "test" / "forest"
+    os.symlink(".", forest / "loop")
+    os.symlink("..", forest / "up")
+    os.symlink("../river", forest / "river_too")  # another class's images: not forest's
+    os.symlink("img0.png", forest / "again.png")  # the same image under a second name
+    os.mkfifo(forest / "zz.png")
+    os.symlink(".", root / "test" / "loop")  # a link in the split folder is no class either
+    with pytest.warns(UserWarning) as record:
+        data = _load(root, tmp_path / "cache")
+    assert data.test_y.tolist() == [0, 0, 1, 1, 2, 2]  # as without the links
+    (message,) = [str(w.message) for w in record]
+    assert "skipped 1 entries" in message and "zz.png (a FIFO (named pipe), not a file)" in message
+    assert "did not follow 4 links" in message
+
+
+def test_an_empty_cache_file_is_decoded_again(tmp_path):
+    root = _make_task(tmp_path / "sat", train=False)
+    first = np.array(_load(root, tmp_path / "cache").test_x)  # a copy: the map goes below
+    for path in (tmp_path / "cache").glob("*.x.npy"):
+        path.write_bytes(b"")  # numpy raises EOFError on it
+    again = _load(root, tmp_path / "cache")
+    np.testing.assert_array_equal(again.test_x, first)

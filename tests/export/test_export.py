@@ -324,6 +324,7 @@ def test_cli_export_refuses_adapters_scaled_by_1e30(tiny_run, tmp_path, precisio
     import shutil
 
     from surgery_edge.models.checkpoint import load_tensors, save_tensors
+    from surgery_edge.run.layout import RunLayout
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("engines", "*.png"))
@@ -331,6 +332,8 @@ def test_cli_export_refuses_adapters_scaled_by_1e30(tiny_run, tmp_path, precisio
     tensors, meta = load_tensors(adapters)
     meta.pop("format_version")
     save_tensors(adapters, {k: v * 1e30 for k, v in tensors.items()}, meta)
+    layout = RunLayout.open(run_dir)  # recorded as the run's own: as if training had made them
+    layout.checksums.record(adapters, layout.hashes)
     out = tmp_path / "x.onnx"
     args = ["export", "--run", str(run_dir), "--onnx", str(out), "--precision", precision]
     msg = " ".join(user_error(args).split())

@@ -1,5 +1,6 @@
 """Triton model repositories for the official container: parsed with Triton's own schema
-(``tritonclient.grpc.model_config_pb2``) and checked against the ONNX graph."""
+(``tritonclient.grpc.model_config_pb2``) and checked against the ONNX graph; the writer never
+replaces a folder it did not write."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ from typer.testing import CliRunner
 
 from surgery_edge.engine_format import read_onnx_metadata
 from surgery_edge.errors import ExportError, SurgeryEdgeError
-from surgery_edge.export.triton import TritonOptions, validate_repository, write_repository
+from surgery_edge.export.triton import (
+    MARKER,
+    TritonOptions,
+    validate_repository,
+    write_repository,
+)
 
 pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
@@ -86,16 +92,81 @@ def test_an_all_tasks_engine_on_cpus_names_its_classes(engines, tmp_path):
         assert (model / output.label_filename).read_text().splitlines() == list(names)
 
 
-def test_models_share_a_repository_and_are_replaced_whole(engines, tmp_path):
+def test_models_share_a_repository_and_only_its_own_are_replaced(engines, tmp_path):
     write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="a"))
     write_repository(engines["dir"] / "surgery-all-tasks.onnx", tmp_path, TritonOptions(name="b"))
-    write_repository(
-        engines["dir"] / "surgery-all-tasks.onnx", tmp_path, TritonOptions(name="a", max_batch=8)
+    again = (
+        engines["dir"] / "surgery-all-tasks.onnx",
+        tmp_path,
+        TritonOptions(name="a", max_batch=8),
     )
+    with pytest.raises(ExportError, match="pass --overwrite"):
+        write_repository(*again)
+    assert validate_repository(tmp_path)["a"].max_batch_size == 32
+    write_repository(*again, overwrite=True)
     configs = validate_repository(tmp_path)
     assert set(configs) == {"a", "b"} and configs["a"].max_batch_size == 8
     assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
     assert [o.name for o in configs["a"].output][0].startswith("logits_")
+    marker = json.loads((tmp_path / "a" / MARKER).read_text())
+    assert marker["engine"].endswith("surgery-all-tasks.onnx") and "1/model.onnx" in marker["files"]
+    # a file added to its folder since is not the writer's: kept, even with --overwrite
+    (tmp_path / "a" / "2").mkdir()
+    (tmp_path / "a" / "2" / "model.onnx").write_bytes(b"a user's second version")
+    with pytest.raises(ExportError, match=r"also holds 2/, which"):
+        write_repository(*again, overwrite=True)
+    assert (tmp_path / "a" / "2" / "model.onnx").read_bytes() == b"a user's second version"
+
+
+def test_a_folder_it_did_not_write_is_never_replaced(engines, tmp_path):
+    """A user's folder, a run's ``engines`` and ``checkpoints`` (on a copy of the run), a file
+    or a link where the model folder goes: refused with exit 2 naming it, with or without
+    --overwrite, and nothing in them changes."""
+    run = tmp_path / "run"
+    shutil.copytree(engines["dir"].parent, run)
+    engine = run / "engines" / "surgeryv2-routed.onnx"
+    user = tmp_path / "repo" / "mine"
+    user.mkdir(parents=True)
+    (user / "notes.txt").write_text("keep me")
+    (tmp_path / "repo" / "afile").write_text("a file")
+    (tmp_path / "repo" / "alink").symlink_to(user)
+
+    def snapshot(folder):
+        return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(run), snapshot(tmp_path / "repo")
+    cases = [(run, "engines", "not written by"), (run, "checkpoints", "not written by"),
+             (tmp_path / "repo", "mine", "not written by"),
+             (tmp_path / "repo", "afile", "is not a folder"),
+             (tmp_path / "repo", "alink", "is not a folder")]  # fmt: skip
+    for out, name, message in cases:
+        for overwrite in ([], ["--overwrite"]):
+            args = ["triton-repo", str(engine), "--out", str(out), "--name", name, *overwrite]
+            said = " ".join(user_error(args).split())
+            assert message in said and str(out / name) in said, said
+    assert (snapshot(run), snapshot(tmp_path / "repo")) == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        p.name for p in engines["dir"].parent.iterdir()
+    )  # no staged or half-written folder left either
+    with pytest.raises(SurgeryEdgeError, match="is a file, not a folder"):
+        write_repository(engine, tmp_path / "repo" / "afile", TritonOptions(name="m"))
+
+
+def test_tasks_whose_label_files_collide_are_refused(engines, tmp_path):
+    """Tasks ``a b`` and ``A_b`` would both be ``labels_a_b.txt`` (on a file system that
+    ignores case): refused, nothing written."""
+    meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"stand-in for a serialized TensorRT engine")
+    sidecar = {**meta, "tasks": ["a b", "A_b", "c"]}
+    (tmp_path / "engine.plan.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ExportError, match=r"'a b' and 'A_b' .* share the label file labels_A_b"):
+        write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
+    assert not (tmp_path / "repo" / "engine").exists()
+    (tmp_path / "engine.plan.json").write_text(json.dumps({**sidecar, "tasks": ["a b", "ab", "c"]}))
+    model = write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
+    labels = json.loads(parse(model).parameters["task_labels"].string_value)
+    assert labels == {"a b": "labels_a_b.txt", "ab": "labels_ab.txt", "c": "labels_c.txt"}
 
 
 def test_weights_in_an_external_file_travel_with_the_graph(engines, tmp_path):
@@ -118,7 +189,9 @@ def test_weights_in_an_external_file_travel_with_the_graph(engines, tmp_path):
 def test_validation_finds_a_config_that_does_not_fit_the_engine(engines, tmp_path):
     model = write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path)
     text = (model / "config.pbtxt").read_text()
-    (model / "config.pbtxt").write_text(text.replace("dims: [3, 16, 16]", "dims: [3, 32, 32]"))
+    (model / "config.pbtxt").write_text(
+        text.replace("dims: 16\n  dims: 16", "dims: 32\n  dims: 32")
+    )
     with pytest.raises(ExportError, match=r"config.pbtxt.*inputs"):
         validate_repository(tmp_path)
     (model / "config.pbtxt").write_text(text.replace("max_batch_size", "max_batch"))
@@ -186,8 +259,46 @@ def test_export_writes_a_triton_repository(run, tmp_path):
     shutil.rmtree(tmp_path / "repo", ignore_errors=True)
     args = ["export", "--run", str(run.layout.root), "--onnx", str(tmp_path / "e.onnx")]
     args += ["--triton-repo", str(tmp_path / "repo"), "--triton-kind", "cpu", "--max-batch", "8"]
+    (tmp_path / "repo" / "e").mkdir(parents=True)  # a folder of the model's name, not its own
+    assert "not written by" in user_error(args)
+    assert not (tmp_path / "e.onnx").exists()  # refused before any export work
+    (tmp_path / "repo" / "e").rmdir()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = validate_repository(tmp_path / "repo")["e"]
     assert config.max_batch_size == 8 and list(config.dynamic_batching.preferred_batch_size) == [8]
     assert config_io(config) == graph_io(tmp_path / "e.onnx")
+
+
+def test_config_text_is_protobufs_and_the_fallback_writes_the_same(engines, monkeypatch):
+    """Every config (routed, all-tasks with label files, the accelerator's string map, the
+    serving repository's Python models) is written by protobuf's text_format over
+    tritonclient's schema; without tritonclient the hand writer gives the same message."""
+    from surgery_edge.export.triton import engine_io, model_config
+    from surgery_edge.runtime import serving, triton_config
+    from surgery_edge.runtime.serving import ServeOptions
+
+    configs = []
+    for file in ("surgeryv2-routed.onnx", "surgery-all-tasks.onnx"):
+        engine = engines["dir"] / file
+        meta = read_onnx_metadata(engine)
+        labels = {t: f"labels_{t}.txt" for t in meta.tasks}
+        graph = engine_io(engine, "onnx", meta)
+        opts = TritonOptions(preferred_batches=(4,), accelerator_fp16=True)
+        configs.append(model_config("m", "onnx", meta, graph, labels, opts))
+        serve = ServeOptions(preferred_batches=(2, 4), threads=1)
+        configs.append(serving._engine_config("e", engine, meta, serve))
+        configs.append(serving._task_config(meta.tasks[0], "e", meta, serve))
+    written = [triton_config.to_pbtxt(c) for c in configs]
+    assert all(text == text_format.MessageToString(parse_text(text)) for text in written)
+    monkeypatch.setattr(triton_config, "model_config_pb2", lambda: None)
+    by_hand = [triton_config.to_pbtxt(c) for c in configs]
+    assert by_hand != written  # the fallback really ran
+    assert [parse_text(t) for t in by_hand] == [parse_text(t) for t in written]
+    monkeypatch.undo()
+    with pytest.raises(ExportError, match="not a Triton model config"):
+        triton_config.to_pbtxt({"name": "m", "max_batch": 4})
+
+
+def parse_text(text: str) -> pb2.ModelConfig:
+    return text_format.Parse(text, pb2.ModelConfig())

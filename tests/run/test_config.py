@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from surgery_edge.errors import ConfigError
@@ -90,3 +93,41 @@ def test_bad_settings_fail_when_the_file_is_read(tmp_path, settings, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         load_config(path)
     assert "bad.yaml" in str(info.value)
+    # one sentence per setting, named by its dotted key; none of pydantic's URLs or wording
+    assert "pydantic.dev" not in str(info.value) and "Input should" not in str(info.value)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, n in zip("abcdefgh", "bcdefghi")
+)  # 470 bytes that expanded to 14.7 GB before exiting 2
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda p: p.write_text(BOMB), r"line 2: the alias \*a is not allowed"),
+        (lambda p: p.write_text("x: " + "y" * (1 << 20)), "a run config is a few kB"),
+        (lambda p: os.mkfifo(p), r"is a FIFO \(named pipe\), not a file"),  # never opened
+        (lambda p: os.symlink("/dev/null", p), "is a character device, not a file"),
+        (lambda p: p.mkdir(), "is a folder, not a file"),
+    ],
+)
+def test_a_config_is_checked_before_yaml_and_pydantic_read_it(tmp_path, make, pattern):
+    from cli_checks import user_error
+
+    path = tmp_path / "cfg.yaml"
+    make(path)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path)
+    out = tmp_path / "never"
+    assert re.search(pattern, user_error(["run", str(path), "--out", str(out)]).replace("\n", " "))
+    assert not out.exists()
+
+
+def test_every_shipped_recipe_loads_without_aliases():
+    from surgery_edge.run.config import shipped_configs
+
+    roots = {"data.root": "/data", "checkpoints.root": "/checkpoints"}
+    for path in shipped_configs().values():
+        assert load_config(path, roots).data.tasks

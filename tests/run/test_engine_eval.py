@@ -55,7 +55,10 @@ def test_demo_hook_evaluates_every_engine(engines):
         for key, entry in engine.items():
             if not key.startswith("onnx"):
                 continue
-            assert "error" not in entry, (name, key, entry)
+            if "error" in entry:  # only the publishing gate may refuse one (micro model: ties)
+                assert f"task '{entry['check']['worst_task']}'" in entry["error"], (name, key)
+                assert not (engines["dir"] / f"{name}-{key.partition('-')[2]}.onnx").exists()
+                continue
             evaluation = entry["evaluation"]
             assert set(evaluation["per_task"]) == set(evaluation["pytorch"]["per_task"])
             assert evaluation["precision"] == (key.partition("-")[2] or "fp32")

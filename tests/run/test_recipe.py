@@ -162,7 +162,7 @@ def test_run_imports_merges_trains_evaluates_and_exports(recipe_run, files):
     assert ref[("traditional_mtl", "none")]["measured_avg"] is None
     assert ref[("individual", "none")]["published_avg"] == published[("individual", "none")]["avg"]
     md = (out / "report.md").read_text()
-    assert "Published figures beside this run's" in md and "| Task Arithmetic |" in md
+    assert "Published figures beside this run's" in md and "| Task Arithmetic [" in md
     # Engines: exported from the imported experts, parity measured on the decoded test images.
     summary = json.loads((out / "engines" / "summary.json").read_text())
     v2 = summary["engines"]["surgeryv2-routed"]["onnx"]["parity"]

@@ -382,7 +382,9 @@ def test_14_1_v1_adapters_where_v2_belong_are_refused(copy):
     assert "'surgery' adapters, not 'surgeryv2' ones" in text
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random bytes", "NaN values", "no record"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "zero bytes", "random bytes", "NaN values", "no record"]
+)
 def test_14_1_a_damaged_representation_cache_is_rebuilt_never_trusted(run, tmp_path, damage):
     from surgery_edge.run.pipeline import Run, expert_representations
 
@@ -396,6 +398,8 @@ def test_14_1_a_damaged_representation_cache_is_rebuilt_never_trusted(run, tmp_p
     path = Path(good.final.filename)
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:-40])
+    elif damage == "zero bytes":  # numpy's EOFError ended `train` in a bare "Aborted."
+        path.write_bytes(b"")
     elif damage == "random bytes":
         data = path.read_bytes()
         header = len(data) - final.nbytes
@@ -564,3 +568,154 @@ def test_14_2_cli_numbers_out_of_range_are_refused_before_any_work(copy, option)
 def test_14_2_other_numbers_out_of_range_are_refused(copy, args, pattern):
     command, *rest = args
     assert re.search(pattern, user_error([command, "--run", str(copy), *rest]))
+
+
+# =============================================================================================
+# Issue 41: inputs that lie to a run; issue 33: stale trust, distributed stops
+# =============================================================================================
+
+
+def _noise(tensors):  # finite noise, the metadata kept: what a hand edit or a bad copy does
+    g = torch.Generator().manual_seed(0)
+    for key, t in tensors.items():
+        tensors[key] = t + 1e-2 * torch.randn(t.shape, generator=g)
+
+
+def _rotate(tensors):  # a head whose classes are rotated: its rows shifted by one
+    tensors["weight"], tensors["bias"] = tensors["weight"].roll(1, 0), tensors["bias"].roll(1, 0)
+
+
+AS_MADE = [
+    "--merge",
+    "task_arithmetic",
+    "--surgery",
+    "surgeryv2",
+    "--rank",
+    "4",
+    "--steps",
+    "3",
+    "--batch-size",
+    "4",
+    "--lr",
+    "0.003",
+]  # fmt: skip (the tiny run's own settings)
+ADAPTERS = "adapters/task_arithmetic/surgeryv2.safetensors"
+HEAD, MERGED = "checkpoints/heads/shapes.safetensors", "merged/task_arithmetic.safetensors"
+EXPERT = "checkpoints/experts/digits.safetensors"
+RETRAIN = "train --run {run} --merge task_arithmetic --surgery surgeryv2 --overwrite"
+REMERGE = "merge --run {run} --method task_arithmetic --overwrite"
+REMAKE_EXPERTS = "experts --out {run} --overwrite"
+EXPORT = ["export", "--surgery", "none", "--onnx", "{run}/x.onnx"]
+
+
+@pytest.mark.parametrize(
+    "file, change, command, remake",
+    [  # noisy adapters: train said "reusing", eval gave 81.7 for 88.9, export exported them
+        (ADAPTERS, _noise, ["train", *AS_MADE], RETRAIN),
+        (ADAPTERS, _noise, ["eval"], RETRAIN),
+        (ADAPTERS, _noise, ["export", "--onnx", "{run}/x.onnx"], RETRAIN),
+        (HEAD, _rotate, ["eval"], REMAKE_EXPERTS),  # rotated classes: 78.9, and exported
+        (HEAD, _rotate, EXPORT, REMAKE_EXPERTS),
+        (MERGED, _noise, ["train", *AS_MADE], REMERGE),
+        (EXPERT, _noise, ["merge", "--method", "ties_merging"], REMAKE_EXPERTS),  # was 2 hashes
+    ],
+)
+def test_41_3_a_checkpoint_that_changed_since_the_run_made_it_is_refused(
+    copy, file, change, command, remake
+):
+    rewrite(copy / file, change_tensors=change)
+    before = files_under(copy)
+    name, *rest = (arg.format(run=copy) for arg in command)
+    text = " ".join(user_error([name, "--run", str(copy), *rest]).split())  # one paragraph
+    assert f"{file} is not the file this run made: its content changed" in text
+    assert f"surgery-edge {remake.format(run=copy)}" in text
+    assert files_under(copy) - before <= {"cache/hashes.json"}  # nothing made from it
+
+
+def _edit_in_place(path: Path) -> None:
+    """Change the last float32 of ``path`` in place, keeping its size, inode and mtime."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        value = np.frombuffer(f.read(4), np.float32)[0]
+        f.seek(-4, os.SEEK_END)
+        f.write(np.float32(value + 0.5).tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_ino == st.st_ino and path.stat().st_size == st.st_size
+
+
+def test_33_7_what_an_engine_or_adapters_are_made_from_is_hashed_from_its_bytes(copy, tmp_path):
+    """A file changed in place with its mtime restored kept its hash in the stat cache: adapters
+    trained on the old merge were exported with the new one, a changed cache was trained on."""
+    from surgery_edge.io import HashCache
+
+    hashes = HashCache(copy / "cache" / "hashes.json")
+    merged = copy / "merged/task_arithmetic.safetensors"
+    entry = next((copy / "cache").glob("shapes-adapt-*.final.npy"))
+    old = {p: hashes.digest(p) for p in (merged, entry)}  # the run has hashed them before
+    for path in old:
+        _edit_in_place(path)
+    assert {p: HashCache(hashes.store).digest(p) for p in old} == old  # the stat cache trusts
+    text = user_error(["export", "--run", str(copy), "--onnx", str(tmp_path / "x.onnx")])
+    assert "merged/task_arithmetic.safetensors is not the file this run made" in text
+    assert not (tmp_path / "x.onnx").exists()  # refused before the export, not after it
+    out = ok(["train", "--run", str(copy), "--merge", "weight_averaging", "--surgery", "surgery",
+              "--steps", "2", "--adapters", str(tmp_path / "a.safetensors")])  # fmt: skip
+    assert re.search(r"warning: Representation cache .*shapes-adapt-.* changed .*; rebuilt", out)
+    assert HashCache(hashes.store).digest(entry) == old[entry]  # rebuilt as it was made
+
+
+@pytest.mark.parametrize("damage", ["64 flipped bytes", "finitely perturbed"])
+def test_41_4_a_resume_state_that_changed_is_not_resumed(copy, tmp_path, monkeypatch, damage):
+    """It resumed, then stopped on a NaN loss advising a lower learning rate (flipped bytes),
+    or resumed silently (perturbed): every tensor then differed from the uninterrupted run."""
+    import zipfile
+
+    out = tmp_path / "a.safetensors"
+    train = ["train", "--run", str(copy), "--merge", "task_arithmetic", "--surgery", "surgery"]
+    train += ["--rank", "4", "--steps", "8", "--checkpoint-every", "2", "--adapters", str(out)]
+    _interrupt_training_after(monkeypatch, 5)
+    assert runner.invoke(app, train).exit_code == 130
+    monkeypatch.undo()
+    state = out.with_name(out.name + ".state.pt")
+    if damage == "64 flipped bytes":  # in the largest tensor's bytes: torch.load still reads it
+        tensors = [i for i in zipfile.ZipFile(state).infolist() if "/data/" in i.filename]
+        info = max(tensors, key=lambda i: i.file_size)
+        data = bytearray(state.read_bytes())
+        head = info.header_offset  # a zip entry's data follows its 30-byte header, name, extra
+        at = head + 30 + int.from_bytes(data[head + 26 : head + 28], "little")
+        at += int.from_bytes(data[head + 28 : head + 30], "little")
+        data[at : at + 64] = bytes(b ^ 0xFF for b in data[at : at + 64])
+        state.write_bytes(data)
+    else:
+        saved = torch.load(state, weights_only=True)
+        saved["bank"] = {k: v + 1e-3 for k, v in saved["bank"].items()}
+        torch.save(saved, state)
+    torch.load(state, weights_only=True)  # readable: only its digest tells
+    said = ok([*train, "--resume"])
+    assert "not resuming from" in said and "does not match the digest it was saved with" in said
+    assert "from step 0" in said
+
+
+def test_41_5_messages_name_the_problem_before_any_work(copy, tmp_path, monkeypatch, engines):
+    import surgery_edge.run.engine_eval
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before the output was checked")
+
+    monkeypatch.setattr(surgery_edge.run.engine_eval, "evaluate_engine", never)
+    engine = str(engines["dir"] / "surgeryv2-routed.onnx")
+    text = user_error(["eval-engine", engine, "--run", str(copy), "--out", str(tmp_path)])
+    assert "is a folder" in text  # was an IsADirectoryError after 18 s of evaluation
+    os.mkfifo(tmp_path / "engine.onnx")  # was "does not exist"; never opened (it would block)
+    text = user_error(["eval-engine", str(tmp_path / "engine.onnx"), "--run", str(copy)])
+    assert "engine.onnx is a FIFO (named pipe), not a file" in text
+    text = user_error(["train", "--run", str(copy), "--device", "cuda"])
+    assert "[gpu]" not in text and "GPU" in text  # no extra of that name exists
+    (copy / "checksums.json").unlink()  # a run made before records: the merge's provenance
+    rewrite(copy / "checkpoints/experts/digits.safetensors", change_tensors=_noise)
+    text = " ".join(user_error(["merge", "--run", str(copy), "--method", "ties_merging"]).split())
+    assert (
+        "the expert checkpoints (pretrained, experts or heads) are not those it was made from"
+        in text
+    )

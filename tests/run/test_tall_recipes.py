@@ -51,12 +51,14 @@ def test_each_recipe_lists_its_suite_and_validates(name, monkeypatch, tmp_path):
     table = published_table(config.reference)
     assert config.reference == name.removesuffix(".yaml")
     assert table["tasks"] == list(RECIPES[name]) and "FusionBench" in table["source"]
-    assert {(r["method"], r["surgery"]) for r in table["rows"]} == {
-        ("pretrained", "none"),
-        ("individual", "none"),
-    }  # no merged figures: none were verified
-    labels = [r["label"] for r in table["rows"]]
-    assert "Individual (TALL-masks checkpoints)" in labels and "tall_masks" in table["source"]
+    rows = {r["label"]: r for r in table["rows"]}
+    assert "tall_masks" in rows["Individual (TALL-masks checkpoints)"]["source"]
+    # the published Surgery and expert averages on this suite, with their source
+    surgery = rows["Surgery w/ AdaMerging"]
+    assert (surgery["method"], surgery["surgery"]) == ("adamerging_layerwise", "surgery")
+    assert surgery["per_task"] is None and 80 < surgery["avg"] < 95
+    assert "SyMerge" in surgery["source"] and "030586f" in surgery["source"]
+    assert rows["Individual (SyMerge's table)"]["avg"] > surgery["avg"]
     assert config.name.endswith(f"tall{len(RECIPES[name])}")
     for task in RECIPES[name]:
         assert templates_for(task) != templates_for("no such task"), task
@@ -204,7 +206,12 @@ def test_the_20_task_recipe_runs_end_to_end(tmp_path):
     }
     assert ref["Individual (TALL-masks checkpoints)"]["per_task"]["PCAM"]["published"] == 87.88
     assert ref["Pre-trained (zero-shot)"]["per_task"]["KMNIST"]["published"] == 9.95
-    assert "FusionBench" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "FusionBench" in md and "SyMerge project page" in md
+    # an average-only row: a dash in every task column, the published average in the last
+    line = next(ln for ln in md.splitlines() if ln.startswith("| Surgery w/ AdaMerging ["))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert all(c.endswith("/ –") for c in cells[1:-1]) and cells[-1].endswith("/ 84.5")
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))

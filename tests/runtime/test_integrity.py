@@ -7,8 +7,8 @@ an engine the tiny run exported, through ``runtime.load``, ``surgery-edge predic
 "unsealed" edits are what a user (or a damaged copy) does to the file: the export's digest no
 longer matches. "resealed" ones recompute the digest after the edit (the digest is a checksum,
 not a signature), to show the checks behind it: a graph whose input size disagrees with its
-metadata, an element type ONNX does not define. Duplicate task names are refused by the
-metadata's own validation, before the digest is checked.
+metadata, an element type ONNX does not define (ONNX Runtime's own refusal). Duplicate task
+names are refused by the metadata's own validation, before the digest is checked.
 """
 
 from __future__ import annotations
@@ -201,16 +201,7 @@ CASES = [
         ROUTED,
         _graph_edit(lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", 999), True),
         2,
-        "'images' has element type 999, which is no ONNX tensor type",
-        via=("info",),
-    ),
-    Case(
-        "unknown element type, resealed, loaded",
-        ROUTED,
-        _graph_edit(lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", 999), True),
-        2,
-        "not a readable ONNX model .*Invalid tensor data type 999",
-        via=("load", "predict"),
+        r"not a readable ONNX (model|file) \(.*Invalid tensor data type 999",
     ),
     Case(
         "integrity record removed",
@@ -329,7 +320,7 @@ def test_external_weights_travel_sealed(engines, tmp_path):
     (tmp_path / "big.onnx.data").unlink()
     with pytest.raises(ExportError, match=r"External data path does not exist.*big\.onnx\.data"):
         load(path, device="cpu")  # ONNX Runtime's own message, as its session is created first
-    assert "keeps its weights in big.onnx.data, which is not beside it" in " ".join(
+    assert "its weights file (big.onnx.data) may be missing" in " ".join(
         user_error(["info", str(path)]).split()
     )
 

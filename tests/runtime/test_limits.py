@@ -110,3 +110,71 @@ def test_predict_cli_answers_the_good_images_and_names_the_bomb(engines, tmp_pat
         ["predict", str(engine), str(good), "--task", "shapes", "--max-pixels", "100"]
     )
     assert "max_pixels=100" in out
+
+
+def test_the_http_front_checks_a_kserve_request_against_the_model():
+    """The front's check, without a server: every input bounded by the model's config (name,
+    dims, batch 1..max_batch), the JSON shaped as KServe v2 says; binary tensors are sized by
+    Triton against the (checked) shape."""
+    import json
+
+    from surgery_edge.runtime.http_front import ModelLimits, check_inference
+
+    limits = ModelLimits(max_batch=4, inputs={"images": (3, 2, 2), "task_ids": (1,)})
+    images = {"name": "images", "shape": [1, 3, 2, 2], "datatype": "FP32", "data": [0.5] * 12}
+    ids = {"name": "task_ids", "shape": [1, 1], "datatype": "INT64", "data": [[2]]}
+
+    def check(header, binary: bytes = b"", length: str | None = None) -> str | None:
+        body = (header if isinstance(header, bytes) else json.dumps(header).encode()) + binary
+        return check_inference("engine", limits, body, length)
+
+    assert check({"inputs": [images, ids], "outputs": [{"name": "logits"}]}) is None
+    assert check({"inputs": [{**images, "shape": [4, 3, 2, 2], "data": [[1] * 12] * 4}]}) is None
+    binary = {**images, "parameters": {"binary_data_size": 48}}
+    binary.pop("data")
+    header = json.dumps({"inputs": [binary]}).encode()
+    assert check(header, bytes(48), str(len(header))) is None
+    refused = {
+        "the request body is not JSON": [b"{oops", b"\xff\xfe", b"[" * 100_000],
+        "non-empty 'inputs' list": [{"inputs": []}, {"inputs": {}}, [images]],
+        "has no input 'pixels'": [{"inputs": [{**images, "name": "pixels"}]}],
+        "unexpected shape": [{"inputs": [{**images, "shape": s}]} for s in
+                             ([2**31], [1, 3, 2, 2**31], [5, 3, 2, 2], [0, 3, 2, 2],
+                              [1, 3, 2], [1.0, 3, 2, 2], [True, 3, 2, 2], "1,3,2,2", None)]
+                            + [{"inputs": [images, {**ids, "shape": [2**31, 1]}]}],
+        "no 'datatype'": [{"inputs": [{**images, "datatype": None}]}],
+        "'data' must be": [{"inputs": [{**images, "data": d}]} for d in
+                           ("abc", [0.5] * 11, ["a"] * 12, [True] * 12, None)]
+                          + [{"inputs": [{**ids, "data": [2.5]}]}],
+        "'outputs' must be": [{"inputs": [images], "outputs": "logits"},
+                              {"inputs": [images], "outputs": [{"name": 1}]}],
+        "'parameters' must be": [{"inputs": [images], "parameters": [1]}],
+        "each input is a JSON object": [{"inputs": [[1]]}, {"inputs": [{**images, "name": 3}]}],
+    }  # fmt: skip
+    for message, headers in refused.items():
+        for h in headers:
+            why = check(h)
+            assert why is not None and message in why, (h, why)
+            assert len(why) < 300  # one line, whatever the client sent
+    assert "not a length" in check(header, bytes(48), "99999")
+    assert "not a length" in check(header, bytes(48), "-1")
+    # an unknown datatype is Triton's to name (400); its data are not counted here
+    assert check({"inputs": [{**images, "datatype": "FP8X"}]}) is None
+
+
+def test_the_http_front_inflates_within_its_limit():
+    """gzip and deflate bodies are inflated by zlib told the most it may write: a stream that
+    would be larger is refused after ``limit + 1`` bytes; a truncated stream, or one with
+    bytes after its end, is not taken."""
+    import gzip
+    import zlib
+
+    from surgery_edge.runtime.http_front import _WBITS, _inflate
+
+    body = b'{"inputs": []}' * 100
+    for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        assert _inflate(packed, _WBITS[encoding], len(body)) == body
+        assert _inflate(packed, _WBITS[encoding], len(body) - 1) is True
+        assert _inflate(packed[:-6], _WBITS[encoding], 10**6) is False  # truncated
+        assert _inflate(packed + b"x", _WBITS[encoding], 10**6) is False
+    assert _inflate(b"not deflate at all", _WBITS["deflate"], 10**6) is False

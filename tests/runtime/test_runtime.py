@@ -171,7 +171,7 @@ def test_unreadable_images_are_named_and_the_rest_answered(routed, known, tmp_pa
     assert "missing.png" in results[2].error and "does not exist" in results[2].error
     assert "not an image" in results[3].error and "(7,)" in results[3].error
     assert results[1]["colours"].label == label
-    assert results[0].to_dict() == {"image": str(broken), "error": results[0].error}
+    assert results[0].to_dict() == {"source": str(broken), "error": results[0].error}
 
 
 def test_predict_never_runs_an_external_decoder(engines, known, tmp_path, monkeypatch):
@@ -242,14 +242,15 @@ def test_cli_predicts_a_known_image(engines, known):
     assert result.stdout.split("\t")[:3] == [str(path), "shapes", label]
     result = runner.invoke(app, ["predict", engine, str(path), "--task", "1", "--json"])
     assert result.exit_code == 0, result.output
-    (answer,) = json.loads(result.stdout)
+    (line,) = result.stdout.splitlines()  # JSON Lines: one object per image
+    answer = json.loads(line)
     shapes = answer["predictions"]["shapes"]
-    assert answer["image"] == str(path) and shapes["label"] == label
+    assert answer["source"] == str(path) and shapes["label"] == label
     assert shapes["index"] == int(np.argmax(probs))
     np.testing.assert_allclose(shapes["probs"], probs, atol=1e-5)
     result = runner.invoke(app, ["predict", engine, str(path), "--all-tasks", "--json"])
     assert result.exit_code == 0, result.output
-    assert list(json.loads(result.stdout)[0]["predictions"]) == ["digits", "shapes", "colours"]
+    assert list(json.loads(result.stdout)["predictions"]) == ["digits", "shapes", "colours"]
 
 
 def test_cli_predict_bad_input(engines, known, tmp_path):

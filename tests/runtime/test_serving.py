@@ -3,10 +3,17 @@ only, every wait bounded. The request handling is also tested without a server."
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
+import struct
 import time
+import urllib.error
 import urllib.request
+import zlib
+from http.client import HTTPConnection
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,6 +230,148 @@ def test_a_bad_request_fails_alone(server, http, predictors):
     np.testing.assert_allclose(answer.as_numpy("logits"), want, atol=1e-5)
 
 
+def gzip_bomb(mib: int) -> bytes:
+    """A gzip stream of ``mib`` MiB of zeros, about a thousandth of that in size, built without
+    holding what it inflates to: one MiB compressed and fully flushed (which resets the
+    compressor, so every MiB gives the same bytes), repeated."""
+    zeros = bytes(1 << 20)
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = raw.compress(zeros) + raw.flush(zlib.Z_FULL_FLUSH)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    trailer = struct.pack("<II", _zeros_crc32(mib), (mib << 20) & 0xFFFFFFFF)
+    return header + block * mib + raw.flush() + trailer
+
+
+def _zeros_crc32(mib: int) -> int:
+    """The CRC-32 of ``mib`` MiB of zeros without reading them: adding a MiB of zeros is an
+    affine map of the CRC over GF(2) (``zlib.crc32`` gives its columns), raised to ``mib`` by
+    squaring."""
+    zeros = bytes(1 << 20)
+
+    def apply(columns: list[int], offset: int, x: int) -> int:
+        for i in range(32):
+            if x >> i & 1:
+                offset ^= columns[i]
+        return offset
+
+    offset = zlib.crc32(zeros, 0)
+    columns = [zlib.crc32(zeros, 1 << i) ^ offset for i in range(32)]
+    crc = 0
+    while mib:
+        if mib & 1:
+            crc = apply(columns, offset, crc)
+        columns, offset = [apply(columns, 0, c) for c in columns], apply(columns, offset, offset)
+        mib >>= 1
+    return crc
+
+
+def _peak_rss_reset() -> bool:
+    """Reset this process's peak RSS (VmHWM), where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_mb(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M)[1]) / 1024
+
+
+def test_hostile_requests_are_refused_before_the_engine(server, http, predictors):
+    """What took the server down or grew it by gigabytes: KServe JSON declaring 2^31 images,
+    1x3x32x2^31, 2^31 task ids; a body that is not JSON (Triton's own answer: 500); a 1 MB
+    gzip body inflating to 1 GiB. The HTTP front (in this process) refuses each with 400 or
+    413 and a one-line message, reading at most --max-request-mb of the bomb; after each the
+    server is ready and answers a normal request."""
+    import gzip
+
+    assert gzip.decompress(gzip_bomb(5)) == bytes(5 << 20)  # the builder makes real gzip
+    images_input = {"name": "images", "datatype": "FP32", "data": [0.0]}
+    good = {"name": "images", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0] * 768}
+    cases = [
+        ("v1", {"inputs": [{**images_input, "shape": [2**31]}]}, 400, "unexpected shape"),
+        ("v1", {"inputs": [{**images_input, "shape": [1, 3, 32, 2**31]}]}, 400,
+         "expected [B, 3, 16, 16] with B from 1 to 16"),
+        ("engine", {"inputs": [good, {"name": "task_ids", "shape": [2**31, 1], "datatype": "INT64",
+                                      "data": [0]}]}, 400, "'task_ids' of model 'engine'"),
+        ("v1", b"{not json", 400, "not JSON"),
+        ("v1", {"inputs": [{**good, "data": "abc"}]}, 400, "'data' must be an array"),
+        ("v1", ("gzip", gzip_bomb(1025)), 413, "larger than 67108864 bytes"),
+        ("v1", ("br", b"\x0b\x02\x80{}\x03"), 415, "'br' is not taken"),
+    ]  # fmt: skip
+    host, port = server.http_url.rsplit(":", 1)
+    x = images(2, seed=9)
+    want = predictors["engine"].routed_logits(x, np.array([2, 0]))
+    for model, body, status, message in cases:
+        headers = {"Content-Type": "application/json"}
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        elif isinstance(body, tuple):
+            headers["Content-Encoding"], body = body
+        if status == 413:
+            assert len(body) < 1.1e6
+            measured = _peak_rss_reset()
+            before = _rss_mb("VmRSS")
+        connection = HTTPConnection(host, int(port), timeout=TIMEOUT_S)
+        connection.request("POST", f"/v2/models/{model}/infer", body=body, headers=headers)
+        reply = connection.getresponse()
+        answer = json.loads(reply.read())
+        connection.close()
+        assert (reply.status, message in answer["error"]) == (status, True), answer
+        if status == 413 and measured:  # the front inflated 64 MiB of the bomb, not 1 GiB
+            assert _rss_mb("VmHWM") - before < 400
+        assert http.is_server_ready() and all(http.is_model_ready(m) for m in server.models)
+        got = http.infer("engine", engine_inputs(httpclient, x, [2, 0])).as_numpy("logits")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # a client's compressed request and answer pass the front both ways
+    got = http.infer("engine", engine_inputs(httpclient, x, [2, 0]),
+                     request_compression_algorithm="gzip",
+                     response_compression_algorithm="gzip").as_numpy("logits")  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_are_reachable_with_the_access_token(server):
+    """Triton's statistics and repository API want PyTriton's token: the server writes it to
+    a 0600 file that ``serve`` names, and it passes the HTTP front."""
+    token = server.token_file.read_text().strip()
+    assert token == server.access_token and server.token_file.stat().st_mode & 0o777 == 0o600
+    assert str(server.token_file) in "\n".join(server.describe())
+    url = f"http://{server.http_url}/v2/models/engine/stats"
+    with pytest.raises(urllib.error.HTTPError, match="restricted|403|401|400"):
+        urllib.request.urlopen(url, timeout=TIMEOUT_S)
+    asked = urllib.request.Request(url, headers={"triton-access-token": token})
+    with urllib.request.urlopen(asked, timeout=TIMEOUT_S) as reply:
+        stats = json.loads(reply.read())
+    assert stats["model_stats"][0]["name"] == "engine"
+
+
+def test_grpc_requests_are_bounded_by_triton(server):
+    """gRPC does not pass the HTTP front: Triton itself refuses the same shapes before it
+    allocates (INVALID_ARGUMENT), and the server stays ready."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    channel = grpc.insecure_channel(server.grpc_url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    cases = [("v1", {"images": [2**31]}), ("v1", {"images": [1, 3, 32, 2**31]}),
+             ("engine", {"images": [1, 3, 16, 16], "task_ids": [2**31, 1]})]  # fmt: skip
+    for model, shapes in cases:
+        request = service_pb2.ModelInferRequest(model_name=model)
+        for name, shape in shapes.items():
+            tensor = request.inputs.add(name=name, shape=shape)
+            tensor.datatype = "FP32" if name == "images" else "INT64"
+            request.raw_input_contents.append(bytes(3072 if shape[0] == 1 else 8))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=TIMEOUT_S)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    assert client.is_server_ready()
+    client.close()
+
+
 # --- the repository and the request handling, without a server ------------------------------
 
 
@@ -411,18 +560,77 @@ def test_model_counters_are_summed_and_sent_off_the_request_path():
     assert len(warnings) == 1 and "v1: metrics not sent: the server went away" in warnings[0]
 
 
+def test_a_failed_start_names_each_model_and_the_servers_message(engines, tmp_path):
+    """From Triton's log (lines as Triton 2.51 writes them): a model whose stub failed to
+    initialise and one whose config was refused, each named with the message's first line."""
+    from surgery_edge.runtime.serving import ServeOptions, Server
+
+    log = tmp_path / "triton.log"
+    log.write_text(
+        'E1206 17:34:05.128184 27545 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+        "E1206 17:34:13.435749 27545 model_lifecycle.cc:642] \"failed to load 'digits' version 1"
+        ': Internal: ExportError: the stub loaded another libpython.\\n\\nAt:\\n  model.py(2)"\n'
+        'E1206 17:40:49.043898 32068 model_repository_manager.cc:1460] "Poll failed for model '
+        "directory 'engine': dynamic batching preferred size must be <= max batch size\"\n"
+    )
+    server = Server(engines["dir"] / "surgeryv2-routed.onnx", ServeOptions(log_file=log))
+    assert server._failure("exited while loading the models") == (
+        "Triton Inference Server exited while loading the models: model 'digits' failed to "
+        "load: Internal: ExportError: the stub loaded another libpython.; model 'engine' failed "
+        "to load: dynamic batching preferred size must be <= max batch size"
+    )
+
+
+def test_the_next_start_removes_what_a_dead_server_left(tmp_path):
+    """``sweep_stale`` (called by every start): a work folder and segments named after a pid
+    that no process has are removed, and a process still running from that folder (an
+    orphaned stub) is killed; a live owner's folder and a segment a process names are kept."""
+    import subprocess
+    import sys
+
+    from surgery_edge.runtime import server_processes as sp
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    stale = tmp_path / f"{sp.WORK_PREFIX}{gone.pid}-abcd1234"
+    (stale / "repository").mkdir(parents=True)
+    live = tmp_path / f"{sp.WORK_PREFIX}{os.getpid()}-abcd1234"
+    live.mkdir()
+    other = tmp_path / "surgery-edge-serve-someone-else"  # not named after a pid: not ours
+    other.mkdir()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               f"{stale}/repository/model.py"])  # fmt: skip
+    segments = [sp.SHM_DIR / f"{sp.SHM_PREFIX}{gone.pid}-test{i}" for i in range(2)]
+    try:
+        for segment in segments:
+            segment.write_bytes(b"")
+        named = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  segments[1].name])  # fmt: skip
+        removed = sp.sweep_stale(tmp_path)
+        named.kill()
+        named.wait()
+        assert orphan.wait(timeout=10) < 0  # ended by a signal
+        assert sorted(removed) == sorted([str(stale), str(segments[0])])
+        assert not stale.exists() and live.is_dir() and other.is_dir()
+        assert not segments[0].exists() and segments[1].exists()
+    finally:
+        orphan.kill()
+        for segment in segments:
+            segment.unlink(missing_ok=True)
+
+
 def test_the_stub_gets_this_interpreters_libpython():
     import sysconfig
 
-    from surgery_edge.runtime.serving import stub_environment
+    from surgery_edge.runtime.serving import _pytriton_libs, stub_environment
     from surgery_edge.runtime.triton_models import check_interpreter
 
     env = stub_environment({"LD_LIBRARY_PATH": "/opt/x:" + str(sysconfig.get_config_var("LIBDIR"))})
+    paths = env["LD_LIBRARY_PATH"].split(":")
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        first, *rest = env["LD_LIBRARY_PATH"].split(":")
-        assert first == sysconfig.get_config_var("LIBDIR") and rest == ["/opt/x"]
-    else:
-        assert env == {}
+        assert paths[:2] == [sysconfig.get_config_var("LIBDIR"), "/opt/x"]
+    assert paths[-1] == str(_pytriton_libs())  # tritonserver's own libraries, found
+    assert stub_environment(env) == {}  # nothing more to change
     check_interpreter({"python_version": __import__("platform").python_version()})
     with pytest.raises(ExportError, match="another libpython"):
         check_interpreter({"python_version": "3.11.2-other"})

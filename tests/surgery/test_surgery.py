@@ -400,3 +400,33 @@ def test_each_head_decides_whether_it_normalises(method, tmp_path):
 
     for mode in ("routed", "all-tasks"):  # check=True: ONNX Runtime against the model
         export_onnx(mixed, tmp_path / f"{mode}.onnx", mode)
+
+
+def test_the_metrics_log_holds_every_step_the_trainer_computed(tmp_path, monkeypatch):
+    from surgery_edge import progress
+    from surgery_edge.progress import read_metrics
+
+    scalars = []  # what TensorBoard's SummaryWriter would get (tensorboard is not installed)
+
+    class Board:
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(progress, "_tensorboard", lambda folder: Board())
+    log = tmp_path / "logs" / "train.jsonl"
+    _, losses = _train(tmp_path, "surgeryv2", 4, metrics=log)
+    assert [(s, v) for t, v, s in scalars if t == "loss"] == list(enumerate(losses))
+    assert {t for t, _, _ in scalars} == {"loss", "lr", *(f"loss_per_task/{t}" for t in TASKS)}
+    start, *rows = read_metrics(log)
+    assert start["event"] == "start" and start["settings"]["rank"] == 4
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["loss"] for r in rows] == losses  # the very values on_step got
+    for r in rows:
+        assert list(r["loss_per_task"]) == TASKS and r["lr"] == 1e-2
+        assert sum(r["loss_per_task"].values()) == pytest.approx(r["loss"], rel=1e-5)
+    with log.open("a") as f:
+        f.write('{"step": 4, "lo')  # a write torn by a kill: the reader skips it
+    assert read_metrics(log)[1:] == rows

@@ -1,0 +1,118 @@
+"""The benchmarks' CPU-time, memory and process-tree readings (psutil) against the kernel's own
+fields, read from /proc as proc(5) defines them (the hand-written readers they replaced, kept
+here as the reference), on a live process tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from surgery_edge.bench import memory, serve
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux /proc only")
+TICK = 1 / os.sysconf("SC_CLK_TCK")  # the resolution of the kernel's CPU times
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/<pid>/stat`` after the command name (``state`` first: field N of proc(5) at
+    N - 3); the name is cut at its last ``)``, as it may hold spaces."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_seconds_ref(pids) -> float:
+    return sum(int(_stat(p)[11]) + int(_stat(p)[12]) for p in pids) * TICK  # utime + stime
+
+
+def _vm_rss_ref(pid) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _descendants_ref(root: int) -> set[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(_stat(int(entry))[1])
+            except OSError:
+                continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _steal_ref() -> float:
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) * TICK
+
+
+# A child that spends CPU, holds 40 MB, starts a "stub" grandchild named as Triton's Python
+# backend names its stubs (<model>/1/model.py), says so, then idles (its readings stand still).
+CHILD = """
+import subprocess, sys, time
+held = bytearray(40 * 2**20)
+for i in range(0, len(held), 4096):
+    held[i] = 1
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+stub = subprocess.Popen([sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE)
+stub.stdout.readline()  # the stub is up, and idles from here
+print("ready", stub.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def tree(tmp_path):
+    model = tmp_path / "my-model" / "1" / "model.py"
+    model.parent.mkdir(parents=True)
+    model.write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
+    stub = tmp_path / "triton_python_backend_stub"
+    stub.symlink_to(sys.executable)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(stub), str(model)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        word, grandchild = child.stdout.readline().split()
+        assert word == "ready"
+        yield child.pid, int(grandchild)
+    finally:
+        for pid in _descendants_ref(child.pid):
+            os.kill(pid, 9)
+        child.kill()
+        child.wait()
+
+
+def test_the_readings_agree_with_the_kernels_fields(tree):
+    child, stub = tree
+    found = serve.server_processes()
+    assert set(found) == _descendants_ref(os.getpid()) and {child, stub} <= set(found)
+    assert found[stub] == "my-model" and found[child] is None
+    # CPU time: user + system of every thread, the same clock ticks (the tree is idle)
+    cpu = serve._cpu_seconds([child, stub])
+    assert cpu >= 0.3 - TICK
+    assert cpu == pytest.approx(_cpu_seconds_ref([child, stub]), abs=2 * TICK)
+    # RSS: VmRSS of each process, the 40 MB the child holds included
+    assert serve._rss(child) > 40 * 2**20
+    assert serve._rss(child) == pytest.approx(_vm_rss_ref(child), rel=0.01)
+    assert memory.PeakRSS().now() == pytest.approx(_vm_rss_ref(os.getpid()), abs=4 * 2**20)
+    # the machine's stolen time, read between two readings of /proc/stat
+    before = _steal_ref()
+    stolen = serve._stolen_seconds()
+    assert before - TICK <= stolen <= _steal_ref() + TICK
+
+
+def test_a_process_that_has_exited_reads_as_nothing():
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    gone = int(done.stdout)
+    assert serve._rss(gone) == 0 and serve._cpu_seconds([gone]) == 0.0
