@@ -113,7 +113,8 @@ def info(
 
     Mode, tasks with their class counts, precision, inputs and outputs with shapes,
     preprocessing, architecture, merge recipe, size, and the version that made it. Nothing
-    is run or loaded onto a device.
+    is run or loaded onto a device. The engine is first verified against the digest its
+    export recorded: a changed or damaged copy is refused (exit 2).
 
     Example: surgery-edge info runs/demo/engines/surgeryv2-routed.onnx --json
     """

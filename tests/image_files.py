@@ -1,10 +1,14 @@
-"""Small image files the tests write: ordinary PNGs and decompression bombs."""
+"""Small image files the tests write: ordinary PNGs, decompression bombs, and files of formats
+that Pillow would hand to an external program (EPS: Ghostscript)."""
 
 from __future__ import annotations
 
 import io
+import os
+import shlex
 import struct
 import zlib
+from pathlib import Path
 
 from PIL import Image
 
@@ -27,3 +31,29 @@ def png_bytes(width: int = 40, height: int = 30, colour=(200, 30, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), colour).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# An EPS file Pillow identifies (header and bounding box); decoding it runs Ghostscript.
+EPS_BYTES = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    b"0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+)
+PDF_BYTES = (
+    b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\n"
+    b"2 0 obj << /Type /Pages /Kids [] /Count 0 >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+)
+
+
+def fake_ghostscript(folder: Path, monkeypatch) -> Path:
+    """Put a ``gs`` first on PATH that only records that it ran (in the returned marker file,
+    which exists only if it ran), and make Pillow look for Ghostscript again."""
+    from PIL import EpsImagePlugin
+
+    marker, bin_dir = folder / "gs-ran", folder / "fake-bin"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(marker))}\n')  # renders nothing
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where gs is
+    return marker

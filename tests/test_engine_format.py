@@ -19,7 +19,7 @@ from surgery_edge.engine_format import (
 from surgery_edge.errors import ExportError
 
 GOOD = {
-    "format_version": 2,
+    "format_version": 3,
     "kind": "engine",
     "tasks": ["digits", "shapes"],
     "class_names": [["0", "1"], ["circle", "square", "star"]],
@@ -65,6 +65,7 @@ def test_valid_metadata_becomes_a_typed_record():
     [
         (lambda m: m.pop("tasks"), r"lacks \['tasks'\]"),
         (lambda m: m.update(tasks="digits"), "tasks must be a non-empty list"),
+        (lambda m: m.update(tasks=["digits", "digits"]), "names task 'digits' more than once"),
         (lambda m: m.update(class_names=[["0", "1"]]), "2 tasks but 1 class-name lists"),
         (lambda m: m.update(class_names=[["0"], []]), "one non-empty list of names per task"),
         (lambda m: m["preprocessing"].update(image_size="16"), "image_size must be a positive"),
@@ -118,3 +119,90 @@ def test_a_sidecar_is_read_only_with_its_own_engine(tmp_path):
     engine.write_bytes(b"serialized engine B")
     with pytest.raises(ExportError, match="written for another engine than .*model.plan"):
         read_sidecar(engine)
+
+
+# --- integrity ---------------------------------------------------------------------------------
+
+
+def _sealed_trt(tmp_path):
+    from surgery_edge.engine_format import file_sha256
+
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"serialized engine A" * 50)
+    write_sidecar(engine, copy.deepcopy(GOOD), file_sha256(engine))
+    return engine
+
+
+def test_a_sealed_sidecar_and_its_engine_are_verified(tmp_path):
+    from surgery_edge.engine_format import verify_engine
+
+    engine = _sealed_trt(tmp_path)
+    sidecar = tmp_path / "model.plan.json"
+    verify_engine(engine, read_sidecar(engine), "tensorrt")
+    text = sidecar.read_text()
+    sidecar.write_text(text.replace('"square"', '"circle"', 1).replace('"circle"', '"square"', 1))
+    with pytest.raises(ExportError, match="changed or corrupted.*metadata file model.plan.json"):
+        verify_engine(engine, read_sidecar(engine), "tensorrt")
+    sidecar.write_text(text)
+    unsealed = {**json.loads(text), "format_version": 2}
+    del unsealed["integrity"]
+    sidecar.write_text(json.dumps(unsealed))
+    with pytest.raises(ExportError, match="carries no integrity digest.*format 2.*Re-export"):
+        verify_engine(engine, read_sidecar(engine), "tensorrt")
+    write_sidecar(engine, copy.deepcopy(GOOD))  # sealed, but without the engine's hash
+    with pytest.raises(ExportError, match="engine's bytes differ"):
+        verify_engine(engine, read_sidecar(engine), "tensorrt")
+
+
+def test_each_file_is_hashed_once_while_it_is_unchanged(tmp_path, monkeypatch):
+    import os
+
+    from surgery_edge import engine_format
+    from surgery_edge.engine_format import verify_engine
+
+    engine = _sealed_trt(tmp_path)
+    calls = []
+    digest = engine_format._sealed_file_digest
+    monkeypatch.setattr(
+        engine_format, "_sealed_file_digest", lambda *a: calls.append(a) or digest(*a)
+    )
+    meta = read_sidecar(engine)
+    for _ in range(3):
+        verify_engine(engine, meta, "tensorrt")
+    assert len(calls) == 1
+    sidecar = tmp_path / "model.plan.json"
+    data = bytearray(sidecar.read_bytes())
+    data[data.index(b'"digits"') + 1] ^= 0x20  # "Digits": same size ...
+    stat = sidecar.stat()
+    sidecar.write_bytes(bytes(data))
+    os.utime(sidecar, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # ... a new mtime
+    with pytest.raises(ExportError, match="changed or corrupted"):
+        verify_engine(engine, meta, "tensorrt")
+    assert len(calls) == 2
+
+
+def test_a_pt2_package_is_sealed_and_verified_member_by_member(tmp_path):
+    import zipfile
+
+    from surgery_edge.engine_format import read_pt2_metadata, seal_pt2, verify_engine
+
+    # as a compile cache may hand it back: another export's metadata
+    stale = {**copy.deepcopy(GOOD), "tasks": ["a", "b"]}
+    stored = json.dumps({"surgery_edge": json.dumps(stale), "AOTI_DEVICE_KEY": "cpu"})
+    package = tmp_path / "m.pt2"
+    with zipfile.ZipFile(package, "w") as z:
+        z.writestr("m/data/aotinductor/model/x.wrapper_metadata.json", stored)
+        z.writestr("m/data/aotinductor/model/x.wrapper.so", bytes(range(256)) * 40)
+    digest = seal_pt2(package, copy.deepcopy(GOOD))
+    meta = read_pt2_metadata(package)
+    assert meta["integrity"]["sha256"] == digest and meta.tasks == ("digits", "shapes")
+    verify_engine(package, meta, "pt2")
+    with zipfile.ZipFile(package) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    code = "m/data/aotinductor/model/x.wrapper.so"
+    members[code] = members[code][:100] + b"\x00" + members[code][101:]
+    with zipfile.ZipFile(package, "w") as z:  # a valid archive, one byte of code changed
+        for name, data in members.items():
+            z.writestr(name, data)
+    with pytest.raises(ExportError, match="m.pt2 was changed or corrupted.*package's contents"):
+        verify_engine(package, read_pt2_metadata(package), "pt2")

@@ -46,7 +46,7 @@ from surgery_edge.errors import ConfigError, DataError
 from surgery_edge.io import Walk, atomic_path, not_a_file, not_a_folder, walk_files
 from surgery_edge.progress import progress_bar
 from surgery_edge.runtime.inputs import IMAGE_EXTENSIONS
-from surgery_edge.runtime.preprocess import resize_crop
+from surgery_edge.runtime.preprocess import open_image_file, resize_crop
 
 SOURCES = ("folder", "torchvision")
 TORCHVISION_DATASETS = (
@@ -431,7 +431,7 @@ def _open_image_file(item: tuple[Path, int]) -> tuple[Image.Image, int]:
     path, label = item
     if (problem := not_a_file(path)) is not None:  # never open a FIFO: it would block
         raise DataError(f"{path} {problem}")
-    with Image.open(path) as image:
+    with open_image_file(path) as image:
         # In its own mode, as a user's file reaches the runtime: preprocess_image resizes, then
         # converts to RGB (open_clip's order). A copy, usable after the file is closed.
         return image.copy(), label

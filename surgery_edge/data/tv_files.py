@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from surgery_edge.errors import DataError
+from surgery_edge.runtime.preprocess import open_image_file
 
 #: the datasets :func:`open_dataset` reads; the others go to torchvision's classes
 READERS = ("CIFAR10", "CIFAR100", "STL10", "Flowers102", "FER2013")
@@ -211,7 +212,7 @@ class _ImageFiles:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        with Image.open(self.files[index]) as image:
+        with open_image_file(self.files[index]) as image:
             return image.convert("RGB"), int(self.labels[index])
 
 

@@ -2,7 +2,9 @@
 
 The package holds compiled code and weights; ``torch._inductor.aoti_load_package(path)`` loads it
 without this project's model code. The engine metadata is stored inside the package
-(``aot_inductor.metadata``) and read back with ``AOTICompiledModel.get_metadata()``.
+(``aot_inductor.metadata``, then rewritten with its integrity digest, which covers the whole
+package: :func:`~surgery_edge.engine_format.seal_pt2`) and read back with
+``AOTICompiledModel.get_metadata()``.
 A package runs on the device kind it was compiled for (CPU here, CUDA on a GPU machine).
 Compiling needs a C++ compiler and takes a while (about 30 s for the micro model on 2 CPU cores).
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from surgery_edge.engine_format import META_KEY, EngineMode, io_names
+from surgery_edge.engine_format import META_KEY, EngineMode, io_names, seal_pt2
 from surgery_edge.errors import ExportError
 from surgery_edge.export.metadata import engine_metadata
 from surgery_edge.export.modules import engine_module, example_inputs
@@ -96,6 +98,7 @@ def export_aoti(
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). It needs a working "
                 "C++ compiler (g++ or clang; and nvcc for CUDA); ONNX export does not."
             ) from e
+        seal_pt2(tmp, meta)  # stores the metadata (with its digest) in the package
         if check:
             smoke_check(model, Predictor(AotiBackend(tmp, device=device.type)), fp16)
         os.replace(tmp, path)

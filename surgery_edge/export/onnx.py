@@ -29,7 +29,15 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from surgery_edge.engine_format import META_KEY, EngineMode, io_names
+from surgery_edge.engine_format import (
+    DIGEST_PLACEHOLDER,
+    INTEGRITY_KEY,
+    META_KEY,
+    EngineMode,
+    file_sha256,
+    io_names,
+    write_sealed,
+)
 from surgery_edge.errors import ExportError
 from surgery_edge.export.metadata import engine_metadata
 from surgery_edge.export.modules import engine_module, example_inputs
@@ -248,12 +256,42 @@ def _weight_bytes(proto) -> int:
     return total
 
 
+def write_engine(proto, path: str | os.PathLike, external_data: bool = False) -> str:
+    """Write the engine ``proto`` (its metadata already stored) to ``path``, sealed.
+
+    The metadata's ``integrity`` record gets the SHA-256 of the file as written (see
+    :mod:`surgery_edge.engine_format`), and with ``external_data`` the weights go to
+    ``<path>.data`` beside it, whose SHA-256 is recorded too. Not atomic: ``path`` is a
+    temporary file or folder of the caller's. Returns the digest.
+    """
+    path = Path(path)
+    prop = next((p for p in proto.metadata_props if p.key == META_KEY), None)
+    if prop is None:
+        raise ExportError(f"Cannot write {path}: the model carries no engine metadata.")
+    meta, files = json.loads(prop.value), {}
+    if external_data:
+        data_name = f"{path.name}.data"
+        # writes the weights and turns the initializers into references to them (in place)
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        files[data_name] = file_sha256(path.with_name(data_name))
+    meta[INTEGRITY_KEY] = {"sha256": DIGEST_PLACEHOLDER, **({"files": files} if files else {})}
+    prop.value = json.dumps(meta)
+    return write_sealed(path, proto.SerializeToString())
+
+
 def _save(proto, path: Path, verify=None) -> None:
-    """Write ``proto`` to ``path`` atomically; it must pass the checker (and ``verify(tmp)``)
-    before it replaces ``path``."""
+    """Write ``proto`` to ``path`` atomically and sealed; it must pass the checker (and
+    ``verify(tmp)``) before it replaces ``path``."""
     if _weight_bytes(proto) <= EXTERNAL_DATA_BYTES:
         with atomic_path(path) as tmp:
-            onnx.save_model(proto, str(tmp))
+            write_engine(proto, tmp)
             check_onnx(tmp)
             if verify is not None:
                 verify(tmp)
@@ -263,14 +301,7 @@ def _save(proto, path: Path, verify=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / path.name
-        onnx.save_model(
-            proto,
-            str(tmp),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
+        write_engine(proto, tmp, external_data=True)
         check_onnx(tmp)
         if verify is not None:
             verify(tmp)

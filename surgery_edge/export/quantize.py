@@ -72,9 +72,10 @@ from surgery_edge.engine_format import (
     Precision,
     parse_metadata,
     read_onnx_metadata,
+    verify_engine,
 )
 from surgery_edge.errors import ConfigError, ExportError
-from surgery_edge.export.onnx import check_onnx, export_onnx
+from surgery_edge.export.onnx import check_onnx, export_onnx, write_engine
 from surgery_edge.io import atomic_path
 from surgery_edge.runtime.backends import OnnxBackend
 from surgery_edge.runtime.predictor import Predictor
@@ -643,6 +644,7 @@ def quantize_engine(
     """
     source, out, target = Path(source), Path(out), Target.parse(target)
     meta = read_onnx_metadata(source)
+    verify_engine(source, meta, "onnx")
     if meta.precision is not Precision.FP32:
         raise ExportError(
             f"{source} is a {meta.precision} engine; quantise the fp32 engine (export it with "
@@ -700,7 +702,7 @@ def quantize_engine(
     }
     _set_metadata(result, new_meta)
     with atomic_path(out) as tmp:
-        onnx.save_model(result, str(tmp))
+        write_engine(result, tmp)
         check_onnx(tmp)
         try:
             verdict = _verify(tmp, source, calibration, recipe.precision, check)
@@ -717,7 +719,7 @@ def quantize_engine(
             ) from None
         record["check"] = verdict
         _set_metadata(result, {**new_meta, "quantization": record})
-        onnx.save_model(result, str(tmp))
+        write_engine(result, tmp)
         check_onnx(tmp)
     return out
 

@@ -28,6 +28,7 @@ from surgery_edge.engine_format import (
     parse_metadata,
     sidecar_path,
     validate_metadata,
+    verify_engine,
     write_sidecar,
 )
 from surgery_edge.errors import ConfigError, ExportError
@@ -84,13 +85,15 @@ def builder_input(onnx_path: str | os.PathLike) -> EngineMetadata:
     """Check the ONNX that the TensorRT builder will parse; return its engine metadata.
 
     It must pass ``onnx.checker`` (full check) and strict shape inference, carry surgery-edge
-    metadata, and have a dynamic batch dimension on every input.
+    metadata that its integrity digest still matches, and have a dynamic batch dimension on
+    every input.
     """
     path = Path(onnx_path)
     if not path.is_file():
         raise ExportError(f"ONNX file {path} does not exist; export it first.")
     proto = check_onnx(path)
     meta = parse_metadata({p.key: p.value for p in proto.metadata_props}.get(META_KEY), path)
+    verify_engine(path, meta, "onnx")  # a changed ONNX is not laundered into a new engine
     names = [i.name for i in proto.graph.input]
     if tuple(names) != meta.inputs:
         raise ExportError(f"{path} has inputs {names}, but its metadata says {list(meta.inputs)}.")

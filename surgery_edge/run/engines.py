@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from surgery_edge.engine_format import EngineMode, Precision
+from surgery_edge.engine_format import FORMAT_VERSION, EngineMode, Precision
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.evaluation.accuracy import accuracy_on
 from surgery_edge.evaluation.engine import engine_report, split_images
@@ -258,8 +258,12 @@ def _fingerprint(run: Run) -> str | None:
     if any(p is None for p in needed):
         return None
     plan = [(n, m, str(mode), list(p), pt2) for n, m, mode, p, pt2 in PLANS]
+    # the engine format too: engines of an older format are exported again, not reused
     return fingerprint(
-        *(run.hashes.digest(p) for p in needed), run.experts.fingerprint(run.hashes), plan
+        *(run.hashes.digest(p) for p in needed),
+        run.experts.fingerprint(run.hashes),
+        plan,
+        FORMAT_VERSION,
     )
 
 

@@ -18,6 +18,7 @@ from surgery_edge.device import resolve_device
 from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata, read_sidecar
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.export.aoti import export_aoti
+from surgery_edge.export.modules import WeightFiles, check_magnitudes
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.quantize import (
     Quantizer,
@@ -187,8 +188,15 @@ def export_run(
         check_model_folder(triton_repo, triton.name or model_stem, overwrite)
     if expert is not None:
         model, extra = expert_model(layout, expert, run_device)
+        files = WeightFiles(str(layout.expert(expert)), None, [str(layout.head(expert))])
     else:
         model, extra = layout.export_model(merge, surgery, device=run_device)
+        adapters = None if surgery == "none" else str(layout.adapters(merge, surgery))
+        heads = [str(layout.head(t)) for t in model.tasks]
+        files = WeightFiles(str(layout.merges()[merge]), adapters, heads)
+    # fp16 engines, and TensorRT's quantised ones (their other layers run in fp16)
+    half = precision is Precision.FP16 or (recipe is not None and recipe.high_precision == "fp16")
+    check_magnitudes(model, half, files)
     planned = _planned(extra, mode, precision)
     for path, what, _ in targets:
         if not Path(path).exists() or overwrite:

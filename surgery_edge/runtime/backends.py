@@ -5,6 +5,11 @@ A backend loads one artefact, reads its metadata and runs a batch:
 Routed engines take ``task_ids``; all-tasks engines ignore it. Every failure to open an artefact
 raises ExportError naming the file.
 
+Every backend verifies the engine against the digest its export recorded
+(:func:`~surgery_edge.engine_format.verify_engine`) before it runs it, so whatever opens an engine
+(``load``, ``predict``, ``eval-engine``, ``serve``, the benchmarks) refuses a changed or damaged
+copy; a ``.pt2`` package is verified before its compiled code is loaded.
+
 Each backend imports its engine library when it is opened (onnxruntime, tensorrt, torch for
 ``.pt2`` packages and TensorRT's device buffers): serving an ONNX engine needs numpy, pillow and
 onnxruntime only.
@@ -24,8 +29,11 @@ from surgery_edge.engine_format import (
     META_KEY,
     EngineMetadata,
     EngineMode,
+    check_graph_inputs,
     parse_metadata,
+    read_pt2_metadata,
     read_sidecar,
+    verify_engine,
 )
 from surgery_edge.errors import ExportError
 from surgery_edge.progress import silence_cuda_home_notice
@@ -34,6 +42,14 @@ ONNX_SUFFIXES = (".onnx",)
 AOTI_SUFFIXES = (".pt2",)
 TRT_SUFFIXES = (".engine", ".plan", ".trt")
 DEFAULT_BATCH = 64
+# ONNX Runtime's element type names -> numpy's (the names the engine format uses)
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
 
 
 def _first_line(e: BaseException) -> str:
@@ -125,6 +141,11 @@ class OnnxBackend(Backend):
             ) from None
         stored = probe.get_modelmeta().custom_metadata_map.get(META_KEY)
         self.meta = parse_metadata(stored, self.path)
+        verify_engine(self.path, self.meta, self.kind)
+        graph_inputs = [
+            (i.name, _ORT_TYPES.get(i.type, i.type), i.shape) for i in probe.get_inputs()
+        ]
+        check_graph_inputs(self.path, self.meta, graph_inputs)
         level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if _half_compute(self.meta) and providers == ["CPUExecutionProvider"]:
             # onnxruntime's CPU fusions (e.g. Transpose+MatMul -> FusedMatMul) strand fp16 nodes
@@ -198,23 +219,24 @@ class AotiBackend(Backend):
 
         self.path = Path(path)
         _require_file(self.path)
-        silence_cuda_home_notice()  # loading a package imports cpp_extension, which logs it
-        try:
-            self.model = torch._inductor.aoti_load_package(str(self.path))
-            stored = self.model.get_metadata()
-        except Exception as e:
-            raise ExportError(
-                f"Engine {self.path} is not a loadable AOTInductor package ({_first_line(e)}). "
-                "It may be corrupt, compiled for another device, or made by another torch "
-                "version: re-export it with `surgery-edge export --aoti`."
-            ) from None
-        self.meta = parse_metadata(stored.get(META_KEY), self.path)
+        # read and verified from the archive first: loading a package runs its compiled code
+        self.meta = read_pt2_metadata(self.path)
+        verify_engine(self.path, self.meta, self.kind)
         self.device = self.meta.get("device", "cpu")
         if device != "auto" and device.split(":")[0] != self.device.split(":")[0]:
             raise ExportError(
                 f"Engine {self.path} was compiled for {self.device!r}; it cannot run on "
                 f"{device!r}. Re-export it on that device."
             )
+        silence_cuda_home_notice()  # loading a package imports cpp_extension, which logs it
+        try:
+            self.model = torch._inductor.aoti_load_package(str(self.path))
+        except Exception as e:
+            raise ExportError(
+                f"Engine {self.path} is not a loadable AOTInductor package ({_first_line(e)}). "
+                "It may be corrupt, compiled for another device, or made by another torch "
+                "version: re-export it with `surgery-edge export --aoti`."
+            ) from None
         self._torch = torch
 
     def run(self, images: np.ndarray, task_ids: np.ndarray | None) -> list[np.ndarray]:
@@ -234,6 +256,7 @@ class TensorRTBackend(Backend):
         self.path = Path(path)
         _require_file(self.path)
         self.meta = read_sidecar(self.path)
+        verify_engine(self.path, self.meta, self.kind)
         if device == "cpu":
             raise ExportError(f"TensorRT engine {self.path} runs on an NVIDIA GPU only, not cpu.")
         trt = import_tensorrt()

@@ -6,25 +6,28 @@ for ONNX, the graph's declared inputs and outputs. Nothing is run or loaded onto
 neither torch nor onnx is imported (``info`` works on the base install): an ``.onnx`` file is
 opened by ONNX Runtime on the CPU, unoptimised, for its metadata and its inputs and outputs; a
 ``.pt2`` package is a zip archive whose AOTInductor metadata is read as JSON; a TensorRT engine
-is described by the sidecar written beside it.
+is described by the sidecar written beside it. The engine is verified against the digest its
+export recorded first, as ``load`` does: a changed copy is refused, not described.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from surgery_edge.engine_format import (
+    INTEGRITY_KEY,
     META_KEY,
     EngineMetadata,
     EngineMode,
+    check_graph_inputs,
     parse_metadata,
+    read_pt2_metadata,
     read_sidecar,
     sidecar_path,
+    verify_engine,
 )
 from surgery_edge.errors import ExportError
 from surgery_edge.runtime.backends import engine_kind
@@ -125,20 +128,6 @@ def _declared_specs(meta: EngineMetadata) -> list[list[TensorSpec]]:
     ]
 
 
-def read_pt2_metadata(path: str | os.PathLike) -> EngineMetadata:
-    """The metadata compiled into a ``.pt2`` package (AOTInductor's ``*_metadata.json``)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("wrapper_metadata.json")]
-            stored = json.loads(z.read(names[0])) if names else {}
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ExportError(
-            f"{path} is not a readable AOTInductor package ({e}); re-export it with "
-            "`surgery-edge export --aoti`."
-        ) from None
-    return parse_metadata(stored.get(META_KEY), path)
-
-
 def describe_engine(path: str | os.PathLike) -> EngineInfo:
     """Read what ``path`` (an ``.onnx``, ``.pt2`` or TensorRT engine) holds.
 
@@ -154,16 +143,20 @@ def describe_engine(path: str | os.PathLike) -> EngineInfo:
     if kind == "onnx":
         session = _onnx_session(p)
         meta = parse_metadata(session.get_modelmeta().custom_metadata_map.get(META_KEY), p)
+        verify_engine(p, meta, kind)
         data = p.with_name(p.name + ".data")  # the weights of a large export (export/onnx.py)
         if data.is_file():
             files[data.name] = data.stat().st_size
         inputs, outputs = _onnx_specs(session.get_inputs()), _onnx_specs(session.get_outputs())
+        check_graph_inputs(p, meta, [(s.name, s.dtype, s.shape) for s in inputs])
         io_source = "graph"
     elif kind == "pt2":
         meta = read_pt2_metadata(p)
+        verify_engine(p, meta, kind)
         inputs, outputs = _declared_specs(meta)
     else:
         meta = read_sidecar(p)
+        verify_engine(p, meta, kind)
         files[sidecar_path(p).name] = sidecar_path(p).stat().st_size
         inputs, outputs = _declared_specs(meta)
     return EngineInfo(str(p), kind, files, meta, inputs, outputs, io_source)
@@ -256,4 +249,7 @@ def format_info(info: EngineInfo) -> list[str]:
             )
     if made:
         lines.append("  exported   " + ", ".join(made))
+    digest = (raw.get(INTEGRITY_KEY) or {}).get("sha256")
+    if digest:  # describe_engine verified it
+        lines.append(f"  integrity  SHA-256 {digest[:16]}... verified (graph, weights, metadata)")
     return lines

@@ -383,7 +383,9 @@ def load(
         max_pixels: the most pixels an image file may declare (see :class:`Predictor`).
         batch_size: images decoded and answered at a time (default: the backend's largest).
 
-    The engine is checked to answer every task with finite logits before it is returned.
+    The engine is verified against the digest its export recorded (a changed or damaged copy
+    is refused with ExportError), then checked to answer every task with finite logits before
+    it is returned.
     """
     backend = open_backend(path, device=device)
     predictor = Predictor(backend, max_pixels=max_pixels, batch_size=batch_size)

@@ -15,7 +15,10 @@ nearest-neighbour (PIL's rule), an RGBA one with premultiplied alpha, and only t
 Decoding is bounded: a file or encoded bytes whose header declares more than ``max_pixels``
 pixels is refused before any pixel is decoded (PIL's own decompression-bomb error becomes the
 same per-image :class:`~surgery_edge.errors.ExportError`), so one hostile image costs a header
-read, not gigabytes.
+read, not gigabytes. And it is allowed only the formats in :data:`IMAGE_FORMATS`, which Pillow
+decodes itself: left to guess, Pillow opens EPS by running Ghostscript (``gs``), so the bytes of
+one request or file would choose a program to run. Every decoder of the project (the runtime,
+``predict``, the server, the image-folder datasets) opens images through :func:`open_image_file`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ ENCODED = (bytes, bytearray, memoryview)  # an encoded image file held in memory
 # The most pixels a file or encoded image may declare: PIL's own warning threshold
 # (``Image.MAX_IMAGE_PIXELS``, ~89.5 megapixels, ~256 MiB as RGB); it errors at twice that.
 DEFAULT_MAX_PIXELS = 89_478_485
+
+# The formats an image may have (Pillow's names; PPM also reads PGM and PBM): the ones photos and
+# datasets come in, each decoded by Pillow's own code, none by an external program.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -134,6 +141,25 @@ def open_image(image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     )
 
 
+def open_image_file(source: str | os.PathLike | io.BytesIO, name: str | None = None) -> Image.Image:
+    """``PIL.Image.open`` limited to :data:`IMAGE_FORMATS` (lazy: the pixels are decoded on
+    ``load``).
+
+    Raises:
+        UnidentifiedImageError: the data is no image of those formats (an EPS, PDF or any other
+            file), with a message naming ``name`` (default: the path) and the formats.
+        OSError: the file cannot be read.
+    """
+    try:
+        return Image.open(source, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(
+            f"{name or source} is not a readable image in an allowed format "
+            f"({', '.join(IMAGE_FORMATS)}; others, such as EPS or PDF, are refused so that no "
+            "external decoder runs on them). Convert it to PNG or JPEG."
+        ) from None
+
+
 def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     """Open ``source``, check its declared size against ``max_pixels``, then decode it."""
     max_pixels = check_max_pixels(max_pixels)
@@ -141,7 +167,7 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Imag
     try:
         with warnings.catch_warnings():  # PIL warns above its threshold; max_pixels decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)
+            im = open_image_file(source, name)
         with im:
             width, height = im.size
             if width * height > max_pixels:
@@ -154,8 +180,8 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Imag
             return im
     except Image.DecompressionBombError as e:  # PIL's own check, at twice its warning threshold
         raise ExportError(f"{name} is too large to decode ({e}); {limit}.") from None
-    except UnidentifiedImageError:
-        raise ExportError(f"{name} is not a readable image (no known image format).") from None
+    except UnidentifiedImageError as e:
+        raise ExportError(str(e)) from None
     except (OSError, EOFError, ValueError, SyntaxError) as e:
         raise ExportError(f"{name} is not a readable image ({type(e).__name__}: {e}).") from None
 

@@ -276,6 +276,71 @@ def test_cli_export_bad_input(tiny_run, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# --- magnitude checks: finite garbage is not exported --------------------------------------
+
+
+def test_trained_weights_pass_the_magnitude_checks(models):
+    """The bound leaves room: trained adapters and heads stay far inside it, in fp16 too."""
+    from surgery_edge.export.modules import MAGNITUDE_FACTOR, check_magnitudes
+
+    for model, _ in models.values():
+        check_magnitudes(model, half=True)
+        backbone = max(float(p.detach().abs().max()) for p in model.encoder.parameters())
+        adapters = max(float(p.detach().abs().max()) for p in model.bank.parameters())
+        heads = max(
+            float(model.head_weight[t, :c].abs().max()) for t, c in enumerate(model.class_counts)
+        )
+        assert max(adapters, heads) < MAGNITUDE_FACTOR * backbone / 50
+
+
+def test_finite_garbage_is_named_by_file_and_tensor(models):
+    import copy
+
+    from surgery_edge.export.modules import WeightFiles, check_magnitudes
+
+    files = WeightFiles("merged.safetensors", "adapters.safetensors", ["d.st", "s.st", "c.st"])
+    model = copy.deepcopy(models["surgeryv2"][0])
+    with torch.no_grad():
+        model.bank.weights("block.1")[1][2] *= 1e30  # colours' up projection of block 1
+    with pytest.raises(ExportError, match=r"adapters.safetensors: tensor colours/block.1/up holds"):
+        check_magnitudes(model, files=files)
+    model = copy.deepcopy(models["surgery"][0])
+    with torch.no_grad():
+        model.head_bias[1, 0] = 3e6  # shapes' head: finite, far beyond any trained head
+    with pytest.raises(ExportError, match=r"s.st: tensor bias holds values up to 3e\+06"):
+        check_magnitudes(model, files=files)
+    model = copy.deepcopy(models["surgery"][0])
+    with torch.no_grad():  # a backbone weight fp16 cannot hold: fine at fp32, not at fp16
+        model.encoder.visual.proj[0, 0] = 1e5
+    check_magnitudes(model, files=files)
+    with pytest.raises(
+        ExportError, match=r"merged.safetensors: tensor visual.proj .*beyond what fp16"
+    ):
+        check_magnitudes(model, half=True, files=files)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cli_export_refuses_adapters_scaled_by_1e30(tiny_run, tmp_path, precision):
+    import shutil
+
+    from surgery_edge.models.checkpoint import load_tensors, save_tensors
+    from surgery_edge.run.layout import RunLayout
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("engines", "*.png"))
+    adapters = run_dir / "adapters" / MERGE / "surgeryv2.safetensors"
+    tensors, meta = load_tensors(adapters)
+    meta.pop("format_version")
+    save_tensors(adapters, {k: v * 1e30 for k, v in tensors.items()}, meta)
+    layout = RunLayout.open(run_dir)  # recorded as the run's own: as if training had made them
+    layout.checksums.record(adapters, layout.hashes)
+    out = tmp_path / "x.onnx"
+    args = ["export", "--run", str(run_dir), "--onnx", str(out), "--precision", precision]
+    msg = " ".join(user_error(args).split())
+    assert f"{adapters}: tensor digits/block.0/down holds values up to" in msg
+    assert "no engine was exported" in msg and not out.exists()
+
+
 # --- AOTInductor ---------------------------------------------------------------------------------
 
 
@@ -329,6 +394,7 @@ def test_profile_shapes():
 
 def test_builder_input_checks_the_onnx(engines, tmp_path):
     from surgery_edge.export import builder_input
+    from surgery_edge.export.onnx import write_engine
 
     good = engines["dir"] / "surgeryv2-routed.onnx"
     meta = builder_input(good)
@@ -349,6 +415,9 @@ def test_builder_input_checks_the_onnx(engines, tmp_path):
     for value in list(model.graph.input) + list(model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_value = 4  # a fixed batch
     onnx.save(model, str(tmp_path / "fixed.onnx"))
+    with pytest.raises(ExportError, match="changed or corrupted after export"):
+        builder_input(tmp_path / "fixed.onnx")  # a changed ONNX is not built into an engine
+    write_engine(model, tmp_path / "fixed.onnx")  # sealed as if it had been exported so
     with pytest.raises(ExportError, match="fixed batch size"):
         builder_input(tmp_path / "fixed.onnx")
 

@@ -173,8 +173,9 @@ def test_weights_in_an_external_file_travel_with_the_graph(engines, tmp_path):
     big = tmp_path / "src" / "big.onnx"
     big.parent.mkdir()
     proto = onnx.load(str(engines["dir"] / "surgeryv2-routed.onnx"))
-    onnx.save_model(proto, str(big), save_as_external_data=True, location="big.onnx.data",
-                    size_threshold=1024)  # fmt: skip
+    from surgery_edge.export.onnx import write_engine
+
+    write_engine(proto, big, external_data=True)  # big.onnx.data, sealed as an export seals it
     model = write_repository(big, tmp_path / "repo", TritonOptions(name="big"))
     assert (model / "1" / "big.onnx.data").read_bytes() == (
         big.parent / "big.onnx.data"

@@ -421,6 +421,8 @@ def test_14_1_predict_validates_the_device_and_escapes_names(engines, tmp_path):
     import onnx
     from PIL import Image
 
+    from surgery_edge.export.onnx import write_engine
+
     source = engines["dir"] / "surgeryv2-routed.onnx"
     model = onnx.load(str(source))
     prop = next(p for p in model.metadata_props if p.key == "surgery_edge")
@@ -429,7 +431,7 @@ def test_14_1_predict_validates_the_device_and_escapes_names(engines, tmp_path):
                            for c in meta["class_names"]]  # fmt: skip
     prop.value = json.dumps(meta)
     hostile = tmp_path / "hostile.onnx"
-    onnx.save(model, str(hostile))
+    write_engine(model, hostile)  # sealed: the digest is a checksum, anyone can recompute it
     image = tmp_path / "x.png"
     Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(image)
     assert "not a device" in user_error(["predict", str(hostile), str(image), "--device", "bogus"])
@@ -447,6 +449,7 @@ def test_14_1_an_engine_with_nan_weights_is_refused_at_load(engines, tmp_path):
     from onnx import numpy_helper
 
     from surgery_edge.errors import ExportError
+    from surgery_edge.export.onnx import write_engine
     from surgery_edge.runtime import load
 
     model = onnx.load(str(engines["dir"] / "surgeryv2-routed.onnx"))
@@ -455,7 +458,7 @@ def test_14_1_an_engine_with_nan_weights_is_refused_at_load(engines, tmp_path):
     array.flat[0] = np.nan
     init.CopyFrom(numpy_helper.from_array(array, init.name))
     path = tmp_path / "nan.onnx"
-    onnx.save(model, str(path))
+    write_engine(model, path)  # sealed, so that the check behind the digest is the one seen
     with pytest.raises(ExportError, match="non-finite logits"):
         load(path)
 

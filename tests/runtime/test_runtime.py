@@ -174,6 +174,30 @@ def test_unreadable_images_are_named_and_the_rest_answered(routed, known, tmp_pa
     assert results[0].to_dict() == {"source": str(broken), "error": results[0].error}
 
 
+def test_predict_never_runs_an_external_decoder(engines, known, tmp_path, monkeypatch):
+    """EPS bytes (which Pillow decodes by running Ghostscript) in a file named like a photo,
+    and a PDF: refused by name with the allowed formats, the other image answered (exit 1)."""
+    from image_files import EPS_BYTES, PDF_BYTES, fake_ghostscript
+
+    marker = fake_ghostscript(tmp_path, monkeypatch)
+    eps, pdf = tmp_path / "holiday.jpg", tmp_path / "scan.pdf"
+    eps.write_bytes(EPS_BYTES)
+    pdf.write_bytes(PDF_BYTES)
+    good = str(known["digits"][0])
+    engine = str(engines["dir"] / "surgeryv2-routed.onnx")
+    result = runner.invoke(app, ["predict", engine, str(eps), str(pdf), good, "--task", "digits"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    stderr = " ".join(result.stderr.split())
+    assert "holiday.jpg is not a readable image in an allowed format (PNG, JPEG" in stderr
+    assert "scan.pdf is not a readable image in an allowed format" in stderr
+    assert result.stdout.startswith(f"{good}\tdigits\t")
+    from surgery_edge.runtime import load
+
+    (row,) = load(engine).predict(EPS_BYTES, task="digits")  # bytes, as the server gets them
+    assert "allowed format" in row.error
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("name", ["engine.onnx", "engine.pt2", "engine.bin"])
 def test_corrupt_engine_files(engines, tmp_path, name):
     from surgery_edge.runtime import load
@@ -193,7 +217,7 @@ def test_corrupt_engine_files(engines, tmp_path, name):
 def test_tensorrt_engine_needs_its_sidecar_and_tensorrt(engines, tmp_path, monkeypatch):
     import sys
 
-    from surgery_edge.engine_format import read_onnx_metadata, write_sidecar
+    from surgery_edge.engine_format import file_sha256, read_onnx_metadata, write_sidecar
     from surgery_edge.runtime import load
 
     engine = tmp_path / "model.engine"
@@ -201,7 +225,7 @@ def test_tensorrt_engine_needs_its_sidecar_and_tensorrt(engines, tmp_path, monke
     with pytest.raises(ExportError, match="model.engine.json"):
         load(engine)
     meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx")
-    write_sidecar(engine, meta.to_dict())
+    write_sidecar(engine, meta.to_dict(), file_sha256(engine))
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(ExportError, match=r"surgery-edge\[trt\]"):
         load(engine)
