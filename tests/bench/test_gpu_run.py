@@ -323,6 +323,7 @@ def test_a_tests_step_stopped_at_its_slot_keeps_the_finished_results(tmp_path):
     (tmp_path / "test_killed.py").write_text(KILLED_TESTS)
     xml, log = tmp_path / "tests.xml", tmp_path / gpu.TEST_LOG
     args = ("-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_killed.py"))
+    args += ("--rootdir", str(tmp_path))  # test ids relative to it, wherever the checkout lies
     args += ("--junitxml", str(xml), "-p", gpu.MODULE, "--result-log", str(log))
     result = gpu.run_step(gpu.Step("tests", "tests", args, 60), sys.executable, tmp_path, 120, [])
     assert result.status == "failed" and not xml.exists()  # pytest never wrote its XML
