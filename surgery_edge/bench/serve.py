@@ -8,6 +8,9 @@ driven over loopback gRPC by a closed-loop load generator (``tritonclient.grpc.a
 * ``all-tasks``: each request is one image that must be answered for every task:
   - ``v1``: one request to the V1 engine (Surgery, all-tasks: backbone once, then every
     task's adapter and head), which answers with every task's logits in one tensor;
+  - ``experts-one-graph``: the eight experts as one model (their engines composed into one
+    ONNX graph, :mod:`~surgery_edge.bench.one_graph`), one request answered with every task's
+    logits in one tensor, as V1's: the fairest baseline, the same chain as V1's around it;
   - ``experts``: one request to each of the eight expert models, together; the request is
     answered when the last expert is;
 * ``mixed``: each request is one image for one task, drawn at random (a mixed-task stream):
@@ -17,7 +20,14 @@ driven over loopback gRPC by a closed-loop load generator (``tritonclient.grpc.a
   - ``experts``: the expert model of the request's task.
 
 Each request names the one output it needs: a routed engine's ``logits`` (not ``probs``), an
-expert's logits, the V1 engine's stacked ``logits`` (B, T, C_max) rather than T tensors.
+expert's logits, the V1 engine's and the one graph's stacked ``logits`` (B, T, C_max) rather
+than T tensors.
+
+Then the same engines alone, in this process (ONNX Runtime, the same threads, one image per
+call): their CPU per request gives the **serving efficiency** (the served CPU-per-request
+ratio over the engines' own) and the engine's share of the per-request chain, hop by hop
+(:mod:`~surgery_edge.bench.serve_report`). The load is :mod:`~surgery_edge.bench.serve_load`,
+the measurement :mod:`~surgery_edge.bench.serve_measure`.
 
 Per (workload, configuration, concurrency), over ``--repeats`` windows that take turns with the
 configurations it is compared with (a shared machine's load drifts): requests/s (the median

@@ -73,6 +73,7 @@ def targets(
             ceiling = ceilings.get(f"{workload}/{baseline}/{engine}")
             out.append(
                 {
+                    "id": f"{engine}-rate",  # a key without spaces, for citing the record
                     "target": f"{workload}: {engine} >= {least}x the request rate of {baseline}"
                     + (", p99 no higher" if p99_no_worse else ""),
                     "concurrency": c,
@@ -100,6 +101,7 @@ def targets(
             floor = ceilings.get("mixed/merged/v2")
             out.append(
                 {
+                    "id": "v2-cpu",
                     "target": f"mixed: v2's CPU per request <= {V2_CPU_MOST}x merged's",
                     "concurrency": c,
                     "ratio": None if ratio is None else round(ratio, 3),
@@ -133,6 +135,7 @@ def _efficiency(by_key, alone, ceilings, c: int, baseline: str) -> dict[str, Any
     if baseline == ONE_GRAPH:
         met = efficiency is not None and efficiency >= EFFICIENCY_LEAST
     return {
+        "id": f"efficiency-{baseline}",
         "target": f"all-tasks: serving efficiency of v1 against {baseline}"
         + (f" >= {EFFICIENCY_LEAST}" if baseline == ONE_GRAPH else " (no target)"),
         "concurrency": c,
