@@ -86,6 +86,7 @@ from surgery_edge.bench.serve_report import breakdown, markdown, targets
 from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
 from surgery_edge.engine_format import EngineMode, read_onnx_metadata
 from surgery_edge.errors import ConfigError, SurgeryEdgeError
+from surgery_edge.surgery.methods import SURGERY_METHODS
 
 __all__ = ["ServeBenchConfig", "ServeResult", "build_engines", "ceilings", "main"]
 
@@ -183,7 +184,8 @@ def ceilings(engines: dict[str, Path]) -> dict[str, dict[str, float]]:
                 workload_bytes(arch, "experts", "all-tasks", [0], classes, weights, 4),
             )
         model = experts[task] if config == "experts" else config
-        method = metas[model].method if config != "experts" else "experts"
+        method = "experts" if config == "experts" else metas[model].method
+        method = method if method in SURGERY_METHODS or method == "experts" else "merged"
         flops = workload_flops(arch, method, "routed", [task], classes, metas[model].get("rank", 0))
         return flops, workload_bytes(arch, "v2", "routed", [task], classes, size[model], 4)
 
@@ -260,10 +262,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         try:
             engines = build_engines(cfg, root, log)
             tasks = list(read_onnx_metadata(engines["v2"]).tasks)
+            bounds = ceilings(engines)  # before the load: a failure here costs nothing
             results = run_serve_bench(cfg, engines, log)
             log("the engines alone, in this process")
             alone = engines_alone(engines, cfg, tasks)
-            bounds = ceilings(engines)
         except SurgeryEdgeError as e:  # a user error: one paragraph, exit 2, no traceback
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
