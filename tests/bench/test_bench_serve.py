@@ -148,6 +148,14 @@ def test_the_experts_as_one_graph_answer_as_the_experts_do(bench_engines, tmp_pa
         feeds = {"images": x, "task_ids": np.zeros(3, np.int64)}
         want = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
         assert np.array_equal(got[t], want), task
+    # the ceilings per request: a merged-backbone engine has no surgery method ("none")
+    from surgery_edge.bench.serve import ceilings
+
+    files = {"v1": bench_engines / "v1.onnx", "v2": bench_engines / "v2.onnx"}
+    files |= {f"expert-{t}": p for t, p in experts.items()}
+    bounds = ceilings({**files, "merged": experts[tasks[0]], "experts-one-graph": one})
+    assert 0.5 < bounds["mixed/merged/v2"]["FLOPs"] < 1.0  # V2's adapters: more FLOPs
+    assert bounds["all-tasks/experts/v1"]["FLOPs"] > 2.5  # three tasks: three backbones
     with pytest.raises(ConfigError, match="v2.onnx is not one expert"):
         compose_experts({"a": bench_engines / "v2.onnx"}, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
