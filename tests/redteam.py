@@ -73,7 +73,7 @@ TABLE: tuple[Case, ...] = (
     Case(
         "33.5 a changed engine answered wrongly with exit 0",
         "task order swapped, class names reversed, mean/std or resize changed, bytes flipped",
-        "exit 2 from load, predict, info, eval-engine, serve and triton-repo",
+        "exit 2 from load, predict, info, eval-engine, serve and triton-repo (nothing written)",
         "changed or corrupted after export",
         (
             "runtime/test_integrity.py::test_a_changed_engine_is_refused",
