@@ -92,29 +92,46 @@ def test_an_all_tasks_engine_on_cpus_names_its_classes(engines, tmp_path):
         assert (model / output.label_filename).read_text().splitlines() == list(names)
 
 
-def test_models_share_a_repository_and_only_its_own_are_replaced(engines, tmp_path):
-    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="a"))
+def test_models_share_a_repository_and_its_own_get_versions(engines, tmp_path):
+    """Writing into its own model folder adds a version (the marker records each one's engine,
+    digest and tasks); the same engine and config again write nothing; --overwrite starts
+    over at version 1; a folder holding a file it did not write is refused."""
+    from surgery_edge.runtime.versions import published
+
+    routed = engines["dir"] / "surgeryv2-routed.onnx"
+    write_repository(routed, tmp_path, TritonOptions(name="a"))
     write_repository(engines["dir"] / "surgery-all-tasks.onnx", tmp_path, TritonOptions(name="b"))
     again = (
         engines["dir"] / "surgery-all-tasks.onnx",
         tmp_path,
         TritonOptions(name="a", max_batch=8),
     )
-    with pytest.raises(ExportError, match="pass --overwrite"):
-        write_repository(*again)
-    assert validate_repository(tmp_path)["a"].max_batch_size == 32
-    write_repository(*again, overwrite=True)
-    configs = validate_repository(tmp_path)
+    write_repository(*again)
+    configs = validate_repository(tmp_path)  # checks the newest version against its config
     assert set(configs) == {"a", "b"} and configs["a"].max_batch_size == 8
-    assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
     assert [o.name for o in configs["a"].output][0].startswith("logits_")
+    assert [(v.version, v.engine.name) for v in published(tmp_path / "a")] == [
+        (1, "model.onnx"),
+        (2, "model.onnx"),
+    ]
+    assert (tmp_path / "a" / "1" / "model.onnx").read_bytes() == routed.read_bytes()  # kept
     marker = json.loads((tmp_path / "a" / MARKER).read_text())
-    assert marker["engine"].endswith("surgery-all-tasks.onnx") and "1/model.onnx" in marker["files"]
+    assert marker["engine"].endswith("surgery-all-tasks.onnx") and "2/model.onnx" in marker["files"]
+    assert [v["version"] for v in marker["versions"]] == [1, 2]
+    assert marker["versions"][1]["tasks"] == list(read_onnx_metadata(again[0]).tasks)
+    assert marker["versions"][0]["mode"] == "routed" and len(marker["versions"][1]["sha256"]) == 64
+    write_repository(*again)  # the newest version already: nothing written
+    assert len(published(tmp_path / "a")) == 2
+    assert not list(tmp_path.glob(".a.staged-*"))
+    write_repository(*again, overwrite=True)
+    assert [v.version for v in published(tmp_path / "a")] == [1]
+    assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
     # a file added to its folder since is not the writer's: kept, even with --overwrite
     (tmp_path / "a" / "2").mkdir()
     (tmp_path / "a" / "2" / "model.onnx").write_bytes(b"a user's second version")
-    with pytest.raises(ExportError, match=r"also holds 2/, which"):
-        write_repository(*again, overwrite=True)
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"also holds 2/, which"):
+            write_repository(*again, overwrite=overwrite)
     assert (tmp_path / "a" / "2" / "model.onnx").read_bytes() == b"a user's second version"
 
 
