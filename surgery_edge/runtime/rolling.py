@@ -25,6 +25,7 @@ engine model itself addresses the version that answers (every KServe response na
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -140,11 +141,11 @@ class VersionedServer(Server):
         Raises ExportError (the old version keeps serving) when the new engine cannot be
         opened, names a task that cannot be a model, or fails to load in the server."""
         with self._rolling:
-            name, opts, repo = self.options.name, self.options, self._repository
-            old, old_version = self.metadata[name], self.version
+            name, opts = self.options.name, self.options
             backend = open_backend(new.engine, device=opts.device)  # verified before the server
             meta = backend.meta
             del backend
+            repo, old, old_version = self._repository, self.metadata[name], self.version
             if opts.task_models:
                 check_task_models(meta, {name: meta}, new.engine)
             started = time.monotonic()
@@ -168,7 +169,7 @@ class VersionedServer(Server):
                 for task in added:
                     config = _task_config(task, name, meta, opts, engine_version=new.version)
                     _write_model(repo / task, "TaskModel", config)
-                    self._control(task, "load")
+                self._control_all(added, "load")
                 if front is not None:
                     front.limits = model_limits(repo)
                 self._control(name, "load")  # Triton retires the old version once it is idle
@@ -183,9 +184,9 @@ class VersionedServer(Server):
                 config = _task_config(task, name, meta, opts, engine_version=new.version)
                 shutil.rmtree(repo / task)
                 _write_model(repo / task, "TaskModel", config)
-                self._control(task, "load")
+            self._control_all(changed, "load")
+            self._control_all(dropped, "unload")
             for task in dropped:
-                self._control(task, "unload")
                 shutil.rmtree(repo / task, ignore_errors=True)
             shutil.rmtree(repo / name / str(old_version), ignore_errors=True)
             if front is not None:
@@ -212,6 +213,12 @@ class VersionedServer(Server):
             except ExportError:
                 pass  # it never loaded
             shutil.rmtree(repo / task, ignore_errors=True)
+
+    def _control_all(self, models: list[str], action: str) -> None:
+        """:meth:`_control` of several models at once (Triton loads them side by side)."""
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(models))) as pool:
+            for done in [pool.submit(self._control, m, action) for m in models]:
+                done.result()
 
     def _control(self, model: str, action: str) -> None:
         """Triton's model control: ``load`` (reads the model's folder again: a new version or

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import onnx
 import pytest
@@ -133,6 +134,52 @@ def test_models_share_a_repository_and_its_own_get_versions(engines, tmp_path):
         with pytest.raises(ExportError, match=r"also holds 2/, which"):
             write_repository(*again, overwrite=overwrite)
     assert (tmp_path / "a" / "2" / "model.onnx").read_bytes() == b"a user's second version"
+
+
+def test_the_served_version_is_the_newest_the_marker_lists(engines, tmp_path):
+    """``serve REPO`` serves the newest version the marker lists: a version folder the writer
+    did not list (being written, or a user's) is not one; a folder without the writer's model
+    folders, or with several, is refused naming them; a version whose engine no longer
+    matches its digest is refused by the roll before the server sees it, and the watcher
+    reports it once and goes on serving the old one."""
+    import threading
+
+    from surgery_edge.runtime.rolling import VersionedServer
+    from surgery_edge.runtime.versions import published, served_model
+
+    write_repository(engines["dir"] / "single-expert.onnx", tmp_path, TritonOptions(name="m"))
+    assert served_model(tmp_path) == served_model(tmp_path / "m") == tmp_path / "m"
+    (tmp_path / "m" / "7").mkdir()
+    (tmp_path / "m" / "7" / "model.onnx").write_bytes(b"not listed")
+    assert [v.version for v in published(tmp_path / "m")] == [1]
+    (tmp_path / "m" / "7" / "model.onnx").unlink()
+    (tmp_path / "m" / "7").rmdir()
+    with pytest.raises(ExportError, match="holds no such folders"):
+        served_model(tmp_path / "m" / "1")
+    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="n"))
+    with pytest.raises(ExportError, match=r"holds several such folders \(m, n\)"):
+        served_model(tmp_path)
+    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="m"))
+    newest = published(tmp_path / "m")[-1]
+    engine = bytearray(newest.engine.read_bytes())
+    engine[-100] ^= 1  # a changed byte: its digest no longer holds
+    newest.engine.write_bytes(bytes(engine))
+    said = []
+    server = VersionedServer(tmp_path / "m", log=said.append, poll_s=0.01)
+    assert server.version == 2
+    with pytest.raises(ExportError, match="digest"):
+        server.roll(newest)
+    server.version = 1  # as if version 1 served: the watcher tries 2, reports it, skips it
+    watcher = threading.Thread(target=server._poll)
+    watcher.start()
+    deadline = time.monotonic() + 20
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    server._stop_watching.set()
+    watcher.join()
+    assert len(said) == 1 and said[0].startswith("engine version 2 not served:"), said
+    assert "digest" in said[0] and server.version == 1
 
 
 def test_a_folder_it_did_not_write_is_never_replaced(engines, tmp_path):
