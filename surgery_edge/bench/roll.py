@@ -1,0 +1,381 @@
+"""A version roll under load: latency while ``serve REPO --watch`` rolls to a new engine version.
+
+One server (``surgery-edge serve``'s :class:`~surgery_edge.runtime.rolling.VersionedServer`,
+Python-backend models over ONNX Runtime on the CPU) serves version 1 of a model folder while
+bench_serve's closed-loop client (:mod:`surgery_edge.bench.serve`: ``concurrency`` gRPC
+clients, each sending its next request when the last is answered) sends a steady mixed-task
+stream to the engine model: one image per request, for a task drawn at random. While the load
+runs, the engines given are published into the folder in turn (``--rolls`` times: version 2,
+3, ...; each with the repository writer, as ``export --triton-repo`` does, on the serving
+machine), and the server picks each up and rolls to it. The load never stops; it is cut into:
+
+- ``steady``: the requests that started and ended in the ``--steady-s`` before a publication;
+- ``roll``: those that were in flight at any time from the publication's start (the writer
+  copies and hashes the engine) until the new version serves (the server has opened the new
+  engine, Triton has loaded it and switched to it);
+
+and the benchmark reports, per roll and over every roll, the p50 / p99 of each part, the failed
+requests, and the target: no failed request and the roll's p99 at most twice the steady p99.
+
+    python benchmarks/bench_roll.py --engine runs/demo/engines/surgeryv2-routed.onnx \\
+        --rolls 4 --out benchmarks/results/cpu
+
+Engines of the same task set may alternate, or one engine may be published again (each
+publication then uses another Triton instance count in the repository's ``config.pbtxt``, a
+setting of the official container that ``serve`` does not read, so that the writer adds a
+version rather than finding the newest one unchanged). Outputs under ``--out``:
+``serve-roll-<arch>.json`` (the command, the environment, every roll's timings) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surgery_edge.bench.env import environment
+from surgery_edge.bench.report import command_line, fmt, table, write_record_set
+from surgery_edge.bench.serve import _free_port, _percentile, _Requests, _version
+from surgery_edge.errors import SurgeryEdgeError
+
+TARGET_RATIO = 2.0  # the roll's p99 over the steady p99, at most (issue 39)
+
+
+@dataclass(frozen=True)
+class RollBenchConfig:
+    """What to serve and how to load it."""
+
+    concurrency: int = 4
+    steady_s: float = 20.0  # load before each publication, measured
+    settle_s: float = 5.0  # load after the last roll, so its tail is answered
+    rolls: int = 3
+    max_batch: int = 32
+    max_queue_delay_us: int = 0
+    threads: int = 1  # ONNX Runtime threads per engine instance
+    instances: int = 1
+    poll_s: float = 0.5  # how often the server looks for a new version
+    seed: int = 0
+
+
+@dataclass
+class Roll:
+    """One publication and the roll that followed, and the load around them."""
+
+    version: int
+    engine: str
+    publish_s: float  # the writer: copy, hash, check, rename
+    roll_s: float  # from the publication's start until the new version served
+    steady_requests: int
+    steady_p50_ms: float | None
+    steady_p99_ms: float | None
+    roll_requests: int
+    roll_p50_ms: float | None
+    roll_p99_ms: float | None
+    roll_max_ms: float | None
+    failed: int  # over the steady part and the roll
+
+
+def _part(
+    done: list[tuple[float, float, bool]], start: float, end: float, overlap: bool
+) -> tuple[list[float], int]:
+    """The latencies (ms) of the answered requests in ``[start, end]`` (inside it, or, with
+    ``overlap``, in flight at some time in it), and how many there failed."""
+    if overlap:
+        inside = [(s, e, ok) for s, e, ok in done if s <= end and e >= start]
+    else:
+        inside = [(s, e, ok) for s, e, ok in done if s >= start and e <= end]
+    return sorted((e - s) * 1e3 for s, e, ok in inside if ok), sum(1 for *_, ok in inside if not ok)
+
+
+def run_roll_bench(
+    cfg: RollBenchConfig,
+    engines: Sequence[Path],
+    folder: Path,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[Roll], dict[str, Any]]:
+    """Serve ``engines[0]`` from ``folder``, load it, publish ``cfg.rolls`` versions (the
+    engines in turn) and time each roll; returns the rolls and the run's totals."""
+    import tritonclient.grpc as grpc  # deferred: optional, the serve extra
+
+    from surgery_edge.export.triton import TritonOptions, write_repository
+    from surgery_edge.runtime.rolling import VersionedServer
+    from surgery_edge.runtime.serving import ServeOptions
+
+    log = log or (lambda msg: None)
+    name = "engine"
+
+    def publish(k: int) -> None:  # k-th publication: the engines in turn, instances alternate
+        options = TritonOptions(name="m", kind="cpu", instances=1 + k % 2)
+        write_repository(engines[k % len(engines)], folder, options)
+
+    publish(0)
+    options = ServeOptions(http_port=_free_port(), grpc_port=_free_port(),
+                           metrics_port=_free_port(), name=name, max_batch=cfg.max_batch,
+                           max_queue_delay_us=cfg.max_queue_delay_us, device="cpu",
+                           threads=cfg.threads, instances=cfg.instances, task_models=False,
+                           drain_timeout_s=5, startup_timeout_s=600)  # fmt: skip
+    served: dict[int, float] = {}  # version -> when it served
+    with VersionedServer(folder / "m", options, watch=True, poll_s=cfg.poll_s, log=log) as server:
+        served[server.version] = time.monotonic()
+        meta = server.metadata[name]
+        tasks = len(meta.tasks)
+        log(f"serving version {server.version}: {meta.tasks} ({meta.precision})")
+        size = meta.preprocessing.image_size
+        image = np.random.default_rng(cfg.seed).normal(size=(1, 3, size, size))
+        requests = _Requests(grpc, server.metadata, image.astype(np.float32))
+
+        def route(rng: np.random.Generator) -> list[tuple[str, int]]:
+            return [(name, int(rng.integers(tasks)))]
+
+        marks: list[tuple[int, float, float]] = []  # (version, publication start, its end)
+        failure: list[BaseException] = []
+
+        def publisher() -> None:
+            try:
+                for k in range(1, cfg.rolls + 1):
+                    time.sleep(cfg.steady_s)
+                    before = time.monotonic()
+                    publish(k)
+                    marks.append((k + 1, before, time.monotonic()))
+                    log(f"published version {k + 1} in {marks[-1][2] - before:.1f} s")
+                    while server.version < k + 1:
+                        if time.monotonic() - before > 600:
+                            raise TimeoutError(f"version {k + 1} did not serve in 600 s")
+                        time.sleep(0.01)
+                    served[k + 1] = time.monotonic()
+                    log(f"version {k + 1} served {served[k + 1] - before:.1f} s after")
+                time.sleep(cfg.settle_s)
+            except BaseException as e:  # reported by the caller
+                failure.append(e)
+            finally:
+                stopping.set()
+
+        stopping = threading.Event()
+        thread = threading.Thread(target=publisher, daemon=True)
+        thread.start()
+        done = asyncio.run(
+            _load_until(server.grpc_url, requests, route, cfg.concurrency, stopping, cfg.seed)
+        )
+        thread.join()
+        if failure:
+            raise failure[0]
+    rolls = []
+    for version, published_at, published_end in marks:
+        steady, steady_failed = _part(done, published_at - cfg.steady_s, published_at, False)
+        during, roll_failed = _part(done, published_at, served[version], True)
+        rolls.append(
+            Roll(
+                version=version,
+                engine=str(engines[(version - 1) % len(engines)]),
+                publish_s=published_end - published_at,
+                roll_s=served[version] - published_at,
+                steady_requests=len(steady),
+                steady_p50_ms=_percentile(steady, 50),
+                steady_p99_ms=_percentile(steady, 99),
+                roll_requests=len(during),
+                roll_p50_ms=_percentile(during, 50),
+                roll_p99_ms=_percentile(during, 99),
+                roll_max_ms=during[-1] if during else None,
+                failed=steady_failed + roll_failed,
+            )
+        )
+    steady_all = sorted(x for _, p, _ in marks for x in _part(done, p - cfg.steady_s, p, False)[0])
+    roll_all = sorted(x for v, p, _ in marks for x in _part(done, p, served[v], True)[0])
+    totals = {
+        "requests": len(done),
+        "failed": sum(1 for *_, ok in done if not ok),
+        "seconds": done[-1][1] - done[0][0] if done else 0.0,
+        "steady_requests": len(steady_all),
+        "steady_p50_ms": _percentile(steady_all, 50),
+        "steady_p99_ms": _percentile(steady_all, 99),
+        "roll_requests": len(roll_all),
+        "roll_p50_ms": _percentile(roll_all, 50),
+        "roll_p99_ms": _percentile(roll_all, 99),
+        "tasks": list(meta.tasks),
+    }
+    ratio = (
+        totals["roll_p99_ms"] / totals["steady_p99_ms"]
+        if totals["roll_p99_ms"] and totals["steady_p99_ms"]
+        else None
+    )
+    totals["p99_ratio"] = ratio
+    totals["target"] = {
+        "what": f"0 failed requests and roll p99 <= {TARGET_RATIO:g}x steady p99",
+        "met": totals["failed"] == 0 and ratio is not None and ratio <= TARGET_RATIO,
+    }
+    return rolls, totals
+
+
+async def _load_until(
+    url: str,
+    requests: _Requests,
+    route: Callable,
+    concurrency: int,
+    stopping: threading.Event,
+    seed: int,
+) -> list[tuple[float, float, bool]]:
+    """bench_serve's closed-loop clients (its requests, one in flight per client), until
+    ``stopping`` is set rather than until a time known in advance; (start, end, ok) each."""
+    import tritonclient.grpc.aio as aio  # deferred: optional, the serve extra
+
+    done: list[tuple[float, float, bool]] = []
+    async with aio.InferenceServerClient(url) as client:
+
+        async def user(k: int) -> None:
+            rng = np.random.default_rng(seed * 1000 + k)
+            while not stopping.is_set():
+                ((model, task),) = route(rng)
+                start = time.monotonic()
+                try:
+                    await client.infer(
+                        model, requests.inputs(model, task), outputs=requests.outputs(model)
+                    )
+                    ok = True
+                except Exception:  # a failed request is counted, the load goes on
+                    ok = False
+                done.append((start, time.monotonic(), ok))
+
+        await asyncio.gather(*(user(k) for k in range(concurrency)))
+    return done
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The record as a page: the verdict, every roll, what the parts are."""
+    t, cfg = record["totals"], record["config"]
+    met = "met" if t["target"]["met"] else "**not met**"
+    lines = [
+        f"# A version roll under load ({record['arch']}, CPU timings)",
+        "",
+        f"CPU timings: {record['environment']['device_name']}, ONNX Runtime "
+        f"{record['environment']['onnxruntime']}, PyTriton {record['pytriton']}; load average "
+        f"{record['loadavg_before']} before, {record['loadavg_after']} after (a shared machine: "
+        "the ratio of two parts of one load matters, not the absolute times).",
+        "",
+        f"{cfg['concurrency']} closed-loop gRPC clients send one image each to the routed "
+        f"engine ({len(t['tasks'])} tasks, a task at random per request) for "
+        f"{t['seconds']:.0f} s; {cfg['rolls']} versions are published meanwhile, each after "
+        f"{cfg['steady_s']:g} s of steady load, and served by `serve REPO --watch` "
+        f"(poll every {cfg['poll_s']:g} s). Steady: the requests in the {cfg['steady_s']:g} s "
+        "before a publication; roll: those in flight at any time from the publication's start "
+        "until the new version served.",
+        "",
+        f"Target ({t['target']['what']}): {met}. {t['requests']} requests, {t['failed']} failed; "
+        f"p99 steady {fmt(t['steady_p99_ms'], '.1f')} ms ({t['steady_requests']} requests), "
+        f"during the rolls {fmt(t['roll_p99_ms'], '.1f')} ms ({t['roll_requests']} requests): "
+        f"{fmt(t['p99_ratio'], '.2f')}x.",
+        "",
+    ]
+    header = ["version", "publish s", "roll s", "steady n", "steady p50", "steady p99",
+              "roll n", "roll p50", "roll p99", "roll max", "failed"]  # fmt: skip
+    rows = [
+        [
+            str(r["version"]),
+            fmt(r["publish_s"], ".1f"),
+            fmt(r["roll_s"], ".1f"),
+            str(r["steady_requests"]),
+            fmt(r["steady_p50_ms"], ".1f"),
+            fmt(r["steady_p99_ms"], ".1f"),
+            str(r["roll_requests"]),
+            fmt(r["roll_p50_ms"], ".1f"),
+            fmt(r["roll_p99_ms"], ".1f"),
+            fmt(r["roll_max_ms"], ".1f"),
+            str(r["failed"]),
+        ]
+        for r in record["rolls"]
+    ]
+    lines += table(header, rows)
+    lines += ["", "Latencies in ms; publish: the repository writer (copy, hash, check, rename)."]
+    if record.get("note"):
+        lines += ["", record["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    d = RollBenchConfig()
+    p.add_argument(
+        "--engine",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="engines published in turn (one task set); the first is version 1",
+    )
+    p.add_argument("--concurrency", type=int, default=d.concurrency)
+    p.add_argument("--steady-s", type=float, default=d.steady_s)
+    p.add_argument("--settle-s", type=float, default=d.settle_s)
+    p.add_argument("--rolls", type=int, default=d.rolls)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us)
+    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime threads")
+    p.add_argument("--instances", type=int, default=d.instances)
+    p.add_argument("--poll-s", type=float, default=d.poll_s)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--note", default="", help="a sentence recorded with the results")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """Publish and roll ``--rolls`` versions under load; write ``serve-roll-<arch>.json`` and
+    ``.md`` under ``--out``; returns the record."""
+    from surgery_edge.engine_format import read_onnx_metadata  # deferred: the engine's arch
+
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if min(args.concurrency, args.rolls, args.instances, args.threads) < 1 or args.steady_s <= 0:
+        parser.error("--concurrency, --rolls, --instances, --threads, --steady-s must be positive")
+    cfg = RollBenchConfig(
+        concurrency=args.concurrency,
+        steady_s=args.steady_s,
+        settle_s=args.settle_s,
+        rolls=args.rolls,
+        max_batch=args.max_batch,
+        max_queue_delay_us=args.max_queue_delay_us,
+        threads=args.threads,
+        instances=args.instances,
+        poll_s=args.poll_s,
+        seed=args.seed,
+    )
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    loadavg_before = [round(x, 2) for x in os.getloadavg()]
+    try:
+        meta = read_onnx_metadata(args.engine[0])
+        with tempfile.TemporaryDirectory() as scratch:
+            rolls, totals = run_roll_bench(cfg, args.engine, Path(scratch), log)
+    except SurgeryEdgeError as e:  # a user error: one paragraph, exit 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    arch = (meta.get("architecture") or {}).get("name", "engine")
+    record = {
+        "benchmark": "serve-roll",
+        "command": command_line(argv, prog or f"{__name__}.main"),
+        "environment": environment("cpu"),
+        "pytriton": _version("nvidia-pytriton"),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "arch": arch,
+        "engines": [str(e) for e in args.engine],
+        "config": asdict(cfg),
+        "note": args.note,
+        "totals": totals,
+        "rolls": [asdict(r) for r in rolls],
+    }
+    write_record_set(args.out, f"serve-roll-{arch}", record, markdown(record))
+    print(markdown(record))
+    return record
