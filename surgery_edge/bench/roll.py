@@ -19,11 +19,16 @@ requests, and the target: no failed request and the roll's p99 at most twice the
 
     python benchmarks/bench_roll.py --engine runs/demo/engines/surgeryv2-routed.onnx \\
         --rolls 4 --out benchmarks/results/cpu
+    python benchmarks/bench_roll.py --arch tiny-vit-32 --tasks 7 8 --engines /tmp/roll \\
+        --out benchmarks/results/cpu      # SurgeryV2 engines of 7 and 8 tasks, random weights
 
-Engines of the same task set may alternate, or one engine may be published again (each
-publication then uses another Triton instance count in the repository's ``config.pbtxt``, a
-setting of the official container that ``serve`` does not read, so that the writer adds a
-version rather than finding the newest one unchanged). Outputs under ``--out``:
+The engines are published in turn (7 tasks, 8, 7, ...: a task added, then dropped; the load asks
+for the tasks every version has), or one engine again and again (each publication then uses
+another Triton instance count in the repository's ``config.pbtxt``, a setting of the official
+container that ``serve`` does not read, so that the writer adds a version rather than finding
+the newest one unchanged). ``--tasks`` builds routed SurgeryV2 engines of the demo's
+architecture and class counts with random weights (timing only, as bench_serve's), one per
+count, the smaller ones holding the first tasks of the largest. Outputs under ``--out``:
 ``serve-roll-<arch>.json`` (the command, the environment, every roll's timings) and ``.md``.
 """
 
@@ -85,6 +90,35 @@ class Roll:
     failed: int  # over the steady part and the roll
 
 
+def build_task_set_engines(
+    arch: str, task_counts: Sequence[int], rank: int, root: Path, log: Callable[[str], None]
+) -> list[Path]:
+    """Routed SurgeryV2 engines of ``arch`` with random weights, one per task count (the
+    same backbone and heads: a smaller one holds the first tasks of the largest), in
+    ``root`` (those there already are reused)."""
+    files = [root / f"surgeryv2-{n}-tasks.onnx" for n in task_counts]
+    if all(f.is_file() for f in files):
+        return files
+    import torch  # deferred: only building engines needs torch
+
+    from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
+    from surgery_edge.engine_format import EngineMode
+    from surgery_edge.export.onnx import export_onnx  # deferred: imports torch
+    from surgery_edge.models import get_arch  # deferred: imports torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    parts = Parts.random(get_arch(arch), max(task_counts), seed=0)
+    for n, path in zip(task_counts, files):
+        log(f"exporting {path.name} ({arch}, {n} tasks, random weights)")
+        some = Parts(parts.arch, parts.encoder, parts.heads[:n], parts.tasks[:n])
+        torch.manual_seed(n)
+        model = build_engine_model(some, "surgeryv2", rank, torch.device("cpu"), torch.float32)
+        export_onnx(
+            model.eval(), path, EngineMode.ROUTED, metadata={"benchmark": RANDOM_WEIGHTS_NOTE}
+        )
+    return files
+
+
 def _part(
     done: list[tuple[float, float, bool]], start: float, end: float, overlap: bool
 ) -> tuple[list[float], int]:
@@ -107,6 +141,7 @@ def run_roll_bench(
     engines in turn) and time each roll; returns the rolls and the run's totals."""
     import tritonclient.grpc as grpc  # deferred: optional, the serve extra
 
+    from surgery_edge.engine_format import read_onnx_metadata
     from surgery_edge.export.triton import TritonOptions, write_repository
     from surgery_edge.runtime.rolling import VersionedServer
     from surgery_edge.runtime.serving import ServeOptions
@@ -128,14 +163,14 @@ def run_roll_bench(
     with VersionedServer(folder / "m", options, watch=True, poll_s=cfg.poll_s, log=log) as server:
         served[server.version] = time.monotonic()
         meta = server.metadata[name]
-        tasks = len(meta.tasks)
+        common = min(len(read_onnx_metadata(e).tasks) for e in engines)  # the first tasks
         log(f"serving version {server.version}: {meta.tasks} ({meta.precision})")
         size = meta.preprocessing.image_size
         image = np.random.default_rng(cfg.seed).normal(size=(1, 3, size, size))
         requests = _Requests(grpc, server.metadata, image.astype(np.float32))
 
         def route(rng: np.random.Generator) -> list[tuple[str, int]]:
-            return [(name, int(rng.integers(tasks)))]
+            return [(name, int(rng.integers(common)))]
 
         marks: list[tuple[int, float, float]] = []  # (version, publication start, its end)
         failure: list[BaseException] = []
@@ -201,7 +236,8 @@ def run_roll_bench(
         "roll_requests": len(roll_all),
         "roll_p50_ms": _percentile(roll_all, 50),
         "roll_p99_ms": _percentile(roll_all, 99),
-        "tasks": list(meta.tasks),
+        "load_tasks": list(meta.tasks[:common]),  # what the load asks for
+        "task_counts": [len(read_onnx_metadata(e).tasks) for e in engines],
     }
     ratio = (
         totals["roll_p99_ms"] / totals["steady_p99_ms"]
@@ -265,7 +301,8 @@ def markdown(record: dict[str, Any]) -> str:
         "the ratio of two parts of one load matters, not the absolute times).",
         "",
         f"{cfg['concurrency']} closed-loop gRPC clients send one image each to the routed "
-        f"engine ({len(t['tasks'])} tasks, a task at random per request) for "
+        f"engine (versions of {' / '.join(str(n) for n in t['task_counts'])} tasks in turn; "
+        f"a task at random per request among the {len(t['load_tasks'])} every version has) for "
         f"{t['seconds']:.0f} s; {cfg['rolls']} versions are published meanwhile, each after "
         f"{cfg['steady_s']:g} s of steady load, and served by `serve REPO --watch` "
         f"(poll every {cfg['poll_s']:g} s). Steady: the requests in the {cfg['steady_s']:g} s "
@@ -307,12 +344,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     d = RollBenchConfig()
     p.add_argument(
-        "--engine",
-        type=Path,
-        nargs="+",
-        required=True,
-        help="engines published in turn (one task set); the first is version 1",
+        "--engine", type=Path, nargs="+", help="engines published in turn; the first is version 1"
     )
+    p.add_argument("--arch", help="else build engines of this architecture (random weights)")
+    p.add_argument("--tasks", type=int, nargs="+", default=[7, 8], help="their task counts")
+    p.add_argument("--rank", type=int, default=16, help="their adapters' rank")
+    p.add_argument("--engines", type=Path, help="folder for the built engines (reused)")
     p.add_argument("--concurrency", type=int, default=d.concurrency)
     p.add_argument("--steady-s", type=float, default=d.steady_s)
     p.add_argument("--settle-s", type=float, default=d.settle_s)
@@ -337,6 +374,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     args = parser.parse_args(argv)
     if min(args.concurrency, args.rolls, args.instances, args.threads) < 1 or args.steady_s <= 0:
         parser.error("--concurrency, --rolls, --instances, --threads, --steady-s must be positive")
+    if (args.engine is None) == (args.arch is None):
+        parser.error("give --engine FILE... or --arch ARCH (engines built with random weights)")
     cfg = RollBenchConfig(
         concurrency=args.concurrency,
         steady_s=args.steady_s,
@@ -355,9 +394,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
 
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
     try:
-        meta = read_onnx_metadata(args.engine[0])
         with tempfile.TemporaryDirectory() as scratch:
-            rolls, totals = run_roll_bench(cfg, args.engine, Path(scratch), log)
+            engines = args.engine or build_task_set_engines(
+                args.arch, args.tasks, args.rank, args.engines or Path(scratch) / "engines", log
+            )
+            meta = read_onnx_metadata(engines[0])
+            rolls, totals = run_roll_bench(cfg, engines, Path(scratch) / "repository", log)
     except SurgeryEdgeError as e:  # a user error: one paragraph, exit 2, no traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -370,7 +412,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "loadavg_before": loadavg_before,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "arch": arch,
-        "engines": [str(e) for e in args.engine],
+        "engines": [str(e) for e in engines],
+        "random_weights": args.engine is None,
         "config": asdict(cfg),
         "note": args.note,
         "totals": totals,
