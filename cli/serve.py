@@ -123,9 +123,8 @@ def serve(
     )
     if engine.is_dir():
         from surgery_edge.runtime.rolling import VersionedServer  # deferred: as above
-        from surgery_edge.runtime.versions import served_model
 
-        server = VersionedServer(served_model(engine), options, watch, poll_s, log=typer.echo)
+        server = VersionedServer(engine, options, watch, poll_s, log=typer.echo)
     elif watch:
         raise ConfigError(f"--watch needs a model repository folder; {engine} is not a folder.")
     else:

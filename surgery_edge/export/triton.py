@@ -238,7 +238,8 @@ def _add_version(
     same_config = config_file.is_file() and config_file.read_text("utf-8") == to_pbtxt(config)
     if same_config and newest.get("sha256") == sha256_file(engine):
         return folder  # already the newest version
-    version = max([0, *version_numbers(folder), *(e.get("version", 0) for e in entries)]) + 1
+    recorded = [e["version"] for e in entries if isinstance(e.get("version"), int)]
+    version = max([0, *version_numbers(folder), *recorded]) + 1
     # named as io.staged_dir names its folders: a killed writer's stage is removed by the next
     with tempfile.TemporaryDirectory(prefix=f".{name}.staged-{os.getpid()}.", dir=repo) as tmp:
         tmp = Path(tmp)

@@ -61,7 +61,8 @@ class VersionedServer(Server):
     each newer version published there (see the module's text).
 
     Args:
-        model_folder: a model folder written by the repository writer (:func:`served_model`).
+        model_folder: a model folder written by the repository writer, or a repository
+            holding one (:func:`~surgery_edge.runtime.versions.served_model`).
         options: as for :class:`Server`; ``options.name`` is the engine model's name.
         watch: poll the folder for new versions (else serve the newest one, as it is).
         poll_s: how often to look.
@@ -76,10 +77,8 @@ class VersionedServer(Server):
         poll_s: float = POLL_S,
         log: Callable[[str], None] | None = None,
     ):
-        self.folder = Path(model_folder)
+        self.folder = served_model(model_folder)  # raises, naming what is missing
         versions = published(self.folder)
-        if not versions:
-            served_model(self.folder)  # raises, naming what is missing
         self.version = versions[-1].version
         options = options or ServeOptions()
         super().__init__({options.name: versions[-1].engine}, options)

@@ -547,7 +547,9 @@ class TaskModel:
                     "served version is changing: retry once it is done.",
                     "loading",
                 )
-            if "is served by engine version" in message or "is not served by" in message:
+            if "is served by engine version" in message:  # the version with it is loading
                 return Rejected(message, "loading")
+            if "is not served by engine version" in message:  # the version serving dropped it
+                return Rejected(message, "task")
             return Rejected(f"the engine model failed: {message}", "engine")
         return pb.get_output_tensor_by_name(response, self.task.output).as_numpy()

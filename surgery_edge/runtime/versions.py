@@ -84,6 +84,8 @@ def served_model(repo: str | os.PathLike) -> Path:
     """The model folder ``serve REPO`` serves: ``repo`` itself when it is one the writer made,
     else the one such folder in it; ExportError naming what was found otherwise."""
     repo = Path(repo)
+    if not repo.is_dir():
+        raise ExportError(f"The model repository {repo} is not a folder; check the path.")
     if read_marker(repo) is not None:
         folder = repo
     else:
