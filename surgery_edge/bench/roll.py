@@ -47,10 +47,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
-from surgery_edge.bench.serve import _free_port, _percentile, _Requests, _version
+from surgery_edge.bench.serve import (
+    _cpu_seconds,
+    _free_port,
+    _percentile,
+    _Requests,
+    _version,
+    server_processes,
+)
 from surgery_edge.errors import SurgeryEdgeError
 
 TARGET_RATIO = 2.0  # the roll's p99 over the steady p99, at most (issue 39)
@@ -88,6 +96,62 @@ class Roll:
     roll_p99_ms: float | None
     roll_max_ms: float | None
     failed: int  # over the steady part and the roll
+    # cores kept busy (CPU seconds per second): the server's processes, the machine's (every
+    # process, other users' too); and the CPU the new version's engine stub spent in the roll
+    steady_server_cores: float | None = None
+    roll_server_cores: float | None = None
+    steady_machine_cores: float | None = None
+    roll_machine_cores: float | None = None
+    new_engine_cpu_s: float | None = None
+
+
+class _CpuSampler:
+    """CPU time of each of the server's processes (those that start during the load too) and
+    of the whole machine, read every ``period_s`` by a thread of its own."""
+
+    def __init__(self, period_s: float = 0.25):
+        self.samples: list[tuple[float, dict[int, float], float]] = []  # (t, {pid: s}, machine)
+        self.models: dict[int, str | None] = {}  # pid -> its model (None: tritonserver)
+        self.born: dict[int, float] = {}  # pid -> when it was first seen
+        self._period_s, self._stop = period_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            for pid, model in server_processes().items():
+                self.models.setdefault(pid, model)
+                self.born.setdefault(pid, now)
+            machine = psutil.cpu_times()
+            busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+            self.samples.append((now, {p: _cpu_seconds([p]) for p in self.models}, busy))
+            if self._stop.wait(self._period_s):
+                return
+
+    def cores(self, start: float, end: float) -> tuple[float | None, float | None]:
+        """Cores the server and the machine kept busy from ``start`` to ``end``."""
+        inside = [x for x in self.samples if start <= x[0] <= end]
+        if len(inside) < 2:
+            return None, None
+        (t0, first, busy0), (t1, last, busy1) = inside[0], inside[-1]
+        server = sum(max(0.0, v - first.get(p, 0.0)) for p, v in last.items())
+        return server / (t1 - t0), (busy1 - busy0) / (t1 - t0)
+
+    def new_engine_cpu(self, start: float, end: float) -> float | None:
+        """CPU seconds of the engine stubs born from ``start`` to ``end``, by ``end``."""
+        born = [p for p, t in self.born.items() if start <= t <= end and self.models[p]]
+        inside = [x for x in self.samples if x[0] <= end]
+        if not inside:
+            return None
+        return sum(inside[-1][1].get(p, 0.0) for p in born if self.models[p] == "engine")
+
+    def __enter__(self) -> _CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def build_task_set_engines(
@@ -197,17 +261,20 @@ def run_roll_bench(
 
         stopping = threading.Event()
         thread = threading.Thread(target=publisher, daemon=True)
-        thread.start()
-        done = asyncio.run(
-            _load_until(server.grpc_url, requests, route, cfg.concurrency, stopping, cfg.seed)
-        )
-        thread.join()
+        with _CpuSampler() as cpu:
+            thread.start()
+            done = asyncio.run(
+                _load_until(server.grpc_url, requests, route, cfg.concurrency, stopping, cfg.seed)
+            )
+            thread.join()
         if failure:
             raise failure[0]
     rolls = []
     for version, published_at, published_end in marks:
         steady, steady_failed = _part(done, published_at - cfg.steady_s, published_at, False)
         during, roll_failed = _part(done, published_at, served[version], True)
+        steady_cores = cpu.cores(published_at - cfg.steady_s, published_at)
+        roll_cores = cpu.cores(published_at, served[version])
         rolls.append(
             Roll(
                 version=version,
@@ -222,6 +289,11 @@ def run_roll_bench(
                 roll_p99_ms=_percentile(during, 99),
                 roll_max_ms=during[-1] if during else None,
                 failed=steady_failed + roll_failed,
+                steady_server_cores=steady_cores[0],
+                roll_server_cores=roll_cores[0],
+                steady_machine_cores=steady_cores[1],
+                roll_machine_cores=roll_cores[1],
+                new_engine_cpu_s=cpu.new_engine_cpu(published_at, served[version]),
             )
         )
     steady_all = sorted(x for _, p, _ in marks for x in _part(done, p - cfg.steady_s, p, False)[0])
@@ -239,12 +311,11 @@ def run_roll_bench(
         "load_tasks": list(meta.tasks[:common]),  # what the load asks for
         "task_counts": [len(read_onnx_metadata(e).tasks) for e in engines],
     }
-    ratio = (
-        totals["roll_p99_ms"] / totals["steady_p99_ms"]
-        if totals["roll_p99_ms"] and totals["steady_p99_ms"]
-        else None
-    )
+    ratio = _ratio(totals["roll_p99_ms"], totals["steady_p99_ms"])
     totals["p99_ratio"] = ratio
+    each = [_ratio(r.roll_p99_ms, r.steady_p99_ms) for r in rolls]
+    totals["roll_p99_ratios"] = each
+    totals["rolls_within_target"] = sum(1 for x in each if x is not None and x <= TARGET_RATIO)
     totals["target"] = {
         "what": f"0 failed requests and roll p99 <= {TARGET_RATIO:g}x steady p99",
         "met": totals["failed"] == 0 and ratio is not None and ratio <= TARGET_RATIO,
@@ -288,6 +359,10 @@ async def _load_until(
 # --- report --------------------------------------------------------------------------------
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The record as a page: the verdict, every roll, what the parts are."""
     t, cfg = record["totals"], record["config"]
@@ -312,11 +387,14 @@ def markdown(record: dict[str, Any]) -> str:
         f"Target ({t['target']['what']}): {met}. {t['requests']} requests, {t['failed']} failed; "
         f"p99 steady {fmt(t['steady_p99_ms'], '.1f')} ms ({t['steady_requests']} requests), "
         f"during the rolls {fmt(t['roll_p99_ms'], '.1f')} ms ({t['roll_requests']} requests): "
-        f"{fmt(t['p99_ratio'], '.2f')}x.",
+        f"{fmt(t['p99_ratio'], '.2f')}x over every roll; roll by roll, {t['rolls_within_target']} "
+        f"of {len(record['rolls'])} within {TARGET_RATIO:g}x.",
         "",
     ]
     header = ["version", "publish s", "roll s", "steady n", "steady p50", "steady p99",
-              "roll n", "roll p50", "roll p99", "roll max", "failed"]  # fmt: skip
+              "roll n", "roll p50", "roll p99", "roll max", "p99 ratio", "failed",
+              "server cores steady / roll", "machine cores steady / roll",
+              "new engine stub CPU s"]  # fmt: skip
     rows = [
         [
             str(r["version"]),
@@ -329,12 +407,22 @@ def markdown(record: dict[str, Any]) -> str:
             fmt(r["roll_p50_ms"], ".1f"),
             fmt(r["roll_p99_ms"], ".1f"),
             fmt(r["roll_max_ms"], ".1f"),
+            fmt(_ratio(r["roll_p99_ms"], r["steady_p99_ms"]), ".2f"),
             str(r["failed"]),
+            f"{fmt(r['steady_server_cores'], '.2f')} / {fmt(r['roll_server_cores'], '.2f')}",
+            f"{fmt(r['steady_machine_cores'], '.2f')} / {fmt(r['roll_machine_cores'], '.2f')}",
+            fmt(r["new_engine_cpu_s"], ".2f"),
         ]
         for r in record["rolls"]
     ]
     lines += table(header, rows)
-    lines += ["", "Latencies in ms; publish: the repository writer (copy, hash, check, rename)."]
+    lines += [
+        "",
+        "Latencies in ms; publish: the repository writer (copy, hash, check, rename); cores: "
+        "CPU seconds per second of the server's processes (tritonserver and every stub, the new "
+        "version's included) and of the whole machine (other users' processes too); new engine "
+        "stub: the CPU the process that loads the new version spent by the time it served.",
+    ]
     if record.get("note"):
         lines += ["", record["note"]]
     return "\n".join(lines) + "\n"
