@@ -124,6 +124,9 @@ def test_models_share_a_repository_and_its_own_get_versions(engines, tmp_path):
     write_repository(*again)  # the newest version already: nothing written
     assert len(published(tmp_path / "a")) == 2
     assert not list(tmp_path.glob(".a.staged-*"))
+    write_repository(*again[:2], TritonOptions(name="a", max_batch=4))  # another config
+    assert len(published(tmp_path / "a")) == 3
+    assert validate_repository(tmp_path)["a"].max_batch_size == 4
     write_repository(*again, overwrite=True)
     assert [v.version for v in published(tmp_path / "a")] == [1]
     assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
