@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import tempfile
@@ -121,7 +122,7 @@ class _CpuSampler:
             now = time.monotonic()
             for pid, model in server_processes().items():
                 self.models.setdefault(pid, model)
-                self.born.setdefault(pid, now)
+                self.born.setdefault(pid, now if self.samples else -math.inf)  # there before
             machine = psutil.cpu_times()
             busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
             self.samples.append((now, {p: _cpu_seconds([p]) for p in self.models}, busy))

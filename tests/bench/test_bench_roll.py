@@ -5,6 +5,7 @@ as the roll's, the CPU read from the samples, the verdict and the page."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def test_steady_requests_lie_inside_their_window_and_the_rolls_overlap_it():
 def test_cores_come_from_the_samples_and_a_new_stub_counts_from_its_birth():
     cpu = _CpuSampler()
     cpu.models = {1: None, 2: "engine", 3: "engine"}
-    cpu.born = {1: 0.0, 2: 0.0, 3: 5.0}
+    cpu.born = {1: -math.inf, 2: -math.inf, 3: 5.0}
     cpu.samples = [(0.0, {1: 1.0, 2: 2.0}, 10.0), (4.0, {1: 2.0, 2: 4.0}, 18.0),
                    (6.0, {1: 2.5, 2: 4.5, 3: 0.5}, 22.0)]  # fmt: skip
     assert cpu.cores(0.0, 4.0) == (0.75, 2.0)
