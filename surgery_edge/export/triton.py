@@ -57,6 +57,7 @@ from surgery_edge.engine_format import (
     read_onnx_metadata,
     read_sidecar,
     validate_metadata,
+    verify_engine,
 )
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.io import check_writable, sha256_file, staged_dir, write_text_atomic
@@ -174,6 +175,7 @@ def write_repository(
     engine, opts = Path(engine), (options or TritonOptions()).check()
     kind = _engine_kind(engine)
     meta = read_onnx_metadata(engine) if kind == "onnx" else read_sidecar(engine)
+    verify_engine(engine, meta, kind)  # a changed copy is not published to a server
     name = check_model_name(opts.name or engine.stem, "Model name (--name)")
     repo = Path(repo)
     marker = check_model_folder(repo, name)

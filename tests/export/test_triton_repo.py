@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -16,7 +17,12 @@ from image_files import png_bytes
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
-from surgery_edge.engine_format import read_onnx_metadata
+from surgery_edge.engine_format import (
+    INTEGRITY_KEY,
+    file_sha256,
+    read_onnx_metadata,
+    write_sidecar,
+)
 from surgery_edge.errors import ExportError, SurgeryEdgeError
 from surgery_edge.export.triton import (
     MARKER,
@@ -52,6 +58,16 @@ def config_io(config) -> dict[str, tuple[str, list[int]]]:
     return {
         t.name: (pb2.DataType.Name(t.data_type), shape(t)) for t in [*config.input, *config.output]
     }
+
+
+def stand_in_plan(folder, meta: dict) -> Path:
+    """No TensorRT here: a stand-in plan file with a real sidecar holding ``meta``, sealed for
+    the plan's bytes as the TensorRT builder seals it (so the writer's verification passes)."""
+    plan = folder / "engine.plan"
+    plan.write_bytes(b"stand-in for a serialized TensorRT engine")
+    meta = {k: v for k, v in meta.items() if k not in (INTEGRITY_KEY, "engine_sha256")}
+    write_sidecar(plan, meta, file_sha256(plan))
+    return plan
 
 
 def test_a_routed_engine_repository(engines, tmp_path):
@@ -223,14 +239,11 @@ def test_tasks_whose_label_files_collide_are_refused(engines, tmp_path):
     """Tasks ``a b`` and ``A_b`` would both be ``labels_a_b.txt`` (on a file system that
     ignores case): refused, nothing written."""
     meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
-    plan = tmp_path / "engine.plan"
-    plan.write_bytes(b"stand-in for a serialized TensorRT engine")
-    sidecar = {**meta, "tasks": ["a b", "A_b", "c"]}
-    (tmp_path / "engine.plan.json").write_text(json.dumps(sidecar))
+    plan = stand_in_plan(tmp_path, {**meta, "tasks": ["a b", "A_b", "c"]})
     with pytest.raises(ExportError, match=r"'a b' and 'A_b' .* share the label file labels_A_b"):
         write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
     assert not (tmp_path / "repo" / "engine").exists()
-    (tmp_path / "engine.plan.json").write_text(json.dumps({**sidecar, "tasks": ["a b", "ab", "c"]}))
+    plan = stand_in_plan(tmp_path, {**meta, "tasks": ["a b", "ab", "c"]})
     model = write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
     labels = json.loads(parse(model).parameters["task_labels"].string_value)
     assert labels == {"a b": "labels_a_b.txt", "ab": "labels_ab.txt", "c": "labels_c.txt"}
@@ -274,9 +287,7 @@ def test_a_tensorrt_plan_takes_its_shapes_from_its_metadata(engines, tmp_path):
     """No TensorRT here: a stand-in plan file with a real metadata sidecar checks the layout
     (model.plan, platform tensorrt_plan) and the limit of the plan's optimisation profile."""
     meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
-    plan = tmp_path / "engine.plan"
-    plan.write_bytes(b"stand-in for a serialized TensorRT engine")
-    (tmp_path / "engine.plan.json").write_text(json.dumps({**meta, "tensorrt": {"max_batch": 8}}))
+    plan = stand_in_plan(tmp_path, {**meta, "tensorrt": {"max_batch": 8}})
     with pytest.raises(SurgeryEdgeError, match="optimisation profile"):
         write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=32))
     model = write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
@@ -284,6 +295,25 @@ def test_a_tensorrt_plan_takes_its_shapes_from_its_metadata(engines, tmp_path):
     assert config.platform == "tensorrt_plan" and (model / "1" / "model.plan").is_file()
     assert config_io(config) == graph_io(engines["dir"] / "surgeryv2-routed.onnx")
     assert not config.HasField("optimization")
+
+
+def test_a_changed_engine_is_not_published(engines, tmp_path):
+    """The writer verifies the engine's digest first: a copy with one byte flipped, or a plan
+    other than the one its sidecar was written for, is refused and nothing is written."""
+    onnx_copy = tmp_path / "e.onnx"
+    data = bytearray((engines["dir"] / "surgeryv2-routed.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx_copy.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="changed or corrupted after export"):
+        write_repository(onnx_copy, tmp_path / "repo")
+    meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
+    del meta[INTEGRITY_KEY]
+    plan = tmp_path / "engine.plan"
+    write_sidecar(plan, meta, file_sha256(engines["dir"] / "surgeryv2-routed.onnx"))
+    plan.write_bytes(b"another plan than the sidecar's")
+    with pytest.raises(ExportError, match="written for another engine"):
+        write_repository(plan, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
 
 
 @pytest.mark.parametrize(
