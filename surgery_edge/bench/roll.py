@@ -332,8 +332,9 @@ async def _load_until(
     stopping: threading.Event,
     seed: int,
 ) -> list[tuple[float, float, bool]]:
-    """bench_serve's closed-loop clients (its requests, one in flight per client), until
-    ``stopping`` is set rather than until a time known in advance; (start, end, ok) each."""
+    """bench_serve's closed-loop clients (its ``_load``, with its requests, one in flight per
+    client), run until ``stopping`` is set rather than until a time known in advance (a roll's
+    length is not); (start, end, ok) per request."""
     import tritonclient.grpc.aio as aio  # deferred: optional, the serve extra
 
     done: list[tuple[float, float, bool]] = []
