@@ -332,9 +332,9 @@ async def _load_until(
     stopping: threading.Event,
     seed: int,
 ) -> list[tuple[float, float, bool]]:
-    """bench_serve's closed-loop clients (its ``_load``, with its requests, one in flight per
-    client), run until ``stopping`` is set rather than until a time known in advance (a roll's
-    length is not); (start, end, ok) per request."""
+    """The closed loop of bench_serve's ``_load`` (its requests, one in flight per client),
+    written again to run until ``stopping`` is set rather than until a time known in advance
+    (a roll's length is not); (start, end, ok) per request."""
     import tritonclient.grpc.aio as aio  # deferred: optional, the serve extra
 
     done: list[tuple[float, float, bool]] = []
