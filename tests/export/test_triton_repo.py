@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import onnx
@@ -108,30 +109,96 @@ def test_an_all_tasks_engine_on_cpus_names_its_classes(engines, tmp_path):
         assert (model / output.label_filename).read_text().splitlines() == list(names)
 
 
-def test_models_share_a_repository_and_only_its_own_are_replaced(engines, tmp_path):
-    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="a"))
+def test_models_share_a_repository_and_its_own_get_versions(engines, tmp_path):
+    """Writing into its own model folder adds a version (the marker records each one's engine,
+    digest and tasks); the same engine and config again write nothing; --overwrite starts
+    over at version 1; a folder holding a file it did not write is refused."""
+    from surgery_edge.runtime.versions import published
+
+    routed = engines["dir"] / "surgeryv2-routed.onnx"
+    write_repository(routed, tmp_path, TritonOptions(name="a"))
     write_repository(engines["dir"] / "surgery-all-tasks.onnx", tmp_path, TritonOptions(name="b"))
     again = (
         engines["dir"] / "surgery-all-tasks.onnx",
         tmp_path,
         TritonOptions(name="a", max_batch=8),
     )
-    with pytest.raises(ExportError, match="pass --overwrite"):
-        write_repository(*again)
-    assert validate_repository(tmp_path)["a"].max_batch_size == 32
-    write_repository(*again, overwrite=True)
-    configs = validate_repository(tmp_path)
+    write_repository(*again)
+    configs = validate_repository(tmp_path)  # checks the newest version against its config
     assert set(configs) == {"a", "b"} and configs["a"].max_batch_size == 8
-    assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
     assert [o.name for o in configs["a"].output][0].startswith("logits_")
+    assert [(v.version, v.engine.name) for v in published(tmp_path / "a")] == [
+        (1, "model.onnx"),
+        (2, "model.onnx"),
+    ]
+    assert (tmp_path / "a" / "1" / "model.onnx").read_bytes() == routed.read_bytes()  # kept
     marker = json.loads((tmp_path / "a" / MARKER).read_text())
-    assert marker["engine"].endswith("surgery-all-tasks.onnx") and "1/model.onnx" in marker["files"]
+    assert marker["engine"].endswith("surgery-all-tasks.onnx") and "2/model.onnx" in marker["files"]
+    assert [v["version"] for v in marker["versions"]] == [1, 2]
+    assert marker["versions"][1]["tasks"] == list(read_onnx_metadata(again[0]).tasks)
+    assert marker["versions"][0]["mode"] == "routed" and len(marker["versions"][1]["sha256"]) == 64
+    write_repository(*again)  # the newest version already: nothing written
+    assert len(published(tmp_path / "a")) == 2
+    assert not list(tmp_path.glob(".a.staged-*"))
+    write_repository(*again[:2], TritonOptions(name="a", max_batch=4))  # another config
+    assert len(published(tmp_path / "a")) == 3
+    assert validate_repository(tmp_path)["a"].max_batch_size == 4
+    write_repository(*again, overwrite=True)
+    assert [v.version for v in published(tmp_path / "a")] == [1]
+    assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
     # a file added to its folder since is not the writer's: kept, even with --overwrite
     (tmp_path / "a" / "2").mkdir()
     (tmp_path / "a" / "2" / "model.onnx").write_bytes(b"a user's second version")
-    with pytest.raises(ExportError, match=r"also holds 2/, which"):
-        write_repository(*again, overwrite=True)
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"also holds 2/, which"):
+            write_repository(*again, overwrite=overwrite)
     assert (tmp_path / "a" / "2" / "model.onnx").read_bytes() == b"a user's second version"
+
+
+def test_the_served_version_is_the_newest_the_marker_lists(engines, tmp_path):
+    """``serve REPO`` serves the newest version the marker lists: a version folder the writer
+    did not list (being written, or a user's) is not one; a folder without the writer's model
+    folders, or with several, is refused naming them; a version whose engine no longer
+    matches its digest is refused by the roll before the server sees it, and the watcher
+    reports it once and goes on serving the old one."""
+    import threading
+
+    from surgery_edge.runtime.rolling import VersionedServer
+    from surgery_edge.runtime.versions import published, served_model
+
+    write_repository(engines["dir"] / "single-expert.onnx", tmp_path, TritonOptions(name="m"))
+    assert served_model(tmp_path) == served_model(tmp_path / "m") == tmp_path / "m"
+    (tmp_path / "m" / "7").mkdir()
+    (tmp_path / "m" / "7" / "model.onnx").write_bytes(b"not listed")
+    assert [v.version for v in published(tmp_path / "m")] == [1]
+    (tmp_path / "m" / "7" / "model.onnx").unlink()
+    (tmp_path / "m" / "7").rmdir()
+    with pytest.raises(ExportError, match="holds no such folders"):
+        served_model(tmp_path / "m" / "1")
+    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="n"))
+    with pytest.raises(ExportError, match=r"holds several such folders \(m, n\)"):
+        served_model(tmp_path)
+    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="m"))
+    newest = published(tmp_path / "m")[-1]
+    engine = bytearray(newest.engine.read_bytes())
+    engine[-100] ^= 1  # a changed byte: its digest no longer holds
+    newest.engine.write_bytes(bytes(engine))
+    said = []
+    server = VersionedServer(tmp_path / "m", log=said.append, poll_s=0.01)
+    assert server.version == 2
+    with pytest.raises(ExportError, match="digest"):
+        server.roll(newest)
+    server.version = 1  # as if version 1 served: the watcher tries 2, reports it, skips it
+    watcher = threading.Thread(target=server._poll)
+    watcher.start()
+    deadline = time.monotonic() + 20
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    server._stop_watching.set()
+    watcher.join()
+    assert len(said) == 1 and said[0].startswith("engine version 2 not served:"), said
+    assert "digest" in said[0] and server.version == 1
 
 
 def test_a_folder_it_did_not_write_is_never_replaced(engines, tmp_path):
