@@ -195,8 +195,8 @@ def summarise(
         seconds=seconds * len(windows),
         requests_per_s=statistics.median(rates),
         rates=[round(r, 1) for r in rates],
-        p50_ms=_percentile(latencies, 50),
-        p99_ms=_percentile(latencies, 99),
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
         mean_ms=statistics.fmean(latencies) if latencies else None,
         engine_calls=calls,
         mean_rows_per_call=rows / calls if calls else None,
@@ -215,7 +215,8 @@ def summarise(
     )
 
 
-def _percentile(sorted_ms: list[float], q: float) -> float | None:
+def percentile(sorted_ms: list[float], q: float) -> float | None:
+    """The ``q``-th percentile of ``sorted_ms`` (a value it holds: numpy's ``higher``)."""
     if not sorted_ms:
         return None
     return float(np.percentile(np.asarray(sorted_ms), q, method="higher"))
@@ -274,9 +275,9 @@ def run_serve_bench(
     for name in engines:
         check_model_name(name)
     options = ServeOptions(
-        http_port=_free_port(),
-        grpc_port=_free_port(),
-        metrics_port=_free_port(),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
         max_batch=cfg.max_batch,
         max_queue_delay_us=cfg.max_queue_delay_us,
         device="cpu",
@@ -322,7 +323,8 @@ def run_serve_bench(
     return results
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
     import socket  # deferred: only here
 
     with socket.socket() as s:
