@@ -345,7 +345,8 @@ def _expert_accuracy(run, task: str) -> float:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """Parse ``argv``, tune, choose, compare; write the record, the report and the plot."""
-    from surgery_edge.run.pipeline import Run, adaptation_split, training_targets  # deferred
+    from surgery_edge.run.state import Run, adaptation_split  # deferred: the training stack
+    from surgery_edge.run.surgery import training_targets  # deferred: the training stack
 
     args = build_parser(prog).parse_args(argv)
     if not 0.0 < args.holdout < 1.0:

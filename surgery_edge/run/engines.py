@@ -43,7 +43,7 @@ from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration
 from surgery_edge.surgery.model import MultiTaskModel
 
 if TYPE_CHECKING:
-    from surgery_edge.run.pipeline import Run
+    from surgery_edge.run.state import Run
 
 MERGE = "task_arithmetic"
 SINGLE_EXPERT = "single-expert"

@@ -42,7 +42,7 @@ from surgery_edge.run.calibration import (
     check_calibration_images,
 )
 from surgery_edge.run.layout import RunLayout
-from surgery_edge.run.pipeline import Run, prepare_suite
+from surgery_edge.run.state import Run, prepare_suite
 from surgery_edge.runtime.backends import import_tensorrt
 from surgery_edge.runtime.describe import read_pt2_metadata
 from surgery_edge.surgery.model import MultiTaskModel

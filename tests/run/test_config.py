@@ -35,7 +35,7 @@ def test_params_merge_onto_the_defaults_one_parameter_at_a_time():
 def test_a_method_can_have_its_own_learning_rate_and_the_schedule_reaches_the_trainer():
     from types import SimpleNamespace
 
-    from surgery_edge.run.pipeline import surgery_config
+    from surgery_edge.run.surgery import surgery_config
 
     cfg = RunConfig.model_validate(
         {

@@ -213,7 +213,7 @@ def test_20_4_a_changed_setting_is_seen(copy, tmp_path, tiny_config_path):
 
 def test_20_4_deleted_or_changed_engines_are_exported_again(copy, monkeypatch):
     from surgery_edge.run import engines
-    from surgery_edge.run.pipeline import Run
+    from surgery_edge.run.state import Run
 
     onnx = copy / "engines/surgeryv2-routed.onnx"
     data = onnx.read_bytes()
@@ -386,7 +386,8 @@ def test_14_1_v1_adapters_where_v2_belong_are_refused(copy):
     "damage", ["truncated", "zero bytes", "random bytes", "NaN values", "no record"]
 )
 def test_14_1_a_damaged_representation_cache_is_rebuilt_never_trusted(run, tmp_path, damage):
-    from surgery_edge.run.pipeline import Run, expert_representations
+    from surgery_edge.run.state import Run
+    from surgery_edge.run.surgery import expert_representations
 
     copy = tmp_path / "run"
     shutil.copytree(run.out, copy)
@@ -470,7 +471,7 @@ def test_14_1_an_engine_with_nan_weights_is_refused_at_load(engines, tmp_path):
 def test_14_2_a_damaged_suite_file_is_an_error_or_regenerated(run, tmp_path, damage):
     from surgery_edge.data.suite import load_suite
     from surgery_edge.errors import DataError
-    from surgery_edge.run.pipeline import Run, prepare_suite
+    from surgery_edge.run.state import Run, prepare_suite
 
     copy = tmp_path / "run"
     shutil.copytree(run.out, copy)

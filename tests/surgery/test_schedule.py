@@ -249,7 +249,7 @@ def test_the_seed_fixes_the_adapters(tmp_path, schedule):
 
 
 def test_pipeline_commands_run_torch_deterministically(tiny_run):
-    from surgery_edge.run.pipeline import Run
+    from surgery_edge.run.state import Run
 
     torch.use_deterministic_algorithms(False)
     try:
@@ -285,8 +285,8 @@ def test_surgery_lowers_bias_and_beats_the_merge(run, tmp_path):
 
     from surgery_edge.evaluation.accuracy import average, routed_accuracy
     from surgery_edge.evaluation.bias import representation_bias
-    from surgery_edge.run.pipeline import (
-        adaptation_split,
+    from surgery_edge.run.state import adaptation_split
+    from surgery_edge.run.surgery import (
         expert_representations,
         surgery_config,
         train_one,
