@@ -42,7 +42,7 @@ from surgery_edge.run.calibration import (
     check_calibration_images,
 )
 from surgery_edge.run.layout import RunLayout
-from surgery_edge.run.state import Run, prepare_suite
+from surgery_edge.run.state import Run, prepare_suite, unlabelled_split
 from surgery_edge.runtime.backends import import_tensorrt
 from surgery_edge.runtime.describe import read_pt2_metadata
 from surgery_edge.surgery.model import MultiTaskModel
@@ -223,10 +223,9 @@ def export_run(
         # the images surgery learned from (the test split in a transductive run); a task
         # without adaptation images is calibration_set's error, which says to export in fp32
         # (adaptation_split's would say how to train surgery)
-        split = "test" if run.config.surgery.transductive else "adapt"
         calibration = calibration_set(
             run.suite,
-            split,
+            unlabelled_split(run.config),
             model.tasks,
             model.encoder.arch.preprocessing,
             calibration_images,

@@ -328,10 +328,22 @@ def prepare_experts(run: Run) -> ExpertSet:
     return run.experts
 
 
+def unlabelled_split(config: RunConfig, transductive: bool | None = None) -> str:
+    """The split whose unlabelled images AdaMerging and surgery learn from and quantisation
+    calibrates on: ``test`` (the paper's transductive protocol) or ``adapt``.
+
+    Args:
+        transductive: the choice of a command (``train --transductive``); None: the config's.
+    """
+    if config.surgery.transductive if transductive is None else transductive:
+        return "test"
+    return "adapt"
+
+
 def adaptation_split(run: Run, transductive: bool | None = None) -> str:
-    """The unlabelled images AdaMerging and surgery learn from: ``test`` (the paper's
-    transductive protocol) or ``adapt``; an empty adaptation split is an error."""
-    if run.config.surgery.transductive if transductive is None else transductive:
+    """:func:`unlabelled_split` for learning from it: an empty adaptation split is an error
+    that says how to train (calibration checks its images itself, with its own advice)."""
+    if unlabelled_split(run.config, transductive) == "test":
         return "test"
     empty = [t for t in run.tasks if len(run.suite.task(t).adapt_x) == 0]
     if empty:

@@ -10,7 +10,14 @@ from surgery_edge.io import check_output, fingerprint, safe_name
 from surgery_edge.models import load_encoder
 from surgery_edge.run.config import RunConfig
 from surgery_edge.run.provenance import check_replace, recorded, up_to_date
-from surgery_edge.run.state import Run, adaptation_split, is_kind, metrics_file, suite_images
+from surgery_edge.run.state import (
+    Run,
+    adaptation_split,
+    is_kind,
+    metrics_file,
+    suite_images,
+    unlabelled_split,
+)
 from surgery_edge.surgery.methods import get_surgery
 from surgery_edge.surgery.targets import Representations, Request, cached_representations_many
 from surgery_edge.surgery.trainer import (
@@ -111,7 +118,7 @@ def check_training(
     meta = (recorded(path) or {}) if path.exists() else {}
     old = meta.get("provenance")
     if isinstance(old, dict) and not run.overwrite:
-        split = "test" if (transductive or run.config.surgery.transductive) else "adapt"
+        split = unlabelled_split(run.config, transductive)  # the one train_one learns from
         new = {"settings": training_settings(cfg), "split": split}
         old = {k: old.get(k) for k in new}
         if old != new:
