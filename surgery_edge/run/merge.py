@@ -61,6 +61,47 @@ def run_merges(
             them; a name no chosen method declares is an error.
     """
     specs, plans = check_merges(run, methods, overrides)
+    todo = _merges_to_make(run, specs, plans)
+    if not todo:
+        return run.merged
+    pre = load_encoder(run.experts.pretrained, run.arch)
+    experts = {t: load_encoder(p, run.arch).state_dict for t, p in run.experts.experts.items()}
+    for name, (path, provenance, fp) in todo.items():
+        spec, params = specs[name], plans[name]
+        if not (spec.needs_data or run.writer):  # one rank computes a merge that learns nothing
+            run.merged[name] = path
+            continue
+        with run.stage(f"merge:{name}"):
+            result = _merge(run, name, spec, params, pre, experts)
+            if run.writer:
+                save_encoder(
+                    path,
+                    run.arch,
+                    result.state_dict,
+                    task=None,
+                    recipe=result.recipe,
+                    provenance=provenance,
+                    fingerprint=fp,
+                )
+                run.record(path)
+        run.merged[name] = path
+        stale = run.layout.trained_adapters([name])
+        for (_, method), adapters in stale.items():
+            run.log(
+                f"note: {adapters} was trained on the previous {name} merge and no longer fits "
+                f"it; re-train it (surgery-edge train --run {run.out} --merge {name} --surgery "
+                f"{method} --overwrite)."
+            )
+    if run.world is not None:
+        run.world.barrier("saving the merged models")
+    return run.merged
+
+
+def _merges_to_make(
+    run: Run, specs: dict, plans: dict[str, dict]
+) -> dict[str, tuple[Path, dict, str]]:
+    """``{method: (path, provenance, fingerprint)}`` of the merges that are missing or out of
+    date (reused ones go into ``run.merged``); replacing one made otherwise needs overwrite."""
     experts_fp = run.experts.fingerprint(run.hashes)
     todo = {}
     for name, spec in specs.items():
@@ -84,59 +125,28 @@ def run_merges(
         if path.exists() and not up_to_date(path, fp):
             check_replace(path, f"merged model {name!r}", provenance, run.overwrite, run.log)
         todo[name] = (path, provenance, fp)
-    if not todo:
-        return run.merged
-    pre = load_encoder(run.experts.pretrained, run.arch)
-    experts = {t: load_encoder(p, run.arch).state_dict for t, p in run.experts.experts.items()}
-    for name, (path, provenance, fp) in todo.items():
-        spec, params = specs[name], plans[name]
-        if not (spec.needs_data or run.writer):  # one rank computes a merge that learns nothing
-            run.merged[name] = path
-            continue
-        with run.stage(f"merge:{name}"):
-            context = None
-            if spec.needs_data:
-                context = AdaMergingContext(
-                    encoder=pre.build(run.device),
-                    heads={t: h.to(run.device) for t, h in zip(run.tasks, run.heads())},
-                    # uint8 arrays (memory-mapped for data from disk), converted per batch
-                    images={
-                        t: suite_images(run.suite, t, adaptation_split(run)) for t in run.tasks
-                    },
-                    transform=lambda x: to_model_input(x, run.arch, run.device),
-                    seed=run.config.seed,
-                    device=run.device,
-                    world=run.world,
-                )
-            if context is None:
-                result = spec(pre.state_dict, experts, **params)
-            else:
-                with (
-                    progress_bar(params["steps"], name, show=run.writer) as bar,
-                    MetricsLog(metrics_file(run, f"merge-{name}"), method=name, params=params) as m,
-                ):
-                    context.progress = lambda step, loss: bar.advance(entropy=loss)
-                    context.metrics = m
-                    result = spec(pre.state_dict, experts, context=context, **params)
-            if run.writer:
-                save_encoder(
-                    path,
-                    run.arch,
-                    result.state_dict,
-                    task=None,
-                    recipe=result.recipe,
-                    provenance=provenance,
-                    fingerprint=fp,
-                )
-                run.record(path)
-        run.merged[name] = path
-        stale = run.layout.trained_adapters([name])
-        for (_, method), adapters in stale.items():
-            run.log(
-                f"note: {adapters} was trained on the previous {name} merge and no longer fits "
-                f"it; re-train it (surgery-edge train --run {run.out} --merge {name} --surgery "
-                f"{method} --overwrite)."
-            )
-    if run.world is not None:
-        run.world.barrier("saving the merged models")
-    return run.merged
+    return todo
+
+
+def _merge(run: Run, name: str, spec, params: dict, pre, experts: dict):
+    """One merge method's result; a method that learns (AdaMerging) does so on the unlabelled
+    split, with a progress bar and a metrics log."""
+    if not spec.needs_data:
+        return spec(pre.state_dict, experts, **params)
+    context = AdaMergingContext(
+        encoder=pre.build(run.device),
+        heads={t: h.to(run.device) for t, h in zip(run.tasks, run.heads())},
+        # uint8 arrays (memory-mapped for data from disk), converted per batch
+        images={t: suite_images(run.suite, t, adaptation_split(run)) for t in run.tasks},
+        transform=lambda x: to_model_input(x, run.arch, run.device),
+        seed=run.config.seed,
+        device=run.device,
+        world=run.world,
+    )
+    with (
+        progress_bar(params["steps"], name, show=run.writer) as bar,
+        MetricsLog(metrics_file(run, f"merge-{name}"), method=name, params=params) as m,
+    ):
+        context.progress = lambda step, loss: bar.advance(entropy=loss)
+        context.metrics = m
+        return spec(pre.state_dict, experts, context=context, **params)
