@@ -36,7 +36,6 @@ LONG_FUNCTIONS = {
     "cli/bench.py::bench": CLI,
     "cli/engine.py::export": NEXT,
     "surgery_edge/run/export.py::export_run": NEXT,
-    "surgery_edge/surgery/trainer.py::train_surgery": NEXT,
     "cli/pipeline.py::train": CLI,
     "cli/serve.py::serve": CLI,
     "surgery_edge/bench/engine.py::bench_group": PARALLEL,

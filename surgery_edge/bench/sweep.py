@@ -54,6 +54,7 @@ from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.trainer import (
     SurgeryConfig,
     TaskTargets,
+    TrainingHooks,
     schedule_length,
     train_surgery,
 )
@@ -203,8 +204,7 @@ def _train_now(run, merge: str, cfg: SurgeryConfig, targets, snapshots, score, t
         replace(cfg, steps=max(snapshots), checkpoint_every=0),
         tmp / f"{merge}-{cfg.method}.safetensors",
         run.device,
-        on_update=on_update,
-        log=lambda *a: None,
+        hooks=TrainingHooks(on_update=on_update, log=lambda *a: None),
     )
     return points, time.perf_counter() - start
 

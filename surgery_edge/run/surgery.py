@@ -21,8 +21,10 @@ from surgery_edge.run.state import (
 from surgery_edge.surgery.methods import get_surgery
 from surgery_edge.surgery.targets import Representations, Request, cached_representations_many
 from surgery_edge.surgery.trainer import (
+    AdapterOutput,
     SurgeryConfig,
     TaskTargets,
+    TrainingHooks,
     train_surgery,
     training_settings,
 )
@@ -189,15 +191,18 @@ def train_one(
             run.tasks,
             targets,
             cfg,
-            path,
+            AdapterOutput(
+                path,
+                merge_recipe=recipe,
+                extra_meta={"provenance": provenance, "fingerprint": fp, "split": split},
+                inputs=fingerprint({k: v for k, v in provenance.items() if k != "settings"}),
+            ),
             run.device,
-            merge_recipe=recipe,
             resume=resume,
-            extra_meta={"provenance": provenance, "fingerprint": fp, "split": split},
-            inputs=fingerprint({k: v for k, v in provenance.items() if k != "settings"}),
-            log=run.log,
+            hooks=TrainingHooks(
+                log=run.log, metrics=metrics_file(run, f"train-{merge_name}-{cfg.method}")
+            ),
             world=run.world,
-            metrics=metrics_file(run, f"train-{merge_name}-{cfg.method}"),
         )
     run.record(path)
     return path

@@ -16,11 +16,12 @@ from surgery_edge.data.transforms import to_model_input
 from surgery_edge.errors import ConfigError
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.schedule import reference_batch_indices
 from surgery_edge.surgery.targets import representations
 from surgery_edge.surgery.trainer import (
     SurgeryConfig,
     TaskTargets,
-    reference_batch_indices,
+    TrainingHooks,
     schedule_draws,
     schedule_length,
     train_surgery,
@@ -71,7 +72,7 @@ def _train(tmp_path, method, steps, targets, name="a.safetensors", **kw):
         cfg,
         tmp_path / name,
         torch.device("cpu"),
-        on_step=on_step,
+        hooks=TrainingHooks(on_step=on_step),
         **kw,
     )
     return bank, losses
