@@ -341,6 +341,32 @@ def test_14_1_short_training_never_replaces_trained_adapters_silently(copy):
     assert path.read_bytes() == before
 
 
+def test_14_1_the_reuse_check_compares_the_split_training_learns_from(run):
+    """``train --no-transductive`` on a transductive run trains on the adaptation split: its
+    check before any work compares that split (it took the config's, and refused the run's
+    own adapters)."""
+    from types import SimpleNamespace
+
+    from surgery_edge.errors import ConfigError
+    from surgery_edge.run.surgery import check_training, surgery_config
+
+    run.find_merges()
+    surgery = run.config.surgery.model_copy(update={"transductive": True})
+    transductive_run = SimpleNamespace(
+        merged=run.merged,
+        out=run.out,
+        layout=run.layout,
+        overwrite=False,
+        log=lambda *a: None,
+        config=run.config.model_copy(update={"surgery": surgery}),
+    )
+    cfg = surgery_config(run, "surgeryv2")  # the tiny run's adapters: the adaptation split
+    path = run.layout.adapters("task_arithmetic", "surgeryv2")
+    assert check_training(transductive_run, "task_arithmetic", cfg, transductive=False) == path
+    with pytest.raises(ConfigError, match="made with other settings"):
+        check_training(transductive_run, "task_arithmetic", cfg, transductive=True)
+
+
 @pytest.mark.parametrize("swap", ["another task, other class count", "another task, same count"])
 def test_14_1_a_head_of_another_task_is_refused(copy, swap):
     from surgery_edge.models import get_arch, load_head, save_head
