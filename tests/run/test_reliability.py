@@ -367,6 +367,33 @@ def test_14_1_the_reuse_check_compares_the_split_training_learns_from(run):
         check_training(transductive_run, "task_arithmetic", cfg, transductive=True)
 
 
+def test_14_1_export_replaces_an_engine_made_otherwise_only_with_overwrite(engines, tmp_path):
+    """An engine at the output path made from other checkpoints or in another mode is refused
+    (the file kept); the same engine, or any with ``overwrite``, goes ahead."""
+    import shutil
+
+    from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata
+    from surgery_edge.errors import ConfigError
+    from surgery_edge.run.export import EngineChoice, EngineFiles, _Plan, _refuse_other_engines
+
+    path = tmp_path / "e.onnx"
+    shutil.copy(engines["dir"] / "surgeryv2-routed.onnx", path)
+    extra = {"source": read_onnx_metadata(path).get("source")}
+    choice = EngineChoice(surgery="surgeryv2")
+    target = ((path, "ONNX engine", None),)
+
+    def plan(mode: EngineMode) -> _Plan:
+        return _Plan(mode, Precision.FP32, None, None, path, EngineFiles(onnx=path), target)
+
+    _refuse_other_engines(plan(EngineMode.ROUTED), choice, extra, overwrite=False)
+    before = path.read_bytes()
+    for other, source in ((EngineMode.ALL_TASKS, extra), (EngineMode.ROUTED, {"source": "x"})):
+        with pytest.raises(ConfigError, match="exists and was exported from other checkpoints"):
+            _refuse_other_engines(plan(other), choice, source, overwrite=False)
+        _refuse_other_engines(plan(other), choice, source, overwrite=True)
+    assert path.read_bytes() == before
+
+
 @pytest.mark.parametrize("swap", ["another task, other class count", "another task, same count"])
 def test_14_1_a_head_of_another_task_is_refused(copy, swap):
     from surgery_edge.models import get_arch, load_head, save_head
