@@ -75,6 +75,7 @@ def _expert_accuracy(run: Run, task: str) -> float:
 
 
 def report_dict(run: Run, evaluation: dict, notes: list[str] | None = None) -> dict:
+    """The content of ``report.json``: the run's settings, timings and :func:`evaluate`'s rows."""
     return {
         "suite": run.suite.name,
         "arch": run.arch.name,

@@ -181,10 +181,12 @@ class Run:
         return self.experts
 
     def find_merges(self) -> dict[str, Path]:
+        """The merged models in the run folder (into ``self.merged``)."""
         self.merged = self.layout.merges()
         return self.merged
 
     def find_adapters(self) -> dict[tuple[str, str], Path]:
+        """The adapters trained on those merges (into ``self.adapters``)."""
         self.adapters = self.layout.trained_adapters(list(self.merged))
         return self.adapters
 
@@ -219,6 +221,7 @@ class Run:
 
     @contextmanager
     def stage(self, name: str):
+        """Add the block's wall-clock seconds to ``self.timings[name]``."""
         t0 = time.perf_counter()
         yield
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0

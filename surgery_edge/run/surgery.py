@@ -72,6 +72,7 @@ def experts_representations(
 
 
 def surgery_config(run: Run, method: str) -> SurgeryConfig:
+    """``method``'s training settings as the run's config records them."""
     return surgery_settings(run.config, method)
 
 
@@ -94,6 +95,7 @@ def surgery_settings(config: RunConfig, method: str, **given) -> SurgeryConfig:
 
 
 def training_targets(run: Run, split: str, fresh: bool = False) -> dict[str, TaskTargets]:
+    """Every task's ``split`` images with its expert's representations of them (cached)."""
     found = experts_representations(run, run.tasks, split, fresh)
     return {t: TaskTargets(suite_images(run.suite, t, split), *found[t]) for t in run.tasks}
 
