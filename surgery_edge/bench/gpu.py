@@ -476,8 +476,8 @@ def capture_env(path: Path) -> None:
     """The environment record of the GPU run: versions, driver, device and measured rates."""
     import torch  # deferred: only this step needs it in the orchestrating process' children
 
-    from surgery_edge.bench.env import environment
-    from surgery_edge.bench.roofline import measure_rates, smi_gpu_names
+    from surgery_edge.bench.env import environment  # deferred: it imports torch too
+    from surgery_edge.bench.roofline import measure_rates, smi_gpu_names  # tests patch roofline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(device)

@@ -58,7 +58,7 @@ def measure_onnx(spec: MemorySpec) -> dict[str, Any]:
     """Peak RSS of ONNX Runtime sessions over the engines in ``spec.onnx_files`` (no torch)."""
     import numpy as np  # deferred: the child imports only what this path needs
 
-    from surgery_edge.runtime.backends import OnnxBackend
+    from surgery_edge.runtime.backends import OnnxBackend  # deferred: as numpy
 
     rss = PeakRSS()
     baseline = rss.now()
@@ -95,6 +95,7 @@ def measure_torch(spec: MemorySpec) -> dict[str, Any]:
 
     import torch
 
+    # deferred: the child that measures PyTorch alone imports the model stack (and torch)
     from surgery_edge.bench.runners import ArchBench, Workload
     from surgery_edge.bench.workloads import DTYPES, Inputs, Parts, build_all
     from surgery_edge.models import get_arch

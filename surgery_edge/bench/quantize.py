@@ -50,7 +50,7 @@ from surgery_edge.export.quantize import (
 )
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
 from surgery_edge.run.export import expert_model
-from surgery_edge.run.pipeline import Run, adaptation_split, prepare_suite
+from surgery_edge.run.state import Run, adaptation_split, prepare_suite
 from surgery_edge.runtime.backends import OnnxBackend
 from surgery_edge.runtime.predictor import Predictor
 from surgery_edge.runtime.preprocess import preprocess

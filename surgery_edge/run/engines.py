@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -40,10 +40,8 @@ from surgery_edge.export.quantize import (
 from surgery_edge.io import fingerprint, write_json_atomic
 from surgery_edge.progress import progress_bar
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
+from surgery_edge.run.state import Run, unlabelled_split
 from surgery_edge.surgery.model import MultiTaskModel
-
-if TYPE_CHECKING:
-    from surgery_edge.run.pipeline import Run
 
 MERGE = "task_arithmetic"
 SINGLE_EXPERT = "single-expert"
@@ -65,12 +63,6 @@ def _single_expert_model(run: Run) -> tuple[MultiTaskModel, str]:
     task = run.tasks[0]
     expert = run.experts.experts[task]  # hashed from its bytes: an engine is published from it
     return run.layout.model(expert, None, [task], run.arch, "cpu", fresh=True), task
-
-
-def _calibration_split(run: Run) -> str:
-    # surgery's unlabelled split, as surgery_edge.run.pipeline.adaptation_split decides it
-    # (calibration_set refuses an empty one with a message)
-    return "test" if run.config.surgery.transductive else "adapt"
 
 
 def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, Any]:
@@ -98,7 +90,7 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
     per_task = None if run.config.builtin else 256
     images, task_ids, _ = suite_test_split(run.suite, run.tasks, per_task, run.config.seed)
     data = split_images(run.suite, run.tasks, "test", per_task, run.config.seed)
-    split = _calibration_split(run)
+    split = unlabelled_split(run.config)  # calibration_set refuses an empty one, with advice
     result: dict[str, Any] = {
         "arch": run.arch.name,
         "tasks": run.tasks,
