@@ -228,6 +228,7 @@ def serve_stats(
     engine calls and rows per call, mean queue and compute time per request."""
     import json  # deferred: only this command prints JSON
 
+    # deferred: the CLI imports a command's modules when it runs (fast --help)
     from surgery_edge.runtime.stats import fetch_stats, read_token, stats_lines, summarise
 
     stats = fetch_stats(url, read_token(token_file), model)

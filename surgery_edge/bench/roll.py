@@ -161,6 +161,7 @@ def build_task_set_engines(
         return files
     import torch  # deferred: only building engines needs torch
 
+    # deferred with torch: building engines imports the model code
     from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
     from surgery_edge.engine_format import EngineMode
     from surgery_edge.export.onnx import export_onnx  # deferred: imports torch
@@ -201,6 +202,7 @@ def run_roll_bench(
     engines in turn) and time each roll; returns the rolls and the run's totals."""
     import tritonclient.grpc as grpc  # deferred: optional, the serve extra
 
+    # deferred with tritonclient: the serving modules need the serve extra
     from surgery_edge.engine_format import read_onnx_metadata
     from surgery_edge.export.triton import TritonOptions, write_repository
     from surgery_edge.runtime.rolling import VersionedServer

@@ -32,8 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+import torch
 
+from surgery_edge.bench.env import environment
+from surgery_edge.bench.flops import task_classes
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
+from surgery_edge.export.onnx import export_onnx
+from surgery_edge.models import ClassificationHead, build_encoder, get_arch
+from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.model import MultiTaskModel
 
 ENGINES = {"merged": None, "surgeryv2": "surgeryv2"}  # name -> adapter method (routed mode)
 
@@ -55,8 +63,6 @@ def profile_ops(paths: dict[str, Path], feeds: dict[str, dict], calls: int, fold
     """Run every engine of ``paths`` ``calls`` times under ONNX Runtime's profiler, the engines
     interleaved call by call (load drift hits all alike), after 10 warm-up calls each; per
     engine, the median call (µs) and the kernel µs per call of each operator type."""
-    import onnxruntime as ort
-
     sessions = {}
     for name, path in paths.items():
         options = _options()
@@ -86,8 +92,6 @@ def profile_ops(paths: dict[str, Path], feeds: dict[str, dict], calls: int, fold
 
 
 def _options():
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     return options
@@ -146,16 +150,6 @@ def interleaved_ratios(
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """Parse ``argv``, profile and time the four engines, write the record."""
-    import onnxruntime as ort
-    import torch
-
-    from surgery_edge.bench.env import environment
-    from surgery_edge.bench.flops import task_classes
-    from surgery_edge.export.onnx import export_onnx
-    from surgery_edge.models import ClassificationHead, build_encoder, get_arch
-    from surgery_edge.surgery.adapters import AdapterBank
-    from surgery_edge.surgery.model import MultiTaskModel
-
     args = build_parser(prog).parse_args(argv)
     if not 1 < args.tasks <= args.batch or min(args.rounds, args.calls, args.profiled_calls) < 1:
         raise SystemExit("--tasks must be in 2..--batch; --rounds, --calls, --profiled-calls >= 1")
