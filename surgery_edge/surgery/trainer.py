@@ -340,6 +340,7 @@ def train_surgery(
     log: Callable[[str], None] = print,
     world: World | None = None,
     metrics: str | os.PathLike | None = None,
+    init: AdapterBank | None = None,
 ) -> AdapterBank:
     """Train an AdapterBank for ``tasks`` and save it to ``out_path``.
 
@@ -367,6 +368,8 @@ def train_surgery(
         metrics: a metrics log (:class:`~surgery_edge.progress.MetricsLog`, ``.jsonl``) to
             append one row per step to: ``step`` (0-based, as ``on_step``), ``loss`` (the
             value ``on_step`` gets), ``loss_per_task`` (their sum is ``loss``), ``lr``.
+        init: adapters to start from instead of the identity (a warm start: the same tasks,
+            method and rank); ``inputs`` should then include their identity.
 
     Raises:
         TrainingError: if the loss becomes NaN/inf. ``out_path`` is left as it was (a file there
@@ -379,6 +382,8 @@ def train_surgery(
     out_path = Path(out_path)
     torch.manual_seed(cfg.seed)
     bank = AdapterBank(tasks, encoder.arch, cfg.method, cfg.rank)
+    if init is not None:
+        bank.load_state_dict(init.state_dict())
     encoder = encoder.to(device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
