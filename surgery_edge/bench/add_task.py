@@ -41,7 +41,13 @@ from surgery_edge.data.transforms import to_model_input
 from surgery_edge.evaluation.accuracy import average, routed_accuracy
 from surgery_edge.models import load_encoder
 from surgery_edge.run.config import RunConfig
-from surgery_edge.run.pipeline import Run, run_pipeline
+from surgery_edge.run.pipeline import (
+    Run,
+    prepare_experts,
+    prepare_suite,
+    run_merges,
+    run_surgery,
+)
 from surgery_edge.run.tasks import add_task
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.model import MultiTaskModel
@@ -62,6 +68,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--fractions", nargs="+", type=float, default=[0.125, 0.25, 0.5])
     p.add_argument("--within", type=float, default=TARGET_REMERGE_POINTS)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (one: on a shared machine more "
+        "threads than free cores slow every step down several times)",
+    )
     p.add_argument("--out", type=Path, default=None, help="folder for the record")
     return p
 
@@ -97,18 +110,22 @@ def _seed_run(source: Path, folder: Path, config: RunConfig) -> None:
 
 
 def _pipeline(folder: Path, config: RunConfig, args) -> dict[str, Any]:
-    """Run the pipeline in ``folder``; its merge's and surgery's accuracy and training time."""
+    """The pipeline's stages in ``folder`` (the experts are the source's, reused): its
+    repaired model's accuracy and its surgery's training time."""
     t0 = time.perf_counter()
-    report = json.loads(run_pipeline(folder, config, log=_quiet).with_suffix(".json").read_text())
-    rows = {(r["method"], r["surgery"]): r for r in report["results"]}
+    run = Run.create(folder, config, log=_quiet)
+    prepare_suite(run)
+    prepare_experts(run)
+    run_merges(run)
+    run_surgery(run)
+    merged, adapters = run.merged[args.merge], run.adapters[(args.merge, args.surgery)]
+    accuracy = routed_accuracy(run.model(merged, adapters), run.suite, run.device)
     return {
-        "tasks": report["tasks"],
-        "merged": rows[(args.merge, "none")]["per_task"],
-        "repaired": rows[(args.merge, args.surgery)]["per_task"],
-        "average": rows[(args.merge, args.surgery)]["avg"],
-        "experts": rows[("individual", "none")]["per_task"],
-        "train_s": report["timings_s"][f"surgery:{args.surgery}"],
-        "targets_s": report["timings_s"].get("surgery:targets", 0.0),
+        "tasks": run.tasks,
+        "repaired": accuracy,
+        "average": average(accuracy),
+        "train_s": run.timings[f"surgery:{args.surgery}"],
+        "targets_s": run.timings.get("surgery:targets", 0.0),
         "steps": config.surgery.params[args.surgery].steps,
         "wall_s": time.perf_counter() - t0,
     }
@@ -153,6 +170,7 @@ def _frozen(seven: Path, folder: Path, source: Path, task: str, args) -> dict[st
     return {
         "total_s": change.seconds["total"],
         "train_s": change.seconds[key],
+        "seconds": change.seconds,  # checks, targets, training, publish
         "steps": change.steps[key],
         "accuracy": _accuracy(folder, args),
         "bit_identical": {t: bool(torch.equal(before[t], after[t])) for t in others},
@@ -300,8 +318,11 @@ def markdown(record: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     args = build_parser(prog).parse_args(argv)
+    torch.set_num_threads(args.threads)
     record = measure(args)
-    record.update(merge=args.merge, surgery=args.surgery, fractions=args.fractions)
+    record.update(
+        merge=args.merge, surgery=args.surgery, fractions=args.fractions, threads=args.threads
+    )
     record["command"] = command_line(argv, prog or f"{__name__}.main")
     if args.out is not None:
         stem = f"add-task-{json.loads((args.source / 'config.json').read_text())['arch']}"

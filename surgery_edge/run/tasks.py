@@ -370,6 +370,7 @@ def add_task(
     Raises:
         ConfigError, CheckpointError: the task cannot be added (nothing was written).
     """
+    t0 = time.perf_counter()
     check_strategy(strategy)
     run.require_experts()
     run.find_merges()
@@ -377,7 +378,7 @@ def add_task(
     existing = _existing_adapters(run)
     before = list(run.tasks)
     change = TaskChange("add", name, strategy, before, [*before, name])
-    t0 = time.perf_counter()
+    change.seconds["checks"] = time.perf_counter() - t0
     _use_tasks(run, change.tasks_after, {name: (Path(expert), Path(head))})
     files = {"expert": run.hashes.digest(expert), "head": run.hashes.digest(head)}
     if strategy == "frozen":
@@ -452,8 +453,9 @@ def _save_adapters(
 def _add_frozen(run, name, existing, change, steps, on_update) -> None:
     """Train ``name``'s adapters alone on every merge, in memory; then publish everything."""
     split = adaptation_split(run)
-    with run.stage("targets"):
-        targets = {name: _targets(run, name, split)}
+    t0 = time.perf_counter()
+    targets = {name: _targets(run, name, split)}
+    change.seconds["targets"] = time.perf_counter() - t0
     head = load_head(run.experts.heads[name], run.arch).head.eval()
     banks = {}
     with tempfile.TemporaryDirectory(prefix="surgery-edge-add-") as tmp:
@@ -482,6 +484,7 @@ def _add_frozen(run, name, existing, change, steps, on_update) -> None:
                 meta,
                 cfg,
             )
+    t0 = time.perf_counter()
     _publish_tasks(run, name)
     for (merge, method), (bank, meta, cfg) in banks.items():
         provenance = _provenance(
@@ -491,6 +494,7 @@ def _add_frozen(run, name, existing, change, steps, on_update) -> None:
             run, merge, method, bank, meta, provenance
         )
     change.merges = dict(run.merged)
+    change.seconds["publish"] = time.perf_counter() - t0
 
 
 def _merge_note(text: str) -> bool:
