@@ -21,8 +21,7 @@ StrategyOption = Annotated[
 Steps = Annotated[
     int | None,
     typer.Option(
-        help="Batches per task to train (default: frozen, the run's own; remerge, half of "
-        "them)."
+        help="Batches per task to train (default: frozen, the run's own; remerge, half of them)."
     ),
 ]
 
