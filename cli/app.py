@@ -16,7 +16,7 @@ import sys
 from typing import Annotated
 
 import typer
-from surgery_edge.cli import bench, engine, evaluate, imports, info, pipeline, serve
+from surgery_edge.cli import bench, engine, evaluate, imports, info, pipeline, serve, tasks
 
 from surgery_edge.progress import silence_cuda_home_notice
 
@@ -78,6 +78,8 @@ app.command()(pipeline.train)
 app.command("eval")(pipeline.evaluate)
 app.command()(pipeline.demo)
 app.command("run")(pipeline.run_recipe)
+app.command("add-task")(tasks.add_task)
+app.command("drop-task")(tasks.drop_task)
 app.command()(engine.export)
 app.command()(engine.predict)
 app.command("eval-engine")(evaluate.eval_engine)

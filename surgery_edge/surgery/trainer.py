@@ -203,6 +203,7 @@ def train_surgery(
     merged_finals: dict[str, np.ndarray] | None = None,
     hooks: TrainingHooks | None = None,
     world: World | None = None,
+    init: AdapterBank | None = None,
 ) -> AdapterBank:
     """Train an AdapterBank for ``tasks`` and save it to ``out`` (a path, or the path with
     what the file records).
@@ -220,6 +221,8 @@ def train_surgery(
             ``targets[t].images``); computed here when missing (split across the ranks).
         world: the ranks of a distributed job (default: this process alone). ``cfg.batch_size``
             is the global batch per task; ``device`` must be this rank's.
+        init: adapters to start from instead of the identity (a warm start: the same tasks,
+            method and rank); ``out.inputs`` should then include their identity.
 
     Raises:
         TrainingError: if the loss becomes NaN/inf. The output is left as it was (a file there
@@ -231,7 +234,7 @@ def train_surgery(
     world.require_rows(cfg.batch_size, "The batch size per task")
     out = out if isinstance(out, AdapterOutput) else AdapterOutput(Path(out))
     hooks = hooks or TrainingHooks()
-    model, opt = _trainable(encoder, model_heads, tasks, cfg, device)
+    model, opt = _trainable(encoder, model_heads, tasks, cfg, device, init)
     bank, writer = model.bank, world.is_writer
     total = schedule_length(cfg, len(tasks))
     start = _resume(out, bank, opt, cfg, device, total, world, hooks.log) if resume else 0
@@ -270,11 +273,19 @@ def train_surgery(
 
 
 def _trainable(
-    encoder: ImageEncoder, model_heads: list, tasks: list[str], cfg: SurgeryConfig, device
+    encoder: ImageEncoder,
+    model_heads: list,
+    tasks: list[str],
+    cfg: SurgeryConfig,
+    device,
+    init: AdapterBank | None = None,
 ) -> tuple[MultiTaskModel, torch.optim.Optimizer | ReferenceAdam]:
-    """The model whose new adapters alone train (seeded by ``cfg.seed``), and its optimiser."""
+    """The model whose new adapters (or ``init``'s values) alone train (seeded by
+    ``cfg.seed``), and its optimiser."""
     torch.manual_seed(cfg.seed)
     bank = AdapterBank(tasks, encoder.arch, cfg.method, cfg.rank)
+    if init is not None:  # a warm start
+        bank.load_state_dict(init.state_dict())
     encoder = encoder.to(device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)

@@ -19,6 +19,8 @@ COMMANDS = [
     "eval",
     "demo",
     "run",
+    "add-task",
+    "drop-task",
     "export",
     "predict",
     "eval-engine",

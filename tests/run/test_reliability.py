@@ -782,3 +782,185 @@ def test_41_5_messages_name_the_problem_before_any_work(copy, tmp_path, monkeypa
         "the expert checkpoints (pretrained, experts or heads) are not those it was made from"
         in text
     )
+
+
+# --- a task that arrives or leaves after the merge (add-task, drop-task) ----------------------
+
+
+def _one_merge(root: Path) -> None:
+    """Keep only the task_arithmetic merge and its adapters (a third of the training)."""
+    for path in (root / "merged").glob("*.safetensors"):
+        if path.stem != "task_arithmetic":
+            path.unlink()
+            shutil.rmtree(root / "adapters" / path.stem)
+
+
+def _answers(root: Path, method: str, tasks: list[str]) -> dict[str, torch.Tensor]:
+    """The logits of ``tasks``' test images through task_arithmetic + ``method``."""
+    from surgery_edge.data.suite import load_suite
+    from surgery_edge.data.transforms import to_model_input
+    from surgery_edge.run.layout import RunLayout
+
+    layout = RunLayout(root)
+    model = layout.model(
+        layout.merged("task_arithmetic"), layout.adapters("task_arithmetic", method)
+    )
+    suite = load_suite(layout.suite_file)
+    out = {}
+    with torch.no_grad():
+        for task in tasks:
+            x = to_model_input(suite.task(task).test_x, model.encoder.arch, "cpu")
+            out[task] = model(x, torch.full((len(x),), model.tasks.index(task)))
+    return out
+
+
+def _quiet_run(root: Path):
+    from surgery_edge.run.state import Run
+
+    return Run.open(root, log=lambda *a, **k: None)
+
+
+def test_39_frozen_drop_and_add_keep_every_other_answer_bit_for_bit(copy, tiny_run):
+    from surgery_edge.run.tasks import add_task, drop_task, recorded_history
+
+    _one_merge(copy)
+    tasks = ["digits", "shapes", "colours"]
+    before = {m: _answers(tiny_run[0], m, tasks) for m in ("surgery", "surgeryv2")}
+    merged = (copy / "merged/task_arithmetic.safetensors").read_bytes()
+    drop_task(_quiet_run(copy), "colours", "frozen")
+    for method, answers in before.items():
+        after = _answers(copy, method, ["digits", "shapes"])
+        assert all(torch.equal(after[t], answers[t]) for t in after)
+    source = tiny_run[0] / "checkpoints"
+    change = add_task(
+        _quiet_run(copy),
+        "colours",
+        source / "experts/colours.safetensors",
+        source / "heads/colours.safetensors",
+        "frozen",
+    )
+    assert change.tasks_after == tasks and change.steps == {
+        "task_arithmetic/surgery": 6,  # the run's own settings
+        "task_arithmetic/surgeryv2": 3,
+    }
+    for method, answers in before.items():
+        after = _answers(copy, method, tasks)
+        assert torch.equal(after["digits"], answers["digits"])
+        assert torch.equal(after["shapes"], answers["shapes"])
+        bank = tensors_of(copy / f"adapters/task_arithmetic/{method}.safetensors")
+        assert bank["colours/final/up"].abs().sum() > 0  # trained, not the identity
+    assert (copy / "merged/task_arithmetic.safetensors").read_bytes() == merged
+    history = recorded_history(copy)
+    assert [(h["change"], h["strategy"], h["task"]) for h in history] == [
+        ("drop", "frozen", "colours"),
+        ("add", "frozen", "colours"),
+    ]
+    assert json.loads((copy / "config.json").read_text())["suite"]["tasks"] == tasks
+    ok(["eval", "--run", str(copy)])  # eval and export work on it as on any run
+    assert json.loads((copy / "report.json").read_text())["tasks"] == tasks
+    from surgery_edge.run.layout import RunLayout
+
+    model, meta = RunLayout(copy).export_model("task_arithmetic", "surgeryv2")
+    assert model.tasks == tasks and meta["merge"] == "task_arithmetic"
+
+
+def test_39_remerge_drop_and_add_make_the_merge_again_and_warm_start(copy, tiny_run):
+    from surgery_edge.run.tasks import add_task, drop_task
+
+    _one_merge(copy)
+    merged = copy / "merged/task_arithmetic.safetensors"
+    original = tensors_of(merged)
+    old = tensors_of(copy / "adapters/task_arithmetic/surgeryv2.safetensors")
+    change = drop_task(_quiet_run(copy), "colours", "remerge", steps=1)
+    assert change.steps == {"task_arithmetic/surgery": 1, "task_arithmetic/surgeryv2": 1}
+    now = tensors_of(merged)  # two task vectors, not three
+    assert not all(torch.equal(now[k], original[k]) for k in original)
+    assert (
+        read_metadata(merged)["provenance"]["experts"]
+        != read_metadata(tiny_run[0] / "merged/task_arithmetic.safetensors")["provenance"][
+            "experts"
+        ]
+    )
+    warm = tensors_of(copy / "adapters/task_arithmetic/surgeryv2.safetensors")
+    assert "colours/final/up" not in warm
+    # one Adam step (lr 3e-3) from the previous adapters: beside them, and further from the
+    # identity (up = 0) than one step from it goes
+    assert (warm["digits/final/up"] - old["digits/final/up"]).abs().max() <= 3.1e-3
+    assert warm["digits/final/up"].abs().max() > 3.1e-3
+    source = tiny_run[0] / "checkpoints"
+    add_task(
+        _quiet_run(copy),
+        "colours",
+        source / "experts/colours.safetensors",
+        source / "heads/colours.safetensors",
+        "remerge",
+        steps=1,
+    )
+    back = tensors_of(merged)  # the same three experts again: the run's own merge
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    meta = read_metadata(copy / "adapters/task_arithmetic/surgeryv2.safetensors")
+    assert meta["tasks"] == ["digits", "shapes", "colours"]
+    assert meta["provenance"]["task_change"]["strategy"] == "remerge"
+    ok(["eval", "--run", str(copy)])
+
+
+def _encoder_file(path: Path, arch, state=None, **meta) -> Path:
+    from surgery_edge.models import build_encoder, save_encoder
+
+    torch.manual_seed(7)
+    return save_encoder(path, arch, state or build_encoder(arch).state_dict(), "textures", **meta)
+
+
+def test_39_tasks_that_do_not_fit_are_refused_naming_why(run, tmp_path):
+    import dataclasses
+
+    from surgery_edge.errors import CheckpointError, ConfigError
+    from surgery_edge.models import get_arch, load_encoder
+    from surgery_edge.run.tasks import _with_tasks, check_drop, check_new_task
+
+    ckpt = run.out / "checkpoints"
+    expert, head = ckpt / "experts/digits.safetensors", ckpt / "heads/digits.safetensors"
+
+    def refused(error, match, name, expert, head=head):
+        with pytest.raises(error, match=match):
+            check_new_task(run, name, expert, head)
+
+    refused(ConfigError, "already has a task 'digits'", "digits", expert)
+    refused(ConfigError, "no task 'cars'", "cars", expert)
+    other = _encoder_file(tmp_path / "arch.safetensors", get_arch("tiny-vit-32"))
+    refused(CheckpointError, "saved for architecture 'tiny-vit-32'", "textures", other)
+    size = dataclasses.replace(run.arch, image_size=32)
+    refused(CheckpointError, "'image_size': \\(32, 16\\)", "textures",
+            _encoder_file(tmp_path / "size.safetensors", size))  # fmt: skip
+    random_base = _encoder_file(tmp_path / "base.safetensors", run.arch)
+    refused(CheckpointError, "looks fine-tuned from another pretrained model", "textures",
+            random_base)  # fmt: skip
+    pre = load_encoder(ckpt / "pretrained.safetensors").state_dict
+    near = {k: v + 1e-4 if v.is_floating_point() else v for k, v in pre.items()}
+    hashed = _encoder_file(
+        tmp_path / "hash.safetensors", run.arch, near, provenance={"pretrained": "0" * 64}
+    )
+    refused(CheckpointError, "another pretrained model \\(SHA-256 000000", "textures", hashed)
+    refused(CheckpointError, "head of task 'digits'", "textures", expert)
+    with pytest.raises(ConfigError, match="has no task 'cars'"):
+        check_drop(run, "cars")
+    alone = dataclasses.replace(run, config=_with_tasks(run.config, ["digits"]))
+    with pytest.raises(ConfigError, match="'digits' is the last task"):
+        check_drop(alone, "digits")
+
+
+def test_39_a_refused_task_change_exits_2_and_writes_nothing(copy, tmp_path):
+    def contents() -> dict[str, bytes]:  # (the hash cache remembers the copy's new inodes)
+        files = [p for p in sorted(copy.rglob("*")) if p.is_file() and p.name != "hashes.json"]
+        return {str(p): p.read_bytes() for p in files}
+
+    before = contents()
+    base = _encoder_file(tmp_path / "base.safetensors", _quiet_run(copy).arch)
+    head = copy / "checkpoints/heads/digits.safetensors"
+    add = ["add-task", "--run", str(copy), "--expert", f"textures={base}", "--head", str(head)]
+    text = " ".join(user_error([*add, "--strategy", "frozen"]).split())
+    assert "looks fine-tuned from another pretrained model" in text
+    assert "has no task 'cars'" in user_error(
+        ["drop-task", "--run", str(copy), "cars", "--strategy", "remerge"]
+    )
+    assert contents() == before
