@@ -43,9 +43,9 @@ from surgery_edge.models.checkpoint import load_head
 from surgery_edge.run.config import RunConfig
 from surgery_edge.run.experts import ExpertSet
 from surgery_edge.run.merge import run_merges
+from surgery_edge.run.provenance import recorded
 from surgery_edge.run.state import Run, adaptation_split
 from surgery_edge.run.surgery import experts_representations, training_targets
-from surgery_edge.run.provenance import recorded
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.targets import Representations
 from surgery_edge.surgery.trainer import (
