@@ -214,7 +214,7 @@ def test_every_task_or_one_task_per_image(engine):
     every = predictor.predict(arrays, all_tasks=True)
     _assert_answers(every, ref, x, [[0, 1, 2]] * 5)
     assert every[2]["colours"] == every[2].predictions[2]
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="cars"):
         every[2]["cars"]
     mixed = predictor.predict(arrays, task=["colours", 0, "shapes", 2, "1"])
     _assert_answers(mixed, ref, x, [[2], [0], [1], [2], [1]])
@@ -272,6 +272,8 @@ def test_images_over_the_pixel_limit_are_refused_one_by_one(built):
     assert "400" in results[1].error and "300" in results[1].error
     with pytest.raises(ExportError, match="max_pixels"):
         load(built["routed"][0], max_pixels=0)
+    with pytest.raises(ExportError, match="tpu"):  # the device is passed on, and checked
+        load(built["routed"][0], device="tpu")
 
 
 def test_asking_for_no_task_too_many_or_both_is_refused(engine):
@@ -317,8 +319,9 @@ def test_an_engine_with_non_finite_weights_is_refused_naming_the_task(tmp_path, 
     with pytest.raises(ExportError, match=r"nan\.onnx gives non-finite logits for task 'shapes'"):
         load(path)
     predictor = Predictor(OnnxBackend(path, device="cpu"))  # constructing it runs nothing
-    with pytest.raises(ExportError, match="task 'shapes'"):
+    with pytest.raises(ExportError, match="task 'shapes'") as e:
         predictor.check_finite()
+    assert "NaN or infinity" in str(e.value) and "Re-export it from finite" in str(e.value)
 
 
 def _with_nan_head(path: Path, mode: str, task: int) -> Path:
