@@ -279,7 +279,7 @@ def test_images_over_the_pixel_limit_are_refused_one_by_one(built):
 def test_asking_for_no_task_too_many_or_both_is_refused(engine):
     predictor, _ = engine
     arrays = _photos(2)
-    with pytest.raises(ExportError, match="No images"):
+    with pytest.raises(ExportError, match="^No images to predict.$"):
         predictor.predict([], task=0)
     with pytest.raises(ExportError, match=r"serves 3 tasks \(digits, shapes, colours\): choose"):
         predictor.predict(arrays)
@@ -294,12 +294,14 @@ def test_asking_for_no_task_too_many_or_both_is_refused(engine):
         predictor.predict(arrays, task=[0, 1, 2])
     with pytest.raises(ExportError, match="Unknown task 'cars'"):
         predictor.predict(arrays, task=[0, "cars"])
-    with pytest.raises(ExportError, match="differ in number"):
+    with pytest.raises(ExportError, match="^The images and the tasks differ in number; give one"):
         list(predictor.iter_predict(iter(arrays), task=iter([0])))
     with pytest.raises(ExportError, match="differ in number"):
         list(predictor.iter_predict(iter(arrays), task=iter([0, 1, 2])))
     with pytest.raises(ExportError, match="batch_size must be at least 1, not 0"):
         Predictor(predictor.backend, batch_size=0)
+    one = Predictor(predictor.backend, batch_size=1)  # one image at a time is a batch size
+    assert [r.ok for r in one.predict(arrays, task=0)] == [True, True]
 
 
 def test_a_single_task_engine_needs_no_task(tmp_path):
