@@ -93,7 +93,7 @@ def test_raw_logits_route_each_image_to_its_task(engine):
     x = np.random.default_rng(1).normal(size=(5, 3, 8, 8)).astype(np.float32)
     ids = np.array([2, 0, 1, 1, 0])
     routed = predictor.routed_logits(x, ids)
-    assert routed.shape == (5, max(CLASSES))
+    assert routed.shape == (5, max(CLASSES)) and routed.dtype == np.float32
     for b, t in enumerate(ids):
         np.testing.assert_allclose(routed[b, : CLASSES[t]], ref.logits(x[b : b + 1], t)[0], 1e-4)
         assert np.isneginf(routed[b, CLASSES[t] :]).all()
@@ -141,7 +141,9 @@ def test_raw_batches_of_the_wrong_shape_or_tasks_are_refused(engine):
     predictor, _ = engine
     x = np.zeros((2, 3, 8, 8), np.float32)
     for bad in (np.zeros((2, 3, 8, 9)), np.zeros((3, 8, 8)), np.zeros((2, 1, 8, 8))):
-        with pytest.raises(ExportError, match=r"\(B, 3, 8, 8\) float32, got .*predict\(\)"):
+        with pytest.raises(
+            ExportError, match=r"\(B, 3, 8, 8\) float32, got .*; use predict\(\) for raw images\.$"
+        ):
             predictor.routed_logits(bad, [0, 0])
         with pytest.raises(ExportError, match=r"\(B, 3, 8, 8\)"):
             predictor.all_task_logits(bad)
@@ -205,6 +207,10 @@ def test_one_image_a_stack_and_a_path_are_read_as_such(engine, tmp_path):
     for one in (encoded, bytearray(encoded), memoryview(encoded)):
         _assert_answers(predictor.predict(one, task=0), ref, x[2:], [[0]])
     _assert_answers(predictor.predict(Image.fromarray(stack[0]), task=0), ref, x[:1], [[0]])
+    # iter_predict reads a stack, one image and a path as predict does
+    _assert_answers(list(predictor.iter_predict(stack, task=0)), ref, x, [[0]] * 3)
+    _assert_answers(list(predictor.iter_predict(stack[1], task=0)), ref, x[1:2], [[0]])
+    _assert_answers(list(predictor.iter_predict(tmp_path / "one.png", task=0)), ref, x[2:], [[0]])
 
 
 def test_every_task_or_one_task_per_image(engine):
@@ -286,9 +292,9 @@ def test_asking_for_no_task_too_many_or_both_is_refused(engine):
     with pytest.raises(ExportError, match="serves 3 tasks"):
         list(predictor.iter_predict(arrays))
     for task in ("shapes", ["shapes", "digits"]):
-        with pytest.raises(ExportError, match="one task or for all tasks, not both"):
+        with pytest.raises(ExportError, match="^Ask for one task or for all tasks, not both.$"):
             predictor.predict(arrays, task=task, all_tasks=True)
-        with pytest.raises(ExportError, match="one task or for all tasks, not both"):
+        with pytest.raises(ExportError, match="^Ask for one task or for all tasks, not both.$"):
             list(predictor.iter_predict(arrays, task=task, all_tasks=True))
     with pytest.raises(ExportError, match="2 images but 3 tasks; give one task per image"):
         predictor.predict(arrays, task=[0, 1, 2])
