@@ -71,8 +71,12 @@ def build_engine(
     seed: int = 0,
     preprocessing: dict | None = None,
     extra: dict | None = None,
+    linear_op: str = "MatMul",
 ) -> LinearEngine:
-    """Write a sealed fp32 engine of ``mode`` to ``path``; returns its reference."""
+    """Write a sealed fp32 engine of ``mode`` to ``path``; returns its reference.
+
+    ``linear_op``: ``MatMul`` or ``Gemm`` for the constant-weight layer (exporters emit both).
+    """
     pre = {**PREPROCESSING, **(preprocessing or {})}
     size, T, C = pre["image_size"], len(tasks), max(classes)
     rng = np.random.default_rng(seed)
@@ -99,7 +103,7 @@ def build_engine(
     nodes = [
         helper.make_node("Conv", ["images", "conv.w"], ["emb"], "patch", strides=[PATCH] * 2),
         helper.make_node("Flatten", ["emb"], ["flat"], "flatten"),
-        helper.make_node("MatMul", ["flat", "linear.w"], ["lin"], "linear"),
+        helper.make_node(linear_op, ["flat", "linear.w"], ["lin"], "linear"),
         helper.make_node(
             "LayerNormalization", ["lin", "ln.scale", "ln.bias"], ["z"], "ln", axis=-1
         ),

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 from engine_graphs import build_engine
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 import surgery_edge.export.quantize as q
 from surgery_edge.engine_format import read_onnx_metadata
@@ -119,6 +119,58 @@ def test_the_quantisers_keep_the_node_groups_the_recipe_names(fp32, tmp_path):
     out = q.quantize_engine(fp32["routed"], tmp_path / "c.onnx", tables, calibration)
     assert _initializers(out)["head_table.fp16"].dtype == np.float16
     _assert_answers_as(out, fp32["routed"], atol=0.75)
+    tables = q.QuantRecipe("int8", "ort-dynamic", tables="fp32", calibration_method="none")
+    out = q.quantize_engine(fp32["routed"], tmp_path / "d.onnx", tables, calibration)
+    assert _initializers(out)["head_table"].dtype == np.float32
+    assert read_onnx_metadata(out)["quantization"]["tables"] == {
+        "storage": "fp32",
+        "stored": [],
+        "bytes_saved": 0,
+    }
+
+
+def test_a_gemm_layer_is_quantised_like_a_matmul(tmp_path):
+    build_engine(tmp_path / "gemm.onnx", "routed", linear_op="Gemm")
+    recipe = q.default_recipe("int8", "onnxruntime")
+    out = q.quantize_engine(tmp_path / "gemm.onnx", tmp_path / "q.onnx", recipe, _calibration())
+    record = read_onnx_metadata(out)["quantization"]
+    assert record["node_groups"]["linear"] == 1 and record["quantized_nodes"]["MatMulInteger"] == 1
+    _assert_answers_as(out, tmp_path / "gemm.onnx", atol=0.75)
+
+
+def test_node_groups_see_weights_only_through_ops_that_do_not_compute():
+    """A product with a weight seen through a Transpose is a layer; through an Add it is not."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], "t"),
+        helper.make_node("MatMul", ["x", "wt"], ["a"], "through_transpose"),
+        helper.make_node("Add", ["w", "x"], ["s"], "add"),
+        helper.make_node("MatMul", ["s", "x"], ["b"], "through_add"),
+        helper.make_node("Gemm", ["x", "w"], ["c"], "gemm"),
+        helper.make_node("Einsum", ["x", "w"], ["d"], "einsum", equation="ij,jk->ik"),
+        helper.make_node("Gather", ["table", "i"], ["g"], "gather"),
+        helper.make_node("MatMul", ["x", "g"], ["e"], "head"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, [])
+    inits = [
+        numpy_helper.from_array(np.eye(2, dtype=np.float32), "w"),
+        numpy_helper.from_array(np.ones((3, 2, 2), np.float32), "table"),
+    ]
+    graph = helper.make_graph(nodes, "g", [x, i], [], inits)
+    groups = q.node_groups(helper.make_model(graph), {"heads": ["table"]})
+    assert groups["linear"] == ["through_transpose", "gemm", "einsum"]
+    assert groups["attention"] == ["through_add"] and groups["heads"] == ["head"]
+
+
+def test_tables_absent_or_not_float_are_left_alone():
+    from onnx import helper
+
+    inits = [numpy_helper.from_array(np.arange(6, dtype=np.int64).reshape(1, 2, 3), "ids")]
+    proto = helper.make_model(helper.make_graph([], "g", [], [], inits))
+    assert q.store_tables(proto, ["absent", "ids"], "int8") == ([], 0)
+    assert [t.name for t in proto.graph.initializer] == ["ids"] and not proto.graph.node
 
 
 def test_a_static_int8_engine_is_calibrated_qdq_or_refused_by_name(fp32, tmp_path):
@@ -126,6 +178,14 @@ def test_a_static_int8_engine_is_calibrated_qdq_or_refused_by_name(fp32, tmp_pat
     with pytest.raises(ConfigError, match="ort-static calibrates with"):
         bad = q.QuantRecipe("int8", "ort-static", calibration_method="max")
         q.quantize_engine(fp32["routed"], tmp_path / "x.onnx", bad, _calibration())
+    percentile = q.QuantRecipe("int8", "ort-static", calibration_method="percentile")
+    for method in (recipe, percentile):  # both are ONNX Runtime's calibration methods
+        try:
+            q.quantize_engine(fp32["routed"], tmp_path / "p.onnx", method, _calibration())
+        except ExportError as e:
+            assert "could not quantise" in str(e)
+    for p in tmp_path.iterdir():
+        p.unlink()
     try:
         out = q.quantize_engine(fp32["routed"], tmp_path / "s.onnx", recipe, _calibration())
     except ExportError as e:
@@ -310,6 +370,9 @@ def test_quantize_model_exports_fp32_quantises_and_keeps_only_the_result(tmp_pat
     assert meta["quantization"]["target"] == "tensorrt"
     assert sorted(p.name for p in out.parent.iterdir()) == ["int8.onnx"]
     Predictor(OnnxBackend(out, device="cpu")).check_finite()
+    again = out.with_name("again.onnx")  # into a folder that exists
+    q.quantize_model("model", again, "routed", recipe, _calibration(), extra)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["again.onnx", "int8.onnx"]
 
 
 def test_helpers_name_versions_and_keep_the_end_of_a_log():
@@ -324,3 +387,11 @@ def test_helpers_name_versions_and_keep_the_end_of_a_log():
     assert q._opset(proto) == 17
     del proto.opset_import[1]
     assert q._opset(proto) == 0
+    proto.opset_import.append(onnx.helper.make_opsetid("ai.onnx", 19))
+    assert q._opset(proto) == 19
+    with pytest.raises(ConfigError) as e:
+        q.QuantRecipe("int8", "ort-dynamic", keep=("mlp", "linear"))
+    assert str(e.value) == (
+        "Unknown node groups ['mlp']; use some of: patch_embedding, linear, attention, adapters, "
+        "heads, layernorm, softmax."
+    )
