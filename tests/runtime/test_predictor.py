@@ -193,6 +193,25 @@ def test_images_of_every_kind_are_answered_as_preprocessed_by_the_metadata(engin
         assert not np.allclose(ref.logits(other, 1), ref.logits(x[:4], 1), atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("resize", "interpolation"), [("squash", "nearest"), ("shortest", "bilinear")]
+)
+def test_images_are_resized_as_the_engines_metadata_says(tmp_path, resize, interpolation):
+    pre = {"resize": resize, "interpolation": interpolation}
+    ref = build_engine(tmp_path / "e.onnx", "routed", preprocessing=pre)
+    predictor = load(tmp_path / "e.onnx")
+    arrays = _photos(3, seed=8)
+    x = _inputs(predictor, arrays)
+    assert (predictor.preprocessing.resize, predictor.preprocessing.interpolation) == (
+        resize,
+        interpolation,
+    )
+    _assert_answers(predictor.predict(arrays, task="shapes"), ref, x, [[1]] * 3)
+    # what the default preprocessing (shortest side, bicubic) would have answered differs
+    default = _inputs(predictor, arrays, "shortest", "bicubic")
+    assert not np.allclose(ref.logits(default, 1), ref.logits(x, 1), atol=1e-3)
+
+
 def test_one_image_a_stack_and_a_path_are_read_as_such(engine, tmp_path):
     predictor, ref = engine
     stack = np.stack([a[:9, :12] for a in _photos(3, seed=3)])  # (3, 9, 12, 3)
@@ -287,7 +306,11 @@ def test_asking_for_no_task_too_many_or_both_is_refused(engine):
     arrays = _photos(2)
     with pytest.raises(ExportError, match="^No images to predict.$"):
         predictor.predict([], task=0)
-    with pytest.raises(ExportError, match=r"serves 3 tasks \(digits, shapes, colours\): choose"):
+    with pytest.raises(
+        ExportError,
+        match=r"serves 3 tasks \(digits, shapes, colours\): choose one \(task=\.\.\. / --task\) or "
+        r"ask for all of them \(all_tasks=True / --all-tasks\)\.$",
+    ):
         predictor.predict(arrays)
     with pytest.raises(ExportError, match="serves 3 tasks"):
         list(predictor.iter_predict(arrays))
