@@ -92,6 +92,10 @@ def test_an_int8_engine_answers_as_fp32_and_records_how_it_was_made(fp32, mode, 
     }
     check = record["check"]
     assert check["images"] == 60 and check["agreement_avg"] >= 99.0
+    # no disagreement among 20 images bounds the rate by 1 - 0.05 ** (1 / 20), 13.9%
+    bound = round(100 * (1 - 0.05 ** (1 / 20)), 3)
+    assert [e["disagreement_upper_95"] for e in check["per_task"].values()] == [bound] * 3
+    assert record["recipe"]["calibration_method"] == "none"  # ort-dynamic does not calibrate
     assert check["floor"] == {"average": 99.0, "per_task": 98.0}
     assert set(check["per_task"]) == set(TASKS) and check["worst_task"] in TASKS
     assert meta["opset"] == 18 and record["seconds"] >= 0
@@ -127,6 +131,16 @@ def test_the_quantisers_keep_the_node_groups_the_recipe_names(fp32, tmp_path):
         "stored": [],
         "bytes_saved": 0,
     }
+
+
+def test_an_engine_without_adapters_is_quantised(tmp_path):
+    """A plain merge's engine records head tables only."""
+    build_engine(
+        tmp_path / "plain.onnx", "routed", extra={"task_tables": {"heads": ["head_table"]}}
+    )
+    recipe = q.default_recipe("int8", "onnxruntime")
+    out = q.quantize_engine(tmp_path / "plain.onnx", tmp_path / "q.onnx", recipe, _calibration())
+    assert read_onnx_metadata(out)["quantization"]["tables"]["stored"] == ["head_table"]
 
 
 def test_a_gemm_layer_is_quantised_like_a_matmul(tmp_path):
