@@ -130,11 +130,17 @@ def test_raw_batches_larger_than_the_engine_takes_are_split(built, mode):
     assert rows == [2, 2, 1]
     for b, t in enumerate(ids):
         np.testing.assert_allclose(got[b, : CLASSES[t]], ref.logits(x[b : b + 1], t)[0], 1e-4)
+    column = predictor.routed_logits(x, ids.reshape(-1, 1))  # (B, 1) ids read as (B,)
+    np.testing.assert_array_equal(column, got)
     rows.clear()
     every = predictor.all_task_logits(x)
     assert rows == ([2] * 7 + [1] if mode == "routed" else [2, 2, 1])  # routed: 5 rows x 3 tasks
     for t in range(3):
         np.testing.assert_allclose(every[t], ref.logits(x, t), rtol=1e-4, atol=1e-5)
+    backend.max_batch = 1  # one row per run
+    rows.clear()
+    predictor.routed_logits(x[:3], ids[:3])
+    assert rows == [1, 1, 1]
 
 
 def test_raw_batches_of_the_wrong_shape_or_tasks_are_refused(engine):
@@ -164,6 +170,7 @@ def test_tasks_by_name_id_or_digits(engine):
         ("-1", "Task id -1 is out of range"),
         ("3", "Task id 3 is out of range"),
         ("cars", f"Unknown task 'cars'; this engine serves {known}"),
+        ("X1", "Unknown task 'X1'"),
         (True, "Unknown task True"),
         (1.0, "Unknown task 1.0"),
         (None, "Unknown task None"),
