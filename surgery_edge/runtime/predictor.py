@@ -211,7 +211,8 @@ class Predictor:
             ]
         # A routed engine: every image once per task, in one (chunked) pass.
         ids = np.repeat(np.arange(T, dtype=np.int64), B)
-        logits = self.routed_logits(np.concatenate([images] * T), ids).reshape(T, B, -1)
+        logits = self.routed_logits(np.concatenate([images] * T), ids)  # (T * B, C_max)
+        logits = logits.reshape(T, B, logits.shape[-1])  # -1 fails for an empty batch
         return [logits[t, :, : self.class_counts[t]] for t in range(T)]
 
     # --- images in, answers out ------------------------------------------------------------
