@@ -138,10 +138,15 @@ def interleaved_ratios(
     out = {}
     for T, ratios in per_round.items():
         q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+        # the median's own uncertainty: a 95% bootstrap interval over the rounds
+        draws = np.random.default_rng(0).choice(ratios, size=(2000, len(ratios)))
+        lo, hi = np.percentile(np.median(draws, axis=1), [2.5, 97.5])
         out[f"T{T}"] = {
             "median": round(float(med), 4),
             "iqr": [round(float(q1), 4), round(float(q3), 4)],
             "spread": round(float((q3 - q1) / med), 4),
+            "median_ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "median_ci95_width": round(float((hi - lo) / med), 4),
             "rounds": rounds,
             "calls_per_round": calls,
         }
@@ -218,11 +223,20 @@ def markdown(record: dict[str, Any]) -> list[str]:
         "",
     ]
     lines += table(
-        ["T", "median ratio", "interquartile range", "spread (IQR / median)", "rounds x calls"],
+        [
+            "T",
+            "median ratio",
+            "95% interval of the median",
+            "interquartile range",
+            "spread (IQR / median)",
+            "rounds x calls",
+        ],
         [
             [
                 key.removeprefix("T"),
                 fmt(r["median"], ".4f"),
+                f"{r['median_ci95'][0]:.4f} - {r['median_ci95'][1]:.4f} "
+                f"({100 * r['median_ci95_width']:.2f}%)",
                 f"{r['iqr'][0]:.4f} - {r['iqr'][1]:.4f}",
                 f"{100 * r['spread']:.2f}%",
                 f"{r['rounds']} x {r['calls_per_round']}",

@@ -83,4 +83,5 @@ def test_the_profile_says_which_operators_the_adapters_add(tmp_path):
     )
     for ratio in record["ratio_v2_over_merged"].values():
         assert ratio["rounds"] == 2 and ratio["iqr"][0] <= ratio["median"] <= ratio["iqr"][1]
+        assert ratio["median_ci95"][0] <= ratio["median"] <= ratio["median_ci95"][1]
     assert "| **all** |" in (tmp_path / "scaling-profile-micro-vit-16.md").read_text()
