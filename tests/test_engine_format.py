@@ -42,7 +42,7 @@ def test_modes_and_precisions_parse_once_and_list_the_choices():
     with pytest.raises(ExportError, match="Unknown precision 'int4'.*fp32, fp16, int8, fp8"):
         Precision.parse("int4")
     assert [p.quantized for p in Precision] == [False, False, True, True]
-    assert io_names("all-tasks", ["a", "b"]) == (["images"], ["logits_a", "logits_b"])
+    assert io_names(EngineMode.ALL_TASKS, ["a", "b"]) == (["images"], ["logits_a", "logits_b"])
 
 
 def test_a_quantised_engine_carries_its_recipe():
@@ -162,9 +162,9 @@ def test_each_file_is_hashed_once_while_it_is_unchanged(tmp_path, monkeypatch):
 
     engine = _sealed_trt(tmp_path)
     calls = []
-    digest = engine_format._sealed_file_digest
+    digest = engine_format.sealed_file_digest
     monkeypatch.setattr(
-        engine_format, "_sealed_file_digest", lambda *a: calls.append(a) or digest(*a)
+        engine_format, "sealed_file_digest", lambda *a: calls.append(a) or digest(*a)
     )
     meta = read_sidecar(engine)
     for _ in range(3):
