@@ -22,6 +22,7 @@ from surgery_edge.cli.common import (
     user_errors,
 )
 
+from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ConfigError
 from surgery_edge.io import printable, require_file
 
@@ -114,9 +115,12 @@ def export(
     from surgery_edge.export.triton import TritonOptions  # deferred: with the exporters
     from surgery_edge.run.export import TrtOptions, export_run  # deferred: imports torch
 
-    precision = PrecisionName(
-        renamed("--fp16", "--precision fp16", PrecisionName.fp16 if fp16 else None, precision)
-    ).value
+    # parsed once, here at the edge: the library takes them typed
+    precision = Precision.parse(
+        PrecisionName(
+            renamed("--fp16", "--precision fp16", PrecisionName.fp16 if fp16 else None, precision)
+        ).value
+    )
     if triton_repo is not None and opt_batch > max_batch:
         raise ConfigError(
             f"--opt-batch {opt_batch} (Triton's preferred batch) is above --max-batch {max_batch}."
@@ -125,7 +129,7 @@ def export(
         run_dir,
         merge_name,
         SurgeryOrNone(surgery).value,
-        ModeName(mode).value,
+        EngineMode.parse(ModeName(mode).value),
         onnx=onnx,
         precision=precision,
         aoti=aoti,
@@ -143,7 +147,7 @@ def export(
             max_queue_delay_us=max_queue_delay_us,
             instances=triton_instances,
             kind=triton_kind,
-            accelerator_fp16=precision == PrecisionName.fp16.value,
+            accelerator_fp16=precision is Precision.FP16,
         ),
     )
     if not json_out:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery_edge.device import resolve_device
-from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata, read_sidecar
+from surgery_edge.engine_format import EngineMode, Precision, effective_precision, read_metadata
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.modules import WeightFiles, check_magnitudes
@@ -44,7 +44,7 @@ from surgery_edge.run.calibration import (
 from surgery_edge.run.layout import RunLayout
 from surgery_edge.run.pipeline import Run, prepare_suite
 from surgery_edge.runtime.backends import import_tensorrt
-from surgery_edge.runtime.describe import read_pt2_metadata
+from surgery_edge.surgery.methods import SURGERY_V2
 from surgery_edge.surgery.model import MultiTaskModel
 
 
@@ -64,19 +64,15 @@ def engine_stem(merge: str, surgery: str, mode: str, expert: str | None = None) 
     return f"expert-{expert}" if expert is not None else f"{merge}-{surgery}-{mode}"
 
 
-def default_onnx_path(run_dir: Path, stem: str, precision: Precision | str) -> Path:
+def default_onnx_path(run_dir: Path, stem: str, precision: Precision) -> Path:
     """``RUN/engines/<stem>[-<precision>].onnx`` (no suffix for fp32)."""
-    precision = Precision.parse(precision)
     suffix = "" if precision is Precision.FP32 else f"-{precision}"
     return Path(run_dir) / "engines" / f"{stem}{suffix}.onnx"
 
 
-def quant_recipe(
-    precision: Precision | str, quantizer: str = "auto", trt: bool = False
-) -> QuantRecipe:
+def quant_recipe(precision: Precision, quantizer: str = "auto", trt: bool = False) -> QuantRecipe:
     """The recipe for ``precision``: the measured default for the target (TensorRT when
     ``trt``, else ONNX Runtime), or the default of the quantiser named by ``quantizer``."""
-    precision = Precision.parse(precision)
     target = Target.TENSORRT if trt else Target.ONNXRUNTIME
     if quantizer == "auto":
         return default_recipe(precision, target)
@@ -98,10 +94,10 @@ def quant_recipe(
 def export_run(
     run_dir: str | os.PathLike,
     merge: str = "task_arithmetic",
-    surgery: str = "surgeryv2",
-    mode: EngineMode | str = EngineMode.ROUTED,
+    surgery: str = SURGERY_V2,
+    mode: EngineMode = EngineMode.ROUTED,
     onnx: str | os.PathLike | None = None,
-    precision: Precision | str = Precision.FP32,
+    precision: Precision = Precision.FP32,
     aoti: str | os.PathLike | None = None,
     trt: str | os.PathLike | None = None,
     trt_options: TrtOptions | None = None,
@@ -147,7 +143,6 @@ def export_run(
         ``{"onnx" | "pt2" | "tensorrt" | "triton": path}`` of what was written (``triton``:
         the model's folder in the repository).
     """
-    mode, precision = EngineMode.parse(mode), Precision.parse(precision)
     layout = RunLayout.open(run_dir)
     run_device = resolve_device(device or layout.read_config().device)
     opts = trt_options or TrtOptions()
@@ -247,7 +242,7 @@ def export_run(
         written["tensorrt"] = build_engine(
             written["onnx"],
             trt,
-            fp16=precision is Precision.FP16,
+            precision,
             min_batch=opts.min_batch,
             opt_batch=opts.opt_batch,
             max_batch=opts.max_batch,
@@ -255,8 +250,9 @@ def export_run(
             timing_cache=opts.timing_cache,
         )
     if aoti is not None:
-        fp16 = precision is Precision.FP16
-        written["pt2"] = export_aoti(model, aoti, mode, fp16, metadata=extra, device=run_device)
+        written["pt2"] = export_aoti(
+            model, aoti, mode, precision, metadata=extra, device=run_device
+        )
     if triton is not None:
         engine = written.get("tensorrt", written.get("onnx"))
         written["triton"] = write_repository(engine, triton_repo, triton, overwrite=overwrite)
@@ -265,7 +261,7 @@ def export_run(
 
 def _onnx_engine(path: Path) -> bool:
     try:
-        read_onnx_metadata(path)
+        read_metadata(path, "onnx")
     except ExportError:
         return False
     return True
@@ -273,7 +269,7 @@ def _onnx_engine(path: Path) -> bool:
 
 def _trt_engine(path: Path) -> bool:
     try:
-        read_sidecar(path)
+        read_metadata(path, "tensorrt")
     except ExportError:
         return False
     return True
@@ -291,22 +287,15 @@ def _planned(extra: dict, mode: EngineMode, precision: Precision) -> dict:
 def _made_from(path: str | os.PathLike) -> dict | None:
     """What an existing engine was exported from: its metadata's source (or expert), mode and
     precision (a TensorRT engine built in fp16 from an fp32 ONNX counts as fp16)."""
-    path = Path(path)
     try:
-        if path.suffix.lower() == ".onnx":
-            meta = read_onnx_metadata(path)
-        elif zipfile.is_zipfile(path):
-            meta = read_pt2_metadata(path)
-        else:
-            meta = read_sidecar(path)
+        meta = read_metadata(path)
     except ExportError:
         return None
-    trt_fp16 = bool((meta.get("tensorrt") or {}).get("fp16"))
     return {
         "source": meta.get("source"),
         "expert": meta.get("expert"),
         "mode": meta.mode.value,
-        "precision": "fp16" if trt_fp16 else meta.precision.value,
+        "precision": effective_precision(meta).value,
     }
 
 
