@@ -77,6 +77,7 @@ from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engin
 from surgery_edge.engine_format import EngineMetadata, EngineMode, read_onnx_metadata
 from surgery_edge.errors import ConfigError, SurgeryEdgeError
 from surgery_edge.runtime.triton_models import FLUSH_S, STACKED_OUTPUT
+from surgery_edge.surgery.methods import SURGERY, SURGERY_V2, engine_name, method_engines
 
 WORKLOADS = {"all-tasks": ("v1", "experts"), "mixed": ("v2", "merged", "experts")}
 # the targets of the serving issue: (workload, engine, baseline, least ratio, p99 no worse)
@@ -171,8 +172,8 @@ def build_engines(
     parts = Parts.random(get_arch(config.arch), config.tasks, config.seed)
     files = engine_files(root, parts.tasks)
     plans = {
-        "v1": ("surgery", EngineMode.ALL_TASKS),
-        "v2": ("surgeryv2", EngineMode.ROUTED),
+        "v1": method_engines()[engine_name(SURGERY)],
+        "v2": method_engines()[engine_name(SURGERY_V2)],
         "merged": ("merged", EngineMode.ROUTED),
     }
     cpu = torch.device("cpu")

@@ -51,7 +51,7 @@ from surgery_edge.models.encoder import ImageEncoder
 from surgery_edge.progress import MetricsLog, progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.functional import TaskGroups
-from surgery_edge.surgery.methods import SCHEDULES, get_surgery
+from surgery_edge.surgery.methods import SCHEDULES, SURGERY_V2, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import BATCH
 
@@ -62,7 +62,7 @@ REFERENCE_VISIT = 2  # batches of one task per visit in the authors' loop
 class SurgeryConfig:
     """Training settings; the defaults are the reference code's."""
 
-    method: str = "surgeryv2"  # a registered surgery method (surgery_edge.surgery.methods)
+    method: str = SURGERY_V2  # a registered surgery method (surgery_edge.surgery.methods)
     rank: int = 16
     steps: int = 1000  # per task: each step draws one batch of every task
     batch_size: int = 16
