@@ -64,7 +64,7 @@ AGREEMENT_TIE = 1.0  # fp8 recipes within 1 point of the best agreement count as
 DEFAULTS = {"int8": "ort-dynamic", "fp8": "modelopt-fp8"}
 # the registry's method engines, V2 first, then the single expert
 ENGINES = (*reversed(method_engines()), SINGLE_EXPERT)
-INT8, FP8 = Precision.INT8, Precision.FP8
+FP16, INT8, FP8 = Precision.FP16, Precision.INT8, Precision.FP8
 
 
 def candidates(full: bool) -> list[tuple[str, QuantRecipe]]:
@@ -161,7 +161,7 @@ def measure_engine(
     )
     tmp = Path(tmp)
     fp32 = export_onnx(model, tmp / f"{name}.onnx", mode, metadata=extra)
-    fp16 = export_onnx(model, tmp / f"{name}-fp16.onnx", mode, True, metadata=extra)
+    fp16 = export_onnx(model, tmp / f"{name}-fp16.onnx", mode, FP16, metadata=extra)
     rows = []
     kept: dict[str, Path] = {}
     for label, path in (("fp32", fp32), ("fp16", fp16)):

@@ -451,7 +451,7 @@ def export_half(
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         if fp32 is None:
             fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", mode, metadata=metadata)
-        half = export_onnx(model, Path(tmp) / "fp16.onnx", mode, True, metadata=metadata)
+        half = export_onnx(model, Path(tmp) / "fp16.onnx", mode, Precision.FP16, metadata=metadata)
         verdict = check_engine(half, fp32, calibration)
         with atomic_path(path) as out:
             shutil.copyfile(half, out)

@@ -20,7 +20,7 @@ from cli_checks import user_error
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
-from surgery_edge.engine_format import EngineMode
+from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ConfigError, ExportError
 
 runner = CliRunner()
@@ -470,11 +470,12 @@ def test_tensorrt_engine_matches_pytorch(engines, models, split, tmp_path):
     model = models["surgeryv2"][0]
     images, task_ids, _ = split
     onnx_path = engines["dir"] / "surgeryv2-routed.onnx"
-    for fp16 in (False, True):
+    for precision in (Precision.FP32, Precision.FP16):
+        fp16 = precision is Precision.FP16
         engine = build_engine(
             onnx_path,
             tmp_path / f"v2-{fp16}.engine",
-            fp16=fp16,
+            precision,
             max_batch=64,
             timing_cache=tmp_path / "timing.cache",
         )
