@@ -19,28 +19,30 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "surgery_edge", ROOT / "kernels", ROOT / "cli"]
 
 
-def _files() -> Iterator[tuple[str, ast.Module]]:
-    for folder in SOURCES:
-        for path in sorted(folder.rglob("*.py")):
-            yield path.relative_to(ROOT).as_posix(), ast.parse(path.read_text())
+Nodes = list[tuple[str, ast.AST]]  # (innermost enclosing function or class, node)
+
+
+def flatten(tree: ast.Module) -> Nodes:
+    """Every node of ``tree`` with the qualified name of the innermost function or class that
+    encloses it (``""`` at module level), in one traversal: the checks below only iterate."""
+    out: Nodes = []
+    stack = [(tree, "")]
+    while stack:
+        node, where = stack.pop()
+        for child in ast.iter_child_nodes(node):
+            out.append((where, child))
+            named = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            stack.append((child, f"{where}.{child.name}".lstrip(".") if named else where))
+    return out
 
 
 @pytest.fixture(scope="module")
-def sources() -> dict[str, ast.Module]:
-    return dict(_files())
-
-
-def _functions(tree: ast.Module) -> Iterator[tuple[str, ast.AST]]:
-    """``(qualified name, node)`` of every node, named by the innermost enclosing function
-    or class (``""`` at module level)."""
-
-    def walk(node: ast.AST, where: str) -> Iterator[tuple[str, ast.AST]]:
-        for child in ast.iter_child_nodes(node):
-            yield where, child
-            named = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            yield from walk(child, f"{where}.{child.name}".lstrip(".") if named else where)
-
-    yield from walk(tree, "")
+def sources() -> dict[str, Nodes]:
+    return {
+        path.relative_to(ROOT).as_posix(): flatten(ast.parse(path.read_text()))
+        for folder in SOURCES
+        for path in sorted(folder.rglob("*.py"))
+    }
 
 
 # --- precision and mode: parsed once, at the edge ------------------------------------------
@@ -57,12 +59,12 @@ PARSE_SITES = {
 }
 
 
-def parse_sites(sources: dict[str, ast.Module]) -> dict[tuple[str, str], int]:
+def parse_sites(sources: dict[str, Nodes]) -> dict[tuple[str, str], int]:
     """``{(file, function): first line}`` of every ``Precision.parse`` / ``EngineMode.parse``
     call and every ``Precision(...)`` / ``EngineMode(...)`` construction."""
     found: dict[tuple[str, str], int] = {}
-    for file, tree in sources.items():
-        for where, node in _functions(tree):
+    for file, nodes in sources.items():
+        for where, node in nodes:
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
@@ -83,7 +85,7 @@ def test_precision_and_mode_are_parsed_only_at_the_edges(sources):
 
 def test_the_parse_check_finds_a_parse():
     tree = ast.parse("def f(p):\n    return Precision.parse(p)\n")
-    assert parse_sites({"x.py": tree}) == {("x.py", "f"): 2}
+    assert parse_sites({"x.py": flatten(tree)}) == {("x.py", "f"): 2}
 
 
 # --- the engine format: readers, specs, effective precision, devices ----------------------
@@ -101,8 +103,8 @@ META_WRITERS = {
 }
 
 
-def _names(tree: ast.Module) -> Iterator[tuple[str, int]]:
-    for node in ast.walk(tree):
+def _names(nodes: Nodes) -> Iterator[tuple[str, int]]:
+    for _, node in nodes:
         if isinstance(node, ast.Name):
             yield node.id, node.lineno
         elif isinstance(node, ast.Attribute):
@@ -113,11 +115,11 @@ def _names(tree: ast.Module) -> Iterator[tuple[str, int]]:
 
 def test_metadata_is_read_only_through_the_engine_format(sources):
     stray = []
-    for file, tree in sources.items():
+    for file, nodes in sources.items():
         if file == ENGINE_FORMAT:
             continue
-        stray += [f"{file}:{line} {name}" for name, line in _names(tree) if name in READERS]
-        for node in ast.walk(tree):
+        stray += [f"{file}:{line} {name}" for name, line in _names(nodes) if name in READERS]
+        for _, node in nodes:
             if isinstance(node, ast.ImportFrom) and node.module == "surgery_edge.engine_format":
                 if "META_KEY" in {a.name for a in node.names} and file not in META_WRITERS:
                     stray.append(f"{file}:{node.lineno} META_KEY")
@@ -128,8 +130,8 @@ def test_io_specs_and_the_effective_precision_are_defined_once(sources):
     """One TensorSpec; the only code that asks a TensorRT record whether it was built in fp16
     is effective_precision; the device grammar is written once."""
     specs, fp16, devices = [], [], []
-    for file, tree in sources.items():
-        for where, node in _functions(tree):
+    for file, nodes in sources.items():
+        for where, node in nodes:
             if isinstance(node, ast.ClassDef) and node.name == "TensorSpec":
                 specs.append(file)
             if _reads_trt_fp16(node):
@@ -201,9 +203,9 @@ def test_the_batching_spec_is_written_once(sources):
     keys = {"max_queue_delay_microseconds", "preferred_batch_size", "--preferred-batch"}
     stray = [
         f"{file}:{node.lineno} {node.value}"
-        for file, tree in sources.items()
+        for file, nodes in sources.items()
         if file != TRITON_CONFIG
-        for node in ast.walk(tree)
+        for _, node in nodes
         if isinstance(node, ast.Constant)
         and node.value in keys
         and (file, node.value) != ("cli/serve.py", "--preferred-batch")  # the option itself
@@ -262,7 +264,7 @@ ENGINE_NAMES = {
 NAME_ALLOWED: dict[tuple[str, str], str] = {}
 
 
-def name_literals(sources: dict[str, ast.Module]) -> list[tuple[str, int, str]]:
+def name_literals(sources: dict[str, Nodes]) -> list[tuple[str, int, str]]:
     """``(file, line, name)`` of each method or engine name written as a string.
 
     ``"surgery"`` is also a field of report rows and of the config (``row["surgery"]``,
@@ -270,9 +272,9 @@ def name_literals(sources: dict[str, ast.Module]) -> list[tuple[str, int, str]]:
     not the method, and is not counted. ``"surgeryv2"`` and the engine names count anywhere.
     """
     found = []
-    for file, tree in sources.items():
+    for file, nodes in sources.items():
         keys = set()
-        for node in ast.walk(tree):
+        for _, node in nodes:
             if isinstance(node, ast.Subscript):
                 keys.add(id(node.slice))
             elif isinstance(node, ast.Dict):
@@ -284,7 +286,7 @@ def name_literals(sources: dict[str, ast.Module]) -> list[tuple[str, int, str]]:
                 and node.args
             ):
                 keys.add(id(node.args[0]))
-        for node in ast.walk(tree):
+        for _, node in nodes:
             value = _constant(node)
             if value == "surgery" and id(node) in keys:
                 continue
@@ -304,7 +306,7 @@ def test_method_and_engine_names_come_from_the_registry(sources):
 
 def test_the_name_check_finds_a_name_and_skips_a_field():
     tree = ast.parse('x = row["surgery"]\ny = {"surgery": 1}\nz = "surgeryv2-routed"\n')
-    assert name_literals({"x.py": tree}) == [("x.py", 3, "surgeryv2-routed")]
+    assert name_literals({"x.py": flatten(tree)}) == [("x.py", 3, "surgeryv2-routed")]
 
 
 def test_the_registry_names_each_method_s_engine():
