@@ -157,7 +157,8 @@ def weight_dtype(precision: Precision) -> torch.dtype:
     engine is quantised from the fp32 one)."""
     if precision.quantized:
         raise ExportError(
-            f"A {precision} engine is quantised from the fp32 engine; export it in fp32 first."
+            f"{precision} engines are quantised from the fp32 engine: export in fp32 or fp16 "
+            f"here, then quantise (`surgery-edge export --precision {precision}` does both)."
         )
     return torch.float16 if precision is Precision.FP16 else torch.float32
 
