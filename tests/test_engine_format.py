@@ -206,3 +206,14 @@ def test_a_pt2_package_is_sealed_and_verified_member_by_member(tmp_path):
             z.writestr(name, data)
     with pytest.raises(ExportError, match="m.pt2 was changed or corrupted.*package's contents"):
         verify_engine(package, read_pt2_metadata(package), "pt2")
+
+
+def test_a_tensorrt_build_with_fp16_kernels_is_an_fp16_engine():
+    from surgery_edge.engine_format import effective_precision, half_compute
+
+    plain = validate_metadata(copy.deepcopy(GOOD), "m.onnx")
+    assert effective_precision(plain) is Precision.FP32 and not half_compute(plain)
+    built = validate_metadata({**copy.deepcopy(GOOD), "tensorrt": {"fp16": True}}, "m.plan.json")
+    assert effective_precision(built) is Precision.FP16 and half_compute(built)
+    fp32 = validate_metadata({**copy.deepcopy(GOOD), "tensorrt": {"fp16": False}}, "m.plan.json")
+    assert effective_precision(fp32) is Precision.FP32
