@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean mutate gpu-dry-run-device
+.PHONY: demo test redteam install lint clean mutate gpu-dry-run-device
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# the red-team table's cases only (tests/redteam.py: each hostile input, its answer, its tests)
+redteam: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m redteam tests
 
 # mutation testing (mutmut; the modules and test files: [tool.mutmut] in pyproject.toml), niced
 # on a shared machine; the summary per module goes to benchmarks/results/cpu/mutation.{json,md}

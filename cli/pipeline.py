@@ -32,12 +32,19 @@ from surgery_edge.cli.common import (
 RUN_DEFAULT = "(default: the run's config)"
 
 
-def _config(config: Path | None, device: str | None):
-    """The run config of ``--config`` (or the demo's); ``--device`` overrides the file's only
+def _config(config: Path | None, device: str | None, run_dir: Path | None = None):
+    """The run config of ``--config``, else the one ``run_dir`` recorded (a run continued or
+    remade with its own settings), else the demo's; ``--device`` overrides the file's only
     when it is given."""
     from surgery_edge.run.config import RunConfig, load_config  # deferred: imports torch
+    from surgery_edge.run.layout import RunLayout
 
-    cfg = load_config(config) if config else RunConfig()
+    if config:
+        cfg = load_config(config)
+    elif run_dir is not None and RunLayout(run_dir).config_file.is_file():
+        cfg = RunLayout(run_dir).read_config()
+    else:
+        cfg = RunConfig()
     return cfg.model_copy(update={"device": device}) if device is not None else cfg
 
 
@@ -59,7 +66,7 @@ def experts(
 
     run_dir = run_folder(run_dir, out, Path("runs/demo"))
     with unused_run_removed(run_dir):
-        run = Run.create(run_dir, _config(config, device), log=note, overwrite=overwrite)
+        run = Run.create(run_dir, _config(config, device, run_dir), log=note, overwrite=overwrite)
         prepare_suite(run)
         es = prepare_experts(run)
     say(f"pretrained: {es.pretrained}")

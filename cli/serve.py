@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from surgery_edge.cli.common import user_errors
 
+from surgery_edge.errors import ConfigError
+
 Engine = Annotated[Path, typer.Argument(help="Engine: .onnx, TensorRT .plan/.engine (or .pt2).")]
 MaxBatch = Annotated[int, typer.Option(min=1, help="Most rows per engine call (max_batch_size).")]
 Preferred = Annotated[
@@ -18,9 +20,18 @@ Preferred = Annotated[
 ]
 
 
+ServedEngine = Annotated[
+    Path,
+    typer.Argument(
+        help="Engine: .onnx, TensorRT .plan/.engine (or .pt2); or a model repository folder "
+        "written by triton-repo / export --triton-repo (its newest version is served)."
+    ),
+]
+
+
 @user_errors
 def serve(
-    engine: Engine,
+    engine: ServedEngine,
     http_port: Annotated[int, typer.Option(help="KServe v2 over HTTP.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="KServe v2 over gRPC.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics.")] = 8002,
@@ -68,10 +79,22 @@ def serve(
         int, typer.Option(min=1, max=25, help="On SIGTERM, how long in-flight requests get.")
     ] = 20,
     log_file: Annotated[Path | None, typer.Option(help="Keep Triton's log in this file.")] = None,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="With a model repository: serve each new version written there, rolling to it "
+            "while serving (the old one answers its requests first).",
+        ),
+    ] = False,
+    poll_s: Annotated[
+        float, typer.Option(min=0.1, help="With --watch: how often to look for a new version.")
+    ] = 2.0,
 ):
     """Serve an engine to every task through NVIDIA Triton Inference Server (PyTriton).
 
     KServe v2 (HTTP, gRPC), health, Prometheus metrics; batches mix tasks in one engine call.
+    Given a model repository, serves its newest engine version, and with --watch each new one.
 
     SIGTERM or Ctrl-C stops it: requests in flight are answered first, and the command exits
     with 0 (130 when the signal came before the server was ready). Needs the serve extra.
@@ -98,7 +121,14 @@ def serve(
         log_file=log_file,
         **limits,
     )
-    server = Server(engine, options)
+    if engine.is_dir():
+        from surgery_edge.runtime.rolling import VersionedServer  # deferred: as above
+
+        server = VersionedServer(engine, options, watch, poll_s, log=typer.echo)
+    elif watch:
+        raise ConfigError(f"--watch needs a model repository folder; {engine} is not a folder.")
+    else:
+        server = Server(engine, options)
     # until the server is ready, SIGTERM interrupts as Ctrl-C does (exit 130); the start
     # removes what it made either way
     signals: list[int] = []
@@ -146,14 +176,17 @@ def triton_repo(
     overwrite: Annotated[
         bool,
         typer.Option(
-            "--overwrite", help="Replace a model folder of this name that triton-repo wrote."
+            "--overwrite",
+            help="Replace a model folder of this name that triton-repo wrote (every version) "
+            "instead of adding the engine as its next version.",
         ),
     ] = False,
 ):
     """Write a Triton Inference Server model repository for an ONNX or TensorRT engine.
 
-    The official tritonserver container loads it unchanged (ONNX Runtime or TensorRT). An
-    existing model folder is replaced only with --overwrite, and only if triton-repo wrote it.
+    The official tritonserver container loads it unchanged (ONNX Runtime or TensorRT). A model
+    folder triton-repo wrote gets the engine as its next version (Triton serves the newest;
+    `serve REPO --watch` rolls to it); any other existing folder is refused.
     """
     from surgery_edge.export.triton import TritonOptions, write_repository  # deferred: onnx
 
@@ -168,7 +201,9 @@ def triton_repo(
         accelerator_fp16=accelerator_fp16,
     )
     model = write_repository(engine, out, options, overwrite=overwrite)
-    typer.echo(f"model {model.name}: {model}")
+    from surgery_edge.runtime.versions import published  # deferred: as above
+
+    typer.echo(f"model {model.name}: {model} (version {published(model)[-1].version})")
     typer.echo(
         f"serve it: docker run --gpus all -p 8000-8002:8000-8002 -v {out.resolve()}:/models "
         "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"

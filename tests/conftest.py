@@ -70,9 +70,13 @@ def engines(tiny_run):
     return {"report": json.loads((folder / "summary.json").read_text()), "dir": folder}
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m redteam` sees the marks
 def pytest_collection_modifyitems(config, items):
     """Skip ``slow`` tests unless RUN_SLOW=1, ``gpu`` tests when CUDA is absent, and tests
-    that need the tiny run under mutation testing."""
+    that need the tiny run under mutation testing; mark the red-team table's tests."""
+    from redteam import node_ids
+
+    redteam = node_ids()
     skip_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     # under `make mutate` (SURGERY_EDGE_MUTATING=1) every mutant would
@@ -88,3 +92,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if mutating and "tiny_run" in item.fixturenames:
             item.add_marker(skip_mutating)
+        if item.nodeid.removeprefix("tests/").split("[")[0] in redteam:
+            item.add_marker(pytest.mark.redteam)

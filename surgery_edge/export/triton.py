@@ -28,10 +28,13 @@ text against Triton's own schema (``tritonclient.grpc.model_config_pb2``) where 
 installed. :func:`validate_repository` runs both checks on any repository. Neither torch nor
 the ONNX exporter is imported here.
 
-The writer never replaces what it did not write: an existing ``REPO/MODEL`` is replaced only
-when it holds the marker and nothing but the files the marker lists, and only when asked
-(``overwrite``); anything else there (a user's folder, a run's ``engines`` or ``checkpoints``,
-a file) is refused before anything is written (:func:`check_model_folder`).
+The writer never replaces what it did not write: an existing ``REPO/MODEL`` is written into
+only when it holds the marker and nothing but the files the marker lists; anything else there
+(a user's folder, a run's ``engines`` or ``checkpoints``, a file) is refused before anything is
+written (:func:`check_model_folder`). Into its own folder it writes the engine as the next
+version (``REPO/MODEL/2/model.onnx``, ...: Triton serves the newest; the marker records each
+version's engine, digest and tasks, :mod:`surgery_edge.runtime.versions`), or, when asked
+(``overwrite``), replaces the folder with the engine as version 1 alone.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,9 +60,10 @@ from surgery_edge.engine_format import (
     io_specs,
     read_metadata,
     validate_metadata,
+    verify_engine,
 )
 from surgery_edge.errors import ConfigError, ExportError
-from surgery_edge.io import check_writable, staged_dir
+from surgery_edge.io import check_writable, sha256_file, staged_dir, write_text_atomic
 from surgery_edge.runtime.triton_config import (
     META_PARAMETER,
     TRITON_TYPES,
@@ -71,6 +77,7 @@ from surgery_edge.runtime.triton_config import (
     tensor_config,
     to_pbtxt,
 )
+from surgery_edge.runtime.versions import MARKER, WRITER, read_marker, version_numbers
 
 PLATFORMS = {
     "onnx": ("onnxruntime_onnx", "model.onnx"),
@@ -81,8 +88,6 @@ KINDS = ("gpu", "cpu")
 ONNX_TYPES = {1: "float32", 2: "uint8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
               11: "float64", 16: "bfloat16"}  # fmt: skip
 _FILE_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-MARKER = "surgery-edge-model.json"  # in every model folder written here
-WRITER = "surgery-edge triton-repo"
 
 
 @dataclass(frozen=True)
@@ -142,16 +147,19 @@ def write_repository(
 ) -> Path:
     """Write ``engine`` as one model of the Triton model repository ``repo``.
 
-    Other models already in ``repo`` are kept. An existing ``repo/<name>`` is replaced
-    (atomically: a failure leaves it as it was) only with ``overwrite`` and only if this writer
-    made it (:func:`check_model_folder`); anything else there is refused with ExportError.
+    Other models already in ``repo`` are kept. An existing ``repo/<name>`` that this writer
+    made (:func:`check_model_folder`) gets the engine as its next version (nothing is written
+    when its newest version is this engine with this config), or with ``overwrite`` is
+    replaced (atomically: a failure leaves it as it was) by the engine as version 1; anything
+    else there is refused with ExportError.
 
     Args:
         engine: an ONNX engine (``.onnx``) or a TensorRT plan (``.plan`` / ``.engine`` with its
             ``.json`` metadata sidecar) made by ``surgery-edge export``.
         repo: the repository folder (created if needed).
         options: batching, instances and accelerator settings.
-        overwrite: replace a model folder of the same name that this writer made.
+        overwrite: replace a model folder of the same name that this writer made (all its
+            versions) instead of adding a version to it.
 
     Returns:
         The model's folder, ``repo/<name>``.
@@ -159,9 +167,10 @@ def write_repository(
     engine, opts = Path(engine), (options or TritonOptions()).check()
     kind = _engine_kind(engine)
     meta = read_metadata(engine, kind)
+    verify_engine(engine, meta, kind)  # a changed copy is not published to a server
     name = check_model_name(opts.name or engine.stem, "Model name (--name)")
     repo = Path(repo)
-    check_model_folder(repo, name, overwrite)
+    marker = check_model_folder(repo, name)
     if kind == "tensorrt":
         profile_max = int(meta.get("tensorrt", {}).get("max_batch", 0))
         if profile_max and opts.max_batch > profile_max:
@@ -174,29 +183,99 @@ def write_repository(
     labels = _label_files(meta, engine)
     config = model_config(name, kind, meta, graph, labels, opts)
     _check_io(config["input"], config["output"], graph, engine)
+    if marker is not None and not overwrite:
+        return _add_version(repo, name, marker, (engine, kind, meta), labels, config)
     with staged_dir(repo / name) as tmp:
-        version = tmp / "1"
-        version.mkdir()
-        _copy_engine(engine, kind, version)
-        for task, file in labels.items():
-            names = meta.class_names[meta.tasks.index(task)]
-            (tmp / file).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-        (tmp / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
-        if model_config_pb2() is not None:
-            _validate_model(tmp, name)
-        _write_marker(tmp, name, engine)
-        check_model_folder(repo, name, overwrite)  # nothing else appeared there meanwhile
+        _stage_version(tmp, 1, (engine, kind, meta), labels, config)
+        _write_marker(tmp, name, engine, [_version_entry(1, engine, meta)])
+        check_model_folder(repo, name)  # nothing else appeared there meanwhile
     return repo / name
 
 
-def check_model_folder(repo: str | os.PathLike, name: str, overwrite: bool = False) -> None:
-    """Refuse (ExportError) a model folder ``repo/name`` that the writer may not replace.
+def _stage_version(
+    folder: Path,
+    version: int,
+    source: tuple[Path, str, EngineMetadata],
+    labels: dict[str, str],
+    config: dict[str, Any],
+) -> None:
+    """The engine as ``folder/<version>``, its label files and config beside it, checked."""
+    engine, kind, meta = source
+    (folder / str(version)).mkdir()
+    _copy_engine(engine, kind, folder / str(version))
+    for task, file in labels.items():
+        names = meta.class_names[meta.tasks.index(task)]
+        (folder / file).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    (folder / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
+    if model_config_pb2() is not None:
+        _validate_model(folder, config["name"])
+
+
+def _add_version(
+    repo: Path,
+    name: str,
+    marker: dict[str, Any],
+    source: tuple[Path, str, EngineMetadata],
+    labels: dict[str, str],
+    config: dict[str, Any],
+) -> Path:
+    """The engine as the next version of this writer's model folder ``repo/name``.
+
+    The version is staged beside the folder and checked; then the marker is rewritten to list
+    its files, and the version folder moves in with one rename (a reader takes a version as
+    published when both hold: :func:`surgery_edge.runtime.versions.published`), then the
+    label files and the config (each replaced atomically)."""
+    folder, (engine, _, meta) = repo / name, source
+    entries = [e for e in marker.get("versions", []) if isinstance(e, dict)]
+    newest = entries[-1] if entries else {}
+    config_file = folder / "config.pbtxt"
+    same_config = config_file.is_file() and config_file.read_text("utf-8") == to_pbtxt(config)
+    if same_config and newest.get("sha256") == sha256_file(engine):
+        return folder  # already the newest version
+    recorded = [e["version"] for e in entries if isinstance(e.get("version"), int)]
+    version = max([0, *version_numbers(folder), *recorded]) + 1
+    # named as io.staged_dir names its folders: a killed writer's stage is removed by the next
+    with tempfile.TemporaryDirectory(prefix=f".{name}.staged-{os.getpid()}.", dir=repo) as tmp:
+        tmp = Path(tmp)
+        _stage_version(tmp, version, source, labels, config)
+        staged = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        check_model_folder(repo, name)  # nothing else appeared there meanwhile
+        entries.append(_version_entry(version, engine, meta))
+        files = sorted({*marker["files"], *staged})
+        record = {**marker, "version": __version__, "engine": str(engine.resolve()),
+                  "files": files, "versions": entries}  # fmt: skip
+        write_text_atomic(folder / MARKER, json.dumps(record, indent=2) + "\n")
+        os.replace(tmp / str(version), folder / str(version))
+        for file in [*labels.values(), "config.pbtxt"]:
+            os.replace(tmp / file, folder / file)
+    return folder
+
+
+def _version_entry(version: int, engine: Path, meta: EngineMetadata) -> dict[str, Any]:
+    """What the marker records of one version: its engine, digest and task set."""
+    return {
+        "version": version,
+        "engine": str(engine.resolve()),
+        "sha256": sha256_file(engine),
+        "tasks": list(meta.tasks),
+        "mode": str(meta.mode),
+        "precision": str(meta.precision),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def check_model_folder(repo: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """Refuse (ExportError) a model folder ``repo/name`` that the writer may not write into.
 
     Refused: ``repo`` or ``repo/name`` is a file or a link; ``repo/name`` is a folder without
     this writer's marker (a user's folder, a run's ``engines``), or one that holds files the
-    marker does not list (added since: they would be lost); a folder this writer made, unless
-    ``overwrite``. Nothing is written here; :func:`write_repository` calls it first, so
-    ``export --triton-repo`` can call it before any export work.
+    marker does not list (added since: they would be lost). Nothing is written here;
+    :func:`write_repository` calls it first, so ``export --triton-repo`` can call it before
+    any export work.
+
+    Returns:
+        The folder's marker (the writer adds a version to it), or None when there is no
+        folder yet.
     """
     repo = Path(repo)
     check_model_name(name, "Model name (--name)")
@@ -208,8 +287,8 @@ def check_model_folder(repo: str | os.PathLike, name: str, overwrite: bool = Fal
             "was not replaced. Choose another --name or --out, or move it away."
         )
     if not folder.exists():
-        return
-    marker = _read_marker(folder)
+        return None
+    marker = read_marker(folder)
     if marker is None:
         raise ExportError(
             f"{folder} exists and was not written by `{WRITER}` (it holds no valid {MARKER}), "
@@ -223,39 +302,19 @@ def check_model_folder(repo: str | os.PathLike, name: str, overwrite: bool = Fal
         )
         raise ExportError(
             f"The model folder {folder} was written by `{WRITER}` but now also holds {shown}, "
-            "which it did not write, so it was not replaced. Move those away, or choose another "
-            "--name or --out."
+            "which it did not write, so nothing was written there. Move those away, or choose "
+            "another --name or --out."
         )
-    if not overwrite:
-        raise ExportError(
-            f"The model folder {folder} exists (written by `{WRITER}` from {marker['engine']}); "
-            "pass --overwrite to replace it, or choose another --name."
-        )
+    return marker
 
 
-def _write_marker(folder: Path, name: str, engine: Path) -> None:
-    """The marker: who wrote the folder, from what, and every file in it (relative paths)."""
+def _write_marker(folder: Path, name: str, engine: Path, versions: list[dict[str, Any]]) -> None:
+    """The marker: who wrote the folder, from what, every file in it (relative paths) and
+    what each version holds."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     marker = {"written_by": WRITER, "version": __version__, "model": name,
-              "engine": str(engine.resolve()), "files": files}  # fmt: skip
+              "engine": str(engine.resolve()), "files": files, "versions": versions}  # fmt: skip
     (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-def _read_marker(folder: Path) -> dict[str, Any] | None:
-    path = folder / MARKER
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ok = (
-        isinstance(marker, dict)
-        and marker.get("written_by") == WRITER
-        and isinstance(marker.get("files"), list)
-        and all(isinstance(f, str) for f in marker["files"])
-    )
-    return marker if ok else None
 
 
 def _unlisted(folder: Path, listed: list[str]) -> list[str]:
@@ -462,7 +521,7 @@ def _validate_model(folder: Path, name: str):
     if config.platform not in kinds:
         raise ExportError(f"{config_path}: platform {config.platform!r} is not written here.")
     kind = kinds[config.platform]
-    engine = folder / "1" / PLATFORMS[kind][1]
+    engine = folder / str(max(version_numbers(folder), default=1)) / PLATFORMS[kind][1]
     if not engine.is_file():
         raise ExportError(f"{config_path}: the model file {engine} is missing.")
     if META_PARAMETER not in config.parameters:

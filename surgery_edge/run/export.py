@@ -132,9 +132,9 @@ def export_run(
         overwrite: replace an existing engine made from other checkpoints or settings (a file
             that is not an engine is never replaced).
         triton_repo, triton_options: also write a Triton model repository holding the TensorRT
-            plan when one is built, else the ONNX engine (an ONNX engine is then written). An
-            existing model folder of that name is replaced only with ``overwrite`` and only if
-            ``triton-repo`` wrote it.
+            plan when one is built, else the ONNX engine (an ONNX engine is then written). A
+            model folder of that name that ``triton-repo`` wrote gets the engine as its next
+            version (``MODEL/2``, ...); any other is refused.
 
     TensorRT and Triton settings, TensorRT's availability, the precision's support, the
     calibration data and every output path are all checked before any export work.
@@ -180,7 +180,7 @@ def export_run(
         check_output(path, what, same)
     if triton is not None:
         model_stem = Path(trt if trt is not None else onnx_path).stem
-        check_model_folder(triton_repo, triton.name or model_stem, overwrite)
+        check_model_folder(triton_repo, triton.name or model_stem)
     if expert is not None:
         model, extra = expert_model(layout, expert, run_device)
         files = WeightFiles(str(layout.expert(expert)), None, [str(layout.head(expert))])
@@ -255,7 +255,7 @@ def export_run(
         )
     if triton is not None:
         engine = written.get("tensorrt", written.get("onnx"))
-        written["triton"] = write_repository(engine, triton_repo, triton, overwrite=overwrite)
+        written["triton"] = write_repository(engine, triton_repo, triton)  # the next version
     return written
 
 

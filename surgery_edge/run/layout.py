@@ -134,9 +134,8 @@ class RunLayout:
         if parts[:1] == ("adapters",) and len(parts) == 3:
             merge, method = parts[1], Path(parts[2]).stem
             return f"surgery-edge train --run {run} --merge {merge} --surgery {method} --overwrite"
-        if self.read_config().builtin:
-            return f"surgery-edge experts --out {run} --overwrite"
-        return f"surgery-edge run CONFIG --out {run} --overwrite (the run's own config)"
+        # experts (and run without --config) take the settings the run recorded
+        return f"surgery-edge experts --run {run} --overwrite"
 
     # --- paths ------------------------------------------------------------------------------
 

@@ -227,6 +227,8 @@ class HttpFront:
         drain_s: float,
     ):
         self.host, self.limits, self.max_request_bytes = host, limits, max_request_bytes
+        # {model: why it cannot answer yet}: set while a new engine version rolls in
+        self.loading: dict[str, str] = {}
         self._ports = ((port, upstream_port, max_request_bytes, True),
                        (metrics_port, upstream_metrics_port, 1 << 16, False))  # fmt: skip
         self._drain_s = drain_s
@@ -371,6 +373,8 @@ class HttpFront:
         if parts[:2] != ["v2", "models"] or parts[-1] != "infer" or len(parts) not in (4, 6):
             return None
         model = parts[2]
+        if model in self.loading:  # a task whose model is loading with a new engine version
+            return 503, self.loading[model]
         if model not in self.limits:
             served = ", ".join(sorted(self.limits))
             return 404, f"Request for unknown model: {model!r} is not served here ({served})."

@@ -211,6 +211,7 @@ class Server:
         self.engines = {name: Path(path) for name, path in engines.items()}
         self.metadata: dict[str, EngineMetadata] = {}
         self.models: list[str] = []
+        self.engine_version = 1  # the engine models' version folder in the served repository
         self._triton = None
         self._front: HttpFront | None = None
         self._work: Path | None = None
@@ -283,7 +284,9 @@ class Server:
         try:
             self._watchdog = start_watchdog(self._work, grace_s=opts.drain_timeout_s + 5)
             repo = self._work / "repository"
-            self.metadata = serving_repository(self.engines, repo, opts)
+            self.metadata = serving_repository(
+                self.engines, repo, opts, version=self.engine_version
+            )
             self.models = sorted(p.name for p in repo.iterdir())
             host = opts.host
             config = TritonConfig(

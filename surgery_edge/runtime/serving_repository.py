@@ -38,6 +38,7 @@ def serving_repository(
     repo: str | os.PathLike,
     options: ServeOptions,
     task_models_for: str | None = None,
+    version: int = 1,
 ) -> dict[str, EngineMetadata]:
     """Write the Python-backend model repository that
     :class:`~surgery_edge.runtime.serving.Server` runs.
@@ -49,6 +50,7 @@ def serving_repository(
         options: batching, instances, device, task models.
         task_models_for: the engine whose tasks get a model each (default: the first), when
             ``options.task_models`` is set.
+        version: the engines' version number in the repository (Triton's version folder).
 
     Returns:
         ``{engine model name: its metadata}``.
@@ -61,30 +63,35 @@ def serving_repository(
         backend = open_backend(path, device=options.device)  # fails here, not in the server
         metas[name] = backend.meta
         del backend
-        _write_model(repo / name, "EngineModel", _engine_config(name, path, metas[name], options))
+        config = _engine_config(name, path, metas[name], options)
+        _write_model(repo / name, "EngineModel", config, version)
     primary = task_models_for or next(iter(engines))
     if options.task_models:
         meta = metas[primary]
+        check_task_models(meta, metas, engines[primary])
         for task in meta.tasks:
-            try:
-                check_model_name(task, "Task")
-            except ExportError as e:
-                raise ExportError(
-                    f"{e} (of {engines[primary]}; serve with --no-task-models)"
-                ) from None
-            if task in metas:
-                raise ExportError(
-                    f"Task {task!r} has the name of an engine model; rename that with --name, or "
-                    "serve without task models."
-                )
-            config = _task_config(task, primary, meta, options)
+            config = _task_config(task, primary, meta, options, engine_version=version)
             _write_model(repo / task, "TaskModel", config)
     return metas
 
 
-def _write_model(folder: Path, cls: str, config: dict[str, Any]) -> None:
-    (folder / "1").mkdir(parents=True)
-    (folder / "1" / "model.py").write_text(MODEL_PY.format(cls=cls))
+def check_task_models(meta: EngineMetadata, metas: Mapping[str, Any], source: Any) -> None:
+    """Every task of ``meta`` can name a task model beside the engine models ``metas``."""
+    for task in meta.tasks:
+        try:
+            check_model_name(task, "Task")
+        except ExportError as e:
+            raise ExportError(f"{e} (of {source}; serve with --no-task-models)") from None
+        if task in metas:
+            raise ExportError(
+                f"Task {task!r} has the name of an engine model; rename that with --name, or "
+                "serve without task models."
+            )
+
+
+def _write_model(folder: Path, cls: str, config: dict[str, Any], version: int = 1) -> None:
+    (folder / str(version)).mkdir(parents=True, exist_ok=True)
+    (folder / str(version) / "model.py").write_text(MODEL_PY.format(cls=cls))
     (folder / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
 
 
@@ -124,11 +131,16 @@ def _engine_config(
 
 
 def _task_config(
-    task: str, engine_model: str, meta: EngineMetadata, options: ServeOptions
+    task: str,
+    engine_model: str,
+    meta: EngineMetadata,
+    options: ServeOptions,
+    engine_version: int = 1,
 ) -> dict[str, Any]:
     values = {
         **_common_parameters(),
         "engine_model": engine_model,
+        "engine_version": str(engine_version),  # the version it was made for: in its errors
         "task": task,
         "top_k": str(options.top_k),
         "max_pixels": str(options.max_pixels),

@@ -27,8 +27,9 @@ import json
 import platform
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,18 @@ Answer = dict[str, np.ndarray] | Rejected
 
 
 STACKED_OUTPUT = "logits"  # every task's logits of an all-tasks engine, (B, T, C_max)
+TASK_PARAMETER = "task"  # a request parameter: the task, by name (what task models send)
+VERSION_PARAMETER = "engine_version"  # and the engine version the asking task model is for
+
+
+def loading_message(task: str, version: int, serving: int, tasks: Sequence[str]) -> str:
+    """What a client asking for ``task`` hears while engine version ``version``, which serves
+    it, loads to replace version ``serving``."""
+    return (
+        f"task {task!r} is served by engine version {version}, which is loading; version "
+        f"{serving} answers now and serves {', '.join(tasks)}. Retry once version {version} is "
+        "ready."
+    )
 
 
 class EngineRequests:
@@ -60,10 +73,17 @@ class EngineRequests:
 
     A request holds ``images`` (B, 3, S, S) float32 and, for a routed engine, ``task_ids``
     (B, 1) or (B,) int64; Triton has already checked names, dtypes and the non-batch shape.
+    A request may instead name its task (:data:`TASK_PARAMETER`): every row is that task's.
+
+    Args:
+        backend: the engine.
+        version: its version in the model repository (named in errors).
+        newer: the versions of the same model now loading (named in errors).
     """
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, version: int = 1, newer: Callable[[], list[int]] = list):
         self.backend, self.meta = backend, backend.meta
+        self.version, self.newer = version, newer
         self.routed = self.meta.mode is EngineMode.ROUTED
         self.inputs = list(self.meta.inputs)
         self.outputs = list(self.meta.outputs)
@@ -72,8 +92,17 @@ class EngineRequests:
         # the last engine call: its rows, and (routed) the task of each row
         self.last_rows, self.last_tasks = 0, np.zeros(0, np.int64)
 
-    def check(self, inputs: Inputs) -> Rejected | tuple[np.ndarray, np.ndarray | None]:
-        """A request's images and task ids, or why it is refused."""
+    def check(
+        self, inputs: Inputs, task: str | None = None, asking: int | None = None
+    ) -> Rejected | tuple[np.ndarray, np.ndarray | None]:
+        """A request's images and task ids, or why it is refused.
+
+        Args:
+            inputs: the request's tensors.
+            task: the task the request names, if it names one (then its ``task_ids`` are
+                not read: they index the tasks of the version the asker was made for).
+            asking: the engine version the asker was made for (named in errors).
+        """
         images = inputs["images"]
         s = self.meta.preprocessing.image_size
         if images.ndim != 4 or images.shape[1:] != (3, s, s) or images.dtype != np.float32:
@@ -85,22 +114,52 @@ class EngineRequests:
             return Rejected("the request holds no images (an empty batch).", "empty")
         if not np.isfinite(images).all():
             return Rejected("images hold NaN or infinite values.", "non_finite")
+        if task is not None and task not in self.meta.tasks:
+            return self._absent(task, asking)
         if not self.routed:
             return images, None
+        if task is not None:
+            return images, np.full(len(images), self.meta.tasks.index(task), np.int64)
         ids = np.asarray(inputs["task_ids"]).reshape(-1)
         if len(ids) != len(images):
             return Rejected(f"{len(images)} images but {len(ids)} task ids.", "shape")
         bad = ids[(ids < 0) | (ids >= len(self.meta.tasks))]
         if len(bad):
             known = ", ".join(f"{i}={t}" for i, t in enumerate(self.meta.tasks))
+            newer = self.newer()
+            loading = (
+                f" Version {newer[-1]} of this model is loading: retry once it is ready."
+                if newer
+                else ""
+            )
             return Rejected(
-                f"task id {int(bad[0])} is out of range: this engine serves {known}.", "task_id"
+                f"task id {int(bad[0])} is out of range: this engine (version {self.version}) "
+                f"serves {known}.{loading}",
+                "task_id",
             )
         return images, ids.astype(np.int64)
 
-    def run(self, requests: Sequence[Inputs]) -> list[Answer]:
-        """Answer each request: its outputs (rows of one engine call), or its rejection."""
-        checked = [self.check(r) for r in requests]
+    def _absent(self, task: str, asking: int | None) -> Rejected:
+        """The refusal of a task this version lacks: one that a newer version (which the
+        asker was made for) is loading, or one that this version dropped."""
+        if asking is not None and asking > self.version:
+            return Rejected(loading_message(task, asking, self.version, self.meta.tasks),
+                            "loading")  # fmt: skip
+        return Rejected(
+            f"task {task!r} is not served by engine version {self.version}, which answers now "
+            f"and serves {', '.join(self.meta.tasks)}.",
+            "task",
+        )
+
+    def run(
+        self, requests: Sequence[Inputs], named: Sequence[tuple[str | None, int | None]] = ()
+    ) -> list[Answer]:
+        """Answer each request: its outputs (rows of one engine call), or its rejection.
+
+        ``named``: per request, the task it names and the version its asker was made for
+        (:meth:`check`); none by default."""
+        named = list(named) or [(None, None)] * len(requests)
+        checked = [self.check(r, *n) for r, n in zip(requests, named)]
         good = [i for i, c in enumerate(checked) if not isinstance(c, Rejected)]
         answers: list[Answer] = [c if isinstance(c, Rejected) else {} for c in checked]
         self.last_rows, self.last_tasks = 0, np.zeros(0, np.int64)
@@ -339,7 +398,13 @@ class EngineModel:
             backend = OnnxBackend(path, device=device, threads=threads)
         else:
             backend = open_backend(path, device=device)
-        self.pb, self.engine = pb_utils, EngineRequests(backend)
+        version, folder = int(args["model_version"]), Path(args["model_repository"])
+
+        def newer() -> list[int]:  # the versions written beside this one: loading now
+            found = (p.name for p in folder.iterdir() if p.name.isdigit())
+            return sorted(n for n in map(int, found) if n > version)
+
+        self.pb, self.engine = pb_utils, EngineRequests(backend, version, newer)
         self.metrics = _Metrics(pb_utils, args["model_name"])
 
     def execute(self, requests: list) -> list:
@@ -353,7 +418,7 @@ class EngineModel:
             for r in requests
         ]
         try:
-            answers = self.engine.run(inputs)
+            answers = self.engine.run(inputs, [_named(r) for r in requests])
         except Exception as e:  # the engine itself failed: every request of this call is told
             failure = Rejected(
                 f"the engine failed on this batch: {type(e).__name__}: {e}", "engine"
@@ -382,6 +447,19 @@ class EngineModel:
         self.metrics.close()
 
 
+def _named(request) -> tuple[str | None, int | None]:
+    """The task a request names, and the engine version its asker was made for."""
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except json.JSONDecodeError:
+        return None, None
+    task, version = params.get(TASK_PARAMETER), params.get(VERSION_PARAMETER)
+    return (
+        task if isinstance(task, str) else None,
+        version if isinstance(version, int) and not isinstance(version, bool) else None,
+    )
+
+
 class TaskModel:
     """Triton Python model: one task over encoded images (parameters: ``engine_model``,
     ``task``, ``top_k``, ``max_pixels``, ``surgery_edge``: the engine's metadata)."""
@@ -393,6 +471,7 @@ class TaskModel:
         check_interpreter(params)
         meta = validate_metadata(json.loads(params["surgery_edge"]), args["model_name"])
         self.pb, self.engine_model = pb_utils, params["engine_model"]
+        self.engine_version = int(params.get("engine_version", "1"))
         self.task = TaskRequests(
             meta, params["task"], int(params["top_k"]), int(params["max_pixels"])
         )
@@ -450,12 +529,27 @@ class TaskModel:
         if self.routed:
             ids = np.full((len(images), 1), self.task.task_id, np.int64)
             inputs.append(pb.Tensor("task_ids", ids))
+        # by name: another version of the engine may answer, whose ids are other tasks'
+        named = {TASK_PARAMETER: self.task.task, VERSION_PARAMETER: self.engine_version}
         request = pb.InferenceRequest(
             model_name=self.engine_model,
             inputs=inputs,
             requested_output_names=[self.task.output],
+            parameters=named,
         )
         response = request.exec()
         if response.has_error():
-            return Rejected(f"the engine model failed: {response.error().message()}", "engine")
+            message = response.error().message()
+            if "unexpected inference output" in message:  # an all-tasks version without it
+                return Rejected(
+                    f"the engine version answering now does not serve task {self.task.task!r} "
+                    f"(this task model belongs to engine version {self.engine_version}); the "
+                    "served version is changing: retry once it is done.",
+                    "loading",
+                )
+            if "is served by engine version" in message:  # the version with it is loading
+                return Rejected(message, "loading")
+            if "is not served by engine version" in message:  # the version serving dropped it
+                return Rejected(message, "task")
+            return Rejected(f"the engine model failed: {message}", "engine")
         return pb.get_output_tensor_by_name(response, self.task.output).as_numpy()

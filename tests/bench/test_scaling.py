@@ -54,3 +54,33 @@ def test_no_experts_times_the_shared_engines_alone(tmp_path):
     report = (tmp_path / "scaling-micro-vit-16.md").read_text()
     assert "not timed (`--no-experts`)" in report and "experts-routed" not in report
     assert (tmp_path / "scaling-micro-vit-16.png").stat().st_size > 1000
+
+
+def test_the_profile_says_which_operators_the_adapters_add(tmp_path):
+    """bench_scaling_profile: ONNX Runtime's per-operator kernel times of the merged and the
+    SurgeryV2 routed engines at T = 1 and T; the decomposition adds up to the totals, and the
+    operators only the adapters have (ReLU, their per-row gathers) are V2's alone."""
+    from surgery_edge.bench import scaling_profile
+
+    argv = ["--arch", "micro-vit-16", "--tasks", "2", "--batch", "4", "--rank", "4"]
+    argv += ["--profiled-calls", "2", "--rounds", "2", "--calls", "1", "--out", str(tmp_path)]
+    record = scaling_profile.main(argv, prog="bench_scaling_profile")
+    saved = json.loads((tmp_path / "scaling-profile-micro-vit-16.json").read_text())
+    assert saved["decomposition_us"] == record["decomposition_us"]
+    prof, parts = record["profiles"], record["decomposition_us"]
+    assert set(prof) == {"merged-T1", "surgeryv2-T1", "merged-T2", "surgeryv2-T2"}
+    assert "Relu" in prof["surgeryv2-T2"]["ops_us"] and "Relu" not in prof["merged-T2"]["ops_us"]
+    assert parts["Relu"]["adapter_T"] > 0
+
+    def total(name):
+        return sum(prof[name]["ops_us"].values())
+
+    assert sum(p["adapter_T"] for p in parts.values()) == pytest.approx(
+        total("surgeryv2-T2") - total("merged-T2")
+    )
+    assert sum(p["with_T"] for p in parts.values()) == pytest.approx(
+        total("surgeryv2-T2") - total("surgeryv2-T1") - total("merged-T2") + total("merged-T1")
+    )
+    for ratio in record["ratio_v2_over_merged"].values():
+        assert ratio["rounds"] == 2 and ratio["iqr"][0] <= ratio["median"] <= ratio["iqr"][1]
+    assert "| **all** |" in (tmp_path / "scaling-profile-micro-vit-16.md").read_text()

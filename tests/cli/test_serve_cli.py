@@ -197,3 +197,7 @@ def test_serve_refuses_bad_input(engines, tmp_path):
     assert "is a folder" in user_error(["serve", engine, "--log-file", str(tmp_path)])
     missing = tmp_path / "no" / "such" / "triton.log"
     assert "does not exist" in user_error(["serve", engine, "--log-file", str(missing)])
+    # a model repository: one the repository writer made, and --watch only with one
+    assert "needs a model repository folder" in user_error(["serve", engine, "--watch"])
+    said = " ".join(user_error(["serve", str(tmp_path), "--watch"]).split())
+    assert "holds no such folders" in said and str(tmp_path) in said

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -15,7 +17,12 @@ from image_files import png_bytes
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
-from surgery_edge.engine_format import read_onnx_metadata
+from surgery_edge.engine_format import (
+    INTEGRITY_KEY,
+    file_sha256,
+    read_onnx_metadata,
+    write_sidecar,
+)
 from surgery_edge.errors import ExportError, SurgeryEdgeError
 from surgery_edge.export.triton import (
     MARKER,
@@ -51,6 +58,16 @@ def config_io(config) -> dict[str, tuple[str, list[int]]]:
     return {
         t.name: (pb2.DataType.Name(t.data_type), shape(t)) for t in [*config.input, *config.output]
     }
+
+
+def stand_in_plan(folder, meta: dict) -> Path:
+    """No TensorRT here: a stand-in plan file with a real sidecar holding ``meta``, sealed for
+    the plan's bytes as the TensorRT builder seals it (so the writer's verification passes)."""
+    plan = folder / "engine.plan"
+    plan.write_bytes(b"stand-in for a serialized TensorRT engine")
+    meta = {k: v for k, v in meta.items() if k not in (INTEGRITY_KEY, "engine_sha256")}
+    write_sidecar(plan, meta, file_sha256(plan))
+    return plan
 
 
 def test_a_routed_engine_repository(engines, tmp_path):
@@ -92,30 +109,96 @@ def test_an_all_tasks_engine_on_cpus_names_its_classes(engines, tmp_path):
         assert (model / output.label_filename).read_text().splitlines() == list(names)
 
 
-def test_models_share_a_repository_and_only_its_own_are_replaced(engines, tmp_path):
-    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="a"))
+def test_models_share_a_repository_and_its_own_get_versions(engines, tmp_path):
+    """Writing into its own model folder adds a version (the marker records each one's engine,
+    digest and tasks); the same engine and config again write nothing; --overwrite starts
+    over at version 1; a folder holding a file it did not write is refused."""
+    from surgery_edge.runtime.versions import published
+
+    routed = engines["dir"] / "surgeryv2-routed.onnx"
+    write_repository(routed, tmp_path, TritonOptions(name="a"))
     write_repository(engines["dir"] / "surgery-all-tasks.onnx", tmp_path, TritonOptions(name="b"))
     again = (
         engines["dir"] / "surgery-all-tasks.onnx",
         tmp_path,
         TritonOptions(name="a", max_batch=8),
     )
-    with pytest.raises(ExportError, match="pass --overwrite"):
-        write_repository(*again)
-    assert validate_repository(tmp_path)["a"].max_batch_size == 32
-    write_repository(*again, overwrite=True)
-    configs = validate_repository(tmp_path)
+    write_repository(*again)
+    configs = validate_repository(tmp_path)  # checks the newest version against its config
     assert set(configs) == {"a", "b"} and configs["a"].max_batch_size == 8
-    assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
     assert [o.name for o in configs["a"].output][0].startswith("logits_")
+    assert [(v.version, v.engine.name) for v in published(tmp_path / "a")] == [
+        (1, "model.onnx"),
+        (2, "model.onnx"),
+    ]
+    assert (tmp_path / "a" / "1" / "model.onnx").read_bytes() == routed.read_bytes()  # kept
     marker = json.loads((tmp_path / "a" / MARKER).read_text())
-    assert marker["engine"].endswith("surgery-all-tasks.onnx") and "1/model.onnx" in marker["files"]
+    assert marker["engine"].endswith("surgery-all-tasks.onnx") and "2/model.onnx" in marker["files"]
+    assert [v["version"] for v in marker["versions"]] == [1, 2]
+    assert marker["versions"][1]["tasks"] == list(read_onnx_metadata(again[0]).tasks)
+    assert marker["versions"][0]["mode"] == "routed" and len(marker["versions"][1]["sha256"]) == 64
+    write_repository(*again)  # the newest version already: nothing written
+    assert len(published(tmp_path / "a")) == 2
+    assert not list(tmp_path.glob(".a.staged-*"))
+    write_repository(*again[:2], TritonOptions(name="a", max_batch=4))  # another config
+    assert len(published(tmp_path / "a")) == 3
+    assert validate_repository(tmp_path)["a"].max_batch_size == 4
+    write_repository(*again, overwrite=True)
+    assert [v.version for v in published(tmp_path / "a")] == [1]
+    assert graph_io(tmp_path / "a" / "1" / "model.onnx")["images"]  # the engine was replaced
     # a file added to its folder since is not the writer's: kept, even with --overwrite
     (tmp_path / "a" / "2").mkdir()
     (tmp_path / "a" / "2" / "model.onnx").write_bytes(b"a user's second version")
-    with pytest.raises(ExportError, match=r"also holds 2/, which"):
-        write_repository(*again, overwrite=True)
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"also holds 2/, which"):
+            write_repository(*again, overwrite=overwrite)
     assert (tmp_path / "a" / "2" / "model.onnx").read_bytes() == b"a user's second version"
+
+
+def test_the_served_version_is_the_newest_the_marker_lists(engines, tmp_path):
+    """``serve REPO`` serves the newest version the marker lists: a version folder the writer
+    did not list (being written, or a user's) is not one; a folder without the writer's model
+    folders, or with several, is refused naming them; a version whose engine no longer
+    matches its digest is refused by the roll before the server sees it, and the watcher
+    reports it once and goes on serving the old one."""
+    import threading
+
+    from surgery_edge.runtime.rolling import VersionedServer
+    from surgery_edge.runtime.versions import published, served_model
+
+    write_repository(engines["dir"] / "single-expert.onnx", tmp_path, TritonOptions(name="m"))
+    assert served_model(tmp_path) == served_model(tmp_path / "m") == tmp_path / "m"
+    (tmp_path / "m" / "7").mkdir()
+    (tmp_path / "m" / "7" / "model.onnx").write_bytes(b"not listed")
+    assert [v.version for v in published(tmp_path / "m")] == [1]
+    (tmp_path / "m" / "7" / "model.onnx").unlink()
+    (tmp_path / "m" / "7").rmdir()
+    with pytest.raises(ExportError, match="holds no such folders"):
+        served_model(tmp_path / "m" / "1")
+    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="n"))
+    with pytest.raises(ExportError, match=r"holds several such folders \(m, n\)"):
+        served_model(tmp_path)
+    write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, TritonOptions(name="m"))
+    newest = published(tmp_path / "m")[-1]
+    engine = bytearray(newest.engine.read_bytes())
+    engine[-100] ^= 1  # a changed byte: its digest no longer holds
+    newest.engine.write_bytes(bytes(engine))
+    said = []
+    server = VersionedServer(tmp_path / "m", log=said.append, poll_s=0.01)
+    assert server.version == 2
+    with pytest.raises(ExportError, match="digest"):
+        server.roll(newest)
+    server.version = 1  # as if version 1 served: the watcher tries 2, reports it, skips it
+    watcher = threading.Thread(target=server._poll)
+    watcher.start()
+    deadline = time.monotonic() + 20
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    server._stop_watching.set()
+    watcher.join()
+    assert len(said) == 1 and said[0].startswith("engine version 2 not served:"), said
+    assert "digest" in said[0] and server.version == 1
 
 
 def test_a_folder_it_did_not_write_is_never_replaced(engines, tmp_path):
@@ -156,14 +239,11 @@ def test_tasks_whose_label_files_collide_are_refused(engines, tmp_path):
     """Tasks ``a b`` and ``A_b`` would both be ``labels_a_b.txt`` (on a file system that
     ignores case): refused, nothing written."""
     meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
-    plan = tmp_path / "engine.plan"
-    plan.write_bytes(b"stand-in for a serialized TensorRT engine")
-    sidecar = {**meta, "tasks": ["a b", "A_b", "c"]}
-    (tmp_path / "engine.plan.json").write_text(json.dumps(sidecar))
+    plan = stand_in_plan(tmp_path, {**meta, "tasks": ["a b", "A_b", "c"]})
     with pytest.raises(ExportError, match=r"'a b' and 'A_b' .* share the label file labels_A_b"):
         write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
     assert not (tmp_path / "repo" / "engine").exists()
-    (tmp_path / "engine.plan.json").write_text(json.dumps({**sidecar, "tasks": ["a b", "ab", "c"]}))
+    plan = stand_in_plan(tmp_path, {**meta, "tasks": ["a b", "ab", "c"]})
     model = write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
     labels = json.loads(parse(model).parameters["task_labels"].string_value)
     assert labels == {"a b": "labels_a_b.txt", "ab": "labels_ab.txt", "c": "labels_c.txt"}
@@ -207,9 +287,7 @@ def test_a_tensorrt_plan_takes_its_shapes_from_its_metadata(engines, tmp_path):
     """No TensorRT here: a stand-in plan file with a real metadata sidecar checks the layout
     (model.plan, platform tensorrt_plan) and the limit of the plan's optimisation profile."""
     meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
-    plan = tmp_path / "engine.plan"
-    plan.write_bytes(b"stand-in for a serialized TensorRT engine")
-    (tmp_path / "engine.plan.json").write_text(json.dumps({**meta, "tensorrt": {"max_batch": 8}}))
+    plan = stand_in_plan(tmp_path, {**meta, "tensorrt": {"max_batch": 8}})
     with pytest.raises(SurgeryEdgeError, match="optimisation profile"):
         write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=32))
     model = write_repository(plan, tmp_path / "repo", TritonOptions(max_batch=8))
@@ -217,6 +295,25 @@ def test_a_tensorrt_plan_takes_its_shapes_from_its_metadata(engines, tmp_path):
     assert config.platform == "tensorrt_plan" and (model / "1" / "model.plan").is_file()
     assert config_io(config) == graph_io(engines["dir"] / "surgeryv2-routed.onnx")
     assert not config.HasField("optimization")
+
+
+def test_a_changed_engine_is_not_published(engines, tmp_path):
+    """The writer verifies the engine's digest first: a copy with one byte flipped, or a plan
+    other than the one its sidecar was written for, is refused and nothing is written."""
+    onnx_copy = tmp_path / "e.onnx"
+    data = bytearray((engines["dir"] / "surgeryv2-routed.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx_copy.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="changed or corrupted after export"):
+        write_repository(onnx_copy, tmp_path / "repo")
+    meta = read_onnx_metadata(engines["dir"] / "surgeryv2-routed.onnx").to_dict()
+    del meta[INTEGRITY_KEY]
+    plan = tmp_path / "engine.plan"
+    write_sidecar(plan, meta, file_sha256(engines["dir"] / "surgeryv2-routed.onnx"))
+    plan.write_bytes(b"another plan than the sidecar's")
+    with pytest.raises(ExportError, match="written for another engine"):
+        write_repository(plan, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
 
 
 @pytest.mark.parametrize(

@@ -604,7 +604,7 @@ HEAD, MERGED = "checkpoints/heads/shapes.safetensors", "merged/task_arithmetic.s
 EXPERT = "checkpoints/experts/digits.safetensors"
 RETRAIN = "train --run {run} --merge task_arithmetic --surgery surgeryv2 --overwrite"
 REMERGE = "merge --run {run} --method task_arithmetic --overwrite"
-REMAKE_EXPERTS = "experts --out {run} --overwrite"
+REMAKE_EXPERTS = "experts --run {run} --overwrite"
 EXPORT = ["export", "--surgery", "none", "--onnx", "{run}/x.onnx"]
 
 
@@ -630,6 +630,15 @@ def test_41_3_a_checkpoint_that_changed_since_the_run_made_it_is_refused(
     assert f"{file} is not the file this run made: its content changed" in text
     assert f"surgery-edge {remake.format(run=copy)}" in text
     assert files_under(copy) - before <= {"cache/hashes.json"}  # nothing made from it
+
+
+def test_41_3_the_remake_command_for_an_expert_keeps_the_runs_settings(copy):
+    """The command a refusal names must work as printed: ``experts --run R`` without --config
+    continues with the settings R recorded (it used the demo's, refused as other settings, and
+    with --overwrite would have remade the run at the demo's size)."""
+    text = ok(["experts", "--run", str(copy)])
+    assert "experts:" in text and "other settings" not in text
+    assert json.loads((copy / "config.json").read_text())["arch"] == "micro-vit-16"
 
 
 def _edit_in_place(path: Path) -> None:

@@ -372,6 +372,84 @@ def test_grpc_requests_are_bounded_by_triton(server):
     client.close()
 
 
+def test_a_new_engine_version_rolls_in_under_load_without_a_failed_request(engines, tmp_path):
+    """``serve REPO --watch``: version 1 (one task) serves while clients send requests for it
+    steadily, to the engine (task ids) and to its task model (image bytes); version 2 (three
+    tasks) is written into the folder, picked up and rolled to. No request fails; a request for
+    a task only version 2 has gets an error naming it and the loading version until it is
+    ready, then its answer from version 2; the old version is gone from the server."""
+    import threading
+
+    from surgery_edge.export.triton import TritonOptions, write_repository
+    from surgery_edge.runtime.rolling import VersionedServer
+    from surgery_edge.runtime.serving import ServeOptions
+
+    options = TritonOptions(name="m", kind="cpu")
+    write_repository(engines["dir"] / "single-expert.onnx", tmp_path, options)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    serve = ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                         max_batch=8, device="cpu", threads=1, startup_timeout_s=120,
+                         drain_timeout_s=5)  # fmt: skip
+    said: list[str] = []
+    x, encoded = images(2, seed=11), png_bytes(20, 20)
+    answers: list[str] = []  # the engine version of each answer
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def steady(url: str) -> None:  # one request in flight at a time, for the old version's task
+        client = httpclient.InferenceServerClient(url, network_timeout=TIMEOUT_S)
+        while not stop.is_set():
+            try:
+                if len(answers) % 2:
+                    reply = client.infer("engine", engine_inputs(httpclient, x[:1], [0]))
+                    answers.append(reply.get_response()["model_version"])
+                else:
+                    client.infer("digits", image_input(httpclient, encoded))
+                    answers.append("task model")
+            except Exception as e:  # counted, and the load goes on
+                failures.append(str(e))
+        client.close()
+
+    with VersionedServer(tmp_path / "m", serve, watch=True, poll_s=0.1, log=said.append) as server:
+        assert sorted(server.models) == ["digits", "engine"] and server.version == 1
+        client = httpclient.InferenceServerClient(server.http_url, network_timeout=TIMEOUT_S)
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        load = threading.Thread(target=steady, args=(server.http_url,))
+        load.start()
+        try:
+            write_repository(engines["dir"] / "surgeryv2-routed.onnx", tmp_path, options)
+            refused = set()
+            deadline = time.monotonic() + 120
+            while server.version == 1 and time.monotonic() < deadline:
+                for ask, module in ((client, httpclient), (grpc, grpcclient)):
+                    try:
+                        ask.infer("shapes", image_input(module, encoded))
+                    except InferenceServerException as e:
+                        refused.add(e.message())
+                time.sleep(0.05)
+            assert server.version == 2, said
+            before = len(answers)
+            while len(answers) < before + 4:  # the load goes on against version 2
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            load.join(timeout=TIMEOUT_S)
+        assert failures == [] and len(answers) > 8
+        assert {"1", "2"} <= set(answers)  # the engine answered from both versions
+        loading = [m for m in refused if "which is loading" in m]
+        assert loading and all("'shapes'" in m and "engine version 2" in m for m in loading)
+        assert all(m in loading or "unknown model" in m.lower() for m in refused), refused
+        reply = grpc.infer("shapes", image_input(grpcclient, encoded))
+        assert reply.as_numpy("labels").shape == (1, 5)  # the default top_k of its 6 classes
+        reply = client.infer("engine", engine_inputs(httpclient, x[:1], [2]))
+        assert reply.get_response()["model_version"] == "2"
+        assert sorted(server.models) == ["colours", "digits", "engine", "shapes"]
+        assert not client.is_model_ready("engine", "1") and client.is_model_ready("engine", "2")
+        assert said and "engine version 2 serving" in said[-1] and "shapes, colours" in said[-1]
+        client.close()
+        grpc.close()
+
+
 # --- the repository and the request handling, without a server ------------------------------
 
 
@@ -474,6 +552,37 @@ def test_engine_requests_answer_each_request_on_its_own(predictors):
     for t, name in enumerate(every.outputs):
         assert np.array_equal(stacked[:, t, : counts[t]], answer[name])
         assert np.isneginf(stacked[:, t, counts[t] :]).all()
+
+
+def test_a_request_naming_its_task_is_answered_by_name_by_any_version(predictors):
+    """What task models send: the task by name (another version may number it otherwise) and
+    the engine version they were made for. A version without the task says whether the
+    version that has it is loading or this one dropped it; an id out of range names the
+    version loading beside it."""
+    from surgery_edge.runtime.triton_models import EngineRequests
+
+    handler = EngineRequests(predictors["engine"].backend, version=3, newer=lambda: [4])
+    x = images(3, seed=8)
+    wrong_ids = {"images": x[:2], "task_ids": np.array([[0], [0]])}  # another version's ids
+    answers = handler.run(
+        [wrong_ids, {"images": x[2:], "task_ids": np.array([[0]])}, *[wrong_ids] * 3],
+        [("colours", 2), (None, None), ("sunsets", 4), ("sunsets", 2), ("sunsets", 3)],
+    )
+    want = predictors["engine"].routed_logits(x[:2], np.array([2, 2]))
+    np.testing.assert_allclose(answers[0]["logits"], want, atol=1e-6)
+    assert handler.last_tasks.tolist() == [2, 2, 0]
+    assert answers[2].reason == "loading" and answers[2].message == (
+        "task 'sunsets' is served by engine version 4, which is loading; version 3 answers now "
+        "and serves digits, shapes, colours. Retry once version 4 is ready."
+    )
+    assert answers[3].reason == answers[4].reason == "task"  # this version dropped it
+    assert "not served by engine version 3" in answers[3].message
+    refused = handler.check({"images": x[:1], "task_ids": np.array([[5]])})
+    assert refused.message.startswith("task id 5 is out of range: this engine (version 3)")
+    assert refused.message.endswith("Version 4 of this model is loading: retry once it is ready.")
+    every = EngineRequests(predictors["v1"].backend, version=1)
+    assert every.check({"images": x[:1]}, "sunsets", 2).reason == "loading"
+    assert every.run([{"images": x[:1]}], [("shapes", 1)])[0]["logits_shapes"].shape == (1, 6)
 
 
 def test_task_requests_decode_with_the_engines_preprocessing(predictors):
