@@ -235,7 +235,8 @@ def bench(
     Example: surgery-edge bench --quick --out /tmp/bench (a smoke run); surgery-edge bench
     --arch ViT-B-32 --batch 1 --batch 8 --batch 64 --out benchmarks/results/h200
     """
-    from surgery_edge.bench.engine import resolve_config, run_and_write  # deferred: imports torch
+    from surgery_edge.bench.engine import run_and_write  # deferred: imports torch
+    from surgery_edge.bench.engine_config import resolve_config  # deferred: imports torch
 
     if no_memory and memory_path:
         raise ConfigError("--no-memory and --memory-path exclude each other: give one.")

@@ -29,79 +29,99 @@ from surgery_edge.io import printable, require_file
 ENGINE_FILES = ("onnx", "pt2", "tensorrt")  # what export writes that the runtime can measure
 
 
+# export's options, declared once here so that the command's signature stays readable
+MergeOption = Annotated[str, typer.Option("--merge", help="Merged model to export.")]
+SurgeryOption = Annotated[
+    SurgeryOrNone, typer.Option(help="Surgery method (none: the merge alone).")
+]
+ModeOption = Annotated[
+    ModeName,
+    typer.Option(help="routed: images + one task id each; all-tasks: every task per image."),
+]
+OnnxOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="ONNX file (default: RUN/engines/<merge>-<surgery>-<mode>[-<precision>].onnx)."
+    ),
+]
+PrecisionOption = Annotated[
+    PrecisionName,
+    typer.Option(
+        help="fp32 | fp16 (half weights) | int8 | fp8 (quantised, calibrated on the run's "
+        "adaptation images); inputs and outputs stay float32."
+    ),
+]
+Fp16Option = Annotated[bool, typer.Option("--fp16", hidden=True)]  # before --precision
+CalibrationOption = Annotated[
+    int, typer.Option(help="int8/fp8: adaptation images per task to calibrate on.")
+]
+QuantizerOption = Annotated[
+    QuantizerName,
+    typer.Option(
+        help="int8/fp8: auto picks the measured best for the target: ort-dynamic for ONNX "
+        "Runtime int8, modelopt (QDQ) for fp8 and for TensorRT."
+    ),
+]
+ExpertOption = Annotated[
+    str | None,
+    typer.Option(help="Export this task's expert alone (the single-model baseline)."),
+]
+AotiOption = Annotated[Path | None, typer.Option(help="AOTInductor package (.pt2).")]
+TrtOption = Annotated[
+    Path | None, typer.Option(help="TensorRT engine, built from the exported ONNX.")
+]
+MinBatch = Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")]
+OptBatch = Annotated[int, typer.Option(help="TensorRT profile: tuned batch.")]
+MaxBatch = Annotated[int, typer.Option(help="TensorRT profile: largest batch.")]
+WorkspaceGb = Annotated[float, typer.Option(help="TensorRT workspace pool (GiB).")]
+TimingCache = Annotated[
+    Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
+]
+TritonRepo = Annotated[
+    Path | None,
+    typer.Option(
+        help="Also write a Triton Inference Server model repository holding the engine "
+        "(the TensorRT plan if built, else the ONNX); its max_batch_size is --max-batch, "
+        "its preferred batch --opt-batch."
+    ),
+]
+TritonKind = Annotated[str, typer.Option(help="Triton instances: gpu | cpu.")]
+TritonInstances = Annotated[int, typer.Option(help="Triton instances per device.")]
+QueueDelay = Annotated[int, typer.Option(help="Triton's dynamic batching delay (microseconds).")]
+EvaluateOption = Annotated[
+    bool,
+    typer.Option(
+        help="Measure each written engine through the runtime on the run's test split "
+        "(accuracy, change against PyTorch, size, latency; see eval-engine)."
+    ),
+]
+
+
 @user_errors
 def export(
     run_dir: RunDir,
-    merge_name: Annotated[str, typer.Option("--merge", help="Merged model to export.")] = (
-        "task_arithmetic"
-    ),
-    surgery: Annotated[
-        SurgeryOrNone, typer.Option(help="Surgery method (none: the merge alone).")
-    ] = SurgeryOrNone.surgeryv2,
-    mode: Annotated[
-        ModeName,
-        typer.Option(help="routed: images + one task id each; all-tasks: every task per image."),
-    ] = ModeName.routed,
-    onnx: Annotated[
-        Path | None,
-        typer.Option(
-            help="ONNX file (default: RUN/engines/<merge>-<surgery>-<mode>[-<precision>].onnx)."
-        ),
-    ] = None,
-    precision: Annotated[
-        PrecisionName,
-        typer.Option(
-            help="fp32 | fp16 (half weights) | int8 | fp8 (quantised, calibrated on the run's "
-            "adaptation images); inputs and outputs stay float32."
-        ),
-    ] = PrecisionName.fp32,
-    fp16: Annotated[bool, typer.Option("--fp16", hidden=True)] = False,  # before --precision
-    calibration_images: Annotated[
-        int, typer.Option(help="int8/fp8: adaptation images per task to calibrate on.")
-    ] = 32,
-    quantizer: Annotated[
-        QuantizerName,
-        typer.Option(
-            help="int8/fp8: auto picks the measured best for the target: ort-dynamic for ONNX "
-            "Runtime int8, modelopt (QDQ) for fp8 and for TensorRT."
-        ),
-    ] = QuantizerName.auto,
-    expert: Annotated[
-        str | None,
-        typer.Option(help="Export this task's expert alone (the single-model baseline)."),
-    ] = None,
-    aoti: Annotated[Path | None, typer.Option(help="AOTInductor package (.pt2).")] = None,
-    trt: Annotated[
-        Path | None, typer.Option(help="TensorRT engine, built from the exported ONNX.")
-    ] = None,
-    min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
-    opt_batch: Annotated[int, typer.Option(help="TensorRT profile: tuned batch.")] = 8,
-    max_batch: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 32,
-    workspace_gb: Annotated[float, typer.Option(help="TensorRT workspace pool (GiB).")] = 4.0,
-    timing_cache: Annotated[
-        Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
-    ] = None,
+    merge_name: MergeOption = "task_arithmetic",
+    surgery: SurgeryOption = SurgeryOrNone.surgeryv2,
+    mode: ModeOption = ModeName.routed,
+    onnx: OnnxOption = None,
+    precision: PrecisionOption = PrecisionName.fp32,
+    fp16: Fp16Option = False,
+    calibration_images: CalibrationOption = 32,
+    quantizer: QuantizerOption = QuantizerName.auto,
+    expert: ExpertOption = None,
+    aoti: AotiOption = None,
+    trt: TrtOption = None,
+    min_batch: MinBatch = 1,
+    opt_batch: OptBatch = 8,
+    max_batch: MaxBatch = 32,
+    workspace_gb: WorkspaceGb = 4.0,
+    timing_cache: TimingCache = None,
     device: Device = None,
-    triton_repo: Annotated[
-        Path | None,
-        typer.Option(
-            help="Also write a Triton Inference Server model repository holding the engine "
-            "(the TensorRT plan if built, else the ONNX); its max_batch_size is --max-batch, "
-            "its preferred batch --opt-batch."
-        ),
-    ] = None,
-    triton_kind: Annotated[str, typer.Option(help="Triton instances: gpu | cpu.")] = "gpu",
-    triton_instances: Annotated[int, typer.Option(help="Triton instances per device.")] = 1,
-    max_queue_delay_us: Annotated[
-        int, typer.Option(help="Triton's dynamic batching delay (microseconds).")
-    ] = 0,
-    evaluate: Annotated[
-        bool,
-        typer.Option(
-            help="Measure each written engine through the runtime on the run's test split "
-            "(accuracy, change against PyTorch, size, latency; see eval-engine)."
-        ),
-    ] = True,
+    triton_repo: TritonRepo = None,
+    triton_kind: TritonKind = "gpu",
+    triton_instances: TritonInstances = 1,
+    max_queue_delay_us: QueueDelay = 0,
+    evaluate: EvaluateOption = True,
     overwrite: Overwrite = False,
     json_out: Json = False,
 ):
@@ -113,7 +133,7 @@ def export(
     engine is never replaced.
     """
     from surgery_edge.export.triton import TritonOptions  # deferred: with the exporters
-    from surgery_edge.run.export import TrtOptions, export_run  # deferred: imports torch
+    from surgery_edge.run import export as run_export  # deferred: imports torch
 
     # parsed once, here at the edge: the library takes them typed
     precision = Precision.parse(
@@ -125,23 +145,16 @@ def export(
         raise ConfigError(
             f"--opt-batch {opt_batch} (Triton's preferred batch) is above --max-batch {max_batch}."
         )
-    written = export_run(
-        run_dir,
+    choice = run_export.EngineChoice(
         merge_name,
         SurgeryOrNone(surgery).value,
         EngineMode.parse(ModeName(mode).value),
-        onnx=onnx,
-        precision=precision,
-        aoti=aoti,
-        trt=trt,
-        trt_options=TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
-        device=device,
-        expert=expert,
-        calibration_images=calibration_images,
-        quantizer=QuantizerName(quantizer).value,
-        overwrite=overwrite,
-        triton_repo=triton_repo,
-        triton_options=TritonOptions(
+        precision,
+        expert,
+    )
+    settings = run_export.ExportSettings(
+        run_export.TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
+        TritonOptions(
             max_batch=max_batch,
             preferred_batches=(opt_batch,),
             max_queue_delay_us=max_queue_delay_us,
@@ -149,22 +162,33 @@ def export(
             kind=triton_kind,
             accelerator_fp16=precision is Precision.FP16,
         ),
+        calibration_images,
+        QuantizerName(quantizer).value,
     )
+    files = run_export.EngineFiles(onnx, aoti, trt, triton_repo)
+    written = run_export.export_run(run_dir, choice, files, settings, device, overwrite)
     if not json_out:
         for kind, path in written.items():
             say(f"{kind}: {path}")
-    reports = []
-    if evaluate:
-        from surgery_edge.run.engine_eval import evaluate_engine, summary_line  # deferred: torch
-
-        for kind, path in written.items():
-            if kind in ENGINE_FILES:
-                reports.append(evaluate_engine(path, run_dir, device=device or "auto"))
-                if not json_out:
-                    say(summary_line(reports[-1]))
+    reports = _evaluate_written(written, run_dir, device, json_out) if evaluate else []
     if json_out:
         written_json = {k: str(v) for k, v in written.items()}
         typer.echo(json.dumps({"written": written_json, "evaluation": reports}, indent=2))
+
+
+def _evaluate_written(
+    written: dict[str, Path], run_dir: Path, device: str | None, quiet: bool
+) -> list[dict]:
+    """Each engine ``export`` wrote, measured through the runtime (a line each unless quiet)."""
+    from surgery_edge.run.engine_eval import evaluate_engine, summary_line  # deferred: torch
+
+    reports = []
+    for kind, path in written.items():
+        if kind in ENGINE_FILES:
+            reports.append(evaluate_engine(path, run_dir, device=device or "auto"))
+            if not quiet:
+                say(summary_line(reports[-1]))
+    return reports
 
 
 @user_errors

@@ -57,7 +57,7 @@ def experts(
     out: OldRunDir = None,
 ):
     """Generate the suite, pretrain the backbone and fine-tune one expert per task."""
-    from surgery_edge.run.pipeline import (  # deferred: imports torch
+    from surgery_edge.run.state import (  # deferred: imports torch
         Run,
         prepare_experts,
         prepare_suite,
@@ -115,7 +115,8 @@ def merge(
             if value is not None:
                 overrides.setdefault(name, value)
         from surgery_edge.distributed import joined  # deferred: imports torch
-        from surgery_edge.run.pipeline import Run, check_merges, run_merges  # deferred: torch
+        from surgery_edge.run.merge import check_merges, run_merges  # deferred: torch
+        from surgery_edge.run.state import Run  # deferred: torch
 
         run = Run.open(run_dir, log=note, device=device, write=True, overwrite=overwrite)
         if launch.check_nproc(nproc) > 1:
@@ -187,8 +188,8 @@ def train(
     with launch.worker():  # one rank of a job: dies with its launcher, reports errors once
         from surgery_edge.distributed import check_gpus, check_rows, joined  # deferred: torch
         from surgery_edge.run.layout import RunLayout  # deferred with the pipeline
-        from surgery_edge.run.pipeline import (  # deferred: imports torch
-            Run,
+        from surgery_edge.run.state import Run  # deferred: imports torch
+        from surgery_edge.run.surgery import (  # deferred: imports torch
             check_training,
             surgery_settings,
             train_one,
@@ -239,7 +240,8 @@ def evaluate(
     """
     from surgery_edge.evaluation.report import write_report  # deferred: matplotlib
     from surgery_edge.run.engines import cached_engines  # deferred: torch
-    from surgery_edge.run.pipeline import Run, evaluate, report_dict  # deferred: torch
+    from surgery_edge.run.evaluate import evaluate, report_dict  # deferred: torch
+    from surgery_edge.run.state import Run  # deferred: torch
 
     run = Run.open(run_dir, log=note, device=device, write=True)
     run.require_experts()

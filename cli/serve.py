@@ -208,3 +208,31 @@ def triton_repo(
         f"serve it: docker run --gpus all -p 8000-8002:8000-8002 -v {out.resolve()}:/models "
         "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"
     )
+
+
+@user_errors
+def serve_stats(
+    token_file: Annotated[
+        Path,
+        typer.Option(help="The access token file serve named (its statistics API is restricted)."),
+    ],
+    url: Annotated[
+        str, typer.Argument(help="The server's HTTP address (host:port), as serve printed it.")
+    ] = "127.0.0.1:8000",
+    model: Annotated[
+        str | None, typer.Option(help="One model only (default: every model).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Triton's statistics as JSON.")] = False,
+):
+    """Per-model statistics of a running `surgery-edge serve`: requests answered and failed,
+    engine calls and rows per call, mean queue and compute time per request."""
+    import json  # deferred: only this command prints JSON
+
+    from surgery_edge.runtime.stats import fetch_stats, read_token, stats_lines, summarise
+
+    stats = fetch_stats(url, read_token(token_file), model)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    for line in stats_lines(summarise(stats)):
+        typer.echo(line)

@@ -50,7 +50,7 @@ def tiny_run(tmp_path_factory, tiny_config_path):
 @pytest.fixture(scope="session")
 def run(tiny_run):
     """The tiny run re-opened with its experts loaded."""
-    from surgery_edge.run.pipeline import Run
+    from surgery_edge.run.state import Run
 
     r = Run.open(tiny_run[0], log=lambda *a: None)
     r.require_experts()

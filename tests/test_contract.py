@@ -108,10 +108,11 @@ ENGINE_FORMAT = "surgery_edge/engine_format.py"
 READERS = {"read_pt2_metadata", "read_sidecar", "parse_metadata"}
 # who stores the metadata under its key (writers): nobody else touches META_KEY
 META_WRITERS = {
-    ENGINE_FORMAT,
-    "surgery_edge/export/onnx.py",
-    "surgery_edge/export/aoti.py",
-    "surgery_edge/export/quantize.py",
+    ENGINE_FORMAT: "the format itself",
+    "surgery_edge/export/onnx.py": "writes an ONNX engine's metadata",
+    "surgery_edge/export/aoti.py": "writes a .pt2 package's metadata",
+    "surgery_edge/export/quantize.py": "writes a quantised engine's metadata",
+    "surgery_edge/bench/one_graph.py": "composes the experts' raw records into one graph's",
 }
 
 

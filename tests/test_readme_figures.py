@@ -7,6 +7,10 @@ and list indices separated by dots, ``list[k=v,...]`` picks the one item whose f
 a trailing ``*100`` scales a fraction to a percentage. The figure is the number just before the
 comment; it must equal the record's value rounded to the figure's decimals.
 
+A figure whose record flags it (a ``"above_ceiling": true`` on the cited item or any item on
+the way to it: a ratio beyond what its work allows, which the benchmark says not to cite) may
+not be quoted at all.
+
 Between ``<!-- cited -->`` and ``<!-- /cited -->`` every figure (a number with a decimal point,
 or followed by %, × or x) must carry such a comment: a quoted figure without a record fails.
 """
@@ -26,8 +30,9 @@ FIGURE = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)(\s*(?:%|×|x\b))?")
 REGION = re.compile(r"<!-- cited -->(.*?)<!-- /cited -->", re.S)
 
 
-def lookup(record, key: str):
-    """The value at ``key`` (see the module docstring) in ``record``."""
+def lookup(record, key: str, flags: list | None = None):
+    """The value at ``key`` (see the module docstring) in ``record``; every item on the way
+    that carries ``above_ceiling: true`` is appended to ``flags``."""
     scale = 1.0
     if "*" in key:
         key, factor = key.rsplit("*", 1)
@@ -45,6 +50,8 @@ def lookup(record, key: str):
             if len(found) != 1:
                 raise KeyError(f"{part}: {len(found)} items match")
             value = found[0]
+        if isinstance(value, dict) and value.get("above_ceiling") is True and flags is not None:
+            flags.append(part)
     return value * scale
 
 
@@ -93,8 +100,10 @@ def test_a_quoted_figure_equals_its_record(record, key, figure):
     path = RESULTS / record
     assert path.is_file(), f"the README cites {record}, which is not under benchmarks/results"
     assert figure is not None, f"no figure before the citation of {record} {key}"
-    value = lookup(json.loads(path.read_text()), key)
+    flags: list = []
+    value = lookup(json.loads(path.read_text()), key, flags)
     assert matches(figure, value), f"README says {figure}, {record} {key} is {value}"
+    assert not flags, f"README quotes {record} {key}, which its record flags above its ceiling"
 
 
 def test_every_figure_in_a_cited_region_has_its_record():
@@ -111,4 +120,8 @@ def test_the_checks_catch_a_wrong_and_an_uncited_figure():
         "<!-- cited -->| x | **88.9**<!-- cpu/r.json rows[m=a].v.0 --> | 5.26× | 3 |<!-- /cited -->"
     )
     assert citations(text) == [("cpu/r.json", "rows[m=a].v.0", "88.9")]
+    flags: list = []
+    ratios = {"targets": [{"c": 1, "ratio": 9.5, "above_ceiling": True}, {"c": 4, "ratio": 7.0}]}
+    assert lookup(ratios, "targets[c=4].ratio", flags) == 7.0 and flags == []
+    assert lookup(ratios, "targets[c=1].ratio", flags) == 9.5 and flags == ["targets[c=1]"]
     assert len(uncited_figures(text)) == 1 and "5.26" in uncited_figures(text)[0]

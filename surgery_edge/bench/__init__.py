@@ -15,6 +15,11 @@
 * :mod:`~surgery_edge.bench.kernels`, :mod:`~surgery_edge.bench.training`,
   :mod:`~surgery_edge.bench.decode`, :mod:`~surgery_edge.bench.onnx_sizes`: the fused kernel,
   surgery training speed, dataset decoding, ONNX file sizes;
+* :mod:`~surgery_edge.bench.serve`: serving under load through Triton (its load in
+  :mod:`~surgery_edge.bench.serve_load`, its measurements in
+  :mod:`~surgery_edge.bench.serve_measure`, its report in :mod:`~surgery_edge.bench.serve_report`);
+  :mod:`~surgery_edge.bench.one_graph`: the eight experts as one model, the fairest baseline;
+* :mod:`~surgery_edge.bench.proc`: CPU time, stolen time, memory, process trees, load, versions;
 * :mod:`~surgery_edge.bench.gpu`: the GPU run (``benchmarks/gpu/run.sh``), every step budgeted.
 
 Each benchmark module has a ``main(argv)``, except the engine benchmark, whose command line is

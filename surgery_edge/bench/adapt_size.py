@@ -76,7 +76,7 @@ def with_adaptation_pool(suite: Suite, pool: int) -> Suite:
 
 
 def measure(run, merge: str, sizes: list[int], pool: int, held: int) -> list[dict[str, Any]]:
-    from surgery_edge.run.pipeline import surgery_config, training_targets  # deferred
+    from surgery_edge.run.surgery import surgery_config, training_targets  # deferred
 
     run.suite = with_adaptation_pool(run.suite, pool)
     split = _Split(training_targets(run, "adapt"), held / pool)
@@ -140,7 +140,7 @@ def markdown(record: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
-    from surgery_edge.run.pipeline import Run  # deferred: the training stack
+    from surgery_edge.run.state import Run  # deferred: the training stack
 
     args = build_parser(prog).parse_args(argv)
     sizes = args.sizes

@@ -1,9 +1,10 @@
 """The multi-task engine against eight experts: latency, throughput, ceilings, memory.
 
 Every configuration (:mod:`surgery_edge.bench.workloads`: the engines ``merged``, ``surgery``,
-``surgeryv2``; the baselines ``experts``, ``experts-concurrent``, ``experts-vmap``; and
-``one-expert``) answers every task it is asked about, for every image, through each path that
-applies on the device; the baselines run on the same paths as the engines:
+``surgeryv2``; the baselines ``experts``, ``experts-one-graph`` (ONNX Runtime and TensorRT),
+``experts-concurrent``, ``experts-vmap``; and ``one-expert``) answers every task it is asked
+about, for every image, through each path that applies on the device; the baselines run on the
+same paths as the engines:
 
 * ``eager``: PyTorch;
 * ``fused``: the Triton path (``MultiTaskModel.fused``; engines only, CUDA only);
@@ -50,16 +51,16 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from surgery_edge.bench.choices import ALL_TASKS, DEFAULTS, ENGINES, MERGED, ROUTED
+from surgery_edge.bench.choices import ENGINES, ONE_GRAPH
+from surgery_edge.bench.engine_config import COMPILE_ORDER, group_order
 from surgery_edge.bench.env import load_average, machine_is_loaded
 from surgery_edge.bench.flops import module_bytes, task_classes, workload_bytes, workload_flops
 from surgery_edge.bench.memory import MemorySpec, run_children
 from surgery_edge.bench.report import Previous, write_outputs
-from surgery_edge.bench.roofline import device_peaks, measure_rates
+from surgery_edge.bench.roofline import measure_rates
 from surgery_edge.bench.runners import EXPERT_CONFIGS, ArchBench, Workload, max_abs_err
 from surgery_edge.bench.runners import unavailable_reason as path_unavailable
 from surgery_edge.bench.timing import Contestant, interleaved, sync
@@ -75,11 +76,11 @@ from surgery_edge.bench.workloads import (
     config_modes,
     plan_paths,
 )
-from surgery_edge.errors import ConfigError
 from surgery_edge.models import get_arch
 
 Log = Callable[[str], None]
-SAME_AS_EXPERTS = ("experts-concurrent", "experts-vmap")  # the experts' outputs, computed otherwise
+# the experts' outputs computed otherwise: checked against the sequential experts'
+SAME_AS_EXPERTS = ("experts-concurrent", "experts-vmap", ONE_GRAPH)
 
 
 def run_engine_bench(
@@ -132,18 +133,6 @@ def run_engine_bench(
     return results
 
 
-def with_device_peaks(config: EngineBenchConfig) -> EngineBenchConfig:
-    """``config`` with the dense fp16 peak of its CUDA device (``--peak-tflops`` where given,
-    else the datasheet's for the GPU's name, else measured) and where it came from; on the CPU
-    unchanged, without a peak."""
-    if torch.device(config.device).type != "cuda":
-        return dataclasses.replace(config, peak_tflops=None, peak_source=None)
-    peaks = device_peaks(config.device, tflops=config.peak_tflops)
-    return dataclasses.replace(
-        config, peak_tflops=peaks.dense_fp16_tflops, peak_source=peaks.source
-    )
-
-
 class Stopped(KeyboardInterrupt):
     """The process was asked to stop (SIGTERM): its groups so far are handed over first."""
 
@@ -172,25 +161,6 @@ def _stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def group_order(
-    batches: Sequence[int], modes: Sequence[str], overhead_batch: int
-) -> list[tuple[int, str]]:
-    """The groups, (batch, mode), in the order the targets need them: every all-tasks group in
-    the order of ``batches`` (the engines against the eight experts), then the routed group at
-    ``overhead_batch`` (the routed engine's overhead over the merged backbone), then the other
-    routed groups."""
-    order = [(b, ALL_TASKS) for b in batches if ALL_TASKS in modes]
-    if ROUTED in modes:
-        routed = sorted(batches, key=lambda b: b != overhead_batch)  # stable: the rest in order
-        order += [(b, ROUTED) for b in routed]
-    return order
-
-
-# the compile phase's order: the experts' one compiled encoder first (it serves three
-# baselines), then the engines the targets compare with them, then the rest
-COMPILE_ORDER = ("experts", "experts-concurrent", "one-expert", *ENGINES, MERGED, "experts-vmap")
 
 
 class _ArchRun:
@@ -592,45 +562,6 @@ class _ArchRun:
 def _short(e: BaseException) -> str:
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
-
-
-# --- what the command line asks for ------------------------------------------------------------
-
-
-def resolve_config(quick: bool = False, **given: Any) -> EngineBenchConfig:
-    """The benchmark configuration ``surgery-edge bench`` asks for.
-
-    ``given`` holds :class:`EngineBenchConfig` fields; those missing or None take the defaults
-    of :data:`~surgery_edge.bench.choices.DEFAULTS` for where the benchmark runs (CUDA, the
-    CPU, or ``quick``), the rest the dataclass's. ``device`` None or ``auto``: CUDA when there
-    is one. ``threads`` given sets torch's intra-op threads.
-
-    Raises:
-        ConfigError: CUDA asked for where there is none, or an unknown architecture.
-    """
-    given = {k: v for k, v in given.items() if v is not None}
-    device = given.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = torch.device(device).type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: there is no CUDA device here; pass --device cpu.")
-    column = 2 if quick else 0 if cuda else 1
-    for name, values in DEFAULTS.items():
-        given.setdefault(name, values[column])
-    for arch in given["archs"]:
-        get_arch(arch)  # an unknown name is refused before anything is measured
-    if given.get("threads"):
-        torch.set_num_threads(given["threads"])
-    given |= {
-        "device": device,
-        "dtype": given.get("dtype") or ("fp16" if cuda else "fp32"),
-        "peak_tflops": given.get("peak_tflops"),
-        "threads": given.get("threads") or torch.get_num_threads(),
-    }
-    sequences = {f.name for f in dataclasses.fields(EngineBenchConfig) if "tuple" in str(f.type)}
-    config = EngineBenchConfig(**{k: tuple(v) if k in sequences else v for k, v in given.items()})
-    return with_device_peaks(config)
 
 
 def run_and_write(

@@ -3,7 +3,6 @@ the provenance every record carries (commit, command, machine, load before and a
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import subprocess
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 import surgery_edge
+from surgery_edge.bench.proc import load_average, package_version
 
 # distribution names per module: read from the installed metadata, so that recording Triton's
 # version does not import Triton
@@ -27,12 +27,7 @@ DISTRIBUTIONS = {
 
 def _version(module: str) -> str | None:
     """The installed version of ``module``'s distribution, or None if it is not installed."""
-    for dist in DISTRIBUTIONS[module]:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+    return package_version(*DISTRIBUTIONS[module])
 
 
 def cpu_name() -> str:
@@ -56,13 +51,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({cpu_name()}, {torch.get_num_threads()} torch threads)"
-
-
-def load_average() -> list[float] | None:
-    """The 1-, 5- and 15-minute load averages (None where the OS has none)."""
-    if not hasattr(os, "getloadavg"):
-        return None
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def other_load(own_threads: int) -> float | None:

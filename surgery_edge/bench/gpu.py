@@ -21,10 +21,11 @@ The steps, in order of what the targets need most:
    stopped at the end of its slot keeps what passed and failed;
 3. ``kernels``: the fused correction kernel against PyTorch and ``torch.compile``, ViT-L/14
    batch 64 first (the targets' shape), then ViT-B/32 and ViT-L/14 at batch 1-128, fp16;
-4. ``engine-b32``: eight experts (one after another, on CUDA streams, vmapped) against the
-   merged backbone and the V1 and V2 engines, fp16: eager, fused, CUDA graphs at batch 1, 8 and
-   64 first, then ``torch.compile`` in the share of the step kept for it (each model built and
-   compiled once, in the same process);
+4. ``engine-b32``: eight experts (one after another, on CUDA streams, vmapped, and as one
+   model: their engines in one ONNX graph, on ONNX Runtime and TensorRT) against the merged
+   backbone and the V1 and V2 engines, fp16: eager, fused, CUDA graphs, ONNX Runtime, TensorRT
+   at batch 1, 8 and 64 first, then ``torch.compile`` in the share of the step kept for it
+   (each model built and compiled once, in the same process);
 5. ``training``: SurgeryV2 (and V1) training speed, ViT-B/32, 8 tasks x batch 16;
 6. ``engine-l14``: the same at ViT-L/14, batch 128 first (the backbone's fraction of peak).
 
@@ -45,18 +46,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from surgery_edge.bench.choices import BASELINES
+from surgery_edge.bench.gpu_tests import test_results
 from surgery_edge.bench.roofline import Peaks, peaks_for
 from surgery_edge.io import write_json_atomic, write_text_atomic
 from surgery_edge.surgery.methods import SURGERY, SURGERY_V2
 
 MODULE = "surgery_edge.bench.gpu"
+PLUGIN = "surgery_edge.bench.gpu_tests"  # the tests step's per-test log (``-p PLUGIN``)
 TOTAL_BUDGET_S = 450.0  # of the 8-minute call, after the installation
 LOG_TAIL_CHARS = 60_000  # per step, in log.txt
 TEST_PATHS = ("tests/kernels/test_kernels.py", "tests/surgery/test_fused.py")
@@ -144,7 +146,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
 
     tests = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *TEST_PATHS)
     tests += ("--junitxml", f"{s}/tests.xml", "-o", "junit_family=xunit1")
-    tests += ("-p", MODULE, "--result-log", f"{s}/{TEST_LOG}")  # a line per test as it ends
+    tests += ("-p", PLUGIN, "--result-log", f"{s}/{TEST_LOG}")  # a line per test as it ends
     return [
         Step(
             "env",
@@ -164,7 +166,8 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         ),
         Step(
             "engine-b32",
-            f"engine benchmark {b32}: eager, fused, CUDA graphs, then torch.compile",
+            f"engine benchmark {b32}: the engines against eight experts (separate, and as one "
+            "graph on ONNX Runtime and TensorRT): eager, fused, CUDA graphs, then torch.compile",
             engine(b32, b32_batches, b32_extra),
             100,
             (f"engine-{b32}.json",),
@@ -181,7 +184,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         ),
         Step(
             "engine-l14",
-            f"engine benchmark {l14}: eager, fused, CUDA graphs, then torch.compile",
+            f"engine benchmark {l14}: the same, the experts as one graph included",
             engine(l14, l14_batches, l14_extra),
             165,
             (f"engine-{l14}.json",),
@@ -235,115 +238,6 @@ def _kill(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def test_results(path: Path, log: Path | None = None) -> dict[str, Any] | None:
-    """Totals and the non-passing tests: from the JUnit XML file (pytest ``--junitxml``,
-    written when pytest ends) or, where it is missing (the step was stopped), from the per-test
-    log (``--result-log``, :class:`ResultLog`), marked incomplete."""
-    if not path.is_file():
-        return _results_from_log(log) if log is not None and log.is_file() else None
-    root = ET.parse(path).getroot()
-    cases = root.iter("testcase")
-    totals = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    problems = []
-    for case in cases:
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        kinds = {child.tag for child in case}
-        if "failure" in kinds or "error" in kinds:
-            kind = "failed" if "failure" in kinds else "errors"
-            child = case.find("failure") if "failure" in kinds else case.find("error")
-            message = (
-                (child.get("message") or "").splitlines()[0][:300] if child is not None else ""
-            )
-            problems.append({"test": name, "outcome": kind, "message": message})
-            totals[kind] += 1
-        elif "skipped" in kinds:
-            totals["skipped"] += 1
-        else:
-            totals["passed"] += 1
-    return {**totals, "problems": problems, "complete": True, "source": path.name}
-
-
-def _results_from_log(log: Path) -> dict[str, Any]:
-    """The totals of a :class:`ResultLog` file: each test's worst outcome over its phases."""
-    collected = None
-    outcome: dict[str, tuple[str, str]] = {}  # test -> (outcome, message)
-    rank = {"passed": 0, "skipped": 1, "failed": 2, "errors": 3}
-    for line in log.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # the last line, cut by the kill
-            continue
-        if "collected" in entry:
-            collected = entry["collected"]
-            continue
-        kind = entry["outcome"]
-        if kind == "failed" and entry["when"] != "call":
-            kind = "errors"  # a fixture failed, as JUnit counts it
-        test = entry["test"]
-        if test not in outcome or rank[kind] > rank[outcome[test][0]]:
-            outcome[test] = (kind, entry.get("message", ""))
-    totals = {k: sum(1 for o, _ in outcome.values() if o == k) for k in rank}
-    problems = [
-        {"test": test, "outcome": o, "message": message}
-        for test, (o, message) in outcome.items()
-        if o in ("failed", "errors")
-    ]
-    return {
-        **totals,
-        "problems": problems,
-        "complete": False,
-        "source": log.name,
-        "collected": collected,
-        "reported": len(outcome),
-    }
-
-
-class ResultLog:
-    """A pytest plugin (``-p surgery_edge.bench.gpu --result-log FILE``) that appends one JSON
-    line per test phase as it ends (the call, and a setup or teardown that did not pass), so
-    that a run stopped before pytest writes its JUnit XML keeps the results so far."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.write_text("")
-
-    def _write(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a") as f:  # flushed at close: a kill loses at most the next line
-            f.write(json.dumps(entry) + "\n")
-
-    def pytest_collection_finish(self, session: Any) -> None:
-        self._write({"collected": len(session.items)})
-
-    def pytest_runtest_logreport(self, report: Any) -> None:
-        if report.when != "call" and report.outcome == "passed":
-            return
-        message = ""
-        if report.outcome == "failed":  # the exception's first line, as JUnit's message
-            crash = getattr(report.longrepr, "reprcrash", None)
-            text = crash.message if crash is not None else str(report.longrepr)
-            message = (text.strip().splitlines() or [""])[0][:300]
-        self._write(
-            {
-                "test": report.nodeid,
-                "when": report.when,
-                "outcome": report.outcome,
-                "message": message,
-            }
-        )
-
-
-def pytest_addoption(parser: Any) -> None:
-    """``--result-log FILE`` (this module loaded as a pytest plugin)."""
-    parser.addoption("--result-log", type=Path, help="append each test's result to FILE (JSON)")
-
-
-def pytest_configure(config: Any) -> None:
-    """Register :class:`ResultLog` where ``--result-log`` was given."""
-    path = config.getoption("--result-log")
-    if path is not None:
-        config.pluginmanager.register(ResultLog(path), "surgery-edge-result-log")
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -583,8 +477,8 @@ def capture_env(path: Path) -> None:
     """The environment record of the GPU run: versions, driver, device and measured rates."""
     import torch  # deferred: only this step needs it in the orchestrating process' children
 
-    from surgery_edge.bench.env import environment
-    from surgery_edge.bench.roofline import measure_rates, smi_gpu_names
+    from surgery_edge.bench.env import environment  # deferred: it imports torch too
+    from surgery_edge.bench.roofline import measure_rates, smi_gpu_names  # tests patch roofline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(device)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
+from surgery_edge.bench.proc import PeakRSS
 
 RSS, CUDA = "rss", "cuda-max-allocated"
 
@@ -55,50 +54,11 @@ class MemorySpec:
     concurrent_workers: int = 1  # the ONNX Runtime path: sessions run at once
 
 
-def _peak_since_reset() -> int | None:
-    """The kernel's high-water mark of this process's RSS (``VmHWM`` in ``/proc/self/status``,
-    bytes), if readable. psutil (7.2) reports the current RSS but not this peak, nor resets it
-    (its issue #1540), so this one field is read here."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-class PeakRSS:
-    """The process's peak RSS from a starting point: Linux resets the high-water mark when
-    ``5`` is written to ``/proc/self/clear_refs``; elsewhere the lifetime peak (``ru_maxrss``)
-    is all there is, and ``since_reset`` says which one was read."""
-
-    def __init__(self) -> None:
-        self.since_reset = False
-
-    def reset(self) -> None:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.since_reset = _peak_since_reset() is not None
-        except OSError:
-            self.since_reset = False
-
-    def now(self) -> int:
-        """The resident set size now, in bytes."""
-        return psutil.Process().memory_info().rss
-
-    def peak(self) -> int:
-        """The peak resident set size since :meth:`reset` (or the process's lifetime), bytes."""
-        if self.since_reset:
-            return _peak_since_reset() or 0
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def measure_onnx(spec: MemorySpec) -> dict[str, Any]:
     """Peak RSS of ONNX Runtime sessions over the engines in ``spec.onnx_files`` (no torch)."""
     import numpy as np  # deferred: the child imports only what this path needs
 
-    from surgery_edge.runtime.backends import OnnxBackend
+    from surgery_edge.runtime.backends import OnnxBackend  # deferred: as numpy
 
     rss = PeakRSS()
     baseline = rss.now()
@@ -135,6 +95,7 @@ def measure_torch(spec: MemorySpec) -> dict[str, Any]:
 
     import torch
 
+    # deferred: the child that measures PyTorch alone imports the model stack (and torch)
     from surgery_edge.bench.runners import ArchBench, Workload
     from surgery_edge.bench.workloads import DTYPES, Inputs, Parts, build_all
     from surgery_edge.models import get_arch

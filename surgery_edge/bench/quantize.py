@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from surgery_edge.bench.env import environment
+from surgery_edge.bench.proc import loadavg_text
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ExportError
@@ -50,7 +51,7 @@ from surgery_edge.export.quantize import (
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
 from surgery_edge.run.engines import MERGE
 from surgery_edge.run.export import expert_model
-from surgery_edge.run.pipeline import Run, adaptation_split, prepare_suite
+from surgery_edge.run.state import Run, adaptation_split, prepare_suite
 from surgery_edge.runtime.backends import OnnxBackend
 from surgery_edge.runtime.predictor import Predictor
 from surgery_edge.runtime.preprocess import preprocess
@@ -316,7 +317,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "threads": args.threads,
         "calibration_images_per_task": args.calibration_images,
         "min_agreement": MIN_AGREEMENT,
-        "loadavg": _loadavg(),
+        "loadavg": loadavg_text(),
         "environment": env,
         "engines": results,
     }
@@ -363,13 +364,6 @@ def targets(engine: dict[str, Any], int8_recipe: str = "ort-dynamic") -> dict[st
 def _worst(row: dict[str, Any], engine: dict[str, Any]) -> float:
     """The largest per-task change (points, either way) of a row against the PyTorch model."""
     return max(abs(row["per_task"][t] - engine["pytorch"][t]) for t in row["per_task"])
-
-
-def _loadavg() -> str | None:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return None
 
 
 def markdown(record: dict[str, Any]) -> str:

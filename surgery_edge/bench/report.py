@@ -303,6 +303,7 @@ def _ratio_sections(derived: dict[str, Any]) -> list[str]:
             x["kind"],
             f"{100 * x['overhead']:+.1f}%",
             f"{100 * x['flops_floor']:+.1f}%",
+            "⚠ below its floor: do not cite" if x.get("below_floor") else "",
         ]
         for engine, xs in over["rows"].items()
         for x in xs
@@ -311,7 +312,7 @@ def _ratio_sections(derived: dict[str, Any]) -> list[str]:
         lines += ["", "## Routed latency over the bare merged backbone", ""]
         if over["note"]:
             lines += [f"({over['note']})", ""]
-        lines += table(["engine", "B", "paths", "kind", "overhead", "FLOPs floor"], rows)
+        lines += table(["engine", "B", "paths", "kind", "overhead", "FLOPs floor", "flag"], rows)
     peak = derived["merged_peak_fraction"]
     if peak:
         lines += ["", "## Merged backbone against the dense peak", ""]

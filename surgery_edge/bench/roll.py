@@ -51,15 +51,10 @@ import numpy as np
 import psutil
 
 from surgery_edge.bench.env import environment
+from surgery_edge.bench.proc import cpu_seconds, package_version, server_processes
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
-from surgery_edge.bench.serve import (
-    _cpu_seconds,
-    _free_port,
-    _percentile,
-    _Requests,
-    _version,
-    server_processes,
-)
+from surgery_edge.bench.serve_load import Requests
+from surgery_edge.bench.serve_measure import free_port, percentile
 from surgery_edge.errors import SurgeryEdgeError
 from surgery_edge.surgery.methods import SURGERY_V2
 
@@ -126,7 +121,7 @@ class _CpuSampler:
                 self.born.setdefault(pid, now if self.samples else -math.inf)  # there before
             machine = psutil.cpu_times()
             busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
-            self.samples.append((now, {p: _cpu_seconds([p]) for p in self.models}, busy))
+            self.samples.append((now, {p: cpu_seconds([p]) for p in self.models}, busy))
             if self._stop.wait(self._period_s):
                 return
 
@@ -220,8 +215,8 @@ def run_roll_bench(
         write_repository(engines[k % len(engines)], folder, options)
 
     publish(0)
-    options = ServeOptions(http_port=_free_port(), grpc_port=_free_port(),
-                           metrics_port=_free_port(), name=name, max_batch=cfg.max_batch,
+    options = ServeOptions(http_port=free_port(), grpc_port=free_port(),
+                           metrics_port=free_port(), name=name, max_batch=cfg.max_batch,
                            max_queue_delay_us=cfg.max_queue_delay_us, device="cpu",
                            threads=cfg.threads, instances=cfg.instances, task_models=False,
                            drain_timeout_s=5, startup_timeout_s=600)  # fmt: skip
@@ -233,7 +228,7 @@ def run_roll_bench(
         log(f"serving version {server.version}: {meta.tasks} ({meta.precision})")
         size = meta.preprocessing.image_size
         image = np.random.default_rng(cfg.seed).normal(size=(1, 3, size, size))
-        requests = _Requests(grpc, server.metadata, image.astype(np.float32))
+        requests = Requests(grpc, server.metadata, image.astype(np.float32))
 
         def route(rng: np.random.Generator) -> list[tuple[str, int]]:
             return [(name, int(rng.integers(common)))]
@@ -284,11 +279,11 @@ def run_roll_bench(
                 publish_s=published_end - published_at,
                 roll_s=served[version] - published_at,
                 steady_requests=len(steady),
-                steady_p50_ms=_percentile(steady, 50),
-                steady_p99_ms=_percentile(steady, 99),
+                steady_p50_ms=percentile(steady, 50),
+                steady_p99_ms=percentile(steady, 99),
                 roll_requests=len(during),
-                roll_p50_ms=_percentile(during, 50),
-                roll_p99_ms=_percentile(during, 99),
+                roll_p50_ms=percentile(during, 50),
+                roll_p99_ms=percentile(during, 99),
                 roll_max_ms=during[-1] if during else None,
                 failed=steady_failed + roll_failed,
                 steady_server_cores=steady_cores[0],
@@ -305,11 +300,11 @@ def run_roll_bench(
         "failed": sum(1 for *_, ok in done if not ok),
         "seconds": done[-1][1] - done[0][0] if done else 0.0,
         "steady_requests": len(steady_all),
-        "steady_p50_ms": _percentile(steady_all, 50),
-        "steady_p99_ms": _percentile(steady_all, 99),
+        "steady_p50_ms": percentile(steady_all, 50),
+        "steady_p99_ms": percentile(steady_all, 99),
         "roll_requests": len(roll_all),
-        "roll_p50_ms": _percentile(roll_all, 50),
-        "roll_p99_ms": _percentile(roll_all, 99),
+        "roll_p50_ms": percentile(roll_all, 50),
+        "roll_p99_ms": percentile(roll_all, 99),
         "load_tasks": list(meta.tasks[:common]),  # what the load asks for
         "task_counts": [len(read_onnx_metadata(e).tasks) for e in engines],
     }
@@ -327,7 +322,7 @@ def run_roll_bench(
 
 async def _load_until(
     url: str,
-    requests: _Requests,
+    requests: Requests,
     route: Callable,
     concurrency: int,
     stopping: threading.Event,
@@ -499,7 +494,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "benchmark": "serve-roll",
         "command": command_line(argv, prog or f"{__name__}.main"),
         "environment": environment("cpu"),
-        "pytriton": _version("nvidia-pytriton"),
+        "pytriton": package_version("nvidia-pytriton"),
         "loadavg_before": loadavg_before,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "arch": arch,

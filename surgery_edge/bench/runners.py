@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from surgery_edge import kernels
-from surgery_edge.bench.choices import ALL_TASKS, ONE_EXPERT
+from surgery_edge.bench.choices import ALL_TASKS, ONE_EXPERT, ONE_GRAPH
+from surgery_edge.bench.one_graph import compose_experts
 from surgery_edge.bench.timing import cuda_graph
 from surgery_edge.bench.workloads import (
     Inputs,
@@ -336,8 +337,12 @@ class Workload:
         return [self.trt]
 
     def onnx_file(self) -> Path:
-        """The workload's model exported once by ``export_onnx`` (in its dtype)."""
+        """The workload's model exported once by ``export_onnx`` (in its dtype); for the
+        experts as one graph, their engines composed."""
         path = self.bench.folder / f"{self.config}-{self.mode}.onnx"
+        if self.config == ONE_GRAPH and not path.exists():
+            files = self.bench.expert_files(self.model)
+            compose_experts(dict(zip(self.bench.tasks, files)), path)
         if not path.exists():
             precision = precision_of(next(self.model.parameters()).dtype)
             export_onnx(self.model, path, self.mode, precision, check=False)  # checked later

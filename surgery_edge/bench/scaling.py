@@ -30,6 +30,7 @@ import torch
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.flops import task_classes
 from surgery_edge.bench.plots import plain_scale, plain_ticks, save
+from surgery_edge.bench.proc import loadavg_text
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.timing import TIMER, Contestant, interleaved
 from surgery_edge.engine_format import EngineMode
@@ -81,13 +82,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="folder for the JSON, Markdown and plot")
     return p
-
-
-def _loadavg() -> str | None:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return None
 
 
 class _Timer:
@@ -200,7 +194,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     if args.rounds < 1 or args.max_seconds <= 0:
         raise SystemExit("--rounds must be at least 1 and --max-seconds above 0")
     torch.set_num_threads(max(1, args.threads))
-    load_before, start = _loadavg(), time.perf_counter()
+    load_before, start = loadavg_text(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         timer = _Timer(args, Path(tmp))
         rows = [measure_tasks(timer, T) for T in counts]
@@ -226,7 +220,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "timer": f"{TIMER}, median per call over {args.rounds} interleaved rounds",
         "command": command_line(argv, prog or f"{__name__}.main"),
         "loadavg_before": load_before,
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg_text(),
         "seconds": round(time.perf_counter() - start, 1),
         "environment": env,
         "goals": goals,

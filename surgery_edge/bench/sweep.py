@@ -54,6 +54,7 @@ from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.trainer import (
     SurgeryConfig,
     TaskTargets,
+    TrainingHooks,
     schedule_length,
     train_surgery,
 )
@@ -203,8 +204,7 @@ def _train_now(run, merge: str, cfg: SurgeryConfig, targets, snapshots, score, t
         replace(cfg, steps=max(snapshots), checkpoint_every=0),
         tmp / f"{merge}-{cfg.method}.safetensors",
         run.device,
-        on_update=on_update,
-        log=lambda *a: None,
+        hooks=TrainingHooks(on_update=on_update, log=lambda *a: None),
     )
     return points, time.perf_counter() - start
 
@@ -345,7 +345,8 @@ def _expert_accuracy(run, task: str) -> float:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """Parse ``argv``, tune, choose, compare; write the record, the report and the plot."""
-    from surgery_edge.run.pipeline import Run, adaptation_split, training_targets  # deferred
+    from surgery_edge.run.state import Run, adaptation_split  # deferred: the training stack
+    from surgery_edge.run.surgery import training_targets  # deferred: the training stack
 
     args = build_parser(prog).parse_args(argv)
     if not 0.0 < args.holdout < 1.0:

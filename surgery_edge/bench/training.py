@@ -32,7 +32,7 @@ from surgery_edge.bench.timing import sync
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.methods import surgery_names
 from surgery_edge.surgery.targets import representations
-from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
+from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, TrainingHooks, train_surgery
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def bench(cfg: TrainBenchConfig) -> TrainBenchResult:
             surgery_cfg,
             Path(tmp) / "a.safetensors",
             device,
-            on_step=on_step,
+            hooks=TrainingHooks(on_step=on_step),
         )
     measured = np.diff(times[cfg.warmup - 1 :]) if cfg.warmup else np.diff(times)
     q1, median, q3 = (float(np.percentile(measured, q)) * 1e3 for q in (25, 50, 75))

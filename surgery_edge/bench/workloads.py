@@ -13,6 +13,9 @@ The baselines a careful engineer would build instead, each holding eight experts
 
 * ``experts``: eight separate experts (ImageEncoder + head each), one after another on the batch
   (all-tasks), or each on the images routed to its task (routed);
+* ``experts-one-graph``: the eight experts' exported engines composed into one ONNX graph
+  (:mod:`~surgery_edge.bench.one_graph`): one call answers every task, on the exported paths
+  (ONNX Runtime, TensorRT) only, all-tasks only: the fairest baseline of the engines there;
 * ``experts-concurrent``: the same eight modules run at once: on the CPU in a pool of as many
   threads as the engine has intra-op threads, each expert single-threaded (the same cores as
   the engine); on the GPU one CUDA stream per expert;
@@ -44,6 +47,7 @@ from surgery_edge.bench.choices import (  # the names, torch-free for the comman
     MERGED,
     MODES,
     ONE_EXPERT,
+    ONE_GRAPH,
     PATHS,
     ROUTED,
 )
@@ -59,6 +63,7 @@ CONFIG_LABELS = {
     "experts": "8 separate experts, one after another",
     "experts-concurrent": "8 separate experts at once (CPU: a thread each, on the engine's "
     "cores; GPU: a CUDA stream each)",
+    ONE_GRAPH: "8 experts as one model (their engines in one ONNX graph, one call)",
     "experts-vmap": "8 experts stacked and vmapped into one call "
     "(torch.func.stack_module_state + functional_call)",
     ONE_EXPERT: "one expert alone, its own task only (the reference for the eight experts' "
@@ -75,7 +80,7 @@ CONFIG_LABELS = {
 def config_modes(config: str) -> tuple[str, ...]:
     """The modes ``config`` is benchmarked in: V1 is an all-tasks engine, the stacked experts
     and one expert answer every image for all their tasks; the rest run both modes."""
-    if config in ("experts-vmap", ONE_EXPERT):
+    if config in ("experts-vmap", ONE_EXPERT, ONE_GRAPH):
         return (ALL_TASKS,)
     if config in ENGINES and not get_surgery(config).every_block:
         return (ALL_TASKS,)
@@ -92,7 +97,7 @@ class EngineBenchConfig:
 
     ``rank_v2=None`` means the paper's choice: rank 4 for ViT-L, otherwise ``rank``.
     ``peak_tflops`` is the dense fp16 peak the %-of-peak column divides by (None: no such
-    column; ``engine.with_device_peaks`` fills it from the GPU's datasheet, with
+    column; ``engine_config.with_device_peaks`` fills it from the GPU's datasheet, with
     ``peak_source`` saying where it came from); it is ignored on the CPU. Each (mode, batch) is
     one group: its configurations and paths are timed in ``rounds`` interleaved rounds
     (ABCABC...), each round one block of calls of every contestant lasting about
@@ -204,7 +209,7 @@ def applicable(path: str, config: str) -> bool:
         return config in ENGINES
     if path in ("onnxruntime", "tensorrt"):
         return config != "experts-vmap"  # vmap is a PyTorch program, not an exported engine
-    return True
+    return config != ONE_GRAPH  # an exported graph; in PyTorch it is the experts' program
 
 
 def answers_per_call(config: str, mode: str, batch: int, num_tasks: int) -> int:
@@ -397,9 +402,9 @@ def build_all(
     models: dict[str, nn.Module] = {}
     experts = None
     for config in configs:
-        if config in ("experts", "experts-concurrent", ONE_EXPERT, "experts-vmap"):
+        if config in ("experts", "experts-concurrent", ONE_EXPERT, "experts-vmap", ONE_GRAPH):
             experts = experts or _experts(parts, device, dtype)
-        if config in ("experts", "experts-concurrent"):
+        if config in ("experts", "experts-concurrent", ONE_GRAPH):
             models[config] = experts
         elif config == ONE_EXPERT:
             models[config] = OneExpert(experts).eval()

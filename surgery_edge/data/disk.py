@@ -7,11 +7,12 @@ streamed into ``<cache_dir>/<task>-<split>-<key>.x.npy`` / ``.y.npy`` and return
 the key hashes everything the arrays depend on (the files' names, sizes and mtimes, the image
 size, the adapt sample's seed), so a changed dataset is decoded again and an unchanged one never.
 
-Preprocessing is CLIP's eval transform done in PIL (:func:`preprocess_image`, the runtime's own
-code): resize the shorter side to S with bicubic filtering in the image's own mode, center-crop
-S x S with torchvision's rounding, convert to RGB. ``ToTensor`` of a uint8 PIL image is exact,
-so caching the uint8 crop and scaling it later gives the same tensor as open_clip's
-``preprocess`` and as an exported engine's runtime.
+Preprocessing is CLIP's eval transform done in PIL (:func:`~.decoded.preprocess_image`, the
+runtime's code): resize the shorter side to S with bicubic filtering in the image's own mode,
+center-crop S x S with torchvision's rounding, convert to RGB. ``ToTensor`` of a uint8 PIL image
+is exact, so caching the uint8 crop and scaling it later gives the same tensor as open_clip's
+``preprocess`` and as an exported engine's runtime. The cache itself is
+:mod:`surgery_edge.data.decoded`.
 
 Two sources:
 - ``folder``: ``<path>/train/<class>/*``, ``<path>/test/<class>/*`` and optionally
@@ -24,15 +25,10 @@ Two sources:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import struct
-import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +37,12 @@ import numpy as np
 from PIL import Image
 
 from surgery_edge.data import tv_files
+from surgery_edge.data.decoded import Loader, Split, empty, sample
 from surgery_edge.data.suite import TaskData
 from surgery_edge.errors import ConfigError, DataError
-from surgery_edge.io import Walk, atomic_path, not_a_file, not_a_folder, walk_files
-from surgery_edge.progress import progress_bar
+from surgery_edge.io import Walk, not_a_file, not_a_folder, walk_files
 from surgery_edge.runtime.inputs import IMAGE_EXTENSIONS
-from surgery_edge.runtime.preprocess import open_image_file, resize_crop
+from surgery_edge.runtime.preprocess import open_image_file
 
 SOURCES = ("folder", "torchvision")
 TORCHVISION_DATASETS = (
@@ -98,8 +94,6 @@ _UNSPLIT = ("SUN397", "EuroSAT")  # no official test split: split_indices() make
 # The split of SUN397/EuroSAT is fixed, not drawn from the run's seed: experts fine-tuned in
 # one run must never be evaluated on their own training images in a run with another seed.
 _SPLIT_SEED = 0
-_CACHE_VERSION = "disk-v2"  # bump when preprocessing or the cache layout changes
-_NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place (see _npy_header)
 _UNLABELLED = -1
 
 
@@ -129,13 +123,6 @@ class DiskTask:
     class_names: Path | None = None
     test_fraction: float = 0.2
     split_lists: tuple[tuple[str, Path], ...] = ()
-
-
-def preprocess_image(image: Image.Image, size: int) -> np.ndarray:  # (size, size, 3) uint8
-    """CLIP's eval transform up to ``ToTensor``: the shorter side to ``size`` (bicubic), centre
-    crop, RGB; the runtime's own :func:`~surgery_edge.runtime.preprocess.resize_crop`, so the
-    cache holds exactly what an exported engine is fed."""
-    return resize_crop(image, size)
 
 
 def load_class_names(path: Path) -> list[str] | dict[str, str]:
@@ -213,7 +200,7 @@ def load_disk_task(
             f"Task {task.name!r} has no path; give the task's folder (folder source) or the "
             "dataset root (torchvision source)."
         )
-    loader = _Loader(task, image_size, Path(cache_dir), log, workers)
+    loader = Loader(task, image_size, Path(cache_dir), log, workers)
     if task.source == "folder":
         return _load_folder_task(loader, seed, n_adapt, need_train)
     return _load_torchvision_task(loader, seed, n_adapt, need_train)
@@ -222,7 +209,7 @@ def load_disk_task(
 # --- folder source ---------------------------------------------------------------------------
 
 
-def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool) -> TaskData:
+def _load_folder_task(loader: Loader, seed: int, n_adapt: int, need_train: bool) -> TaskData:
     task = loader.task
     root = Path(task.path).expanduser().resolve()
     layout = f"{root}/test/<class>/<images>, optionally train/<class>/<images> and adapt/<images>"
@@ -246,9 +233,9 @@ def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool
     else:
         class_names = [f.replace("_", " ") for f in folders]
 
-    def folder_split(split: str, folder: Path, files: list[tuple[Path, int]], **key) -> _Split:
+    def folder_split(split: str, folder: Path, files: list[tuple[Path, int]], **key) -> Split:
         listing = [_file_identity(p, root) for p, _ in files]
-        return _Split(
+        return Split(
             split,
             str(folder),
             files,
@@ -258,12 +245,12 @@ def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool
         )
 
     test_x, test_y = loader.load(folder_split("test", test_dir, test_files))
-    train_x, train_y = _empty(loader.image_size)
+    train_x, train_y = empty(loader.image_size)
     if need_train:
         train_x, train_y = loader.load(folder_split("train", train_dir, train_files))
 
     adapt_dir = root / "adapt"
-    adapt_x = _empty(loader.image_size)[0]
+    adapt_x = empty(loader.image_size)[0]
     if adapt_dir.is_dir():
         adapt_files = [(p, _UNLABELLED) for p in _image_files(adapt_dir, task.name)]
         if not adapt_files:
@@ -273,7 +260,7 @@ def _load_folder_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool
             )
         adapt_x = loader.load(folder_split("adapt", adapt_dir, adapt_files))[0]
     elif train_files and n_adapt > 0:
-        chosen = _sample(len(train_files), n_adapt, seed)
+        chosen = sample(len(train_files), n_adapt, seed)
         # The key hashes the whole train listing: the sample depends on all of it.
         split = folder_split("adapt", train_dir, train_files, seed=seed, n_adapt=n_adapt)
         split.items = [(train_files[i][0], _UNLABELLED) for i in chosen]
@@ -440,7 +427,7 @@ def _open_image_file(item: tuple[Path, int]) -> tuple[Image.Image, int]:
 # --- torchvision source ----------------------------------------------------------------------
 
 
-def _load_torchvision_task(loader: _Loader, seed: int, n_adapt: int, need_train: bool) -> TaskData:
+def _load_torchvision_task(loader: Loader, seed: int, n_adapt: int, need_train: bool) -> TaskData:
     task = loader.task
     name = task.dataset
     if name not in TORCHVISION_DATASETS:
@@ -465,10 +452,10 @@ def _load_torchvision_task(loader: _Loader, seed: int, n_adapt: int, need_train:
             return dataset, _split_indices(len(dataset), task.test_fraction)[split]
         return dataset, list(range(len(dataset)))
 
-    def tv_split(split: str, dataset: Any, indices: list[int], **key) -> _Split:
+    def tv_split(split: str, dataset: Any, indices: list[int], **key) -> Split:
         if name in _UNSPLIT:
             key.update(test_fraction=task.test_fraction, split_seed=_SPLIT_SEED)
-        return _Split(
+        return Split(
             split,
             f"torchvision {name} ({split}) at {root}",
             indices,
@@ -487,14 +474,14 @@ def _load_torchvision_task(loader: _Loader, seed: int, n_adapt: int, need_train:
         class_names = base
 
     test_x, test_y = loader.load(tv_split("test", test_ds, test_idx))
-    train_x, train_y = _empty(loader.image_size)
+    train_x, train_y = empty(loader.image_size)
     adapt_x = train_x
     if need_train or n_adapt > 0:
         train_ds, train_idx = split_of("train")
         if need_train:
             train_x, train_y = loader.load(tv_split("train", train_ds, train_idx))
         if n_adapt > 0 and train_idx:
-            chosen = [train_idx[i] for i in _sample(len(train_idx), n_adapt, seed)]
+            chosen = [train_idx[i] for i in sample(len(train_idx), n_adapt, seed)]
             split = tv_split("adapt", train_ds, chosen, seed=seed, n_adapt=n_adapt)
             adapt_x = loader.load(split)[0]
     return TaskData(task.name, class_names, train_x, train_y, adapt_x, test_x, test_y)
@@ -592,134 +579,3 @@ def _preview(items: Sequence[str], limit: int = 5) -> str:
         return "none"
     shown = ", ".join(repr(i) for i in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-# --- decoding and the cache ------------------------------------------------------------------
-
-
-@dataclass
-class _Split:
-    """One split to decode: its items, how to load and name one, and what its cache key hashes."""
-
-    name: str  # train | adapt | test
-    where: str  # for messages
-    items: Sequence[Any]
-    load: Callable[[Any], tuple[Image.Image, int]]
-    describe: Callable[[Any], str]
-    key: dict[str, Any]
-
-
-@dataclass
-class _Loader:
-    task: DiskTask
-    image_size: int
-    cache_dir: Path
-    log: Callable[[str], Any]
-    workers: int
-
-    def load(self, split: _Split) -> tuple[np.ndarray, np.ndarray]:
-        """The split's (images, labels), memory-mapped from the cache; decoded on a miss."""
-        key_parts = dict(split.key, version=_CACHE_VERSION, split=split.name, size=self.image_size)
-        blob = json.dumps(key_parts, sort_keys=True, default=str).encode()
-        key = hashlib.sha1(blob).hexdigest()[:12]
-        stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', self.task.name)}-{split.name}-{key}"
-        x_path = self.cache_dir / f"{stem}.x.npy"
-        y_path = self.cache_dir / f"{stem}.y.npy"
-        cached = self._open_cached(x_path, y_path)
-        if cached is not None:
-            return cached
-        self._decode(split, x_path, y_path)
-        return np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
-
-    def _open_cached(self, x_path: Path, y_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-        if not (x_path.is_file() and y_path.is_file()):
-            return None
-        try:
-            x, y = np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
-        except (OSError, ValueError, EOFError):  # EOFError: an empty file
-            return None  # damaged by hand: decode again, which replaces both files
-        size = self.image_size
-        if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3) or y.shape != x.shape[:1]:
-            return None
-        return x, y
-
-    def _decode(self, split: _Split, x_path: Path, y_path: Path) -> None:
-        """Decode ``split`` in threads, in order, streaming the images into ``x_path``.
-
-        Images are written as they come, under a header rewritten at the end with the count of
-        readable ones, so a split larger than memory never has to be held whole.
-        """
-        start = time.perf_counter()
-        size = self.image_size
-        labels: list[int] = []
-        failures: list[str] = []
-        chunk = 32 * self.workers  # bounds how many decoded images wait in memory
-
-        def decode(item: Any) -> tuple[np.ndarray | None, int | str]:
-            try:
-                image, label = split.load(item)
-                return preprocess_image(image, size), label
-            except Exception as e:  # any failure marks this one image unreadable
-                return None, f"{split.describe(item)} ({type(e).__name__}: {e})"
-
-        with (
-            atomic_path(x_path) as tmp,
-            open(tmp, "wb") as f,
-            ThreadPoolExecutor(self.workers) as pool,
-        ):
-            f.write(_npy_header((len(split.items), size, size, 3)))
-            bar_name = f"decode {self.task.name} {split.name}"
-            with progress_bar(len(split.items), bar_name) as bar:
-                for begin in range(0, len(split.items), chunk):
-                    batch = split.items[begin : begin + chunk]
-                    for image, label in pool.map(decode, batch):
-                        if image is None:
-                            failures.append(label)
-                        else:
-                            f.write(image.tobytes())
-                            labels.append(label)
-                    bar.advance(len(batch))
-            if not labels:
-                raise DataError(
-                    f"Task {self.task.name!r}: none of the {len(split.items)} images of "
-                    f"{split.where} could be read, e.g. {'; '.join(failures[:3])}. Check that "
-                    "these files are images Pillow can open."
-                )
-            if failures:
-                f.seek(0)
-                f.write(_npy_header((len(labels), size, size, 3)))
-        with atomic_path(y_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.asarray(labels, dtype=np.int64))
-        if failures:
-            warnings.warn(
-                f"Task {self.task.name!r}: skipped {len(failures)} unreadable image(s) of "
-                f"{len(split.items)} in {split.where}, e.g. {'; '.join(failures[:3])}.",
-                stacklevel=2,
-            )
-        self.log(
-            f"{self.task.name}: decoded {len(labels)} {split.name} images at {size}px from "
-            f"{split.where} into {x_path} ({time.perf_counter() - start:.1f} s)"
-        )
-
-
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """A .npy (format 1.0) header for C-order uint8 data of ``shape``, always 128 bytes long.
-
-    The fixed length lets the header be rewritten in place once the count of readable images is
-    known. The layout is numpy's documented one: magic, version, little-endian uint16 length,
-    then a space-padded dict literal ending in a newline.
-    """
-    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
-    text = text.ljust(_NPY_HEADER_BYTES - 11) + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
-
-
-def _sample(n: int, k: int, seed: int) -> list[int]:
-    """``min(k, n)`` distinct indices of ``range(n)`` drawn with ``seed``, sorted."""
-    if k >= n:
-        return list(range(n))
-    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
-
-
-def _empty(size: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)

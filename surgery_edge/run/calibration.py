@@ -56,7 +56,7 @@ def calibration_set(
     Args:
         suite: the run's data.
         split: ``adapt``, or ``test`` for a transductive run (the unlabelled images surgery
-            learned from; :func:`surgery_edge.run.pipeline.adaptation_split`).
+            learned from; :func:`surgery_edge.run.state.adaptation_split`).
         tasks: the engine's tasks; task id ``t`` is ``tasks[t]``.
         preprocessing: the engine's (the runtime applies it).
         per_task: images per task to calibrate on.

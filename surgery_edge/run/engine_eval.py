@@ -20,7 +20,7 @@ from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.evaluation.accuracy import accuracy_on
 from surgery_edge.evaluation.engine import LATENCY_BATCHES, engine_report, split_images
 from surgery_edge.run.layout import RunLayout
-from surgery_edge.run.pipeline import Run, prepare_suite
+from surgery_edge.run.state import Run, prepare_suite
 from surgery_edge.runtime.predictor import load
 from surgery_edge.surgery.model import MultiTaskModel
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -41,11 +41,9 @@ from surgery_edge.io import fingerprint, write_json_atomic
 from surgery_edge.merging import task_arithmetic
 from surgery_edge.progress import progress_bar
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
+from surgery_edge.run.state import Run, unlabelled_split
 from surgery_edge.surgery.methods import SINGLE_EXPERT, SURGERY, SURGERY_V2, method_engines
 from surgery_edge.surgery.model import MultiTaskModel
-
-if TYPE_CHECKING:
-    from surgery_edge.run.pipeline import Run
 
 MERGE = task_arithmetic.NAME  # the merge every engine of the demo is exported from
 _P = Precision
@@ -75,12 +73,6 @@ def _single_expert_model(run: Run) -> tuple[MultiTaskModel, str]:
     return run.layout.model(expert, None, [task], run.arch, "cpu", fresh=True), task
 
 
-def _calibration_split(run: Run) -> str:
-    # surgery's unlabelled split, as surgery_edge.run.pipeline.adaptation_split decides it
-    # (calibration_set refuses an empty one with a message)
-    return "test" if run.config.surgery.transductive else "adapt"
-
-
 def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, Any]:
     """Export the demo engines into ``out_dir`` and measure them; returns a JSON-able dict.
 
@@ -106,7 +98,7 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
     per_task = None if run.config.builtin else 256
     images, task_ids, _ = suite_test_split(run.suite, run.tasks, per_task, run.config.seed)
     data = split_images(run.suite, run.tasks, "test", per_task, run.config.seed)
-    split = _calibration_split(run)
+    split = unlabelled_split(run.config)  # calibration_set refuses an empty one, with advice
     result: dict[str, Any] = {
         "arch": run.arch.name,
         "tasks": run.tasks,

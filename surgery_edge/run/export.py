@@ -42,7 +42,7 @@ from surgery_edge.run.calibration import (
     check_calibration_images,
 )
 from surgery_edge.run.layout import RunLayout
-from surgery_edge.run.pipeline import Run, prepare_suite
+from surgery_edge.run.state import Run, prepare_suite, unlabelled_split
 from surgery_edge.runtime.backends import import_tensorrt
 from surgery_edge.surgery.methods import SURGERY_V2
 from surgery_edge.surgery.model import MultiTaskModel
@@ -91,50 +91,66 @@ def quant_recipe(precision: Precision, quantizer: str = "auto", trt: bool = Fals
     return QuantRecipe(precision, chosen, calibration_method=method)
 
 
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which model an engine holds and how it runs."""
+
+    merge: str = "task_arithmetic"  # the merged backbone
+    surgery: str = SURGERY_V2  # its adapters ("none": the merge alone)
+    mode: EngineMode = EngineMode.ROUTED  # routed or all-tasks
+    # fp32, fp16, int8 or fp8: int8 and fp8 quantise the fp32 engine
+    # (surgery_edge.export.quantize), for ONNX Runtime, or for TensorRT when a plan is built
+    # (the ONNX is then TensorRT's QDQ input); AOTInductor takes fp32 and fp16 only
+    precision: Precision = Precision.FP32
+    # this task's expert alone (one task, its own head) instead of a merge: the baseline every
+    # multi-task engine is compared with
+    expert: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineFiles:
+    """What an export writes; with none of the engine files given,
+    ``RUN/engines/<merge>-<surgery>-<mode>[-<precision>].onnx``."""
+
+    onnx: str | os.PathLike | None = None
+    aoti: str | os.PathLike | None = None  # an AOTInductor package (.pt2)
+    trt: str | os.PathLike | None = None  # a TensorRT engine, built from the exported ONNX
+    # also a Triton Inference Server model repository holding the TensorRT plan when one is
+    # built, else the ONNX engine (an ONNX engine is then written)
+    triton_repo: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How the engine files are made."""
+
+    trt: TrtOptions = TrtOptions()
+    triton: TritonOptions | None = None  # None: TritonOptions' defaults
+    # adaptation images per task to calibrate on (as many again are held out to check the
+    # quantised engine against the fp32 one)
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    quantizer: str = "auto"  # the measured choice for the target, or a quantiser's name
+
+
 def export_run(
     run_dir: str | os.PathLike,
-    merge: str = "task_arithmetic",
-    surgery: str = SURGERY_V2,
-    mode: EngineMode = EngineMode.ROUTED,
-    onnx: str | os.PathLike | None = None,
-    precision: Precision = Precision.FP32,
-    aoti: str | os.PathLike | None = None,
-    trt: str | os.PathLike | None = None,
-    trt_options: TrtOptions | None = None,
+    choice: EngineChoice = EngineChoice(),
+    files: EngineFiles = EngineFiles(),
+    settings: ExportSettings = ExportSettings(),
     device: str | None = None,
-    expert: str | None = None,
-    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
-    quantizer: str = "auto",
     overwrite: bool = False,
-    triton_repo: str | os.PathLike | None = None,
-    triton_options: TritonOptions | None = None,
 ) -> dict[str, Path]:
     """Export one engine of a run to ONNX, AOTInductor and/or TensorRT, and optionally a Triton
     Inference Server model repository holding it.
 
     Args:
         run_dir: the run directory.
-        merge, surgery: the merged backbone and its adapters (``surgery="none"``: the merge).
-        mode: ``routed`` or ``all-tasks``.
-        onnx, aoti, trt: the files to write; with none given,
-            ``RUN/engines/<merge>-<surgery>-<mode>[-<precision>].onnx``.
-        precision: ``fp32``, ``fp16``, ``int8`` or ``fp8``. int8 and fp8 quantise the fp32
-            engine (:mod:`surgery_edge.export.quantize`), for ONNX Runtime, or for TensorRT when
-            ``trt`` is given (the ONNX is then TensorRT's QDQ input). AOTInductor takes fp32 and
-            fp16 only.
-        trt_options: TensorRT build settings.
+        choice, files, settings: what to export, into which files, and how.
         device: where the model is built and ``.pt2`` packages compiled.
-        expert: export this task's expert alone (one task, its own head) instead of a merge:
-            the baseline every multi-task engine is compared with.
-        calibration_images: adaptation images per task to calibrate on (as many again are held
-            out to check the quantised engine against the fp32 one).
-        quantizer: ``auto`` (the measured choice for the target) or a quantiser's name.
         overwrite: replace an existing engine made from other checkpoints or settings (a file
-            that is not an engine is never replaced).
-        triton_repo, triton_options: also write a Triton model repository holding the TensorRT
-            plan when one is built, else the ONNX engine (an ONNX engine is then written). A
-            model folder of that name that ``triton-repo`` wrote gets the engine as its next
-            version (``MODEL/2``, ...); any other is refused.
+            that is not an engine is never replaced). A model folder of the Triton repository
+            that ``triton-repo`` wrote gets the engine as its next version (``MODEL/2``, ...);
+            any other is refused.
 
     TensorRT and Triton settings, TensorRT's availability, the precision's support, the
     calibration data and every output path are all checked before any export work.
@@ -145,7 +161,40 @@ def export_run(
     """
     layout = RunLayout.open(run_dir)
     run_device = resolve_device(device or layout.read_config().device)
-    opts = trt_options or TrtOptions()
+    plan = _plan(layout, choice, files, settings)
+    model, extra = _model_to_export(layout, choice, plan, run_device)
+    _refuse_other_engines(plan, choice, extra, overwrite)
+    calibration = None
+    # int8 and fp8 calibrate on adaptation images; they and fp16 are checked against fp32 on
+    # held-out ones before they are written (surgery_edge.export.quantize.gate)
+    if plan.recipe is not None or (plan.precision is Precision.FP16 and plan.onnx is not None):
+        calibration = _calibration(layout, model, settings.calibration_images)
+    return _write(model, extra, plan, settings.trt, calibration, run_device)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """An export, checked: its mode and precision, quantisation recipe, Triton settings and
+    the files it writes (``targets``: each with what it is and a test that a file is one)."""
+
+    mode: EngineMode
+    precision: Precision
+    recipe: QuantRecipe | None
+    triton: TritonOptions | None
+    onnx: Path | None
+    files: EngineFiles
+    targets: tuple
+
+
+def _plan(
+    layout: RunLayout,
+    choice: EngineChoice,
+    files: EngineFiles,
+    settings: ExportSettings,
+) -> _Plan:
+    """Everything that can be checked before any export work."""
+    mode, precision = choice.mode, choice.precision  # typed by the caller (the CLI)
+    aoti, trt, opts = files.aoti, files.trt, settings.trt
     if aoti is not None and precision.quantized:
         raise ExportError(
             f"AOTInductor packages are fp32 or fp16; a {precision} engine is an ONNX engine "
@@ -153,16 +202,18 @@ def export_run(
         )
     recipe = None
     if precision.quantized:
-        check_calibration_images(calibration_images)
-        recipe = quant_recipe(precision, quantizer, trt is not None)
+        check_calibration_images(settings.calibration_images)
+        recipe = quant_recipe(precision, settings.quantizer, trt is not None)
     if trt is not None:  # fail fast: before minutes of export work
         arch = layout.arch()
         profile_shapes(arch.image_size, mode, opts.min_batch, opts.opt_batch, opts.max_batch)
         check_workspace(opts.workspace_gb)
         check_precision_support(import_tensorrt(), precision)
-    triton = (triton_options or TritonOptions()).check() if triton_repo is not None else None
+    triton_repo = files.triton_repo
+    triton = (settings.triton or TritonOptions()).check() if triton_repo is not None else None
+    onnx = files.onnx
     if onnx is None and trt is None and (aoti is None or triton is not None):
-        stem = engine_stem(merge, surgery, mode.value, expert)
+        stem = engine_stem(choice.merge, choice.surgery, mode.value, choice.expert)
         onnx = default_onnx_path(layout.root, stem, precision)
     onnx_path = None
     if onnx is not None or trt is not None:
@@ -181,6 +232,15 @@ def export_run(
     if triton is not None:
         model_stem = Path(trt if trt is not None else onnx_path).stem
         check_model_folder(triton_repo, triton.name or model_stem)
+    return _Plan(mode, precision, recipe, triton, onnx_path, files, tuple(targets))
+
+
+def _model_to_export(
+    layout: RunLayout, choice: EngineChoice, plan: _Plan, run_device
+) -> tuple[MultiTaskModel, dict]:
+    """The model and its engine metadata; refused if its weights would overflow the engine's
+    precision (:func:`~surgery_edge.export.modules.check_magnitudes`)."""
+    merge, surgery, expert = choice.merge, choice.surgery, choice.expert
     if expert is not None:
         model, extra = expert_model(layout, expert, run_device)
         files = WeightFiles(str(layout.expert(expert)), None, [str(layout.head(expert))])
@@ -190,10 +250,20 @@ def export_run(
         heads = [str(layout.head(t)) for t in model.tasks]
         files = WeightFiles(str(layout.merges()[merge]), adapters, heads)
     # fp16 engines, and TensorRT's quantised ones (their other layers run in fp16)
-    half = precision is Precision.FP16 or (recipe is not None and recipe.high_precision == "fp16")
+    recipe = plan.recipe
+    half = plan.precision is Precision.FP16 or (
+        recipe is not None and recipe.high_precision == "fp16"
+    )
     check_magnitudes(model, half, files)
+    return model, extra
+
+
+def _refuse_other_engines(plan: _Plan, choice: EngineChoice, extra: dict, overwrite: bool) -> None:
+    """Refuse (ConfigError) to replace an engine exported from other checkpoints or settings,
+    unless ``overwrite``."""
+    mode, precision, expert = plan.mode, plan.precision, choice.expert
     planned = _planned(extra, mode, precision)
-    for path, what, _ in targets:
+    for path, what, _ in plan.targets:
         if not Path(path).exists() or overwrite:
             continue
         made_from = _made_from(path)
@@ -203,30 +273,44 @@ def export_run(
                 if made_from is None
                 else "was exported from other checkpoints or settings"
             )
-            this = f"the {expert} expert" if expert is not None else f"{merge} with {surgery}"
+            merged = f"{choice.merge} with {choice.surgery}"
+            this = f"the {expert} expert" if expert is not None else merged
             raise ConfigError(
                 f"The {what} {path} exists and {why} (this export: {this}, {mode.value}, "
                 f"{precision}). It was not replaced: pass --overwrite to replace it, or choose "
                 "another path."
             )
-    calibration = None
-    # int8 and fp8 calibrate on adaptation images; they and fp16 are checked against fp32 on
-    # held-out ones before they are written (surgery_edge.export.quantize.gate)
-    if recipe is not None or (precision is Precision.FP16 and onnx_path is not None):
-        run = Run.open(layout.root, log=lambda *a: None, device="cpu")
-        prepare_suite(run)
-        # the images surgery learned from (the test split in a transductive run); a task
-        # without adaptation images is calibration_set's error, which says to export in fp32
-        # (adaptation_split's would say how to train surgery)
-        split = "test" if run.config.surgery.transductive else "adapt"
-        calibration = calibration_set(
-            run.suite,
-            split,
-            model.tasks,
-            model.encoder.arch.preprocessing,
-            calibration_images,
-            run.config.seed,
-        )
+
+
+def _calibration(layout: RunLayout, model: MultiTaskModel, images: int):
+    """The run's unlabelled images to calibrate on and check against (read from its data)."""
+    run = Run.open(layout.root, log=lambda *a: None, device="cpu")
+    prepare_suite(run)
+    # the images surgery learned from (the test split in a transductive run); a task
+    # without adaptation images is calibration_set's error, which says to export in fp32
+    # (adaptation_split's would say how to train surgery)
+    return calibration_set(
+        run.suite,
+        unlabelled_split(run.config),
+        model.tasks,
+        model.encoder.arch.preprocessing,
+        images,
+        run.config.seed,
+    )
+
+
+def _write(
+    model: MultiTaskModel,
+    extra: dict,
+    plan: _Plan,
+    opts: TrtOptions,
+    calibration,
+    run_device,
+) -> dict[str, Path]:
+    """Export the planned files, in order: ONNX, TensorRT (from the ONNX), AOTInductor, and
+    the Triton repository."""
+    mode, precision, recipe = plan.mode, plan.precision, plan.recipe
+    onnx_path, aoti, trt = plan.onnx, plan.files.aoti, plan.files.trt
     written: dict[str, Path] = {}
     if onnx_path is not None:
         if precision is Precision.FP16:
@@ -253,9 +337,10 @@ def export_run(
         written["pt2"] = export_aoti(
             model, aoti, mode, precision, metadata=extra, device=run_device
         )
-    if triton is not None:
+    if plan.triton is not None:
         engine = written.get("tensorrt", written.get("onnx"))
-        written["triton"] = write_repository(engine, triton_repo, triton)  # the next version
+        # the next version of a model folder triton-repo wrote
+        written["triton"] = write_repository(engine, plan.files.triton_repo, plan.triton)
     return written
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery_edge.errors import ExportError
+from surgery_edge.runtime.triton_config import model_config_pb2
 
 # headers of one connection, not of the request (RFC 9110 7.6.1), and those the front rewrites
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -59,8 +60,6 @@ class ModelLimits:
 def model_limits(repo: str | os.PathLike) -> dict[str, ModelLimits]:
     """``{model: ModelLimits}`` from the ``config.pbtxt`` files Triton loads from ``repo``."""
     from google.protobuf import text_format  # deferred: with tritonclient (the serve extra)
-
-    from surgery_edge.runtime.triton_config import model_config_pb2
 
     pb2 = model_config_pb2()
     if pb2 is None:

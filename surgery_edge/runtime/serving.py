@@ -54,6 +54,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import sysconfig
 import threading
 import time
@@ -63,7 +64,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from surgery_edge.engine_format import EngineMetadata
-from surgery_edge.errors import ExportError, WorkerError
+from surgery_edge.errors import EXIT_FAILED, ExportError, WorkerError
 from surgery_edge.runtime.http_front import HttpFront, model_limits
 from surgery_edge.runtime.serve_options import ServeOptions
 from surgery_edge.runtime.server_processes import (
@@ -81,6 +82,19 @@ SERVE_INSTALL = "Install it with `pip install 'surgery-edge[serve]'` (nvidia-pyt
 _LOAD_FAILED = re.compile(
     r"(?:Poll failed for model directory|failed to load) '([^']+)'(?: version \d+)?: (.*)"
 )
+
+
+class StartFailed(ExportError):
+    """Triton did not start. ``models``: ``{model: the server's message}`` for each model
+    whose load failed (a usage error, exit 2: that engine or its settings); none named means
+    the cause lies outside the models (the machine, the server): exit 3, and worth one more
+    try, which :meth:`Server.start` makes."""
+
+    def __init__(self, message: str, models: dict[str, str]):
+        super().__init__(message)
+        self.models = models
+        if not models:
+            self.exit_code = EXIT_FAILED
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -269,9 +283,20 @@ class Server:
     def start(self) -> Server:
         """Write the repository, start the server, wait until every model is ready, then open
         the HTTP front. Whatever ends a start early (an error, KeyboardInterrupt) stops what
-        it started and removes what it wrote."""
+        it started and removes what it wrote. A start that fails with no model to blame (the
+        server exited or timed out, its log naming no model) is tried once more; a model that
+        failed to load fails the start at once (:class:`StartFailed` names it)."""
         if self._triton is not None:
             return self
+        try:
+            return self._start_once()
+        except StartFailed as e:
+            if e.models:
+                raise
+            print(f"warning: {e} Starting once more.", file=sys.stderr, flush=True)
+        return self._start_once()
+
+    def _start_once(self) -> Server:
         opts = self.options
         Triton, TritonConfig = _import_pytriton()
         sweep_stale()  # what servers killed with their watchdog left (kill -9 of a group)
@@ -342,10 +367,12 @@ class Server:
             while not self._all_ready():
                 pid = self._server_pid()
                 if failure or (pid is not None and not alive(pid)):
-                    raise ExportError(self._failure("exited while loading the models"))
+                    what = "exited while loading the models"
+                    raise StartFailed(self._failure(what), self._failed_models())
                 if time.monotonic() > deadline:
                     timeout = f"{self.options.startup_timeout_s:.0f} s"
-                    raise ExportError(self._failure(f"did not load every model in {timeout}"))
+                    what = f"did not load every model in {timeout}"
+                    raise StartFailed(self._failure(what), self._failed_models())
                 time.sleep(0.2)
 
     def _server_pid(self) -> int | None:
@@ -369,17 +396,26 @@ class Server:
                 return False
         return True
 
-    def _failure(self, what: str) -> str:
-        """What went wrong, from Triton's log: each model that failed to load, with the
-        server's message (its first line), else the log's last error lines."""
-        lines = []
-        if self.log_file.is_file():
-            lines = self.log_file.read_text(errors="replace").splitlines()
+    def _log_lines(self) -> list[str]:
+        if not self.log_file.is_file():
+            return []
+        return self.log_file.read_text(errors="replace").splitlines()
+
+    def _failed_models(self) -> dict[str, str]:
+        """``{model: the server's message (its first line)}`` of each model Triton's log says
+        it could not load."""
         failed = {}
-        for line in lines:
+        for line in self._log_lines():
             found = _LOAD_FAILED.search(line)
             if found:  # Triton writes the message's newlines as \n inside quotes
                 failed[found[1]] = found[2].split("\\n")[0].rstrip('"').strip()
+        return failed
+
+    def _failure(self, what: str) -> str:
+        """What went wrong, from Triton's log: each model that failed to load, with the
+        server's message (its first line), else the log's last error lines."""
+        lines = self._log_lines()
+        failed = self._failed_models()
         if failed:
             reasons = "; ".join(f"model {m!r} failed to load: {why}" for m, why in failed.items())
             return f"Triton Inference Server {what}: {reasons}"
@@ -448,5 +484,9 @@ class Server:
         lines.append(
             "statistics and the repository API take the header in the access token file: "
             f'curl -H "{header}" http://{self.http_url}/v2/models/{self.options.name}/stats'
+        )
+        lines.append(
+            f"per-model counts and queue times: surgery-edge serve-stats {self.http_url} "
+            f"--token-file {self.token_file}"
         )
         return lines

@@ -68,6 +68,11 @@ def loading_message(task: str, version: int, serving: int, tasks: Sequence[str])
     )
 
 
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """``arrays`` concatenated along the batch; one array is returned as it is (no copy)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
 class EngineRequests:
     """One engine answering batches of requests, each request checked on its own.
 
@@ -165,14 +170,15 @@ class EngineRequests:
         self.last_rows, self.last_tasks = 0, np.zeros(0, np.int64)
         if not good:
             return answers
-        images = np.concatenate([checked[i][0] for i in good])
-        ids = np.concatenate([checked[i][1] for i in good]) if self.routed else None
+        # one request (one client's) or one engine call: its arrays as they are, not copied
+        images = _joined([checked[i][0] for i in good])
+        ids = _joined([checked[i][1] for i in good]) if self.routed else None
         step = max(1, int(self.backend.max_batch))
         parts = [
             self.backend.run(images[k : k + step], None if ids is None else ids[k : k + step])
             for k in range(0, len(images), step)
         ]
-        outputs = [np.concatenate([p[o] for p in parts]) for o in range(len(self.outputs))]
+        outputs = [_joined([p[o] for p in parts]) for o in range(len(self.outputs))]
         self.last_rows = len(images)
         self.last_tasks = ids if ids is not None else self.last_tasks
         start = 0

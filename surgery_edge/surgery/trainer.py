@@ -45,56 +45,16 @@ import torch
 
 from surgery_edge.data.transforms import to_model_input
 from surgery_edge.distributed import World
-from surgery_edge.errors import ConfigError, TrainingError
+from surgery_edge.errors import TrainingError
 from surgery_edge.io import atomic_path
 from surgery_edge.models.encoder import ImageEncoder
 from surgery_edge.progress import MetricsLog, progress_bar
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.functional import TaskGroups
-from surgery_edge.surgery.methods import SCHEDULES, SURGERY_V2, get_surgery
 from surgery_edge.surgery.model import MultiTaskModel
+from surgery_edge.surgery.schedule import ReferenceAdam, schedule_draws, schedule_length
+from surgery_edge.surgery.settings import SurgeryConfig, shaping, training_settings
 from surgery_edge.surgery.targets import BATCH
-
-REFERENCE_VISIT = 2  # batches of one task per visit in the authors' loop
-
-
-@dataclass(frozen=True)
-class SurgeryConfig:
-    """Training settings; the defaults are the reference code's."""
-
-    method: str = SURGERY_V2  # a registered surgery method (surgery_edge.surgery.methods)
-    rank: int = 16
-    steps: int = 1000  # per task: each step draws one batch of every task
-    batch_size: int = 16
-    lr: float = 1e-3
-    seed: int = 0
-    checkpoint_every: int = 100
-    schedule: str = "joint"  # one of SCHEDULES
-
-    def __post_init__(self):
-        """Every setting checked at once, as a ConfigError naming the setting and the value."""
-        get_surgery(self.method)  # ConfigError listing the methods
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"Surgery setting schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}."
-            )
-        _check_int("rank", self.rank, 1, 1 << 14)
-        _check_int("steps", self.steps, 1, 10**9)
-        _check_int("batch_size", self.batch_size, 1, 1 << 16)
-        _check_int("seed", self.seed, 0, 2**32 - 1)
-        _check_int("checkpoint_every", self.checkpoint_every, 0, 10**9)
-        lr = self.lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
-            raise ConfigError(f"Surgery setting lr must be a finite number, got {lr!r}.")
-        if lr <= 0:
-            raise ConfigError(f"Surgery setting lr must be greater than 0, got {lr!r}.")
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(
-            f"Surgery setting {name} must be an integer from {low} to {high}, got {value!r}."
-        )
 
 
 @dataclass
@@ -105,107 +65,6 @@ class TaskTargets:
     final: np.ndarray  # (N, e) expert final features
     blocks: np.ndarray  # (N, L, d) expert block-output token means
     digest: str = ""  # identity of the cached representations (empty when not cached)
-
-
-def _batch_indices(seed: int, step: int, task: int, n: int, batch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + task) % (2**63))
-    return torch.randint(0, n, (batch,), generator=g)
-
-
-def reference_batch_indices(
-    seed: int, iteration: int, task: int, n: int, batch: int, visit_batch: int
-) -> torch.Tensor:
-    """Batch ``visit_batch`` (0 or 1) of ``task`` in iteration ``iteration`` of the authors'
-    loop: the first batches of a fresh shuffle of the task's ``n`` images (drawn without
-    replacement; a task with fewer than two batches of images wraps round its shuffle)."""
-    g = torch.Generator().manual_seed(((seed * 1_000_033 + iteration) * 1013 + task) % (2**63))
-    order = torch.randperm(n, generator=g)
-    need = (visit_batch + 1) * batch
-    if need > n:
-        order = order.repeat(-(-need // n))
-    return order[visit_batch * batch : need]
-
-
-def schedule_length(cfg: SurgeryConfig, num_tasks: int) -> int:
-    """Optimiser steps of a training run: ``steps``, or ``T x steps`` for ``reference``."""
-    return cfg.steps * (num_tasks if cfg.schedule == "reference" else 1)
-
-
-def schedule_draws(
-    cfg: SurgeryConfig, update: int, sizes: list[int]
-) -> list[tuple[int, np.ndarray]]:
-    """The batches of optimiser step ``update``: ``[(task index, image indices), ...]``.
-
-    ``joint``: one batch of every task. ``reference``: one batch of one task; iteration ``k``
-    visits the tasks in order and takes ``REFERENCE_VISIT`` batches of each (fewer in a last,
-    partial iteration when ``steps`` is not a multiple of it).
-    """
-    B, T = cfg.batch_size, len(sizes)
-    if cfg.schedule == "joint":
-        return [(i, _batch_indices(cfg.seed, update, i, n, B).numpy()) for i, n in enumerate(sizes)]
-    full, per_iter = cfg.steps // REFERENCE_VISIT, T * REFERENCE_VISIT
-    if update < full * per_iter:
-        iteration, r = divmod(update, per_iter)
-        task, b = divmod(r, REFERENCE_VISIT)
-    else:  # the last, partial iteration: one batch of each task
-        iteration, task, b = full, update - full * per_iter, 0
-    idx = reference_batch_indices(cfg.seed, iteration, task, sizes[task], B, b)
-    return [(task, idx.numpy())]
-
-
-class _ReferenceAdam:
-    """torch.optim.Adam as the authors' loop drives it under torch 1.10.
-
-    The reference keeps one module per task, so Adam holds one parameter per (task, site,
-    weight): here a leaf per row of the bank's stacked tensors. A step copies the gradient of
-    the tasks in the batch into their leaves; ``zero_grad`` zeroes gradients instead of freeing
-    them, so a leaf that has had a gradient once takes part in every later step (moved by its
-    momentum alone), while one that never had one is skipped, as torch's Adam skips a None
-    gradient. The leaves are copied back into the bank after each step.
-    """
-
-    def __init__(self, bank: AdapterBank, lr: float):
-        self.bank = bank
-        self.rows = [(p, t) for p in bank.parameters() for t in range(p.shape[0])]
-        self.leaves = [torch.nn.Parameter(p.detach()[t].clone()) for p, t in self.rows]
-        self.opt = torch.optim.Adam(self.leaves, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 (as torch 1.10)
-        for p in self.bank.parameters():
-            p.grad = None
-        for leaf in self.leaves:
-            if leaf.grad is not None:
-                leaf.grad.zero_()
-
-    def step(self, tasks: set[int]) -> None:
-        for (p, t), leaf in zip(self.rows, self.leaves):
-            if t in tasks:  # the reference's graph reaches only these tasks' adapters
-                if leaf.grad is None:
-                    leaf.grad = p.grad[t].detach().clone()
-                else:
-                    leaf.grad.copy_(p.grad[t])
-        self.opt.step()
-        self._to_bank()
-
-    @torch.no_grad()
-    def _to_bank(self) -> None:
-        for (p, t), leaf in zip(self.rows, self.leaves):
-            p[t].copy_(leaf)
-
-    def state_dict(self) -> dict:
-        return self.opt.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        """Adam's state, for adapters already loaded into the bank: the leaves take the bank's
-        values, and every leaf Adam has stepped gets its zero gradient back."""
-        with torch.no_grad():
-            for (p, t), leaf in zip(self.rows, self.leaves):
-                leaf.copy_(p[t])
-                leaf.grad = None
-        self.opt.load_state_dict(state)
-        for leaf in self.leaves:
-            if self.opt.state.get(leaf):
-                leaf.grad = torch.zeros_like(leaf)
 
 
 def _state_path(out_path: Path) -> Path:
@@ -264,20 +123,6 @@ def state_digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def _shaping(settings: dict) -> dict:
-    """The settings that shape the adapters (how often they are checkpointed does not)."""
-    return {k: v for k, v in settings.items() if k != "checkpoint_every"}
-
-
-def training_settings(cfg: SurgeryConfig) -> dict:
-    """``cfg`` as the adapters' provenance records it. The default ``joint`` schedule is left
-    out, so adapters written before schedules existed (all joint) still match their settings."""
-    settings = _shaping(asdict(cfg))
-    if settings["schedule"] == "joint":
-        del settings["schedule"]
-    return settings
-
-
 def _resume_from(
     path: Path, bank: AdapterBank, opt, cfg: SurgeryConfig, inputs: str | None, device, total: int
 ) -> tuple[int, str | None]:
@@ -302,7 +147,7 @@ def _resume_from(
             "its content does not match the digest it was saved with: it was damaged or "
             "edited since, and training from it could go anywhere"
         )
-    if not isinstance(state["config"], dict) or _shaping(state["config"]) != _shaping(asdict(cfg)):
+    if not isinstance(state["config"], dict) or shaping(state["config"]) != shaping(asdict(cfg)):
         return 0, f"it was written with other settings ({state['config']})"
     if state.get("inputs") != inputs:
         return 0, "it was written for another merged model, other targets or another data split"
@@ -322,188 +167,276 @@ def _resume_from(
     return step, None
 
 
+@dataclass(frozen=True)
+class AdapterOutput:
+    """Where trained adapters are written and what they record (only the writer rank writes)."""
+
+    path: Path  # the adapter .safetensors file; its .state.pt checkpoint sits beside it
+    merge_recipe: dict | None = None  # the merged backbone's recipe, into the file's metadata
+    extra_meta: dict | None = None  # more metadata (e.g. the provenance)
+    inputs: str | None = None  # what they are trained from (merge, targets, split): on resume
+
+
+@dataclass(frozen=True)
+class TrainingHooks:
+    """Who hears about training as it goes."""
+
+    # each optimiser step's index and the loss it descended
+    on_step: Callable[[int, float], None] | None = None
+    # the number of optimiser steps made so far and the adapters (the tuning sweep scores them)
+    on_update: Callable[[int, AdapterBank], None] | None = None
+    log: Callable[[str], None] = print  # what happened to a checkpoint that was not resumed
+    # a metrics log (progress.MetricsLog, .jsonl): one row per step, ``step`` (as on_step),
+    # ``loss`` (as on_step), ``loss_per_task`` (their sum is ``loss``), ``lr``
+    metrics: str | os.PathLike | None = None
+
+
 def train_surgery(
     encoder: ImageEncoder,
     model_heads: list,
     tasks: list[str],
     targets: dict[str, TaskTargets],
     cfg: SurgeryConfig,
-    out_path: str | os.PathLike,
+    out: AdapterOutput | str | os.PathLike,
     device: torch.device,
-    merge_recipe: dict | None = None,
     resume: bool = False,
     merged_finals: dict[str, np.ndarray] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-    on_update: Callable[[int, AdapterBank], None] | None = None,
-    extra_meta: dict | None = None,
-    inputs: str | None = None,
-    log: Callable[[str], None] = print,
+    hooks: TrainingHooks | None = None,
     world: World | None = None,
-    metrics: str | os.PathLike | None = None,
 ) -> AdapterBank:
-    """Train an AdapterBank for ``tasks`` and save it to ``out_path``.
+    """Train an AdapterBank for ``tasks`` and save it to ``out`` (a path, or the path with
+    what the file records).
 
     Args:
         encoder: the merged backbone (kept frozen).
         model_heads: the task heads, in ``tasks`` order (frozen; unused by the loss).
         targets: per task, training images and the expert's cached representations.
         cfg: method, rank, steps, batch size, lr, seed, checkpoint interval.
-        out_path: the adapter ``.safetensors`` file; a ``.state.pt`` beside it holds the
-            optimiser state for ``resume`` and is removed when training completes.
+        resume: continue from the ``.state.pt`` checkpoint beside the output if there is one
+            (it is removed when training completes). One written with other settings or for
+            other ``out.inputs`` is not used: training starts again from step 0, and
+            ``hooks.log`` says so.
         merged_finals: for V1, the merged model's cached final features per task (same order as
             ``targets[t].images``); computed here when missing (split across the ranks).
-        resume: continue from the ``.state.pt`` checkpoint if present. A checkpoint written
-            with other settings or for other ``inputs`` is not used: training starts again from
-            step 0, and ``log`` says so.
-        on_step: called with each optimiser step's index and the loss it descended.
-        on_update: called with the number of optimiser steps made so far and the adapters,
-            after each update (the tuning sweep scores intermediate adapters through it).
-        extra_meta: added to the adapter file's metadata (e.g. its provenance).
-        inputs: the identity of what the adapters are trained from (the merged model, the
-            targets, the data split), recorded in the checkpoint and checked on resume.
-        log: receives what happened to a checkpoint that could not be resumed.
         world: the ranks of a distributed job (default: this process alone). ``cfg.batch_size``
             is the global batch per task; ``device`` must be this rank's.
-        metrics: a metrics log (:class:`~surgery_edge.progress.MetricsLog`, ``.jsonl``) to
-            append one row per step to: ``step`` (0-based, as ``on_step``), ``loss`` (the
-            value ``on_step`` gets), ``loss_per_task`` (their sum is ``loss``), ``lr``.
 
     Raises:
-        TrainingError: if the loss becomes NaN/inf. ``out_path`` is left as it was (a file there
+        TrainingError: if the loss becomes NaN/inf. The output is left as it was (a file there
             keeps its adapters bit for bit); the last adapters that gave a finite loss go to
             :func:`last_good_path`, marked incomplete, so no later run reuses them.
         DistributedError: a rank of the job was lost.
     """
     world = world or World.single(device)
     world.require_rows(cfg.batch_size, "The batch size per task")
-    out_path = Path(out_path)
-    torch.manual_seed(cfg.seed)
-    bank = AdapterBank(tasks, encoder.arch, cfg.method, cfg.rank)
-    encoder = encoder.to(device).eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    model = MultiTaskModel(encoder, model_heads, tasks, bank).to(device)
-    reference = cfg.schedule == "reference"
-    if reference:
-        opt = _ReferenceAdam(bank, cfg.lr)
-    else:
-        opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    T = len(tasks)
-    total = schedule_length(cfg, T)
-    start = 0
-    state_path = _state_path(out_path)
-    if resume:
-        resumed = None
-        if world.is_writer and state_path.exists():
-            start, why = _resume_from(state_path, bank, opt, cfg, inputs, device, total)
-            if why is not None:
-                log(f"not resuming from {state_path}: {why}; training from step 0.")
-            elif world.distributed:
-                resumed = (start, bank.state_dict(), opt.state_dict())
-        resumed = world.broadcast(resumed, "sending the resumed checkpoint")
-        if resumed is not None and not world.is_writer:
-            start = resumed[0]
-            bank.load_state_dict(resumed[1])
-            opt.load_state_dict(resumed[2])
-
-    v1 = bank.sites == ("final",)  # the adapter sits after the frozen backbone
-    if v1 and merged_finals is None:
-        merged_finals = _merged_finals(encoder, tasks, targets, device, world)
-    rows = world.share(cfg.batch_size)  # this rank's rows of every task's batch
-    local = len(rows)
+    out = out if isinstance(out, AdapterOutput) else AdapterOutput(Path(out))
+    hooks = hooks or TrainingHooks()
+    model, opt = _trainable(encoder, model_heads, tasks, cfg, device)
+    bank, writer = model.bank, world.is_writer
+    total = schedule_length(cfg, len(tasks))
+    start = _resume(out, bank, opt, cfg, device, total, world, hooks.log) if resume else 0
+    if bank.sites == ("final",) and merged_finals is None:  # V1: after the frozen backbone
+        merged_finals = _merged_finals(model.encoder, tasks, targets, device, world)
+    loss = _Loss(model, tasks, targets, cfg, device, world, merged_finals)
+    objective = world.wrap(_Objective(bank, loss))
+    guard = _LastGood(bank, out, writer)
     sizes = [len(targets[t].images) for t in tasks]
-    last: dict = {}  # the last step's per-task losses, for the metrics log
-
-    def loss_at(step: int) -> torch.Tensor:
-        draws = [
-            (i, tasks[i], j[rows.start : rows.stop]) for i, j in schedule_draws(cfg, step, sizes)
-        ]
-        # the batch is laid out by task: each task's adapters are applied once to its rows
-        groups = TaskGroups(torch.tensor([i for i, _, _ in draws], device=device), local)
-        tgt_final = torch.cat(
-            [torch.from_numpy(np.asarray(targets[t].final[j])) for _, t, j in draws]
-        ).to(device)
-        if v1:
-            z = torch.cat(
-                [torch.from_numpy(np.asarray(merged_finals[t][j])) for _, t, j in draws]
-            ).to(device)
-            final, block_means, tgt_blocks = bank.correct("final", z, groups), [], None
-        else:
-            images = torch.cat(
-                [to_model_input(targets[t].images[j], encoder.arch, device) for _, t, j in draws]
-            )
-            final, block_means = model.representations(images, groups)
-            tgt_blocks = torch.cat(
-                [torch.from_numpy(np.asarray(targets[t].blocks[j])) for _, t, j in draws]
-            ).to(device)
-        # per-task mean L1 over the global batch, summed over tasks (and over sites for V2);
-        # scaled by the number of ranks, whose gradients DistributedDataParallel averages
-        per_row = (final - tgt_final).abs().mean(dim=-1)
-        for layer, m in enumerate(block_means):
-            per_row = per_row + (m - tgt_blocks[:, layer]).abs().mean(dim=-1)
-        per_task = per_row.view(len(draws), local).sum(dim=1) / cfg.batch_size
-        last["per_task"] = ([t for _, t, _ in draws], per_task.detach())
-        return per_task.sum() * world.size if world.distributed else per_task.sum()
-
-    objective = world.wrap(_Objective(bank, loss_at))
-    # The adapters that gave the last finite loss, copied before each update: a NaN stop
-    # keeps exactly those (the update that follows them is the one that diverged).
-    good = [p.detach().clone() for p in bank.parameters()]
-    good_step: int | None = None
-    writer = world.is_writer
-    label = f"{cfg.method} rank {cfg.rank}" + (" (reference schedule)" if reference else "")
+    label = f"{cfg.method} rank {cfg.rank}"
+    label += " (reference schedule)" if cfg.schedule == "reference" else ""
     with (
         progress_bar(total - start, label, show=writer) as bar,
         MetricsLog(
-            metrics if writer else None,
+            hooks.metrics if writer else None,
             method=cfg.method,
             settings=training_settings(cfg),
             first_step=start,  # > 0: resumed from a checkpoint
         ) as metrics_log,
     ):
         for step in range(start, total):
-            loss = objective(step)
-            value = world.mean(loss.detach(), "training (sharing the loss)").item()
-            if not math.isfinite(value):  # every rank sees the same value and stops
-                raise TrainingError(
-                    f"Surgery loss became {value} at step {step}. "
-                    + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta, writer)
-                    + f" Lower the learning rate (--lr, now {cfg.lr}) or check the expert "
-                    "checkpoints and images for NaNs."
-                )
-            with torch.no_grad():
-                for g, p in zip(good, bank.parameters()):
-                    g.copy_(p)
-            good_step = step
-            opt.zero_grad(set_to_none=True)
-            with world.lost("training (averaging the gradients)"):
-                loss.backward()
-            if reference:
-                opt.step({i for i, _ in schedule_draws(cfg, step, sizes)})
-            else:
-                opt.step()
+            value = _update(objective, opt, step, cfg, sizes, world, guard)
             bar.advance(loss=value)
-            metrics_log.write(step, loss=value, loss_per_task=_task_losses(last, world), lr=cfg.lr)
-            if on_step:
-                on_step(step, value)
+            metrics_log.write(step, loss=value, loss_per_task=loss.per_task(), lr=cfg.lr)
+            if hooks.on_step:
+                hooks.on_step(step, value)
             done = step + 1
-            if on_update:
-                on_update(done, bank)
+            if hooks.on_update:
+                hooks.on_update(done, bank)
             due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total
             if due and writer:
-                _save_state(state_path, bank, opt, done, cfg, inputs)
+                _save_state(_state_path(out.path), bank, opt, done, cfg, out.inputs)
+    _publish(out, guard, total, cfg, writer)
+    world.barrier("saving the adapters")
+    return bank
+
+
+def _trainable(
+    encoder: ImageEncoder, model_heads: list, tasks: list[str], cfg: SurgeryConfig, device
+) -> tuple[MultiTaskModel, torch.optim.Optimizer | ReferenceAdam]:
+    """The model whose new adapters alone train (seeded by ``cfg.seed``), and its optimiser."""
+    torch.manual_seed(cfg.seed)
+    bank = AdapterBank(tasks, encoder.arch, cfg.method, cfg.rank)
+    encoder = encoder.to(device).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    model = MultiTaskModel(encoder, model_heads, tasks, bank).to(device)
+    if cfg.schedule == "reference":
+        return model, ReferenceAdam(bank, cfg.lr)
+    adam = torch.optim.Adam(bank.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    return model, adam
+
+
+def _publish(
+    out: AdapterOutput, guard: _LastGood, total: int, cfg: SurgeryConfig, writer: bool
+) -> None:
+    """Write the trained adapters (finite ones only) and remove the checkpoint and any last
+    good adapters of an earlier stop."""
+    bank = guard.bank
     if not all(bool(torch.isfinite(p).all()) for p in bank.parameters()):  # the last update
         raise TrainingError(
             f"The last update of step {total - 1} made the adapters non-finite. "
-            + _stopped(out_path, bank, good, good_step, merge_recipe, extra_meta, writer)
+            + guard.restore_and_save()
             + f" Lower the learning rate (--lr, now {cfg.lr})."
         )
     if writer:
-        bank.save(out_path, merge_recipe, extra_meta)
-        state_path.unlink(missing_ok=True)
-        last_good_path(out_path).unlink(missing_ok=True)
-    world.barrier("saving the adapters")
-    return bank
+        bank.save(out.path, out.merge_recipe, out.extra_meta)
+        _state_path(out.path).unlink(missing_ok=True)
+        last_good_path(out.path).unlink(missing_ok=True)
+
+
+def _resume(
+    out: AdapterOutput,
+    bank: AdapterBank,
+    opt,
+    cfg: SurgeryConfig,
+    device,
+    total: int,
+    world: World,
+    log: Callable[[str], None],
+) -> int:
+    """The step to continue from: the writer loads ``out``'s checkpoint (if usable; ``log``
+    says why not) and sends it to the other ranks."""
+    start, resumed = 0, None
+    state_path = _state_path(out.path)
+    if world.is_writer and state_path.exists():
+        start, why = _resume_from(state_path, bank, opt, cfg, out.inputs, device, total)
+        if why is not None:
+            log(f"not resuming from {state_path}: {why}; training from step 0.")
+        elif world.distributed:
+            resumed = (start, bank.state_dict(), opt.state_dict())
+    resumed = world.broadcast(resumed, "sending the resumed checkpoint")
+    if resumed is not None and not world.is_writer:
+        start = resumed[0]
+        bank.load_state_dict(resumed[1])
+        opt.load_state_dict(resumed[2])
+    return start
+
+
+def _update(
+    objective, opt, step: int, cfg: SurgeryConfig, sizes: list[int], world: World,
+    guard: _LastGood,
+) -> float:  # fmt: skip
+    """One optimiser step; returns the loss it descended (every rank sees the same value).
+
+    Raises:
+        TrainingError: the loss is not finite (the last good adapters are kept first).
+    """
+    loss = objective(step)
+    value = world.mean(loss.detach(), "training (sharing the loss)").item()
+    if not math.isfinite(value):  # every rank sees the same value and stops
+        raise TrainingError(
+            f"Surgery loss became {value} at step {step}. "
+            + guard.restore_and_save()
+            + f" Lower the learning rate (--lr, now {cfg.lr}) or check the expert "
+            "checkpoints and images for NaNs."
+        )
+    guard.keep(step)
+    opt.zero_grad(set_to_none=True)
+    with world.lost("training (averaging the gradients)"):
+        loss.backward()
+    if cfg.schedule == "reference":
+        opt.step({i for i, _ in schedule_draws(cfg, step, sizes)})
+    else:
+        opt.step()
+    return value
+
+
+class _LastGood:
+    """The adapters that gave the last finite loss, copied before each update: a NaN stop
+    keeps exactly those (the update that follows them is the one that diverged)."""
+
+    def __init__(self, bank: AdapterBank, out: AdapterOutput, writer: bool):
+        self.bank, self.out, self.writer = bank, out, writer
+        self.params = [p.detach().clone() for p in bank.parameters()]
+        self.step: int | None = None
+
+    @torch.no_grad()
+    def keep(self, step: int) -> None:
+        for g, p in zip(self.params, self.bank.parameters()):
+            g.copy_(p)
+        self.step = step
+
+    def restore_and_save(self) -> str:
+        """Put them back into the bank and save them beside the output; say where."""
+        o = self.out
+        return _stopped(
+            o.path, self.bank, self.params, self.step, o.merge_recipe, o.extra_meta, self.writer
+        )
+
+
+class _Loss:
+    """One step's loss: per task, the mean L1 distance between the corrected merged
+    representations and the expert's over the global batch, summed over tasks (and over sites
+    for V2). This rank computes its share of each task's rows; the sum is scaled by the number
+    of ranks, whose gradients DistributedDataParallel averages."""
+
+    def __init__(
+        self, model: MultiTaskModel, tasks: list[str], targets: dict[str, TaskTargets],
+        cfg: SurgeryConfig, device: torch.device, world: World,
+        merged_finals: dict[str, np.ndarray] | None,
+    ):  # fmt: skip
+        self.model, self.bank, self.arch = model, model.bank, model.encoder.arch
+        self.tasks, self.targets, self.cfg, self.device = tasks, targets, cfg, device
+        self.world, self.merged_finals = world, merged_finals
+        self.v1 = self.bank.sites == ("final",)  # corrects the cached merged final features
+        self.rows = world.share(cfg.batch_size)  # this rank's rows of every task's batch
+        self.sizes = [len(targets[t].images) for t in tasks]
+        self.last: dict = {}  # the last step's per-task losses, for the metrics log
+
+    def __call__(self, step: int) -> torch.Tensor:
+        rows, local, device, targets = self.rows, len(self.rows), self.device, self.targets
+        draws = [
+            (i, self.tasks[i], j[rows.start : rows.stop])
+            for i, j in schedule_draws(self.cfg, step, self.sizes)
+        ]
+        # the batch is laid out by task: each task's adapters are applied once to its rows
+        groups = TaskGroups(torch.tensor([i for i, _, _ in draws], device=device), local)
+        tgt_final = torch.cat(
+            [torch.from_numpy(np.asarray(targets[t].final[j])) for _, t, j in draws]
+        ).to(device)
+        if self.v1:
+            z = torch.cat(
+                [torch.from_numpy(np.asarray(self.merged_finals[t][j])) for _, t, j in draws]
+            ).to(device)
+            final, block_means, tgt_blocks = self.bank.correct("final", z, groups), [], None
+        else:
+            images = torch.cat(
+                [to_model_input(targets[t].images[j], self.arch, device) for _, t, j in draws]
+            )
+            final, block_means = self.model.representations(images, groups)
+            tgt_blocks = torch.cat(
+                [torch.from_numpy(np.asarray(targets[t].blocks[j])) for _, t, j in draws]
+            ).to(device)
+        per_row = (final - tgt_final).abs().mean(dim=-1)
+        for layer, m in enumerate(block_means):
+            per_row = per_row + (m - tgt_blocks[:, layer]).abs().mean(dim=-1)
+        per_task = per_row.view(len(draws), local).sum(dim=1) / self.cfg.batch_size
+        self.last["per_task"] = ([t for _, t, _ in draws], per_task.detach())
+        world = self.world
+        return per_task.sum() * world.size if world.distributed else per_task.sum()
+
+    def per_task(self) -> dict[str, float]:
+        """The last step's loss per task (:func:`_task_losses`)."""
+        return _task_losses(self.last, self.world)
 
 
 def _task_losses(last: dict, world: World) -> dict[str, float]:

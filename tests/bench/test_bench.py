@@ -22,7 +22,7 @@ from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
 from surgery_edge.bench import engine as engine_bench
-from surgery_edge.bench.choices import BASELINES, CONFIGS
+from surgery_edge.bench.choices import BASELINES, CONFIGS, ONE_GRAPH
 from surgery_edge.bench.decode import main as decode_main
 from surgery_edge.bench.engine import run_engine_bench
 from surgery_edge.bench.flops import (
@@ -34,7 +34,13 @@ from surgery_edge.bench.flops import (
     workload_flops,
 )
 from surgery_edge.bench.memory import MemorySpec, run_children
-from surgery_edge.bench.ratios import BEST_VS_BEST, SAME_RUNTIME, ceilings, derive_ratios
+from surgery_edge.bench.ratios import (
+    BEST_VS_BEST,
+    SAME_RUNTIME,
+    ceilings,
+    compare,
+    derive_ratios,
+)
 from surgery_edge.bench.report import Previous, read_previous, write_outputs
 from surgery_edge.bench.roofline import DeviceRates
 from surgery_edge.bench.runners import Workload
@@ -76,7 +82,9 @@ def results():
 def test_every_configuration_is_measured_eagerly(results):
     config, rows, _ = results
     eager = {(r.config, r.mode) for r in rows if r.path == "eager" and r.status == "ok"}
-    assert eager == {(c, m) for c in CONFIGS for m in CONFIG_MODES[c]}
+    # the experts as one graph are an exported engine: ONNX Runtime and TensorRT only
+    assert eager == {(c, m) for c in CONFIGS for m in CONFIG_MODES[c] if c != ONE_GRAPH}
+    assert not [r for r in rows if r.config == ONE_GRAPH]
     for r in rows:
         assert r.arch == ARCH and r.batch == 2 and r.dtype == "fp32"
         if r.path == "fused":  # engines only, and never timed on the CPU
@@ -113,7 +121,7 @@ def test_weight_bytes(results):
     arch = get_arch(ARCH)
     one = one_expert_bytes(arch, DTYPES["fp32"], task_classes(arch, 8)[0])
     held = {r.config: r.weight_bytes for r in rows}
-    for baseline in BASELINES:
+    for baseline in (b for b in BASELINES if b != ONE_GRAPH):  # no eager one graph
         assert held[baseline] / one == pytest.approx(8.0, rel=0.05), baseline
     assert held["one-expert"] == pytest.approx(one, rel=0.05)
     for engine in ("merged", "surgery"):
@@ -220,10 +228,21 @@ def test_ratios_are_same_runtime_or_best_vs_best_beside_their_ceilings():
         _row("one-expert", "onnxruntime", 4.5, flops=10, nbytes=10, answers=1),
         _row("surgery", "eager", 6.0, flops=10, nbytes=10.5),
         _row("surgery", "onnxruntime", 6.0, flops=10, nbytes=10.5),
+        _row(ONE_GRAPH, "onnxruntime", 30.0, flops=80, nbytes=80),
     ]
     derived = derive_ratios(rows, one_expert=10)
     v1 = derived["vs_experts"]["surgery"]["all-tasks"]
-    same = {x["engine_path"]: x for x in v1 if x["kind"] == SAME_RUNTIME}
+    same = {
+        x["engine_path"]: x for x in v1 if x["kind"] == SAME_RUNTIME and x["baseline"] != ONE_GRAPH
+    }
+    # the experts as one graph: a row of its own beside the eight models on the same runtime
+    (graph,) = [x for x in v1 if x["baseline"] == ONE_GRAPH]
+    assert (graph["kind"], graph["engine_path"], graph["baseline_path"]) == (
+        SAME_RUNTIME,
+        "onnxruntime",
+        "onnxruntime",
+    )
+    assert graph["speedup"] == pytest.approx(30 / 6) and not graph["above_ceiling"]
     # never one runtime against another: eager against the fastest eager baseline (vmap)
     assert same["eager"]["baseline"] == "experts-vmap" and same["eager"]["baseline_path"] == "eager"
     assert same["eager"]["speedup"] == pytest.approx(10.0)
@@ -269,6 +288,26 @@ def test_roofline_ceiling_knows_which_bound_applies():
     baseline = _row("experts", "eager", 1.0, flops=200, nbytes=80)  # 2 s of FLOPs, 8 of bytes
     c = ceilings(engine, baseline, rates)
     assert c["ceiling_basis"] == "bytes" and c["roofline_ceiling"] == pytest.approx(8.0)
+    # beating the roofline ceiling is flagged even under the FLOPs/bytes one: 6x against 4x
+    engine = _row("surgery", "eager", 1.0, flops=100, nbytes=20)  # 2 s of bytes
+    baseline = _row("experts", "eager", 6.0, flops=800, nbytes=80)  # 8 s: ceiling 8x, roof 4x
+    row = compare([engine, baseline], engine, baseline, SAME_RUNTIME, rates)
+    assert row["ceiling"] == pytest.approx(8.0) and row["roofline_ceiling"] == pytest.approx(4.0)
+    assert row["speedup"] == pytest.approx(6.0) and row["above_ceiling"]
+    assert not compare([engine, baseline], engine, baseline, SAME_RUNTIME, None)["above_ceiling"]
+
+
+def test_a_routed_engine_faster_than_the_merged_backbone_is_flagged(tmp_path):
+    rows = [
+        _row("merged", "eager", 10.0, flops=100, nbytes=10, mode="routed"),
+        _row("surgeryv2", "eager", 8.0, flops=110, nbytes=11, mode="routed"),  # floor: 1.1x
+    ]
+    (row,) = [x for x in derive_ratios(rows, one_expert=10)["routed_overhead_over_merged"]["rows"]
+              ["surgeryv2"] if x["kind"] == SAME_RUNTIME]  # fmt: skip
+    assert row["overhead"] == pytest.approx(-0.2) and row["below_floor"]
+    config = EngineBenchConfig(archs=(ARCH,), batches=(1,))
+    write_outputs(config, rows, tmp_path, "cmd", plots=False, quiet=True)
+    assert "below its floor: do not cite" in (tmp_path / f"engine-{ARCH}.md").read_text()
 
 
 def test_outputs(results, tmp_path):
@@ -462,12 +501,13 @@ def test_merge_reads_the_stored_cpu_results(results, tmp_path):
     path = shutil.copy(stored, tmp_path / stored.name)
     rows, runs = read_previous(Path(path), old["device_name"], "fp32")
     assert len(rows) == len(old["results"]) and runs
-    assert {r.config for r in rows} >= set(CONFIGS)  # every baseline is in the stored results
+    # every baseline is in the stored results (the one graph came after the record)
+    assert {r.config for r in rows} >= set(CONFIGS) - {ONE_GRAPH}
     assert {r.path for r in rows if r.status == "ok"} >= {"eager", "compile", "onnxruntime"}
 
 
 def test_bench_quick_through_the_cli(tmp_path):
-    configs = ["experts", "experts-concurrent", "one-expert", "surgeryv2"]
+    configs = ["experts", "experts-concurrent", "one-expert", "surgeryv2", ONE_GRAPH]
     args = ["bench", "--quick", "--device", "cpu", *(w for c in configs for w in ("--config", c))]
     args += ["--num-tasks", "2", "--memory-path", "eager", "--memory-path", "onnxruntime"]
     args += ["--memory-config", "one-expert", "--threads", "2", "--out", str(tmp_path), "--json"]
@@ -488,6 +528,10 @@ def test_bench_quick_through_the_cli(tmp_path):
             for path in ("eager", "onnxruntime"):  # the experts run on ONNX Runtime too
                 for batch in (1, 4):
                     assert (config, mode, path, batch) in ok
+    for batch in (1, 4):  # the experts as one graph: ONNX Runtime only, the experts' answers
+        graph = ok[(ONE_GRAPH, "all-tasks", "onnxruntime", batch)]
+        assert graph["answers_per_call"] == 2 * batch and graph["max_abs_err_vs_eager"] < 1e-5
+    assert not [k for k in ok if k[0] == ONE_GRAPH and k[2] != "onnxruntime"]
     onnx = [r for r in ok.values() if r["path"] == "onnxruntime"]
     assert all(r["max_abs_err_vs_eager"] < 1e-4 for r in onnx)
     memory = [r for r in ok.values() if r["config"] == "one-expert"]

@@ -37,7 +37,7 @@ def test_a_short_serving_benchmark(bench_engines, tmp_path):
     record = main([*args, "--warmup-s", "0.2", "--arch", "micro-vit-16", "--out", str(out)])
     results = record["results"]
     points = {(r["workload"], r["config"], r["concurrency"]) for r in results}
-    assert len(points) == len(results) == 2 + 3  # two workloads, five configurations
+    assert len(points) == len(results) == 3 + 3  # two workloads, six configurations
     for r in results:
         assert r["errors"] == 0 and r["requests"] > 0, r
         assert r["p50_ms"] <= r["p99_ms"]
@@ -61,7 +61,8 @@ def test_a_short_serving_benchmark(bench_engines, tmp_path):
         assert 0 <= r["cores_stolen"] <= os.cpu_count(), r
     v1 = next(r for r in results if r["config"] == "v1")
     assert v1["answers_per_request"] == 3 and set(v1["task_mix"]) == {"all"}
-    assert [t["concurrency"] for t in record["targets"]] == [2, 2]
+    names = [t["target"].split(" ")[:2] for t in record["targets"]]
+    assert len(names) == 5 and {t["concurrency"] for t in record["targets"]} == {2}, names
     by_config = {(r["workload"], r["config"]): r for r in results}
     v1_target = record["targets"][0]
     experts = by_config[("all-tasks", "experts")]
@@ -71,10 +72,23 @@ def test_a_short_serving_benchmark(bench_engines, tmp_path):
 
     assert v1_target["cpu_ratio"] == pytest.approx(cpu(experts) / cpu(v1), abs=1e-3)
     assert v1_target["cores_busy"] == [v1["cores_busy"], experts["cores_busy"]]
+    # the one-model baseline's serving efficiency: the served ratio over the engines' own
+    one = by_config[("all-tasks", "experts-one-graph")]
+    alone = record["engines_alone_cpu_ms"]
+    eff = next(
+        t for t in record["targets"] if "efficiency of v1 against experts-one" in t["target"]
+    )
+    engines_ratio = alone["all-tasks/experts-one-graph"]["median"] / alone["all-tasks/v1"]["median"]
+    assert eff["ratio"] == pytest.approx(cpu(one) / cpu(v1) / engines_ratio, abs=2e-3)
+    assert eff["ceiling"] == 1.0 and eff["above_ceiling"] == (eff["ratio"] > 1.01)
+    for t in record["targets"]:  # every ratio carries its ceiling
+        assert "above_ceiling" in t and t["ceilings"], t
+    hops = {(b["workload"], b["config"]): b for b in record["breakdown"]}
+    assert len(hops) == 6 and hops[("all-tasks", "v1")]["engine_alone_ms"] > 0
     stored = json.loads((out / "serve-micro-vit-16.json").read_text())
     assert stored["loadavg_before"] and stored["command"].endswith(f"--out {out}")
     text = (out / "serve-micro-vit-16.md").read_text()
-    assert "## Targets" in text and "V2 engine, routed" in text
+    assert "## Targets" in text and "V2 engine, routed" in text and "hop by hop" in text
     assert stored["config"]["instances"] == 2 and "2 instance(s) of each model" in text
 
 
@@ -108,3 +122,40 @@ def test_bad_options_exit_2_with_one_line(bench_engines, tmp_path, capsys, args,
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_experts_as_one_graph_answer_as_the_experts_do(bench_engines, tmp_path):
+    """The one-model baseline: the expert engines composed into one graph read the image once
+    and give every expert's logits, bit for bit; a file that is no expert is refused."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from surgery_edge.bench.one_graph import compose_experts
+    from surgery_edge.engine_format import read_onnx_metadata, verify_engine
+    from surgery_edge.errors import ConfigError
+
+    tasks = read_onnx_metadata(bench_engines / "v2.onnx").tasks
+    experts = {t: bench_engines / f"expert-{t}.onnx" for t in tasks}
+    one = compose_experts(experts, tmp_path / "one.onnx")
+    meta = read_onnx_metadata(one)
+    verify_engine(one, meta, "onnx")  # sealed as an exported engine is
+    assert (meta.mode.value, meta.tasks, meta.inputs) == ("all-tasks", tasks, ("images",))
+    s = meta.preprocessing.image_size
+    x = np.random.default_rng(0).normal(size=(3, 3, s, s)).astype(np.float32)
+    got = ort.InferenceSession(str(one)).run(list(meta.outputs), {"images": x})
+    for t, task in enumerate(tasks):
+        session = ort.InferenceSession(str(experts[task]))
+        feeds = {"images": x, "task_ids": np.zeros(3, np.int64)}
+        want = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+        assert np.array_equal(got[t], want), task
+    # the ceilings per request: a merged-backbone engine has no surgery method ("none")
+    from surgery_edge.bench.serve import ceilings
+
+    files = {"v1": bench_engines / "v1.onnx", "v2": bench_engines / "v2.onnx"}
+    files |= {f"expert-{t}": p for t, p in experts.items()}
+    bounds = ceilings({**files, "merged": experts[tasks[0]], "experts-one-graph": one})
+    assert 0.5 < bounds["mixed/merged/v2"]["FLOPs"] < 1.0  # V2's adapters: more FLOPs
+    assert bounds["all-tasks/experts/v1"]["FLOPs"] > 2.5  # three tasks: three backbones
+    with pytest.raises(ConfigError, match="v2.onnx is not one expert"):
+        compose_experts({"a": bench_engines / "v2.onnx"}, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from surgery_edge.bench import gpu, roofline
-from surgery_edge.bench.engine import with_device_peaks
+from surgery_edge.bench.engine_config import with_device_peaks
 from surgery_edge.bench.kernels import sweep_shapes
 from surgery_edge.bench.roofline import DeviceRates
 from surgery_edge.bench.workloads import EngineBenchConfig
@@ -114,7 +114,7 @@ def test_the_gpu_plan_measures_what_the_targets_need_first():
     assert list(steps) == ["env", "tests", "kernels", "engine-b32", "training", "engine-l14"]
     tests = " ".join(steps["tests"].args)
     assert "-m gpu" in tests and "tests/kernels" in tests and "test_fused.py" in tests
-    assert "-p surgery_edge.bench.gpu --result-log /scratch/tests.jsonl" in tests
+    assert "-p surgery_edge.bench.gpu_tests --result-log /scratch/tests.jsonl" in tests
     kernels = " ".join(steps["kernels"].args)
     assert "--dtype fp16" in kernels and "--batches 1 8 32 64 128" in kernels
     assert "--peak-bw" not in kernels  # the device's own
@@ -324,7 +324,7 @@ def test_a_tests_step_stopped_at_its_slot_keeps_the_finished_results(tmp_path):
     xml, log = tmp_path / "tests.xml", tmp_path / gpu.TEST_LOG
     args = ("-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_killed.py"))
     args += ("--rootdir", str(tmp_path))  # test ids relative to it, wherever the checkout lies
-    args += ("--junitxml", str(xml), "-p", gpu.MODULE, "--result-log", str(log))
+    args += ("--junitxml", str(xml), "-p", gpu.PLUGIN, "--result-log", str(log))
     result = gpu.run_step(gpu.Step("tests", "tests", args, 60), sys.executable, tmp_path, 120, [])
     assert result.status == "failed" and not xml.exists()  # pytest never wrote its XML
     totals = gpu.test_results(xml, log)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery_edge.bench import memory, serve
+from surgery_edge.bench import proc
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux /proc only")
 TICK = 1 / os.sysconf("SC_CLK_TCK")  # the resolution of the kernel's CPU times
@@ -94,20 +94,20 @@ def tree(tmp_path):
 
 def test_the_readings_agree_with_the_kernels_fields(tree):
     child, stub = tree
-    found = serve.server_processes()
+    found = proc.server_processes()
     assert set(found) == _descendants_ref(os.getpid()) and {child, stub} <= set(found)
     assert found[stub] == "my-model" and found[child] is None
     # CPU time: user + system of every thread, the same clock ticks (the tree is idle)
-    cpu = serve._cpu_seconds([child, stub])
+    cpu = proc.cpu_seconds([child, stub])
     assert cpu >= 0.3 - TICK
     assert cpu == pytest.approx(_cpu_seconds_ref([child, stub]), abs=2 * TICK)
     # RSS: VmRSS of each process, the 40 MB the child holds included
-    assert serve._rss(child) > 40 * 2**20
-    assert serve._rss(child) == pytest.approx(_vm_rss_ref(child), rel=0.01)
-    assert memory.PeakRSS().now() == pytest.approx(_vm_rss_ref(os.getpid()), abs=4 * 2**20)
+    assert proc.rss(child) > 40 * 2**20
+    assert proc.rss(child) == pytest.approx(_vm_rss_ref(child), rel=0.01)
+    assert proc.PeakRSS().now() == pytest.approx(_vm_rss_ref(os.getpid()), abs=4 * 2**20)
     # the machine's stolen time, read between two readings of /proc/stat
     before = _steal_ref()
-    stolen = serve._stolen_seconds()
+    stolen = proc.stolen_seconds()
     assert before - TICK <= stolen <= _steal_ref() + TICK
 
 
@@ -115,4 +115,4 @@ def test_a_process_that_has_exited_reads_as_nothing():
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     gone = int(done.stdout)
-    assert serve._rss(gone) == 0 and serve._cpu_seconds([gone]) == 0.0
+    assert proc.rss(gone) == 0 and proc.cpu_seconds([gone]) == 0.0

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgery_edge.data import disk
-from surgery_edge.data.disk import DiskTask, load_class_names, load_disk_task, preprocess_image
+from surgery_edge.data import decoded
+from surgery_edge.data.decoded import preprocess_image
+from surgery_edge.data.disk import DiskTask, load_class_names, load_disk_task
 from surgery_edge.errors import ConfigError, DataError
 
 CLASSES = ("annual_crop", "forest", "river")
@@ -219,7 +220,7 @@ def test_cache_hit_decodes_nothing_and_changes_invalidate(tmp_path, monkeypatch)
         raise AssertionError("decoded on a cache hit")
 
     with monkeypatch.context() as m:
-        m.setattr(disk, "preprocess_image", no_decoding)
+        m.setattr(decoded, "preprocess_image", no_decoding)
         hit = _load(root, cache, log=lines.append)
     assert len(lines) == 1
     np.testing.assert_array_equal(hit.test_x, first.test_x)

@@ -10,7 +10,7 @@ from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.targets import representations
-from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, train_surgery
+from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, TrainingHooks, train_surgery
 
 
 def _perturbed(state, seed, scale=1e-3):
@@ -43,7 +43,7 @@ def _run(name, rank, tmp_path):
         cfg,
         tmp_path / "a.safetensors",
         torch.device("cpu"),
-        on_step=lambda s, v: losses.append(v),
+        hooks=TrainingHooks(on_step=lambda s, v: losses.append(v)),
     )
     assert len(losses) == 2 and all(np.isfinite(losses))
     down, up = bank.weights(f"block.{arch.layers - 1}")

@@ -35,7 +35,7 @@ def test_params_merge_onto_the_defaults_one_parameter_at_a_time():
 def test_a_method_can_have_its_own_learning_rate_and_the_schedule_reaches_the_trainer():
     from types import SimpleNamespace
 
-    from surgery_edge.run.pipeline import surgery_config
+    from surgery_edge.run.surgery import surgery_config
 
     cfg = RunConfig.model_validate(
         {
@@ -48,6 +48,32 @@ def test_a_method_can_have_its_own_learning_rate_and_the_schedule_reaches_the_tr
     assert (v1.lr, v2.lr) == (0.01, 0.002)
     assert v1.schedule == v2.schedule == "reference" and v1.seed == v2.seed == 3
     assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_one_rule_names_the_unlabelled_split():
+    """AdaMerging, surgery, their checks and calibration take the split from one rule."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from surgery_edge.run.state import adaptation_split, unlabelled_split
+
+    plain, paper = RunConfig(), RunConfig.model_validate({"surgery": {"transductive": True}})
+    assert (unlabelled_split(plain), unlabelled_split(paper)) == ("adapt", "test")
+    assert (unlabelled_split(plain, True), unlabelled_split(paper, False)) == ("test", "adapt")
+    no_images = SimpleNamespace(adapt_x=np.zeros((0, 8, 8, 3), np.uint8))
+    run = SimpleNamespace(
+        config=plain, tasks=["a"], suite=SimpleNamespace(task=lambda t: no_images)
+    )
+    with pytest.raises(ConfigError, match=r"Tasks \['a'\] have no adaptation images"):
+        adaptation_split(run)
+    assert adaptation_split(run, transductive=True) == "test"
+    package = Path(__file__).resolve().parents[2] / "surgery_edge"
+    # no other module decides it from the config (run_surgery passes it; the report says it)
+    deciding = re.compile(r"if [\w.]*surgery\.transductive")
+    copies = [p.name for p in package.rglob("*.py") if deciding.search(p.read_text())]
+    assert copies == ["state.py"]
 
 
 def test_the_flat_keys_of_earlier_releases_still_load():

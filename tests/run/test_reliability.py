@@ -213,7 +213,7 @@ def test_20_4_a_changed_setting_is_seen(copy, tmp_path, tiny_config_path):
 
 def test_20_4_deleted_or_changed_engines_are_exported_again(copy, monkeypatch):
     from surgery_edge.run import engines
-    from surgery_edge.run.pipeline import Run
+    from surgery_edge.run.state import Run
 
     onnx = copy / "engines/surgeryv2-routed.onnx"
     data = onnx.read_bytes()
@@ -341,6 +341,59 @@ def test_14_1_short_training_never_replaces_trained_adapters_silently(copy):
     assert path.read_bytes() == before
 
 
+def test_14_1_the_reuse_check_compares_the_split_training_learns_from(run):
+    """``train --no-transductive`` on a transductive run trains on the adaptation split: its
+    check before any work compares that split (it took the config's, and refused the run's
+    own adapters)."""
+    from types import SimpleNamespace
+
+    from surgery_edge.errors import ConfigError
+    from surgery_edge.run.surgery import check_training, surgery_config
+
+    run.find_merges()
+    surgery = run.config.surgery.model_copy(update={"transductive": True})
+    transductive_run = SimpleNamespace(
+        merged=run.merged,
+        out=run.out,
+        layout=run.layout,
+        overwrite=False,
+        log=lambda *a: None,
+        config=run.config.model_copy(update={"surgery": surgery}),
+    )
+    cfg = surgery_config(run, "surgeryv2")  # the tiny run's adapters: the adaptation split
+    path = run.layout.adapters("task_arithmetic", "surgeryv2")
+    assert check_training(transductive_run, "task_arithmetic", cfg, transductive=False) == path
+    with pytest.raises(ConfigError, match="made with other settings"):
+        check_training(transductive_run, "task_arithmetic", cfg, transductive=True)
+
+
+def test_14_1_export_replaces_an_engine_made_otherwise_only_with_overwrite(engines, tmp_path):
+    """An engine at the output path made from other checkpoints or in another mode is refused
+    (the file kept); the same engine, or any with ``overwrite``, goes ahead."""
+    import shutil
+
+    from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata
+    from surgery_edge.errors import ConfigError
+    from surgery_edge.run.export import EngineChoice, EngineFiles, _Plan, _refuse_other_engines
+
+    path = tmp_path / "e.onnx"
+    shutil.copy(engines["dir"] / "surgeryv2-routed.onnx", path)
+    extra = {"source": read_onnx_metadata(path).get("source")}
+    choice = EngineChoice(surgery="surgeryv2")
+    target = ((path, "ONNX engine", None),)
+
+    def plan(mode: EngineMode) -> _Plan:
+        return _Plan(mode, Precision.FP32, None, None, path, EngineFiles(onnx=path), target)
+
+    _refuse_other_engines(plan(EngineMode.ROUTED), choice, extra, overwrite=False)
+    before = path.read_bytes()
+    for other, source in ((EngineMode.ALL_TASKS, extra), (EngineMode.ROUTED, {"source": "x"})):
+        with pytest.raises(ConfigError, match="exists and was exported from other checkpoints"):
+            _refuse_other_engines(plan(other), choice, source, overwrite=False)
+        _refuse_other_engines(plan(other), choice, source, overwrite=True)
+    assert path.read_bytes() == before
+
+
 @pytest.mark.parametrize("swap", ["another task, other class count", "another task, same count"])
 def test_14_1_a_head_of_another_task_is_refused(copy, swap):
     from surgery_edge.models import get_arch, load_head, save_head
@@ -386,7 +439,8 @@ def test_14_1_v1_adapters_where_v2_belong_are_refused(copy):
     "damage", ["truncated", "zero bytes", "random bytes", "NaN values", "no record"]
 )
 def test_14_1_a_damaged_representation_cache_is_rebuilt_never_trusted(run, tmp_path, damage):
-    from surgery_edge.run.pipeline import Run, expert_representations
+    from surgery_edge.run.state import Run
+    from surgery_edge.run.surgery import expert_representations
 
     copy = tmp_path / "run"
     shutil.copytree(run.out, copy)
@@ -470,7 +524,7 @@ def test_14_1_an_engine_with_nan_weights_is_refused_at_load(engines, tmp_path):
 def test_14_2_a_damaged_suite_file_is_an_error_or_regenerated(run, tmp_path, damage):
     from surgery_edge.data.suite import load_suite
     from surgery_edge.errors import DataError
-    from surgery_edge.run.pipeline import Run, prepare_suite
+    from surgery_edge.run.state import Run, prepare_suite
 
     copy = tmp_path / "run"
     shutil.copytree(run.out, copy)

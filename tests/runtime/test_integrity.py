@@ -327,7 +327,7 @@ def test_external_weights_travel_sealed(engines, tmp_path):
 
 def test_the_demo_exports_engines_of_an_older_format_again(tiny_run, monkeypatch):
     from surgery_edge.run import engines
-    from surgery_edge.run.pipeline import Run
+    from surgery_edge.run.state import Run
 
     run = Run.open(tiny_run[0], log=lambda *a: None)
     run.require_experts()

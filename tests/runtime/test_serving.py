@@ -347,6 +347,31 @@ def test_statistics_are_reachable_with_the_access_token(server):
     assert stats["model_stats"][0]["name"] == "engine"
 
 
+def test_serve_stats_shows_each_models_counts_and_queue_times(server, http, tmp_path):
+    """``surgery-edge serve-stats`` against the running server: the requests each model
+    answered, its engine calls and mean queue time, with the token file; a wrong token or no
+    server is a user error naming what to give."""
+    from cli_checks import user_error
+    from surgery_edge.cli.app import app
+    from typer.testing import CliRunner
+
+    x = images(2, size=server.metadata["v1"].preprocessing.image_size)
+    http.infer("v1", engine_inputs(httpclient, x, None))
+    args = ["serve-stats", server.http_url, "--token-file", str(server.token_file)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:3] == ["model", "requests", "failed"] and "queue" in lines[0]
+    v1 = next(line.split() for line in lines if line.startswith("v1 "))
+    assert int(v1[1]) >= 1 and int(v1[3]) >= 1 and float(v1[5]) >= 0, v1  # requests, calls, queue
+    wrong = tmp_path / "token"
+    wrong.write_text("not-the-token\n")
+    assert "not this server's" in user_error([*args[:2], "--token-file", str(wrong)])
+    assert "is `surgery-edge serve` running" in user_error(
+        ["serve-stats", f"127.0.0.1:{free_ports(1)[0]}", "--token-file", str(wrong)]
+    )
+
+
 def test_grpc_requests_are_bounded_by_triton(server):
     """gRPC does not pass the HTTP front: Triton itself refuses the same shapes before it
     allocates (INVALID_ARGUMENT), and the server stays ready."""
@@ -688,6 +713,69 @@ def test_a_failed_start_names_each_model_and_the_servers_message(engines, tmp_pa
         "load: Internal: ExportError: the stub loaded another libpython.; model 'engine' failed "
         "to load: dynamic batching preferred size must be <= max batch size"
     )
+
+
+def test_a_model_that_fails_to_load_fails_the_start_naming_it(engines, tmp_path, monkeypatch):
+    """A real server where one model's engine breaks after the repository is written: the
+    start fails at once (no second try), naming that model and the server's message, as a
+    usage error (exit 2), and leaves nothing behind."""
+    import shutil
+
+    from surgery_edge.runtime import serving
+
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    shutil.copy(engines["dir"] / "surgery-all-tasks.onnx", good)
+    shutil.copy(engines["dir"] / "surgery-all-tasks.onnx", bad)
+    write = serving.serving_repository
+
+    def then_break(*args, **kwargs):
+        metas = write(*args, **kwargs)
+        bad.write_bytes(b"not an engine any more")  # the stub's load fails, not the check here
+        return metas
+
+    monkeypatch.setattr(serving, "serving_repository", then_break)
+    starts = []
+    once = serving.Server._start_once
+    monkeypatch.setattr(serving.Server, "_start_once", lambda self: starts.append(1) or once(self))
+    http, grpc, metrics = free_ports(3)
+    options = serving.ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                   device="cpu", threads=1, task_models=False,
+                                   startup_timeout_s=60, drain_timeout_s=2)  # fmt: skip
+    server = serving.Server({"good": good, "broken": bad}, options)
+    with pytest.raises(serving.StartFailed) as failed:
+        server.start()
+    assert list(failed.value.models) == ["broken"] and failed.value.exit_code == 2
+    message = str(failed.value)
+    assert "model 'broken' failed to load" in message and "'good'" not in message
+    assert "not a readable ONNX model" in message, message  # the server's (the stub's) words
+    assert starts == [1] and server._work is None  # one start, and it cleaned up
+
+
+def test_a_start_with_no_model_to_blame_is_tried_once_more(engines, monkeypatch, capsys):
+    from surgery_edge.runtime import serving
+
+    outcomes = [serving.StartFailed("Triton Inference Server exited: no error in its log", {})]
+    outcomes.append(None)
+
+    def start_once(self):
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        return self
+
+    monkeypatch.setattr(serving.Server, "_start_once", start_once)
+    server = serving.Server(engines["dir"] / "surgeryv2-routed.onnx")
+    assert server.start() is server and not outcomes  # the second start served
+    assert "no error in its log Starting once more" in capsys.readouterr().err
+    twice = [serving.StartFailed("exited", {}), serving.StartFailed("exited again", {})]
+    outcomes[:] = twice
+    with pytest.raises(serving.StartFailed, match="exited again") as failed:
+        server.start()
+    assert failed.value.exit_code == 3  # the server failed, not the input: run again
+    outcomes[:] = [serving.StartFailed("model 'x' failed to load: bad", {"x": "bad"}), None]
+    with pytest.raises(serving.StartFailed, match="model 'x'"):
+        server.start()  # a model to blame: no second try
+    assert outcomes == [None]
 
 
 def test_the_next_start_removes_what_a_dead_server_left(tmp_path):

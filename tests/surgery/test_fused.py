@@ -18,7 +18,7 @@ needs_kernels = pytest.mark.skipif(
 
 
 def _model(tiny_run, method):
-    from surgery_edge.run.pipeline import Run
+    from surgery_edge.run.state import Run
 
     run = Run.open(tiny_run[0], log=lambda *a: None)
     run.require_experts()
@@ -82,7 +82,7 @@ def test_fuse_refuses_when_kernels_cannot_run(tiny_run, monkeypatch):
 
 def test_importing_the_package_does_not_import_triton():
     code = (
-        "import sys, surgery_edge, surgery_edge.surgery.model, surgery_edge.run.pipeline, "
+        "import sys, surgery_edge, surgery_edge.surgery.model, surgery_edge.run.state, "
         "surgery_edge.kernels; assert 'triton' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,11 +16,12 @@ from surgery_edge.data.transforms import to_model_input
 from surgery_edge.errors import ConfigError
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.schedule import reference_batch_indices
 from surgery_edge.surgery.targets import representations
 from surgery_edge.surgery.trainer import (
     SurgeryConfig,
     TaskTargets,
-    reference_batch_indices,
+    TrainingHooks,
     schedule_draws,
     schedule_length,
     train_surgery,
@@ -71,7 +72,7 @@ def _train(tmp_path, method, steps, targets, name="a.safetensors", **kw):
         cfg,
         tmp_path / name,
         torch.device("cpu"),
-        on_step=on_step,
+        hooks=TrainingHooks(on_step=on_step),
         **kw,
     )
     return bank, losses
@@ -249,7 +250,7 @@ def test_the_seed_fixes_the_adapters(tmp_path, schedule):
 
 
 def test_pipeline_commands_run_torch_deterministically(tiny_run):
-    from surgery_edge.run.pipeline import Run
+    from surgery_edge.run.state import Run
 
     torch.use_deterministic_algorithms(False)
     try:
@@ -285,8 +286,8 @@ def test_surgery_lowers_bias_and_beats_the_merge(run, tmp_path):
 
     from surgery_edge.evaluation.accuracy import average, routed_accuracy
     from surgery_edge.evaluation.bias import representation_bias
-    from surgery_edge.run.pipeline import (
-        adaptation_split,
+    from surgery_edge.run.state import adaptation_split
+    from surgery_edge.run.surgery import (
         expert_representations,
         surgery_config,
         train_one,

@@ -14,11 +14,13 @@ from surgery_edge.surgery.functional import (
     surgery_correction,
 )
 from surgery_edge.surgery.model import MultiTaskModel
+from surgery_edge.surgery.schedule import _batch_indices
 from surgery_edge.surgery.targets import representations
 from surgery_edge.surgery.trainer import (
+    AdapterOutput,
     SurgeryConfig,
     TaskTargets,
-    _batch_indices,
+    TrainingHooks,
     last_good_path,
     train_surgery,
 )
@@ -153,15 +155,20 @@ def _train(tmp_path, method, steps, name="a.safetensors", **kw):
         checkpoint_every=kw.pop("checkpoint_every", 2),
     )
     losses = []
+    hooks = TrainingHooks(
+        on_step=lambda s, v: losses.append(v),
+        log=kw.pop("log", print),
+        metrics=kw.pop("metrics", None),
+    )
     bank = train_surgery(
         merged,
         heads,
         TASKS,
         kw.pop("targets", None) or _targets(),
         cfg,
-        tmp_path / name,
+        AdapterOutput(tmp_path / name, inputs=kw.pop("inputs", None)),
         torch.device("cpu"),
-        on_step=lambda s, v: losses.append(v),
+        hooks=hooks,
         **kw,
     )
     return bank, losses
@@ -208,10 +215,9 @@ def _interrupt_after(tmp_path, targets, path, stop_at, inputs=None):
             TASKS,
             targets,
             cfg,
-            path,
+            AdapterOutput(path, inputs=inputs),
             torch.device("cpu"),
-            on_step=stop,
-            inputs=inputs,
+            hooks=TrainingHooks(on_step=stop),
         )
     assert not path.exists()  # nothing half-written
 

@@ -41,7 +41,8 @@ from safetensors import safe_open
 
 from surgery_edge.errors import CheckpointError, ConfigError
 from surgery_edge.models.archs import TINY_ARCHS, ArchSpec, get_arch
-from surgery_edge.models.convert.sandbox import check_archive, check_tensor_storage, import_budget
+from surgery_edge.models.convert.archives import check_archive, import_budget
+from surgery_edge.models.convert.sandbox import check_tensor_storage
 from surgery_edge.models.convert.towers import check_tower
 
 HF = "vision_model."

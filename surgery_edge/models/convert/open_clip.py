@@ -21,13 +21,11 @@ from safetensors.torch import load_file
 
 from surgery_edge.errors import CheckpointError
 from surgery_edge.models.archs import ArchSpec
+from surgery_edge.models.convert.archives import check_archive, import_budget, is_torchscript
 from surgery_edge.models.convert.sandbox import (
     TRUST_PICKLE_HINT,
     StandInModule,
-    check_archive,
     check_tensor_storage,
-    import_budget,
-    is_torchscript,
     load_pickle_restricted,
     module_state,
 )

@@ -22,8 +22,9 @@ from torch import nn
 
 from surgery_edge.errors import CheckpointError
 from surgery_edge.models import get_arch
+from surgery_edge.models.convert.archives import import_budget
 from surgery_edge.models.convert.open_clip import load_open_clip_image_tower
-from surgery_edge.models.convert.sandbox import import_budget, load_pickle_restricted
+from surgery_edge.models.convert.sandbox import load_pickle_restricted
 from surgery_edge.models.convert.task_vectors import _read_pickled_head, import_task_vectors
 from surgery_edge.models.convert.towers import with_activation
 
