@@ -13,7 +13,6 @@ from __future__ import annotations
 import enum
 import errno
 import functools
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,17 +20,15 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from surgery_edge.engine_format import EngineMode, Precision
+from surgery_edge.engine_format import EngineMode, Precision, is_device_name
 from surgery_edge.errors import ConfigError, DependencyError, SurgeryEdgeError
 from surgery_edge.io import load_yaml, printable
 from surgery_edge.surgery.methods import SCHEDULES, surgery_names
 
-DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
-
 
 def device_name(value: str | None) -> str | None:
     """``--device``: auto, cpu, cuda or cuda:N (anything else is a usage error, exit 2)."""
-    if value is not None and not DEVICE.fullmatch(value):
+    if value is not None and not is_device_name(value):
         raise typer.BadParameter(
             f"{printable(repr(value))} is not a device; use auto, cpu, cuda or cuda:N."
         )

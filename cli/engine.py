@@ -22,6 +22,7 @@ from surgery_edge.cli.common import (
     user_errors,
 )
 
+from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ConfigError
 from surgery_edge.io import printable, require_file
 
@@ -134,15 +135,22 @@ def export(
     from surgery_edge.export.triton import TritonOptions  # deferred: with the exporters
     from surgery_edge.run import export as run_export  # deferred: imports torch
 
-    precision = PrecisionName(
-        renamed("--fp16", "--precision fp16", PrecisionName.fp16 if fp16 else None, precision)
-    ).value
+    # parsed once, here at the edge: the library takes them typed
+    precision = Precision.parse(
+        PrecisionName(
+            renamed("--fp16", "--precision fp16", PrecisionName.fp16 if fp16 else None, precision)
+        ).value
+    )
     if triton_repo is not None and opt_batch > max_batch:
         raise ConfigError(
             f"--opt-batch {opt_batch} (Triton's preferred batch) is above --max-batch {max_batch}."
         )
     choice = run_export.EngineChoice(
-        merge_name, SurgeryOrNone(surgery).value, ModeName(mode).value, precision, expert
+        merge_name,
+        SurgeryOrNone(surgery).value,
+        EngineMode.parse(ModeName(mode).value),
+        precision,
+        expert,
     )
     settings = run_export.ExportSettings(
         run_export.TrtOptions(min_batch, opt_batch, max_batch, workspace_gb, timing_cache),
@@ -152,7 +160,7 @@ def export(
             max_queue_delay_us=max_queue_delay_us,
             instances=triton_instances,
             kind=triton_kind,
-            accelerator_fp16=precision == PrecisionName.fp16.value,
+            accelerator_fp16=precision is Precision.FP16,
         ),
         calibration_images,
         QuantizerName(quantizer).value,

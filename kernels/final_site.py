@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from surgery_edge.surgery.functional import all_tasks_correction
-
 from . import _jit, _launcher, _register_op, _require_launchable
+from .reference import all_tasks_correction
 from .surgery_correction import _adapter_correction
 
 try:

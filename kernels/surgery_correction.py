@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from surgery_edge.surgery.functional import routed_correction
-
 from . import _jit, _launcher, _register_op, _require_launchable
+from .reference import routed_correction
 
 try:
     import triton

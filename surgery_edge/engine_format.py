@@ -16,37 +16,42 @@ Where it lives:
 - TensorRT: a sidecar ``<engine>.json`` (a serialized engine has no place for user data).
 
 Integrity (engine format 3): the metadata's ``integrity`` record holds the SHA-256 of the
-artefact itself, so the metadata is bound to the graph and weights it describes and a changed
-or damaged copy is refused (:func:`verify_engine`) instead of answering wrongly. The export
-writes the record with a placeholder of the digest's length, hashes the artefact as written,
-then puts the digest in the placeholder's place (same length: no protobuf length prefix or zip
-offset moves); a reader puts the placeholder back and hashes again. What is hashed:
+artefact itself, so a changed or damaged copy is refused (:func:`verify_engine`); how it is
+computed and sealed is :mod:`surgery_edge.engine_digest`.
 
-- ONNX: the ``.onnx`` file's bytes; each external-data file's SHA-256 is recorded under
-  ``integrity.files`` (so it is covered too);
-- ``.pt2``: every member of the zip archive (name, size and contents, in archive order);
-- TensorRT: the sidecar's text, which records the engine's own SHA-256 (``engine_sha256``).
-
-It is a checksum, not a signature: it detects edits and damage (a partial copy, flipped bits,
-metadata edited by hand), not someone who re-computes it. Each file is hashed once per process
-(remembered by path, size, mtime and inode).
+This module owns every fact about an engine, so that nothing else parses them: the modes and
+precisions (:class:`EngineMode`, :class:`Precision`, :func:`effective_precision`), the device
+names an engine runs on (:func:`check_device`), the file kinds and the reader of each
+(:func:`engine_kind`, :func:`read_metadata`), and the inputs and outputs the metadata implies
+(:func:`io_specs`).
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
-import math
-import mmap
 import os
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery_edge.engine_digest import (
+    DIGEST_PLACEHOLDER,
+    HEX64,
+    INTEGRITY_KEY,
+    MAX_METADATA_BYTES,
+    file_sha256,
+    pt2_digest,
+    remembered,
+    safe_files,
+    seal_package,
+    sealed_file_digest,
+    write_sealed,
+)
+from surgery_edge.engine_preprocessing import Preprocessing
 from surgery_edge.errors import ExportError
 from surgery_edge.io import atomic_path
 
@@ -55,11 +60,6 @@ META_KEY = "surgery_edge"
 # ``resize`` / ``interpolation`` / ``crop``. Version 1 stretched images with a bilinear resize.
 # 3: the ``integrity`` record (the artefact's SHA-256); engines without it are not served.
 FORMAT_VERSION = 3
-LEGACY_RESIZE = "bilinear-antialias"  # what format version 1 recorded
-INTEGRITY_KEY = "integrity"
-# Written where the digest goes, then replaced by it: 64 characters like a SHA-256 hex digest,
-# none of them a hex digit, so the one can never be taken for the other.
-DIGEST_PLACEHOLDER = "#" * 64
 
 REQUIRED_KEYS = (
     "tasks",
@@ -118,84 +118,46 @@ class Precision(Choice):
         return self in (Precision.INT8, Precision.FP8)
 
 
-def io_names(mode: EngineMode | str, tasks: Sequence[str]) -> tuple[list[str], list[str]]:
+def effective_precision(meta: EngineMetadata) -> Precision:
+    """The precision an engine computes in: the one its metadata records, except that a
+    TensorRT engine built with FP16 kernels allowed (``tensorrt.fp16``) is fp16 whatever the
+    precision of the ONNX it was built from."""
+    built = meta.get("tensorrt")
+    if isinstance(built, dict) and built.get("fp16"):
+        return Precision.FP16
+    return meta.precision
+
+
+def half_compute(meta: EngineMetadata) -> bool:
+    """Whether the engine computes in fp16: an fp16 engine, or a quantised one whose
+    unquantised layers are fp16 (quantised for TensorRT)."""
+    recipe = (meta.get("quantization") or {}).get("recipe", {})
+    return effective_precision(meta) is Precision.FP16 or recipe.get("high_precision") == "fp16"
+
+
+# Where an engine runs: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``.
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]{1,3})?"
+_DEVICE = re.compile(DEVICE_PATTERN)
+
+
+def is_device_name(device: Any) -> bool:
+    """Whether ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N below 1000)."""
+    return isinstance(device, str) and _DEVICE.fullmatch(device) is not None
+
+
+def check_device(device: Any) -> str:
+    """``device`` if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ExportError otherwise
+    (a misspelt device never silently falls back to the CPU)."""
+    if not is_device_name(device):
+        raise ExportError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
+    return device
+
+
+def io_names(mode: EngineMode, tasks: Sequence[str]) -> tuple[list[str], list[str]]:
     """The engine's input and output names for ``mode``."""
-    if EngineMode.parse(mode) is EngineMode.ROUTED:
+    if mode is EngineMode.ROUTED:
         return ["images", "task_ids"], ["logits", "probs"]
     return ["images"], [f"logits_{t}" for t in tasks]
-
-
-# --- preprocessing ---------------------------------------------------------------------------
-
-RESIZE_MODES = ("shortest", "squash")  # open_clip's resize_mode values the runtime reproduces
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """open_clip's eval transform, as the metadata records it.
-
-    ``shortest``: resize the shorter side to ``image_size`` (the longer one keeps the aspect
-    ratio), then centre-crop ``image_size`` square; ``squash``: resize to the square directly.
-    Then RGB, scale to [0, 1], normalise with ``mean`` / ``std``, channels first.
-    """
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = "shortest"
-    interpolation: str = "bicubic"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "resize": self.resize,
-            "interpolation": self.interpolation,
-            "crop": "center" if self.resize == "shortest" else "none",
-            "channels": "RGB",
-            "scale": "1/255",
-            "layout": "NCHW",
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any, source: str | os.PathLike) -> Preprocessing:
-        where = f"Engine metadata of {source}: preprocessing"
-        if not isinstance(d, dict):
-            raise ExportError(f"{where} is a {type(d).__name__}, not an object; re-export it.")
-        if d.get("resize") == LEGACY_RESIZE:
-            raise ExportError(
-                f"Engine {source} was exported by surgery-edge 0.1 with a stretching bilinear "
-                "resize, which is not the preprocessing its accuracy was measured with. Re-export "
-                "it with `surgery-edge export` (the new engine resizes exactly as open_clip's "
-                "eval transform, like the evaluation does)."
-            )
-        size = d.get("image_size")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ExportError(f"{where}.image_size must be a positive integer, got {size!r}.")
-        stats = {}
-        for key in ("mean", "std"):
-            v = d.get(key)
-            ok = isinstance(v, list) and len(v) == 3
-            ok = ok and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                for x in v
-            )
-            if not ok or (key == "std" and min(v) <= 0):
-                raise ExportError(
-                    f"{where}.{key} must be three finite numbers{' > 0' if key == 'std' else ''}"
-                    f", got {v!r}; re-export the engine."
-                )
-            stats[key] = tuple(float(x) for x in v)
-        resize, interp = d.get("resize", "shortest"), d.get("interpolation", "bicubic")
-        if resize not in RESIZE_MODES:
-            raise ExportError(f"{where}.resize {resize!r} is not one of {list(RESIZE_MODES)}.")
-        if interp not in INTERPOLATIONS:
-            raise ExportError(
-                f"{where}.interpolation {interp!r} is not one of {list(INTERPOLATIONS)}."
-            )
-        return cls(size, stats["mean"], stats["std"], resize, interp)
 
 
 # --- the metadata object ---------------------------------------------------------------------
@@ -229,6 +191,34 @@ class EngineMetadata:
         return dict(self.raw)
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, element type (numpy's name: ``float32``) and shape, the
+    batch dimension first (``"batch"``, or a name or None where a graph leaves it dynamic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.dtype} [{', '.join(map(str, self.shape))}]"
+
+
+def io_specs(meta: EngineMetadata) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The inputs and outputs every surgery-edge engine of ``meta`` declares: ``images``
+    float32 (B, 3, S, S), routed ``task_ids`` int64 (B,); float32 logits (B, C), C the widest
+    task's classes for a routed engine's ``logits`` and ``probs``, each task's own for
+    ``logits_<task>``."""
+    size = meta.preprocessing.image_size
+    inputs = [TensorSpec("images", "float32", ("batch", 3, size, size))]
+    if meta.mode is EngineMode.ROUTED:
+        inputs.append(TensorSpec("task_ids", "int64", ("batch",)))
+        widths = [max(meta.class_counts)] * len(meta.outputs)
+    else:
+        widths = meta.class_counts
+    return inputs, [TensorSpec(n, "float32", ("batch", w)) for n, w in zip(meta.outputs, widths)]
+
+
 def check_graph_inputs(
     source: str | os.PathLike,
     meta: EngineMetadata,
@@ -245,7 +235,9 @@ def check_graph_inputs(
             the one the metadata's ``image_size`` implies) disagree.
     """
     size = meta.preprocessing.image_size
-    expected = {"images": ("float32", [None, 3, size, size]), "task_ids": ("int64", [None])}
+    expected = {
+        s.name: (s.dtype, [None if d == "batch" else d for d in s.shape]) for s in io_specs(meta)[0]
+    }
     names = [name for name, _, _ in inputs]
     if tuple(names) != meta.inputs:
         raise ExportError(
@@ -346,6 +338,12 @@ def parse_metadata(text: str | None, source: str | os.PathLike) -> EngineMetadat
     return validate_metadata(meta, source)
 
 
+def metadata_from_props(props: Mapping[str, str], source: str | os.PathLike) -> EngineMetadata:
+    """The metadata among an ONNX model's metadata properties (``metadata_props``, or ONNX
+    Runtime's ``custom_metadata_map``)."""
+    return parse_metadata(props.get(META_KEY), source)
+
+
 def read_onnx_metadata(path: str | os.PathLike) -> EngineMetadata:
     """The engine metadata stored in an ONNX file (its weights are not read)."""
     import onnx  # deferred: only export and inspection need onnx; serving reads it from ORT
@@ -356,8 +354,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> EngineMetadata:
         raise ExportError(
             f"{path} is not a readable ONNX file ({type(e).__name__}: {e})."
         ) from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    return parse_metadata(props.get(META_KEY), path)
+    return metadata_from_props({p.key: p.value for p in proto.metadata_props}, path)
 
 
 def read_pt2_metadata(path: str | os.PathLike) -> EngineMetadata:
@@ -366,7 +363,7 @@ def read_pt2_metadata(path: str | os.PathLike) -> EngineMetadata:
     try:
         with zipfile.ZipFile(path) as z:
             names = [i for i in z.infolist() if i.filename.endswith("wrapper_metadata.json")]
-            if names and names[0].file_size > _MAX_METADATA_BYTES:
+            if names and names[0].file_size > MAX_METADATA_BYTES:
                 raise ValueError(f"{names[0].filename} is {names[0].file_size:,} bytes")
             stored = json.loads(z.read(names[0])) if names else {}
     except (zipfile.BadZipFile, OSError, ValueError) as e:
@@ -375,6 +372,48 @@ def read_pt2_metadata(path: str | os.PathLike) -> EngineMetadata:
             "`surgery-edge export --aoti`."
         ) from None
     return parse_metadata(stored.get(META_KEY) if isinstance(stored, dict) else None, path)
+
+
+# --- file kinds --------------------------------------------------------------------------------
+
+ONNX_SUFFIXES = (".onnx",)
+AOTI_SUFFIXES = (".pt2",)
+TRT_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def require_file(path: Path) -> None:
+    """ExportError unless the engine file ``path`` exists."""
+    if not path.is_file():
+        raise ExportError(f"Engine file {path} does not exist. Check the path.")
+
+
+def engine_kind(path: str | os.PathLike) -> str:
+    """``onnx``, ``pt2`` or ``tensorrt`` from the suffix (or, failing that, the file's bytes)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return "onnx"
+    if suffix in AOTI_SUFFIXES:
+        return "pt2"
+    if suffix in TRT_SUFFIXES:
+        return "tensorrt"
+    require_file(p)
+    with p.open("rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        return "pt2"
+    if sidecar_path(p).is_file():
+        return "tensorrt"
+    return "onnx"
+
+
+def read_metadata(path: str | os.PathLike, kind: str | None = None) -> EngineMetadata:
+    """The metadata of the engine at ``path``, read as its kind (default: :func:`engine_kind`)
+    stores it: an ONNX file's properties (needs the onnx package), a ``.pt2`` package's
+    AOTInductor metadata, a TensorRT engine's sidecar. Nothing is run or loaded."""
+    kind = kind or engine_kind(path)
+    readers = {"onnx": read_onnx_metadata, "pt2": read_pt2_metadata, "tensorrt": read_sidecar}
+    return readers[kind](path)
 
 
 # --- sidecars (TensorRT) ---------------------------------------------------------------------
@@ -433,127 +472,7 @@ def read_sidecar(engine_path: str | os.PathLike) -> EngineMetadata:
 
 # --- integrity -------------------------------------------------------------------------------
 
-_BLOCK = 1 << 22
-_MAX_METADATA_BYTES = 1 << 24  # a package's metadata JSON is kilobytes; not read whole beyond
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIFFER = "the SHA-256 digest its export recorded"
-# SHA-256s computed in this process: (path, size, mtime, inode, device, token) -> digest. A
-# server that loads an engine again (or info after load) does not hash it twice; a file
-# changed on disk changes its key (a change that keeps size and mtime goes unseen only until
-# the process ends).
-_DIGESTS: dict[tuple, str | None] = {}
-
-
-def _remembered(path: Path, token: str, compute) -> str | None:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, token)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = compute()
-    return _DIGESTS[key]
-
-
-def _hash_range(f, h, start: int, end: int) -> None:
-    f.seek(start)
-    left = end - start
-    while left > 0 and (block := f.read(min(_BLOCK, left))):
-        h.update(block)
-        left -= len(block)
-
-
-def _sealed_file_digest(path: Path, token: str) -> str | None:
-    """SHA-256 of the file with ``token`` (which must occur exactly once) read as the
-    placeholder; None when it does not occur exactly once."""
-    needle = token.encode("ascii")
-    with path.open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return None
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            at = m.find(needle)
-            if at < 0 or m.find(needle, at + 1) >= 0:
-                return None
-        h = hashlib.sha256()
-        _hash_range(f, h, 0, at)
-        h.update(DIGEST_PLACEHOLDER.encode("ascii"))
-        _hash_range(f, h, at + len(needle), size)
-    return h.hexdigest()
-
-
-def _is_metadata_member(info: zipfile.ZipInfo) -> bool:
-    """A package member that may hold the engine metadata: a small JSON file (read whole)."""
-    return info.filename.endswith(".json") and info.file_size <= _MAX_METADATA_BYTES
-
-
-def _members_digest(z: zipfile.ZipFile, metadata: Callable[[bytes], bytes]) -> str:
-    """SHA-256 of an archive's members (name, size, contents, in archive order), each metadata
-    member's contents as ``metadata`` turns them (read whole), the others streamed."""
-    h = hashlib.sha256()
-    for info in z.infolist():
-        h.update(info.filename.encode("utf-8") + b"\0")
-        if _is_metadata_member(info):
-            data = metadata(z.read(info))
-            h.update(len(data).to_bytes(8, "little") + data)
-            continue
-        h.update(info.file_size.to_bytes(8, "little"))
-        with z.open(info) as member:
-            while block := member.read(_BLOCK):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _pt2_digest(path: Path, token: str) -> str | None:
-    """The digest of a ``.pt2`` package with ``token`` read as the placeholder in its metadata
-    members; None when no member holds ``token`` or the archive is damaged (a member fails its
-    CRC check)."""
-    needle, placeholder = token.encode("ascii"), DIGEST_PLACEHOLDER.encode("ascii")
-    found = 0
-
-    def metadata(data: bytes) -> bytes:
-        nonlocal found
-        found += data.count(needle)
-        return data.replace(needle, placeholder)
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            digest = _members_digest(z, metadata)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        return None
-    return digest if found else None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a whole file (remembered for this process, see :data:`_DIGESTS`)."""
-    path = Path(path)
-
-    def compute() -> str:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while block := f.read(_BLOCK):
-                h.update(block)
-        return h.hexdigest()
-
-    return _remembered(path, "", compute)
-
-
-def write_sealed(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to ``path`` with its one :data:`DIGEST_PLACEHOLDER` replaced by the
-    SHA-256 of ``data`` (placeholder included); returns the digest.
-
-    The caller makes it atomic (``path`` is a temporary file).
-    """
-    placeholder = DIGEST_PLACEHOLDER.encode("ascii")
-    at = data.find(placeholder)
-    if at < 0 or data.find(placeholder, at + 1) >= 0:
-        raise ExportError(
-            f"Cannot seal {path}: its metadata's digest placeholder occurs "
-            f"{data.count(placeholder)} times in the serialised engine, not once."
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    with open(path, "wb") as f:
-        f.write(data)
-        f.seek(at)
-        f.write(digest.encode("ascii"))
-    return digest
 
 
 def seal_pt2(path: str | os.PathLike, meta: dict[str, Any]) -> str:
@@ -564,60 +483,8 @@ def seal_pt2(path: str | os.PathLike, meta: dict[str, Any]) -> str:
     not trusted from the compiler: Inductor's compile cache can hand back a package compiled
     earlier with the same graph and another export's metadata.
     """
-    path = Path(path)
     text = json.dumps({**meta, INTEGRITY_KEY: {"sha256": DIGEST_PLACEHOLDER}})
-    placeholder, stored = DIGEST_PLACEHOLDER.encode("ascii"), 0
-
-    def with_meta(data: bytes) -> bytes:
-        nonlocal stored
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return data
-        # AOTInductor's metadata members: the keys it writes itself (AOTI_DEVICE_KEY, ...)
-        if not isinstance(obj, dict) or not any(k.startswith("AOTI_") for k in obj):
-            return data
-        stored += 1
-        return json.dumps({**obj, META_KEY: text}).encode("utf-8")
-
-    with zipfile.ZipFile(path) as z:
-        digest = _members_digest(z, with_meta)
-    if not stored:
-        raise ExportError(
-            f"Cannot seal {path}: no member of the package holds AOTInductor's metadata (this "
-            "torch version stores it elsewhere); the package was not written."
-        )
-    with atomic_path(path) as tmp:
-        # a new archive: a member's CRC-32 covers its contents, so it cannot be patched in place
-        with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w") as out:
-            for info in src.infolist():
-                copy = zipfile.ZipInfo(info.filename, info.date_time)
-                copy.compress_type, copy.external_attr = info.compress_type, info.external_attr
-                if _is_metadata_member(info):
-                    data = with_meta(src.read(info)).replace(placeholder, digest.encode("ascii"))
-                    out.writestr(copy, data)
-                    continue
-                copy.file_size = info.file_size
-                with src.open(info) as r, out.open(copy, "w", force_zip64=True) as w:
-                    while block := r.read(_BLOCK):
-                        w.write(block)
-    return digest
-
-
-def _files_record(record: dict, source: str | os.PathLike) -> dict[str, str]:
-    files = record.get("files", {})
-    ok = isinstance(files, dict) and all(
-        isinstance(name, str)
-        and isinstance(sha, str)
-        and _HEX64.fullmatch(sha)
-        and not Path(name).is_absolute()
-        and ".." not in Path(name).parts
-        and "\\" not in name
-        for name, sha in files.items()
-    )
-    if not ok:
-        raise _changed(source, "its metadata's integrity record is malformed")
-    return files
+    return seal_package(path, META_KEY, text)
 
 
 def _changed(path: str | os.PathLike, detail: str) -> ExportError:
@@ -646,7 +513,7 @@ def verify_engine(path: str | os.PathLike, meta: EngineMetadata, kind: str) -> N
     record = meta.get(INTEGRITY_KEY)
     digest = record.get("sha256") if isinstance(record, dict) else None
     version = meta.get("format_version")
-    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+    if not isinstance(digest, str) or not HEX64.fullmatch(digest):
         if isinstance(version, int) and version >= 3:
             raise _changed(path, "its metadata's integrity record is missing or malformed")
         raise ExportError(
@@ -658,14 +525,14 @@ def verify_engine(path: str | os.PathLike, meta: EngineMetadata, kind: str) -> N
             "run's checkpoints are all it needs."
         )
     if kind == "pt2":
-        found = _remembered(path, digest, lambda: _pt2_digest(path, digest))
+        found = remembered(path, digest, lambda: pt2_digest(path, digest))
         if found != digest:
             raise _changed(
                 path, f"the package's contents (code, weights, metadata) differ from {_DIFFER}"
             )
         return
     source = sidecar_path(path) if kind == "tensorrt" else path
-    found = _remembered(source, digest, lambda: _sealed_file_digest(source, digest))
+    found = remembered(source, digest, lambda: sealed_file_digest(source, digest))
     if found != digest:
         what = (
             f"its metadata file {source.name} differs"
@@ -678,7 +545,10 @@ def verify_engine(path: str | os.PathLike, meta: EngineMetadata, kind: str) -> N
         if not isinstance(recorded, str) or recorded != file_sha256(path):
             raise _changed(path, "the engine's bytes differ from the SHA-256 its metadata records")
         return
-    for name, sha in _files_record(record, path).items():
+    files = record.get("files", {})
+    if not safe_files(files):
+        raise _changed(path, "its metadata's integrity record is malformed")
+    for name, sha in files.items():
         data = path.parent / name
         if not data.is_file():
             raise ExportError(

@@ -42,7 +42,7 @@ def test_modes_and_precisions_parse_once_and_list_the_choices():
     with pytest.raises(ExportError, match="Unknown precision 'int4'.*fp32, fp16, int8, fp8"):
         Precision.parse("int4")
     assert [p.quantized for p in Precision] == [False, False, True, True]
-    assert io_names("all-tasks", ["a", "b"]) == (["images"], ["logits_a", "logits_b"])
+    assert io_names(EngineMode.ALL_TASKS, ["a", "b"]) == (["images"], ["logits_a", "logits_b"])
 
 
 def test_a_quantised_engine_carries_its_recipe():
@@ -162,9 +162,9 @@ def test_each_file_is_hashed_once_while_it_is_unchanged(tmp_path, monkeypatch):
 
     engine = _sealed_trt(tmp_path)
     calls = []
-    digest = engine_format._sealed_file_digest
+    digest = engine_format.sealed_file_digest
     monkeypatch.setattr(
-        engine_format, "_sealed_file_digest", lambda *a: calls.append(a) or digest(*a)
+        engine_format, "sealed_file_digest", lambda *a: calls.append(a) or digest(*a)
     )
     meta = read_sidecar(engine)
     for _ in range(3):
@@ -206,3 +206,14 @@ def test_a_pt2_package_is_sealed_and_verified_member_by_member(tmp_path):
             z.writestr(name, data)
     with pytest.raises(ExportError, match="m.pt2 was changed or corrupted.*package's contents"):
         verify_engine(package, read_pt2_metadata(package), "pt2")
+
+
+def test_a_tensorrt_build_with_fp16_kernels_is_an_fp16_engine():
+    from surgery_edge.engine_format import effective_precision, half_compute
+
+    plain = validate_metadata(copy.deepcopy(GOOD), "m.onnx")
+    assert effective_precision(plain) is Precision.FP32 and not half_compute(plain)
+    built = validate_metadata({**copy.deepcopy(GOOD), "tensorrt": {"fp16": True}}, "m.plan.json")
+    assert effective_precision(built) is Precision.FP16 and half_compute(built)
+    fp32 = validate_metadata({**copy.deepcopy(GOOD), "tensorrt": {"fp16": False}}, "m.plan.json")
+    assert effective_precision(fp32) is Precision.FP32

@@ -46,6 +46,7 @@ from surgery_edge.run.state import Run, prepare_experts, prepare_suite
 from surgery_edge.run.surgery import run_surgery
 from surgery_edge.run.tasks import add_task
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.methods import SURGERY_V2
 from surgery_edge.surgery.model import MultiTaskModel
 
 TARGET_FROZEN_COST = 1 / 6  # of the full surgery training time
@@ -60,7 +61,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["digits", "textures", "signs"])
     p.add_argument("--work", type=Path, required=True, help="folder for the benchmark's runs")
     p.add_argument("--merge", default="task_arithmetic")
-    p.add_argument("--surgery", default="surgeryv2")
+    p.add_argument("--surgery", default=SURGERY_V2)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.125, 0.25, 0.5])
     p.add_argument("--within", type=float, default=TARGET_REMERGE_POINTS)
     p.add_argument("--device", default="cpu")

@@ -55,6 +55,7 @@ from surgery_edge.bench.choices import BASELINES
 from surgery_edge.bench.gpu_tests import test_results
 from surgery_edge.bench.roofline import Peaks, peaks_for
 from surgery_edge.io import write_json_atomic, write_text_atomic
+from surgery_edge.surgery.methods import SURGERY, SURGERY_V2
 
 MODULE = "surgery_edge.bench.gpu"
 PLUGIN = "surgery_edge.bench.gpu_tests"  # the tests step's per-test log (``-p PLUGIN``)
@@ -111,7 +112,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         # interpreter, compile (dynamo: about 2 s a model here) and the memory processes; this
         # one, the second step's options at another width
         l14_extra = [*paths, "--no-memory"]
-        l14_extra += _each("--config", "experts", "merged", "surgery", "surgeryv2")
+        l14_extra += _each("--config", "experts", "merged", SURGERY, SURGERY_V2)
         kernels = ["--cpu-smoke", "--batches", "1"]
         training = ["--arch", "micro-vit-16", "--tasks", "2", "--batch-size", "4"]
         training += ["--steps", "3", "--warmup", "1", "--device", "cpu"]
@@ -287,9 +288,9 @@ def targets(
                 _ge(value, 7.0),
                 note=note,
             )
-        weight = derived.get("weight_ratio_vs_one_expert", {}).get("surgery")
+        weight = derived.get("weight_ratio_vs_one_expert", {}).get(SURGERY)
         add(f"{arch}: V1 weights <= 1.05x one expert", weight, _le(weight, 1.05))
-        v2 = [r for rows_ in vs.get("surgeryv2", {}).values() for r in rows_]
+        v2 = [r for rows_ in vs.get(SURGERY_V2, {}).values() for r in rows_]
         where = ("best-vs-best", 1, "all-tasks")
         row = next((r for r in v2 if (r["kind"], r["batch"], r["mode"]) == where), None)
         value = None if row is None else row["latency_ratio"]
@@ -298,7 +299,7 @@ def targets(
             f"{arch}: V2 batch-1 latency <= 0.35x eight experts", value, _le(value, 0.35), note=note
         )
         over = derived.get("routed_overhead_over_merged", {})
-        rows_ = over.get("rows", {}).get("surgeryv2", []) if over.get("batch") == 64 else []
+        rows_ = over.get("rows", {}).get(SURGERY_V2, []) if over.get("batch") == 64 else []
         row = next((r for r in rows_ if r["kind"] == "best-vs-best"), None)
         value = None if row is None else 100 * row["overhead"]
         add(f"{arch}: V2 routed overhead over merged <= 5% at B=64", value, _le(value, 5.0), "%")
@@ -339,7 +340,7 @@ def targets(
             note = f"{min(gbps):.0f} GB/s {note}"
     add("fused kernel >= 70% of HBM bandwidth (ViT-L/14 B=64)", value, _ge(value, 70.0), "%", note)
     training = _load(out / "training.json") or {}
-    v2 = [r for r in training.get("results", []) if r["config"]["method"] == "surgeryv2"]
+    v2 = [r for r in training.get("results", []) if r["config"]["method"] == SURGERY_V2]
     value = v2[0]["seconds_per_1000_steps"] if v2 else None
     add("SurgeryV2 training 8 tasks x 1,000 steps x 16 <= 60 s", value, _le(value, 60.0), " s")
     return rows

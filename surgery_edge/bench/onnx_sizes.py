@@ -26,11 +26,13 @@ import torch
 from surgery_edge.bench.env import environment
 from surgery_edge.bench.flops import PAPER_CLASSES
 from surgery_edge.bench.report import command_line, write_record
-from surgery_edge.engine_format import Precision, read_onnx_metadata
+from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata
+from surgery_edge.export.gate import Calibration
 from surgery_edge.export.onnx import export_onnx
-from surgery_edge.export.quantize import Calibration, Target, default_recipe, quantize_engine
+from surgery_edge.export.quantize import Target, default_recipe, quantize_engine
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.methods import SINGLE_EXPERT, method_engines
 from surgery_edge.surgery.model import MultiTaskModel
 
 
@@ -77,15 +79,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     tasks = [f"task{i}" for i in range(len(PAPER_CLASSES))]
     heads = [ClassificationHead(torch.randn(c, arch.embed_dim)) for c in PAPER_CLASSES]
     engines = {
-        "single-expert": (MultiTaskModel(encoder, heads[:1], tasks[:1]), "routed"),
-        "surgery-all-tasks": (
-            MultiTaskModel(encoder, heads, tasks, AdapterBank(tasks, arch, "surgery", args.rank)),
-            "all-tasks",
-        ),
-        "surgeryv2-routed": (
-            MultiTaskModel(encoder, heads, tasks, AdapterBank(tasks, arch, "surgeryv2", args.rank)),
-            "routed",
-        ),
+        SINGLE_EXPERT: (MultiTaskModel(encoder, heads[:1], tasks[:1]), EngineMode.ROUTED),
+        **{
+            name: (
+                MultiTaskModel(encoder, heads, tasks, AdapterBank(tasks, arch, method, args.rank)),
+                mode,
+            )
+            for name, (method, mode) in method_engines().items()
+        },
     }
     files = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,12 +100,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
             }
             if args.int8:
                 files[name]["int8"] = _int8(path, model, args.images)
-    single = files["single-expert"]["bytes"]
+    single = files[SINGLE_EXPERT]["bytes"]
     for entry in files.values():
         entry["x_single_expert"] = round(entry["bytes"] / single, 4)
         if "int8" in entry:
             entry["int8"]["x_single_expert_int8"] = round(
-                entry["int8"]["bytes"] / files["single-expert"]["int8"]["bytes"], 4
+                entry["int8"]["bytes"] / files[SINGLE_EXPERT]["int8"]["bytes"], 4
             )
     env = environment("cpu")
     result = {

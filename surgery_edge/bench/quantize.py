@@ -39,21 +39,23 @@ from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ExportError
 from surgery_edge.evaluation.accuracy import accuracy_on
 from surgery_edge.evaluation.engine import TaskImages, engine_latency, engine_report, split_images
+from surgery_edge.export.gate import check_engine
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.quantize import (
     Quantizer,
     QuantRecipe,
     Target,
-    check_engine,
     default_recipe,
     quantize_engine,
 )
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
+from surgery_edge.run.engines import MERGE
 from surgery_edge.run.export import expert_model
 from surgery_edge.run.state import Run, adaptation_split, prepare_suite
 from surgery_edge.runtime.backends import OnnxBackend
 from surgery_edge.runtime.predictor import Predictor
 from surgery_edge.runtime.preprocess import preprocess
+from surgery_edge.surgery.methods import SINGLE_EXPERT, SURGERY_V2, engine_name, method_engines
 
 MIN_AGREEMENT = 99.0  # % of held-out adaptation images answered as by the fp32 engine
 LATENCY_TIE = 1.1  # int8 recipes within 10% of the fastest count as equally fast
@@ -61,8 +63,9 @@ HEAD_TO_HEAD_ROUNDS = 7  # alternating timing rounds of the int8 finalists
 AGREEMENT_TIE = 1.0  # fp8 recipes within 1 point of the best agreement count as equal
 # the labels (in candidates()) of the command's default recipes on ONNX Runtime
 DEFAULTS = {"int8": "ort-dynamic", "fp8": "modelopt-fp8"}
-ENGINES = ("surgeryv2-routed", "surgery-all-tasks", "single-expert")
-INT8, FP8 = Precision.INT8, Precision.FP8
+# the registry's method engines, V2 first, then the single expert
+ENGINES = (*reversed(method_engines()), SINGLE_EXPERT)
+FP16, INT8, FP8 = Precision.FP16, Precision.INT8, Precision.FP8
 
 
 def candidates(full: bool) -> list[tuple[str, QuantRecipe]]:
@@ -108,7 +111,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--full",
         nargs="+",
         choices=ENGINES,
-        default=["surgeryv2-routed"],
+        default=[engine_name(SURGERY_V2)],
         help="engines that get every candidate recipe (the others: the defaults only)",
     )
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
@@ -118,14 +121,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def _model(run: Run, name: str):
-    if name == "single-expert":
+    if name == SINGLE_EXPERT:
         model, extra = expert_model(run.layout, run.tasks[0])
         return model, extra, EngineMode.ROUTED
-    method, mode = {
-        "surgeryv2-routed": ("surgeryv2", EngineMode.ROUTED),
-        "surgery-all-tasks": ("surgery", EngineMode.ALL_TASKS),
-    }[name]
-    model, extra = run.layout.export_model("task_arithmetic", method)
+    method, mode = method_engines()[name]
+    model, extra = run.layout.export_model(MERGE, method)
     return model, extra, mode
 
 
@@ -162,7 +162,7 @@ def measure_engine(
     )
     tmp = Path(tmp)
     fp32 = export_onnx(model, tmp / f"{name}.onnx", mode, metadata=extra)
-    fp16 = export_onnx(model, tmp / f"{name}-fp16.onnx", mode, True, metadata=extra)
+    fp16 = export_onnx(model, tmp / f"{name}-fp16.onnx", mode, FP16, metadata=extra)
     rows = []
     kept: dict[str, Path] = {}
     for label, path in (("fp32", fp32), ("fp16", fp16)):
@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "environment": env,
         "engines": results,
     }
-    v2 = next((e for e in results if e["engine"] == "surgeryv2-routed"), None)
+    v2 = next((e for e in results if e["engine"] == engine_name(SURGERY_V2)), None)
     if v2 is not None:
         record["targets"] = targets(v2)
     if args.out:

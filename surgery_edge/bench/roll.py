@@ -56,6 +56,7 @@ from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.serve_load import Requests
 from surgery_edge.bench.serve_measure import free_port, percentile
 from surgery_edge.errors import SurgeryEdgeError
+from surgery_edge.surgery.methods import SURGERY_V2
 
 TARGET_RATIO = 2.0  # the roll's p99 over the steady p99, at most (issue 39)
 
@@ -173,7 +174,7 @@ def build_task_set_engines(
         log(f"exporting {path.name} ({arch}, {n} tasks, random weights)")
         some = Parts(parts.arch, parts.encoder, parts.heads[:n], parts.tasks[:n])
         torch.manual_seed(n)
-        model = build_engine_model(some, "surgeryv2", rank, torch.device("cpu"), torch.float32)
+        model = build_engine_model(some, SURGERY_V2, rank, torch.device("cpu"), torch.float32)
         export_onnx(
             model.eval(), path, EngineMode.ROUTED, metadata={"benchmark": RANDOM_WEIGHTS_NOTE}
         )

@@ -32,7 +32,7 @@ from surgery_edge.bench.workloads import (
     run_expert,
     vmappable_attention,
 )
-from surgery_edge.engine_format import EngineMode
+from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.models import ArchSpec
 from surgery_edge.runtime.backends import OnnxBackend
@@ -139,11 +139,16 @@ class OnnxRunner:
         return self.backend.bind(images_np, ids_np, self.logits)
 
 
+def precision_of(dtype: torch.dtype) -> Precision:
+    """The engine precision of a model in ``dtype``: fp16 for half, else fp32."""
+    return Precision.FP16 if dtype == torch.float16 else Precision.FP32
+
+
 class TensorRTRunner:
     """One engine built by ``build_engine`` from its ONNX file, run from device buffers bound
     once per batch size (``execute_async_v3`` on the current stream)."""
 
-    def __init__(self, onnx_path: Path, fp16: bool, max_batch: int):
+    def __init__(self, onnx_path: Path, precision: Precision, max_batch: int):
         # deferred: TensorRT is optional, and only this path needs the builder
         from surgery_edge.export.tensorrt import build_engine
         from surgery_edge.runtime.backends import TensorRTBackend
@@ -151,7 +156,7 @@ class TensorRTRunner:
         engine = build_engine(
             onnx_path,
             onnx_path.with_suffix(".plan"),
-            fp16=fp16,
+            precision,
             min_batch=1,
             opt_batch=max(1, min(8, max_batch)),
             max_batch=max_batch,
@@ -230,7 +235,7 @@ class ArchBench:
             path = self.folder / f"expert-{t}.onnx"
             if not path.exists():
                 model = expert_as_engine(self.tasks[t], experts, t, self.dtype)
-                export_onnx(model, path, ALL_TASKS, self.dtype == torch.float16, check=False)
+                export_onnx(model, path, ALL_TASKS, precision_of(self.dtype), check=False)
             paths.append(path)
         return paths
 
@@ -247,7 +252,7 @@ class ArchBench:
     def expert_trt(self, experts: SeparateExperts) -> list[TensorRTRunner]:
         if self._expert_trt is None:
             self._expert_trt = [
-                TensorRTRunner(p, self.dtype == torch.float16, self.max_batch)
+                TensorRTRunner(p, precision_of(self.dtype), self.max_batch)
                 for p in self.expert_files(experts)
             ]
         return self._expert_trt
@@ -328,8 +333,7 @@ class Workload:
                 self.onnx = OnnxRunner(self.onnx_file(), self.device, bench.threads)
             return [self.onnx]
         if self.trt is None:
-            fp16 = bench.dtype == torch.float16
-            self.trt = TensorRTRunner(self.onnx_file(), fp16, bench.max_batch)
+            self.trt = TensorRTRunner(self.onnx_file(), precision_of(bench.dtype), bench.max_batch)
         return [self.trt]
 
     def onnx_file(self) -> Path:
@@ -340,8 +344,8 @@ class Workload:
             files = self.bench.expert_files(self.model)
             compose_experts(dict(zip(self.bench.tasks, files)), path)
         if not path.exists():
-            half = next(self.model.parameters()).dtype == torch.float16
-            export_onnx(self.model, path, self.mode, half, check=False)  # outputs checked later
+            precision = precision_of(next(self.model.parameters()).dtype)
+            export_onnx(self.model, path, self.mode, precision, check=False)  # checked later
         return path
 
     def _prepare_engines(self, path: str, x: Inputs) -> Callable[[], Any]:

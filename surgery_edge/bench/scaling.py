@@ -33,21 +33,28 @@ from surgery_edge.bench.plots import plain_scale, plain_ticks, save
 from surgery_edge.bench.proc import loadavg_text
 from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.bench.timing import TIMER, Contestant, interleaved
+from surgery_edge.engine_format import EngineMode
 from surgery_edge.evaluation.report import pyplot
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.runtime.backends import OnnxBackend
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.methods import SURGERY, SURGERY_V2, engine_name, method_engines
 from surgery_edge.surgery.model import MultiTaskModel
 
 TASK_COUNTS = (1, 2, 4, 8, 14, 20)
 GOALS = {"v1_all_tasks": 1.10, "v2_routed": 1.05}  # x the merged backbone, same mode, largest T
+ALL_TASKS, ROUTED = EngineMode.ALL_TASKS, EngineMode.ROUTED
+# the names (from the method registry) of the engines compared: each surgery method's engine
+# and the merged backbone alone in the same mode
+MERGED_ALL, MERGED_ROUTED = engine_name(None, ALL_TASKS), engine_name(None, ROUTED)
+V1, V2 = engine_name(SURGERY), engine_name(SURGERY_V2)
 # engine name -> (adapter method or None, mode)
 ENGINES = {
-    "merged-all-tasks": (None, "all-tasks"),
-    "surgery-all-tasks": ("surgery", "all-tasks"),
-    "merged-routed": (None, "routed"),
-    "surgeryv2-routed": ("surgeryv2", "routed"),
+    MERGED_ALL: (None, ALL_TASKS),
+    V1: method_engines()[V1],
+    MERGED_ROUTED: (None, ROUTED),
+    V2: method_engines()[V2],
 }
 
 
@@ -92,7 +99,7 @@ class _Timer:
         self._experts: dict[int, tuple[OnnxBackend, int]] = {}
         self._n = 0
 
-    def engine(self, model: MultiTaskModel, mode: str) -> tuple[OnnxBackend, int]:
+    def engine(self, model: MultiTaskModel, mode: EngineMode) -> tuple[OnnxBackend, int]:
         self._n += 1
         path = export_onnx(model, self.folder / f"engine{self._n}.onnx", mode, check=False)
         return OnnxBackend(path, device="cpu", threads=self.args.threads), path.stat().st_size
@@ -134,7 +141,7 @@ def measure_tasks(timer: _Timer, T: int) -> dict[str, Any]:
     for name, (method, mode) in ENGINES.items():
         bank = None if method is None else AdapterBank(tasks, arch, method, args.rank)
         backend, sizes[name] = timer.engine(MultiTaskModel(timer.encoder, heads, tasks, bank), mode)
-        feed = ids if mode == "routed" else None
+        feed = ids if mode is ROUTED else None
         calls[name] = lambda b=backend, f=feed: b.run(images, f)
     # T experts: each on the whole batch (all tasks) or on its own images (routed)
     shares = [int((ids == t).sum()) for t in range(T)]
@@ -149,8 +156,8 @@ def measure_tasks(timer: _Timer, T: int) -> dict[str, Any]:
         row["engines"][name] = _entry(ms[name], sizes[name], args.batch)
     e = row["engines"]
     row["ratios"] = {
-        "v1_all_tasks": _ratio(e["surgery-all-tasks"], e["merged-all-tasks"]),
-        "v2_routed": _ratio(e["surgeryv2-routed"], e["merged-routed"]),
+        "v1_all_tasks": _ratio(e[V1], e[MERGED_ALL]),
+        "v2_routed": _ratio(e[V2], e[MERGED_ROUTED]),
     }
     if args.experts:
         expert_bytes = sum(timer.expert(c)[1] for c in classes)
@@ -158,8 +165,8 @@ def measure_tasks(timer: _Timer, T: int) -> dict[str, Any]:
         routed_ms = sum(ms[(c, n)] for c, n in zip(classes, shares) if n)
         e["experts-all-tasks"] = _entry(all_ms, expert_bytes, args.batch)
         e["experts-routed"] = _entry(routed_ms, expert_bytes, args.batch)
-        row["ratios"]["experts_all_tasks"] = _ratio(e["experts-all-tasks"], e["merged-all-tasks"])
-        row["ratios"]["experts_routed"] = _ratio(e["experts-routed"], e["merged-routed"])
+        row["ratios"]["experts_all_tasks"] = _ratio(e["experts-all-tasks"], e[MERGED_ALL])
+        row["ratios"]["experts_routed"] = _ratio(e["experts-routed"], e[MERGED_ROUTED])
     return row
 
 
@@ -293,17 +300,17 @@ def markdown(record: dict[str, Any]) -> list[str]:
 
 
 STYLES = {  # engine -> (colour, line style): routed dashed, experts red
-    "merged-all-tasks": ("tab:gray", "-"),
-    "surgery-all-tasks": ("tab:blue", "-"),
-    "merged-routed": ("tab:gray", "--"),
-    "surgeryv2-routed": ("tab:green", "--"),
+    MERGED_ALL: ("tab:gray", "-"),
+    V1: ("tab:blue", "-"),
+    MERGED_ROUTED: ("tab:gray", "--"),
+    V2: ("tab:green", "--"),
     "experts-all-tasks": ("tab:red", "-"),
     "experts-routed": ("tab:red", "--"),
 }
 # a goal's ratio -> (its engine's line, a label)
 GOAL_LINES = {
-    "v1_all_tasks": ("surgery-all-tasks", "V1 all tasks / merged all tasks"),
-    "v2_routed": ("surgeryv2-routed", "V2 routed / merged routed"),
+    "v1_all_tasks": (V1, "V1 all tasks / merged all tasks"),
+    "v2_routed": (V2, "V2 routed / merged routed"),
 }
 
 

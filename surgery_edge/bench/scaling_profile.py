@@ -41,9 +41,10 @@ from surgery_edge.bench.report import command_line, fmt, table, write_record_set
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.adapters import AdapterBank
+from surgery_edge.surgery.methods import MERGED, SURGERY_V2
 from surgery_edge.surgery.model import MultiTaskModel
 
-ENGINES = {"merged": None, "surgeryv2": "surgeryv2"}  # name -> adapter method (routed mode)
+ENGINES = {MERGED: None, SURGERY_V2: SURGERY_V2}  # name -> adapter method (routed mode)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -107,8 +108,8 @@ def decompose(profiles: dict[str, dict], largest: int) -> dict[str, dict[str, fl
     kinds = sorted({op for p in profiles.values() for op in p["ops_us"]})
     out: dict[str, dict[str, float]] = {}
     for op in kinds:
-        v1, vT = ops("surgeryv2", 1).get(op, 0.0), ops("surgeryv2", largest).get(op, 0.0)
-        m1, mT = ops("merged", 1).get(op, 0.0), ops("merged", largest).get(op, 0.0)
+        v1, vT = ops(SURGERY_V2, 1).get(op, 0.0), ops(SURGERY_V2, largest).get(op, 0.0)
+        m1, mT = ops(MERGED, 1).get(op, 0.0), ops(MERGED, largest).get(op, 0.0)
         out[op] = {"adapter_T1": v1 - m1, "adapter_T": vT - mT, "with_T": (vT - v1) - (mT - m1)}
     return out
 
@@ -134,7 +135,7 @@ def interleaved_ratios(
                 times.append(time.perf_counter() - t)
             medians[name] = float(np.median(times))
         for T in per_round:
-            per_round[T].append(medians[f"surgeryv2-T{T}"] / medians[f"merged-T{T}"])
+            per_round[T].append(medians[f"{SURGERY_V2}-T{T}"] / medians[f"{MERGED}-T{T}"])
     out = {}
     for T, ratios in per_round.items():
         q1, med, q3 = np.percentile(ratios, [25, 50, 75])
@@ -210,7 +211,7 @@ def markdown(record: dict[str, Any]) -> list[str]:
     T = record["tasks"]
     prof = record["profiles"]
     parts = record["decomposition_us"]
-    merged_T = sum(prof[f"merged-T{T}"]["ops_us"].values())
+    merged_T = sum(prof[f"{MERGED}-T{T}"]["ops_us"].values())
     lines = [
         f"# Routed SurgeryV2 vs the merged backbone as tasks grow: {record['arch']}, batch "
         f"{record['batch']}, rank {record['rank']}, T = 1 and {T}",
@@ -253,7 +254,7 @@ def markdown(record: dict[str, Any]) -> list[str]:
         f"({merged_T:,.0f} µs).",
         "",
     ]
-    names = ["merged-T1", "surgeryv2-T1", f"merged-T{T}", f"surgeryv2-T{T}"]
+    names = [f"{name}-T{t}" for t in (1, T) for name in (MERGED, SURGERY_V2)]
     ranked = sorted(parts, key=lambda op: -abs(parts[op]["adapter_T"]))
     rows = []
     for op in ranked:

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from surgery_edge.bench.report import command_line, table, write_record_set
+from surgery_edge.surgery.methods import surgery_names
 
-SURGERIES = ("none", "surgery", "surgeryv2")
+SURGERIES = tuple(surgery_names(with_none=True))
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -127,11 +128,8 @@ def markdown(record: dict[str, Any]) -> list[str]:
     body = [
         [
             m,
-            cell((m, "none")),
-            cell((m, "surgery")),
-            cell((m, "surgeryv2")),
-            closed((m, "surgery")),
-            closed((m, "surgeryv2")),
+            *(cell((m, s)) for s in SURGERIES),
+            *(closed((m, s)) for s in surgery_names()),
         ]
         for m in methods
     ]

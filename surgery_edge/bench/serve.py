@@ -86,7 +86,13 @@ from surgery_edge.bench.serve_report import breakdown, markdown, targets
 from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
 from surgery_edge.engine_format import EngineMode, read_onnx_metadata
 from surgery_edge.errors import ConfigError, SurgeryEdgeError
-from surgery_edge.surgery.methods import SURGERY_METHODS
+from surgery_edge.surgery.methods import (
+    SURGERY,
+    SURGERY_METHODS,
+    SURGERY_V2,
+    engine_name,
+    method_engines,
+)
 
 __all__ = ["ServeBenchConfig", "ServeResult", "build_engines", "ceilings", "main"]
 
@@ -138,8 +144,8 @@ def _export_random(
     parts = Parts.random(get_arch(config.arch), config.tasks, config.seed)
     files = engine_files(root, parts.tasks)
     plans = {
-        "v1": ("surgery", EngineMode.ALL_TASKS),
-        "v2": ("surgeryv2", EngineMode.ROUTED),
+        "v1": method_engines()[engine_name(SURGERY)],
+        "v2": method_engines()[engine_name(SURGERY_V2)],
         "merged": ("merged", EngineMode.ROUTED),
     }
     cpu = torch.device("cpu")

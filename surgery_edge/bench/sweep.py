@@ -49,7 +49,7 @@ from surgery_edge.evaluation.report import pyplot
 from surgery_edge.io import fingerprint, write_json_atomic
 from surgery_edge.models.checkpoint import load_encoder
 from surgery_edge.surgery.adapters import AdapterBank
-from surgery_edge.surgery.methods import get_surgery
+from surgery_edge.surgery.methods import SURGERY, SURGERY_V2, get_surgery, surgery_names
 from surgery_edge.surgery.model import MultiTaskModel
 from surgery_edge.surgery.trainer import (
     SurgeryConfig,
@@ -59,7 +59,7 @@ from surgery_edge.surgery.trainer import (
     train_surgery,
 )
 
-METHODS = ("surgery", "surgeryv2")
+METHODS = tuple(surgery_names())
 REFERENCE_LR = 1e-3  # the authors' learning rate, at which the reference schedule is run
 
 
@@ -104,7 +104,7 @@ def _ints(text: str) -> list[int]:
 def matched_rank(arch, rank_v2: int) -> int:
     """The V1 rank whose adapter has SurgeryV2's parameter count (304 for ViT-B/32 at rank 16,
     as the SurgeryV2 paper's V1 rerun), capped at the feature width."""
-    v2 = sum(2 * arch.site_dim(s) * rank_v2 for s in get_surgery("surgeryv2").sites(arch))
+    v2 = sum(2 * arch.site_dim(s) * rank_v2 for s in get_surgery(SURGERY_V2).sites(arch))
     return min(arch.embed_dim, round(v2 / (2 * arch.embed_dim)))
 
 
@@ -214,10 +214,10 @@ def _grid(args, run, method: str, current: dict) -> list[tuple[SurgeryConfig, li
         method=method, rank=current[method]["rank"], lr=REFERENCE_LR, seed=run.config.seed
     )
     current_steps = current[method]["steps"]
-    if method == "surgery":
+    if method == SURGERY:
         named = {
-            "current": current["surgery"]["rank"],
-            "matched": matched_rank(run.arch, current["surgeryv2"]["rank"]),
+            "current": current[SURGERY]["rank"],
+            "matched": matched_rank(run.arch, current[SURGERY_V2]["rank"]),
         }
         ranks = [named[r] if r in named else int(r) for r in args.v1_ranks.split(",")]
         joint = [
@@ -228,7 +228,7 @@ def _grid(args, run, method: str, current: dict) -> list[tuple[SurgeryConfig, li
     else:
         joint = [(replace(base, lr=lr), _ints(args.v2_steps)) for lr in _floats(args.v2_lrs)]
     # the authors' schedule at their learning rate, at least at the current step count
-    steps = _ints(args.v1_steps if method == "surgery" else args.reference_steps)
+    steps = _ints(args.v1_steps if method == SURGERY else args.reference_steps)
     steps = sorted(set(steps) | {current_steps})
     return joint + [(replace(base, schedule="reference"), steps)]
 
@@ -265,7 +265,7 @@ def choose(points: list[dict[str, Any]], current: dict[str, dict], max_v2_steps)
             p
             for p in mine
             if p["schedule"] == "joint"
-            and (method != "surgeryv2" or max_v2_steps is None or p["steps"] <= max_v2_steps)
+            and (method != SURGERY_V2 or max_v2_steps is None or p["steps"] <= max_v2_steps)
         ]
         retuned = max(
             joint, key=lambda p: (p["heldout_agreement"], -p["steps"], -p["rank"], -p["lr"])
@@ -490,7 +490,7 @@ def figure(record: dict[str, Any]) -> Any:
                 for p in points
                 if (p["schedule"], p["lr"], p["rank"]) == (schedule, lr, rank)
             )
-            label = f"{schedule} lr {lr:g}" + (f" rank {rank}" if method == "surgery" else "")
+            label = f"{schedule} lr {lr:g}" + (f" rank {rank}" if method == SURGERY else "")
             style = "--" if schedule == "reference" else "-"
             ax.plot(*zip(*line), style, marker="o", label=label)
         chosen = record.get("choice", {}).get(method, {}).get("settings", {})

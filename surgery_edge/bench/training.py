@@ -30,6 +30,7 @@ from surgery_edge.bench.env import environment
 from surgery_edge.bench.report import command_line, table, write_record
 from surgery_edge.bench.timing import sync
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
+from surgery_edge.surgery.methods import surgery_names
 from surgery_edge.surgery.targets import representations
 from surgery_edge.surgery.trainer import SurgeryConfig, TaskTargets, TrainingHooks, train_surgery
 
@@ -109,7 +110,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="tiny-vit-32")
     p.add_argument("--tasks", type=int, default=8)
-    p.add_argument("--methods", nargs="+", default=["surgery", "surgeryv2"])
+    p.add_argument("--methods", nargs="+", default=surgery_names())
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from surgery_edge.engine_format import META_KEY, EngineMode, io_names, seal_pt2
+from surgery_edge.engine_format import META_KEY, EngineMode, Precision, io_names, seal_pt2
 from surgery_edge.errors import ExportError
 from surgery_edge.export.metadata import engine_metadata
 from surgery_edge.export.modules import engine_module, example_inputs
@@ -34,7 +34,7 @@ def export_aoti(
     model: MultiTaskModel,
     path: str | os.PathLike,
     mode: EngineMode | str = EngineMode.ROUTED,
-    fp16: bool = False,
+    precision: Precision | str = Precision.FP32,
     metadata: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     check: bool = True,
@@ -45,7 +45,8 @@ def export_aoti(
         model: the multi-task model on its reference path.
         path: the ``.pt2`` file to write.
         mode: ``routed`` or ``all-tasks`` (the same inputs and outputs as the ONNX engine).
-        fp16: half weights and compute; inputs and outputs stay float32.
+        precision: ``fp32``, or ``fp16``: half weights and compute; inputs and outputs stay
+            float32.
         metadata: extra engine metadata merged into the generated one.
         device: compile for this device (default: the model's).
         check: load the package and compare it with PyTorch on a few random images.
@@ -53,11 +54,12 @@ def export_aoti(
     Returns:
         ``path``.
     """
-    path, mode = Path(path), EngineMode.parse(mode)
+    # parsed here, where a library user's strings come in; everything below takes them typed
+    path, mode, precision = Path(path), EngineMode.parse(mode), Precision.parse(precision)
     if path.suffix != ".pt2":
         raise ExportError(f"An AOTInductor package must be a .pt2 file, got {path}.")
     device = torch.device(device) if device is not None else model.head_weight.device
-    module = engine_module(model, mode, fp16, device=device)
+    module = engine_module(model, mode, precision, device=device)
     args = example_inputs(model, mode, device=device)
     inputs, _ = io_names(mode, model.tasks)
     batch = torch.export.Dim("batch", min=1)
@@ -73,7 +75,7 @@ def export_aoti(
     meta = engine_metadata(
         model,
         mode,
-        "fp16" if fp16 else "fp32",
+        precision,
         {
             **(metadata or {}),
             "format": "pt2",
@@ -100,6 +102,6 @@ def export_aoti(
             ) from e
         seal_pt2(tmp, meta)  # stores the metadata (with its digest) in the package
         if check:
-            smoke_check(model, Predictor(AotiBackend(tmp, device=device.type)), fp16)
+            smoke_check(model, Predictor(AotiBackend(tmp, device=device.type)), precision)
         os.replace(tmp, path)
     return path

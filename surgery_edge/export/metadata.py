@@ -24,8 +24,8 @@ from surgery_edge.surgery.model import MultiTaskModel
 
 def engine_metadata(
     model: MultiTaskModel,
-    mode: EngineMode | str,
-    precision: Precision | str,
+    mode: EngineMode,
+    precision: Precision,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The metadata of an engine exported from ``model``, validated.
@@ -37,7 +37,6 @@ def engine_metadata(
         extra: more fields, e.g. ``{"merge_recipe": {...}}`` (not the model-derived ones that
             readers rely on: tasks, class names, preprocessing, method, mode, precision, I/O).
     """
-    mode, precision = EngineMode.parse(mode), Precision.parse(precision)
     arch = model.encoder.arch
     names = model.class_names or [[str(i) for i in range(c)] for c in model.class_counts]
     inputs, outputs = io_names(mode, model.tasks)

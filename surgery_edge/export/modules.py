@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from surgery_edge.engine_format import EngineMode
+from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ExportError
 from surgery_edge.surgery.model import MultiTaskModel
 
@@ -152,25 +152,36 @@ class AllTasksEngine(nn.Module):
         return tuple(logits[t, :, : m.class_counts[t]] for t in range(T))
 
 
+def weight_dtype(precision: Precision) -> torch.dtype:
+    """The dtype of an exported model's weights and compute: fp32 or fp16 (an int8 or fp8
+    engine is quantised from the fp32 one)."""
+    if precision.quantized:
+        raise ExportError(
+            f"{precision} engines are quantised from the fp32 engine: export in fp32 or fp16 "
+            f"here, then quantise (`surgery-edge export --precision {precision}` does both)."
+        )
+    return torch.float16 if precision is Precision.FP16 else torch.float32
+
+
 def engine_module(
     model: MultiTaskModel,
-    mode: EngineMode | str,
-    fp16: bool = False,
+    mode: EngineMode,
+    precision: Precision = Precision.FP32,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """A copy of ``model`` on ``device`` in the export precision, wrapped for ``mode``; its
-    weights checked first (:func:`check_magnitudes`)."""
-    check_magnitudes(model, fp16)
-    dtype = torch.float16 if fp16 else torch.float32
+    """A copy of ``model`` on ``device`` in the export ``precision``, wrapped for ``mode``;
+    its weights checked first (:func:`check_magnitudes`)."""
+    dtype = weight_dtype(precision)
+    check_magnitudes(model, dtype == torch.float16)
     copied = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     copied.fused = False  # exporters trace the reference path (plain ONNX-representable ops)
-    wrapper = RoutedEngine if EngineMode.parse(mode) is EngineMode.ROUTED else AllTasksEngine
+    wrapper = RoutedEngine if mode is EngineMode.ROUTED else AllTasksEngine
     return wrapper(copied, dtype).eval()
 
 
 def example_inputs(
     model: MultiTaskModel,
-    mode: EngineMode | str,
+    mode: EngineMode,
     batch: int = 2,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, ...]:
@@ -178,6 +189,6 @@ def example_inputs(
     s = model.encoder.arch.image_size
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, s, s, generator=gen).to(device)
-    if EngineMode.parse(mode) is EngineMode.ALL_TASKS:
+    if mode is EngineMode.ALL_TASKS:
         return (images,)
     return images, (torch.arange(batch) % model.num_tasks).to(device)

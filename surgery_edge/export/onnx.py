@@ -29,18 +29,11 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from surgery_edge.engine_format import (
-    DIGEST_PLACEHOLDER,
-    INTEGRITY_KEY,
-    META_KEY,
-    EngineMode,
-    file_sha256,
-    io_names,
-    write_sealed,
-)
+from surgery_edge.engine_digest import DIGEST_PLACEHOLDER, INTEGRITY_KEY, file_sha256, write_sealed
+from surgery_edge.engine_format import META_KEY, EngineMode, Precision, io_names
 from surgery_edge.errors import ExportError
 from surgery_edge.export.metadata import engine_metadata
-from surgery_edge.export.modules import engine_module, example_inputs
+from surgery_edge.export.modules import engine_module, example_inputs, weight_dtype
 from surgery_edge.export.parity import smoke_check
 from surgery_edge.io import atomic_path
 from surgery_edge.runtime import Predictor
@@ -57,7 +50,7 @@ def export_onnx(
     model: MultiTaskModel,
     path: str | os.PathLike,
     mode: EngineMode | str = EngineMode.ROUTED,
-    fp16: bool = False,
+    precision: Precision | str = Precision.FP32,
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, Any] | None = None,
     check: bool = True,
@@ -70,7 +63,8 @@ def export_onnx(
         mode: ``routed`` (inputs ``images`` (B, 3, H, W) float32 and ``task_ids`` (B,) int64;
             outputs ``logits`` and ``probs`` (B, C_max), ``-inf`` / 0 beyond a task's classes)
             or ``all-tasks`` (input ``images``; one output ``logits_<task>`` (B, C_task) per task).
-        fp16: half weights and compute; inputs and outputs stay float32 (cast inside the graph).
+        precision: ``fp32``, or ``fp16``: half weights and compute; inputs and outputs stay
+            float32 (cast inside the graph).
         opset: ONNX opset, at least 18.
         metadata: extra engine metadata (e.g. ``{"merge_recipe": ...}``) merged into the
             generated one, which is stored as JSON under ``metadata_props["surgery_edge"]``.
@@ -79,35 +73,36 @@ def export_onnx(
     Returns:
         ``path``.
     """
-    path, mode = Path(path), EngineMode.parse(mode)
+    # parsed here, where a library user's strings come in; everything below takes them typed
+    path, mode, precision = Path(path), EngineMode.parse(mode), Precision.parse(precision)
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportError(
             f"ONNX opset {opset} is not supported: use {MIN_OPSET} to "
             f"{onnx.defs.onnx_opset_version()} (TensorRT 10 and ONNX Runtime read opset 18)."
         )
-    module = engine_module(model, mode, fp16, device="cpu")
+    module = engine_module(model, mode, precision, device="cpu")
     args = example_inputs(model, mode)
     inputs, outputs = io_names(mode, model.tasks)
     proto, exporter = _trace(module, args, inputs, outputs, opset)
     meta = engine_metadata(
         model,
         mode,
-        "fp16" if fp16 else "fp32",
+        precision,
         {
             **(metadata or {}),
             "format": "onnx",
             "exporter": exporter,
             "opset": opset,
-            "task_tables": task_tables(proto, model, fp16),
+            "task_tables": task_tables(proto, model, precision),
         },
     )
     _finalise(proto, meta)
-    _save(proto, path, verify=(lambda tmp: _smoke_check(model, tmp, fp16)) if check else None)
+    _save(proto, path, verify=(lambda tmp: _smoke_check(model, tmp, precision)) if check else None)
     return path
 
 
-def _smoke_check(model: MultiTaskModel, tmp: Path, fp16: bool) -> None:
-    smoke_check(model, Predictor(OnnxBackend(tmp, device="cpu")), fp16)
+def _smoke_check(model: MultiTaskModel, tmp: Path, precision: Precision) -> None:
+    smoke_check(model, Predictor(OnnxBackend(tmp, device="cpu")), precision)
 
 
 # --- tracing ---------------------------------------------------------------------------------
@@ -177,14 +172,16 @@ def _trace_torchscript(module, args, inputs, outputs, opset):
         return onnx.load(str(f))
 
 
-def task_tables(proto, model: MultiTaskModel, fp16: bool = False) -> dict[str, list[str]]:
+def task_tables(
+    proto, model: MultiTaskModel, precision: Precision = Precision.FP32
+) -> dict[str, list[str]]:
     """The initializers that hold the per-task tables, by kind: ``{"heads": [...], "adapters":
     [...]}``, found by value (the exporter names folded constants ``val_N``).
 
     Quantisation reads this record: those tensors are gathered by task id, so they are stored
     weight-only (see :mod:`surgery_edge.export.quantize`) rather than quantised as a layer.
     """
-    dtype = torch.float16 if fp16 else torch.float32
+    dtype = weight_dtype(precision)
     wanted = {"heads": [model.head_weight]}
     if model.bank is not None:
         wanted["adapters"] = [w for site in model.bank.sites for w in model.bank.weights(site)]

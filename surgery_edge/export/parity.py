@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from surgery_edge.data.transforms import to_model_input
+from surgery_edge.engine_format import Precision
 from surgery_edge.errors import ExportError
 from surgery_edge.runtime import Predictor, load
 from surgery_edge.surgery.model import MultiTaskModel
@@ -98,7 +99,7 @@ def check_forward(
     )
 
 
-def smoke_check(model: MultiTaskModel, predictor, fp16: bool) -> Parity:
+def smoke_check(model: MultiTaskModel, predictor, precision: Precision) -> Parity:
     """Compare a freshly exported engine with ``model`` on a few random images.
 
     The tolerance is relative to the logits' scale: 1e-3 for fp32, 5e-2 for fp16 (which is
@@ -110,7 +111,7 @@ def smoke_check(model: MultiTaskModel, predictor, fp16: bool) -> Parity:
     n = max(3, model.num_tasks)
     images = torch.randn(n, 3, s, s, generator=gen)
     parity = check_forward(model, predictor, images, torch.arange(n) % model.num_tasks)
-    tolerance = (5e-2 if fp16 else 1e-3) * (1.0 + parity.max_abs_logit)
+    tolerance = (5e-2 if precision is Precision.FP16 else 1e-3) * (1.0 + parity.max_abs_logit)
     if not parity.max_abs_diff <= tolerance:
         raise ExportError(
             f"The exported engine {predictor.path.name} disagrees with PyTorch: max abs logit "

@@ -21,11 +21,11 @@ import os
 from pathlib import Path
 
 from surgery_edge.engine_format import (
-    META_KEY,
     EngineMetadata,
     EngineMode,
     Precision,
-    parse_metadata,
+    effective_precision,
+    metadata_from_props,
     sidecar_path,
     validate_metadata,
     verify_engine,
@@ -49,7 +49,7 @@ MIN_CAPABILITY = {
 
 def profile_shapes(
     image_size: int,
-    mode: EngineMode | str,
+    mode: EngineMode,
     min_batch: int = 1,
     opt_batch: int = 8,
     max_batch: int = 32,
@@ -62,7 +62,6 @@ def profile_shapes(
         min_batch, opt_batch, max_batch: batch sizes, ``1 <= min <= opt <= max``; TensorRT
             tunes its kernels for ``opt``.
     """
-    mode = EngineMode.parse(mode)
     flags = (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch))
     for name, value in flags:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -92,7 +91,7 @@ def builder_input(onnx_path: str | os.PathLike) -> EngineMetadata:
     if not path.is_file():
         raise ExportError(f"ONNX file {path} does not exist; export it first.")
     proto = check_onnx(path)
-    meta = parse_metadata({p.key: p.value for p in proto.metadata_props}.get(META_KEY), path)
+    meta = metadata_from_props({p.key: p.value for p in proto.metadata_props}, path)
     verify_engine(path, meta, "onnx")  # a changed ONNX is not laundered into a new engine
     names = [i.name for i in proto.graph.input]
     if tuple(names) != meta.inputs:
@@ -108,13 +107,12 @@ def builder_input(onnx_path: str | os.PathLike) -> EngineMetadata:
 
 
 def precision_support(
-    precision: Precision | str, capability: tuple[int, int] | None, gpu: str = "the GPU"
+    precision: Precision, capability: tuple[int, int] | None, gpu: str = "the GPU"
 ) -> str | None:
     """Why a GPU of compute ``capability`` cannot build a ``precision`` engine (None: it can).
 
     ``capability`` is None when there is no CUDA GPU.
     """
-    precision = Precision.parse(precision)
     if capability is None:
         return "TensorRT builds and runs engines on an NVIDIA GPU, and no CUDA GPU is available."
     need = MIN_CAPABILITY[precision]
@@ -129,7 +127,7 @@ def precision_support(
     return None
 
 
-def check_precision_support(trt, precision: Precision | str) -> None:
+def check_precision_support(trt, precision: Precision) -> None:
     """ExportError when this machine's GPU cannot build a ``precision`` engine with ``trt``."""
     import torch  # deferred: the GPU query (export already depends on torch)
 
@@ -148,9 +146,9 @@ def check_workspace(workspace_gb: float) -> int:
     return int(workspace_gb * (1 << 30))
 
 
-def network_flags(trt, precision: Precision | str) -> int:
+def network_flags(trt, precision: Precision) -> int:
     """``create_network`` flags: strongly typed for an int8 / fp8 (QDQ) graph, else none."""
-    if Precision.parse(precision).quantized:
+    if precision.quantized:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return 0
 
@@ -158,7 +156,7 @@ def network_flags(trt, precision: Precision | str) -> int:
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
-    fp16: bool = True,
+    precision: Precision = Precision.FP16,
     min_batch: int = 1,
     opt_batch: int = 8,
     max_batch: int = 32,
@@ -170,8 +168,9 @@ def build_engine(
     Args:
         onnx_path: the ONNX file (from :func:`~surgery_edge.export.onnx.export_onnx`).
         engine_path: the serialized engine to write; its metadata goes to ``<engine>.json``.
-        fp16: allow FP16 kernels (``BuilderFlag.FP16``); TensorRT keeps FP32 where it is faster
-            or needed. Ignored for an int8 / fp8 ONNX, which is built strongly typed.
+        precision: ``fp16`` allows FP16 kernels (``BuilderFlag.FP16``; TensorRT keeps FP32 where
+            it is faster or needed), ``fp32`` does not. An int8 / fp8 ONNX is built strongly
+            typed whatever it is: its Q/DQ scales decide each layer's precision.
         min_batch, opt_batch, max_batch: the optimization profile's batch sizes.
         workspace_gb: the builder's workspace memory pool limit.
         timing_cache: a timing-cache file, read if it exists and written back after the build
@@ -189,7 +188,7 @@ def build_engine(
     trt = import_tensorrt()
     check_precision_support(trt, meta.precision)
     strongly_typed = meta.precision.quantized
-    fp16 = fp16 and not strongly_typed
+    fp16 = precision is Precision.FP16 and not strongly_typed
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -217,7 +216,6 @@ def build_engine(
     sidecar = {
         **meta.to_dict(),
         "format": "tensorrt",
-        "precision": "fp16" if fp16 else meta["precision"],
         "onnx": Path(onnx_path).name,
         "tensorrt": {
             "version": trt.__version__,
@@ -230,7 +228,10 @@ def build_engine(
             "workspace_gb": workspace_gb,
         },
     }
-    validate_metadata(sidecar, sidecar_path(engine_path))  # before the build, not after
+    where = sidecar_path(engine_path)
+    # the precision it computes in: an fp32 ONNX built with FP16 kernels makes an fp16 engine
+    sidecar["precision"] = effective_precision(validate_metadata(sidecar, where)).value
+    validate_metadata(sidecar, where)  # before the build, not after
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(

@@ -54,21 +54,27 @@ from surgery_edge.engine_format import (
     EngineMetadata,
     EngineMode,
     Precision,
-    read_onnx_metadata,
-    read_sidecar,
+    TensorSpec,
+    effective_precision,
+    engine_kind,
+    io_specs,
+    read_metadata,
     validate_metadata,
     verify_engine,
 )
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.io import check_writable, sha256_file, staged_dir, write_text_atomic
-from surgery_edge.runtime.backends import engine_kind
 from surgery_edge.runtime.triton_config import (
     META_PARAMETER,
+    TRITON_TYPES,
+    Batching,
     Enum,
+    check_integer,
     check_model_name,
     model_config_pb2,
     parameters,
     string_map,
+    tensor_config,
     to_pbtxt,
 )
 from surgery_edge.runtime.versions import MARKER, WRITER, read_marker, version_numbers
@@ -78,9 +84,9 @@ PLATFORMS = {
     "tensorrt": ("tensorrt_plan", "model.plan"),
 }
 KINDS = ("gpu", "cpu")
-# ONNX TensorProto element types -> Triton data types
-ONNX_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL",
-              10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}  # fmt: skip
+# ONNX TensorProto element types -> numpy's names (the engine format's)
+ONNX_TYPES = {1: "float32", 2: "uint8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+              11: "float64", 16: "bfloat16"}  # fmt: skip
 _FILE_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -113,20 +119,15 @@ class TritonOptions:
     accelerator_fp16: bool = False
     accelerator_workspace_gb: float = 1.0
 
+    @property
+    def batching(self) -> Batching:
+        """The batching settings, as the serving repository has them too."""
+        return Batching(self.max_batch, self.preferred_batches, self.max_queue_delay_us)
+
     def check(self) -> TritonOptions:
-        """``self`` if every value is usable; ConfigError naming the first that is not."""
-        for flag, value, least in (
-            ("--max-batch", self.max_batch, 1),
-            ("--max-queue-delay-us", self.max_queue_delay_us, 0),
-            ("--instances", self.instances, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"{flag} must be an integer of at least {least}, got {value!r}.")
-        for b in self.preferred_batches:
-            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.max_batch:
-                raise ConfigError(
-                    f"--preferred-batch {b!r} must lie between 1 and --max-batch {self.max_batch}."
-                )
+        """``self`` if every value is usable; an error naming the first that is not."""
+        self.batching.check()
+        check_integer("--instances", self.instances, 1)
         if self.kind not in KINDS:
             raise ConfigError(
                 f"Unknown instance kind {self.kind!r}; use one of: {', '.join(KINDS)}."
@@ -136,15 +137,6 @@ class TritonOptions:
                 f"The accelerator workspace must be positive, got {self.accelerator_workspace_gb}."
             )
         return self
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output as Triton sees it: its dtype and its shape without the batch."""
-
-    name: str
-    data_type: str
-    shape: tuple[int, ...]
 
 
 def write_repository(
@@ -174,7 +166,7 @@ def write_repository(
     """
     engine, opts = Path(engine), (options or TritonOptions()).check()
     kind = _engine_kind(engine)
-    meta = read_onnx_metadata(engine) if kind == "onnx" else read_sidecar(engine)
+    meta = read_metadata(engine, kind)
     verify_engine(engine, meta, kind)  # a changed copy is not published to a server
     name = check_model_name(opts.name or engine.stem, "Model name (--name)")
     repo = Path(repo)
@@ -355,22 +347,19 @@ def model_config(
     config: dict[str, Any] = {
         "name": name,
         "platform": PLATFORMS[kind][0],
-        "max_batch_size": opts.max_batch,
-        "input": [_tensor(t) for t in inputs],
+        **opts.batching.config(),
+        "input": [tensor_config(t) for t in inputs],
         "output": [
-            {**_tensor(t), "label_filename": labels.get(t.name.removeprefix("logits_"))}
+            {**tensor_config(t), "label_filename": labels.get(t.name.removeprefix("logits_"))}
             if meta.mode is EngineMode.ALL_TASKS
-            else _tensor(t)
+            else tensor_config(t)
             for t in outputs
         ],
-        "dynamic_batching": {
-            "preferred_batch_size": list(opts.preferred_batches) or None,
-            "max_queue_delay_microseconds": opts.max_queue_delay_us,
-        },
         "instance_group": [{"count": opts.instances, "kind": Enum(f"KIND_{opts.kind.upper()}")}],
     }
     if kind == "onnx" and opts.kind == "gpu" and opts.accelerator:
-        precision = "FP16" if opts.accelerator_fp16 or meta.precision is Precision.FP16 else "FP32"
+        half = opts.accelerator_fp16 or effective_precision(meta) is Precision.FP16
+        precision = "FP16" if half else "FP32"
         workspace = int(opts.accelerator_workspace_gb * 2**30)
         config["optimization"] = {
             "execution_accelerators": {
@@ -388,16 +377,6 @@ def model_config(
         {META_PARAMETER: json.dumps(meta.to_dict()), "task_labels": labels}
     )
     return config
-
-
-def _tensor(t: TensorSpec) -> dict[str, Any]:
-    # Triton's dims exclude the batch; a per-row scalar (task_ids (B,)) is sent as [1] per
-    # request and reshaped to the graph's () per row.
-    spec: dict[str, Any] = {"name": t.name, "data_type": Enum(t.data_type)}
-    spec["dims"] = list(t.shape) or [1]
-    if not t.shape:
-        spec["reshape"] = {"shape": []}
-    return spec
 
 
 # --- what the engine takes and gives -------------------------------------------------------
@@ -419,19 +398,11 @@ def _engine_kind(engine: Path) -> str:
 def engine_io(
     engine: Path, kind: str, meta: EngineMetadata
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The engine's inputs and outputs without the batch dimension, in metadata order: read
+    """The engine's inputs and outputs (the batch dimension first), in metadata order: read
     from the ONNX graph, or (a TensorRT plan cannot be read without TensorRT) its metadata."""
     if kind == "onnx":
         return _onnx_io(engine, meta)
-    s = meta.preprocessing.image_size
-    ins = [TensorSpec("images", "TYPE_FP32", (3, s, s))]
-    if meta.mode is EngineMode.ROUTED:
-        ins.append(TensorSpec("task_ids", "TYPE_INT64", ()))
-        width = max(meta.class_counts)
-        outs = [TensorSpec(n, "TYPE_FP32", (width,)) for n in meta.outputs]
-    else:
-        outs = [TensorSpec(n, "TYPE_FP32", (c,)) for n, c in zip(meta.outputs, meta.class_counts)]
-    return ins, outs
+    return io_specs(meta)
 
 
 def _onnx_io(engine: Path, meta: EngineMetadata) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -458,7 +429,7 @@ def _onnx_io(engine: Path, meta: EngineMetadata) -> tuple[list[TensorSpec], list
                 )
             if t.elem_type not in ONNX_TYPES:
                 raise ExportError(f"Engine {engine}: {n!r} has an unsupported element type.")
-            out.append(TensorSpec(n, ONNX_TYPES[t.elem_type], tuple(dims[1:])))
+            out.append(TensorSpec(n, ONNX_TYPES[t.elem_type], ("batch", *dims[1:])))
         return out
 
     return specs(graph.input, meta.inputs), specs(graph.output, meta.outputs)
@@ -558,7 +529,7 @@ def _validate_model(folder: Path, name: str):
     meta = validate_metadata(
         json.loads(config.parameters[META_PARAMETER].string_value), config_path
     )
-    if kind == "onnx" and read_onnx_metadata(engine).to_dict() != meta.to_dict():
+    if kind == "onnx" and read_metadata(engine, kind).to_dict() != meta.to_dict():
         raise ExportError(f"{config_path}: its metadata parameter is not {engine}'s metadata.")
     labels = json.loads(config.parameters["task_labels"].string_value)
     for task, names in zip(meta.tasks, meta.class_names):
@@ -602,7 +573,7 @@ def _check_io(
             )
             for e in entries
         }
-        want = {t.name: (t.data_type, t.shape) for t in specs}
+        want = {t.name: (TRITON_TYPES[t.dtype], tuple(t.shape[1:])) for t in specs}
         if got != want:
             raise ExportError(
                 f"{where}: the config's {section}s {got} do not match the engine's {want}."

@@ -13,7 +13,7 @@ import numpy as np
 from surgery_edge.data.suite import Suite
 from surgery_edge.engine_format import Preprocessing
 from surgery_edge.errors import ConfigError
-from surgery_edge.export.quantize import Calibration, image_digests
+from surgery_edge.export.gate import Calibration, image_digests
 from surgery_edge.runtime.preprocess import preprocess
 
 DEFAULT_CALIBRATION_IMAGES = 32  # per task

@@ -18,9 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from surgery_edge import merging
 from surgery_edge.data.suite import TASK_NAMES
+from surgery_edge.engine_format import DEVICE_PATTERN
 from surgery_edge.errors import ConfigError
 from surgery_edge.io import MAX_YAML_BYTES, load_yaml, not_a_file, safe_name
-from surgery_edge.surgery.methods import SCHEDULES, SURGERY_METHODS, get_surgery
+from surgery_edge.surgery.methods import (
+    SCHEDULES,
+    SURGERY,
+    SURGERY_METHODS,
+    SURGERY_V2,
+    get_surgery,
+)
 
 
 class _Frozen(BaseModel):
@@ -30,7 +37,6 @@ class _Frozen(BaseModel):
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 Count = Annotated[int, Field(ge=1, le=10**8)]
 Rate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"
 
 
 def _safe_names(names, what: str):
@@ -77,7 +83,7 @@ class ExpertSettings(_Frozen):
 # SurgeryV2's parameter count at this width. A config's ``params`` are merged onto these, method
 # by method and parameter by parameter; the paper recipes set the authors' values.
 DEMO_MERGE_PARAMS = {"adamerging_taskwise": {"steps": 100}, "adamerging_layerwise": {"steps": 100}}
-DEMO_SURGERY_PARAMS = {"surgery": {"rank": 80, "steps": 2000}, "surgeryv2": {"steps": 500}}
+DEMO_SURGERY_PARAMS = {SURGERY: {"rank": 80, "steps": 2000}, SURGERY_V2: {"steps": 500}}
 DEMO_SURGERY_LR = 3e-3
 
 # Flat settings of earlier releases -> (method, parameter) entries of ``params``.
@@ -92,9 +98,9 @@ LEGACY_MERGE_KEYS = {
 }
 LEGACY_SURGERY_KEYS = {
     "rank": tuple((m, "rank") for m in SURGERY_METHODS),
-    "rank_v2": (("surgeryv2", "rank"),),
-    "steps_v1": (("surgery", "steps"),),
-    "steps_v2": (("surgeryv2", "steps"),),
+    "rank_v2": ((SURGERY_V2, "rank"),),
+    "steps_v1": ((SURGERY, "steps"),),
+    "steps_v2": ((SURGERY_V2, "steps"),),
 }
 
 
@@ -330,7 +336,9 @@ class RunConfig(_Frozen):
     name: str | None = None
     arch: str = "tiny-vit-32"
     seed: Seed = 0
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
+    device: str = Field(
+        "auto", pattern=f"^({DEVICE_PATTERN})$", description="auto | cpu | cuda | cuda:N"
+    )
     suite: SuiteSettings = SuiteSettings()
     experts: ExpertSettings = ExpertSettings()
     data: DataSettings | None = None

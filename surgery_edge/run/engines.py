@@ -28,35 +28,43 @@ from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.evaluation.accuracy import accuracy_on
 from surgery_edge.evaluation.engine import engine_report, split_images
 from surgery_edge.export.aoti import export_aoti
+from surgery_edge.export.gate import GateError
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.parity import check_forward
 from surgery_edge.export.quantize import (
-    GateError,
     Target,
     default_recipe,
     export_half,
     quantize_engine,
 )
 from surgery_edge.io import fingerprint, write_json_atomic
+from surgery_edge.merging import task_arithmetic
 from surgery_edge.progress import progress_bar
 from surgery_edge.run.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
 from surgery_edge.run.state import Run, unlabelled_split
+from surgery_edge.surgery.methods import SINGLE_EXPERT, SURGERY, SURGERY_V2, method_engines
 from surgery_edge.surgery.model import MultiTaskModel
 
-MERGE = "task_arithmetic"
-SINGLE_EXPERT = "single-expert"
-# (engine name, surgery method, mode, precisions, also .pt2): V1 answers every task from one
-# backbone pass; V2 routes. None: the single expert. fp32 comes first: int8 and fp8 quantise it.
+MERGE = task_arithmetic.NAME  # the merge every engine of the demo is exported from
+_P = Precision
+# each method's precisions and whether a .pt2 is compiled too; fp32 first: int8 and fp8
+# quantise it
+_PRECISIONS = {
+    SURGERY: ((_P.FP32, _P.INT8), False),
+    SURGERY_V2: ((_P.FP32, _P.FP16, _P.INT8, _P.FP8), True),
+}
+# (engine name, surgery method, mode, precisions, also .pt2): each method's engine in the mode
+# its registry names (V1 answers every task from one backbone pass; V2 routes). None: the
+# single expert.
 PLANS = (
-    (SINGLE_EXPERT, None, EngineMode.ROUTED, ("fp32", "fp16", "int8"), False),
-    ("surgery-all-tasks", "surgery", EngineMode.ALL_TASKS, ("fp32", "int8"), False),
-    ("surgeryv2-routed", "surgeryv2", EngineMode.ROUTED, ("fp32", "fp16", "int8", "fp8"), True),
+    (SINGLE_EXPERT, None, EngineMode.ROUTED, (_P.FP32, _P.FP16, _P.INT8), False),
+    *((name, m, mode, *_PRECISIONS[m]) for name, (m, mode) in method_engines().items()),
 )
 
 
-def artefact_key(precision: str) -> str:
+def artefact_key(precision: Precision) -> str:
     """``onnx`` for fp32, ``onnx-<precision>`` otherwise (the summary's and report's names)."""
-    return "onnx" if precision == "fp32" else f"onnx-{precision}"
+    return "onnx" if precision is Precision.FP32 else f"onnx-{precision}"
 
 
 def _single_expert_model(run: Run) -> tuple[MultiTaskModel, str]:
@@ -115,8 +123,8 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
             engine: dict[str, Any] = {"method": method or "none", "mode": mode.value, **source}
             reference = accuracy_on(model, data, "cpu")
             calibration = None
-            for precision in map(Precision.parse, precisions):
-                key = artefact_key(precision.value)
+            for precision in precisions:
+                key = artefact_key(precision)
                 path = out / f"{name}{'' if precision is Precision.FP32 else f'-{precision}'}.onnx"
                 t0 = time.perf_counter()
                 check = None

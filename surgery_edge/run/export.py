@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery_edge.device import resolve_device
-from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata, read_sidecar
+from surgery_edge.engine_format import EngineMode, Precision, effective_precision, read_metadata
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.export.aoti import export_aoti
 from surgery_edge.export.modules import WeightFiles, check_magnitudes
@@ -44,7 +44,7 @@ from surgery_edge.run.calibration import (
 from surgery_edge.run.layout import RunLayout
 from surgery_edge.run.state import Run, prepare_suite, unlabelled_split
 from surgery_edge.runtime.backends import import_tensorrt
-from surgery_edge.runtime.describe import read_pt2_metadata
+from surgery_edge.surgery.methods import SURGERY_V2
 from surgery_edge.surgery.model import MultiTaskModel
 
 
@@ -64,19 +64,15 @@ def engine_stem(merge: str, surgery: str, mode: str, expert: str | None = None) 
     return f"expert-{expert}" if expert is not None else f"{merge}-{surgery}-{mode}"
 
 
-def default_onnx_path(run_dir: Path, stem: str, precision: Precision | str) -> Path:
+def default_onnx_path(run_dir: Path, stem: str, precision: Precision) -> Path:
     """``RUN/engines/<stem>[-<precision>].onnx`` (no suffix for fp32)."""
-    precision = Precision.parse(precision)
     suffix = "" if precision is Precision.FP32 else f"-{precision}"
     return Path(run_dir) / "engines" / f"{stem}{suffix}.onnx"
 
 
-def quant_recipe(
-    precision: Precision | str, quantizer: str = "auto", trt: bool = False
-) -> QuantRecipe:
+def quant_recipe(precision: Precision, quantizer: str = "auto", trt: bool = False) -> QuantRecipe:
     """The recipe for ``precision``: the measured default for the target (TensorRT when
     ``trt``, else ONNX Runtime), or the default of the quantiser named by ``quantizer``."""
-    precision = Precision.parse(precision)
     target = Target.TENSORRT if trt else Target.ONNXRUNTIME
     if quantizer == "auto":
         return default_recipe(precision, target)
@@ -100,12 +96,12 @@ class EngineChoice:
     """Which model an engine holds and how it runs."""
 
     merge: str = "task_arithmetic"  # the merged backbone
-    surgery: str = "surgeryv2"  # its adapters ("none": the merge alone)
-    mode: EngineMode | str = EngineMode.ROUTED  # routed or all-tasks
+    surgery: str = SURGERY_V2  # its adapters ("none": the merge alone)
+    mode: EngineMode = EngineMode.ROUTED  # routed or all-tasks
     # fp32, fp16, int8 or fp8: int8 and fp8 quantise the fp32 engine
     # (surgery_edge.export.quantize), for ONNX Runtime, or for TensorRT when a plan is built
     # (the ONNX is then TensorRT's QDQ input); AOTInductor takes fp32 and fp16 only
-    precision: Precision | str = Precision.FP32
+    precision: Precision = Precision.FP32
     # this task's expert alone (one task, its own head) instead of a merge: the baseline every
     # multi-task engine is compared with
     expert: str | None = None
@@ -197,7 +193,7 @@ def _plan(
     settings: ExportSettings,
 ) -> _Plan:
     """Everything that can be checked before any export work."""
-    mode, precision = EngineMode.parse(choice.mode), Precision.parse(choice.precision)
+    mode, precision = choice.mode, choice.precision  # typed by the caller (the CLI)
     aoti, trt, opts = files.aoti, files.trt, settings.trt
     if aoti is not None and precision.quantized:
         raise ExportError(
@@ -330,7 +326,7 @@ def _write(
         written["tensorrt"] = build_engine(
             written["onnx"],
             trt,
-            fp16=precision is Precision.FP16,
+            precision,
             min_batch=opts.min_batch,
             opt_batch=opts.opt_batch,
             max_batch=opts.max_batch,
@@ -338,8 +334,9 @@ def _write(
             timing_cache=opts.timing_cache,
         )
     if aoti is not None:
-        fp16 = precision is Precision.FP16
-        written["pt2"] = export_aoti(model, aoti, mode, fp16, metadata=extra, device=run_device)
+        written["pt2"] = export_aoti(
+            model, aoti, mode, precision, metadata=extra, device=run_device
+        )
     if plan.triton is not None:
         engine = written.get("tensorrt", written.get("onnx"))
         # the next version of a model folder triton-repo wrote
@@ -349,7 +346,7 @@ def _write(
 
 def _onnx_engine(path: Path) -> bool:
     try:
-        read_onnx_metadata(path)
+        read_metadata(path, "onnx")
     except ExportError:
         return False
     return True
@@ -357,7 +354,7 @@ def _onnx_engine(path: Path) -> bool:
 
 def _trt_engine(path: Path) -> bool:
     try:
-        read_sidecar(path)
+        read_metadata(path, "tensorrt")
     except ExportError:
         return False
     return True
@@ -375,22 +372,15 @@ def _planned(extra: dict, mode: EngineMode, precision: Precision) -> dict:
 def _made_from(path: str | os.PathLike) -> dict | None:
     """What an existing engine was exported from: its metadata's source (or expert), mode and
     precision (a TensorRT engine built in fp16 from an fp32 ONNX counts as fp16)."""
-    path = Path(path)
     try:
-        if path.suffix.lower() == ".onnx":
-            meta = read_onnx_metadata(path)
-        elif zipfile.is_zipfile(path):
-            meta = read_pt2_metadata(path)
-        else:
-            meta = read_sidecar(path)
+        meta = read_metadata(path)
     except ExportError:
         return None
-    trt_fp16 = bool((meta.get("tensorrt") or {}).get("fp16"))
     return {
         "source": meta.get("source"),
         "expert": meta.get("expert"),
         "mode": meta.mode.value,
-        "precision": "fp16" if trt_fp16 else meta.precision.value,
+        "precision": effective_precision(meta).value,
     }
 
 

@@ -18,7 +18,6 @@ onnxruntime only.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,20 @@ from typing import Any
 import numpy as np
 
 from surgery_edge.engine_format import (
-    META_KEY,
     EngineMetadata,
     EngineMode,
+    check_device,
     check_graph_inputs,
-    parse_metadata,
-    read_pt2_metadata,
-    read_sidecar,
+    engine_kind,
+    half_compute,
+    metadata_from_props,
+    read_metadata,
+    require_file,
     verify_engine,
 )
 from surgery_edge.errors import ExportError
 from surgery_edge.progress import silence_cuda_home_notice
 
-ONNX_SUFFIXES = (".onnx",)
-AOTI_SUFFIXES = (".pt2",)
-TRT_SUFFIXES = (".engine", ".plan", ".trt")
 DEFAULT_BATCH = 64
 # ONNX Runtime's element type names -> numpy's (the names the engine format uses)
 _ORT_TYPES = {
@@ -55,22 +53,6 @@ _ORT_TYPES = {
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
-
-
-def check_device(device: Any) -> str:
-    """``device`` if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ExportError otherwise
-    (a misspelt device never silently falls back to the CPU)."""
-    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise ExportError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
-    return device
-
-
-def _require_file(path: Path) -> None:
-    if not path.is_file():
-        raise ExportError(f"Engine file {path} does not exist. Check the path.")
 
 
 class Backend:
@@ -92,13 +74,6 @@ class Backend:
         return feeds
 
 
-def _half_compute(meta: EngineMetadata) -> bool:
-    """Whether the engine computes in fp16: an fp16 engine, or a quantised one whose
-    unquantised layers are fp16."""
-    recipe = (meta.get("quantization") or {}).get("recipe", {})
-    return meta.precision == "fp16" or recipe.get("high_precision") == "fp16"
-
-
 class OnnxBackend(Backend):
     """ONNX Runtime: CPUExecutionProvider, or CUDA (with IO binding) when available.
 
@@ -116,7 +91,7 @@ class OnnxBackend(Backend):
 
         check_device(device)
         self.path = Path(path)
-        _require_file(self.path)
+        require_file(self.path)
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         if device.startswith("cuda") and not has_cuda:
             raise ExportError(
@@ -139,15 +114,14 @@ class OnnxBackend(Backend):
                 f"Engine {self.path} is not a readable ONNX model ({_first_line(e)}). It may be "
                 "truncated or corrupt: re-export it with `surgery-edge export`."
             ) from None
-        stored = probe.get_modelmeta().custom_metadata_map.get(META_KEY)
-        self.meta = parse_metadata(stored, self.path)
+        self.meta = metadata_from_props(probe.get_modelmeta().custom_metadata_map, self.path)
         verify_engine(self.path, self.meta, self.kind)
         graph_inputs = [
             (i.name, _ORT_TYPES.get(i.type, i.type), i.shape) for i in probe.get_inputs()
         ]
         check_graph_inputs(self.path, self.meta, graph_inputs)
         level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if _half_compute(self.meta) and providers == ["CPUExecutionProvider"]:
+        if half_compute(self.meta) and providers == ["CPUExecutionProvider"]:
             # onnxruntime's CPU fusions (e.g. Transpose+MatMul -> FusedMatMul) strand fp16 nodes
             # without a CPU kernel; 1.23 and 1.32 even crash (segfault) creating such a
             # session. Basic optimisations only: fp16 engines (and int8/fp8 ones quantised for
@@ -218,9 +192,9 @@ class AotiBackend(Backend):
         import torch  # deferred: a .pt2 package is run by torch
 
         self.path = Path(path)
-        _require_file(self.path)
+        require_file(self.path)
         # read and verified from the archive first: loading a package runs its compiled code
-        self.meta = read_pt2_metadata(self.path)
+        self.meta = read_metadata(self.path, self.kind)
         verify_engine(self.path, self.meta, self.kind)
         self.device = self.meta.get("device", "cpu")
         if device != "auto" and device.split(":")[0] != self.device.split(":")[0]:
@@ -254,8 +228,8 @@ class TensorRTBackend(Backend):
 
     def __init__(self, path: str | os.PathLike, device: str = "auto"):
         self.path = Path(path)
-        _require_file(self.path)
-        self.meta = read_sidecar(self.path)
+        require_file(self.path)
+        self.meta = read_metadata(self.path, self.kind)
         verify_engine(self.path, self.meta, self.kind)
         if device == "cpu":
             raise ExportError(f"TensorRT engine {self.path} runs on an NVIDIA GPU only, not cpu.")
@@ -340,26 +314,6 @@ def import_tensorrt():
     if major < 10:
         raise ExportError(f"TensorRT {trt.__version__} is too old; {TRT_INSTALL}")
     return trt
-
-
-def engine_kind(path: str | os.PathLike) -> str:
-    """``onnx``, ``pt2`` or ``tensorrt`` from the suffix (or, failing that, the file's bytes)."""
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix in ONNX_SUFFIXES:
-        return "onnx"
-    if suffix in AOTI_SUFFIXES:
-        return "pt2"
-    if suffix in TRT_SUFFIXES:
-        return "tensorrt"
-    _require_file(p)
-    with p.open("rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK"):
-        return "pt2"
-    if Path(str(p) + ".json").is_file():
-        return "tensorrt"
-    return "onnx"
 
 
 def open_backend(path: str | os.PathLike, device: str = "auto") -> Backend:

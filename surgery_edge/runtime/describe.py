@@ -19,32 +19,20 @@ from typing import Any
 
 from surgery_edge.engine_format import (
     INTEGRITY_KEY,
-    META_KEY,
     EngineMetadata,
     EngineMode,
+    TensorSpec,
     check_graph_inputs,
-    parse_metadata,
-    read_pt2_metadata,
-    read_sidecar,
+    engine_kind,
+    io_specs,
+    metadata_from_props,
+    read_metadata,
     sidecar_path,
     verify_engine,
 )
 from surgery_edge.errors import ExportError
-from surgery_edge.runtime.backends import engine_kind
 
 KIND_NAMES = {"onnx": "ONNX", "pt2": "AOTInductor package", "tensorrt": "TensorRT engine"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output: its name, element type and shape (``"batch"`` for dynamic axes)."""
-
-    name: str
-    dtype: str
-    shape: list[int | str]
-
-    def __str__(self) -> str:
-        return f"{self.name} {self.dtype} [{', '.join(map(str, self.shape))}]"
 
 
 @dataclass(frozen=True)
@@ -74,8 +62,8 @@ class EngineInfo:
             "precision": str(meta.precision),
             "method": meta.method,
             "tasks": [{"name": t, "classes": len(c)} for t, c in zip(meta.tasks, meta.class_names)],
-            "inputs": [asdict(s) for s in self.inputs],
-            "outputs": [asdict(s) for s in self.outputs],
+            "inputs": [{**asdict(s), "shape": list(s.shape)} for s in self.inputs],
+            "outputs": [{**asdict(s), "shape": list(s.shape)} for s in self.outputs],
             "io_source": self.io_source,
             "metadata": meta.to_dict(),
         }
@@ -90,7 +78,7 @@ def _onnx_specs(values) -> list[TensorSpec]:
     specs = []
     for v in values:
         elem = v.type.removeprefix("tensor(").removesuffix(")")
-        specs.append(TensorSpec(v.name, _ORT_DTYPES.get(elem, elem), list(v.shape)))
+        specs.append(TensorSpec(v.name, _ORT_DTYPES.get(elem, elem), tuple(v.shape)))
     return specs
 
 
@@ -112,22 +100,6 @@ def _onnx_session(path: Path):
         ) from None
 
 
-def _declared_specs(meta: EngineMetadata) -> list[list[TensorSpec]]:
-    """Inputs and outputs as every surgery-edge engine declares them (float32 in and out)."""
-    size = meta.preprocessing.image_size
-    images = TensorSpec("images", "float32", ["batch", 3, size, size])
-    if meta.mode is EngineMode.ROUTED:
-        width = max(meta.class_counts)
-        return [
-            [images, TensorSpec("task_ids", "int64", ["batch"])],
-            [TensorSpec(n, "float32", ["batch", width]) for n in meta.outputs],
-        ]
-    return [
-        [images],
-        [TensorSpec(n, "float32", ["batch", c]) for n, c in zip(meta.outputs, meta.class_counts)],
-    ]
-
-
 def describe_engine(path: str | os.PathLike) -> EngineInfo:
     """Read what ``path`` (an ``.onnx``, ``.pt2`` or TensorRT engine) holds.
 
@@ -142,7 +114,7 @@ def describe_engine(path: str | os.PathLike) -> EngineInfo:
     io_source = "metadata"
     if kind == "onnx":
         session = _onnx_session(p)
-        meta = parse_metadata(session.get_modelmeta().custom_metadata_map.get(META_KEY), p)
+        meta = metadata_from_props(session.get_modelmeta().custom_metadata_map, p)
         verify_engine(p, meta, kind)
         data = p.with_name(p.name + ".data")  # the weights of a large export (export/onnx.py)
         if data.is_file():
@@ -150,15 +122,12 @@ def describe_engine(path: str | os.PathLike) -> EngineInfo:
         inputs, outputs = _onnx_specs(session.get_inputs()), _onnx_specs(session.get_outputs())
         check_graph_inputs(p, meta, [(s.name, s.dtype, s.shape) for s in inputs])
         io_source = "graph"
-    elif kind == "pt2":
-        meta = read_pt2_metadata(p)
-        verify_engine(p, meta, kind)
-        inputs, outputs = _declared_specs(meta)
     else:
-        meta = read_sidecar(p)
+        meta = read_metadata(p, kind)
         verify_engine(p, meta, kind)
-        files[sidecar_path(p).name] = sidecar_path(p).stat().st_size
-        inputs, outputs = _declared_specs(meta)
+        if kind == "tensorrt":
+            files[sidecar_path(p).name] = sidecar_path(p).stat().st_size
+        inputs, outputs = io_specs(meta)
     return EngineInfo(str(p), kind, files, meta, inputs, outputs, io_source)
 
 

@@ -41,9 +41,9 @@ from surgery_edge.engine_format import EngineMetadata
 from surgery_edge.errors import ExportError
 from surgery_edge.runtime.backends import open_backend
 from surgery_edge.runtime.http_front import model_limits
-from surgery_edge.runtime.serving import (
-    ServeOptions,
-    Server,
+from surgery_edge.runtime.serve_options import ServeOptions
+from surgery_edge.runtime.serving import Server
+from surgery_edge.runtime.serving_repository import (
     _engine_config,
     _task_config,
     _write_model,

@@ -50,9 +50,7 @@ import atexit
 import contextlib
 import errno
 import importlib.util
-import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -63,15 +61,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from surgery_edge.engine_format import EngineMetadata, EngineMode
+from surgery_edge.engine_format import EngineMetadata
 from surgery_edge.errors import EXIT_FAILED, ExportError, WorkerError
-from surgery_edge.runtime.backends import open_backend
 from surgery_edge.runtime.http_front import HttpFront, model_limits
-from surgery_edge.runtime.preprocess import DEFAULT_MAX_PIXELS, check_max_pixels
+from surgery_edge.runtime.serve_options import ServeOptions
 from surgery_edge.runtime.server_processes import (
     alive,
     start_watchdog,
@@ -80,18 +75,9 @@ from surgery_edge.runtime.server_processes import (
     sweep_stale,
     work_folder,
 )
-from surgery_edge.runtime.triton_config import (
-    META_PARAMETER,
-    Enum,
-    check_model_name,
-    parameters,
-    to_pbtxt,
-)
-from surgery_edge.runtime.triton_models import STACKED_OUTPUT
+from surgery_edge.runtime.serving_repository import serving_repository
 
 SERVE_INSTALL = "Install it with `pip install 'surgery-edge[serve]'` (nvidia-pytriton, Linux only)."
-MODEL_PY = "from surgery_edge.runtime.triton_models import {cls} as TritonPythonModel\n"
-MAX_DRAIN_S = 25  # PyTriton waits 30 s for the server to exit before it kills it
 # how Triton's log names a model it could not load: its config refused, or its load failed
 _LOAD_FAILED = re.compile(
     r"(?:Poll failed for model directory|failed to load) '([^']+)'(?: version \d+)?: (.*)"
@@ -109,246 +95,6 @@ class StartFailed(ExportError):
         self.models = models
         if not models:
             self.exit_code = EXIT_FAILED
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """How the engine is served.
-
-    Args:
-        host: the address every endpoint binds (``0.0.0.0``: all interfaces).
-        http_port, grpc_port, metrics_port: KServe v2 over HTTP and gRPC; Prometheus metrics.
-        name: the engine model's name.
-        max_batch: the most rows of one engine call (Triton's ``max_batch_size``).
-        max_queue_delay_us: how long a request may wait for others to join its batch (0,
-            Triton's default: a batch holds what queued while the engine was busy).
-        preferred_batches: batch sizes the dynamic batcher aims for (default: none).
-        instances: engine instances (each loads the engine; run side by side).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, for the engine's backend.
-        threads: ONNX Runtime's intra-op threads per instance (default: its own choice).
-        task_models: also serve one model per task that takes encoded image bytes.
-        top_k: classes a task model returns when a request does not set ``top_k``.
-        max_pixels: the most pixels an image sent to a task model may declare.
-        max_request_mb: the most an HTTP request body may hold, in MiB, counted after
-            decompression (413 beyond it).
-        drain_timeout_s: on stop, how long requests in flight may take to finish.
-        startup_timeout_s: how long the server may take to load every model.
-        log_file: where Triton writes its log (default: a file in the server's work folder,
-            deleted on stop); errors from it are quoted when a model fails to load.
-    """
-
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    name: str = "engine"
-    max_batch: int = 32
-    max_queue_delay_us: int = 0
-    preferred_batches: tuple[int, ...] = ()
-    instances: int = 1
-    device: str = "auto"
-    threads: int | None = None
-    task_models: bool = True
-    top_k: int = 5
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_request_mb: int = 64
-    drain_timeout_s: int = 20
-    startup_timeout_s: float = 180.0
-    log_file: Path | None = None
-
-    def check(self) -> ServeOptions:
-        """``self`` if every value is usable; ExportError naming the first that is not."""
-        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port}
-        ports["--metrics-port"] = self.metrics_port
-        for flag, port in ports.items():
-            _integer(flag, port, 1, 65535)
-        if len(set(ports.values())) < 3:
-            raise ExportError(f"The three ports must differ, got {ports}.")
-        _integer("--max-batch", self.max_batch, 1)
-        _integer("--max-queue-delay-us", self.max_queue_delay_us, 0)
-        _integer("--instances", self.instances, 1)
-        _integer("--top-k", self.top_k, 1)
-        _integer("--drain-timeout-s", self.drain_timeout_s, 1, MAX_DRAIN_S)
-        _integer("--max-request-mb", self.max_request_mb, 1, 2047)
-        if self.threads is not None:
-            _integer("--threads", self.threads, 1)
-        for b in self.preferred_batches:
-            _integer("--preferred-batch", b, 1, self.max_batch)
-        check_max_pixels(self.max_pixels)
-        check_model_name(self.name, "Engine model name (--name)")
-        if self.log_file is not None:
-            _check_log_file(Path(self.log_file))
-        return self
-
-
-def _check_log_file(log: Path) -> None:
-    """``--log-file`` must be a file Triton can write: refused before anything starts."""
-    if log.is_dir():
-        raise ExportError(
-            f"--log-file {log} is a folder; give a file path, e.g. {log / 'tritonserver.log'}."
-        )
-    if not log.parent.is_dir():
-        raise ExportError(
-            f"--log-file {log}: the folder {log.parent} does not exist; create it, or choose "
-            "another path."
-        )
-    if log.exists() and not log.is_file():
-        raise ExportError(f"--log-file {log} exists and is not a regular file.")
-    writable = os.access(log, os.W_OK) if log.exists() else os.access(log.parent, os.W_OK | os.X_OK)
-    if not writable:
-        raise ExportError(f"--log-file {log} cannot be written (permission denied).")
-
-
-def _integer(flag: str, value: Any, least: int, most: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
-    if not ok or (most is not None and value > most):
-        bound = f"from {least} to {most}" if most is not None else f"of at least {least}"
-        raise ExportError(f"{flag} must be an integer {bound}, got {value!r}.")
-
-
-# --- the model repository the server runs --------------------------------------------------
-
-
-def serving_repository(
-    engines: Mapping[str, str | os.PathLike],
-    repo: str | os.PathLike,
-    options: ServeOptions,
-    task_models_for: str | None = None,
-    version: int = 1,
-) -> dict[str, EngineMetadata]:
-    """Write the Python-backend model repository that :class:`Server` runs.
-
-    Args:
-        engines: ``{model name: engine file}``; each engine is opened here once, so a bad
-            file, device or backend fails before the server starts.
-        repo: the (new or empty) repository folder.
-        options: batching, instances, device, task models.
-        task_models_for: the engine whose tasks get a model each (default: the first), when
-            ``options.task_models`` is set.
-        version: the engines' version number in the repository (Triton's version folder).
-
-    Returns:
-        ``{engine model name: its metadata}``.
-    """
-    repo = Path(repo)
-    metas: dict[str, EngineMetadata] = {}
-    for name, path in engines.items():
-        check_model_name(name, "Engine model name")
-        path = Path(path).resolve()
-        backend = open_backend(path, device=options.device)  # fails here, not in the server
-        metas[name] = backend.meta
-        del backend
-        config = _engine_config(name, path, metas[name], options)
-        _write_model(repo / name, "EngineModel", config, version)
-    primary = task_models_for or next(iter(engines))
-    if options.task_models:
-        meta = metas[primary]
-        check_task_models(meta, metas, engines[primary])
-        for task in meta.tasks:
-            config = _task_config(task, primary, meta, options, engine_version=version)
-            _write_model(repo / task, "TaskModel", config)
-    return metas
-
-
-def check_task_models(meta: EngineMetadata, metas: Mapping[str, Any], source: Any) -> None:
-    """Every task of ``meta`` can name a task model beside the engine models ``metas``."""
-    for task in meta.tasks:
-        try:
-            check_model_name(task, "Task")
-        except ExportError as e:
-            raise ExportError(f"{e} (of {source}; serve with --no-task-models)") from None
-        if task in metas:
-            raise ExportError(
-                f"Task {task!r} has the name of an engine model; rename that with --name, or "
-                "serve without task models."
-            )
-
-
-def _write_model(folder: Path, cls: str, config: dict[str, Any], version: int = 1) -> None:
-    (folder / str(version)).mkdir(parents=True, exist_ok=True)
-    (folder / str(version) / "model.py").write_text(MODEL_PY.format(cls=cls))
-    (folder / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
-
-
-def _batching(options: ServeOptions) -> dict[str, Any]:
-    return {
-        "backend": "python",
-        "max_batch_size": options.max_batch,
-        "dynamic_batching": {
-            "preferred_batch_size": list(options.preferred_batches) or None,
-            "max_queue_delay_microseconds": options.max_queue_delay_us,
-        },
-    }
-
-
-def _common_parameters() -> dict[str, str]:
-    return {"python_version": platform.python_version()}
-
-
-def _engine_config(
-    name: str, path: Path, meta: EngineMetadata, options: ServeOptions
-) -> dict[str, Any]:
-    s = meta.preprocessing.image_size
-    inputs: list[dict[str, Any]] = [
-        {"name": "images", "data_type": Enum("TYPE_FP32"), "dims": [3, s, s]}
-    ]
-    if meta.mode is EngineMode.ROUTED:
-        inputs.append({"name": "task_ids", "data_type": Enum("TYPE_INT64"), "dims": [1]})
-        widths = [max(meta.class_counts)] * len(meta.outputs)
-    else:
-        widths = meta.class_counts
-    outputs = [
-        {"name": n, "data_type": Enum("TYPE_FP32"), "dims": [w]}
-        for n, w in zip(meta.outputs, widths)
-    ]
-    if meta.mode is EngineMode.ALL_TASKS:  # every task in one tensor, sent only when asked for
-        dims = [len(meta.tasks), max(meta.class_counts)]
-        outputs.append({"name": STACKED_OUTPUT, "data_type": Enum("TYPE_FP32"), "dims": dims})
-    values = {
-        **_common_parameters(),
-        "engine": str(path),
-        "device": options.device,
-        "threads": "" if options.threads is None else str(options.threads),
-        META_PARAMETER: json.dumps(meta.to_dict()),
-    }
-    return {
-        "name": name,
-        **_batching(options),
-        "input": inputs,
-        "output": outputs,
-        "instance_group": [{"count": options.instances, "kind": Enum("KIND_CPU")}],
-        "parameters": parameters(values),
-    }
-
-
-def _task_config(
-    task: str,
-    engine_model: str,
-    meta: EngineMetadata,
-    options: ServeOptions,
-    engine_version: int = 1,
-) -> dict[str, Any]:
-    values = {
-        **_common_parameters(),
-        "engine_model": engine_model,
-        "engine_version": str(engine_version),  # the version it was made for: in its errors
-        "task": task,
-        "top_k": str(options.top_k),
-        "max_pixels": str(options.max_pixels),
-        META_PARAMETER: json.dumps(meta.to_dict()),
-    }
-    return {
-        "name": task,
-        **_batching(options),
-        "input": [{"name": "image", "data_type": Enum("TYPE_STRING"), "dims": [1]}],
-        "output": [
-            {"name": "labels", "data_type": Enum("TYPE_STRING"), "dims": [-1]},
-            {"name": "probs", "data_type": Enum("TYPE_FP32"), "dims": [-1]},
-            {"name": "classes", "data_type": Enum("TYPE_INT64"), "dims": [-1]},
-        ],
-        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
-        "parameters": parameters(values),
-    }
 
 
 # --- the server ------------------------------------------------------------------------------

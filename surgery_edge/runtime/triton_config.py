@@ -13,6 +13,11 @@ ships, ``tritonclient.grpc.model_config_pb2``, then ``text_format``), so a field
 schema does not know fails here. Where tritonclient is not installed (``triton-repo`` on a
 machine without the serve extra) the same dict is written by :func:`_by_hand`; the tests parse
 both texts with the schema and compare them.
+
+Both repositories batch the same way, so the batching settings are one type here
+(:class:`Batching`: one validator, one ``dynamic_batching`` builder), and an engine's inputs
+and outputs become config entries through :func:`tensor_config` from the engine format's
+:func:`~surgery_edge.engine_format.io_specs`.
 """
 
 from __future__ import annotations
@@ -20,13 +25,19 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from surgery_edge.engine_format import TensorSpec
 from surgery_edge.errors import ExportError
 
 # Triton model names become folder names and URL path segments.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 META_PARAMETER = "surgery_edge"  # the model parameter that holds the engine metadata (JSON)
+# numpy's element type names (the engine format's) -> Triton's data types
+TRITON_TYPES = {"float32": "TYPE_FP32", "uint8": "TYPE_UINT8", "int32": "TYPE_INT32",
+                "int64": "TYPE_INT64", "bool": "TYPE_BOOL", "float16": "TYPE_FP16",
+                "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16"}  # fmt: skip
 
 
 class Enum(str):
@@ -45,6 +56,64 @@ def check_model_name(name: str, what: str = "model name") -> str:
             "'-' (starting with a letter or digit), at most 128 characters."
         )
     return name
+
+
+def check_integer(flag: str, value: Any, least: int, most: int | None = None) -> int:
+    """``value`` if it is an integer from ``least`` to ``most``; ExportError naming ``flag``."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+    if not ok or (most is not None and value > most):
+        bound = f"from {least} to {most}" if most is not None else f"of at least {least}"
+        raise ExportError(f"{flag} must be an integer {bound}, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How Triton batches a model's requests (the same for the repository the official server
+    loads and for ``surgery-edge serve``).
+
+    Args:
+        max_batch: ``max_batch_size``: the most rows Triton puts in one model call.
+        preferred_batches: batch sizes the dynamic batcher aims for (default: none, i.e. as
+            large as the queue allows).
+        max_queue_delay_us: how long a request may wait for others to join its batch (0,
+            Triton's default: a batch holds what queued while the model was busy).
+    """
+
+    max_batch: int = 32
+    preferred_batches: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+
+    def check(self) -> Batching:
+        """``self`` if every value is usable; ExportError naming the first flag that is not."""
+        check_integer("--max-batch", self.max_batch, 1)
+        check_integer("--max-queue-delay-us", self.max_queue_delay_us, 0)
+        for b in self.preferred_batches:
+            check_integer("--preferred-batch", b, 1, self.max_batch)
+        return self
+
+    def config(self) -> dict[str, Any]:
+        """The config's ``max_batch_size`` and ``dynamic_batching`` fields."""
+        return {
+            "max_batch_size": self.max_batch,
+            "dynamic_batching": {
+                "preferred_batch_size": list(self.preferred_batches) or None,
+                "max_queue_delay_microseconds": self.max_queue_delay_us,
+            },
+        }
+
+
+def tensor_config(spec: TensorSpec, reshape: bool = True) -> dict[str, Any]:
+    """An input or output entry of a config for ``spec`` (its shape's batch dimension first).
+
+    Triton's dims leave the batch out; a per-row scalar (``task_ids`` (B,)) is sent as [1] per
+    request and, with ``reshape``, handed to the model as the graph's () per row.
+    """
+    entry: dict[str, Any] = {"name": spec.name, "data_type": Enum(TRITON_TYPES[spec.dtype])}
+    entry["dims"] = list(spec.shape[1:]) or [1]
+    if reshape and not spec.shape[1:]:
+        entry["reshape"] = {"shape": []}
+    return entry
 
 
 def parameters(values: Mapping[str, Any]) -> Map:

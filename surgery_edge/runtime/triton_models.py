@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from surgery_edge.engine_format import EngineMetadata, EngineMode, validate_metadata
+from surgery_edge.engine_format import EngineMetadata, EngineMode, engine_kind, validate_metadata
 from surgery_edge.errors import ExportError
-from surgery_edge.runtime.backends import Backend, OnnxBackend, engine_kind, open_backend
+from surgery_edge.runtime.backends import Backend, OnnxBackend, open_backend
 from surgery_edge.runtime.predictor import softmax
 from surgery_edge.runtime.preprocess import normalise, open_image, resize_crop
 

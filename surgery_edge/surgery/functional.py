@@ -1,9 +1,9 @@
 """The surgery adapter as one function: ``z - W_up · ReLU(W_down · z)``.
 
 Everything that applies an adapter calls :func:`surgery_correction`: the AdapterBank (routed and
-all-tasks), the Triton kernels' PyTorch references, and through the bank every exporter. Batched
-matrix products broadcast, so one formula covers one task, one task per row, a batch laid out
-in runs of one task each, and every task at once; it computes in the inputs' dtype.
+all-tasks), the Triton kernels' PyTorch references, and through the bank every exporter. The
+formula itself is defined with the kernels (:mod:`surgery_edge.kernels.reference`, which imports
+nothing from here); this module adds the task-grouped layout training uses.
 """
 
 from __future__ import annotations
@@ -11,29 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from surgery_edge.kernels.reference import (
+    all_tasks_correction,
+    routed_correction,
+    surgery_correction,
+)
 
-def surgery_correction(
-    z: torch.Tensor,  # (..., n, d)
-    down: torch.Tensor,  # (..., r, d), broadcast against z's leading dimensions
-    up: torch.Tensor,  # (..., d, r)
-) -> torch.Tensor:  # (..., n, d)
-    """``z - relu(z @ down^T) @ up^T``: every row of ``z`` corrected by its adapter."""
-    # transpose(-1, -2), not .mT: the TorchScript ONNX exporter (the fallback) lacks aten::mT
-    return z - F.relu(z @ down.transpose(-1, -2)) @ up.transpose(-1, -2)
-
-
-def routed_correction(
-    z: torch.Tensor,  # (B, N, d) or (B, d); row b belongs to task task_ids[b]
-    task_ids: torch.Tensor,  # (B,) integer
-    down: torch.Tensor,  # (T, r, d)
-    up: torch.Tensor,  # (T, d, r)
-) -> torch.Tensor:  # like z
-    """Each image corrected by its own task's adapter (a gather, then one batched product)."""
-    x = z.unsqueeze(1) if z.ndim == 2 else z
-    out = surgery_correction(x, down[task_ids], up[task_ids])
-    return out.squeeze(1) if z.ndim == 2 else out
+__all__ = [
+    "TaskGroups",
+    "all_tasks_correction",
+    "grouped_correction",
+    "routed_correction",
+    "surgery_correction",
+]
 
 
 @dataclass(frozen=True)
@@ -64,12 +55,3 @@ def grouped_correction(
         raise ValueError(f"{z.shape[0]} rows are not {G} runs of {groups.rows}")
     out = surgery_correction(z.reshape(G, -1, z.shape[-1]), down[groups.tasks], up[groups.tasks])
     return out.view(z.shape)
-
-
-def all_tasks_correction(
-    z: torch.Tensor,  # (B, d)
-    down: torch.Tensor,  # (T, r, d)
-    up: torch.Tensor,  # (T, d, r)
-) -> torch.Tensor:  # (T, B, d)
-    """Every row corrected by every task's adapter."""
-    return surgery_correction(z.unsqueeze(0), down, up)

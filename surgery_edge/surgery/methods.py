@@ -1,8 +1,11 @@
 """The surgery-method registry: what each method corrects, and its defaults.
 
 The single source of truth for the names ``surgery`` and ``surgeryv2``: the config, the CLI
-(choices and help), the trainer, the adapter files, export and the report read them here. It
-imports neither torch nor the models, so the CLI can list the choices without loading either.
+(choices and help), the trainer, the adapter files, export and the report read them here. So
+are the names of the engines made from them (``surgery-all-tasks``, ``surgeryv2-routed``,
+``merged-routed``, ``single-expert``: :func:`engine_name`, :func:`method_engines`); a test
+(``tests/test_contract.py``) fails where such a name is written out elsewhere. It imports
+neither torch nor the models, so the CLI can list the choices without loading either.
 """
 
 from __future__ import annotations
@@ -10,12 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from surgery_edge.engine_format import EngineMode
 from surgery_edge.errors import ConfigError
 
 if TYPE_CHECKING:
     from surgery_edge.models.archs import ArchSpec
 
 NONE = "none"  # no surgery: the plain merged model (a baseline row, an engine without adapters)
+SURGERY = "surgery"  # Representation Surgery (V1)
+SURGERY_V2 = "surgeryv2"
+MERGED = "merged"  # an engine's name without surgery: merged-<mode>
+SINGLE_EXPERT = "single-expert"  # the engine of one task's expert alone: the baseline
 
 # How training orders its updates (surgery_edge.surgery.trainer has the details).
 SCHEDULES = {
@@ -37,6 +45,8 @@ class SurgeryMethod:
         steps: the default number of batches of each task that training takes (one step each
             in the joint schedule, which draws one batch of every task per step).
         help: one line for help texts.
+        engine_mode: the mode its engine is made in: V1 answers every task from one backbone
+            pass (all-tasks), V2 corrects every block for one task per image (routed).
     """
 
     name: str
@@ -45,6 +55,7 @@ class SurgeryMethod:
     rank: int
     steps: int
     help: str
+    engine_mode: EngineMode
 
     def sites(self, arch: ArchSpec) -> tuple[str, ...]:
         """The sites it corrects: ``final``, or every ``block.i`` and ``final``."""
@@ -64,22 +75,24 @@ def register(method: SurgeryMethod) -> SurgeryMethod:
 # The defaults are the reference code's: rank 16, 1,000 steps of batch 16 per task.
 register(
     SurgeryMethod(
-        "surgery",
+        SURGERY,
         "Surgery",
         every_block=False,
         rank=16,
         steps=1000,
         help="Representation Surgery (ICML 2024): one adapter on the final feature",
+        engine_mode=EngineMode.ALL_TASKS,
     )
 )
 register(
     SurgeryMethod(
-        "surgeryv2",
+        SURGERY_V2,
         "SurgeryV2",
         every_block=True,
         rank=16,
         steps=1000,
         help="SurgeryV2: an adapter on every block's output and on the final feature",
+        engine_mode=EngineMode.ROUTED,
     )
 )
 
@@ -108,3 +121,21 @@ def check_surgery(name: str, allow_none: bool = False) -> str:
             f"Unknown surgery method {name!r}; use one of {surgery_names(allow_none)}."
         )
     return name
+
+
+def engine_name(method: str | None, mode: EngineMode | None = None) -> str:
+    """An engine's name in the demo and the benchmarks: ``<method>-<mode>`` (``mode``: the
+    method's :attr:`~SurgeryMethod.engine_mode` when not given), ``merged-<mode>`` without
+    surgery (``method`` None or ``none``)."""
+    if method is None or method == NONE:
+        if mode is None:
+            raise ValueError("an engine without surgery needs its mode")
+        return f"{MERGED}-{mode.value}"
+    mode = mode or get_surgery(method).engine_mode
+    return f"{method}-{mode.value}"
+
+
+def method_engines() -> dict[str, tuple[str, EngineMode]]:
+    """``{engine name: (surgery method, mode)}``: each method's engine, in registration order
+    (``surgery-all-tasks``, ``surgeryv2-routed``)."""
+    return {engine_name(m.name): (m.name, m.engine_mode) for m in SURGERY_METHODS.values()}

@@ -8,14 +8,14 @@ import math
 from dataclasses import asdict, dataclass
 
 from surgery_edge.errors import ConfigError
-from surgery_edge.surgery.methods import SCHEDULES, get_surgery
+from surgery_edge.surgery.methods import SCHEDULES, SURGERY_V2, get_surgery
 
 
 @dataclass(frozen=True)
 class SurgeryConfig:
     """Training settings; the defaults are the reference code's."""
 
-    method: str = "surgeryv2"  # a registered surgery method (surgery_edge.surgery.methods)
+    method: str = SURGERY_V2  # a registered surgery method (surgery_edge.surgery.methods)
     rank: int = 16
     steps: int = 1000  # per task: each step draws one batch of every task
     batch_size: int = 16

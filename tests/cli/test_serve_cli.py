@@ -118,7 +118,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(engines):
 # `surgery-edge serve` with an engine model that Triton refuses to load (a preferred batch
 # above its max_batch_size: refused before any stub starts, so the failure comes fast)
 FAILING_LOAD = """
-import surgery_edge.runtime.serving as serving
+import surgery_edge.runtime.serving_repository as serving
 config = serving._engine_config
 def broken(*args, **kwargs):
     out = config(*args, **kwargs)

@@ -20,6 +20,7 @@ from cli_checks import user_error
 from surgery_edge.cli.app import app
 from typer.testing import CliRunner
 
+from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.errors import ConfigError, ExportError
 
 runner = CliRunner()
@@ -375,12 +376,12 @@ def test_pt2_loads_without_project_code(pt2):
 def test_profile_shapes():
     from surgery_edge.export import profile_shapes
 
-    shapes = profile_shapes(16, "routed", 1, 8, 32)
+    shapes = profile_shapes(16, EngineMode.ROUTED, 1, 8, 32)
     assert shapes == {
         "images": ((1, 3, 16, 16), (8, 3, 16, 16), (32, 3, 16, 16)),
         "task_ids": ((1,), (8,), (32,)),
     }
-    assert set(profile_shapes(224, "all-tasks", 4, 4, 4)) == {"images"}
+    assert set(profile_shapes(224, EngineMode.ALL_TASKS, 4, 4, 4)) == {"images"}
     for args, match in [
         ((0, 8, 32), "--min-batch must be at least 1"),
         ((1, 8, -2), "--max-batch must be at least 1"),
@@ -389,7 +390,7 @@ def test_profile_shapes():
         ((1, 2.5, 32), "--opt-batch must be an integer"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            profile_shapes(16, "routed", *args)
+            profile_shapes(16, EngineMode.ROUTED, *args)
 
 
 def test_builder_input_checks_the_onnx(engines, tmp_path):
@@ -469,11 +470,12 @@ def test_tensorrt_engine_matches_pytorch(engines, models, split, tmp_path):
     model = models["surgeryv2"][0]
     images, task_ids, _ = split
     onnx_path = engines["dir"] / "surgeryv2-routed.onnx"
-    for fp16 in (False, True):
+    for precision in (Precision.FP32, Precision.FP16):
+        fp16 = precision is Precision.FP16
         engine = build_engine(
             onnx_path,
             tmp_path / f"v2-{fp16}.engine",
-            fp16=fp16,
+            precision,
             max_batch=64,
             timing_cache=tmp_path / "timing.cache",
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from surgery_edge.engine_format import EngineMode, Precision
 from surgery_edge.export.modules import AllTasksEngine, RoutedEngine, engine_module, example_inputs
 from surgery_edge.models import ClassificationHead, build_encoder, get_arch
 from surgery_edge.surgery.adapters import AdapterBank
@@ -58,10 +59,10 @@ def test_all_tasks_engine_answers_every_task_as_routing_would(method):
             torch.testing.assert_close(out, routed, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["routed", "all-tasks"])
+@pytest.mark.parametrize("mode", list(EngineMode))
 def test_the_half_graph_takes_and_returns_float32_and_leaves_the_model_alone(mode):
     model = _model("surgeryv2")
-    module = engine_module(model, mode, fp16=True)
+    module = engine_module(model, mode, Precision.FP16)
     inputs = example_inputs(model, mode, batch=3)
     assert inputs[0].shape == (3, 3, 16, 16) and inputs[0].dtype == torch.float32
     if mode == "routed":

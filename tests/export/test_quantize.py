@@ -19,8 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from surgery_edge.engine_format import EngineMode, Precision, read_onnx_metadata
 from surgery_edge.errors import ConfigError, ExportError
+from surgery_edge.export import gate as g
 from surgery_edge.export import quantize as q
-from surgery_edge.export.quantize import Calibration, Quantizer, QuantRecipe, Target
+from surgery_edge.export.gate import Calibration
+from surgery_edge.export.quantize import Quantizer, QuantRecipe, Target
 from surgery_edge.runtime import load
 
 
@@ -32,11 +34,11 @@ def calibration(run):
 
 
 def test_default_recipes_are_the_measured_choices():
-    cpu = q.default_recipe("int8", Target.ONNXRUNTIME)
+    cpu = q.default_recipe(Precision.INT8, Target.ONNXRUNTIME)
     assert cpu.quantizer is Quantizer.ORT_DYNAMIC and cpu.tables == "int8"
-    trt = q.default_recipe("int8", "tensorrt")
+    trt = q.default_recipe(Precision.INT8, "tensorrt")
     assert trt.quantizer is Quantizer.MODELOPT and trt.high_precision == "fp16"
-    fp8 = q.default_recipe("fp8", "onnxruntime")
+    fp8 = q.default_recipe(Precision.FP8, "onnxruntime")
     assert fp8.quantizer is Quantizer.MODELOPT and fp8.high_precision == "fp32"
     assert set(fp8.keep) == {"patch_embedding", "attention", "adapters"}
 
@@ -70,7 +72,7 @@ def test_calibration_routes_every_task_and_holds_images_out(calibration, run):
     assert np.bincount(calibration.check_task_ids).tolist() == [8] * len(run.tasks)
     assert calibration.source["split"] == "adapt"
     # the two sets are disjoint: no held-out image is one the engine was calibrated on
-    assert not q.image_digests(calibration.images) & q.image_digests(calibration.check_images)
+    assert not g.image_digests(calibration.images) & g.image_digests(calibration.check_images)
     with pytest.raises(ValueError, match="also a calibration image"):
         Calibration(calibration.images, calibration.task_ids, calibration.images[:1], np.zeros(1))
 
@@ -81,15 +83,15 @@ def test_a_small_split_is_shared_and_a_single_image_is_not_held_out(run):
     # 16 adaptation images per task, 32 asked to calibrate on: 8 calibrate, 8 are held out
     shared = calibration_set(run.suite, "adapt", run.tasks[:1], run.arch.preprocessing, 32)
     assert (len(shared.images), len(shared.check_images)) == (8, 8)
-    assert not q.image_digests(shared.images) & q.image_digests(shared.check_images)
+    assert not g.image_digests(shared.images) & g.image_digests(shared.check_images)
 
 
 # --- the gate: agreement with fp32 on held-out images, at the accuracy targets ----------------
 
 
 def test_the_floors_bound_the_accuracy_change_by_the_targets():
-    assert q.agreement_floor("int8") == q.agreement_floor("fp8") == (99.0, 98.0)
-    assert q.agreement_floor("fp16") == (99.9, 99.5)
+    assert g.agreement_floor(Precision.INT8) == g.agreement_floor(Precision.FP8) == (99.0, 98.0)
+    assert g.agreement_floor(Precision.FP16) == (99.9, 99.5)
     # the derivation: on any labelling, accuracy moves by at most the disagreement rate
     rng = np.random.default_rng(0)
     labels, fp32 = rng.integers(0, 5, 1000), rng.integers(0, 5, 1000)
@@ -97,8 +99,8 @@ def test_the_floors_bound_the_accuracy_change_by_the_targets():
         other = np.where(rng.random(1000) < rate, (fp32 + 1) % 5, fp32)
         change = abs((other == labels).mean() - (fp32 == labels).mean())
         assert change <= (other != fp32).mean()
-    assert q.disagreement_upper_bound(256, 0) == pytest.approx(100 * (1 - 0.05 ** (1 / 256)))
-    assert q.disagreement_upper_bound(10, 10) == 100.0
+    assert g.disagreement_upper_bound(256, 0) == pytest.approx(100 * (1 - 0.05 ** (1 / 256)))
+    assert g.disagreement_upper_bound(10, 10) == 100.0
 
 
 class _Engine:
@@ -134,17 +136,19 @@ def _sets(mark_calibration: bool, mark_check: bool, per_task: int = 100) -> Cali
 def test_the_gate_checks_the_held_out_images_not_the_calibration_ones():
     engine, reference = _Engine(flip=True), _Engine(flip=False)
     # disagreeing on every calibration image of task b, never on a held-out one: published
-    check = q.gate(engine, reference, _sets(mark_calibration=True, mark_check=False), "int8")
+    check = g.gate(
+        engine, reference, _sets(mark_calibration=True, mark_check=False), Precision.INT8
+    )
     assert check["agreement_avg"] == 100.0 and check["images"] == 200
     # two disagreements among task b's held-out images: 98% on b passes int8 (98% per task,
     # 99% on average) and fails fp16 (99.5% per task), naming b
     held_out = _sets(mark_calibration=False, mark_check=True)
-    check = q.gate(engine, reference, held_out, "int8")
+    check = g.gate(engine, reference, held_out, Precision.INT8)
     assert check["worst_task"] == "b" and check["per_task"]["b"]["agreement"] == 98.0
     assert check["agreement_avg"] == 99.0
     assert check["per_task"]["b"]["disagreement_upper_95"] > 2.0  # 2 of 100: a wide bound
-    with pytest.raises(q.GateError, match=r"on 98\.00% of task 'b''s 100") as refused:
-        q.gate(engine, reference, held_out, "fp16")
+    with pytest.raises(g.GateError, match=r"on 98\.00% of task 'b''s 100") as refused:
+        g.gate(engine, reference, held_out, Precision.FP16)
     assert refused.value.check["worst_task"] == "b"
 
 
@@ -154,7 +158,7 @@ def test_the_gate_needs_held_out_images_of_every_task():
         calibration.images, calibration.task_ids, calibration.check_images[:100], np.zeros(100, int)
     )
     with pytest.raises(ExportError, match="No held-out adaptation image of task.* b"):
-        q.gate(_Engine(False), _Engine(False), only_a, "int8")
+        g.gate(_Engine(False), _Engine(False), only_a, Precision.INT8)
 
 
 def test_node_groups_of_the_v2_engine(engines, run):
@@ -309,14 +313,14 @@ def test_agreement_counts_every_task_across_batches_within_its_classes():
     ids = np.arange(150) % 2  # three batches of at most 64
     images = np.zeros((150, 1, 2, 2), np.float32)
     images[[0, 2, 4], 0, 0, 0] = 1.0  # three of task a's images answered differently
-    check = q.agreement(_Padded(0.25), _Padded(), images, ids)
+    check = g.agreement(_Padded(0.25), _Padded(), images, ids)
     assert check["images"] == 150 and check["per_task"] == {
         "a": {"images": 75, "agree": 72},
         "b": {"images": 75, "agree": 75},  # the padding column (100.0) is not a class of b
     }
     assert check["argmax_agreement"] == 98.0  # 147 of 150
     assert check["max_abs_logit_diff"] == pytest.approx(7.0)  # 9.0 against 2.0, real classes
-    same = q.agreement(_Padded(), _Padded(), images, ids)
+    same = g.agreement(_Padded(), _Padded(), images, ids)
     assert same["argmax_agreement"] == 100.0 and same["max_abs_logit_diff"] == 0.0
 
 
@@ -330,7 +334,7 @@ class _Broken(_Engine):
 def test_non_finite_logits_of_real_classes_are_refused():
     with pytest.raises(ExportError, match="non-finite logits for real classes"):
         calibration = _sets(False, False, 2)
-        q.agreement(
+        g.agreement(
             _Broken(False), _Engine(False), calibration.check_images, calibration.check_task_ids
         )
 
@@ -413,7 +417,7 @@ def test_fp8_engine_keeps_its_recorded_groups_in_higher_precision(engines):
 
 
 def test_modelopt_int8_for_tensorrt_is_qdq_with_fp16_elsewhere(engines, calibration, tmp_path):
-    recipe = q.default_recipe("int8", "tensorrt")
+    recipe = q.default_recipe(Precision.INT8, "tensorrt")
     source = engines["dir"] / "surgeryv2-routed.onnx"
     # the graph is what this checks, not the gate (the micro model's answers are near ties)
     out = q.quantize_engine(source, tmp_path / "trt.onnx", recipe, calibration, check=False)
@@ -431,7 +435,7 @@ def test_a_damaged_quantisation_is_refused_naming_the_worst_task(
     calibration would leave them) it is refused, naming that task, and nothing is written."""
     source, recipe = (
         engines["dir"] / "surgeryv2-routed.onnx",
-        q.default_recipe("int8", "onnxruntime"),
+        q.default_recipe(Precision.INT8, "onnxruntime"),
     )
     good = q.quantize_engine(source, tmp_path / "good.onnx", recipe, calibration)
     assert read_onnx_metadata(good)["quantization"]["check"]["agreement_avg"] >= 99.0
@@ -449,13 +453,13 @@ def test_a_damaged_quantisation_is_refused_naming_the_worst_task(
 
     monkeypatch.setattr(q, "store_tables", damaged)
     out = tmp_path / "never.onnx"
-    with pytest.raises(q.GateError, match=rf"task '{run.tasks[1]}'.*It was not written"):
+    with pytest.raises(g.GateError, match=rf"task '{run.tasks[1]}'.*It was not written"):
         q.quantize_engine(source, out, recipe, calibration)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]
 
 
 def test_only_fp32_engines_are_quantised(engines, calibration, tmp_path):
-    recipe = q.default_recipe("int8", "onnxruntime")
+    recipe = q.default_recipe(Precision.INT8, "onnxruntime")
     with pytest.raises(ExportError, match="fp16 engine; quantise the fp32 engine"):
         q.quantize_engine(
             engines["dir"] / "surgeryv2-routed-fp16.onnx", tmp_path / "x.onnx", recipe, calibration
@@ -464,7 +468,7 @@ def test_only_fp32_engines_are_quantised(engines, calibration, tmp_path):
 
 def test_missing_modelopt_says_what_to_install(engines, calibration, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", None)
-    recipe = q.default_recipe("fp8", "onnxruntime")
+    recipe = q.default_recipe(Precision.FP8, "onnxruntime")
     with pytest.raises(ExportError, match=r"surgery-edge\[quant\]"):
         q.quantize_engine(
             engines["dir"] / "surgeryv2-routed.onnx", tmp_path / "x.onnx", recipe, calibration
@@ -559,11 +563,11 @@ def test_export_int8_without_adaptation_images(tiny_run, tmp_path, monkeypatch):
 def test_tensorrt_refuses_what_the_gpu_cannot_build():
     from surgery_edge.export.tensorrt import precision_support
 
-    assert precision_support("fp8", (9, 0)) is None  # Hopper
-    assert precision_support("int8", (8, 0)) is None  # Ampere
-    ampere = precision_support("fp8", (8, 6), "NVIDIA A10")
+    assert precision_support(Precision.FP8, (9, 0)) is None  # Hopper
+    assert precision_support(Precision.INT8, (8, 0)) is None  # Ampere
+    ampere = precision_support(Precision.FP8, (8, 6), "NVIDIA A10")
     assert "NVIDIA A10 (compute capability 8.6) cannot build fp8" in ampere and "8.9" in ampere
-    assert "no CUDA GPU" in precision_support("int8", None)
+    assert "no CUDA GPU" in precision_support(Precision.INT8, None)
 
 
 def test_quantised_graphs_build_strongly_typed():
@@ -572,5 +576,5 @@ def test_quantised_graphs_build_strongly_typed():
     from surgery_edge.export.tensorrt import network_flags
 
     trt = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1))
-    assert network_flags(trt, "int8") == network_flags(trt, "fp8") == 1 << 1
-    assert network_flags(trt, "fp16") == network_flags(trt, "fp32") == 0
+    assert network_flags(trt, Precision.INT8) == network_flags(trt, Precision.FP8) == 1 << 1
+    assert network_flags(trt, Precision.FP16) == network_flags(trt, Precision.FP32) == 0

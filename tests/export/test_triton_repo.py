@@ -372,7 +372,8 @@ def test_config_text_is_protobufs_and_the_fallback_writes_the_same(engines, monk
     serving repository's Python models) is written by protobuf's text_format over
     tritonclient's schema; without tritonclient the hand writer gives the same message."""
     from surgery_edge.export.triton import engine_io, model_config
-    from surgery_edge.runtime import serving, triton_config
+    from surgery_edge.runtime import serving_repository as serving
+    from surgery_edge.runtime import triton_config
     from surgery_edge.runtime.serving import ServeOptions
 
     configs = []
