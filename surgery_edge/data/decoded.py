@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from surgery_edge.errors import DataError
-from surgery_edge.io import atomic_path
+from surgery_edge.io import atomic_path, sha256_file, write_json_atomic
 from surgery_edge.progress import progress_bar
 from surgery_edge.runtime.preprocess import resize_crop
 
@@ -72,10 +72,29 @@ class Loader:
         x_path = self.cache_dir / f"{stem}.x.npy"
         y_path = self.cache_dir / f"{stem}.y.npy"
         cached = self._open_cached(x_path, y_path)
-        if cached is not None:
+        if cached is not None and self._intact(x_path, y_path):
             return cached
         self._decode(split, x_path, y_path)
+        write_json_atomic(_digest_path(x_path), _digests(x_path, y_path))  # after both files
         return np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
+
+    def _intact(self, x_path: Path, y_path: Path) -> bool:
+        """Whether the cached split is byte for byte what its decoding wrote (the SHA-256s
+        recorded then): a split changed in place would train and evaluate on other images
+        without a word. One written before the digests were recorded is decoded again."""
+        try:
+            recorded = json.loads(_digest_path(x_path).read_text())
+        except (OSError, ValueError):
+            return False
+        if recorded == _digests(x_path, y_path):
+            return True
+        warnings.warn(
+            f"Task {self.task.name!r}: the decoded images {x_path.name} or labels {y_path.name} "
+            f"in {self.cache_dir} changed since they were decoded (their SHA-256 differs from "
+            "the one recorded then); decoding the split again from its source.",
+            stacklevel=3,
+        )
+        return False
 
     def _open_cached(self, x_path: Path, y_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
         if not (x_path.is_file() and y_path.is_file()):
@@ -169,3 +188,12 @@ def sample(n: int, k: int, seed: int) -> list[int]:
 
 def empty(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
+
+
+def _digest_path(x_path: Path) -> Path:
+    """``<stem>.x.npy`` -> ``<stem>.sha256.json``: the split's digests, written last."""
+    return x_path.with_name(x_path.name.removesuffix(".x.npy") + ".sha256.json")
+
+
+def _digests(x_path: Path, y_path: Path) -> dict[str, str]:
+    return {"x": sha256_file(x_path), "y": sha256_file(y_path)}

@@ -393,3 +393,31 @@ def test_an_empty_cache_file_is_decoded_again(tmp_path):
         path.write_bytes(b"")  # numpy raises EOFError on it
     again = _load(root, tmp_path / "cache")
     np.testing.assert_array_equal(again.test_x, first)
+
+
+def test_a_decoded_split_changed_in_place_is_decoded_again(tmp_path):
+    """The cache was trusted by its shape alone: images edited in place, or labels swapped,
+    trained and evaluated without a word. Now the split's SHA-256s, recorded when it was
+    decoded, are checked on every open; a mismatch warns and decodes again."""
+    root = _make_task(tmp_path / "sat", train=False)
+    cache = tmp_path / "cache"
+    first = _load(root, cache)
+    want_x, want_y = np.array(first.test_x), np.array(first.test_y)
+    del first  # the memory maps, before the files are edited
+    (x_path,) = cache.glob("*.x.npy")
+    (y_path,) = cache.glob("*.y.npy")
+    for path, offset in ((x_path, -1), (y_path, -8)):
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0x01
+        path.write_bytes(bytes(data))
+        lines = []
+        with pytest.warns(UserWarning, match="changed since they were decoded"):
+            again = _load(root, cache, log=lines.append)
+        assert len(lines) == 1 and "decoded 6 test images" in lines[0]
+        np.testing.assert_array_equal(again.test_x, want_x)
+        np.testing.assert_array_equal(again.test_y, want_y)
+        del again
+    next(cache.glob("*.sha256.json")).unlink()  # a cache from before the digests
+    lines = []
+    _load(root, cache, log=lines.append)
+    assert len(lines) == 1 and list(cache.glob("*.sha256.json"))
