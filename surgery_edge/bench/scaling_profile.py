@@ -87,6 +87,7 @@ def profile_ops(paths: dict[str, Path], feeds: dict[str, dict], calls: int, fold
                     ops[e["args"]["op_name"]] += e["dur"]
         out[name] = {
             "call_us": float(np.median([r["dur"] for r in runs])),
+            "kernel_us": sum(ops.values()) / len(runs),
             "ops_us": {op: us / len(runs) for op, us in sorted(ops.items())},
         }
     return out
@@ -186,6 +187,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         }
         ratios = interleaved_ratios(sessions, feeds, args.tasks, args.rounds, args.calls)
     parts = decompose(profiles, args.tasks)
+    base = profiles[f"{MERGED}-T{args.tasks}"]["kernel_us"]
+    shares = {  # % of the merged engine's kernel time at the largest T
+        "adapter_pct": round(100 * sum(p["adapter_T"] for p in parts.values()) / base, 2),
+        "with_T_pct": round(100 * sum(p["with_T"] for p in parts.values()) / base, 2),
+        "by_operator_pct": {
+            op: {k: round(100 * v / base, 2) for k, v in p.items()} for op, p in parts.items()
+        },
+    }
     record = {
         "benchmark": "task-scaling-profile",
         "arch": arch.name,
@@ -200,6 +209,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "ratio_v2_over_merged": ratios,
         "profiles": profiles,
         "decomposition_us": parts,
+        "shares_of_merged_kernel_time": shares,
     }
     if args.out is not None:
         write_record_set(args.out, f"scaling-profile-{arch.name}", record, markdown(record))

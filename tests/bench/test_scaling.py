@@ -85,3 +85,9 @@ def test_the_profile_says_which_operators_the_adapters_add(tmp_path):
         assert ratio["rounds"] == 2 and ratio["iqr"][0] <= ratio["median"] <= ratio["iqr"][1]
         assert ratio["median_ci95"][0] <= ratio["median"] <= ratio["median_ci95"][1]
     assert "| **all** |" in (tmp_path / "scaling-profile-micro-vit-16.md").read_text()
+    shares = record["shares_of_merged_kernel_time"]
+    base = prof["merged-T2"]["kernel_us"]
+    assert base == pytest.approx(total("merged-T2"))
+    assert shares["adapter_pct"] == pytest.approx(
+        100 * (total("surgeryv2-T2") - base) / base, abs=0.01
+    )
