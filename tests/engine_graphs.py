@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from surgery_edge.engine_format import FORMAT_VERSION, META_KEY, io_names
+from surgery_edge.engine_format import FORMAT_VERSION, META_KEY, EngineMode, io_names
 from surgery_edge.export.onnx import write_engine
 
 PATCH = 4
@@ -110,7 +110,7 @@ def build_engine(
         helper.make_node("Unsqueeze", ["z", "axis1"], ["z3"], "z3"),
     ]
     images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])
-    inputs, outputs = io_names(mode, tasks)
+    inputs, outputs = io_names(EngineMode(mode), tasks)
     graph_in, graph_out = [images], []
     if mode == "routed":
         graph_in.append(helper.make_tensor_value_info("task_ids", TensorProto.INT64, ["batch"]))

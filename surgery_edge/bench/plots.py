@@ -22,7 +22,17 @@ from surgery_edge.io import atomic_path
 COLOURS = dict(
     zip(
         CONFIGS,
-        ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:gray", "tab:blue", "tab:green"),
+        (
+            "tab:red",
+            "tab:orange",
+            "tab:pink",
+            "tab:purple",
+            "tab:brown",
+            "tab:gray",
+            "tab:blue",
+            "tab:green",
+        ),
+        strict=True,  # a configuration without a colour is a KeyError in the latency plot
     )
 )
 # the runtimes the latency plot has a panel for: each path, its fused twin in its panel

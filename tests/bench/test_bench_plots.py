@@ -54,7 +54,8 @@ def test_latency_has_a_panel_per_mode_and_runtime_with_few_lines(engine_record):
     )  # every measured line is drawn once, none lost to the split
     assert "ms" in panels[0].get_ylabel()
     (legend,) = fig.legends
-    assert [t.get_text() for t in legend.get_texts()] == list(CONFIGS)
+    measured = {r.config for r in rows if r.status == "ok"}
+    assert [t.get_text() for t in legend.get_texts()] == [c for c in CONFIGS if c in measured]
 
 
 def test_a_fused_twin_is_dashed_in_its_runtimes_panel(engine_record):
@@ -77,7 +78,10 @@ def test_weights_name_one_expert_once_with_units(engine_record):
     fig = plots.weights_figure(weights, "tiny-vit-32", "fp32")
     (ax,) = fig.axes
     names = _labels(ax.yaxis)
-    assert sorted(names) == sorted(CONFIGS) and len(set(names)) == len(names)
+    # the configurations the record measured (one recorded before the experts as one graph
+    # was added lacks it)
+    assert sorted(names) == sorted(c for c in CONFIGS if c in weights)
+    assert len(set(names)) == len(names)
     assert "MiB" in ax.get_xlabel()
     notes = [t.get_text() for t in ax.texts]
     assert any("8.00x one expert" in t for t in notes)

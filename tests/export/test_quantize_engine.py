@@ -14,7 +14,7 @@ from engine_graphs import build_engine
 from onnx import TensorProto, numpy_helper
 
 import surgery_edge.export.quantize as q
-from surgery_edge.engine_format import read_onnx_metadata
+from surgery_edge.engine_format import Precision, read_onnx_metadata
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.runtime import Predictor, load
 from surgery_edge.runtime.backends import OnnxBackend
@@ -57,7 +57,7 @@ def _assert_answers_as(path: Path, reference: Path, atol: float) -> None:
 
 @pytest.mark.parametrize("mode", ["routed", "all-tasks"])
 def test_an_int8_engine_answers_as_fp32_and_records_how_it_was_made(fp32, mode, tmp_path):
-    recipe, calibration = q.default_recipe("int8", "onnxruntime"), _calibration()
+    recipe, calibration = q.default_recipe(Precision.INT8, "onnxruntime"), _calibration()
     out = q.quantize_engine(fp32[mode], tmp_path / "int8.onnx", recipe, calibration)
     assert out == tmp_path / "int8.onnx" and sorted(tmp_path.iterdir()) == [out]
     _assert_answers_as(out, fp32[mode], atol=0.75)
@@ -138,14 +138,14 @@ def test_an_engine_without_adapters_is_quantised(tmp_path):
     build_engine(
         tmp_path / "plain.onnx", "routed", extra={"task_tables": {"heads": ["head_table"]}}
     )
-    recipe = q.default_recipe("int8", "onnxruntime")
+    recipe = q.default_recipe(Precision.INT8, "onnxruntime")
     out = q.quantize_engine(tmp_path / "plain.onnx", tmp_path / "q.onnx", recipe, _calibration())
     assert read_onnx_metadata(out)["quantization"]["tables"]["stored"] == ["head_table"]
 
 
 def test_a_gemm_layer_is_quantised_like_a_matmul(tmp_path):
     build_engine(tmp_path / "gemm.onnx", "routed", linear_op="Gemm")
-    recipe = q.default_recipe("int8", "onnxruntime")
+    recipe = q.default_recipe(Precision.INT8, "onnxruntime")
     out = q.quantize_engine(tmp_path / "gemm.onnx", tmp_path / "q.onnx", recipe, _calibration())
     record = read_onnx_metadata(out)["quantization"]
     assert record["node_groups"]["linear"] == 1 and record["quantized_nodes"]["MatMulInteger"] == 1
@@ -245,7 +245,7 @@ def test_modelopt_gets_the_recipe_and_the_routed_calibration_feeds(fp32, tmp_pat
 
 
 def test_a_failing_quantisation_is_refused_and_nothing_is_written(fp32, tmp_path, monkeypatch):
-    recipe, calibration = q.default_recipe("int8", "onnxruntime"), _calibration()
+    recipe, calibration = q.default_recipe(Precision.INT8, "onnxruntime"), _calibration()
     store = q.store_tables
 
     def damaged(proto, names, storage):  # task 1's head rows: scales negated
@@ -271,7 +271,7 @@ def test_a_failing_quantisation_is_refused_and_nothing_is_written(fp32, tmp_path
 
 
 def test_what_cannot_be_quantised_is_named(fp32, tmp_path, monkeypatch):
-    recipe, calibration = q.default_recipe("int8", "onnxruntime"), _calibration()
+    recipe, calibration = q.default_recipe(Precision.INT8, "onnxruntime"), _calibration()
     half = tmp_path / "half.onnx"
     build_engine(half, "routed", extra={"precision": "fp16"})
     with pytest.raises(ExportError, match=r"half\.onnx is a fp16 engine; quantise the fp32"):
@@ -308,7 +308,7 @@ def test_an_engine_onnx_runtime_cannot_run_is_not_written(fp32, tmp_path, monkey
         raise RuntimeError("NOT_IMPLEMENTED: ConvInteger(10)\nmore detail")
 
     monkeypatch.setattr(q, "_verify", cannot)
-    recipe = q.default_recipe("int8", "onnxruntime")
+    recipe = q.default_recipe(Precision.INT8, "onnxruntime")
     with pytest.raises(ExportError, match=r"cannot run the int8 engine that ort-dynamic made") as e:
         q.quantize_engine(fp32["routed"], tmp_path / "x.onnx", recipe, _calibration())
     assert "ConvInteger(10))" in str(e.value) and "more detail" not in str(e.value)
@@ -330,7 +330,8 @@ def test_check_engine_gates_at_the_engines_own_precision(fp32, tmp_path):
 def _fake_export(calls: list, half_seed: int = 0):
     """``export_onnx`` that builds a small engine (seed 0; its fp16 one of ``half_seed``)."""
 
-    def export(model, path, mode, fp16=False, metadata=None):
+    def export(model, path, mode, precision=Precision.FP32, metadata=None):
+        fp16 = precision is Precision.FP16
         calls.append((Path(path).name, str(mode), fp16, model, metadata))
         extra = {"precision": "fp16"} if fp16 else {}
         build_engine(path, str(mode), seed=half_seed if fp16 else 0, extra=extra)
@@ -374,7 +375,7 @@ def test_quantize_model_exports_fp32_quantises_and_keeps_only_the_result(tmp_pat
     calls, extra = [], {"merge_recipe": {"method": "ties"}}
     monkeypatch.setattr(q, "export_onnx", _fake_export(calls))
     out = tmp_path / "deep" / "int8.onnx"
-    recipe = q.default_recipe("int8", "onnxruntime")
+    recipe = q.default_recipe(Precision.INT8, "onnxruntime")
     path = q.quantize_model("model", out, "all-tasks", recipe, _calibration(), extra, "tensorrt")
     assert path == out and [(c[0], c[1], c[2], c[4]) for c in calls] == [
         ("fp32.onnx", "all-tasks", False, extra)
