@@ -459,7 +459,7 @@ def test_a_new_engine_version_rolls_in_under_load_without_a_failed_request(engin
         finally:
             stop.set()
             load.join(timeout=TIMEOUT_S)
-        assert failures == [] and len(answers) > 8
+        assert failures == [] and len(answers) >= 8  # requests before, during and after
         assert {"1", "2"} <= set(answers)  # the engine answered from both versions
         loading = [m for m in refused if "which is loading" in m]
         assert loading and all("'shapes'" in m and "engine version 2" in m for m in loading)
