@@ -157,9 +157,12 @@ def interleaved_ratios(
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """Parse ``argv``, profile and time the four engines, write the record."""
-    args = build_parser(prog).parse_args(argv)
-    if not 1 < args.tasks <= args.batch or min(args.rounds, args.calls, args.profiled_calls) < 1:
-        raise SystemExit("--tasks must be in 2..--batch; --rounds, --calls, --profiled-calls >= 1")
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if not 1 < args.tasks <= args.batch:
+        parser.error(f"--tasks {args.tasks}: give 2 to --batch ({args.batch}) tasks")
+    if min(args.rounds, args.calls, args.profiled_calls) < 1:
+        parser.error("--rounds, --calls and --profiled-calls must be at least 1")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     arch = get_arch(args.arch)

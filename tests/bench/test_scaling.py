@@ -91,3 +91,15 @@ def test_the_profile_says_which_operators_the_adapters_add(tmp_path):
     assert shares["adapter_pct"] == pytest.approx(
         100 * (total("surgeryv2-T2") - base) / base, abs=0.01
     )
+
+
+@pytest.mark.parametrize(
+    "argv", [["--tasks", "1"], ["--tasks", "8", "--batch", "4"], ["--rounds", "0"]]
+)
+def test_the_profile_refuses_bad_options_before_any_work(argv, tmp_path, capsys):
+    from surgery_edge.bench import scaling_profile
+
+    with pytest.raises(SystemExit) as stop:
+        scaling_profile.main([*argv, "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
