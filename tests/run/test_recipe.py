@@ -568,6 +568,22 @@ def test_add_task_with_data_on_disk_then_drop_it(recipe_run, arriving, tmp_path)
     assert all(torch.equal(dropped[k], before[k]) for k in before)
 
 
+def test_add_task_remerge_with_data_on_disk(recipe_run, arriving, tmp_path):
+    from surgery_edge.models.checkpoint import read_metadata
+
+    run_dir = _copy_of(recipe_run, tmp_path)
+    merged = run_dir / "merged" / "task_arithmetic.safetensors"
+    before = merged.read_bytes()
+    args = ["--data", str(arriving / "sketches"), "--strategy", "remerge", "--steps", "1"]
+    result = runner.invoke(app, _add_args(run_dir, arriving, *args))
+    assert result.exit_code == 0, result.output
+    assert list(json.loads((run_dir / "config.json").read_text())["data"]["tasks"]) == [*TASKS, NEW]
+    assert merged.read_bytes() != before  # made again with the new task vector
+    meta = read_metadata(run_dir / "adapters" / "task_arithmetic" / "surgeryv2.safetensors")
+    assert meta["tasks"] == [*TASKS, NEW] and meta["provenance"]["task_change"]["task"] == NEW
+    assert _answers(run_dir, [NEW])  # every merge and adapter file fits the new task set
+
+
 def test_add_task_refusals_on_a_recipe_run_write_nothing(recipe_run, arriving, tmp_path):
     import shutil
 
