@@ -28,7 +28,6 @@ LONG_FUNCTIONS = {
     "cli/bench.py::bench": CLI,
     "cli/pipeline.py::train": CLI,
     "cli/serve.py::serve": CLI,
-    "surgery_edge/bench/engine.py::bench_group": NOT_YET,
     "surgery_edge/bench/gpu.py::plan": NOT_YET,
     "surgery_edge/bench/gpu.py::targets": NOT_YET,
     "surgery_edge/bench/plots.py::latency_figure": NOT_YET,

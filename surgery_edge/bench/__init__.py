@@ -11,7 +11,8 @@
 * :mod:`~surgery_edge.bench.engine`: the engines against eight experts on the same paths (its
   configurations and models in :mod:`~surgery_edge.bench.workloads`, its paths in
   :mod:`~surgery_edge.bench.runners`, peak memory per configuration in a process of its own in
-  :mod:`~surgery_edge.bench.memory`);
+  :mod:`~surgery_edge.bench.memory`, planned and read back in
+  :mod:`~surgery_edge.bench.engine_memory`);
 * :mod:`~surgery_edge.bench.kernels`, :mod:`~surgery_edge.bench.training`,
   :mod:`~surgery_edge.bench.decode`, :mod:`~surgery_edge.bench.onnx_sizes`: the fused kernel,
   surgery training speed, dataset decoding, ONNX file sizes;
