@@ -21,7 +21,8 @@
   :mod:`~surgery_edge.bench.serve_measure`, its report in :mod:`~surgery_edge.bench.serve_report`);
   :mod:`~surgery_edge.bench.one_graph`: the eight experts as one model, the fairest baseline;
 * :mod:`~surgery_edge.bench.proc`: CPU time, stolen time, memory, process trees, load, versions;
-* :mod:`~surgery_edge.bench.gpu`: the GPU run (``benchmarks/gpu/run.sh``), every step budgeted.
+* :mod:`~surgery_edge.bench.gpu`: the GPU run (``benchmarks/gpu/run.sh``), every step budgeted
+  (its targets in :mod:`~surgery_edge.bench.gpu_targets`).
 
 Each benchmark module has a ``main(argv)``, except the engine benchmark, whose command line is
 ``surgery-edge bench`` (:mod:`surgery_edge.cli.bench`; its names and defaults, torch-free, in
