@@ -28,7 +28,6 @@ LONG_FUNCTIONS = {
     "cli/bench.py::bench": CLI,
     "cli/pipeline.py::train": CLI,
     "cli/serve.py::serve": CLI,
-    "surgery_edge/bench/roll.py::run_roll_bench": "new with the version roll, not split yet",
     "surgery_edge/export/quantize.py::quantize_engine": PARALLEL,
     "surgery_edge/export/tensorrt.py::build_engine": NOT_YET,
     "surgery_edge/merging/adamerging.py::_adamerging": NOT_YET,
