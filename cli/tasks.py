@@ -50,6 +50,14 @@ def add_task(
         Path | None,
         typer.Option(help="The task's head (default: heads/NAME.safetensors beside experts/)."),
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="A recipe run's new task's images: a folder (test/<class>/, train/<class>/ or "
+            "adapt/), or a YAML file with its entry as a recipe's data.tasks takes it (any "
+            "source). Needed on a recipe run; the built-in suite generates its tasks' images."
+        ),
+    ] = None,
     steps: Steps = None,
     device: Device = None,
 ):
@@ -63,7 +71,7 @@ def add_task(
     checkpoint = Path(checkpoint)
     head = head if head is not None else _head_beside(name, checkpoint)
     run = Run.open(run_dir, log=note, device=device, write=True)
-    change = add(run, name, checkpoint, head, Strategy(strategy).value, steps)
+    change = add(run, name, checkpoint, head, Strategy(strategy).value, steps, data=data)
     _said(change)
 
 

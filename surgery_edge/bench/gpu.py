@@ -28,7 +28,9 @@ The steps, in order of what the targets need most:
    at batch 1, 8 and 64 first, then ``torch.compile`` in the share of the step kept for it
    (each model built and compiled once, in the same process);
 5. ``training``: SurgeryV2 (and V1) training speed, ViT-B/32, 8 tasks x batch 16;
-6. ``engine-l14``: the same at ViT-L/14, batch 128 first (the backbone's fraction of peak).
+6. ``engine-l14``: the same at ViT-L/14, batch 128 first (the backbone's fraction of peak);
+7. ``serve`` (optional, only with ``--only serve``, in a call of its own): the serving benchmark
+   as the CPU record ran it, on the machine's processors (:func:`serve_step`).
 
 Each step ends by the end of its slot in a cumulative schedule (time an earlier step did not use
 passes to the later ones); the benchmarks also get a budget of their own, so that they stop
@@ -52,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery_edge.bench.gpu_targets import env_peaks, read_json, targets
+from surgery_edge.bench.gpu_targets import env_peaks, read_json, serve_targets, targets
 from surgery_edge.bench.gpu_tests import test_results
 from surgery_edge.bench.roofline import peaks_for
 from surgery_edge.io import write_json_atomic, write_text_atomic
@@ -64,6 +66,10 @@ TOTAL_BUDGET_S = 450.0  # of the 8-minute call, after the installation
 LOG_TAIL_CHARS = 60_000  # per step, in log.txt
 TEST_PATHS = ("tests/kernels/test_kernels.py", "tests/surgery/test_fused.py")
 TEST_LOG = "tests.jsonl"  # the tests step's per-test results, written as each test ends
+# steps run only when ``--only`` names them: serving needs tritonserver, whose wheel does not
+# fit one device call beside the project's (run.sh --install-serving carries it in a call before)
+OPTIONAL_STEPS = ("serve",)
+SERVE_ARCH = "tiny-vit-32"  # the CPU record's architecture, so the two records compare
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,31 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
             "engine",
             True,
         ),
+        serve_step(dry_run, scratch),
     ]
+
+
+def serve_step(dry_run: bool, scratch: Path) -> Step:
+    """The serving benchmark as the CPU record ran it (``bench_serve.py --instances 2``), on the
+    GPU machine's processors: ONNX Runtime there has no CUDA provider and TensorRT cannot be
+    installed, so this measures the serving chain on 16 cores, not the GPU. Optional (run with
+    ``--only serve``): see :data:`OPTIONAL_STEPS`."""
+    s = str(scratch)
+    if dry_run:  # one short window per point at the smallest width
+        arch, load = "micro-vit-16", ["--concurrency", "1", "--seconds", "0.3", "--repeats", "1"]
+        load += ["--warmup-s", "0.1"]
+    else:
+        arch, load = SERVE_ARCH, []  # the CPU record's windows, clients and batching
+    return Step(
+        "serve",
+        f"serving through one Triton server, {arch}: V1, V2, the merged backbone, the eight "
+        "experts and the experts as one graph (ONNX Runtime on the machine's CPUs)",
+        ("benchmarks/bench_serve.py", "--arch", arch, "--instances", "2", *load)
+        + ("--engines", f"{s}/serve-engines", "--out", s),
+        420,
+        (f"serve-{arch}.json",),
+        "engine",  # its Markdown lies beside its JSON
+    )
 
 
 def run_step(
@@ -278,7 +308,7 @@ def write_summary(
     """Rewrite ``report.md``, ``summary.json`` and ``log.txt`` under ``out``."""
     tests = test_results(scratch / "tests.xml", scratch / TEST_LOG)
     env = read_json(scratch / "env.json")
-    goals = targets(out, *archs, env=env)
+    goals = targets(out, *archs, env=env) + serve_targets(out)
     summary = {
         **meta,
         "environment": env,
@@ -376,13 +406,18 @@ def capture_env(path: Path) -> None:
     print(env["nvidia_smi"] or "nvidia-smi: not available")
 
 
+def _selected(name: str, only: Sequence[str]) -> bool:
+    """Whether a step runs: those named by ``--only``, else every step but the optional ones."""
+    return name in only if only else name not in OPTIONAL_STEPS
+
+
 def run(
     out: Path, dry_run: bool, budget_s: float, python: str, command: str, only: Sequence[str] = ()
 ) -> list[StepResult]:
     """Every step (or those in ``only``), results under ``out``; prints the summary table."""
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="surgery-edge-gpu-"))
-    steps = [s for s in plan(dry_run, scratch) if not only or s.name in only]
+    steps = [s for s in plan(dry_run, scratch) if _selected(s.name, only)]
     archs = ("micro-vit-16", "tiny-vit-32") if dry_run else ("ViT-B-32", "ViT-L-14")
     results = [StepResult(s.name, s.what, "") for s in steps]
     meta = {"command": command, "dry_run": dry_run, "budget_s": budget_s}
@@ -421,7 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, TRITON_INTERPRET")
     p.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="default: $OUT")
     p.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="all steps together")
-    p.add_argument("--only", nargs="+", default=(), help="run these steps only")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        help=f"run these steps only (the optional {', '.join(OPTIONAL_STEPS)} runs only so)",
+    )
     p.add_argument("--capture-env", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.capture_env:

@@ -143,6 +143,31 @@ def _kernel_targets(kernels: dict[str, Any], peaks: Peaks | None) -> list[dict[s
     return rows
 
 
+def serve_targets(out: Path) -> list[dict[str, Any]]:
+    """The serving benchmark's own targets (``serve-<arch>.json`` under ``out``), as rows of the
+    run's table: a ratio flagged beyond its ceiling is shown but judged "not measured"."""
+    rows = []
+    for path in sorted(out.glob("serve-*.json")):
+        for t in (read_json(path) or {}).get("targets", []):
+            if "ceiling" in t:
+                note = f"ceiling {t['ceiling']:.3g} ({t['ceiling_basis']})"
+            else:  # a cost ratio: bounded below by the work's own ratio
+                note = f"floor {t['floor']:.3g} (FLOPs)" if "floor" in t else ""
+            flagged = bool(t.get("above_ceiling"))  # the record's flag, for either bound
+            if flagged:
+                note = f"flagged beyond its bound, not judged: {note}"
+            rows.append(
+                {
+                    "target": f"serving, {t['concurrency']} client(s): {t['target']}",
+                    "measured": t["ratio"],
+                    "unit": "x",
+                    "met": None if flagged else t["met"],
+                    "note": note,
+                }
+            )
+    return rows
+
+
 def baselines_note(
     results: list[dict[str, Any]], batch: int, mode: str, best: dict[str, Any] | None
 ) -> str:

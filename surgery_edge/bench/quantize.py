@@ -196,13 +196,7 @@ def measure_engine(
             )
         )
         kept[label] = out
-    finalists = {
-        r["recipe"]: kept[r["recipe"]]
-        for r in rows
-        if r.get("precision") == INT8.value
-        and "error" not in r
-        and r["agreement_heldout_adapt"] >= MIN_AGREEMENT
-    }
+    finalists = {r["recipe"]: kept[r["recipe"]] for r in rows if _eligible(r, INT8.value)}
     if len(finalists) > 1:
         timed = head_to_head(finalists, data, threads)
         for r in rows:
@@ -259,9 +253,21 @@ def head_to_head(
     return {k: round(float(np.median(v)), 4) for k, v in ms.items()}
 
 
+def _eligible(row: dict[str, Any], precision: str) -> bool:
+    """A recipe of ``precision`` that ran, kept ``MIN_AGREEMENT`` and passed the publishing gate
+    (a refused one would never be written by ``export``; records without the gate's verdict
+    predate it)."""
+    return (
+        row.get("precision") == precision
+        and "error" not in row
+        and row["agreement_heldout_adapt"] >= MIN_AGREEMENT
+        and not str(row.get("gate", "")).startswith("refused")
+    )
+
+
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The choice per precision among the recipes that keep ``MIN_AGREEMENT`` with the fp32
-    engine on held-out adaptation images.
+    engine on held-out adaptation images and pass the publishing gate (every task too).
 
     int8 (run by ONNX Runtime on the CPU): the smallest file among those within
     ``LATENCY_TIE`` of the fastest at batch 8, by the head-to-head timing where there is one
@@ -273,13 +279,7 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """
     out = {}
     for precision in (INT8, FP8):
-        ok = [
-            r
-            for r in rows
-            if r.get("precision") == precision.value
-            and "error" not in r
-            and r["agreement_heldout_adapt"] >= MIN_AGREEMENT
-        ]
+        ok = [r for r in rows if _eligible(r, precision.value)]
         if not ok:
             continue
         if precision is INT8:
@@ -400,7 +400,8 @@ def markdown(record: dict[str, Any]) -> str:
             "",
             f"## {eng['engine']} ({eng['mode']})",
             "",
-            f"Chosen (>= {record['min_agreement']:.0f}% agreement; int8: the smallest within 10% "
+            f"Chosen (>= {record['min_agreement']:.0f}% agreement and the publishing gate passed; "
+            f"int8: the smallest within 10% "
             f"of the fastest at batch 8, timed head to head; fp8: the highest agreement, the "
             f"default within {AGREEMENT_TIE:.0f} pt of it): "
             f"{eng['choice']}. The command's defaults: {eng.get('default', DEFAULTS)}.",

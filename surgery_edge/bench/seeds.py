@@ -34,6 +34,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="finished demo runs (one per seed)")
     p.add_argument("--out", type=Path, default=None, help="folder for the record")
+    p.add_argument(
+        "--name", default="demo-seeds", help="the record's file name, without .json / .md"
+    )
     return p
 
 
@@ -160,6 +163,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     record = summarise(args.runs)
     record["command"] = command_line(argv, prog or f"{__name__}.main")
     if args.out is not None:
-        write_record_set(args.out, "demo-seeds", record, markdown(record))
+        write_record_set(args.out, args.name, record, markdown(record))
     print("\n".join(markdown(record)))
     return record

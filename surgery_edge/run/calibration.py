@@ -17,9 +17,11 @@ from surgery_edge.export.gate import Calibration, image_digests
 from surgery_edge.runtime.preprocess import preprocess
 
 DEFAULT_CALIBRATION_IMAGES = 32  # per task
-# held out per task to check an engine against fp32 with: a task's agreement resolves 1/128
-# (0.8 point), finer than the per-task targets (2 points int8, 0.5 fp16)
-DEFAULT_CHECK_IMAGES = 128
+# held out per task to check an engine against fp32 with: a task's agreement resolves 1/256
+# (0.39 point), finer than the tightest per-task target (fp16, 0.5 point). At 128 (0.78 point)
+# one disagreeing image failed fp16's 99.5% floor: the demo's fp16 V2 engine, unchanged on the
+# test split, was refused for one image of 128
+DEFAULT_CHECK_IMAGES = 256
 
 
 def _digest(image: np.ndarray) -> bytes:

@@ -19,13 +19,14 @@ import json
 from pathlib import Path
 
 from surgery_edge.data.disk import DiskTask, load_disk_task
-from surgery_edge.data.suite import Suite
+from surgery_edge.data.suite import Suite, TaskData
 from surgery_edge.errors import CheckpointError
 from surgery_edge.io import HashCache, fingerprint, write_json_atomic
 from surgery_edge.models import get_arch
 from surgery_edge.models.convert.task_vectors import find_task_vectors_layout, import_task_vectors
 from surgery_edge.models.convert.weights import checkpoint_arch, import_weights, zeroshot_heads
 from surgery_edge.models.templates import paper_class_names
+from surgery_edge.run.config import DataTask
 from surgery_edge.run.experts import ExpertSet
 from surgery_edge.run.provenance import check_replace
 
@@ -33,39 +34,52 @@ from surgery_edge.run.provenance import check_replace
 def disk_suite(run) -> Suite:
     """The run's tasks, read from disk at the run's input size (cached under RUN/cache/data)."""
     data = run.config.data
-    tasks = []
-    for name, t in data.tasks.items():
-        spec = DiskTask(
-            name=name,
-            source=t.source,
-            path=data.task_path(name),
-            dataset=t.dataset,
-            class_names=data.class_names_path(name),
-            test_fraction=t.test_fraction,
-            split_lists=tuple(t.split_lists.items()),
-        )
-        tasks.append(
-            load_disk_task(
-                spec,
-                run.arch.image_size,
-                run.out / "cache" / "data",
-                seed=run.config.seed,
-                n_adapt=data.n_adapt,
-                log=run.log,
-            )
-        )
-    for task in tasks:
-        # Zero-shot heads need words, not label numbers: without a class-name file, the paper's
-        # tasks (e.g. torchvision's SVHN and GTSRB, which carry no names) get the names the
-        # CLIP / task_vectors code uses.
-        paper = paper_class_names(task.name)
-        if (
-            data.tasks[task.name].class_names is None
-            and paper
-            and len(paper) == len(task.class_names)
-        ):
-            task.class_names = list(paper)
+    tasks = [
+        read_disk_task(run, name, t, data.task_path(name), data.class_names_path(name))
+        for name, t in data.tasks.items()
+    ]
     return Suite(run.config.name or "disk", run.config.seed, run.arch.image_size, tasks)
+
+
+def read_disk_task(
+    run,
+    name: str,
+    task: DataTask,
+    path: Path,
+    class_names: Path | None,
+    cache_dir: Path | None = None,
+) -> TaskData:
+    """One task of the recipe read from disk as :func:`disk_suite` reads each (the run's input
+    size, seed and adaptation sample), decoded into ``cache_dir`` (default RUN/cache/data).
+
+    Args:
+        task: its entry in the config's ``data.tasks``.
+        path, class_names: where its images and its class-name file are (resolved paths).
+    """
+    spec = DiskTask(
+        name=name,
+        source=task.source,
+        path=path,
+        dataset=task.dataset,
+        class_names=class_names,
+        test_fraction=task.test_fraction,
+        split_lists=tuple(task.split_lists.items()),
+    )
+    found = load_disk_task(
+        spec,
+        run.arch.image_size,
+        cache_dir or run.out / "cache" / "data",
+        seed=run.config.seed,
+        n_adapt=run.config.data.n_adapt,
+        log=run.log,
+    )
+    # Zero-shot heads need words, not label numbers: without a class-name file, the paper's
+    # tasks (e.g. torchvision's SVHN and GTSRB, which carry no names) get the names the
+    # CLIP / task_vectors code uses.
+    paper = paper_class_names(name)
+    if task.class_names is None and paper and len(paper) == len(found.class_names):
+        found.class_names = list(paper)
+    return found
 
 
 def class_names_source(run, task: str) -> str:

@@ -11,15 +11,17 @@ Two strategies (``surgery-edge add-task`` / ``drop-task``):
   are fine-tuned on it, warm-started from the previous ones (a new task's from the identity), for
   ``steps`` batches per task (default :data:`WARM_STEPS_FRACTION` of the run's).
 
-The task set lives in the run's config (``suite.tasks``), so ``eval`` and ``export`` see the new
-one as on any run. ``RUN/tasks.json`` keeps the history of the changes: what was added or
-dropped, with which strategy, from which files (content hashes) and what was rewritten.
+The task set lives in the run's config (``suite.tasks``; a recipe run's ``data.tasks``, where an
+added task brings its images: :mod:`~surgery_edge.run.task_data`), so ``eval`` and ``export``
+see the new one as on any run. ``RUN/tasks.json`` keeps the history of the changes: what was
+added or dropped, with which strategy, from which files (content hashes) and what was rewritten.
 
-Every check runs before anything is written (another architecture or image size, a name that
-exists, an expert fine-tuned from another pretrained model, dropping the last task: exit 2,
-nothing written). ``frozen`` trains into memory and publishes at the end; ``remerge`` publishes
-the task set first, then each merge and adapter file as it is made, each atomically and recorded
-in ``RUN/checksums.json`` (a ``remerge`` stopped half-way is finished by ``surgery-edge merge``
+Every check runs before anything is written (:mod:`~surgery_edge.run.task_checks`: another
+architecture or image size, a name that exists, an expert fine-tuned from another pretrained
+model, data the recipe's loader refuses, dropping the last task: exit 2, nothing written).
+``frozen`` trains into memory and publishes at the end; ``remerge`` publishes the task set
+first, then each merge and adapter file as it is made, each atomically and recorded in
+``RUN/checksums.json`` (a ``remerge`` stopped half-way is finished by ``surgery-edge merge``
 and ``train --overwrite``, which the run's checks name).
 """
 
@@ -35,17 +37,32 @@ from pathlib import Path
 
 import torch
 
-from surgery_edge.data.suite import TASK_NAMES, Suite, generate_suite, get_task, save_suite
-from surgery_edge.errors import CheckpointError, ConfigError
-from surgery_edge.io import atomic_path, fingerprint, safe_name, write_json_atomic
+from surgery_edge.data.suite import Suite, generate_suite, save_suite
+from surgery_edge.errors import CheckpointError
+from surgery_edge.io import atomic_path, fingerprint, write_json_atomic
 from surgery_edge.models import load_encoder
 from surgery_edge.models.checkpoint import load_head
-from surgery_edge.run.config import RunConfig
+from surgery_edge.run.config import DataTask, RunConfig
 from surgery_edge.run.experts import ExpertSet
 from surgery_edge.run.merge import run_merges
 from surgery_edge.run.provenance import recorded
 from surgery_edge.run.state import Run, adaptation_split
 from surgery_edge.run.surgery import experts_representations, training_targets
+from surgery_edge.run.task_checks import (
+    check_drop,
+    check_expert,
+    check_head,
+    check_strategy,
+    check_task_name,
+)
+from surgery_edge.run.task_data import (
+    ArrivingData,
+    check_data_option,
+    data_record,
+    publish_data,
+    read_arriving,
+    recipe_with_tasks,
+)
 from surgery_edge.surgery.adapters import AdapterBank
 from surgery_edge.surgery.targets import Representations
 from surgery_edge.surgery.trainer import (
@@ -57,18 +74,12 @@ from surgery_edge.surgery.trainer import (
     training_settings,
 )
 
-STRATEGIES = ("frozen", "remerge")
 HISTORY = "tasks.json"  # RUN/tasks.json: the task set and the history of its changes
 # A remerge fine-tunes for this share of the run's steps by default: on the demo suite, adding
 # digits, textures or signs to the other seven, the eight-task average came within a point of
 # the eight-task pipeline's after 250, 125 and 125 of its 500 steps (a quarter missed it for
 # digits by 0.2 points; benchmarks/results/cpu/add-task-tiny-vit-32.md).
 WARM_STEPS_FRACTION = 0.5
-# An expert fine-tuned from the run's pretrained model moves it by a task vector of the size
-# of the run's own; one from another base is as far from it as two pretrainings are. The
-# threshold sits between them: a task vector more than this many times the largest of the
-# run's is refused as another base (the recorded hash decides when the expert carries one).
-BASE_SCALE_LIMIT = 3.0
 
 
 @dataclass
@@ -86,123 +97,25 @@ class TaskChange:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall-clock seconds
 
 
-# --- checks (nothing is written before they pass) --------------------------------------------
-
-
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"Unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}.")
-    return strategy
-
-
-def _builtin_only(run: Run, command: str) -> None:
-    if not run.config.builtin:
-        raise ConfigError(
-            f"{command} works on runs of the built-in suite; {run.out} is a recipe run over data "
-            "on disk. Add or remove the task in its config and run `surgery-edge run CONFIG "
-            f"--run {run.out}` again."
-        )
-
-
-def task_vector_scale(expert: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
-    """||expert - base|| / ||base|| over the floating-point weights: a fine-tuned expert's task
-    vector is small beside its base; a model pretrained elsewhere is as far as the base is big."""
-    diff = total = 0.0
-    for key, b in base.items():
-        if b.is_floating_point() and key in expert:
-            diff += float((expert[key].double() - b.double()).pow(2).sum())
-            total += float(b.double().pow(2).sum())
-    return (diff / max(total, 1e-30)) ** 0.5
-
-
-def check_new_task(run: Run, name: str, expert: Path, head: Path) -> None:
-    """Refuse (exit 2), before anything is written, a task the run cannot take: a name the run
-    has (or no built-in task of that name), an expert or head of another architecture or image
-    size, an expert fine-tuned from another pretrained model (its recorded base's hash, else its
-    task vector's scale beside the run's), a head of another task or other classes.
-
-    ``run`` has its experts loaded (:meth:`Run.require_experts`)."""
-    _builtin_only(run, "add-task")
-    safe_name(name, "Task name")
-    if name in run.tasks:
-        raise ConfigError(
-            f"Run {run.out} already has a task {name!r} (tasks {run.tasks}), so nothing was "
-            f"added. Choose another name, or replace it: `surgery-edge drop-task --run {run.out} "
-            f"{name}`, then add it again."
-        )
-    if name not in TASK_NAMES:
-        raise ConfigError(
-            f"The built-in suite has no task {name!r}, so its data cannot be generated; the "
-            f"built-in tasks this run does not have are "
-            f"{[t for t in TASK_NAMES if t not in run.tasks]}."
-        )
-    where = f"for the new task {name!r} of run {run.out}"
-    try:
-        new = load_encoder(expert, run.arch)
-    except CheckpointError as e:
-        raise CheckpointError(f"Expert {expert} {where} does not fit: {e}") from None
-    pre = load_encoder(run.experts.pretrained, run.arch)
-    base = (new.meta.get("provenance") or {}).get("pretrained")
-    ours = run.hashes.digest(run.experts.pretrained)
-    if isinstance(base, str) and base != ours:
-        raise CheckpointError(
-            f"Expert {expert} {where} was fine-tuned from another pretrained model (SHA-256 "
-            f"{base[:12]}… recorded in it; the run's {run.experts.pretrained} is {ours[:12]}…): "
-            "its task vector would be measured from the wrong base. Fine-tune it from the run's "
-            "pretrained checkpoint."
-        )
-    if base != ours:  # no recorded base: compare the task vector's size with the run's
-        scale = task_vector_scale(new.state_dict, pre.state_dict)
-        own = max(
-            task_vector_scale(load_encoder(p, run.arch).state_dict, pre.state_dict)
-            for p in run.experts.experts.values()
-        )
-        if scale > BASE_SCALE_LIMIT * own:
-            raise CheckpointError(
-                f"Expert {expert} {where} looks fine-tuned from another pretrained model: its "
-                f"task vector is {scale:.3f} of the pretrained weights' norm, {scale / own:.1f}x "
-                f"the largest of the run's experts ({own:.3f}); more than {BASE_SCALE_LIMIT:g}x "
-                "is another base. Fine-tune it from the run's pretrained checkpoint "
-                f"({run.experts.pretrained})."
-            )
-    try:
-        found = load_head(head, run.arch)
-    except CheckpointError as e:
-        raise CheckpointError(f"Head {head} {where} does not fit: {e}") from None
-    classes = list(get_task(name).classes)
-    if found.task != name or list(found.class_names) != classes:
-        raise CheckpointError(
-            f"Head {head} {where} is the head of task {found.task!r} with classes "
-            f"{list(found.class_names)[:6]}, not of {name!r} with classes {classes[:6]}. Give "
-            "the head saved with the expert (--head)."
-        )
-
-
-def check_drop(run: Run, name: str) -> None:
-    """Refuse (exit 2) dropping a task the run lacks, or its last task."""
-    _builtin_only(run, "drop-task")
-    if name not in run.tasks:
-        raise ConfigError(
-            f"Run {run.out} has no task {name!r}; its tasks are {run.tasks}. Nothing was dropped."
-        )
-    if len(run.tasks) == 1:
-        raise ConfigError(
-            f"{name!r} is the last task of run {run.out}: a run without tasks has nothing to "
-            "merge or serve, so nothing was dropped. Add another task first, or delete the run."
-        )
-
-
 # --- the run's task set ----------------------------------------------------------------------
 
 
-def _with_tasks(config: RunConfig, tasks: list[str]) -> RunConfig:
+def _with_tasks(
+    config: RunConfig, tasks: list[str], added: dict[str, tuple[DataTask, Path]] | None = None
+) -> RunConfig:
+    """``config`` with exactly ``tasks``; ``added``: a recipe's new tasks' data and experts."""
+    if not config.builtin:
+        return recipe_with_tasks(config, tasks, added or {})
     return config.model_copy(update={"suite": config.suite.model_copy(update={"tasks": tasks})})
 
 
-def _suite_of(run: Run, tasks: list[str]) -> Suite:
+def _suite_of(run: Run, tasks: list[str], arriving: ArrivingData | None = None) -> Suite:
     """The run's suite with exactly ``tasks``, in that order: a built-in task the suite lacks is
-    generated (each task's images depend on the suite's seed and the task alone)."""
+    generated (each task's images depend on the suite's seed and the task alone); a recipe's
+    new task's images are ``arriving``'s."""
     have = {t.name: t for t in run.suite.tasks}
+    if arriving is not None:
+        have[arriving.name] = arriving.data
     missing = [t for t in tasks if t not in have]
     if missing:
         s = run.config.suite
@@ -218,20 +131,29 @@ def _suite_of(run: Run, tasks: list[str]) -> Suite:
     return Suite(run.suite.name, run.suite.seed, run.suite.image_size, [have[t] for t in tasks])
 
 
-def _use_tasks(run: Run, tasks: list[str], expert: dict[str, tuple[Path, Path]]) -> None:
+def _use_tasks(
+    run: Run,
+    tasks: list[str],
+    expert: dict[str, tuple[Path, Path]],
+    arriving: ArrivingData | None = None,
+) -> None:
     """Make ``tasks`` the run's task set in memory (config, suite, experts); ``expert``: where
-    an added task's expert and head are read from."""
-    run.config = _with_tasks(run.config, tasks)
-    run.suite = _suite_of(run, tasks)
+    an added task's expert and head are read from; ``arriving``: a recipe's new task's data."""
+    added = {} if arriving is None else {arriving.name: (arriving.entry, expert[arriving.name][0])}
+    run.config = _with_tasks(run.config, tasks, added)
+    run.suite = _suite_of(run, tasks, arriving)
     e = run.experts
     paths = {t: expert.get(t, (e.experts.get(t), e.heads.get(t))) for t in tasks}
     run.experts = ExpertSet(e.pretrained, {t: p[0] for t, p in paths.items()},
                             {t: p[1] for t, p in paths.items()})  # fmt: skip
 
 
-def _publish_tasks(run: Run, added: str | None = None) -> None:
+def _publish_tasks(
+    run: Run, added: str | None = None, arriving: ArrivingData | None = None
+) -> None:
     """Write the task set of ``run`` (in memory) into the run: the added task's expert and
-    head (copied in, recorded), the suite and the config, each atomically."""
+    head (copied in, recorded), a recipe's new task's decoded images, the built-in suite and
+    the config, each atomically."""
     if added is not None:
         for src, dst in (
             (run.experts.experts[added], run.layout.expert(added)),
@@ -243,7 +165,10 @@ def _publish_tasks(run: Run, added: str | None = None) -> None:
                 run.record(dst)
         run.experts.experts[added] = run.layout.expert(added)
         run.experts.heads[added] = run.layout.head(added)
-    save_suite(run.suite, run.layout.suite_file)
+    if arriving is not None:
+        publish_data(run, arriving)
+    if run.config.builtin:  # a recipe's tasks are read from disk, not from a suite file
+        save_suite(run.suite, run.layout.suite_file)
     write_json_atomic(run.layout.config_file, run.config.model_dump(mode="json"))
 
 
@@ -356,8 +281,9 @@ def add_task(
     strategy: str,
     steps: int | None = None,
     on_update: Callable[[str, int, AdapterBank], None] | None = None,
+    data: Path | None = None,
 ) -> TaskChange:
-    """Add task ``name`` (its expert and head checkpoints) to a finished built-in run.
+    """Add task ``name`` (its expert and head checkpoints) to a finished run.
 
     Args:
         strategy: ``frozen`` or ``remerge`` (module docstring).
@@ -365,28 +291,39 @@ def add_task(
             :data:`WARM_STEPS_FRACTION` of them).
         on_update: called as ``on_update("merge/method", steps done, adapters)`` after each
             update (the benchmark scores intermediate adapters through it).
+        data: a recipe run's new task's images (:mod:`~surgery_edge.run.task_data`; needed
+            there, refused on the built-in suite, whose tasks' images are generated).
 
     Raises:
-        ConfigError, CheckpointError: the task cannot be added (nothing was written).
+        ConfigError, CheckpointError, DataError: the task cannot be added (nothing was written).
     """
     t0 = time.perf_counter()
     check_strategy(strategy)
+    check_data_option(run, data)
     run.require_experts()
     run.find_merges()
-    check_new_task(run, name, Path(expert), Path(head))
-    existing = _existing_adapters(run)
-    before = list(run.tasks)
-    change = TaskChange("add", name, strategy, before, [*before, name])
-    change.seconds["checks"] = time.perf_counter() - t0
-    t1 = time.perf_counter()  # the built-in task's images are generated (a task's own exist)
-    _use_tasks(run, change.tasks_after, {name: (Path(expert), Path(head))})
-    change.seconds["data"] = time.perf_counter() - t1
-    files = {"expert": run.hashes.digest(expert), "head": run.hashes.digest(head)}
-    if strategy == "frozen":
-        _add_frozen(run, name, existing, change, steps, on_update)
-    else:
-        _publish_tasks(run, name)
-        _remerge(run, existing, change, steps, on_update)
+    expert, head = Path(expert), Path(head)
+    check_task_name(run, name)
+    found = check_expert(run, name, expert, head)  # before the data is read (and decoded)
+    with tempfile.TemporaryDirectory(prefix="surgery-edge-data-") as staging:
+        arriving = None if data is None else read_arriving(run, name, Path(data), Path(staging))
+        check_head(run, name, head, found, arriving)
+        existing = _existing_adapters(run)
+        before = list(run.tasks)
+        change = TaskChange("add", name, strategy, before, [*before, name])
+        change.seconds["checks"] = time.perf_counter() - t0
+        t1 = time.perf_counter()  # the built-in task's images are generated (a task's own exist)
+        _use_tasks(run, change.tasks_after, {name: (expert, head)}, arriving)
+        adaptation_split(run)  # no images to adapt on: refused before anything is written
+        change.seconds["data"] = time.perf_counter() - t1
+        files = {"expert": run.hashes.digest(expert), "head": run.hashes.digest(head)}
+        if strategy == "frozen":
+            _add_frozen(run, name, existing, change, steps, on_update, arriving)
+        else:
+            _publish_tasks(run, name, arriving)
+            _remerge(run, existing, change, steps, on_update)
+    if arriving is not None:
+        files["data"] = data_record(run, arriving)
     change.seconds["total"] = time.perf_counter() - t0
     files.update({f"{m}/{s}": run.hashes.digest(p) for (m, s), p in change.adapters.items()})
     _history(run, change, files)
@@ -400,7 +337,7 @@ def drop_task(
     steps: int | None = None,
     on_update: Callable[[str, int, AdapterBank], None] | None = None,
 ) -> TaskChange:
-    """Remove task ``name`` from a finished built-in run (``frozen``: its adapter rows and head
+    """Remove task ``name`` from a finished run (``frozen``: its adapter rows and head
     leave, everything else stays bit for bit; ``remerge``: merges without its task vector and
     the other tasks' adapters fine-tuned warm). Its expert and head files stay in the run."""
     check_strategy(strategy)
@@ -451,7 +388,7 @@ def _save_adapters(
     return path
 
 
-def _add_frozen(run, name, existing, change, steps, on_update) -> None:
+def _add_frozen(run, name, existing, change, steps, on_update, arriving=None) -> None:
     """Train ``name``'s adapters alone on every merge, in memory; then publish everything."""
     split = adaptation_split(run)
     t0 = time.perf_counter()
@@ -485,7 +422,7 @@ def _add_frozen(run, name, existing, change, steps, on_update) -> None:
                 cfg,
             )
     t0 = time.perf_counter()
-    _publish_tasks(run, name)
+    _publish_tasks(run, name, arriving)
     for (merge, method), (bank, meta, cfg) in banks.items():
         provenance = _provenance(
             run, run.merged[merge], split, cfg, change="add", task=name, strategy="frozen"

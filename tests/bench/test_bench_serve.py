@@ -159,3 +159,33 @@ def test_the_experts_as_one_graph_answer_as_the_experts_do(bench_engines, tmp_pa
     with pytest.raises(ConfigError, match="v2.onnx is not one expert"):
         compose_experts({"a": bench_engines / "v2.onnx"}, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_the_engines_own_ratio_is_flagged_above_its_ceiling():
+    """The serving efficiency divides by the engines' own CPU ratio, which the work bounds (the
+    FLOP ceiling): a measured ratio above it (per-operator costs of tiny engines) is flagged,
+    and the efficiency against the ceiling given beside it; recomputed from the committed
+    record's measurements."""
+    from pathlib import Path
+
+    from surgery_edge.bench.serve_measure import ServeResult
+    from surgery_edge.bench.serve_report import markdown, targets
+
+    path = Path(__file__).parents[2] / "benchmarks/results/cpu/serve-tiny-vit-32.json"
+    record = json.loads(path.read_text())
+    results = [ServeResult(**r) for r in record["results"]]
+    rows = targets(results, record["engines_alone_cpu_ms"], record["ceilings"])
+    efficiency = [t for t in rows if t["id"].startswith("efficiency-")]
+    assert len(efficiency) == 6
+    for t in efficiency:
+        flops = record["ceilings"][f"all-tasks/{t['id'].removeprefix('efficiency-')}/v1"]["FLOPs"]
+        above = t["engines_alone_cpu_ratio"] > 1.01 * flops
+        assert t["engines_alone_above_ceiling"] is above
+        if above:
+            assert t["ratio_at_ceiling"] == pytest.approx(t["served_cpu_ratio"] / flops, abs=2e-3)
+            assert t["ratio_at_ceiling"] > t["ratio"]  # the flagged ratio understates it
+        else:
+            assert t["ratio_at_ceiling"] is None
+    assert any(t["engines_alone_above_ceiling"] for t in efficiency)
+    record["targets"] = rows
+    assert "above ceiling of the work, FLOPs; against that ceiling" in markdown(record)

@@ -44,7 +44,8 @@ def test_the_dry_run_passes_every_step(dry_run):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["name"]: s for s in summary["steps"]}
-    assert list(steps) == [s.name for s in gpu.plan(True, Path("/tmp"))]
+    optional = gpu.OPTIONAL_STEPS  # serving: only when --only names it
+    assert list(steps) == [s.name for s in gpu.plan(True, Path("/tmp")) if s.name not in optional]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert summary["dry_run"] is True and summary["environment"]["torch"]
     assert sum(s["seconds"] for s in steps.values()) < seconds
@@ -204,6 +205,61 @@ def test_the_real_run_refuses_without_its_wheels(tmp_path):
     assert done.returncode == 2
     assert "lacks the wheels of open_clip_torch==" in done.stderr
     assert "pip download" in done.stderr and not list(tmp_path.iterdir())
+
+
+def test_the_serving_step_runs_only_when_named_and_as_the_cpu_record_ran():
+    from importlib.metadata import version
+
+    from surgery_edge.bench.serve import build_parser
+
+    assert gpu.OPTIONAL_STEPS == ("serve",)
+    assert not gpu._selected("serve", ()) and gpu._selected("engine-b32", ())
+    assert gpu._selected("serve", ["serve"]) and not gpu._selected("engine-b32", ["serve"])
+    # the GPU machine's record compares with the CPU's: the same benchmark settings
+    step = next(s for s in gpu.plan(False, Path("/tmp/s")) if s.name == "serve")
+    assert step.args[0] == "benchmarks/bench_serve.py"
+    args = vars(build_parser().parse_args(list(step.args[1:])))
+    cpu = json.loads((ROOT / "benchmarks/results/cpu/serve-tiny-vit-32.json").read_text())
+    for key, value in cpu["config"].items():
+        assert args[key] == (list(value) if isinstance(value, list) else value), key
+    assert step.products == ("serve-tiny-vit-32.json",) and str(args["out"]) == "/tmp/s"
+    dry = next(s for s in gpu.plan(True, Path("/tmp/s")) if s.name == "serve")
+    assert vars(build_parser().parse_args(list(dry.args[1:])))["arch"] == "micro-vit-16"
+    # the wheels carried for it are the versions tested here
+    pins = [
+        line.split("==")
+        for line in (ROOT / "benchmarks/gpu/wheels-serve.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ["nvidia-pytriton", version("nvidia-pytriton")] in pins
+    assert all(version(name) == pinned for name, pinned in pins), pins
+
+
+def test_the_serving_records_targets_join_the_report(tmp_path):
+    record = json.loads((ROOT / "benchmarks/results/cpu/serve-tiny-vit-32.json").read_text())
+    (tmp_path / "serve-tiny-vit-32.json").write_text(json.dumps(record))
+    rows = gpu.serve_targets(tmp_path)
+    assert len(rows) == len(record["targets"]) == 15
+    for row, target in zip(rows, record["targets"]):
+        assert row["measured"] == target["ratio"]
+        assert f"{target['concurrency']} client(s)" in row["target"]
+        if target["above_ceiling"]:  # a flagged ratio is shown, never judged
+            assert row["met"] is None and row["note"].startswith("flagged beyond its bound")
+        else:
+            assert row["met"] is target["met"] and "flagged" not in row["note"]
+    assert sum(r["met"] is None for r in rows) == 6  # 4 flagged, 2 more without a target
+    assert gpu.serve_targets(tmp_path / "none") == []
+
+
+@pytest.mark.skipif((ROOT / ".whl-serve").exists(), reason="would install the carried wheels")
+def test_installing_the_serving_wheels_refuses_without_them(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--install-serving"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert ".whl-serve/ lacks the wheels of nvidia-pytriton==0.7.0" in done.stderr
+    assert "wheels-serve.txt" in done.stderr and not (ROOT / ".site-serve").exists()
 
 
 @pytest.mark.parametrize(

@@ -457,3 +457,181 @@ def test_vit_b32_task_vectors_recipe(tmp_path):
     assert {("task_arithmetic", "surgery"), ("task_arithmetic", "surgeryv2")} <= rows
     cached = next((out / "cache" / "data").glob("MNIST-test-*.x.npy"))
     assert np.load(cached, mmap_mode="r").shape == (15, 224, 224, 3)
+
+
+# --- a task that arrives later with its images on disk (add-task --data) ---------------------
+
+NEW = "Sketches"  # a third task: 3 classes, no published cell, no paper class names
+
+
+@pytest.fixture(scope="module")
+def arriving(tmp_path_factory):
+    """The new task's images (a folder with an adapt/ folder) and its expert and head, imported
+    from a task_vectors tree of the run's pretrained model as a user would import them."""
+    from surgery_edge.models.convert.task_vectors import import_task_vectors
+
+    root = tmp_path_factory.mktemp("arriving")
+    write_folder_task(root / "sketches", 3, 20)
+    write_images(root / "sketches" / "adapt", 4, 30, 1)
+    write_task_vectors_tree(root / "tree", "micro-vit-16", {**TASKS, NEW: 3})
+    # its head names its classes class_0, class_1, class_2 (task_vectors heads carry no names)
+    import_task_vectors(root / "tree", "micro-vit-16", root / "imported", True, tasks=[NEW],
+                        log=lambda *a: None)  # fmt: skip
+    return root
+
+
+def _copy_of(recipe_run, tmp_path: Path) -> Path:
+    import shutil
+
+    dest = tmp_path / "run"
+    shutil.copytree(recipe_run[0], dest)
+    return dest
+
+
+def _answers(root: Path, tasks: list[str]) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Each task's test logits through every merge and surgery of the run at ``root``."""
+    from surgery_edge.data.transforms import to_model_input
+    from surgery_edge.run.state import Run
+
+    run = Run.open(root, log=lambda *a, **k: None)
+    run.require_experts()
+    run.find_merges()
+    out = {}
+    with torch.no_grad():
+        for (merge, method), path in run.find_adapters().items():
+            model = run.model(run.merged[merge], path)
+            for task in tasks:
+                x = to_model_input(run.suite.task(task).test_x, model.encoder.arch, "cpu")
+                out[merge, method, task] = model(x, torch.full((len(x),), run.tasks.index(task)))
+    return out
+
+
+def _add_args(run: Path, arriving: Path, *extra: str) -> list[str]:
+    expert = arriving / "imported" / "experts" / f"{NEW}.safetensors"
+    return ["add-task", "--run", str(run), "--expert", f"{NEW}={expert}", *extra]
+
+
+def test_add_task_with_data_on_disk_then_drop_it(recipe_run, arriving, tmp_path):
+    from safetensors import safe_open
+
+    from surgery_edge.run.state import Run
+    from surgery_edge.run.tasks import recorded_history
+
+    run_dir = _copy_of(recipe_run, tmp_path)
+    before = _answers(run_dir, list(TASKS))
+    merged = {p.name: p.read_bytes() for p in (run_dir / "merged").glob("*.safetensors")}
+    data = arriving / "sketches"
+    args = _add_args(run_dir, arriving, "--data", str(data), "--strategy", "frozen")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run_dir / "config.json").read_text())
+    assert list(config["data"]["tasks"]) == [*TASKS, NEW]
+    assert config["data"]["tasks"][NEW]["path"] == str(data)
+    assert not (run_dir / "suite.npz").exists()  # a recipe's tasks stay on disk
+    # frozen: the merges and the other tasks' answers bit for bit, through every adapter file
+    after = _answers(run_dir, [*TASKS, NEW])
+    assert {k: v for k, v in after.items() if k[2] != NEW}.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {p.name: p.read_bytes() for p in (run_dir / "merged").glob("*.safetensors")} == merged
+    # read as any task of the recipe: its adapt/ folder is its adaptation split, the decoded
+    # splits in the run's cache, their digests in the history
+    run = Run.open(run_dir, log=lambda *a, **k: None)
+    run.require_experts()
+    task, names = run.suite.task(NEW), ["class 0", "class 1", "class 2"]
+    assert (len(task.adapt_x), len(task.test_x), task.class_names) == (4, 15, names)
+    for images in (task.adapt_x, task.test_x):
+        assert Path(images.filename).parent == run_dir / "cache" / "data"
+    (entry,) = recorded_history(run_dir)
+    assert entry["files"]["data"] == {
+        "path": str(data),
+        "source": "folder",
+        "adapt_images": run.images_digest(NEW, "adapt"),
+        "test_images": run.images_digest(NEW, "test"),
+        "test_labels": task.digest("test_y"),
+    }
+    with safe_open(str(run_dir / "adapters/task_arithmetic/surgeryv2.safetensors"), "pt") as f:
+        assert f.get_tensor(f"{NEW}/final/up").abs().sum() > 0  # trained, not the identity
+    # eval and export work on it as on any run
+    result = runner.invoke(app, ["eval", "--run", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["tasks"] == [*TASKS, NEW]
+    rows = {(r["method"], r["surgery"]): r for r in report["results"]}
+    assert set(rows[("task_arithmetic", "surgeryv2")]["per_task"]) == {*TASKS, NEW}
+    model, _ = run.layout.export_model("task_arithmetic", "surgeryv2")
+    assert model.tasks == [*TASKS, NEW] and model.class_names[2] == names  # the data's names
+    # drop-task takes it out of the recorded config the same way; the others stay bit for bit
+    result = runner.invoke(app, ["drop-task", "--run", str(run_dir), NEW, "--strategy", "frozen"])
+    assert result.exit_code == 0, result.output
+    assert list(json.loads((run_dir / "config.json").read_text())["data"]["tasks"]) == list(TASKS)
+    dropped = _answers(run_dir, list(TASKS))
+    assert all(torch.equal(dropped[k], before[k]) for k in before)
+
+
+def test_add_task_remerge_with_data_on_disk(recipe_run, arriving, tmp_path):
+    from surgery_edge.models.checkpoint import read_metadata
+
+    run_dir = _copy_of(recipe_run, tmp_path)
+    merged = run_dir / "merged" / "task_arithmetic.safetensors"
+    before = merged.read_bytes()
+    args = ["--data", str(arriving / "sketches"), "--strategy", "remerge", "--steps", "1"]
+    result = runner.invoke(app, _add_args(run_dir, arriving, *args))
+    assert result.exit_code == 0, result.output
+    assert list(json.loads((run_dir / "config.json").read_text())["data"]["tasks"]) == [*TASKS, NEW]
+    assert merged.read_bytes() != before  # made again with the new task vector
+    meta = read_metadata(run_dir / "adapters" / "task_arithmetic" / "surgeryv2.safetensors")
+    assert meta["tasks"] == [*TASKS, NEW] and meta["provenance"]["task_change"]["task"] == NEW
+    assert _answers(run_dir, [NEW])  # every merge and adapter file fits the new task set
+
+
+def test_add_task_refusals_on_a_recipe_run_write_nothing(recipe_run, arriving, tmp_path):
+    import shutil
+
+    run_dir = _copy_of(recipe_run, tmp_path)
+
+    def contents() -> dict[str, bytes]:  # (the hash cache remembers the copy's new inodes)
+        files = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "hashes.json"]
+        return {str(p): p.read_bytes() for p in files}
+
+    snapshot = contents()
+    refuse = _add_args(run_dir, arriving, "--strategy", "frozen")
+    assert "give --data PATH" in " ".join(user_error(refuse).split())
+    # a bad folder: the recipe loader's own message, before anything is decoded into the run
+    empty = tmp_path / "empty"
+    shutil.copytree(arriving / "sketches", empty)
+    for image in (empty / "test").rglob("*.png"):
+        image.unlink()
+    text = " ".join(user_error([*refuse, "--data", str(empty)]).split())
+    assert f"Task '{NEW}': {empty / 'test'} holds no images in class folders" in text
+    # images that decode, but of another class count than the head's: checked before training
+    more = tmp_path / "more"
+    shutil.copytree(arriving / "sketches", more)
+    write_images(more / "test" / "class_3", 2, 40, 3)
+    write_images(more / "train" / "class_3", 2, 41, 3)
+    text = " ".join(user_error([*refuse, "--data", str(more)]).split())
+    assert "with 3 classes" in text and "the 4 classes of --data" in text
+    # a YAML entry a recipe would refuse
+    entry = tmp_path / "entry.yaml"
+    entry.write_text("source: torchvision\npath: here\n")
+    assert "needs `dataset`" in " ".join(user_error([*refuse, "--data", str(entry)]).split())
+    assert contents() == snapshot
+
+
+def test_add_task_data_as_a_recipe_entry_reads_any_source(recipe_run, tmp_path):
+    """--data as a YAML entry: a torchvision dataset's files, paths from the YAML's folder."""
+    from dataset_formats import CIFAR10_NAMES, write_cifar
+
+    from surgery_edge.run.state import Run
+    from surgery_edge.run.task_data import read_arriving
+
+    write_cifar(tmp_path / "cifar", "CIFAR10", seed=0)
+    entry = tmp_path / "cifar.yaml"
+    entry.write_text("source: torchvision\ndataset: CIFAR10\npath: cifar\n")
+    run = Run.open(recipe_run[0], log=lambda *a, **k: None)
+    run.require_experts()
+    found = read_arriving(run, "Photos", entry, tmp_path / "staging")
+    assert found.entry.path == tmp_path / "cifar" and found.entry.dataset == "CIFAR10"
+    assert found.data.test_x.shape == (4, 16, 16, 3)
+    assert found.data.class_names == list(CIFAR10_NAMES)
+    assert list((tmp_path / "staging").glob("Photos-test-*.x.npy"))  # decoded there...
+    assert not list((recipe_run[0] / "cache" / "data").glob("Photos-*"))  # ...not in the run

@@ -916,7 +916,8 @@ def test_39_tasks_that_do_not_fit_are_refused_naming_why(run, tmp_path):
 
     from surgery_edge.errors import CheckpointError, ConfigError
     from surgery_edge.models import get_arch, load_encoder
-    from surgery_edge.run.tasks import _with_tasks, check_drop, check_new_task
+    from surgery_edge.run.task_checks import check_drop, check_new_task
+    from surgery_edge.run.tasks import _with_tasks
 
     ckpt = run.out / "checkpoints"
     expert, head = ckpt / "experts/digits.safetensors", ckpt / "heads/digits.safetensors"
@@ -963,4 +964,6 @@ def test_39_a_refused_task_change_exits_2_and_writes_nothing(copy, tmp_path):
     assert "has no task 'cars'" in user_error(
         ["drop-task", "--run", str(copy), "cars", "--strategy", "remerge"]
     )
+    text = " ".join(user_error([*add, "--strategy", "frozen", "--data", str(tmp_path)]).split())
+    assert f"--data {tmp_path}: run {copy} is a run of the built-in suite" in text
     assert contents() == before
