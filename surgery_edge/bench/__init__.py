@@ -11,7 +11,8 @@
 * :mod:`~surgery_edge.bench.engine`: the engines against eight experts on the same paths (its
   configurations and models in :mod:`~surgery_edge.bench.workloads`, its paths in
   :mod:`~surgery_edge.bench.runners`, peak memory per configuration in a process of its own in
-  :mod:`~surgery_edge.bench.memory`);
+  :mod:`~surgery_edge.bench.memory`, planned and read back in
+  :mod:`~surgery_edge.bench.engine_memory`);
 * :mod:`~surgery_edge.bench.kernels`, :mod:`~surgery_edge.bench.training`,
   :mod:`~surgery_edge.bench.decode`, :mod:`~surgery_edge.bench.onnx_sizes`: the fused kernel,
   surgery training speed, dataset decoding, ONNX file sizes;
@@ -20,7 +21,8 @@
   :mod:`~surgery_edge.bench.serve_measure`, its report in :mod:`~surgery_edge.bench.serve_report`);
   :mod:`~surgery_edge.bench.one_graph`: the eight experts as one model, the fairest baseline;
 * :mod:`~surgery_edge.bench.proc`: CPU time, stolen time, memory, process trees, load, versions;
-* :mod:`~surgery_edge.bench.gpu`: the GPU run (``benchmarks/gpu/run.sh``), every step budgeted.
+* :mod:`~surgery_edge.bench.gpu`: the GPU run (``benchmarks/gpu/run.sh``), every step budgeted
+  (its targets in :mod:`~surgery_edge.bench.gpu_targets`).
 
 Each benchmark module has a ``main(argv)``, except the engine benchmark, whose command line is
 ``surgery-edge bench`` (:mod:`surgery_edge.cli.bench`; its names and defaults, torch-free, in

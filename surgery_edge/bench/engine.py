@@ -49,6 +49,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -56,14 +57,15 @@ import torch
 
 from surgery_edge.bench.choices import ENGINES, ONE_GRAPH
 from surgery_edge.bench.engine_config import COMPILE_ORDER, group_order
+from surgery_edge.bench.engine_memory import attach_records, memory_specs
 from surgery_edge.bench.env import load_average, machine_is_loaded
 from surgery_edge.bench.flops import module_bytes, task_classes, workload_bytes, workload_flops
-from surgery_edge.bench.memory import MemorySpec, run_children
+from surgery_edge.bench.memory import run_children
 from surgery_edge.bench.report import Previous, write_outputs
 from surgery_edge.bench.roofline import measure_rates
 from surgery_edge.bench.runners import EXPERT_CONFIGS, ArchBench, Workload, max_abs_err
 from surgery_edge.bench.runners import unavailable_reason as path_unavailable
-from surgery_edge.bench.timing import Contestant, interleaved, sync
+from surgery_edge.bench.timing import Contestant, Samples, interleaved, sync
 from surgery_edge.bench.workloads import (
     DTYPES,
     EngineBenchConfig,
@@ -161,6 +163,26 @@ def _stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class _Group:
+    """One group's contestants (every configuration of one mode at one batch size) as they are
+    prepared and timed: their rows so far, those ready to time, the one being prepared."""
+
+    planned: list[tuple[Workload, str]]  # (workload, path) in the order they are prepared
+    mode: str
+    batch: int
+    x: Inputs
+    rows: dict[tuple[str, str], EngineResult] = field(default_factory=dict)
+    contestants: list[Contestant] = field(default_factory=list)
+    # (config, path) -> (workload, setup seconds, max abs error against eager)
+    ready: dict[tuple[str, str], tuple] = field(default_factory=dict)
+    current: tuple[Workload, str, float] | None = None  # being prepared since (perf_counter)
+
+    def ordered(self) -> list[EngineResult]:
+        """Every contestant's row, in the planned order."""
+        return [self.rows[(w.config, p)] for w, p in self.planned]
 
 
 class _ArchRun:
@@ -298,7 +320,7 @@ class _ArchRun:
         allows, then time those that are ready, interleaved. A contestant not prepared in time
         is recorded as skipped, with why; the others are still timed. Returns the rows and
         whether a SIGTERM stopped the group (then nothing was timed)."""
-        cfg, log, mode = self.config, self.log, works[0].mode
+        cfg, mode = self.config, works[0].mode
         x = Inputs.make(self.arch, batch, cfg.num_tasks, self.device, self.dtype)
         planned = [(w, p) for w in works for p in paths if applicable(p, w.config)]
         if paths == ["compile"]:
@@ -310,67 +332,97 @@ class _ArchRun:
             ]
             return rows, False
         load = load_average()
-        log(f"{self.arch.name} {mode} B={batch}: {len(planned)} contestants (load {load})")
-        rows: dict[tuple[str, str], EngineResult] = {}
-        contestants, ready = [], {}
-        by_config = {w.config: w for w in works}
-        references: dict[str, object] = {}
-        current: tuple[Workload, str, float] | None = None
+        self.log(f"{self.arch.name} {mode} B={batch}: {len(planned)} contestants (load {load})")
+        group = _Group(planned, mode, batch, x)
         try:
-            for work, path in planned:
-                if _STOP.is_set():
-                    raise Stopped
-                key = (work.config, path)
-                reason = self.not_started(work, path, batch, deadline)
-                if reason is not None:
-                    rows[key] = self.row(work, path, batch, x, status="skipped", reason=reason)
-                    continue
-                # the concurrent and vmapped experts are checked against the sequential experts
-                reference = by_config.get("experts") if work.config in SAME_AS_EXPERTS else None
-                current = (work, path, time.perf_counter())
-                status = self.prepare(work, path, batch, x, references, reference or work)
-                current = None
-                if isinstance(status, EngineResult):
-                    rows[key] = status
-                    continue
-                fn, setup, err = status
-                if path == "compile":
-                    self.note_compile(work, batch, setup)
-                contestants.append(Contestant(key, fn, work.threads))
-                ready[key] = (work, setup, err)
+            self.prepare_group(group, works, deadline)
             if _STOP.is_set():
                 raise Stopped
-            samples, failed = interleaved(contestants, self.device, cfg.rounds, cfg.block_seconds)
+            samples, failed = interleaved(
+                group.contestants, self.device, cfg.rounds, cfg.block_seconds
+            )
         except Stopped:
-            log(f"{self.arch.name} {mode} B={batch}: stopped (SIGTERM): recording the group")
-            for work, path in planned:
-                key = (work.config, path)
-                if key in rows:
-                    continue
-                if current is not None and (current[0], current[1]) == (work, path):
-                    spent = time.perf_counter() - current[2]
-                    what = "compile" if path == "compile" else "preparation"
-                    reason = f"{what}: not measured (stopped after {spent:.0f} s by SIGTERM)"
-                elif key in ready:
-                    reason = "prepared, not timed: stopped by SIGTERM"
-                else:
-                    reason = "not started: stopped by SIGTERM"
-                rows[key] = self.row(work, path, batch, x, status="skipped", reason=reason)
-            return [rows[(w.config, p)] for w, p in planned], True
+            self.log(f"{self.arch.name} {mode} B={batch}: stopped (SIGTERM): recording the group")
+            self.record_stopped(group)
+            return group.ordered(), True
+        self.record_timed(group, samples, failed, load)
+        if machine_is_loaded(self.threads):
+            self.log(f"  warning: the machine is loaded ({load_average()}): timings are unreliable")
+        return group.ordered(), False
+
+    def prepare_group(self, group: _Group, works: list[Workload], deadline: float | None) -> None:
+        """Prepare the group's contestants in turn (built, run once, checked against their
+        reference's eager output) while ``deadline`` allows: each ready to time, or its row
+        saying why not. Raises :class:`Stopped` at a SIGTERM, ``group.current`` naming the
+        contestant it stopped."""
+        row = partial(self.row, batch=group.batch, x=group.x)
+        by_config = {w.config: w for w in works}
+        references: dict[str, object] = {}
+        for work, path in group.planned:
+            if _STOP.is_set():
+                raise Stopped
+            key = (work.config, path)
+            reason = self.not_started(work, path, group.batch, deadline)
+            if reason is not None:
+                group.rows[key] = row(work, path, status="skipped", reason=reason)
+                continue
+            # the concurrent and vmapped experts are checked against the sequential experts
+            reference = by_config.get("experts") if work.config in SAME_AS_EXPERTS else None
+            group.current = (work, path, time.perf_counter())
+            status = self.prepare(work, path, group.batch, group.x, references, reference or work)
+            group.current = None
+            if isinstance(status, EngineResult):
+                group.rows[key] = status
+                continue
+            fn, setup, err = status
+            if path == "compile":
+                self.note_compile(work, group.batch, setup)
+            group.contestants.append(Contestant(key, fn, work.threads))
+            group.ready[key] = (work, setup, err)
+
+    def record_stopped(self, group: _Group) -> None:
+        """After a SIGTERM, a row for every contestant without one, saying how far it got: being
+        prepared (for how long), prepared but not timed, or not started."""
+        row = partial(self.row, batch=group.batch, x=group.x)
+        for work, path in group.planned:
+            key = (work.config, path)
+            if key in group.rows:
+                continue
+            current = group.current
+            if current is not None and (current[0], current[1]) == (work, path):
+                spent = time.perf_counter() - current[2]
+                what = "compile" if path == "compile" else "preparation"
+                reason = f"{what}: not measured (stopped after {spent:.0f} s by SIGTERM)"
+            elif key in group.ready:
+                reason = "prepared, not timed: stopped by SIGTERM"
+            else:
+                reason = "not started: stopped by SIGTERM"
+            group.rows[key] = row(work, path, status="skipped", reason=reason)
+
+    def record_timed(
+        self,
+        group: _Group,
+        samples: dict[tuple[str, str], Samples],
+        failed: dict[tuple[str, str], BaseException],
+        load: list[float] | None,
+    ) -> None:
+        """A row for every contestant that was timed: its median and quartiles over the rounds,
+        answers/s, TFLOP/s and the fraction of the device's peak; or why it failed while timed.
+        Each is logged."""
+        cfg, mode, batch = self.config, group.mode, group.batch
+        row = partial(self.row, batch=batch, x=group.x)
         peak = cfg.peak_tflops if self.device.type == "cuda" else None
-        for key, (work, setup, err) in ready.items():
+        for key, (work, setup, err) in group.ready.items():
             if key in failed:
                 reason = _short(failed[key])
-                log(f"  {key[0]} {mode} {key[1]} B={batch}: failed while timed: {reason}")
-                rows[key] = self.row(work, key[1], batch, x, status="failed", reason=reason)
+                self.log(f"  {key[0]} {mode} {key[1]} B={batch}: failed while timed: {reason}")
+                group.rows[key] = row(work, key[1], status="failed", reason=reason)
                 continue
             s = samples[key]
             answers = answers_per_call(work.config, mode, batch, cfg.num_tasks)
-            r = self.row(
+            r = row(
                 work,
                 key[1],
-                batch,
-                x,
                 status="ok",
                 timer=s.timer,
                 rounds=len(s.ms),
@@ -383,20 +435,17 @@ class _ArchRun:
                 max_abs_err_vs_eager=err,
             )
             tflops = r.flops_per_call / (s.median * 1e-3) / 1e12
-            rows[key] = dataclasses.replace(
+            group.rows[key] = dataclasses.replace(
                 r,
                 answers_per_s=answers / (s.median * 1e-3),
                 tflops=tflops,
                 peak_fraction=None if peak is None else tflops / peak,
             )
             spread = "" if s.spread <= 0.1 else f"  (spread {100 * s.spread:.0f}%)"
-            log(
+            self.log(
                 f"  {work.config:18s} {mode:9s} {key[1]:16s} B={batch:<4d} {s.median:9.3f} ms "
                 f"{answers / (s.median * 1e-3):12.1f} answers/s{spread}"
             )
-        if machine_is_loaded(self.threads):
-            log(f"  warning: the machine is loaded ({load_average()}): timings are unreliable")
-        return [rows[(w.config, p)] for w, p in planned], False
 
     # --- the compile share ----------------------------------------------------------------------
 
@@ -493,70 +542,17 @@ class _ArchRun:
     def attach_memory(
         self, results: list[EngineResult], works: list[Workload], bench: ArchBench
     ) -> None:
-        cfg = self.config
-        specs = []
-        for work in works:
-            if cfg.memory_configs is not None and work.config not in cfg.memory_configs:
-                continue
-            for path in cfg.memory_paths:
-                where = (self.arch.name, work.config, work.mode, path)
-                measured = [
-                    r
-                    for r in results
-                    if r.status == "ok" and (r.arch, r.config, r.mode, r.path) == where
-                ]
-                if not measured or (path == "onnxruntime" and self.device.type != "cpu"):
-                    continue
-                files = ()
-                if path == "onnxruntime":
-                    names = [f"expert-{t}.onnx" for t in range(cfg.num_tasks)]
-                    if work.config not in EXPERT_CONFIGS:
-                        names = [f"{work.config}-{work.mode}.onnx"]
-                    elif work.config == "one-expert":
-                        names = names[:1]
-                    files = tuple(str(bench.folder / n) for n in names)
-                specs.append(
-                    MemorySpec(
-                        arch=self.arch.name,
-                        config=work.config,
-                        mode=work.mode,
-                        path=path,
-                        batches=tuple(sorted(r.batch for r in measured)),
-                        device=cfg.device,
-                        dtype=cfg.resolved_dtype(),
-                        num_tasks=cfg.num_tasks,
-                        rank=work.rank,
-                        threads=self.threads,
-                        seed=cfg.seed,
-                        onnx_files=files,
-                        concurrent_workers=work.workers if path == "onnxruntime" else 1,
-                    )
-                )
+        """The peak memory of every (configuration, mode, path) timed, each in a process of its
+        own, into its rows (none once the time budget is spent)."""
+        specs = memory_specs(self.config, bench, works, results)
         if not specs:
             return
         if self.over_budget():
             self.log(f"{self.arch.name}: peak memory not measured: the time budget was spent")
             return
-        jobs = cfg.memory_jobs
+        jobs = self.config.memory_jobs
         self.log(f"{self.arch.name}: peak memory, {len(specs)} processes ({jobs} at once)")
-        index = {(r.arch, r.config, r.mode, r.path, r.batch): i for i, r in enumerate(results)}
-        for record in run_children(specs, cfg.memory_jobs):
-            spec = record["spec"]
-            where = (spec["arch"], spec["config"], spec["mode"], spec["path"])
-            if record["status"] != "ok":
-                self.log(f"  memory {' / '.join(where[1:])}: failed: {record['reason']}")
-                for batch in spec["batches"]:
-                    i = index[(*where, batch)]
-                    results[i] = dataclasses.replace(results[i], peak_mem_error=record["reason"])
-                continue
-            for entry in record["batches"]:
-                i = index[(*where, entry["batch"])]
-                results[i] = dataclasses.replace(
-                    results[i],
-                    peak_mem_bytes=entry["peak_bytes"],
-                    held_mem_bytes=record["held_bytes"],
-                    peak_mem_kind=record["kind"],
-                )
+        attach_records(results, run_children(specs, jobs), self.log)
 
 
 def _short(e: BaseException) -> str:

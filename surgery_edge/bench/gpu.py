@@ -6,7 +6,8 @@ fails or runs out of time, and after every step rewrites what it has under ``--o
 (``$OUT``): at most eight files, no folders, so that everything comes back from the machine:
 
 * ``report.md``: the targets with the measured figure, whether each was met, the peak it was
-  judged against and the baselines a "best" was taken over, then every step's Markdown;
+  judged against and the baselines a "best" was taken over
+  (:mod:`~surgery_edge.bench.gpu_targets`), then every step's Markdown;
   ``summary.json``: the steps (command, status, seconds, budget), the environment (device,
   driver, CUDA, torch, triton, the device's peaks and where they came from), the test results
   and the targets; ``log.txt``: the steps' output;
@@ -53,9 +54,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery_edge.bench.choices import BASELINES
+from surgery_edge.bench.gpu_targets import env_peaks, read_json, serve_targets, targets
 from surgery_edge.bench.gpu_tests import test_results
-from surgery_edge.bench.roofline import Peaks, peaks_for
+from surgery_edge.bench.roofline import peaks_for
 from surgery_edge.io import write_json_atomic, write_text_atomic
 from surgery_edge.surgery.methods import SURGERY, SURGERY_V2
 
@@ -101,54 +102,79 @@ def _each(option: str, *values: str) -> list[str]:
     return [word for value in values for word in (option, value)]
 
 
+@dataclass(frozen=True)
+class _Sizes:
+    """The benchmarks' options at one size: on a GPU at full size, or tiny on the CPU."""
+
+    b32: str  # the architecture of the first engine step
+    l14: str  # and of the last
+    engine_common: tuple[str, ...]  # every engine step's
+    b32_batches: tuple[str, ...]
+    l14_batches: tuple[str, ...]
+    b32_extra: tuple[str, ...]
+    l14_extra: tuple[str, ...]
+    kernels: tuple[str, ...]
+    training: tuple[str, ...]
+
+
+def _gpu_sizes() -> _Sizes:
+    """The targets' architectures, batches and paths, fp16 on CUDA."""
+    engine_common = ("--device", "cuda", "--dtype", "fp16", "--rounds", "5")
+    engine_common += ("--block-seconds", "0.02", "--no-plots", "--memory-jobs", "4")
+    # compile runs last in each step, in the share of its budget kept for it
+    paths = _each("--path", "eager", "fused", "cuda-graph", "onnxruntime", "tensorrt", "compile")
+    extra = (*paths, "--memory-path", "eager")
+    training = ("--arch", "ViT-B-32", "--tasks", "8", "--batch-size", "16")
+    return _Sizes(
+        b32="ViT-B-32",
+        l14="ViT-L-14",
+        engine_common=engine_common,
+        # the targets' batches first (the engine bench runs all-tasks groups, then routed at
+        # --overhead-batch 64, then the rest): a budget cut drops the last
+        b32_batches=tuple(_each("--batch", "1", "8", "64", "128")),
+        l14_batches=tuple(_each("--batch", "128", "64", "1", "8")),
+        b32_extra=extra,
+        l14_extra=extra,
+        kernels=("--dtype", "fp16", "--batches", "1", "8", "32", "64", "128"),
+        training=(*training, "--steps", "40", "--warmup", "5", "--device", "cuda"),
+    )
+
+
+def _dry_run_sizes() -> _Sizes:
+    """Tiny architectures and batches on the CPU, every path and configuration checked once."""
+    engine_common = ("--device", "cpu", "--num-tasks", "2", "--rounds", "1")
+    engine_common += ("--block-seconds", "0.002", "--no-plots", "--memory-jobs", "2")
+    # dynamo only for compile: the GPU's inductor makes Triton kernels, which a CPU cannot
+    # check anyway
+    paths = ("--compile-backend", "eager", *_each("--path", "eager", "cuda-graph", "tensorrt"))
+    b32_paths = (*paths, *_each("--path", "fused", "compile"), "--time-interpreter")
+    # the b32 step checks every configuration, the fused path under the (slow) Triton
+    # interpreter, compile (dynamo: about 2 s a model here) and the memory processes; this
+    # one, the second step's options at another width
+    configs = _each("--config", "experts", "merged", SURGERY, SURGERY_V2)
+    training = ("--arch", "micro-vit-16", "--tasks", "2", "--batch-size", "4")
+    return _Sizes(
+        b32="micro-vit-16",
+        l14="tiny-vit-32",
+        engine_common=engine_common,
+        b32_batches=("--batch", "2"),
+        l14_batches=("--batch", "1"),
+        b32_extra=(*b32_paths, "--memory-path", "eager", "--memory-config", "experts"),
+        l14_extra=(*paths, "--no-memory", *configs),
+        kernels=("--cpu-smoke", "--batches", "1"),
+        training=(*training, "--steps", "3", "--warmup", "1", "--device", "cpu"),
+    )
+
+
 def plan(dry_run: bool, scratch: Path) -> list[Step]:
     """The steps, at full size on a GPU or (``dry_run``) at tiny size on the CPU."""
     s = str(scratch)
-    b32, l14 = ("micro-vit-16", "tiny-vit-32") if dry_run else ("ViT-B-32", "ViT-L-14")
-    if dry_run:
-        engine_common = ["--device", "cpu", "--num-tasks", "2", "--rounds", "1"]
-        engine_common += ["--block-seconds", "0.002", "--no-plots", "--memory-jobs", "2"]
-        # dynamo only for compile: the GPU's inductor makes Triton kernels, which a CPU cannot
-        # check anyway
-        paths = ["--compile-backend", "eager", *_each("--path", "eager", "cuda-graph", "tensorrt")]
-        b32_paths = [*paths, *_each("--path", "fused", "compile"), "--time-interpreter"]
-        b32_batches, l14_batches = ["--batch", "2"], ["--batch", "1"]
-        b32_extra = [*b32_paths, "--memory-path", "eager", "--memory-config", "experts"]
-        # the b32 step checks every configuration, the fused path under the (slow) Triton
-        # interpreter, compile (dynamo: about 2 s a model here) and the memory processes; this
-        # one, the second step's options at another width
-        l14_extra = [*paths, "--no-memory"]
-        l14_extra += _each("--config", "experts", "merged", SURGERY, SURGERY_V2)
-        kernels = ["--cpu-smoke", "--batches", "1"]
-        training = ["--arch", "micro-vit-16", "--tasks", "2", "--batch-size", "4"]
-        training += ["--steps", "3", "--warmup", "1", "--device", "cpu"]
-    else:
-        engine_common = ["--device", "cuda", "--dtype", "fp16", "--rounds", "5"]
-        engine_common += ["--block-seconds", "0.02", "--no-plots", "--memory-jobs", "4"]
-        # compile runs last in each step, in the share of its budget kept for it
-        paths = _each(
-            "--path", "eager", "fused", "cuda-graph", "onnxruntime", "tensorrt", "compile"
-        )
-        # the targets' batches first (the engine bench runs all-tasks groups, then routed at
-        # --overhead-batch 64, then the rest): a budget cut drops the last
-        b32_batches = _each("--batch", "1", "8", "64", "128")
-        l14_batches = _each("--batch", "128", "64", "1", "8")
-        b32_extra = l14_extra = [*paths, "--memory-path", "eager"]
-        kernels = ["--dtype", "fp16", "--batches", "1", "8", "32", "64", "128"]
-        training = ["--arch", "ViT-B-32", "--tasks", "8", "--batch-size", "16"]
-        training += ["--steps", "40", "--warmup", "5", "--device", "cuda"]
+    size = _dry_run_sizes() if dry_run else _gpu_sizes()
+    b32, l14 = size.b32, size.l14
 
-    def engine(arch: str, batches: list[str], extra: list[str]) -> tuple[str, ...]:
-        return (
-            "benchmarks/bench_engine.py",
-            *engine_common,
-            "--arch",
-            arch,
-            *batches,
-            *extra,
-            "--out",
-            s,
-        )
+    def engine(arch: str, batches: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
+        args = ("benchmarks/bench_engine.py", *size.engine_common, "--arch", arch)
+        return (*args, *batches, *extra, "--out", s)
 
     tests = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *TEST_PATHS)
     tests += ("--junitxml", f"{s}/tests.xml", "-o", "junit_family=xunit1")
@@ -164,7 +190,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         Step(
             "kernels",
             "fused correction kernel vs torch and torch.compile",
-            ("benchmarks/bench_kernels.py", *kernels, "--out", f"{s}/kernels.json"),
+            ("benchmarks/bench_kernels.py", *size.kernels, "--out", f"{s}/kernels.json"),
             55,
             ("kernels.json",),
             "json",
@@ -174,7 +200,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
             "engine-b32",
             f"engine benchmark {b32}: the engines against eight experts (separate, and as one "
             "graph on ONNX Runtime and TensorRT): eager, fused, CUDA graphs, then torch.compile",
-            engine(b32, b32_batches, b32_extra),
+            engine(b32, size.b32_batches, size.b32_extra),
             100,
             (f"engine-{b32}.json",),
             "engine",
@@ -183,7 +209,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         Step(
             "training",
             "SurgeryV2 and V1 training speed",
-            ("benchmarks/bench_training.py", *training, "--out", f"{s}/training.json"),
+            ("benchmarks/bench_training.py", *size.training, "--out", f"{s}/training.json"),
             35,
             ("training.json",),
             "json",
@@ -191,7 +217,7 @@ def plan(dry_run: bool, scratch: Path) -> list[Step]:
         Step(
             "engine-l14",
             f"engine benchmark {l14}: the same, the experts as one graph included",
-            engine(l14, l14_batches, l14_extra),
+            engine(l14, size.l14_batches, size.l14_extra),
             165,
             (f"engine-{l14}.json",),
             "engine",
@@ -270,180 +296,6 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def env_peaks(env: dict[str, Any] | None) -> Peaks | None:
-    """The peaks the targets are judged against: those the env step recorded for the device
-    (its datasheet's, or measured for a GPU not in the table), else the datasheet's for the
-    device name in ``env``; None without a GPU's."""
-    if not env:
-        return None
-    if env.get("peaks"):
-        return Peaks(**env["peaks"])
-    return peaks_for(env.get("device_name") or "")
-
-
-def targets(
-    out: Path, b32: str, l14: str, env: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """Issue 17's targets against what the files under ``out`` hold (None: not measured), the
-    fractions of peak against the peaks of the device in ``env`` (:func:`env_peaks`). Each
-    row's ``note`` says which peak, or which baselines a "best" was taken over."""
-    rows: list[dict[str, Any]] = []
-    peaks = env_peaks(env)
-
-    def add(
-        target: str, value: float | None, ok: bool | None, unit: str = "x", note: str = ""
-    ) -> None:
-        rows.append({"target": target, "measured": value, "unit": unit, "met": ok, "note": note})
-
-    for arch in (b32, l14):
-        record = _load(out / f"engine-{arch}.json") or {}
-        results, derived = record.get("results", []), record.get("derived", {})
-        vs = derived.get("vs_experts", {})
-        best = [r for rows_ in vs.get("surgery", {}).values() for r in rows_]
-        best = [r for r in best if r["kind"] == "best-vs-best"]
-        for batch in (1, 8, 64):
-            row = next((r for r in best if r["batch"] == batch), None)
-            value = None if row is None else row["speedup"]
-            note = baselines_note(results, batch, "all-tasks", row)
-            add(
-                f"{arch}: V1 >= 7x best 8-expert baseline, B={batch}",
-                value,
-                _ge(value, 7.0),
-                note=note,
-            )
-        weight = derived.get("weight_ratio_vs_one_expert", {}).get(SURGERY)
-        add(f"{arch}: V1 weights <= 1.05x one expert", weight, _le(weight, 1.05))
-        v2 = [r for rows_ in vs.get(SURGERY_V2, {}).values() for r in rows_]
-        where = ("best-vs-best", 1, "all-tasks")
-        row = next((r for r in v2 if (r["kind"], r["batch"], r["mode"]) == where), None)
-        value = None if row is None else row["latency_ratio"]
-        note = baselines_note(results, 1, "all-tasks", row)
-        add(
-            f"{arch}: V2 batch-1 latency <= 0.35x eight experts", value, _le(value, 0.35), note=note
-        )
-        over = derived.get("routed_overhead_over_merged", {})
-        rows_ = over.get("rows", {}).get(SURGERY_V2, []) if over.get("batch") == 64 else []
-        row = next((r for r in rows_ if r["kind"] == "best-vs-best"), None)
-        value = None if row is None else 100 * row["overhead"]
-        add(f"{arch}: V2 routed overhead over merged <= 5% at B=64", value, _le(value, 5.0), "%")
-        if arch == l14:
-            merged = [
-                r
-                for r in results
-                if (r["config"], r["mode"], r["batch"], r["status"])
-                == ("merged", "all-tasks", 128, "ok")
-            ]
-            fastest = max(merged, key=lambda r: r["tflops"], default=None)
-            value, note = None, "no GPU peak: the environment names no GPU"
-            if peaks is not None:
-                note = f"of {peaks.describe('tflops')}"
-                if fastest is not None:
-                    value = 100 * fastest["tflops"] / peaks.dense_fp16_tflops
-                    note = f"{fastest['path']}, {fastest['tflops']:.0f} TFLOP/s {note}"
-            target = f"{arch}: backbone >= 50% of dense fp16 peak at B=128"
-            add(target, value, _ge(value, 50), "%", note)
-    kernels = _load(out / "kernels.json") or {}
-    at = [
-        r
-        for r in kernels.get("results", [])
-        if r["shape"]["model"] == "ViT-L/14" and r["shape"]["batch"] == 64
-    ]
-    for name, key, bound in (
-        ("fused kernel >= 1.5x unfused eager (ViT-L/14 B=64)", "speedup_vs_torch", 1.5),
-        ("fused kernel >= 1.1x torch.compile (ViT-L/14 B=64)", "speedup_vs_compile", 1.1),
-    ):
-        value = min((r[key] for r in at if r[key] is not None), default=None)
-        add(name, value, _ge(value, bound))
-    gbps = [t["gbps"] for r in at for t in r["timings"] if t["impl"] == "fused"]
-    value, note = None, "no GPU peak: the environment names no GPU"
-    if peaks is not None:
-        note = f"of {peaks.describe('bw')}"
-        if gbps:  # the slowest of the shapes (ranks 4 and 16)
-            value = 100 * min(gbps) * 1e9 / peaks.hbm_bytes_per_s
-            note = f"{min(gbps):.0f} GB/s {note}"
-    add("fused kernel >= 70% of HBM bandwidth (ViT-L/14 B=64)", value, _ge(value, 70.0), "%", note)
-    training = _load(out / "training.json") or {}
-    v2 = [r for r in training.get("results", []) if r["config"]["method"] == SURGERY_V2]
-    value = v2[0]["seconds_per_1000_steps"] if v2 else None
-    add("SurgeryV2 training 8 tasks x 1,000 steps x 16 <= 60 s", value, _le(value, 60.0), " s")
-    return rows
-
-
-def serve_targets(out: Path) -> list[dict[str, Any]]:
-    """The serving benchmark's own targets (``serve-<arch>.json`` under ``out``), as rows of the
-    run's table: a ratio flagged beyond its ceiling is shown but judged "not measured"."""
-    rows = []
-    for path in sorted(out.glob("serve-*.json")):
-        for t in (_load(path) or {}).get("targets", []):
-            if "ceiling" in t:
-                note = f"ceiling {t['ceiling']:.3g} ({t['ceiling_basis']})"
-            else:  # a cost ratio: bounded below by the work's own ratio
-                note = f"floor {t['floor']:.3g} (FLOPs)" if "floor" in t else ""
-            flagged = bool(t.get("above_ceiling"))  # the record's flag, for either bound
-            if flagged:
-                note = f"flagged beyond its bound, not judged: {note}"
-            rows.append(
-                {
-                    "target": f"serving, {t['concurrency']} client(s): {t['target']}",
-                    "measured": t["ratio"],
-                    "unit": "x",
-                    "met": None if flagged else t["met"],
-                    "note": note,
-                }
-            )
-    return rows
-
-
-def baselines_note(
-    results: list[dict[str, Any]], batch: int, mode: str, best: dict[str, Any] | None
-) -> str:
-    """Which eight-expert baselines a "best" was taken over at (batch, mode): the fastest, the
-    configurations measured on each path, and why the others were not (a compile that did not
-    fit its budget, a path unavailable here)."""
-    rows = [
-        r for r in results if r["config"] in BASELINES and (r["batch"], r["mode"]) == (batch, mode)
-    ]
-    if not rows:
-        return "no baseline measured"
-    paths = list(dict.fromkeys(r["path"] for r in rows))
-    measured = []
-    missing = []
-    for path in paths:
-        ok = [r["config"] for r in rows if r["path"] == path and r["status"] == "ok"]
-        if ok:
-            measured.append(f"{path} ({', '.join(ok)})")
-        for r in rows:
-            if r["path"] == path and r["status"] != "ok":
-                missing.append((path, r["config"], r["status"], r["reason"] or ""))
-    parts = []
-    if best is not None:
-        parts.append(f"best: {best['baseline']} / {best['baseline_path']}")
-    parts.append("over " + ("; ".join(measured) if measured else "nothing measured"))
-    unmeasured = {}
-    for path, config, status, reason in missing:
-        unmeasured.setdefault((path, status, reason), []).append(config)
-    parts += [
-        f"not measured: {path} for {', '.join(configs)} ({status}: {reason[:120]})"
-        for (path, status, reason), configs in unmeasured.items()
-    ]
-    return "; ".join(parts)
-
-
-def _ge(value: float | None, bound: float) -> bool | None:
-    return None if value is None else value >= bound
-
-
-def _le(value: float | None, bound: float) -> bool | None:
-    return None if value is None else value <= bound
-
-
 def write_summary(
     out: Path,
     scratch: Path,
@@ -455,7 +307,7 @@ def write_summary(
 ) -> None:
     """Rewrite ``report.md``, ``summary.json`` and ``log.txt`` under ``out``."""
     tests = test_results(scratch / "tests.xml", scratch / TEST_LOG)
-    env = _load(scratch / "env.json")
+    env = read_json(scratch / "env.json")
     goals = targets(out, *archs, env=env) + serve_targets(out)
     summary = {
         **meta,
@@ -523,7 +375,7 @@ def _step_markdown(step: Step, scratch: Path) -> str | None:
         md = scratch / step.products[0].replace(".json", ".md")
         return md.read_text() if md.is_file() else None
     if step.markdown == "json":
-        record = _load(scratch / step.products[0])
+        record = read_json(scratch / step.products[0])
         return (record or {}).get("markdown")
     return None
 

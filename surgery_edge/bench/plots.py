@@ -88,8 +88,6 @@ def latency_figure(results: Sequence[EngineResult], arch: str, label: str) -> An
     runtime, is side by side; every panel shares both axes, so runtimes compare too.
     """
     plt = pyplot()
-    from matplotlib.lines import Line2D  # deferred with pyplot
-
     ok = [r for r in results if r.status == "ok"]
     modes = [m for m in MODES if any(r.mode == m for r in ok)]
     runtimes = [p for p in RUNTIMES if any(COUNTERPART.get(r.path, r.path) == p for r in ok)]
@@ -105,49 +103,75 @@ def latency_figure(results: Sequence[EngineResult], arch: str, label: str) -> An
     shown, fused_shown = [], False
     for row, mode in zip(axes, modes):
         for ax, runtime in zip(row, runtimes):
-            here = []
-            for config in CONFIGS:
-                for path in (runtime, *(p for p, base in COUNTERPART.items() if base == runtime)):
-                    line = sorted(
-                        (r.batch, r.median_ms)
-                        for r in ok
-                        if (r.config, r.mode, r.path) == (config, mode, path)
-                    )
-                    if not line:
-                        continue
-                    fused = path != runtime
-                    ax.plot(
-                        *zip(*line),
-                        color=COLOURS[config],
-                        linestyle="--" if fused else "-",
-                        marker="s" if fused else "o",
-                        markersize=4,
-                        label=f"{config} ({path})",
-                    )
-                    here.append(config)
-                    shown += [config] if config not in shown else []
-                    fused_shown |= fused
-            ax.set_title(f"{mode}, {runtime}", fontsize=9)
-            absent = [c for c in CONFIGS if c not in here]
-            if absent and here:
-                ax.text(0.02, 0.98, "not here: " + ", ".join(absent), transform=ax.transAxes,
-                        fontsize=6.5, va="top", color="0.3")  # fmt: skip
-            ax.grid(True, which="major", alpha=0.3)
-            ax.set_xscale("log")
-            plain_ticks(ax.xaxis, batches)
-            if not here:
-                ax.text(0.5, 0.5, "nothing measured", transform=ax.transAxes, ha="center")
+            here, fused = _latency_panel(ax, ok, mode, runtime, batches)
+            shown += [c for c in here if c not in shown]
+            fused_shown |= fused
         row[0].set_ylabel(f"{mode}: median ms per call", fontsize=8)
     ms = [r.median_ms for r in ok]
     plain_scale(axes[0][0], ms, log_from=1.0)  # the y axis is shared by every panel
     for ax in axes[-1]:
         ax.set_xlabel("batch (images per call)", fontsize=8)
+    inch = 1 / fig.get_figheight()  # figure coordinates per inch of height
+    legend_rows = _latency_legend(fig, shown, fused_shown, inch)
+    fig.suptitle(
+        f"{arch}: median latency per call against batch\n{label} ({RANDOM_WEIGHTS_NOTE})",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, (0.75 + 0.2 * legend_rows) * inch, 1, 1))  # room for the legend
+    return fig
+
+
+def _latency_panel(
+    ax: Any, ok: Sequence[EngineResult], mode: str, runtime: str, batches: Sequence[int]
+) -> tuple[list[str], bool]:
+    """One panel of the latency plot: a line per configuration measured in ``mode`` on
+    ``runtime``'s path, its fused twin dashed, and which configurations are not there;
+    returns the configurations drawn (each once, in order) and whether a fused twin was."""
+    here, fused_here = [], False
+    for config in CONFIGS:
+        for path in (runtime, *(p for p, base in COUNTERPART.items() if base == runtime)):
+            line = sorted(
+                (r.batch, r.median_ms)
+                for r in ok
+                if (r.config, r.mode, r.path) == (config, mode, path)
+            )
+            if not line:
+                continue
+            fused = path != runtime
+            ax.plot(
+                *zip(*line),
+                color=COLOURS[config],
+                linestyle="--" if fused else "-",
+                marker="s" if fused else "o",
+                markersize=4,
+                label=f"{config} ({path})",
+            )
+            here += [config] if config not in here else []  # its twin too: once
+            fused_here |= fused
+    ax.set_title(f"{mode}, {runtime}", fontsize=9)
+    absent = [c for c in CONFIGS if c not in here]
+    if absent and here:
+        ax.text(0.02, 0.98, "not here: " + ", ".join(absent), transform=ax.transAxes,
+                fontsize=6.5, va="top", color="0.3")  # fmt: skip
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xscale("log")
+    plain_ticks(ax.xaxis, batches)
+    if not here:
+        ax.text(0.5, 0.5, "nothing measured", transform=ax.transAxes, ha="center")
+    return here, fused_here
+
+
+def _latency_legend(fig: Any, shown: Sequence[str], fused_shown: bool, inch: float) -> int:
+    """The latency plot's legend under its panels (a colour per configuration drawn, the fused
+    twin's dashes) and the note on what "not here" means, placed ``inch`` (figure coordinates
+    per inch of height) apart; returns the legend's rows."""
+    from matplotlib.lines import Line2D  # deferred with pyplot
+
     handles = [Line2D([], [], color=COLOURS[c], marker="o", label=c) for c in shown]
     if fused_shown:
         handles.append(
             Line2D([], [], color="k", linestyle="--", marker="s", label="fused (Triton) twin")
         )
-    inch = 1 / fig.get_figheight()  # figure coordinates per inch of height
     fig.legend(
         handles=handles,
         loc="lower center",
@@ -167,13 +191,7 @@ def latency_figure(results: Sequence[EngineResult], arch: str, label: str) -> An
         fontsize=7,
         color="0.3",
     )
-    fig.suptitle(
-        f"{arch}: median latency per call against batch\n{label} ({RANDOM_WEIGHTS_NOTE})",
-        fontsize=9,
-    )
-    legend_rows = -(-len(handles) // 4)
-    fig.tight_layout(rect=(0, (0.75 + 0.2 * legend_rows) * inch, 1, 1))
-    return fig
+    return -(-len(handles) // 4)
 
 
 def weight_names(weights: dict[str, int]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The benchmarks' readings of the machine and its processes, in one place: package versions,
-the load average, CPU time, stolen time, resident memory (current and peak) and a server's
-process tree, read through psutil or, where psutil has no such field, from ``/proc``.
+the load average, CPU time (a process's; the machine's busy and stolen time), resident memory
+(current and peak) and a server's process tree, read through psutil or, where psutil has no
+such field, from ``/proc``; and the samplers that read them while a load runs.
 
 Every benchmark takes these from here, so that a reading means the same in every record; the
 readings are checked against the kernel's own fields (proc(5)) in
@@ -10,12 +11,14 @@ readings are checked against the kernel's own fields (proc(5)) in
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import resource
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
@@ -64,6 +67,13 @@ def stolen_seconds() -> float:
     """CPU time the hypervisor gave to others, summed over this machine's CPUs (``steal``, Linux
     only): on a shared virtual machine, what makes one run slower than the next."""
     return getattr(psutil.cpu_times(), "steal", 0.0)
+
+
+def machine_busy_seconds() -> float:
+    """CPU time this machine's CPUs spent busy, summed over them: every process's, other users'
+    too (all but idle and waiting for I/O)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def rss(pid: int) -> int:
@@ -127,36 +137,97 @@ class PeakRSS:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-class MemorySampler:
-    """Peak RSS of a server (total, and per model) while a window runs; the process tree is
-    read once, then only the RSS of its processes, so sampling costs the load next to nothing."""
+_S = TypeVar("_S", bound="_Sampler")
 
-    def __init__(self, processes: dict[int, str | None], period_s: float = 0.5):
-        self.period_s, self.total, self.models = period_s, 0, {}
-        self._processes = processes
+
+class _Sampler:
+    """A reading every ``period_s`` by a thread of its own, the first on entering the ``with``
+    block, until it is left; a subclass says what one reading is (:meth:`sample`)."""
+
+    def __init__(self, period_s: float):
+        self.period_s = period_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        """Take one reading."""
+        raise NotImplementedError
+
     def _run(self) -> None:
         while True:
-            sizes = {pid: rss(pid) for pid in self._processes}
-            self.total = max(self.total, sum(sizes.values()))
-            per_model: dict[str, int] = {}
-            for pid, model in self._processes.items():
-                if model is not None:
-                    per_model[model] = per_model.get(model, 0) + sizes[pid]
-            for m, value in per_model.items():
-                self.models[m] = max(self.models.get(m, 0), value)
+            self.sample()
             if self._stop.wait(self.period_s):
                 return
 
-    def __enter__(self) -> MemorySampler:
+    def __enter__(self: _S) -> _S:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class MemorySampler(_Sampler):
+    """Peak RSS of a server (total, and per model) while a window runs; the process tree is
+    read once, then only the RSS of its processes, so sampling costs the load next to nothing."""
+
+    def __init__(self, processes: dict[int, str | None], period_s: float = 0.5):
+        super().__init__(period_s)
+        self.total, self.models = 0, {}
+        self._processes = processes
+
+    def sample(self) -> None:
+        """The RSS of each process now; the peaks so far."""
+        sizes = {pid: rss(pid) for pid in self._processes}
+        self.total = max(self.total, sum(sizes.values()))
+        per_model: dict[str, int] = {}
+        for pid, model in self._processes.items():
+            if model is not None:
+                per_model[model] = per_model.get(model, 0) + sizes[pid]
+        for m, value in per_model.items():
+            self.models[m] = max(self.models.get(m, 0), value)
+
+
+class ServerCpuSampler(_Sampler):
+    """CPU time of each of this process's server's processes (:func:`server_processes`, read
+    again at every sample: those that start during the load count too) and of the whole machine
+    (:func:`machine_busy_seconds`), every ``period_s``: the cores each kept busy between two
+    moments, and what a process born in between spent."""
+
+    def __init__(self, period_s: float = 0.25):
+        super().__init__(period_s)
+        self.samples: list[tuple[float, dict[int, float], float]] = []  # (t, {pid: s}, machine)
+        self.models: dict[int, str | None] = {}  # pid -> its model (None: tritonserver)
+        self.born: dict[int, float] = {}  # pid -> when it was first seen
+
+    def sample(self) -> None:
+        """The server's processes now (a new one is born now), the CPU of each, the machine's."""
+        now = time.monotonic()
+        for pid, model in server_processes().items():
+            self.models.setdefault(pid, model)
+            self.born.setdefault(pid, now if self.samples else -math.inf)  # there before
+        busy = machine_busy_seconds()
+        self.samples.append((now, {p: cpu_seconds([p]) for p in self.models}, busy))
+
+    def cores(self, start: float, end: float) -> tuple[float | None, float | None]:
+        """Cores the server and the machine kept busy from ``start`` to ``end`` (monotonic),
+        from the first and the last sample inside; (None, None) without two there."""
+        inside = [x for x in self.samples if start <= x[0] <= end]
+        if len(inside) < 2:
+            return None, None
+        (t0, first, busy0), (t1, last, busy1) = inside[0], inside[-1]
+        server = sum(max(0.0, v - first.get(p, 0.0)) for p, v in last.items())
+        return server / (t1 - t0), (busy1 - busy0) / (t1 - t0)
+
+    def new_process_cpu(self, start: float, end: float, model: str) -> float | None:
+        """CPU seconds, by ``end``, of ``model``'s processes born from ``start`` to ``end``
+        (None without a sample by then)."""
+        born = [p for p, t in self.born.items() if start <= t <= end and self.models[p]]
+        inside = [x for x in self.samples if x[0] <= end]
+        if not inside:
+            return None
+        return sum(inside[-1][1].get(p, 0.0) for p in born if self.models[p] == model)
 
 
 class CpuClock:

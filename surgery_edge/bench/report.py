@@ -4,14 +4,16 @@ of eight experts, warnings, every row, and ``--merge`` with earlier results)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import math
 import shlex
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from surgery_edge.bench.choices import CONFIGS, PATHS
 from surgery_edge.bench.env import LOAD_WARNING, environment, provenance
@@ -29,10 +31,12 @@ from surgery_edge.bench.workloads import (
     EngineResult,
     plan_paths,
 )
-from surgery_edge.errors import ConfigError
+from surgery_edge.errors import ConfigError, SurgeryEdgeError
 from surgery_edge.io import write_json_atomic, write_text_atomic
 from surgery_edge.models import get_arch
 from surgery_edge.surgery.methods import SURGERY_METHODS
+
+_C = TypeVar("_C")  # a config dataclass
 
 
 def command_line(argv: Sequence[str] | None, prog: str) -> str:
@@ -41,6 +45,23 @@ def command_line(argv: Sequence[str] | None, prog: str) -> str:
     if argv is None:
         return shlex.join(["python", *sys.argv])
     return " ".join([prog, shlex.join(argv)]) if argv else prog
+
+
+def config_from_args(cls: type[_C], args: argparse.Namespace, **given: Any) -> _C:
+    """The config dataclass ``cls`` made of the parsed options of its fields' names
+    (``--max-batch``: ``max_batch``); ``given`` sets fields otherwise (a list made a tuple)."""
+    return cls(**{**{f.name: getattr(args, f.name) for f in fields(cls)}, **given})
+
+
+@contextlib.contextmanager
+def user_errors_exit_2() -> Iterator[None]:
+    """A user error (:class:`~surgery_edge.errors.SurgeryEdgeError`) raised inside ends the
+    command: its one paragraph on stderr, exit code 2, no traceback."""
+    try:
+        yield
+    except SurgeryEdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def write_record(path: Path, record: dict[str, Any]) -> Path:

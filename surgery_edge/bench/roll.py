@@ -2,8 +2,8 @@
 
 One server (``surgery-edge serve``'s :class:`~surgery_edge.runtime.rolling.VersionedServer`,
 Python-backend models over ONNX Runtime on the CPU) serves version 1 of a model folder while
-bench_serve's closed-loop client (:mod:`surgery_edge.bench.serve`: ``concurrency`` gRPC
-clients, each sending its next request when the last is answered) sends a steady mixed-task
+bench_serve's closed-loop client (:mod:`surgery_edge.bench.serve_load`: ``concurrency``
+gRPC clients, each sending its next request when the last is answered) sends a steady mixed-task
 stream to the engine model: one image per request, for a task drawn at random. While the load
 runs, the engines given are published into the folder in turn (``--rolls`` times: version 2,
 3, ...; each with the repository writer, as ``export --triton-repo`` does, on the serving
@@ -37,28 +37,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
-from surgery_edge.bench.env import environment
-from surgery_edge.bench.proc import cpu_seconds, package_version, server_processes
-from surgery_edge.bench.report import command_line, fmt, table, write_record_set
-from surgery_edge.bench.serve_load import Requests
-from surgery_edge.bench.serve_measure import free_port, percentile
-from surgery_edge.errors import SurgeryEdgeError
+from surgery_edge.bench.proc import ServerCpuSampler, load_average
+from surgery_edge.bench.report import (
+    command_line,
+    config_from_args,
+    fmt,
+    table,
+    user_errors_exit_2,
+    write_record_set,
+)
+from surgery_edge.bench.serve_load import Requests, load, plan
+from surgery_edge.bench.serve_measure import percentile, server_options
+from surgery_edge.bench.serve_report import record_head
+from surgery_edge.engine_format import read_onnx_metadata
+from surgery_edge.export.triton import TritonOptions, write_repository
+from surgery_edge.runtime.rolling import VersionedServer
 from surgery_edge.surgery.methods import SURGERY_V2
 
 TARGET_RATIO = 2.0  # the roll's p99 over the steady p99, at most (issue 39)
+MODEL = "engine"  # the served engine model's name
 
 
 @dataclass(frozen=True)
@@ -100,55 +109,6 @@ class Roll:
     steady_machine_cores: float | None = None
     roll_machine_cores: float | None = None
     new_engine_cpu_s: float | None = None
-
-
-class _CpuSampler:
-    """CPU time of each of the server's processes (those that start during the load too) and
-    of the whole machine, read every ``period_s`` by a thread of its own."""
-
-    def __init__(self, period_s: float = 0.25):
-        self.samples: list[tuple[float, dict[int, float], float]] = []  # (t, {pid: s}, machine)
-        self.models: dict[int, str | None] = {}  # pid -> its model (None: tritonserver)
-        self.born: dict[int, float] = {}  # pid -> when it was first seen
-        self._period_s, self._stop = period_s, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            now = time.monotonic()
-            for pid, model in server_processes().items():
-                self.models.setdefault(pid, model)
-                self.born.setdefault(pid, now if self.samples else -math.inf)  # there before
-            machine = psutil.cpu_times()
-            busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
-            self.samples.append((now, {p: cpu_seconds([p]) for p in self.models}, busy))
-            if self._stop.wait(self._period_s):
-                return
-
-    def cores(self, start: float, end: float) -> tuple[float | None, float | None]:
-        """Cores the server and the machine kept busy from ``start`` to ``end``."""
-        inside = [x for x in self.samples if start <= x[0] <= end]
-        if len(inside) < 2:
-            return None, None
-        (t0, first, busy0), (t1, last, busy1) = inside[0], inside[-1]
-        server = sum(max(0.0, v - first.get(p, 0.0)) for p, v in last.items())
-        return server / (t1 - t0), (busy1 - busy0) / (t1 - t0)
-
-    def new_engine_cpu(self, start: float, end: float) -> float | None:
-        """CPU seconds of the engine stubs born from ``start`` to ``end``, by ``end``."""
-        born = [p for p, t in self.born.items() if start <= t <= end and self.models[p]]
-        inside = [x for x in self.samples if x[0] <= end]
-        if not inside:
-            return None
-        return sum(inside[-1][1].get(p, 0.0) for p in born if self.models[p] == "engine")
-
-    def __enter__(self) -> _CpuSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build_task_set_engines(
@@ -193,6 +153,16 @@ def _part(
     return sorted((e - s) * 1e3 for s, e, ok in inside if ok), sum(1 for *_, ok in inside if not ok)
 
 
+@dataclass(frozen=True)
+class _Observed:
+    """What a run saw: every request, each publication, when each version served, the CPU."""
+
+    done: list[tuple[float, float, bool]]  # (start, end, ok) per request, monotonic
+    marks: list[tuple[int, float, float]]  # (version, publication start, its end)
+    served: dict[int, float]  # version -> when it served
+    cpu: ServerCpuSampler
+
+
 def run_roll_bench(
     cfg: RollBenchConfig,
     engines: Sequence[Path],
@@ -203,100 +173,139 @@ def run_roll_bench(
     engines in turn) and time each roll; returns the rolls and the run's totals."""
     import tritonclient.grpc as grpc  # deferred: optional, the serve extra
 
-    # deferred with tritonclient: the serving modules need the serve extra
-    from surgery_edge.engine_format import read_onnx_metadata
-    from surgery_edge.export.triton import TritonOptions, write_repository
-    from surgery_edge.runtime.rolling import VersionedServer
-    from surgery_edge.runtime.serving import ServeOptions
-
     log = log or (lambda msg: None)
-    name = "engine"
-
-    def publish(k: int) -> None:  # k-th publication: the engines in turn, instances alternate
-        options = TritonOptions(name="m", kind="cpu", instances=1 + k % 2)
-        write_repository(engines[k % len(engines)], folder, options)
-
-    publish(0)
-    options = ServeOptions(http_port=free_port(), grpc_port=free_port(),
-                           metrics_port=free_port(), name=name, max_batch=cfg.max_batch,
-                           max_queue_delay_us=cfg.max_queue_delay_us, device="cpu",
-                           threads=cfg.threads, instances=cfg.instances, task_models=False,
-                           drain_timeout_s=5, startup_timeout_s=600)  # fmt: skip
-    served: dict[int, float] = {}  # version -> when it served
+    _publish(engines, folder, 0)
+    options = server_options(cfg, name=MODEL, startup_timeout_s=600)
     with VersionedServer(folder / "m", options, watch=True, poll_s=cfg.poll_s, log=log) as server:
-        served[server.version] = time.monotonic()
-        meta = server.metadata[name]
-        common = min(len(read_onnx_metadata(e).tasks) for e in engines)  # the first tasks
+        meta = server.metadata[MODEL]
+        task_counts = [len(read_onnx_metadata(e).tasks) for e in engines]
+        common = min(task_counts)  # the first tasks: every version has them
         log(f"serving version {server.version}: {meta.tasks} ({meta.precision})")
         size = meta.preprocessing.image_size
         image = np.random.default_rng(cfg.seed).normal(size=(1, 3, size, size))
         requests = Requests(grpc, server.metadata, image.astype(np.float32))
-
-        def route(rng: np.random.Generator) -> list[tuple[str, int]]:
-            return [(name, int(rng.integers(common)))]
-
-        marks: list[tuple[int, float, float]] = []  # (version, publication start, its end)
-        failure: list[BaseException] = []
-
-        def publisher() -> None:
-            try:
-                for k in range(1, cfg.rolls + 1):
-                    time.sleep(cfg.steady_s)
-                    before = time.monotonic()
-                    publish(k)
-                    marks.append((k + 1, before, time.monotonic()))
-                    log(f"published version {k + 1} in {marks[-1][2] - before:.1f} s")
-                    while server.version < k + 1:
-                        if time.monotonic() - before > 600:
-                            raise TimeoutError(f"version {k + 1} did not serve in 600 s")
-                        time.sleep(0.01)
-                    served[k + 1] = time.monotonic()
-                    log(f"version {k + 1} served {served[k + 1] - before:.1f} s after")
-                time.sleep(cfg.settle_s)
-            except BaseException as e:  # reported by the caller
-                failure.append(e)
-            finally:
-                stopping.set()
-
-        stopping = threading.Event()
-        thread = threading.Thread(target=publisher, daemon=True)
-        with _CpuSampler() as cpu:
-            thread.start()
+        # a mixed-task stream: one image per request, for a task every version has
+        _, route = plan("mixed", MODEL, list(meta.tasks[:common]))
+        publisher = _Publisher(cfg, engines, folder, server, log)
+        with ServerCpuSampler() as cpu:
+            publisher.start()
+            url, until = server.grpc_url, math.inf  # the publisher ends the load
             done = asyncio.run(
-                _load_until(server.grpc_url, requests, route, cfg.concurrency, stopping, cfg.seed)
+                load(url, requests, route, cfg.concurrency, until, cfg.seed, publisher.stop)
             )
-            thread.join()
-        if failure:
-            raise failure[0]
-    rolls = []
-    for version, published_at, published_end in marks:
-        steady, steady_failed = _part(done, published_at - cfg.steady_s, published_at, False)
-        during, roll_failed = _part(done, published_at, served[version], True)
-        steady_cores = cpu.cores(published_at - cfg.steady_s, published_at)
-        roll_cores = cpu.cores(published_at, served[version])
-        rolls.append(
-            Roll(
-                version=version,
-                engine=str(engines[(version - 1) % len(engines)]),
-                publish_s=published_end - published_at,
-                roll_s=served[version] - published_at,
-                steady_requests=len(steady),
-                steady_p50_ms=percentile(steady, 50),
-                steady_p99_ms=percentile(steady, 99),
-                roll_requests=len(during),
-                roll_p50_ms=percentile(during, 50),
-                roll_p99_ms=percentile(during, 99),
-                roll_max_ms=during[-1] if during else None,
-                failed=steady_failed + roll_failed,
-                steady_server_cores=steady_cores[0],
-                roll_server_cores=roll_cores[0],
-                steady_machine_cores=steady_cores[1],
-                roll_machine_cores=roll_cores[1],
-                new_engine_cpu_s=cpu.new_engine_cpu(published_at, served[version]),
-            )
-        )
+            publisher.join()
+    seen = _Observed(done, publisher.marks, publisher.served, cpu)
+    rolls = [_roll(seen, cfg, engines, mark) for mark in seen.marks]
+    return rolls, _totals(seen, cfg, rolls, list(meta.tasks[:common]), task_counts)
+
+
+def _publish(engines: Sequence[Path], folder: Path, k: int) -> None:
+    """The ``k``-th publication into ``folder``: the engines in turn, each with another
+    instance count than the last (so that the writer adds a version for the same engine)."""
+    options = TritonOptions(name="m", kind="cpu", instances=1 + k % 2)
+    write_repository(engines[k % len(engines)], folder, options)
+
+
+class _Publisher:
+    """Publishes versions 2 to ``cfg.rolls + 1`` from a thread of its own while the load runs:
+    each after ``cfg.steady_s`` of steady load, once the last one serves; then lets the load
+    run ``cfg.settle_s`` more and sets :attr:`stop`. :attr:`marks` holds each publication's
+    start and end, :attr:`served` when each version served."""
+
+    def __init__(
+        self,
+        cfg: RollBenchConfig,
+        engines: Sequence[Path],
+        folder: Path,
+        server: VersionedServer,
+        log: Callable[[str], None],
+    ):
+        self.cfg, self.engines, self.folder = cfg, engines, folder
+        self.server, self.log = server, log
+        self.marks: list[tuple[int, float, float]] = []  # (version, publication start, end)
+        self.served: dict[int, float] = {server.version: time.monotonic()}
+        self.stop = threading.Event()
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        """Start publishing."""
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the last roll and the settling load; raise what stopped the publisher."""
+        self._thread.join()
+        if self._failure:
+            raise self._failure[0]
+
+    def _run(self) -> None:
+        try:
+            for k in range(1, self.cfg.rolls + 1):
+                time.sleep(self.cfg.steady_s)
+                self._roll_to(k + 1)
+            time.sleep(self.cfg.settle_s)
+        except BaseException as e:  # raised again by join, in the caller's thread
+            self._failure.append(e)
+        finally:
+            self.stop.set()
+
+    def _roll_to(self, version: int) -> None:
+        """Publish ``version`` and wait until it serves (600 s at the most)."""
+        before = time.monotonic()
+        _publish(self.engines, self.folder, version - 1)
+        self.marks.append((version, before, time.monotonic()))
+        self.log(f"published version {version} in {self.marks[-1][2] - before:.1f} s")
+        while self.server.version < version:
+            if time.monotonic() - before > 600:
+                raise TimeoutError(f"version {version} did not serve in 600 s")
+            time.sleep(0.01)
+        self.served[version] = time.monotonic()
+        self.log(f"version {version} served {self.served[version] - before:.1f} s after")
+
+
+def _roll(
+    seen: _Observed, cfg: RollBenchConfig, engines: Sequence[Path], mark: tuple[int, float, float]
+) -> Roll:
+    """One publication's roll: its steady part and its roll, their latencies, failures and CPU."""
+    version, published_at, published_end = mark
+    served = seen.served[version]
+    steady, steady_failed = _part(seen.done, published_at - cfg.steady_s, published_at, False)
+    during, roll_failed = _part(seen.done, published_at, served, True)
+    steady_cores = seen.cpu.cores(published_at - cfg.steady_s, published_at)
+    roll_cores = seen.cpu.cores(published_at, served)
+    return Roll(
+        version=version,
+        engine=str(engines[(version - 1) % len(engines)]),
+        publish_s=published_end - published_at,
+        roll_s=served - published_at,
+        steady_requests=len(steady),
+        steady_p50_ms=percentile(steady, 50),
+        steady_p99_ms=percentile(steady, 99),
+        roll_requests=len(during),
+        roll_p50_ms=percentile(during, 50),
+        roll_p99_ms=percentile(during, 99),
+        roll_max_ms=during[-1] if during else None,
+        failed=steady_failed + roll_failed,
+        steady_server_cores=steady_cores[0],
+        roll_server_cores=roll_cores[0],
+        steady_machine_cores=steady_cores[1],
+        roll_machine_cores=roll_cores[1],
+        new_engine_cpu_s=seen.cpu.new_process_cpu(published_at, served, MODEL),
+    )
+
+
+def _totals(
+    seen: _Observed,
+    cfg: RollBenchConfig,
+    rolls: list[Roll],
+    load_tasks: list[str],
+    task_counts: list[int],
+) -> dict[str, Any]:
+    """The run's totals: every request, the steady parts and the rolls over every roll, the
+    p99 ratios and the verdict; ``load_tasks`` and the versions' ``task_counts`` recorded."""
+    done, marks = seen.done, seen.marks
     steady_all = sorted(x for _, p, _ in marks for x in _part(done, p - cfg.steady_s, p, False)[0])
-    roll_all = sorted(x for v, p, _ in marks for x in _part(done, p, served[v], True)[0])
+    roll_all = sorted(x for v, p, _ in marks for x in _part(done, p, seen.served[v], True)[0])
     totals = {
         "requests": len(done),
         "failed": sum(1 for *_, ok in done if not ok),
@@ -307,8 +316,8 @@ def run_roll_bench(
         "roll_requests": len(roll_all),
         "roll_p50_ms": percentile(roll_all, 50),
         "roll_p99_ms": percentile(roll_all, 99),
-        "load_tasks": list(meta.tasks[:common]),  # what the load asks for
-        "task_counts": [len(read_onnx_metadata(e).tasks) for e in engines],
+        "load_tasks": load_tasks,  # what the load asks for
+        "task_counts": task_counts,
     }
     ratio = _ratio(totals["roll_p99_ms"], totals["steady_p99_ms"])
     totals["p99_ratio"] = ratio
@@ -319,41 +328,7 @@ def run_roll_bench(
         "what": f"0 failed requests and roll p99 <= {TARGET_RATIO:g}x steady p99",
         "met": totals["failed"] == 0 and ratio is not None and ratio <= TARGET_RATIO,
     }
-    return rolls, totals
-
-
-async def _load_until(
-    url: str,
-    requests: Requests,
-    route: Callable,
-    concurrency: int,
-    stopping: threading.Event,
-    seed: int,
-) -> list[tuple[float, float, bool]]:
-    """The closed loop of bench_serve's ``_load`` (its requests, one in flight per client),
-    written again to run until ``stopping`` is set rather than until a time known in advance
-    (a roll's length is not); (start, end, ok) per request."""
-    import tritonclient.grpc.aio as aio  # deferred: optional, the serve extra
-
-    done: list[tuple[float, float, bool]] = []
-    async with aio.InferenceServerClient(url) as client:
-
-        async def user(k: int) -> None:
-            rng = np.random.default_rng(seed * 1000 + k)
-            while not stopping.is_set():
-                ((model, task),) = route(rng)
-                start = time.monotonic()
-                try:
-                    await client.infer(
-                        model, requests.inputs(model, task), outputs=requests.outputs(model)
-                    )
-                    ok = True
-                except Exception:  # a failed request is counted, the load goes on
-                    ok = False
-                done.append((start, time.monotonic(), ok))
-
-        await asyncio.gather(*(user(k) for k in range(concurrency)))
-    return done
+    return totals
 
 
 # --- report --------------------------------------------------------------------------------
@@ -456,49 +431,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """Publish and roll ``--rolls`` versions under load; write ``serve-roll-<arch>.json`` and
     ``.md`` under ``--out``; returns the record."""
-    from surgery_edge.engine_format import read_onnx_metadata  # deferred: the engine's arch
-
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if min(args.concurrency, args.rolls, args.instances, args.threads) < 1 or args.steady_s <= 0:
         parser.error("--concurrency, --rolls, --instances, --threads, --steady-s must be positive")
     if (args.engine is None) == (args.arch is None):
         parser.error("give --engine FILE... or --arch ARCH (engines built with random weights)")
-    cfg = RollBenchConfig(
-        concurrency=args.concurrency,
-        steady_s=args.steady_s,
-        settle_s=args.settle_s,
-        rolls=args.rolls,
-        max_batch=args.max_batch,
-        max_queue_delay_us=args.max_queue_delay_us,
-        threads=args.threads,
-        instances=args.instances,
-        poll_s=args.poll_s,
-        seed=args.seed,
-    )
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    loadavg_before = [round(x, 2) for x in os.getloadavg()]
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            engines = args.engine or build_task_set_engines(
-                args.arch, args.tasks, args.rank, args.engines or Path(scratch) / "engines", log
-            )
-            meta = read_onnx_metadata(engines[0])
-            rolls, totals = run_roll_bench(cfg, engines, Path(scratch) / "repository", log)
-    except SurgeryEdgeError as e:  # a user error: one paragraph, exit 2, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = config_from_args(RollBenchConfig, args)
+    log = partial(print, file=sys.stderr, flush=True)
+    loadavg_before = load_average()
+    with user_errors_exit_2(), tempfile.TemporaryDirectory() as scratch:
+        engines = args.engine or build_task_set_engines(
+            args.arch, args.tasks, args.rank, args.engines or Path(scratch) / "engines", log
+        )
+        meta = read_onnx_metadata(engines[0])
+        rolls, totals = run_roll_bench(cfg, engines, Path(scratch) / "repository", log)
     arch = (meta.get("architecture") or {}).get("name", "engine")
     record = {
-        "benchmark": "serve-roll",
-        "command": command_line(argv, prog or f"{__name__}.main"),
-        "environment": environment("cpu"),
-        "pytriton": package_version("nvidia-pytriton"),
-        "loadavg_before": loadavg_before,
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        **record_head("serve-roll", command_line(argv, prog or f"{__name__}.main"), loadavg_before),
         "arch": arch,
         "engines": [str(e) for e in engines],
         "random_weights": args.engine is None,

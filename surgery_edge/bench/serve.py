@@ -68,24 +68,29 @@ import copy
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from surgery_edge.bench.choices import ONE_GRAPH
-from surgery_edge.bench.env import environment
 from surgery_edge.bench.one_graph import compose_experts
-from surgery_edge.bench.proc import load_average, package_version
-from surgery_edge.bench.report import command_line, write_record_set
+from surgery_edge.bench.proc import load_average
+from surgery_edge.bench.report import (
+    command_line,
+    config_from_args,
+    user_errors_exit_2,
+    write_record_set,
+)
 from surgery_edge.bench.serve_measure import (  # the benchmark's parts, importable from here
     ServeBenchConfig,
     ServeResult,
     engines_alone,
     run_serve_bench,
 )
-from surgery_edge.bench.serve_report import breakdown, markdown, targets
+from surgery_edge.bench.serve_report import breakdown, markdown, record_head, targets
 from surgery_edge.bench.workloads import RANDOM_WEIGHTS_NOTE, Parts, build_engine_model
 from surgery_edge.engine_format import EngineMode, read_onnx_metadata
-from surgery_edge.errors import ConfigError, SurgeryEdgeError
+from surgery_edge.errors import ConfigError
 from surgery_edge.surgery.methods import (
     SURGERY,
     SURGERY_METHODS,
@@ -242,46 +247,22 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     args = parser.parse_args(argv)
     if min(args.tasks, args.repeats, args.instances, *args.concurrency) < 1 or args.seconds <= 0:
         parser.error("--tasks, --repeats, --instances, --concurrency, --seconds must be positive")
-    cfg = ServeBenchConfig(
-        arch=args.arch,
-        tasks=args.tasks,
-        rank=args.rank,
-        concurrency=tuple(args.concurrency),
-        seconds=args.seconds,
-        warmup_s=args.warmup_s,
-        repeats=args.repeats,
-        max_batch=args.max_batch,
-        max_queue_delay_us=args.max_queue_delay_us,
-        threads=args.threads,
-        instances=args.instances,
-        seed=args.seed,
-    )
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    cfg = config_from_args(ServeBenchConfig, args, concurrency=tuple(args.concurrency))
+    log = partial(print, file=sys.stderr, flush=True)
     loadavg_before = load_average()
     with tempfile.TemporaryDirectory() as scratch:
         root = args.engines or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
         given = (root / "v2.onnx").is_file()
-        try:
+        with user_errors_exit_2():
             engines = build_engines(cfg, root, log)
             tasks = list(read_onnx_metadata(engines["v2"]).tasks)
             bounds = ceilings(engines)  # before the load: a failure here costs nothing
             results = run_serve_bench(cfg, engines, log)
             log("the engines alone, in this process")
             alone = engines_alone(engines, cfg, tasks)
-        except SurgeryEdgeError as e:  # a user error: one paragraph, exit 2, no traceback
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
     record = {
-        "benchmark": "serve",
-        "command": command_line(argv, prog or f"{__name__}.main"),
-        "environment": environment("cpu"),
-        "pytriton": package_version("nvidia-pytriton"),
-        "loadavg_before": loadavg_before,
-        "loadavg_after": load_average(),
+        **record_head("serve", command_line(argv, prog or f"{__name__}.main"), loadavg_before),
         "config": asdict(cfg),
         "note": f"engines of {args.engines}" if given else f"engines with {RANDOM_WEIGHTS_NOTE}",
         "results": [asdict(r) for r in results],

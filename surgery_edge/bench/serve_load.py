@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -78,17 +79,27 @@ def plan(workload: str, config: str, tasks: list[str]) -> tuple[list[str], Route
 
 
 async def load(
-    url: str, requests: Requests, route: Route, concurrency: int, until: float, seed: int
+    url: str,
+    requests: Requests,
+    route: Route,
+    concurrency: int,
+    until: float,
+    seed: int,
+    stop: threading.Event | None = None,
 ) -> list[tuple[float, float, bool]]:
-    """Closed-loop clients until ``until`` (monotonic); returns (start, end, ok) per request."""
+    """Closed-loop clients until ``until`` (monotonic) or, with ``stop``, until it is set,
+    whichever comes first (a load whose length is not known in advance, such as a version
+    roll's, passes ``until=math.inf``); returns (start, end, ok) per request. Each client
+    finishes the request it has in flight."""
     import tritonclient.grpc.aio as aio  # deferred: optional, the serve extra
 
+    stop = stop or threading.Event()  # never set: the time alone ends the load
     done: list[tuple[float, float, bool]] = []
     async with aio.InferenceServerClient(url) as client:
 
         async def user(k: int) -> None:
             rng = np.random.default_rng(seed * 1000 + k)
-            while time.monotonic() < until:
+            while time.monotonic() < until and not stop.is_set():
                 calls = route(rng)
                 start = time.monotonic()
                 try:

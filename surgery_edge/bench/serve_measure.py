@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from surgery_edge.bench.proc import CpuClock, MemorySampler, server_processes
 from surgery_edge.bench.report import fmt
 from surgery_edge.bench.serve_load import WORKLOADS, Requests, Route, counters, label, load, plan
 from surgery_edge.engine_format import EngineMode
+from surgery_edge.runtime.serve_options import ServeOptions
 from surgery_edge.runtime.triton_models import FLUSH_S
 
 
@@ -268,26 +270,14 @@ def run_serve_bench(
     cfg: ServeBenchConfig, engines: dict[str, Path], log: Callable[[str], None] | None = None
 ) -> list[ServeResult]:
     """Serve ``engines`` in one server and measure every workload at every concurrency."""
-    from surgery_edge.runtime.serving import ServeOptions, Server  # deferred: PyTriton
+    from surgery_edge.runtime.serving import Server  # deferred: PyTriton
     from surgery_edge.runtime.triton_config import check_model_name  # deferred: with serving
 
     log = log or (lambda msg: None)
     for name in engines:
         check_model_name(name)
-    options = ServeOptions(
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        max_batch=cfg.max_batch,
-        max_queue_delay_us=cfg.max_queue_delay_us,
-        device="cpu",
-        threads=cfg.threads,
-        instances=cfg.instances,
-        task_models=False,
-        drain_timeout_s=5,
-    )
     results = []
-    with Server(engines, options) as server:
+    with Server(engines, server_options(cfg)) as server:
         log(f"serving {len(engines)} models: {', '.join(server.models)}")
         import tritonclient.grpc as grpc  # deferred: optional, the serve extra
 
@@ -321,6 +311,39 @@ def run_serve_bench(
                     )
                     results.append(r)
     return results
+
+
+class ServerSettings(Protocol):
+    """What a serving benchmark's config says of its server (:class:`ServeBenchConfig`'s
+    fields; the version roll's config has them too)."""
+
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def max_queue_delay_us(self) -> int: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def instances(self) -> int: ...
+
+
+def server_options(cfg: ServerSettings, **given: Any) -> ServeOptions:
+    """The options of a benchmark's server: free loopback ports, the CPU, ``cfg``'s batching,
+    threads and instances, no per-task models, 5 s to drain on stop; ``given`` sets others
+    (the model's name, the startup timeout)."""
+    return ServeOptions(
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        max_batch=cfg.max_batch,
+        max_queue_delay_us=cfg.max_queue_delay_us,
+        device="cpu",
+        threads=cfg.threads,
+        instances=cfg.instances,
+        task_models=False,
+        drain_timeout_s=5,
+        **given,
+    )
 
 
 def free_port() -> int:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from surgery_edge.bench.choices import ONE_GRAPH
+from surgery_edge.bench.env import environment
+from surgery_edge.bench.proc import load_average, package_version
 from surgery_edge.bench.report import fmt, table
 from surgery_edge.bench.serve_load import WORKLOADS
 from surgery_edge.bench.serve_measure import ServeResult
@@ -27,6 +29,19 @@ TARGETS = (
 EFFICIENCY_LEAST = 0.85  # serving efficiency of V1 against the experts' one graph
 V2_CPU_MOST = 1.1  # the V2 engine's CPU per request / the merged backbone's, through the server
 FLAG = "⚠ above ceiling"
+
+
+def record_head(benchmark: str, command: str, loadavg_before: list[float] | None) -> dict[str, Any]:
+    """The fields a serving benchmark's record starts with: which benchmark, its command, the
+    CPU environment, PyTriton's version, the load averages before the run and now (after)."""
+    return {
+        "benchmark": benchmark,
+        "command": command,
+        "environment": environment("cpu"),
+        "pytriton": package_version("nvidia-pytriton"),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": load_average(),
+    }
 
 
 def cpu_per_request(r: ServeResult) -> float | None:

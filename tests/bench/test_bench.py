@@ -25,6 +25,7 @@ from surgery_edge.bench import engine as engine_bench
 from surgery_edge.bench.choices import BASELINES, CONFIGS, ONE_GRAPH
 from surgery_edge.bench.decode import main as decode_main
 from surgery_edge.bench.engine import run_engine_bench
+from surgery_edge.bench.engine_memory import memory_specs
 from surgery_edge.bench.flops import (
     adapter_flops,
     backbone_flops,
@@ -484,6 +485,30 @@ def test_peak_memory_is_measured_in_a_process_of_its_own():
     assert [b["batch"] for b in good["batches"]] == [1, 16]
     assert peaks[0] <= peaks[1] and good["held_bytes"] > good["baseline_bytes"]
     assert bad["status"] == "failed" and "no-such-arch" in bad["reason"]
+
+
+def test_each_timed_combination_gets_a_memory_process_with_its_engines():
+    measured = ("experts", "one-expert", "merged")
+    config = EngineBenchConfig(device="cpu", num_tasks=3, memory_configs=measured)
+    cpu, folder = torch.device("cpu"), Path("/x")
+    bench = SimpleNamespace(arch=get_arch(ARCH), device=cpu, threads=2, folder=folder)
+    configs = (*measured, "surgery")  # not among memory_configs
+    works = [SimpleNamespace(config=c, mode="routed", rank=4, workers=3) for c in configs]
+    results = [SimpleNamespace(status="ok", arch=ARCH, config=c, mode="routed", path=p, batch=b)
+               for c in configs for p in ("eager", "onnxruntime") for b in (8, 1)
+               if (c, p) != ("merged", "eager")]  # fmt: skip
+    specs = {(s.config, s.path): s for s in memory_specs(config, bench, works, results)}
+    assert set(specs) == {(c, p) for c in measured for p in ("eager", "onnxruntime")} - {
+        ("merged", "eager")  # not timed: nothing to measure
+    }
+    eager, experts = specs[("experts", "eager")], specs[("experts", "onnxruntime")]
+    assert eager.batches == (1, 8) and eager.threads == 2 and eager.onnx_files == ()
+    assert experts.onnx_files == tuple(f"/x/expert-{t}.onnx" for t in range(3))
+    assert (experts.concurrent_workers, eager.concurrent_workers) == (3, 1)
+    assert specs[("one-expert", "onnxruntime")].onnx_files == ("/x/expert-0.onnx",)
+    assert specs[("merged", "onnxruntime")].onnx_files == ("/x/merged-routed.onnx",)
+    on_gpu = SimpleNamespace(**{**vars(bench), "device": torch.device("cuda")})
+    assert {s.path for s in memory_specs(config, on_gpu, works, results)} == {"eager"}
 
 
 def test_decode_benchmark_writes_its_result(tmp_path):

@@ -4,9 +4,11 @@ here as the reference), on a live process tree."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,22 @@ def test_the_readings_agree_with_the_kernels_fields(tree):
     before = _steal_ref()
     stolen = proc.stolen_seconds()
     assert before - TICK <= stolen <= _steal_ref() + TICK
+
+
+def test_the_cpu_sampler_reads_the_server_tree_and_the_machine(tree):
+    child, stub = tree
+    with proc.ServerCpuSampler(period_s=0.05) as cpu:
+        time.sleep(0.2)
+    assert {child: None, stub: "my-model"}.items() <= cpu.models.items()
+    assert cpu.born[child] == cpu.born[stub] == -math.inf  # there before the first sample
+    (t0, first, busy0), (t1, last, busy1) = cpu.samples[0], cpu.samples[-1]
+    assert len(cpu.samples) >= 3 and t1 > t0 and busy1 >= busy0
+    # each process's CPU time as the kernel counts it, standing still (the tree is idle)
+    assert last[child] == pytest.approx(_cpu_seconds_ref([child]), abs=2 * TICK)
+    assert first[child] == pytest.approx(last[child], abs=2 * TICK)
+    assert last[stub] == pytest.approx(_cpu_seconds_ref([stub]), abs=2 * TICK)
+    server, machine = cpu.cores(t0, t1)
+    assert 0 <= server <= machine + 0.1 and machine <= os.cpu_count() + 0.1
 
 
 def test_a_process_that_has_exited_reads_as_nothing():
