@@ -345,6 +345,42 @@ def test_adamerging_of_a_model_without_floating_point_weights_returns_it(method:
     assert result.recipe["coefficients"] == {t: unchanged for t in TASKS}
 
 
+class HalfScale(nn.Module):
+    """A linear layer and a per-feature scale held in fp16; notes the scale's dtype it runs with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float16))
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4) -> (B, 3)
+        self.seen.append(self.scale.dtype)
+        return self.linear(x) * self.scale.float()
+
+
+def test_adamerging_learns_on_the_merged_weights_in_their_own_dtype() -> None:
+    """A half-precision tensor is merged in fp32, then rounded once: the encoder learns with it
+    in fp16, as the merged model holds it."""
+    torch.manual_seed(0)
+    encoder = HalfScale()
+    pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    experts = {
+        t: {k: (v.float() + 0.5 * torch.randn(v.shape)).to(v.dtype) for k, v in pretrained.items()}
+        for t in TASKS
+    }
+    heads = {t: nn.Linear(3, 2) for t in TASKS}
+    context = AdaMergingContext(encoder, heads, {t: torch.randn(8, 4) for t in TASKS})
+    params = {"steps": 2, "batch_size": 8, "lr": 0.05}
+    result = get("adamerging_layerwise")(pretrained, experts, context=context, **params)
+    assert encoder.seen == [torch.float16, torch.float16]  # one encoder call per step
+    i, coefficients = result.recipe["keys"].index("scale"), result.recipe["coefficients"]
+    pre = pretrained["scale"].float()
+    expected = pre + sum(coefficients[t][i] * (experts[t]["scale"].float() - pre) for t in TASKS)
+    assert result.state_dict["scale"].dtype == torch.float16
+    torch.testing.assert_close(result.state_dict["scale"], expected.half())
+
+
 def test_adamerging_records_its_settings_and_coefficients_in_the_recipe() -> None:
     pretrained, experts, context, _ = make_context(seed=3)
     params = {"steps": 0, "batch_size": 8, "lr": 0.01, "init": 0.5}
