@@ -99,8 +99,9 @@ def test_sidecars_are_validated_on_write_and_read(tmp_path):
     engine = tmp_path / "model.plan"
     path = write_sidecar(engine, copy.deepcopy(GOOD))
     assert path.name == "model.plan.json" and read_sidecar(engine).tasks == ("digits", "shapes")
-    with pytest.raises(ExportError, match="lacks"):
+    with pytest.raises(ExportError) as info:
         write_sidecar(tmp_path / "other.plan", {"kind": "engine"})
+    assert str(info.value).startswith(f"Engine metadata of {tmp_path / 'other.plan.json'} lacks")
     assert not (tmp_path / "other.plan.json").exists()
     path.write_text("{")
     with pytest.raises(ExportError, match="model.plan.json.*not valid JSON"):
@@ -397,6 +398,9 @@ def test_metadata_is_found_among_an_onnx_model_s_properties():
     with pytest.raises(ExportError, match="^m.onnx carries no surgery-edge engine metadata"):
         metadata_from_props({"producer": "x"}, "m.onnx")
     with pytest.raises(ExportError) as info:
+        parse_metadata(json.dumps({**GOOD, "method": 3}), "m.onnx")
+    assert str(info.value) == "Engine metadata of m.onnx: method must be a name, got 3."
+    with pytest.raises(ExportError) as info:
         parse_metadata("[1,", "m.onnx")
     assert str(info.value) == (
         "Engine metadata of m.onnx is not valid JSON (Expecting value: line 1 column 4 (char 3))."
@@ -644,3 +648,21 @@ def test_an_onnx_engine_s_metadata_is_read_without_its_weights(tmp_path):
     onnx.save(model, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
     (tmp_path / "m.onnx.data").unlink()  # the weights are not needed to read the metadata
     assert read_metadata(path).tasks == ("digits", "shapes")
+    del model.metadata_props[:]
+    onnx.save(model, tmp_path / "plain.onnx")
+    with pytest.raises(ExportError) as info:
+        read_metadata(tmp_path / "plain.onnx")
+    assert str(info.value).startswith(f"{tmp_path / 'plain.onnx'} carries no surgery-edge engine")
+
+
+def test_a_tensorrt_engine_changed_after_its_sidecar_was_read_is_refused(tmp_path):
+    from surgery_edge.engine_format import verify_engine
+
+    engine = _sealed_trt(tmp_path)
+    meta = read_sidecar(engine)
+    verify_engine(engine, meta, "tensorrt")
+    engine.write_bytes(b"serialized engine B" * 50)
+    with pytest.raises(ExportError) as info:
+        verify_engine(engine, meta, "tensorrt")
+    detail = "the engine's bytes differ from the SHA-256 its metadata records"
+    assert str(info.value) == _changed(engine, detail)
