@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from surgery_edge.distributed import World
+from surgery_edge.distributed import World, joined
 from surgery_edge.errors import ConfigError, MergeError, TrainingError
 from surgery_edge.merging import (
     MERGE_METHODS,
@@ -304,6 +307,41 @@ def test_two_ranks_shares_of_a_step_make_the_one_process_step() -> None:
     torch.testing.assert_close((ranks[0][1] + ranks[1][1]) / 2, one[1])
     for task in TASKS:  # the metrics log sums each task's term over the ranks
         assert ranks[0][2][task] + ranks[1][2][task] == pytest.approx(one[2][task], rel=1e-5)
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    """One rank of a two-process AdaMerging job (gloo) on the tiny problem: its log to a file."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(LOCAL_RANK=str(rank), MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with joined(torch.device("cpu")) as world:
+        pretrained, experts, context, params = make_context(steps=3, batch_size=5)
+        context.world, context.metrics = world, Recorder()
+        result = get("adamerging_layerwise")(pretrained, experts, context=context, **params)
+    rows = context.metrics.rows
+    Path(out, f"{rank}.json").write_text(json.dumps({"recipe": result.recipe, "rows": rows}))
+
+
+@pytest.mark.slow  # two spawned processes: 5-20 s; the shares' arithmetic is checked above
+def test_two_processes_learn_and_log_what_one_process_does(tmp_path) -> None:
+    """A real two-process job (gloo): every rank ends with the coefficients one process learns
+    and logs the same loss per task (each rank's share summed over the ranks), with batches of
+    5 rows split 3 and 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank, args=(port, str(tmp_path)), nprocs=2)
+    pretrained, experts, context, params = make_context(steps=3, batch_size=5)
+    context.metrics = Recorder()
+    one = get("adamerging_layerwise")(pretrained, experts, context=context, **params)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        for task in TASKS:
+            learned = got["recipe"]["coefficients"][task]
+            assert learned == pytest.approx(one.recipe["coefficients"][task], abs=1e-6)
+        for row, expected in zip(got["rows"], context.metrics.rows, strict=True):
+            assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+            assert row["loss_per_task"] == pytest.approx(expected["loss_per_task"], rel=1e-5)
 
 
 def test_tasks_whose_images_differ_in_size_are_encoded_batch_by_batch() -> None:
