@@ -22,8 +22,11 @@ the one-process gradient: every rank ends with the coefficients one process lear
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -106,27 +109,51 @@ def _check_context(
         )
 
 
-def _adamerging(
-    method: str,
-    layerwise: bool,
-    pretrained: StateDict,
-    experts: Mapping[str, StateDict],
-    context: AdaMergingContext | None,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    init: float,
-) -> MergeResult:
-    check_compatible(pretrained, experts)
-    tasks = list(experts)
-    _check_context(method, pretrained, tasks, context)
-    assert context is not None
-    device = torch.device(context.device)
-    keys = float_keys(pretrained)
+@dataclass(frozen=True)
+class _Settings:
+    """One AdaMerging job's settings: which method, and its optimisation (see :data:`PARAMS`)."""
 
-    # Everything that does not change between steps is built once, on the device.
+    method: str
+    layerwise: bool  # one coefficient per task and floating-point tensor, or one per task
+    steps: int
+    batch_size: int
+    lr: float
+    init: float
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What does not change between steps, built once on the device by :func:`_prepare`."""
+
+    tasks: list[str]  # T of them, in the experts' order
+    keys: list[str]  # the floating-point keys, the only ones merged: L of them
+    device: torch.device
+    pre: StateDict  # every pretrained tensor, on the device
+    pre32: StateDict  # float key -> the pretrained tensor in fp32
+    stacked: StateDict  # float key -> (T, numel) fp32 task vectors
+    images: dict[str, Any]  # task -> images: on the device, or as given to a transform
+    heads: dict[str, tuple[torch.nn.Module, StateDict]]  # task -> (head, detached weights)
+    same_shape: bool  # every task's images have one shape and dtype: one encoder call per step
+
+    def merged(self, coef: torch.Tensor, layerwise: bool) -> StateDict:
+        """``pretrained + sum_t coef_t * tau_t`` for the floating-point keys, the other keys as
+        they are. coef: (T, L) layer-wise, (T, 1) task-wise."""
+        out = dict(self.pre)
+        for i, k in enumerate(self.keys):
+            c = coef[:, i] if layerwise else coef[:, 0]  # (T,)
+            delta = (c @ self.stacked[k]).view(self.pre[k].shape)
+            out[k] = (self.pre32[k] + delta).to(self.pre[k].dtype)
+        return out
+
+
+def _prepare(
+    pretrained: StateDict, experts: Mapping[str, StateDict], context: AdaMergingContext
+) -> _Problem:
+    """The pretrained weights, the stacked task vectors, the images and the heads' weights on
+    ``context.device`` (images that a transform reads stay where they are)."""
+    device = torch.device(context.device)
+    tasks, keys = list(experts), float_keys(pretrained)
     pre = {k: v.to(device) for k, v in pretrained.items()}
-    pre32 = {k: pre[k].float() for k in keys}
     stacked = {  # key -> (T, numel) fp32 task vectors
         k: torch.stack([task_vector(pre, e, k).reshape(-1) for e in experts.values()]) for k in keys
     }
@@ -134,109 +161,189 @@ def _adamerging(
         images = {t: context.images[t].to(device) for t in tasks}
     else:
         images = dict(context.images)
-    heads = {}  # task -> (head, detached weights on the device): frozen, and no .grad on them
+    heads = {}  # frozen, and no .grad on their weights
     for t in tasks:
         head = context.heads[t]
         heads[t] = (head, {n: v.detach().to(device) for n, v in head.state_dict().items()})
-    world = context.world or World.single(device)
-    world.require_rows(batch_size, f"Merge method {method!r}: batch_size")
-    learned = _Coefficients(
-        torch.full((len(tasks), len(keys) if layerwise else 1), float(init), dtype=torch.float32)
-    ).to(device)
-    coefficients = learned.values  # (T, L) or (T, 1)
-    optimizer = torch.optim.Adam([coefficients], lr=lr)
-    generator = torch.Generator().manual_seed(context.seed)
-    same_shape = len({(x.shape[1:], x.dtype) for x in images.values()}) == 1
+    return _Problem(
+        tasks=tasks,
+        keys=keys,
+        device=device,
+        pre=pre,
+        pre32={k: pre[k].float() for k in keys},
+        stacked=stacked,
+        images=images,
+        heads=heads,
+        same_shape=len({(x.shape[1:], x.dtype) for x in images.values()}) == 1,
+    )
 
-    def merged_params(coef: torch.Tensor) -> StateDict:
-        out = dict(pre)
-        for i, k in enumerate(keys):
-            c = coef[:, i] if layerwise else coef[:, 0]  # (T,)
-            delta = (c @ stacked[k]).view(pre[k].shape)
-            out[k] = (pre32[k] + delta).to(pre[k].dtype)
-        return out
 
-    modules = [context.encoder, *(h for h, _ in heads.values())]
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()  # no dropout: the coefficients are learned for inference
-    learn = steps if keys else 0  # nothing floating-point: nothing to learn
+@dataclass(frozen=True)
+class _Loss:
+    """One step's loss as this rank computes it: what :class:`_Step` runs.
 
-    per_task: dict[str, torch.Tensor] = {}  # the last step's terms, for the metrics log
+    Every rank draws the same batches (one generator, seeded alike) and keeps its share of each
+    batch's rows; its loss is weighted so that the gradient DistributedDataParallel averages is
+    the one-process gradient.
+    """
 
-    def step_loss(step: int) -> torch.Tensor:
+    problem: _Problem
+    settings: _Settings
+    context: AdaMergingContext
+    world: World
+    coefficients: torch.Tensor  # (T, L) or (T, 1), being learned
+    generator: torch.Generator
+    per_task: dict[str, torch.Tensor]  # the last step's terms, for the metrics log
+
+    def __call__(self, step: int) -> torch.Tensor:
         """This rank's share of one step's loss: the sum over tasks of the batch-mean entropy."""
+        batches, sizes = self.draw()
+        params = self.problem.merged(self.coefficients, self.settings.layerwise)
+        return self.entropy(self.features(params, batches), sizes)
+
+    def draw(self) -> tuple[list[torch.Tensor], list[int]]:
+        """One batch of every task: this rank's rows of it, and the whole batch's size."""
         batches, sizes = [], []
-        for t in tasks:
-            n = images[t].shape[0]
-            idx = torch.randperm(n, generator=generator)[:batch_size]  # the same on every rank
+        for t in self.problem.tasks:
+            images = self.problem.images[t]
+            idx = torch.randperm(images.shape[0], generator=self.generator)  # same on every rank
+            idx = idx[: self.settings.batch_size]
             sizes.append(len(idx))
-            share = world.share(len(idx))
+            share = self.world.share(len(idx))
             idx = idx[share.start : share.stop]
-            if context.transform is None:
-                batches.append(images[t][idx.to(device)])
+            if self.context.transform is None:
+                batches.append(images[idx.to(self.problem.device)])
             else:
-                batches.append(context.transform(images[t][idx.numpy()]))
-        params_now = merged_params(coefficients)
-        if same_shape:
-            feats = functional_call(context.encoder, params_now, (torch.cat(batches),))
-            features = feats.split([b.shape[0] for b in batches])
-        else:
-            features = [functional_call(context.encoder, params_now, (b,)) for b in batches]
-        loss = torch.zeros((), device=device)
-        per_task.clear()
-        for t, f, size in zip(tasks, features, sizes, strict=True):
-            head, head_params = heads[t]
+                batches.append(self.context.transform(images[idx.numpy()]))
+        return batches, sizes
+
+    def features(self, params: StateDict, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The merged encoder's features of each batch, (b_t, e) per task: in one call when
+        every task's images have one shape and dtype."""
+        encoder = self.context.encoder
+        if self.problem.same_shape:
+            feats = functional_call(encoder, params, (torch.cat(batches),))
+            return list(feats.split([b.shape[0] for b in batches]))
+        return [functional_call(encoder, params, (b,)) for b in batches]
+
+    def entropy(self, features: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+        """The sum over tasks of the mean entropy of each head's predictions over its whole
+        batch (this rank's rows' share of it in a distributed job); each term kept for the log."""
+        world = self.world
+        loss = torch.zeros((), device=self.problem.device)
+        self.per_task.clear()
+        for t, f, size in zip(self.problem.tasks, features, sizes, strict=True):
+            head, head_params = self.problem.heads[t]
             entropy = _entropy(functional_call(head, head_params, (f,)))
             term = entropy.sum() / size if world.distributed else entropy.mean()
-            per_task[t] = term.detach()
+            self.per_task[t] = term.detach()
             loss = loss + term
         return loss * world.size if world.distributed else loss
 
-    objective = world.wrap(_Step(learned, step_loss)) if learn else None
+
+def _initial(settings: _Settings, problem: _Problem) -> _Coefficients:
+    """Every coefficient at ``init``: (T, L) layer-wise, (T, 1) task-wise, fp32 on the device."""
+    shape = (len(problem.tasks), len(problem.keys) if settings.layerwise else 1)
+    values = torch.full(shape, float(settings.init), dtype=torch.float32)
+    return _Coefficients(values).to(problem.device)
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """The modules in eval mode (no dropout: the coefficients are learned for inference); every
+    submodule's own training flag restored afterwards."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
     try:
-        for step in range(learn):
-            loss = objective(step)
-            value = world.mean(loss.detach(), f"{method} (sharing the loss)").item()
-            if not math.isfinite(value):  # every rank sees the same value and stops
-                raise TrainingError(
-                    f"Merge method {method!r}: the entropy loss became {value} at step "
-                    f"{step}; lower its lr (now {lr}) or check the adaptation images."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            with world.lost(f"{method} (averaging the gradients)"):
-                loss.backward()
-            optimizer.step()
-            if context.progress is not None:
-                context.progress(step, value)
-            if context.metrics is not None:
-                what = f"{method} (sharing the per-task losses)"
-                losses = {  # each rank's term is its rows' share of the task's batch mean
-                    t: (world.mean(v, what) * world.size).item() if world.distributed else v.item()
-                    for t, v in per_task.items()
-                }
-                context.metrics.write(step, loss=value, loss_per_task=losses, lr=lr)
+        yield
     finally:
         for m, mode in modes:
             m.train(mode)
 
-    with torch.no_grad():
-        final = merged_params(coefficients.detach())
-    merged = {k: final[k] for k in keys}
-    values = coefficients.detach().cpu()
+
+def _learn(learned: _Coefficients, loss: _Loss, world: World) -> None:
+    """Learn the coefficients with Adam, ``steps`` steps on ``loss`` (none when nothing is
+    floating-point), each step reported; TrainingError once the loss is not finite."""
+    settings = loss.settings
+    steps = settings.steps if loss.problem.keys else 0  # nothing floating-point: nothing to learn
+    if steps == 0:
+        return
+    optimizer = torch.optim.Adam([learned.values], lr=settings.lr)
+    objective = world.wrap(_Step(learned, loss))
+    for step in range(steps):
+        total = objective(step)
+        value = world.mean(total.detach(), f"{settings.method} (sharing the loss)").item()
+        if not math.isfinite(value):  # every rank sees the same value and stops
+            raise TrainingError(
+                f"Merge method {settings.method!r}: the entropy loss became {value} at step "
+                f"{step}; lower its lr (now {settings.lr}) or check the adaptation images."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        with world.lost(f"{settings.method} (averaging the gradients)"):
+            total.backward()
+        optimizer.step()
+        _report(step, value, loss, world)
+
+
+def _report(step: int, value: float, loss: _Loss, world: World) -> None:
+    """A finished step's loss to ``context.progress``, and with each task's term and the lr to
+    ``context.metrics`` (each rank's term is its rows' share of the task's batch mean)."""
+    context, method = loss.context, loss.settings.method
+    if context.progress is not None:
+        context.progress(step, value)
+    if context.metrics is not None:
+        what = f"{method} (sharing the per-task losses)"
+        losses = {
+            t: (world.mean(v, what) * world.size).item() if world.distributed else v.item()
+            for t, v in loss.per_task.items()
+        }
+        context.metrics.write(step, loss=value, loss_per_task=losses, lr=loss.settings.lr)
+
+
+def _recipe(settings: _Settings, seed: int, problem: _Problem, values: torch.Tensor) -> dict:
+    """The merge recipe: the settings, the seed and the learned coefficients, {task: value}
+    task-wise, {task: [value per key]} and the keys layer-wise. values: (T, L) or (T, 1)."""
     recipe: dict = {
-        "method": method,
-        "init": float(init),
-        "steps": steps,
-        "lr": float(lr),
-        "batch_size": batch_size,
-        "seed": context.seed,
+        "method": settings.method,
+        "init": float(settings.init),
+        "steps": settings.steps,
+        "lr": float(settings.lr),
+        "batch_size": settings.batch_size,
+        "seed": seed,
     }
-    if layerwise:
+    tasks = problem.tasks
+    if settings.layerwise:
         recipe["coefficients"] = {t: values[i].tolist() for i, t in enumerate(tasks)}
-        recipe["keys"] = keys
+        recipe["keys"] = problem.keys
     else:
         recipe["coefficients"] = {t: float(values[i, 0]) for i, t in enumerate(tasks)}
+    return recipe
+
+
+def _adamerging(
+    settings: _Settings,
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    context: AdaMergingContext | None,
+) -> MergeResult:
+    """AdaMerging as both methods run it: check the input, learn the coefficients, merge."""
+    check_compatible(pretrained, experts)
+    _check_context(settings.method, pretrained, list(experts), context)
+    assert context is not None
+    problem = _prepare(pretrained, experts, context)
+    world = context.world or World.single(problem.device)
+    world.require_rows(settings.batch_size, f"Merge method {settings.method!r}: batch_size")
+    learned = _initial(settings, problem)
+    generator = torch.Generator().manual_seed(context.seed)
+    loss = _Loss(problem, settings, context, world, learned.values, generator, per_task={})
+    with _eval_mode([context.encoder, *(h for h, _ in problem.heads.values())]):
+        _learn(learned, loss, world)
+    values = learned.values.detach()
+    with torch.no_grad():
+        final = problem.merged(values, settings.layerwise)
+    merged = {k: final[k] for k in problem.keys}
+    recipe = _recipe(settings, context.seed, problem, values.cpu())
     return MergeResult(assemble(pretrained, merged), recipe)
 
 
@@ -276,9 +383,8 @@ def adamerging_taskwise(
         ConfigError: no context, or a context missing a task's head or images.
         TrainingError: the loss became non-finite.
     """
-    return _adamerging(
-        "adamerging_taskwise", False, pretrained, experts, context, steps, batch_size, lr, init
-    )
+    settings = _Settings("adamerging_taskwise", False, steps, batch_size, lr, init)
+    return _adamerging(settings, pretrained, experts, context)
 
 
 @register("adamerging_layerwise", params=PARAMS, needs_data=True)
@@ -309,6 +415,5 @@ def adamerging_layerwise(
         ConfigError: no context, or a context missing a task's head or images.
         TrainingError: the loss became non-finite.
     """
-    return _adamerging(
-        "adamerging_layerwise", True, pretrained, experts, context, steps, batch_size, lr, init
-    )
+    settings = _Settings("adamerging_layerwise", True, steps, batch_size, lr, init)
+    return _adamerging(settings, pretrained, experts, context)

@@ -99,3 +99,25 @@ def test_an_encoder_of_another_architecture_is_refused_naming_the_keys():
     assert "(missing: [], unexpected: ['extra'])" in _refused(
         context, pretrained, experts, MergeError
     )
+
+
+def test_the_tasks_a_context_lacks_and_those_it_has_are_named():
+    pretrained, experts, context = _context()
+    experts["birds"] = experts["cats"]
+    context.images["birds"] = torch.randn(4, 4)
+    assert _refused(context, pretrained, experts) == (
+        "Merge method 'adamerging_taskwise': the context has no heads for task(s) 'birds' (it "
+        "has: 'cats', 'dogs'); give heads for every expert."
+    )
+
+
+def test_the_keys_that_differ_are_listed_up_to_five_each():
+    layers = nn.Sequential(*(nn.Linear(4, 4) for _ in range(3)))  # 0.weight ... 2.bias
+    pretrained = {k: v.detach().clone() for k, v in layers.state_dict().items()}
+    experts = {t: dict(pretrained) for t in TASKS}
+    heads = {t: nn.Linear(4, 2) for t in TASKS}
+    context = AdaMergingContext(nn.Sequential(layers), heads, {t: torch.randn(4, 4) for t in TASKS})
+    assert (
+        "(missing: ['0.weight', '0.bias', '1.weight', '1.bias', '2.weight'], unexpected: "
+        "['0.0.bias', '0.0.weight', '0.1.bias', '0.1.weight', '0.2.bias'])"
+    ) in _refused(context, pretrained, experts, MergeError)

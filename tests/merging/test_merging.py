@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from surgery_edge.errors import ConfigError, MergeError
+from surgery_edge.distributed import World, joined
+from surgery_edge.errors import ConfigError, MergeError, TrainingError
 from surgery_edge.merging import (
     MERGE_METHODS,
     AdaMergingContext,
@@ -21,6 +25,7 @@ from surgery_edge.merging import (
     register,
     task_vectors,
 )
+from surgery_edge.merging.adamerging import _Loss, _prepare, _Settings
 
 ALL_METHODS = [
     "adamerging_layerwise",
@@ -152,17 +157,22 @@ def make_context(seed: int = 0, **overrides) -> tuple[dict, dict, AdaMergingCont
     return pretrained, experts, AdaMergingContext(encoder, heads, images, seed=seed), params
 
 
-def total_entropy(state_dict: dict, context: AdaMergingContext) -> float:
-    """sum over tasks of the mean entropy on all of that task's images."""
+def task_entropies(state_dict: dict, context: AdaMergingContext) -> dict[str, float]:
+    """task -> the mean entropy of its head's predictions on all of that task's images."""
     encoder = copy.deepcopy(context.encoder)
     encoder.load_state_dict(state_dict)
-    total = 0.0
+    entropies = {}
     with torch.no_grad():
         for task in TASKS:
             logits = context.heads[task](encoder(context.images[task]))
             p = logits.softmax(-1)
-            total += float(-(p * p.log()).sum(-1).mean())
-    return total
+            entropies[task] = float(-(p * p.log()).sum(-1).mean())
+    return entropies
+
+
+def total_entropy(state_dict: dict, context: AdaMergingContext) -> float:
+    """sum over tasks of the mean entropy on all of that task's images."""
+    return sum(task_entropies(state_dict, context).values())
 
 
 @pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
@@ -241,6 +251,203 @@ def test_adamerging_context_missing_task_and_bad_values() -> None:
         get("adamerging_taskwise")(pretrained, experts, context=context, **params)
     with pytest.raises(ConfigError, match=r"'steps'.*integer, got 2.5"):
         get("adamerging_taskwise")(pretrained, experts, context=context, steps=2.5)
+
+
+class Recorder:
+    """A metrics log that keeps its rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def write(self, step: int, **values) -> None:
+        self.rows.append({"step": step, **values})
+
+
+@pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
+def test_adamerging_s_first_step_is_the_entropy_of_every_image(method: str) -> None:
+    """With batches as large as the data, the first step's loss is the sum over tasks of the
+    mean prediction entropy on every image at the initial coefficients (task arithmetic at
+    lam = init), logged per task with the lr; Adam's first step moves every coefficient by lr."""
+    pretrained, experts, context, params = make_context(steps=1, batch_size=32, init=0.4)
+    seen: list[tuple[int, float]] = []
+    context.progress = lambda step, loss: seen.append((step, loss))
+    context.metrics = Recorder()
+    result = get(method)(pretrained, experts, context=context, **params)
+
+    start = get("task_arithmetic")(pretrained, experts, lam=0.4).state_dict
+    expected = task_entropies(start, context)
+    assert seen == [(0, pytest.approx(sum(expected.values()), rel=1e-5))]
+    row = {"step": 0, "loss": seen[0][1], "loss_per_task": pytest.approx(expected, rel=1e-5)}
+    assert context.metrics.rows == [{**row, "lr": 0.05}]
+    values = result.recipe["coefficients"].values()
+    moved = [abs(c - 0.4) for v in values for c in (v if isinstance(v, list) else [v])]
+    assert moved == pytest.approx([0.05] * len(moved), rel=1e-3)
+
+
+def test_two_ranks_shares_of_a_step_make_the_one_process_step() -> None:
+    """In a distributed job each rank computes the loss of its share of the rows of the same
+    batches, weighted so that the mean over the ranks (the logged loss; the gradient
+    DistributedDataParallel averages) is the one-process loss and gradient, also when the
+    shares differ in size (5 rows on 2 ranks: 3 and 2)."""
+    pretrained, experts, context, _ = make_context()
+    settings = _Settings("adamerging_layerwise", True, steps=1, batch_size=5, lr=0.05, init=0.3)
+
+    def step(world: World) -> tuple[float, torch.Tensor, dict[str, float]]:
+        problem = _prepare(pretrained, experts, context)
+        coefficients = torch.full((len(TASKS), 2), 0.3, requires_grad=True)
+        generator = torch.Generator().manual_seed(0)  # every rank draws the same batches
+        loss = _Loss(problem, settings, context, world, coefficients, generator, per_task={})
+        value = loss(0)
+        value.backward()
+        return value.item(), coefficients.grad, {t: v.item() for t, v in loss.per_task.items()}
+
+    one = step(World.single())
+    ranks = [step(World(rank, 2, rank, torch.device("cpu"), "gloo")) for rank in (0, 1)]
+    assert (ranks[0][0] + ranks[1][0]) / 2 == pytest.approx(one[0], rel=1e-5)
+    torch.testing.assert_close((ranks[0][1] + ranks[1][1]) / 2, one[1])
+    for task in TASKS:  # the metrics log sums each task's term over the ranks
+        assert ranks[0][2][task] + ranks[1][2][task] == pytest.approx(one[2][task], rel=1e-5)
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    """One rank of a two-process AdaMerging job (gloo) on the tiny problem: its log to a file."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(LOCAL_RANK=str(rank), MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with joined(torch.device("cpu")) as world:
+        pretrained, experts, context, params = make_context(steps=3, batch_size=5)
+        context.world, context.metrics = world, Recorder()
+        result = get("adamerging_layerwise")(pretrained, experts, context=context, **params)
+    rows = context.metrics.rows
+    Path(out, f"{rank}.json").write_text(json.dumps({"recipe": result.recipe, "rows": rows}))
+
+
+@pytest.mark.slow  # two spawned processes: 5-20 s; the shares' arithmetic is checked above
+def test_two_processes_learn_and_log_what_one_process_does(tmp_path) -> None:
+    """A real two-process job (gloo): every rank ends with the coefficients one process learns
+    and logs the same loss per task (each rank's share summed over the ranks), with batches of
+    5 rows split 3 and 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank, args=(port, str(tmp_path)), nprocs=2)
+    pretrained, experts, context, params = make_context(steps=3, batch_size=5)
+    context.metrics = Recorder()
+    one = get("adamerging_layerwise")(pretrained, experts, context=context, **params)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        for task in TASKS:
+            learned = got["recipe"]["coefficients"][task]
+            assert learned == pytest.approx(one.recipe["coefficients"][task], abs=1e-6)
+        for row, expected in zip(got["rows"], context.metrics.rows, strict=True):
+            assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+            assert row["loss_per_task"] == pytest.approx(expected["loss_per_task"], rel=1e-5)
+
+
+def test_tasks_whose_images_differ_in_size_are_encoded_batch_by_batch() -> None:
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    experts = {t: {k: v + 0.5 * torch.randn_like(v) for k, v in pretrained.items()} for t in TASKS}
+    heads = {t: nn.Linear(3, 2) for t in TASKS}
+    images = {"cars": torch.randn(6, 3, 4, 4), "dogs": torch.randn(6, 3, 6, 6)}
+    context = AdaMergingContext(encoder, heads, images)
+    seen: list[float] = []
+    context.progress = lambda step, loss: seen.append(loss)
+    params = {"steps": 1, "batch_size": 6, "lr": 0.05}
+    get("adamerging_taskwise")(pretrained, experts, context=context, **params)
+    start = get("task_arithmetic")(pretrained, experts, lam=0.3).state_dict
+    assert seen == [pytest.approx(total_entropy(start, context), rel=1e-5)]
+
+
+class Shift(nn.Module):
+    """An encoder without floating-point weights: (B, 4) -> (B, 3) plus an integer buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([1, 2, 3]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :3] + self.shift
+
+
+@pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
+def test_adamerging_of_a_model_without_floating_point_weights_returns_it(method: str) -> None:
+    pretrained = {"shift": torch.tensor([1, 2, 3])}
+    experts = {t: {"shift": torch.tensor([1, 2, 3])} for t in TASKS}
+    heads = {t: nn.Linear(3, 2) for t in TASKS}
+    context = AdaMergingContext(Shift(), heads, {t: torch.randn(8, 4) for t in TASKS})
+    result = get(method)(pretrained, experts, context=context, steps=3, batch_size=4, lr=0.05)
+    assert torch.equal(result.state_dict["shift"], pretrained["shift"])
+    unchanged = [] if method == "adamerging_layerwise" else pytest.approx(0.3)
+    assert result.recipe["coefficients"] == {t: unchanged for t in TASKS}
+
+
+class HalfScale(nn.Module):
+    """A linear layer and a per-feature scale held in fp16; notes the scale's dtype it runs with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float16))
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4) -> (B, 3)
+        self.seen.append(self.scale.dtype)
+        return self.linear(x) * self.scale.float()
+
+
+def test_adamerging_learns_on_the_merged_weights_in_their_own_dtype() -> None:
+    """A half-precision tensor is merged in fp32, then rounded once: the encoder learns with it
+    in fp16, as the merged model holds it."""
+    torch.manual_seed(0)
+    encoder = HalfScale()
+    pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    experts = {
+        t: {k: (v.float() + 0.5 * torch.randn(v.shape)).to(v.dtype) for k, v in pretrained.items()}
+        for t in TASKS
+    }
+    heads = {t: nn.Linear(3, 2) for t in TASKS}
+    context = AdaMergingContext(encoder, heads, {t: torch.randn(8, 4) for t in TASKS})
+    params = {"steps": 2, "batch_size": 8, "lr": 0.05}
+    result = get("adamerging_layerwise")(pretrained, experts, context=context, **params)
+    assert encoder.seen == [torch.float16, torch.float16]  # one encoder call per step
+    i, coefficients = result.recipe["keys"].index("scale"), result.recipe["coefficients"]
+    pre = pretrained["scale"].float()
+    expected = pre + sum(coefficients[t][i] * (experts[t]["scale"].float() - pre) for t in TASKS)
+    assert result.state_dict["scale"].dtype == torch.float16
+    torch.testing.assert_close(result.state_dict["scale"], expected.half())
+
+
+def test_adamerging_records_its_settings_and_coefficients_in_the_recipe() -> None:
+    pretrained, experts, context, _ = make_context(seed=3)
+    params = {"steps": 0, "batch_size": 8, "lr": 0.01, "init": 0.5}
+    settings = {"init": 0.5, "steps": 0, "lr": 0.01, "batch_size": 8, "seed": 3}
+    taskwise = get("adamerging_taskwise")(pretrained, experts, context=context, **params)
+    assert taskwise.recipe == {
+        "method": "adamerging_taskwise",
+        **settings,
+        "coefficients": {"cars": 0.5, "dogs": 0.5},
+    }
+    layerwise = get("adamerging_layerwise")(pretrained, experts, context=context, **params)
+    assert layerwise.recipe == {
+        "method": "adamerging_layerwise",
+        **settings,
+        "coefficients": {"cars": [0.5, 0.5], "dogs": [0.5, 0.5]},
+        "keys": ["weight", "bias"],
+    }
+
+
+def test_a_loss_that_is_not_finite_stops_adamerging_naming_the_step_and_lr() -> None:
+    pretrained, experts, context, params = make_context(steps=3)
+    context.images["dogs"] = torch.full((32, 4), float("inf"))
+    with pytest.raises(TrainingError) as raised:
+        get("adamerging_taskwise")(pretrained, experts, context=context, **params)
+    assert str(raised.value) == (
+        "Merge method 'adamerging_taskwise': the entropy loss became nan at step 0; lower its "
+        "lr (now 0.05) or check the adaptation images."
+    )
+    assert context.encoder.training  # the training flags are restored on the way out
 
 
 # --- registry ----------------------------------------------------------------------------------
