@@ -698,6 +698,10 @@ def _set(key, value):
     return _sealed(lambda s: s.update({key: value}))
 
 
+def _set_bank(value):
+    return _sealed(lambda s: s["bank"].update({"up.final": value(s["bank"]["up.final"])}))
+
+
 def _edited(state, tmp_path):
     state["bank"]["up.final"] += 1e-3  # finite, plausible, not what was saved
     return state
@@ -717,6 +721,14 @@ REFUSED = {
         "it was written with other settings ({'method': 'surgery', 'rank': 4",
     ),
     "other inputs": (_set("inputs", "merge-B"), "it was written for another merged model"),
+    "nan adapters": (
+        _set_bank(lambda up: torch.full_like(up, float("nan"))),
+        "its contents do not fit these adapters (ValueError)",
+    ),
+    "other shape": (
+        _set_bank(lambda up: up[:, :2]),
+        "its contents do not fit these adapters (RuntimeError)",
+    ),
     **{
         f"step {step!r}": (_set("step", step), f"it records an impossible step {step!r}")
         for step in (0, -1, 5, 10**6, True, 2.0, "2")
