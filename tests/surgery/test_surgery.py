@@ -715,12 +715,20 @@ REFUSED = {
         lambda s, tmp: {k: v for k, v in s.items() if k not in ("digest", "inputs")},
         "it records no digest of its content (written by an earlier version)",
     ),
-    "edited": (_edited, "its content does not match the digest it was saved with"),
+    "edited": (
+        _edited,
+        "its content does not match the digest it was saved with: it was damaged or edited "
+        "since, and training from it could go anywhere",
+    ),
     "other lr": (
         _sealed(lambda s: s["config"].update(lr=0.5)),
-        "it was written with other settings ({'method': 'surgery', 'rank': 4",
+        "it was written with other settings ({'method': 'surgery', 'rank': 4, 'steps': 5, "
+        "'batch_size': 3, 'lr': 0.5, 'seed': 0, 'checkpoint_every': 2, 'schedule': 'joint'})",
     ),
-    "other inputs": (_set("inputs", "merge-B"), "it was written for another merged model"),
+    "other inputs": (
+        _set("inputs", "merge-B"),
+        "it was written for another merged model, other targets or another data split",
+    ),
     "nan adapters": (
         _set_bank(lambda up: torch.full_like(up, float("nan"))),
         "its contents do not fit these adapters (ValueError)",
@@ -745,8 +753,7 @@ def test_a_checkpoint_that_cannot_be_trusted_is_not_resumed(tmp_path, checkpoint
     path = tmp_path / "part.safetensors.state.pt"
     torch.save(forge(copy.deepcopy(state), tmp_path), path)
     resumed = _Fit(tmp_path, 5, case, "part.safetensors", resume=True)
-    assert len(resumed.said) == 1 and resumed.said[0].startswith(f"not resuming from {path}: ")
-    assert why in resumed.said[0] and resumed.said[0].endswith("; training from step 0.")
+    assert resumed.said == [f"not resuming from {path}: {why}; training from step 0."]
     assert resumed.steps == [0, 1, 2, 3, 4] and resumed.losses == fresh.losses
     assert _same(resumed.bank, fresh.bank)
     assert not (tmp_path / "ran").exists()
@@ -822,6 +829,30 @@ def test_a_last_update_that_makes_the_adapters_non_finite_publishes_nothing(tmp_
     assert meta["merge_recipe"] == {"method": "ties"} and meta["provenance"] == {"seed": 0}
     assert "fingerprint" not in meta
     assert _same(bank, _Fit(tmp_path, 1, _cached(), "one-step.safetensors").bank)
+
+
+@pytest.mark.parametrize("rows", [range(N_CACHED), [3]], ids=["at step 0", "later"])
+def test_a_nan_loss_stops_and_says_what_to_do(tmp_path, rows):
+    """A NaN target row stops training at the first step that draws it; the error says which
+    step, where the last good adapters are (none when it is step 0) and what to change."""
+    targets, finals = _cached()
+    targets["b"].final[list(rows)] = np.nan
+    cfg = _cached_cfg(20)
+    stop = next(s for s in range(20) if set(schedule_draws(cfg, s, [N_CACHED] * 3)[1][1]) & {*rows})
+    with pytest.raises(TrainingError) as e:
+        _Fit(tmp_path, 20, (targets, finals))
+    out, last = tmp_path / "v1.safetensors", last_good_path(tmp_path / "v1.safetensors")
+    kept = (
+        " No step of this run gave a finite loss, so there are no good adapters."
+        if stop == 0
+        else f" The last adapters that gave a finite loss (as they were at step {stop - 1}) were "
+        f"saved to {last} for inspection; they are marked incomplete and never reused."
+    )
+    assert str(e.value) == (
+        f"Surgery loss became nan at step {stop}. Nothing was written to {out}.{kept} Lower the "
+        "learning rate (--lr, now 0.01) or check the expert checkpoints and images for NaNs."
+    )
+    assert last.exists() == (stop > 0) and not out.exists()
 
 
 def test_a_batch_smaller_than_the_ranks_is_refused_before_training(tmp_path):
