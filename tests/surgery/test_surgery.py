@@ -666,8 +666,7 @@ def checkpoint(tmp_path_factory):
     """A run of 5 steps stopped after 3 (its checkpoint: step 2), and an uninterrupted one."""
     tmp = tmp_path_factory.mktemp("checkpoint")
     case = _cached()
-    fresh = _Fit(tmp, 5, case, "fresh.safetensors", metrics=tmp / "fresh.jsonl")
-    fresh.rows = read_metrics(tmp / "fresh.jsonl")[1:]
+    fresh = _Fit(tmp, 5, case, "fresh.safetensors")
     _Fit(tmp, 5, case, "part.safetensors", stop_after=2, settings={"checkpoint_every": 2})
     return case, torch.load(tmp / "part.safetensors.state.pt", weights_only=True), fresh
 
@@ -882,23 +881,27 @@ def _rank(rank: int, tmp_path, case) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_resume_a_checkpoint_and_train_as_one_process(tmp_path, checkpoint):
+def test_two_ranks_resume_as_one_process_does(tmp_path, checkpoint):
     """Two processes resumed from one checkpoint: the writer reads it and sends it to the other
     rank; each rank trains on its share of every batch and both end with the losses, the
-    per-task losses and the adapters of one process. Only the writer writes."""
-    case, state, fresh = checkpoint
-    torch.save(state, tmp_path / "two.safetensors.state.pt")
+    per-task losses and the adapters of one process resumed from it. Only the writer writes."""
+    case, state, _ = checkpoint
+    for name in ("one", "two"):
+        torch.save(state, tmp_path / f"{name}.safetensors.state.pt")
+    one = _Fit(tmp_path, 5, case, "one.safetensors", resume=True, metrics=tmp_path / "one.jsonl")
     # forked (this process has torch loaded already): starting two interpreters takes seconds
     torch.multiprocessing.start_processes(_rank, (tmp_path, case), 2, start_method="fork")
     heard = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for rank in heard:
-        assert rank["steps"] == [2, 3, 4] and rank["said"] == []
-        np.testing.assert_allclose(rank["losses"], fresh.losses[2:], rtol=1e-5)
-        for key, value in fresh.bank.state_dict().items():
+        assert rank["steps"] == one.steps == [2, 3, 4] and rank["said"] == []
+        np.testing.assert_allclose(rank["losses"], one.losses, rtol=1e-5)
+        for key, value in one.bank.state_dict().items():
             torch.testing.assert_close(rank["bank"][key], value, rtol=1e-5, atol=1e-6)
-    start, *rows = read_metrics(tmp_path / "rank0.jsonl")
+    (start, *rows), (_, *one_rows) = (
+        read_metrics(tmp_path / f) for f in ("rank0.jsonl", "one.jsonl")
+    )
     assert start["first_step"] == 2 and [r["step"] for r in rows] == [2, 3, 4]
-    for row, want in zip(rows, fresh.rows[2:], strict=True):
+    for row, want in zip(rows, one_rows, strict=True):
         assert row["loss_per_task"] == pytest.approx(want["loss_per_task"], rel=1e-5)
     saved, _ = AdapterBank.load(tmp_path / "two.safetensors")
     assert all(torch.equal(a, heard[0]["bank"][k]) for k, a in saved.state_dict().items())
