@@ -33,6 +33,7 @@ checkpoints and adapters; a resumed checkpoint is sent from it to the other rank
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -154,7 +155,8 @@ def _resume_from(
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, int) or not 0 < step < total:
         return 0, f"it records an impossible step {step!r}"
-    saved_bank, saved_opt = bank.state_dict(), opt.state_dict()
+    # copies: a state_dict holds the live tensors, which a failed load may have overwritten
+    saved_bank, saved_opt = copy.deepcopy(bank.state_dict()), copy.deepcopy(opt.state_dict())
     try:
         bank.load_state_dict(state["bank"])
         opt.load_state_dict(state["opt"])
