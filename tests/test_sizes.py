@@ -37,7 +37,6 @@ LONG_FUNCTIONS = {
     "surgery_edge/export/tensorrt.py::build_engine": NOT_YET,
     "surgery_edge/merging/adamerging.py::_adamerging": NOT_YET,
     "surgery_edge/models/convert/task_vectors.py::import_task_vectors": NOT_YET,
-    "surgery_edge/run/engines.py::export_and_check": NOT_YET,
     "surgery_edge/run/experts.py::build_experts": NOT_YET,
     "surgery_edge/run/recipe.py::import_checkpoints": NOT_YET,
 }
