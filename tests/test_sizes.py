@@ -34,7 +34,6 @@ LONG_FUNCTIONS = {
     "surgery_edge/bench/plots.py::latency_figure": NOT_YET,
     "surgery_edge/bench/roll.py::run_roll_bench": "new with the version roll, not split yet",
     "surgery_edge/merging/adamerging.py::_adamerging": NOT_YET,
-    "surgery_edge/run/recipe.py::import_checkpoints": NOT_YET,
 }
 
 
