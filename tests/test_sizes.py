@@ -21,19 +21,11 @@ MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80
 
 CLI = "a typer command declares each of its options as a parameter (the CLI is excepted)"
-PARALLEL = "being split in parallel (issue 36)"
-NOT_YET = "over the limit before issue 36 and not split yet"
 LONG_FILES: dict[str, str] = {}
 LONG_FUNCTIONS = {
     "cli/bench.py::bench": CLI,
     "cli/pipeline.py::train": CLI,
     "cli/serve.py::serve": CLI,
-    "surgery_edge/export/quantize.py::quantize_engine": PARALLEL,
-    "surgery_edge/export/tensorrt.py::build_engine": NOT_YET,
-    "surgery_edge/models/convert/task_vectors.py::import_task_vectors": NOT_YET,
-    "surgery_edge/run/engines.py::export_and_check": NOT_YET,
-    "surgery_edge/run/experts.py::build_experts": NOT_YET,
-    "surgery_edge/run/recipe.py::import_checkpoints": NOT_YET,
 }
 
 

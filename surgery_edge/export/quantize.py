@@ -270,6 +270,21 @@ def _run_ort(src: Path, out: Path, recipe: QuantRecipe, exclude: list[str], cali
 # --- the entry point -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One quantisation: the fp32 engine, how it is quantised, and the images it is
+    calibrated on and checked with."""
+
+    source: Path
+    meta: EngineMetadata  # the source's, verified against its digest
+    recipe: QuantRecipe
+    calibration: Calibration
+    target: Target
+    groups: dict[str, list[str]]  # each of GROUPS -> the names of its nodes in the source
+    keep: frozenset[str]  # the groups left in higher precision
+    tables: tuple[str, ...]  # the per-task tables (adapters, then heads), stored per recipe
+
+
 def quantize_engine(
     source: str | Path,
     out: str | Path,
@@ -300,6 +315,19 @@ def quantize_engine(
             the result fails :func:`gate` on the held-out images.
     """
     source, out, target = Path(source), Path(out), Target.parse(target)
+    job = _job(source, recipe, calibration, target)
+    t0 = time.perf_counter()
+    result, tool = _quantize(job)
+    stored, saved = store_tables(result, list(job.tables), recipe.tables)
+    storage = {"storage": recipe.tables, "stored": stored, "bytes_saved": saved}
+    record = _record(job, result, tool, storage, t0)
+    _publish(job, result, record, out, check)
+    return out
+
+
+def _job(source: Path, recipe: QuantRecipe, calibration: Calibration, target: Target) -> _Job:
+    """Read and verify the fp32 engine ``source``; find its node groups, which of them the
+    quantiser must leave alone, and its per-task tables."""
     meta = read_onnx_metadata(source)
     verify_engine(source, meta, "onnx")
     if meta.precision is not Precision.FP32:
@@ -308,42 +336,57 @@ def quantize_engine(
             "--precision fp32)."
         )
     tables = meta.get("task_tables") or {}
-    table_names = [n for kind in ("adapters", "heads") for n in tables.get(kind, [])]
-    proto = onnx.load(str(source))
-    groups = node_groups(proto, tables)
+    names = tuple(n for kind in ("adapters", "heads") for n in tables.get(kind, []))
+    groups = node_groups(onnx.load(str(source)), tables)
     keep = set(recipe.keep)
     if recipe.quantizer is not Quantizer.MODELOPT:
         # ONNX Runtime's integer MatMul takes a 2-D constant weight: the products with the
         # per-task tables (V1's batched (T, d, r) final adapters) stay float; the tables
         # themselves are stored int8 below
         keep |= {"adapters", "heads"}
-    exclude = [n for g in GROUPS if g in keep for n in groups[g]]
-    t0 = time.perf_counter()
+    return _Job(source, meta, recipe, calibration, target, groups, frozenset(keep), names)
+
+
+def _quantize(job: _Job) -> tuple[onnx.ModelProto, tuple[str, str]]:
+    """Run the recipe's quantiser on a copy of the source, its output captured; returns the
+    quantised graph and the tool with its version."""
+    recipe = job.recipe
+    exclude = [n for g in GROUPS if g in job.keep for n in job.groups[g]]
     with tempfile.TemporaryDirectory(prefix="surgery-edge-quant-") as tmp:
         src, quantized = Path(tmp) / "fp32.onnx", Path(tmp) / "quantized.onnx"
-        shutil.copyfile(source, src)
+        shutil.copyfile(job.source, src)
         run = _run_modelopt if recipe.quantizer is Quantizer.MODELOPT else _run_ort
         with _captured() as log:
             try:
-                tool, version = run(src, quantized, recipe, exclude, calibration, meta.mode)
+                tool = run(src, quantized, recipe, exclude, job.calibration, job.meta.mode)
             except (ExportError, ConfigError):
                 raise
             except Exception as e:  # the quantisers raise assertion, value and ORT errors
                 raise ExportError(
-                    f"{recipe.quantizer} could not quantise {source} to {recipe.precision} "
+                    f"{recipe.quantizer} could not quantise {job.source} to {recipe.precision} "
                     f"({type(e).__name__}: {str(e)[:300]}; log: {_tail(log.getvalue())})."
                 ) from None
-        result = onnx.load(str(quantized))
-    stored, saved = store_tables(result, table_names, recipe.tables)
-    record = {
-        "recipe": recipe.to_dict(),
-        "target": str(target),
-        "tool": tool,
-        "tool_version": version,
-        "kept_in_higher_precision": {g: len(groups[g]) for g in GROUPS if g in keep},
-        "node_groups": {g: len(v) for g, v in groups.items()},
+        return onnx.load(str(quantized)), tool
+
+
+def _record(
+    job: _Job,
+    result: onnx.ModelProto,
+    tool: tuple[str, str],
+    tables: dict[str, Any],
+    t0: float,
+) -> dict[str, Any]:
+    """The metadata's ``quantization`` record (the check is added once it has run)."""
+    calibration = job.calibration
+    return {
+        "recipe": job.recipe.to_dict(),
+        "target": str(job.target),
+        "tool": tool[0],
+        "tool_version": tool[1],
+        "kept_in_higher_precision": {g: len(job.groups[g]) for g in GROUPS if g in job.keep},
+        "node_groups": {g: len(v) for g, v in job.groups.items()},
         "quantized_nodes": _quantized_nodes(result),
-        "tables": {"storage": recipe.tables, "stored": stored, "bytes_saved": saved},
+        "tables": tables,
         "calibration": {
             **calibration.source,
             "images": int(len(calibration.images)),
@@ -351,8 +394,16 @@ def quantize_engine(
         },
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _publish(
+    job: _Job, result: onnx.ModelProto, record: dict[str, Any], out: Path, check: bool
+) -> None:
+    """Write the quantised engine to ``out`` only once it runs and (``check``) passes
+    :func:`gate` against the source; its metadata then records the check too."""
+    recipe = job.recipe
     new_meta = {
-        **meta.to_dict(),
+        **job.meta.to_dict(),
         "precision": str(recipe.precision),
         "quantization": record,
         "opset": _opset(result),
@@ -362,7 +413,7 @@ def quantize_engine(
         write_engine(result, tmp)
         check_onnx(tmp)
         try:
-            verdict = _verify(tmp, source, calibration, recipe.precision, check)
+            verdict = _verify(tmp, job.source, job.calibration, recipe.precision, check)
         except GateError as e:
             e.record = record
             raise
@@ -371,14 +422,13 @@ def quantize_engine(
         except Exception as e:  # onnxruntime cannot run the quantised graph
             raise ExportError(
                 f"ONNX Runtime cannot run the {recipe.precision} engine that {recipe.quantizer} "
-                f"made from {source} ({str(e).splitlines()[0][:300]}); it was not written. Try "
-                "another --quantizer, or keep more node groups in higher precision."
+                f"made from {job.source} ({str(e).splitlines()[0][:300]}); it was not written. "
+                "Try another --quantizer, or keep more node groups in higher precision."
             ) from None
         record["check"] = verdict
         _set_metadata(result, {**new_meta, "quantization": record})
         write_engine(result, tmp)
         check_onnx(tmp)
-    return out
 
 
 def _verify(

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery_edge.engine_format import (
     EngineMetadata,
@@ -180,58 +182,16 @@ def build_engine(
         ``engine_path``.
     """
     engine_path = Path(engine_path)
-    meta = builder_input(onnx_path)
-    shapes = profile_shapes(
-        meta.preprocessing.image_size, meta.mode, min_batch, opt_batch, max_batch
-    )
-    workspace = check_workspace(workspace_gb)
+    batches = (min_batch, opt_batch, max_batch)
+    build = _plan(onnx_path, precision, batches, workspace_gb, timing_cache)
     trt = import_tensorrt()
-    check_precision_support(trt, meta.precision)
-    strongly_typed = meta.precision.quantized
-    fp16 = precision is Precision.FP16 and not strongly_typed
-
+    check_precision_support(trt, build.meta.precision)
+    # the logger, builder and parser live until the build: the network points into them
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # explicit batch is the only mode in TensorRT 10; a QDQ graph is built strongly typed
-    network = builder.create_network(network_flags(trt, meta.precision))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    cache = None
-    if timing_cache is not None:
-        timing_cache = Path(timing_cache)
-        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-
-    sidecar = {
-        **meta.to_dict(),
-        "format": "tensorrt",
-        "onnx": Path(onnx_path).name,
-        "tensorrt": {
-            "version": trt.__version__,
-            "fp16": fp16,
-            "strongly_typed": strongly_typed,
-            "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
-            "min_batch": min_batch,
-            "opt_batch": opt_batch,
-            "max_batch": max_batch,
-            "workspace_gb": workspace_gb,
-        },
-    }
-    where = sidecar_path(engine_path)
-    # the precision it computes in: an fp32 ONNX built with FP16 kernels makes an fp16 engine
-    sidecar["precision"] = effective_precision(validate_metadata(sidecar, where)).value
-    validate_metadata(sidecar, where)  # before the build, not after
+    network, parser = _parse(trt, builder, logger, build)
+    config, cache = _builder_config(trt, builder, build)
+    sidecar = _sidecar(build, engine_path, trt.__version__)  # before the build, not after
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(
@@ -245,6 +205,100 @@ def build_engine(
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(blob)
     if cache is not None:
-        with atomic_path(timing_cache) as tmp:
+        with atomic_path(build.timing_cache) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     return engine_path
+
+
+@dataclass(frozen=True)
+class _Build:
+    """One TensorRT build, checked before TensorRT is imported: the ONNX and its metadata,
+    the optimization profile and the builder's settings."""
+
+    onnx_path: Path
+    meta: EngineMetadata  # the ONNX's, checked by builder_input
+    shapes: dict[str, tuple[Shape, Shape, Shape]]  # the profile (profile_shapes)
+    batches: tuple[int, int, int]  # min, opt, max
+    workspace_gb: float
+    workspace: int  # the same in bytes
+    fp16: bool  # FP16 kernels allowed (never for a strongly typed QDQ graph)
+    timing_cache: Path | None  # read if it exists, written back after the build
+
+    @property
+    def strongly_typed(self) -> bool:
+        """An int8 / fp8 (QDQ) graph: its Q/DQ scales decide each layer's precision."""
+        return self.meta.precision.quantized
+
+
+def _plan(
+    onnx_path: str | os.PathLike,
+    precision: Precision,
+    batches: tuple[int, int, int],
+    workspace_gb: float,
+    timing_cache: str | os.PathLike | None,
+) -> _Build:
+    """Check the ONNX, the batch sizes and the workspace (every error before TensorRT is
+    needed); ``precision`` fp16 allows FP16 kernels unless the graph is quantised."""
+    meta = builder_input(onnx_path)
+    shapes = profile_shapes(meta.preprocessing.image_size, meta.mode, *batches)
+    workspace = check_workspace(workspace_gb)
+    fp16 = precision is Precision.FP16 and not meta.precision.quantized
+    cache = None if timing_cache is None else Path(timing_cache)
+    return _Build(Path(onnx_path), meta, shapes, batches, workspace_gb, workspace, fp16, cache)
+
+
+def _parse(trt, builder, logger, build: _Build) -> tuple[Any, Any]:
+    """The network parsed from the ONNX, and its parser (which owns the weights the network
+    points to)."""
+    # explicit batch is the only mode in TensorRT 10; a QDQ graph is built strongly typed
+    network = builder.create_network(network_flags(trt, build.meta.precision))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(build.onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {build.onnx_path}: {errors}")
+    return network, parser
+
+
+def _builder_config(trt, builder, build: _Build) -> tuple[Any, Any]:
+    """The builder config (workspace pool, FP16, the profile) and its timing cache, read from
+    the build's timing-cache file if it exists (None: no timing cache)."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, build.workspace)
+    if build.fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in build.shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = None
+    if build.timing_cache is not None:
+        blob = build.timing_cache.read_bytes() if build.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return config, cache
+
+
+def _sidecar(build: _Build, engine_path: Path, version: str) -> dict[str, Any]:
+    """The engine's metadata sidecar (less the engine's hash), validated: the ONNX's metadata,
+    the build settings of TensorRT ``version``, and the precision the engine computes in."""
+    min_batch, opt_batch, max_batch = build.batches
+    sidecar = {
+        **build.meta.to_dict(),
+        "format": "tensorrt",
+        "onnx": build.onnx_path.name,
+        "tensorrt": {
+            "version": version,
+            "fp16": build.fp16,
+            "strongly_typed": build.strongly_typed,
+            "profile": {k: [list(s) for s in v] for k, v in build.shapes.items()},
+            "min_batch": min_batch,
+            "opt_batch": opt_batch,
+            "max_batch": max_batch,
+            "workspace_gb": build.workspace_gb,
+        },
+    }
+    where = sidecar_path(engine_path)
+    # the precision it computes in: an fp32 ONNX built with FP16 kernels makes an fp16 engine
+    sidecar["precision"] = effective_precision(validate_metadata(sidecar, where)).value
+    validate_metadata(sidecar, where)
+    return sidecar

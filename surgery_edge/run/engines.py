@@ -16,8 +16,11 @@ Runtime CPU latency at batch 1 and 8.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,9 @@ import numpy as np
 from surgery_edge.engine_format import FORMAT_VERSION, EngineMode, Precision
 from surgery_edge.errors import ConfigError, ExportError
 from surgery_edge.evaluation.accuracy import accuracy_on
-from surgery_edge.evaluation.engine import engine_report, split_images
+from surgery_edge.evaluation.engine import TaskImages, engine_report, split_images
 from surgery_edge.export.aoti import export_aoti
-from surgery_edge.export.gate import GateError
+from surgery_edge.export.gate import Calibration, GateError
 from surgery_edge.export.onnx import export_onnx
 from surgery_edge.export.parity import check_forward
 from surgery_edge.export.quantize import (
@@ -67,10 +70,61 @@ def artefact_key(precision: Precision) -> str:
     return "onnx" if precision is Precision.FP32 else f"onnx-{precision}"
 
 
-def _single_expert_model(run: Run) -> tuple[MultiTaskModel, str]:
-    task = run.tasks[0]
-    expert = run.experts.experts[task]  # hashed from its bytes: an engine is published from it
-    return run.layout.model(expert, None, [task], run.arch, "cpu", fresh=True), task
+@dataclass(frozen=True)
+class _TestSet:
+    """What every engine of the stage is checked and measured on."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8: every task's test images, for the parity check
+    task_ids: np.ndarray  # (N,) int64: each image's task
+    data: dict[str, TaskImages]  # the same images with labels per task: the evaluation's
+    split: str  # the unlabelled split the calibration images come from
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """The model one plan exports, and the rows its parity is checked on."""
+
+    model: MultiTaskModel
+    method: str | None  # the surgery method; None: the single expert
+    mode: EngineMode
+    metadata: dict[str, Any]  # what the engine metadata records it was made from
+    images: np.ndarray  # (n, H, W, 3) uint8
+    task_ids: np.ndarray | None  # (n,) int64; None for an all-tasks engine
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """What every engine of one :func:`export_and_check` shares."""
+
+    run: Run
+    out: Path  # where the engines go
+    tests: _TestSet
+    bar: Any  # the progress bar: advanced once per artefact
+
+
+def _test_set(run: Run) -> _TestSet:
+    """The built-in suite's whole test split; a sample of 256 per task for data from disk."""
+    per_task = None if run.config.builtin else 256
+    images, task_ids, _ = suite_test_split(run.suite, run.tasks, per_task, run.config.seed)
+    data = split_images(run.suite, run.tasks, "test", per_task, run.config.seed)
+    split = unlabelled_split(run.config)  # calibration_set refuses an empty one, with advice
+    return _TestSet(images, task_ids, data, split)
+
+
+def _subject(run: Run, method: str | None, mode: EngineMode, tests: _TestSet) -> _Subject:
+    """The model of a plan: the merge with ``method``'s adapters (every task's test rows), or
+    the first task's expert alone (that task's rows) when ``method`` is None."""
+    if method is None:
+        task = run.tasks[0]
+        # hashed from its bytes: an engine is published from it
+        expert = run.experts.experts[task]
+        model = run.layout.model(expert, None, [task], run.arch, "cpu", fresh=True)
+        rows = tests.task_ids == 0
+        ids, images = tests.task_ids[rows], tests.images[rows]
+        return _Subject(model, method, mode, {"expert": task}, images, ids)
+    model, extra = run.layout.export_model(MERGE, method, device="cpu")
+    ids = tests.task_ids if mode is EngineMode.ROUTED else None
+    return _Subject(model, method, mode, extra, tests.images, ids)
 
 
 def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, Any]:
@@ -94,102 +148,158 @@ def export_and_check(run: Run, out_dir: Path, aoti: bool = True) -> dict[str, An
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # The built-in suite's whole test split; a sample of 256 per task for data from disk.
-    per_task = None if run.config.builtin else 256
-    images, task_ids, _ = suite_test_split(run.suite, run.tasks, per_task, run.config.seed)
-    data = split_images(run.suite, run.tasks, "test", per_task, run.config.seed)
-    split = unlabelled_split(run.config)  # calibration_set refuses an empty one, with advice
+    tests = _test_set(run)
     result: dict[str, Any] = {
         "arch": run.arch.name,
         "tasks": run.tasks,
         "merge": MERGE,
-        "test_images": int(len(images)),
-        "calibration": {"split": split, "per_task": DEFAULT_CALIBRATION_IMAGES},
+        "test_images": int(len(tests.images)),
+        "calibration": {"split": tests.split, "per_task": DEFAULT_CALIBRATION_IMAGES},
         "engines": {},
     }
     expert_bytes: dict[str, int] = {}
     steps = sum(len(p) + (aoti and pt2) for _, _, _, p, pt2 in PLANS)
     with progress_bar(steps, "export, parity, evaluation") as bar:
+        stage = _Stage(run, out, tests, bar)
         for name, method, mode, precisions, pt2 in PLANS:
-            if method is None:
-                model, task = _single_expert_model(run)
-                extra: dict[str, Any] = {"expert": task}
-                rows = task_ids == 0
-                ids, eval_images = task_ids[rows], images[rows]
-            else:
-                model, extra = run.layout.export_model(MERGE, method, device="cpu")
-                ids, eval_images = (task_ids if mode is EngineMode.ROUTED else None), images
-            source = {k: extra[k] for k in ("merge", "expert") if k in extra}
-            engine: dict[str, Any] = {"method": method or "none", "mode": mode.value, **source}
-            reference = accuracy_on(model, data, "cpu")
-            calibration = None
-            for precision in precisions:
-                key = artefact_key(precision)
-                path = out / f"{name}{'' if precision is Precision.FP32 else f'-{precision}'}.onnx"
-                t0 = time.perf_counter()
-                check = None
-                if precision is Precision.FP32:
-                    export_onnx(model, path, mode, metadata=extra)
-                else:  # no adaptation images, a missing quantisation extra or a failed check
-                    try:  # is recorded, not fatal
-                        if calibration is None:
-                            calibration = calibration_set(
-                                run.suite,
-                                split,
-                                model.tasks,
-                                run.arch.preprocessing,
-                                DEFAULT_CALIBRATION_IMAGES,
-                                run.config.seed,
-                            )
-                        # against the fp32 engine just exported (and checked against PyTorch)
-                        fp32 = out / engine["onnx"]["file"]
-                        if precision is Precision.FP16:
-                            _, check = export_half(model, path, mode, calibration, extra, fp32)
-                        else:
-                            recipe = default_recipe(precision, Target.ONNXRUNTIME)
-                            quantize_engine(fp32, path, recipe, calibration)
-                    except (ConfigError, ExportError) as e:
-                        engine[key] = {"error": str(e)}
-                        if isinstance(e, GateError):  # what the refused engine measured
-                            engine[key].update(check=e.check, quantization=e.record)
-                        bar.advance(engine=path.name)
-                        continue
-                entry = _describe(path, t0)
-                if check is not None:
-                    entry["check"] = check
-                entry["parity"] = check_forward(model, path, eval_images, ids).to_dict()
-                entry["evaluation"] = engine_report(path, data, reference)
-                engine[key] = entry
-                bar.advance(engine=path.name)
-            if method is None:
+            subject = _subject(run, method, mode, tests)
+            engine = _onnx_engines(stage, name, subject, precisions)
+            if method is None:  # first in PLANS: what the multi-task engines are held against
                 expert_bytes = {k: v["bytes"] for k, v in engine.items() if _ok(v)}
-                result["single_expert"] = {"task": extra["expert"], **engine["onnx"]}
+                result["single_expert"] = {"task": subject.metadata["expert"], **engine["onnx"]}
             else:
-                for key, entry in engine.items():
-                    if not _ok(entry):
-                        continue
-                    single = expert_bytes.get("onnx")
-                    same = expert_bytes.get(key)
-                    if single:
-                        entry["bytes_vs_single_expert"] = round(entry["bytes"] / single, 3)
-                        entry["bytes_vs_all_experts"] = round(
-                            entry["bytes"] / (single * len(run.tasks)), 3
-                        )
-                    if same:
-                        entry["bytes_vs_expert_same_precision"] = round(entry["bytes"] / same, 3)
+                _compare_sizes(engine, expert_bytes, len(run.tasks))
             if aoti and pt2:
-                t0 = time.perf_counter()
-                try:
-                    path = export_aoti(
-                        model, out / f"{name}.pt2", mode, metadata=extra, device="cpu"
-                    )
-                    engine["pt2"] = _describe(path, t0)
-                    engine["pt2"]["parity"] = check_forward(model, path, images, ids).to_dict()
-                except ExportError as e:
-                    engine["pt2"] = {"error": str(e)}
+                engine["pt2"] = _compile_pt2(subject, out / f"{name}.pt2")
                 bar.advance(engine=f"{name}.pt2")
             result["engines"][name] = engine
     return result
+
+
+def _onnx_engines(
+    stage: _Stage, name: str, subject: _Subject, precisions: tuple[Precision, ...]
+) -> dict[str, Any]:
+    """One plan's ONNX engines, fp32 first (the others are made from it and checked against
+    it): what they are made from, then each engine's entry under :func:`artefact_key`."""
+    run = stage.run
+    source = {k: subject.metadata[k] for k in ("merge", "expert") if k in subject.metadata}
+    engine: dict[str, Any] = {
+        "method": subject.method or "none",
+        "mode": subject.mode.value,
+        **source,
+    }
+    reference = accuracy_on(subject.model, stage.tests.data, "cpu")
+    # made when the first fp16 or quantised engine needs it; an error is not cached, so each
+    # precision that needs it records it
+    calibration = functools.cache(
+        functools.partial(
+            calibration_set,
+            run.suite,
+            stage.tests.split,
+            subject.model.tasks,
+            run.arch.preprocessing,
+            DEFAULT_CALIBRATION_IMAGES,
+            run.config.seed,
+        )
+    )
+    fp32 = stage.out / f"{name}.onnx"
+    for precision in precisions:
+        path = stage.out / f"{name}{'' if precision is Precision.FP32 else f'-{precision}'}.onnx"
+        t0 = time.perf_counter()
+        try:
+            check = _write_onnx(subject, precision, path, fp32, calibration)
+        except (ConfigError, ExportError) as e:
+            if precision is Precision.FP32:  # every other engine is made from it
+                raise
+            # no adaptation images, a missing quantisation extra or a failed check is
+            # recorded, not fatal
+            entry = {"error": str(e)}
+            if isinstance(e, GateError):  # what the refused engine measured
+                entry.update(check=e.check, quantization=e.record)
+        else:
+            entry = _measure(stage, subject, path, t0, check, reference)
+        engine[artefact_key(precision)] = entry
+        stage.bar.advance(engine=path.name)
+    return engine
+
+
+def _write_onnx(
+    subject: _Subject,
+    precision: Precision,
+    path: Path,
+    fp32: Path,
+    calibration: Callable[[], Calibration],
+) -> dict[str, Any] | None:
+    """Write ``subject``'s ``precision`` engine to ``path``: fp32 exported from PyTorch, fp16
+    and the quantised ones checked against the fp32 engine ``fp32`` (written first).
+
+    Returns:
+        The fp16 engine's check against the fp32 engine (a quantised engine records its own in
+        its metadata); None otherwise.
+
+    Raises:
+        ConfigError, ExportError: no calibration images, no quantiser, or a refused engine.
+    """
+    if precision is Precision.FP32:
+        export_onnx(subject.model, path, subject.mode, metadata=subject.metadata)
+        return None
+    calib = calibration()
+    if precision is Precision.FP16:
+        metadata = subject.metadata
+        _, check = export_half(subject.model, path, subject.mode, calib, metadata, fp32)
+        return check
+    quantize_engine(fp32, path, default_recipe(precision, Target.ONNXRUNTIME), calib)
+    return None
+
+
+def _measure(
+    stage: _Stage,
+    subject: _Subject,
+    path: Path,
+    t0: float,
+    check: dict[str, Any] | None,
+    reference: dict[str, float],
+) -> dict[str, Any]:
+    """An engine's entry: its file, size and export time, its check against the fp32 engine
+    (fp16), its parity with PyTorch and its evaluation through the runtime."""
+    entry = _describe(path, t0)
+    if check is not None:
+        entry["check"] = check
+    parity = check_forward(subject.model, path, subject.images, subject.task_ids)
+    entry["parity"] = parity.to_dict()
+    entry["evaluation"] = engine_report(path, stage.tests.data, reference)
+    return entry
+
+
+def _compare_sizes(engine: dict[str, Any], expert_bytes: dict[str, int], tasks: int) -> None:
+    """Add each multi-task engine's size against the single expert's (fp32 and the same
+    precision) and against ``tasks`` fp32 experts."""
+    single = expert_bytes.get("onnx")
+    for key, entry in engine.items():
+        if not _ok(entry):
+            continue
+        same = expert_bytes.get(key)
+        if single:
+            entry["bytes_vs_single_expert"] = round(entry["bytes"] / single, 3)
+            entry["bytes_vs_all_experts"] = round(entry["bytes"] / (single * tasks), 3)
+        if same:
+            entry["bytes_vs_expert_same_precision"] = round(entry["bytes"] / same, 3)
+
+
+def _compile_pt2(subject: _Subject, path: Path) -> dict[str, Any]:
+    """The AOTInductor package of ``subject`` at ``path``, checked for parity with PyTorch (a
+    failed compile is recorded as ``{"error": ...}``)."""
+    t0 = time.perf_counter()
+    try:
+        path = export_aoti(
+            subject.model, path, subject.mode, metadata=subject.metadata, device="cpu"
+        )
+        entry = _describe(path, t0)
+        parity = check_forward(subject.model, path, subject.images, subject.task_ids)
+        entry["parity"] = parity.to_dict()
+    except ExportError as e:
+        return {"error": str(e)}
+    return entry
 
 
 def _ok(entry: Any) -> bool:

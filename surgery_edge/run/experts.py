@@ -9,6 +9,7 @@ the pretrained features (the stand-in for a CLIP zero-shot head).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -271,73 +272,124 @@ def build_experts(
             is False (it is never replaced silently).
         CheckpointError: a checkpoint's content is not what the run made, without ``overwrite``.
     """
-    out = Path(out_dir)
-    hashes = hashes or HashCache()
-
-    def as_made(*paths: Path) -> bool:  # each holds what the run made (or --overwrite redoes it)
-        return checksums is None or all(
-            checksums.reusable(p, hashes, overwrite, log) for p in paths
-        )
-
-    def made(*paths: Path) -> None:
-        if checksums is not None:
-            for p in paths:
-                checksums.record(p, hashes)
-
-    pre_path = out / "pretrained.safetensors"
-    pre_cfg = {"pretrain": asdict(pretrain_cfg)}
-    reuse = _reusable(pre_path, arch, {"train_config": pre_cfg})
-    if reuse and as_made(pre_path):
-        pretrained = load_encoder(pre_path, arch).state_dict
-        log(f"reusing {pre_path}")
-    else:
-        if reuse is False:
-            check_replace(
-                pre_path,
-                "pretrained checkpoint",
-                {"train_config": pre_cfg},
-                overwrite,
-                log,
-                old=_train_record(pre_path),
-            )
-        pretrained = pretrain(arch, pretrain_cfg, device, _log_file(logs, "pretrain"))
-        save_encoder(pre_path, arch, pretrained, task=None, train_config=pre_cfg)
-        made(pre_path)
+    builder = _Builder(
+        Path(out_dir),
+        arch,
+        device,
+        pretrain_cfg,
+        finetune_cfg,
+        log,
+        hashes or HashCache(),
+        overwrite,
+        logs,
+        checksums,
+    )
+    pretrained = _pretrained(builder)
+    pre_digest = builder.hashes.digest(builder.pretrained_path)
     experts, heads = {}, {}
-    ft_cfg = {"pretrain": asdict(pretrain_cfg), "finetune": asdict(finetune_cfg)}
-    pre_digest = hashes.digest(pre_path)
     for task in suite.tasks:
         name = safe_name(task.name, "Task name")
-        e_path, h_path = (
-            out / "experts" / f"{name}.safetensors",
-            out / "heads" / f"{name}.safetensors",
+        experts[name], heads[name] = _expert(builder, task, name, pretrained, pre_digest)
+    return ExpertSet(builder.pretrained_path, experts, heads)
+
+
+@dataclass(frozen=True)
+class _Builder:
+    """What every checkpoint of :func:`build_experts` shares: where it goes, how it is
+    trained, and how a finished one is reused or replaced."""
+
+    out: Path
+    arch: ArchSpec
+    device: torch.device
+    pretrain_cfg: PretrainConfig
+    finetune_cfg: FinetuneConfig
+    log: Callable[[str], Any]
+    hashes: HashCache
+    overwrite: bool
+    logs: Path | None  # the metrics logs' folder
+    checksums: Checksums | None  # the run's record of what it made
+
+    @property
+    def pretrained_path(self) -> Path:
+        return self.out / "pretrained.safetensors"
+
+    def as_made(self, *paths: Path) -> bool:
+        """Each of ``paths`` holds what the run made (or --overwrite redoes it)."""
+        return self.checksums is None or all(
+            self.checksums.reusable(p, self.hashes, self.overwrite, self.log) for p in paths
         )
-        provenance = {
-            "pretrained": pre_digest,
-            "train": fingerprint(task.digest("train_x"), task.digest("train_y")),
-            "class_names": list(task.class_names),
-        }
-        record = {"train_config": ft_cfg, "provenance": provenance}
-        reuse = _reusable(e_path, arch, record)
-        fits = reuse and _head_fits(h_path, arch, name, provenance)
-        if fits and as_made(e_path, h_path):
-            log(f"reusing expert {name}")
-        else:  # (fits: changed since the run made it, and --overwrite said so: made again)
-            if reuse is False:
-                old = _train_record(e_path)
-                check_replace(e_path, f"expert of {name!r}", record, overwrite, log, old=old)
-            elif not fits and h_path.exists():
-                meta = recorded(h_path)
-                old = meta and {"task": meta.get("task"), "provenance": meta.get("provenance")}
-                new = {"task": name, "provenance": provenance}
-                check_replace(h_path, f"head of {name!r}", new, overwrite, log, old=old)
-            metrics = _log_file(logs, f"expert-{name}")
-            state, head = finetune_expert(arch, pretrained, task, finetune_cfg, device, metrics)
-            save_head(h_path, arch, name, task.class_names, head, provenance=provenance)
-            save_encoder(e_path, arch, state, task=name, train_config=ft_cfg, provenance=provenance)
-            made(h_path, e_path)
-        experts[name], heads[name] = e_path, h_path
-    return ExpertSet(pre_path, experts, heads)
+
+    def made(self, *paths: Path) -> None:
+        """Record ``paths``, just written, as the run's."""
+        if self.checksums is not None:
+            for p in paths:
+                self.checksums.record(p, self.hashes)
+
+
+def _pretrained(b: _Builder) -> dict[str, torch.Tensor]:
+    """The pretrained encoder's state: reused when its checkpoint records the requested config
+    (and is what the run made), else trained and saved."""
+    pre_path = b.pretrained_path
+    pre_cfg = {"pretrain": asdict(b.pretrain_cfg)}
+    reuse = _reusable(pre_path, b.arch, {"train_config": pre_cfg})
+    if reuse and b.as_made(pre_path):
+        pretrained = load_encoder(pre_path, b.arch).state_dict
+        b.log(f"reusing {pre_path}")
+        return pretrained
+    if reuse is False:
+        check_replace(
+            pre_path,
+            "pretrained checkpoint",
+            {"train_config": pre_cfg},
+            b.overwrite,
+            b.log,
+            old=_train_record(pre_path),
+        )
+    pretrained = pretrain(b.arch, b.pretrain_cfg, b.device, _log_file(b.logs, "pretrain"))
+    save_encoder(pre_path, b.arch, pretrained, task=None, train_config=pre_cfg)
+    b.made(pre_path)
+    return pretrained
+
+
+def _expert(
+    b: _Builder,
+    task: TaskData,
+    name: str,
+    pretrained: dict[str, torch.Tensor],
+    pre_digest: str,
+) -> tuple[Path, Path]:
+    """``task``'s expert and head (``name`` is its checked name): reused when both record the
+    requested configs and provenance (and are what the run made), else fine-tuned from
+    ``pretrained`` (whose content hash is ``pre_digest``) and saved. Returns their paths."""
+    e_path = b.out / "experts" / f"{name}.safetensors"
+    h_path = b.out / "heads" / f"{name}.safetensors"
+    ft_cfg = {"pretrain": asdict(b.pretrain_cfg), "finetune": asdict(b.finetune_cfg)}
+    provenance = {
+        "pretrained": pre_digest,
+        "train": fingerprint(task.digest("train_x"), task.digest("train_y")),
+        "class_names": list(task.class_names),
+    }
+    record = {"train_config": ft_cfg, "provenance": provenance}
+    reuse = _reusable(e_path, b.arch, record)
+    fits = reuse and _head_fits(h_path, b.arch, name, provenance)
+    if fits and b.as_made(e_path, h_path):
+        b.log(f"reusing expert {name}")
+        return e_path, h_path
+    # (fits: changed since the run made it, and --overwrite said so: made again)
+    if reuse is False:
+        old = _train_record(e_path)
+        check_replace(e_path, f"expert of {name!r}", record, b.overwrite, b.log, old=old)
+    elif not fits and h_path.exists():
+        meta = recorded(h_path)
+        old = meta and {"task": meta.get("task"), "provenance": meta.get("provenance")}
+        new = {"task": name, "provenance": provenance}
+        check_replace(h_path, f"head of {name!r}", new, b.overwrite, b.log, old=old)
+    metrics = _log_file(b.logs, f"expert-{name}")
+    state, head = finetune_expert(b.arch, pretrained, task, b.finetune_cfg, b.device, metrics)
+    save_head(h_path, b.arch, name, task.class_names, head, provenance=provenance)
+    save_encoder(e_path, b.arch, state, task=name, train_config=ft_cfg, provenance=provenance)
+    b.made(h_path, e_path)
+    return e_path, h_path
 
 
 def _log_file(logs: Path | None, stage: str) -> Path | None:

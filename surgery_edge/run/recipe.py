@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from surgery_edge.data.disk import DiskTask, load_disk_task
 from surgery_edge.data.suite import Suite, TaskData
 from surgery_edge.errors import CheckpointError
 from surgery_edge.io import HashCache, fingerprint, write_json_atomic
-from surgery_edge.models import get_arch
+from surgery_edge.models import ArchSpec, get_arch
 from surgery_edge.models.convert.task_vectors import find_task_vectors_layout, import_task_vectors
 from surgery_edge.models.convert.weights import checkpoint_arch, import_weights, zeroshot_heads
 from surgery_edge.models.templates import paper_class_names
@@ -122,9 +123,8 @@ def import_checkpoints(run) -> ExpertSet:
     cfg = run.config.checkpoints
     tasks = run.tasks
     out = run.out / "checkpoints"
-    model_dir = cfg.model or run.config.arch
     class_names = {t: list(run.suite.task(t).class_names) for t in tasks}
-    sources = _source_files(cfg, model_dir, tasks)
+    sources = _source_files(cfg, cfg.model or run.config.arch, tasks)
     if cfg.heads == "zeroshot":
         sources.append(cfg.resolve(cfg.clip_weights))
     # What the import is made of: the settings that shape it and the sources' contents (in
@@ -143,22 +143,64 @@ def import_checkpoints(run) -> ExpertSet:
         {t: out / "experts" / f"{t}.safetensors" for t in tasks},
         {t: out / "heads" / f"{t}.safetensors" for t in tasks},
     )
+    if _reuse(run, expert_set, summary_path, provenance, fp):
+        run.arch = checkpoint_arch(expert_set.pretrained)
+        return expert_set
+    arch = get_arch(run.config.arch)
+    origins = {t: class_names_source(run, t) for t in tasks}
+    arch, notes = _convert(run, arch, out, class_names, origins)
+    write_json_atomic(
+        summary_path,
+        {
+            "format": cfg.format,
+            "sources": [str(p) for p in sources],
+            "arch": arch.to_dict(),
+            "class_names_from": origins,
+            "notes": notes,
+            "provenance": provenance,
+            "fingerprint": fp,
+        },
+    )
+    for note in notes:
+        run.log(f"note: {note}")
+    run.arch = arch
+    return expert_set
+
+
+def _reuse(
+    run, expert_set: ExpertSet, summary_path: Path, provenance: dict[str, Any], fp: str
+) -> bool:
+    """Whether the last import, recorded in ``summary_path``, was made of the same inputs
+    (fingerprint ``fp``) and its checkpoints are there; if not, whether what is there may be
+    replaced (else ConfigError, unless the run overwrites)."""
     summary = _read_summary(summary_path)
     if summary.get("fingerprint") == fp:
         if all(p.is_file() for p in [expert_set.pretrained, *expert_set.experts.values()]):
-            run.log(f"reusing imported checkpoints in {out}")
-            run.arch = checkpoint_arch(expert_set.pretrained)
-            return expert_set
+            run.log(f"reusing imported checkpoints in {summary_path.parent}")
+            return True
     if summary_path.is_file() or expert_set.pretrained.is_file():
         old = summary.get("provenance", "none") if summary else None
         check_replace(summary_path, "import record", provenance, run.overwrite, run.log, old=old)
+    return False
 
-    arch = get_arch(run.config.arch)
-    origins = {t: class_names_source(run, t) for t in tasks}
+
+def _convert(
+    run, arch: ArchSpec, out: Path, class_names: dict[str, list[str]], origins: dict[str, str]
+) -> tuple[ArchSpec, list[str]]:
+    """Convert the config's checkpoints of architecture ``arch`` into ``out`` in the layout the
+    demo's training writes; returns the architecture they turned out to have (task_vectors
+    files record the MLP activation) and the notes on the way.
+
+    Args:
+        class_names: each task's class names (from its data).
+        origins: where each task's class names come from, for errors.
+    """
+    cfg = run.config.checkpoints
+    tasks = run.tasks
     if cfg.format == "task_vectors":
         summary = import_task_vectors(
             cfg.root,
-            model_dir,
+            cfg.model or run.config.arch,
             out,
             cfg.trust_pickle,
             tasks=tasks,
@@ -168,7 +210,7 @@ def import_checkpoints(run) -> ExpertSet:
             arch=arch,
             log=run.log,
         ).to_dict()
-        arch = checkpoint_arch(expert_set.pretrained)
+        arch = checkpoint_arch(out / "pretrained.safetensors")
         notes = summary["notes"]
         if cfg.heads == "zeroshot":  # replace the shipped heads, each file atomically
             clip = cfg.resolve(cfg.clip_weights)
@@ -191,22 +233,7 @@ def import_checkpoints(run) -> ExpertSet:
         )
     if cfg.heads == "zeroshot":
         notes.append(f"Heads: zero-shot, from {cfg.resolve(cfg.clip_weights)}'s text tower.")
-    write_json_atomic(
-        summary_path,
-        {
-            "format": cfg.format,
-            "sources": [str(p) for p in sources],
-            "arch": arch.to_dict(),
-            "class_names_from": origins,
-            "notes": notes,
-            "provenance": provenance,
-            "fingerprint": fp,
-        },
-    )
-    for note in notes:
-        run.log(f"note: {note}")
-    run.arch = arch
-    return expert_set
+    return arch, notes
 
 
 def _read_summary(path: Path) -> dict:

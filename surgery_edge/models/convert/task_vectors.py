@@ -183,6 +183,75 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _ClassNames:
+    """The class names given per task, and where each task's came from (named in errors)."""
+
+    given: dict[str, Sequence[str]]
+    source: dict[str, str]
+
+    def of(self, task: str, head_path: Path, num_classes: int) -> list[str]:
+        """``task``'s class names for a head of ``num_classes`` (``class_0 …`` when none were
+        given); a count that does not match the head is an error."""
+        names = list(self.given.get(task) or [f"class_{i}" for i in range(num_classes)])
+        if len(names) != num_classes:
+            origin = self.source.get(task)
+            raise ConfigError(
+                f"{len(names)} class names given for task {task!r}"
+                + (f" (from {origin})" if origin else "")
+                + f", but {head_path} has {num_classes} classes. The data and the "
+                "checkpoints must describe the same classes: check the task's class-name "
+                "file or folders."
+            )
+        return names
+
+
+def _import_pretrained(
+    path: Path, arch: ArchSpec, out: Path, log: Callable[[str], Any]
+) -> tuple[ArchSpec, list[str]]:
+    """Convert the pretrained tower ``path`` into ``out``, in the MLP activation the file
+    records; returns the architecture it turned out to have and a note if that changed it."""
+    log(f"reading {path}")
+    state, facts = _read_pickled_tower(path)
+    check_tower(f"Image tower of {path}", state, arch)  # shapes: any activation
+    notes = []
+    if "quick_gelu" in facts and facts["quick_gelu"] != arch.quick_gelu:
+        adapted = with_activation(arch, facts["quick_gelu"])
+        notes.append(
+            f"The checkpoints use {'QuickGELU' if facts['quick_gelu'] else 'GELU'}: "
+            f"architecture {arch.name!r} was imported as {adapted.name!r}."
+        )
+        arch = adapted
+    check_facts(path, facts, arch)
+    source = {"format": "task_vectors", "file": str(path)}
+    save_encoder(out, arch, state, task=None, source=source)
+    return arch, notes
+
+
+def _import_expert(
+    path: Path, task: str, arch: ArchSpec, out: Path, log: Callable[[str], Any]
+) -> None:
+    """Convert ``task``'s fine-tuned tower ``path`` into ``out``; it must be of ``arch``."""
+    log(f"reading {path}")
+    state, facts = _read_pickled_tower(path)
+    check_tower(f"Image tower of {path}", state, arch)
+    check_facts(path, facts, arch)
+    source = {"format": "task_vectors", "file": str(path)}
+    save_encoder(out, arch, state, task, source=source)
+
+
+def _import_head(path: Path, task: str, arch: ArchSpec, names: _ClassNames, out: Path) -> list[str]:
+    """Convert ``task``'s pickled head ``path`` into ``out`` with its class names; returns a
+    note when none were given."""
+    head = _read_pickled_head(path, arch)
+    classes = names.of(task, path, head.num_classes)
+    notes = []
+    if task not in names.given:
+        notes.append(f"Task {task!r}: no class names given; using class_0..class_N.")
+    save_head(out, arch, task, classes, head)
+    return notes
+
+
 def import_task_vectors(
     root: str | os.PathLike,
     model_name: str,
@@ -233,57 +302,20 @@ def import_task_vectors(
             f"{layout.model_dir} are whole pickled Python objects (task_vectors layout); loading "
             f"a pickle can run arbitrary code. {TRUST_PICKLE_HINT}"
         )
-    class_names = dict(class_names or {})
-    unknown = sorted(set(class_names) - set(layout.experts))
+    names = _ClassNames(dict(class_names or {}), dict(class_names_source or {}))
+    unknown = sorted(set(names.given) - set(layout.experts))
     if unknown:
         raise ConfigError(
             f"class_names given for unknown tasks {unknown}; tasks: {list(layout.experts)}."
         )
 
-    notes: list[str] = []
     with staged_dir(out) as tmp:
-        log(f"reading {layout.zeroshot}")
-        state, facts = _read_pickled_tower(layout.zeroshot)
-        check_tower(f"Image tower of {layout.zeroshot}", state, arch)  # shapes: any activation
-        if "quick_gelu" in facts and facts["quick_gelu"] != arch.quick_gelu:
-            adapted = with_activation(arch, facts["quick_gelu"])
-            notes.append(
-                f"The checkpoints use {'QuickGELU' if facts['quick_gelu'] else 'GELU'}: "
-                f"architecture {arch.name!r} was imported as {adapted.name!r}."
-            )
-            arch = adapted
-        check_facts(layout.zeroshot, facts, arch)
-        source = {"format": "task_vectors", "file": str(layout.zeroshot)}
-        save_encoder(tmp / "pretrained.safetensors", arch, state, task=None, source=source)
-        del state
+        arch, notes = _import_pretrained(layout.zeroshot, arch, tmp / "pretrained.safetensors", log)
         with progress_bar(len(layout.experts), "import experts") as bar:
             for task, path in layout.experts.items():
-                log(f"reading {path}")
-                state, facts = _read_pickled_tower(path)
-                check_tower(f"Image tower of {path}", state, arch)
-                check_facts(path, facts, arch)
-                source = {"format": "task_vectors", "file": str(path)}
-                save_encoder(
-                    tmp / "experts" / f"{task}.safetensors", arch, state, task, source=source
-                )
-                del state
-                head_path = layout.heads[task]
-                head = _read_pickled_head(head_path, arch)
-                names = list(
-                    class_names.get(task) or [f"class_{i}" for i in range(head.num_classes)]
-                )
-                if len(names) != head.num_classes:
-                    origin = (class_names_source or {}).get(task)
-                    raise ConfigError(
-                        f"{len(names)} class names given for task {task!r}"
-                        + (f" (from {origin})" if origin else "")
-                        + f", but {head_path} has {head.num_classes} classes. The data and the "
-                        "checkpoints must describe the same classes: check the task's class-name "
-                        "file or folders."
-                    )
-                if task not in class_names:
-                    notes.append(f"Task {task!r}: no class names given; using class_0..class_N.")
-                save_head(tmp / "heads" / f"{task}.safetensors", arch, task, names, head)
+                _import_expert(path, task, arch, tmp / "experts" / f"{task}.safetensors", log)
+                head = tmp / "heads" / f"{task}.safetensors"
+                notes += _import_head(layout.heads[task], task, arch, names, head)
                 bar.advance(expert=task)
         summary = ImportSummary(
             out_dir=out,
