@@ -866,7 +866,7 @@ def _rank(rank: int, tmp_path, case) -> None:
     ``two.safetensors`` and keep what this rank heard in ``rank<r>.pt``."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP threads
+    torch.set_num_threads(1)  # two ranks on a shared CPU: one thread each
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
     dist.init_process_group(
         "gloo", init_method=rendezvous, rank=rank, world_size=2, timeout=timedelta(seconds=30)
@@ -889,8 +889,13 @@ def test_two_ranks_resume_as_one_process_does(tmp_path, checkpoint):
     for name in ("one", "two"):
         torch.save(state, tmp_path / f"{name}.safetensors.state.pt")
     one = _Fit(tmp_path, 5, case, "one.safetensors", resume=True, metrics=tmp_path / "one.jsonl")
-    # forked (this process has torch loaded already): starting two interpreters takes seconds
-    torch.multiprocessing.start_processes(_rank, (tmp_path, case), 2, start_method="fork")
+    # from a fork server that has imported torch and this module once (seconds, not the tens of
+    # seconds of two fresh interpreters): a plain fork of this process fails in autograd once an
+    # earlier test on the same pytest worker has used autograd's threads
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["torch", _rank.__module__])
+    torch.multiprocessing.start_processes(_rank, (tmp_path, case), 2, start_method="forkserver")
     heard = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for rank in heard:
         assert rank["steps"] == one.steps == [2, 3, 4] and rank["said"] == []
