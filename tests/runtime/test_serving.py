@@ -778,6 +778,13 @@ def test_a_start_with_no_model_to_blame_is_tried_once_more(engines, monkeypatch,
     assert outcomes == [None]
 
 
+def _wait_for_command_line(pid: int, word: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while word not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+        assert time.monotonic() < deadline, f"process {pid} never showed {word!r}"
+        time.sleep(0.01)
+
+
 def test_the_next_start_removes_what_a_dead_server_left(tmp_path):
     """``sweep_stale`` (called by every start): a work folder and segments named after a pid
     that no process has are removed, and a process still running from that folder (an
@@ -803,6 +810,10 @@ def test_the_next_start_removes_what_a_dead_server_left(tmp_path):
             segment.write_bytes(b"")
         named = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                                   segments[1].name])  # fmt: skip
+        # a process shows its own command line only once it has exec'd: on a loaded machine
+        # that can come after the sweep, which then sees the parent's (seen in make test)
+        for proc, word in ((orphan, str(stale)), (named, segments[1].name)):
+            _wait_for_command_line(proc.pid, word)
         removed = sp.sweep_stale(tmp_path)
         named.kill()
         named.wait()
