@@ -72,8 +72,10 @@ def stolen_seconds() -> float:
 def machine_busy_seconds() -> float:
     """CPU time this machine's CPUs spent busy, summed over them: every process's, other users'
     too (all but idle and waiting for I/O)."""
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    # the busy fields summed (not the total less idle): the same fields in the same order, so a
+    # later reading is never below an earlier one by a rounding error of the subtraction
+    idle = ("idle", "iowait")
+    return sum(v for name, v in psutil.cpu_times()._asdict().items() if name not in idle)
 
 
 def rss(pid: int) -> int:

@@ -129,6 +129,19 @@ def test_the_cpu_sampler_reads_the_server_tree_and_the_machine(tree):
     assert 0 <= server <= machine + 0.1 and machine <= os.cpu_count() + 0.1
 
 
+def test_the_machines_busy_time_stands_still_while_only_idle_time_grows(monkeypatch):
+    import collections
+
+    fields = "user nice system idle iowait irq softirq steal"
+    Times = collections.namedtuple("Times", fields)
+    # a reading whose total less idle came out one rounding step lower after idle grew
+    before = Times(11613.37, 4.22, 2423.0, 11862.89, 4.38, 0.0, 49.58, 0.0)
+    after = before._replace(idle=11862.94)
+    readings = iter([before, after])
+    monkeypatch.setattr(proc.psutil, "cpu_times", lambda: next(readings))
+    assert proc.machine_busy_seconds() == proc.machine_busy_seconds() == pytest.approx(14090.17)
+
+
 def test_a_process_that_has_exited_reads_as_nothing():
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
