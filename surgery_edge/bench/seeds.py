@@ -159,7 +159,10 @@ def markdown(record: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if not args.name or args.name != Path(args.name).name or args.name in (".", ".."):
+        parser.error(f"--name {args.name!r}: a file name without a folder, e.g. demo-seed0")
     record = summarise(args.runs)
     record["command"] = command_line(argv, prog or f"{__name__}.main")
     if args.out is not None:

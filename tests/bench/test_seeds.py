@@ -48,3 +48,14 @@ def test_runs_that_differ_in_more_than_the_seed_are_refused(tmp_path):
         seeds.main([str(a), str(b)])
     with pytest.raises(SystemExit, match="not a finished run"):
         seeds.main([str(a), str(tmp_path / "nothing")])
+
+
+@pytest.mark.parametrize("name", ["../outside", "sub/name", "", ".."])
+def test_a_record_name_with_a_folder_is_refused_before_anything_is_written(tmp_path, capsys, name):
+    run = _run(tmp_path, 0, 80.0)
+    with pytest.raises(SystemExit) as exit_:
+        seeds.main([str(run), "--name", name, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "a file name without a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outside.json").exists()
+    record = seeds.main([str(run), "--name", "demo-seed0", "--out", str(tmp_path / "out")])
+    assert record["seeds"] == [0] and (tmp_path / "out" / "demo-seed0.json").is_file()
