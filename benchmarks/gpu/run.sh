@@ -75,7 +75,7 @@ missing_wheels() {
     while read -r line; do
         line=${line%%#*}
         [ -z "${line// }" ] && continue
-        name=$(echo "${line%%==*}" | tr 'A-Z-' 'a-z_')
+        name=$(echo "${line%%==*}" | tr 'A-Z.-' 'a-z__')  # wheel names: lowercase, _ for . and -
         version=${line##*==}
         if ! ls "$dir/" 2>/dev/null | tr 'A-Z' 'a-z' | grep -q "^${name}-${version}-.*\.whl$"; then
             echo "$line"
